@@ -1,0 +1,197 @@
+"""The one schema every YAML config is validated against.
+
+Defaults live here, not in the code that reads them. Unknown keys and bad values are rejected
+with a message that names the key, the value and what is allowed.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(Strict):
+    kind: Literal["cityscapes", "folder"] = "cityscapes"
+    root: Path = Path("data/demo_cityscapes")
+    split: str = "val"
+    max_images: int | None = Field(default=None, ge=1)
+    images_per_shard: int = Field(default=16, ge=1)
+
+
+class DemoSetConfig(Strict):
+    """The generated Cityscapes-format demo set (`submit.py synth`, and `run` when it is missing)."""
+
+    generate_if_missing: bool = True
+    num_images: int = Field(default=100, ge=1)
+    height: int = Field(default=256, ge=64)
+    width: int = Field(default=512, ge=64)
+    seed: int = 0
+
+
+class ViTConfig(Strict):
+    patch_size: int = Field(default=14, ge=1)
+    embed_dim: int = Field(default=768, ge=8)
+    depth: int = Field(default=12, ge=1)
+    num_heads: int = Field(default=12, ge=1)
+    mlp_ratio: float = Field(default=4.0, gt=0)
+    img_size: int = Field(default=518, ge=14)
+    init_values: float = Field(default=1e-5, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self):
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"model.vit.embed_dim={self.embed_dim} must be divisible by model.vit.num_heads={self.num_heads}")
+        return self
+
+
+class ModelConfig(Strict):
+    """Backbone (+ CAUSE head). With no checkpoint the ViT is randomly initialised: demo only."""
+
+    vit: ViTConfig = ViTConfig()
+    feature_kind: Literal["backbone", "head"] = "backbone"
+    init_seed: int = 0
+    cause_root: Path | None = None  # fills the checkpoint paths below from the CAUSE layout
+    backbone_checkpoint: Path | None = None
+    head_checkpoint: Path | None = None
+    codebook_path: Path | None = None
+    cluster_probe_checkpoint: Path | None = None
+
+
+class InferenceConfig(Strict):
+    """Dense features: resize the short side, slide a square window, average overlaps and flips."""
+
+    short_side: int = Field(default=322, ge=14)
+    crop: int = Field(default=322, ge=14)
+    stride: int = Field(default=161, ge=1)
+    flip: bool = True
+    scales: list[float] = Field(default=[1.0], min_length=1)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp16/bf16 autocast applies on GPU only
+    batch_size: int = Field(default=8, ge=1)  # windows per forward pass
+
+    @model_validator(mode="after")
+    def _stride_within_crop(self):
+        if self.stride > self.crop:
+            raise ValueError(f"inference.stride={self.stride} is larger than inference.crop={self.crop}: windows would leave gaps")
+        if any(s <= 0 for s in self.scales):
+            raise ValueError(f"inference.scales={self.scales} must all be > 0")
+        return self
+
+
+class WorkersConfig(Strict):
+    """An actor pool. Leave CPU for Ray Data's read tasks: num_actors * cpus_per_actor < cores."""
+
+    num_actors: int = Field(default=1, ge=1)
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    gpus_per_actor: float = Field(default=0.0, ge=0)  # > 0 puts the model on CUDA
+
+
+class FitConfig(Strict):
+    k: int = Field(default=300, ge=2)
+    k_sweep: list[int] = [19, 50, 100, 200, 300]
+    baseline: Literal["kmeans_hungarian", "cluster_probe"] = "kmeans_hungarian"
+    engine: Literal["faiss", "sklearn"] = "faiss"
+    n_iter: int = Field(default=50, ge=1)
+    max_patches_per_image: int = Field(default=400, ge=1)
+    max_samples: int = Field(default=2_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _sweep_values(self):
+        bad = [k for k in self.k_sweep if k < 2]
+        if bad:
+            raise ValueError(f"fit.k_sweep has values < 2: {bad}")
+        return self
+
+
+class LabelConfig(Strict):
+    write_label_pngs: bool = True
+    num_overlays: int = Field(default=8, ge=0)  # coloured overlays written for the first N images
+
+
+class RayConfig(Strict):
+    address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a local cluster
+    local_num_cpus: int | None = Field(default=None, ge=1)
+
+
+class RunConfig(Strict):
+    run_name: str = "run"
+    output_dir: Path = Path("outputs/run")
+    seed: int = 0
+    dataset: DatasetConfig = DatasetConfig()
+    demo_set: DemoSetConfig | None = None
+    model: ModelConfig = ModelConfig()
+    inference: InferenceConfig = InferenceConfig()
+    extract: WorkersConfig = WorkersConfig()
+    label: LabelConfig = LabelConfig()
+    label_workers: WorkersConfig = WorkersConfig()
+    fit: FitConfig = FitConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.model.feature_kind == "head" and self.inference.crop != 322:
+            raise ValueError(
+                f"inference.crop={self.inference.crop} but model.feature_kind='head' needs 322: "
+                "the Segment_TR head's query_pos is a 23x23 grid of 14 px patches")
+        if self.inference.crop % self.model.vit.patch_size:
+            raise ValueError(
+                f"inference.crop={self.inference.crop} must be a multiple of model.vit.patch_size={self.model.vit.patch_size}")
+        if self.fit.baseline == "cluster_probe" and self.model.cluster_probe_checkpoint is None and self.model.cause_root is None:
+            raise ValueError("fit.baseline='cluster_probe' needs model.cluster_probe_checkpoint or model.cause_root")
+        return self
+
+    @property
+    def all_k(self) -> list[int]:
+        """Every k to fit, the main k included, ascending and unique."""
+        return sorted(set(self.fit.k_sweep) | {self.fit.k})
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, the key and the fix."""
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (check its spelling; see configs/schema.py for the allowed keys)")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config {source}:\n{_format_errors(err)}") from None
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (yaml.safe_load), apply `key.sub=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (the configs/ folder has examples, e.g. configs/demo.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of keys to values, got {type(data).__name__}")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return parse_config(data, str(path))

@@ -1,0 +1,76 @@
+"""Dataset readers: the Cityscapes layout and plain folders of unlabelled images.
+
+Both give the same `ImageRecord`s, sorted by image id, so shards are deterministic.
+"""
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
+INSTANCE_IDS_SUFFIX = "_gtFine_instanceIds.png"
+FOLDER_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class DatasetError(Exception):
+    """The dataset as a whole cannot be read (missing root, empty split)."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: str  # e.g. "frankfurt_000000_000294"; unique within the dataset
+    group: str  # city for Cityscapes; output sub-folder
+    image_path: str
+    label_ids_path: str | None = None  # None for unlabelled data
+    instance_ids_path: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def list_cityscapes(root: Path, split: str, max_images: int | None = None) -> list[ImageRecord]:
+    """leftImg8bit/{split}/{city}/*_leftImg8bit.png with gtFine beside it.
+
+    A split with no gtFine/{split} folder (Cityscapes' test split) is unlabelled; in a split that
+    has one, a missing ground-truth file is an error of that image (reported when it is read).
+    """
+    image_dir = Path(root) / "leftImg8bit" / split
+    if not image_dir.is_dir():
+        raise DatasetError(f"no Cityscapes split at {image_dir}: set dataset.root to the folder that holds leftImg8bit/ "
+                           f"and gtFine/, and dataset.split to one of its splits (or run `python submit.py synth` for the demo set)")
+    labelled = (Path(root) / "gtFine" / split).is_dir()
+    records = []
+    for path in sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}")):
+        city = path.parent.name
+        image_id = path.name[: -len(IMAGE_SUFFIX)]
+        gt_dir = Path(root) / "gtFine" / split / city
+        records.append(ImageRecord(
+            image_id=image_id, group=city, image_path=str(path),
+            label_ids_path=str(gt_dir / f"{image_id}{LABEL_IDS_SUFFIX}") if labelled else None,
+            instance_ids_path=str(gt_dir / f"{image_id}{INSTANCE_IDS_SUFFIX}") if labelled else None,
+        ))
+    if not records:
+        raise DatasetError(f"{image_dir} holds no *{IMAGE_SUFFIX} files: the split is empty")
+    return records[:max_images]
+
+
+def list_image_folder(root: Path, max_images: int | None = None) -> list[ImageRecord]:
+    """Every png/jpg below `root`; the id is the relative path with separators replaced, so it stays unique."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"image folder {root} does not exist: set dataset.root")
+    records = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in FOLDER_IMAGE_EXTENSIONS):
+        rel = path.relative_to(root).with_suffix("")
+        image_id = re.sub(r"[^A-Za-z0-9._-]", "_", "__".join(rel.parts))
+        records.append(ImageRecord(image_id=image_id, group="images", image_path=str(path)))
+    if not records:
+        raise DatasetError(f"{root} holds no images ({', '.join(FOLDER_IMAGE_EXTENSIONS)})")
+    return records[:max_images]
+
+
+def list_dataset(kind: str, root: Path, split: str, max_images: int | None) -> list[ImageRecord]:
+    if kind == "cityscapes":
+        return list_cityscapes(root, split, max_images)
+    return list_image_folder(root, max_images)

@@ -1,0 +1,86 @@
+"""Reading and writing images and label maps, with errors that name the file and the fix."""
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from core.labels import LABEL_ID_TO_TRAIN_ID, MAX_LABEL_ID
+
+
+class InputError(Exception):
+    """One input item cannot be used. The message names the file and what to do about it."""
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8. Opaque RGBA is accepted (alpha dropped); grayscale, translucent and corrupt images are not."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decodes now, so a truncated file fails here and not later
+            mode = img.mode
+            if mode == "RGBA":
+                alpha = np.asarray(img.getchannel("A"))
+                if alpha.min() < 255:
+                    raise InputError(f"{path}: RGBA image with transparent pixels; flatten it onto a background and save it as RGB")
+                img = img.convert("RGB")
+            elif mode in ("L", "LA", "I", "I;16", "F", "1"):
+                raise InputError(f"{path}: grayscale image (mode {mode}); the model needs RGB colour images: convert it (e.g. PIL .convert('RGB')) or remove it")
+            elif mode != "RGB":
+                img = img.convert("RGB")
+            return np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise InputError(f"{path}: image file is missing; check dataset.root and the split") from None
+    except InputError:
+        raise
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for corrupt / truncated / unknown files
+        raise InputError(f"{path}: cannot decode image ({err}); the file is corrupt or truncated: re-copy it or remove it") from None
+
+
+def read_train_ids(label_ids_path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
+    """Cityscapes `*_gtFine_labelIds.png` -> (H, W) uint8 trainIds (255 = ignore)."""
+    try:
+        with Image.open(label_ids_path) as img:
+            img.load()
+            if img.mode not in ("L", "P"):
+                raise InputError(f"{label_ids_path}: labelIds must be a single-channel 8-bit PNG, found mode {img.mode}; "
+                                 "use the gtFine *_labelIds.png files, not the *_color.png ones")
+            label_ids = np.asarray(img, dtype=np.uint8)
+    except FileNotFoundError:
+        raise InputError(f"{label_ids_path}: ground truth is missing; add it, or run on unlabelled data with dataset.kind=folder") from None
+    except InputError:
+        raise
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"{label_ids_path}: cannot decode ground truth ({err}); the file is corrupt or truncated") from None
+    if label_ids.shape != tuple(expected_hw):
+        raise InputError(f"{label_ids_path}: ground truth is {label_ids.shape[0]}x{label_ids.shape[1]} but its image is "
+                         f"{expected_hw[0]}x{expected_hw[1]}; they must be the same size (is it the right file?)")
+    if label_ids.max() > MAX_LABEL_ID:
+        raise InputError(f"{label_ids_path}: unknown labelId {int(label_ids.max())} (Cityscapes labelIds are 0..{MAX_LABEL_ID}); "
+                         "is this a trainIds or colour map instead of *_labelIds.png?")
+    return LABEL_ID_TO_TRAIN_ID[label_ids]
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def safe_path(root: Path, *parts: str) -> Path:
+    """root/parts..., refusing names from data that could leave `root` (.., absolute paths, separators)."""
+    for part in parts:
+        if not _SAFE_NAME.match(part) or ".." in part:
+            raise InputError(f"unsafe name {part!r} in an output path; names from data may use letters, digits, '.', '_' and '-' only")
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise InputError(f"output path {path} would leave the output directory {root}")
+    return path
+
+
+def write_png_atomic(array: np.ndarray, path: Path) -> None:
+    """uint8 (H,W) / (H,W,3) or uint16 (H,W) array -> PNG, via a temporary file renamed into place."""
+    if array.dtype not in (np.uint8, np.uint16):
+        raise TypeError(f"PNG arrays must be uint8 or uint16, got {array.dtype}")  # Pillow cannot write int32 PNGs
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)

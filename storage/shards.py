@@ -1,0 +1,125 @@
+"""Shards of work, their Arrow/Parquet outputs, and the completion markers that make re-runs resume.
+
+A stage's work is split into shards of consecutive images (deterministic: records are sorted).
+Each shard's output is written under a name derived from the shard alone and renamed into place;
+a completion marker (`_done/<shard>.json`, also atomic) is written after it. A re-run skips every
+shard that has its marker, so work already written is never lost or duplicated.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.datasets import ImageRecord
+
+DONE_DIR = "_done"
+
+
+def plan_shards(records: list[ImageRecord], images_per_shard: int) -> list[dict]:
+    """Consecutive slices of the sorted records -> [{"shard": "shard-00000", "records": "<json>"}]."""
+    return [
+        {"shard": f"shard-{i // images_per_shard:05d}",
+         "records": json.dumps([r.to_dict() for r in records[i:i + images_per_shard]])}
+        for i in range(0, len(records), images_per_shard)
+    ]
+
+
+def shard_records(shard_row: dict) -> list[ImageRecord]:
+    return [ImageRecord(**d) for d in json.loads(shard_row["records"])]
+
+
+def dataset_fingerprint(records: list[ImageRecord]) -> str:
+    """Identifies the image set (ids and files), so a saved fit says what it was fitted on."""
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(f"{r.image_id}\t{r.image_path}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def patch_schema(feature_dim: int, feature_dtype: str = "float16") -> pa.Schema:
+    """One row per patch. float16 halves the bytes; k-means runs on float32 copies."""
+    return pa.schema([
+        ("image_id", pa.string()),
+        ("row", pa.int16()),
+        ("col", pa.int16()),
+        ("feature", pa.list_(pa.float16() if feature_dtype == "float16" else pa.float32(), feature_dim)),
+        ("label", pa.uint8()),  # patch majority trainId, 255 = ignore / unlabelled
+    ])
+
+
+def patch_table(image_ids: list[str], features: list[np.ndarray], labels: list[np.ndarray], schema: pa.Schema) -> pa.Table:
+    """Per image (D, h, w) features and (h, w) labels -> one Arrow table of patch rows, row-major."""
+    value_type = schema.field("feature").type.value_type.to_pandas_dtype()
+    feature_dim = schema.field("feature").type.list_size
+    ids, rows, cols, flat, labs = [], [], [], [], []
+    for image_id, feat, lab in zip(image_ids, features, labels):
+        d, h, w = feat.shape
+        rr, cc = np.meshgrid(np.arange(h, dtype=np.int16), np.arange(w, dtype=np.int16), indexing="ij")
+        ids.extend([image_id] * (h * w))
+        rows.append(rr.ravel())
+        cols.append(cc.ravel())
+        flat.append(feat.reshape(d, h * w).T.astype(value_type).ravel())
+        labs.append(lab.ravel().astype(np.uint8))
+    if not ids:
+        return schema.empty_table()
+    values = pa.array(np.concatenate(flat))
+    return pa.table({
+        "image_id": pa.array(ids, pa.string()),
+        "row": pa.array(np.concatenate(rows)),
+        "col": pa.array(np.concatenate(cols)),
+        "feature": pa.FixedSizeListArray.from_arrays(values, feature_dim),
+        "label": pa.array(np.concatenate(labs)),
+    }, schema=schema)
+
+
+def features_from_table(table: pa.Table) -> np.ndarray:
+    """The `feature` column as an (n, D) float32 array, without a per-row Python loop."""
+    column = table.column("feature").combine_chunks()
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    write_text_atomic(json.dumps(obj, indent=2), path)
+
+
+def write_npz_atomic(arrays: dict[str, np.ndarray], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def marker_path(stage_dir: Path, shard: str) -> Path:
+    return stage_dir / DONE_DIR / f"{shard}.json"
+
+
+def mark_done(stage_dir: Path, shard: str, summary: dict) -> None:
+    write_json_atomic(summary, marker_path(stage_dir, shard))
+
+
+def read_done(stage_dir: Path) -> dict[str, dict]:
+    """shard name -> its completion summary."""
+    done = {}
+    for path in sorted((stage_dir / DONE_DIR).glob("shard-*.json")):
+        done[path.stem] = json.loads(path.read_text())
+    return done

@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+
+from configs.schema import ConfigError, load_config, parse_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "cityscapes_cause_k300.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.fit.k in cfg.all_k
+
+
+def test_cityscapes_config_describes_the_seed_setting():
+    cfg = load_config(CONFIGS / "cityscapes_cause_k300.yaml")
+    assert (cfg.fit.k, cfg.model.feature_kind, cfg.inference.crop, cfg.inference.stride) == (300, "head", 322, 161)
+    assert cfg.model.vit.embed_dim == 768 and cfg.model.vit.depth == 12
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"fit\.kk: unknown key"):
+        parse_config({"fit": {"kk": 3}})
+
+
+def test_bad_value_is_named_with_the_value():
+    with pytest.raises(ConfigError, match=r"fit\.k:.*got -1"):
+        parse_config({"fit": {"k": -1}})
+
+
+def test_head_needs_322_crops():
+    with pytest.raises(ConfigError, match="needs 322"):
+        parse_config({"model": {"feature_kind": "head"}, "inference": {"crop": 224, "stride": 112, "short_side": 224}})
+
+
+def test_overrides_apply_and_validate(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("fit: {k: 50}\n")
+    assert load_config(path, ["fit.k=80", "dataset.split=train"]).fit.k == 80
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(path, ["fit.k"])
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("run_name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_missing_config_file_says_where_examples_are(tmp_path):
+    with pytest.raises(ConfigError, match="configs/demo.yaml"):
+        load_config(tmp_path / "nope.yaml")

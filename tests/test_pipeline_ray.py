@@ -1,0 +1,99 @@
+"""The whole job on a tiny generated demo set with a local Ray cluster (num_cpus=2)."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from configs.schema import parse_config
+from ray_jobs.pipeline import Pipeline
+from ray_jobs.session import init_ray
+from storage.synth import generate_demo_dataset
+
+NUM_IMAGES = 12
+
+
+def tiny_config(data_root, output_dir, **fit):
+    return parse_config({
+        "run_name": "tiny", "output_dir": str(output_dir), "seed": 0,
+        "dataset": {"kind": "cityscapes", "root": str(data_root), "split": "val", "images_per_shard": 4},
+        "model": {"vit": {"patch_size": 14, "embed_dim": 32, "depth": 1, "num_heads": 2}, "feature_kind": "backbone"},
+        "inference": {"short_side": 112, "crop": 112, "stride": 56, "batch_size": 8},
+        "extract": {"num_actors": 2, "cpus_per_actor": 0.5},
+        "label_workers": {"num_actors": 2, "cpus_per_actor": 0.5},
+        "label": {"num_overlays": 2},
+        "fit": {"k": 24, "k_sweep": [8, 24], "n_iter": 10, "max_patches_per_image": 64, **fit},
+        "ray": {"local_num_cpus": 2},
+    })
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo_dataset(root, split="val", num_images=NUM_IMAGES, height=128, width=256, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    init_ray(tiny_config("unused", tmp_path_factory.mktemp("unused")))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_cluster, demo_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(demo_root, out)
+    Pipeline(cfg).run()
+    return cfg
+
+
+def test_report_has_every_fit_with_sane_metrics(first_run):
+    report = json.loads((first_run.output_dir / "report.json").read_text())
+    assert list(report["fits"]) == ["k24", "k8", "baseline_k19"]
+    assert report["dataset"]["num_images"] == NUM_IMAGES and report["dataset"]["num_failed"] == 0
+    for fit in report["fits"].values():
+        for level in ("patch_level", "pixel_level"):
+            assert 0.0 < fit[level]["miou"] < 1.0
+        assert 0 <= fit["dead_centroids"] < fit["k"]
+    assert report["fits"]["baseline_k19"]["mapping_kind"] == "hungarian"
+    assert "RANDOMLY INITIALISED" in report["model"]
+    assert (first_run.output_dir / "report.md").read_text().startswith("# Overclustering report")
+    assert (first_run.output_dir / "figures" / "miou_vs_k.png").stat().st_size > 0
+
+
+def test_every_image_extracted_and_labelled_exactly_once(first_run):
+    table = pq.read_table(first_run.output_dir / "features")
+    ids = table.column("image_id").to_numpy(zero_copy_only=False)
+    uniq, counts = np.unique(ids, return_counts=True)
+    assert len(uniq) == NUM_IMAGES and set(counts) == {8 * 16}  # 112x224 -> 8x16 patches each
+    labels = sorted(first_run.output_dir.glob("labels/*/*_pseudo_trainIds.png"))
+    assert len(labels) == NUM_IMAGES
+    assert len(list(first_run.output_dir.glob("labels/*/*_pseudo_overlay.png"))) == 2
+
+
+def test_rerun_skips_done_shards_and_gives_identical_results(first_run):
+    before = json.loads((first_run.output_dir / "report.json").read_text())
+    markers = {p: p.stat().st_mtime_ns for p in first_run.output_dir.glob("*/_done/*.json")}
+    Pipeline(first_run).run()
+    after = json.loads((first_run.output_dir / "report.json").read_text())
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers
+    assert after["fits"] == before["fits"]
+
+
+def test_a_corrupt_image_is_recorded_and_the_rest_completes(ray_cluster, demo_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    victim = sorted(root.glob("leftImg8bit/val/*/*.png"))[5]
+    victim.write_bytes(victim.read_bytes()[:300])
+    cfg = tiny_config(root, tmp_path / "out")
+    Pipeline(cfg).run()
+    report = json.loads((cfg.output_dir / "report.json").read_text())
+    assert report["dataset"]["num_images"] == NUM_IMAGES - 1 and report["dataset"]["num_failed"] == 1
+    failed = json.loads((cfg.output_dir / "failed_items.json").read_text())
+    assert {f["stage"] for f in failed} == {"extract", "label"}
+    assert all(str(victim) in f["error"] and "corrupt or truncated" in f["error"] for f in failed)
