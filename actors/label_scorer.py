@@ -1,5 +1,7 @@
-"""Label-and-score stage: per image, dense features once, then every fit (k sweep + baseline):
-pseudo-labels, per-image confusion matrices and cluster win counts; PNGs for the main fit."""
+"""Label-and-score stage: per image, dense features once, then the nearest centroid of every pixel
+for every fit (k sweep + baseline). Per shard it keeps, for each fit, the (cluster, class) pixel
+counts per cross-validation fold and the cluster win counts: enough to score any mapping
+protocol in the driver. Pseudo-label PNGs are written for the main fit."""
 
 from pathlib import Path
 
@@ -9,9 +11,9 @@ import ray
 from actors.model_setup import build_dense_extractor
 from configs.schema import parse_config
 from core.dense import resized_size
-from core.labelling import class_logit_grid, logits_to_train_ids, upsample_logits
+from core.labelling import PixelAssigner, cluster_class_pixel_counts, clusters_to_train_ids
 from core.labels import NUM_CLASSES, colorize_train_ids, train_ids_to_label_ids
-from core.metrics import confusion_matrix
+from core.sampling import image_fold
 from storage.images import InputError, read_rgb, read_train_ids, safe_path, write_png_atomic
 from storage.shards import mark_done, marker_path, shard_records, write_npz_atomic
 
@@ -26,6 +28,7 @@ class LabelScorer:
         self.stage_dir, self.labels_dir = Path(stage_dir), Path(labels_dir)
         self.overlay_ids = set(overlay_ids)
         self.dense = build_dense_extractor(self.cfg, self.cfg.label_workers)
+        self.assigner = PixelAssigner([f["centroids"] for f in self.fits])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         shards = list(batch["shard"])
@@ -35,49 +38,43 @@ class LabelScorer:
         return {"shard": shards}
 
     def _score_shard(self, shard: str, shard_row: dict) -> None:
-        n_fits = len(self.fits)
+        folds, seed = self.cfg.fit.heldout_folds, self.cfg.seed
         image_ids, failed = [], []
-        confusions = []  # per image: (n_fits, C, C+1)
         wins = [np.zeros(len(f["mapping"]), np.int64) for f in self.fits]
+        pixel_counts = [np.zeros((folds, len(f["mapping"]), NUM_CLASSES), np.int64) for f in self.fits]
         for record in shard_records(shard_row):
             try:
                 image = read_rgb(Path(record.image_path))
                 gt = read_train_ids(Path(record.label_ids_path), image.shape[:2]) if record.label_ids_path else None
-                predictions = self._predict(image, wins)
+                cluster_maps = self._assign(image)
                 if self.cfg.label.write_label_pngs:
-                    self._write_outputs(record, image, predictions[0])
+                    self._write_outputs(record, image, clusters_to_train_ids(cluster_maps[0], self.fits[0]["mapping"]))
             except InputError as err:
                 failed.append({"image_id": record.image_id, "path": record.image_path, "stage": "label", "error": str(err)})
                 continue
             image_ids.append(record.image_id)
-            conf = np.zeros((n_fits, NUM_CLASSES, NUM_CLASSES + 1), np.int64)
-            if gt is not None:
-                for i, pred in enumerate(predictions):
-                    conf[i] = confusion_matrix(gt, pred, NUM_CLASSES)
-            confusions.append(conf)
-        arrays = {
-            "image_ids": np.array(image_ids, dtype=np.str_),
-            "confusion": np.stack(confusions) if confusions else np.zeros((0, n_fits, NUM_CLASSES, NUM_CLASSES + 1), np.int64),
-        }
-        arrays.update({f"wins_{f['name']}": w for f, w in zip(self.fits, wins)})
+            fold = image_fold(record.image_id, folds, seed)
+            for i, cluster_map in enumerate(cluster_maps):
+                k = len(wins[i])
+                wins[i] += np.bincount(cluster_map.ravel(), minlength=k)
+                if gt is not None:
+                    pixel_counts[i][fold] += cluster_class_pixel_counts(cluster_map, gt, k, NUM_CLASSES)
+        arrays = {"image_ids": np.array(image_ids, dtype=np.str_)}
+        for f, w, c in zip(self.fits, wins, pixel_counts):
+            arrays[f"wins_{f['name']}"] = w
+            arrays[f"pixel_counts_{f['name']}"] = c
         write_npz_atomic(arrays, self.stage_dir / f"{shard}.npz")
         mark_done(self.stage_dir, shard, {"num_images": len(image_ids), "failed": failed})
 
-    def _predict(self, image: np.ndarray, wins: list[np.ndarray]) -> list[np.ndarray]:
-        """One trainId map per fit; multi-scale averages the upsampled logits over scales."""
+    def _assign(self, image: np.ndarray) -> list[np.ndarray]:
+        """Nearest centroid of every pixel, one (H, W) map per fit; scores averaged over scales."""
         h, w = image.shape[:2]
-        summed = [None] * len(self.fits)
+        grids = []
         for scale in self.cfg.inference.scales:
             short = max(self.dense.patch, round(self.cfg.inference.short_side * scale))
             (features,) = self.dense([image], short_side=short)
-            resized = resized_size(h, w, short)
-            for i, fit in enumerate(self.fits):
-                logits, winners = class_logit_grid(features, fit["centroids"], fit["mapping"], NUM_CLASSES)
-                if scale == 1.0:  # dead-centroid statistics at the base scale
-                    wins[i] += np.bincount(winners.ravel(), minlength=len(fit["mapping"]))
-                up = upsample_logits(logits, resized, self.dense.patch, (h, w))
-                summed[i] = up if summed[i] is None else summed[i] + up
-        return [logits_to_train_ids(s, NUM_CLASSES) for s in summed]
+            grids.append((features, resized_size(h, w, short)))
+        return self.assigner.assign(grids, self.dense.patch, (h, w))
 
     def _write_outputs(self, record, image: np.ndarray, train_ids: np.ndarray) -> None:
         group = safe_path(self.labels_dir, record.group)

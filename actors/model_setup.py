@@ -12,6 +12,7 @@ def model_spec(cfg: RunConfig) -> ModelSpec:
     spec = ModelSpec(
         vit=ViTSpec(**m.vit.model_dump()), feature_kind=m.feature_kind, init_seed=m.init_seed,
         backbone_checkpoint=m.backbone_checkpoint, head_checkpoint=m.head_checkpoint, codebook_path=m.codebook_path,
+        cluster_probe_checkpoint=m.cluster_probe_checkpoint,
     )
     return spec.with_cause_root(m.cause_root) if m.cause_root is not None else spec
 

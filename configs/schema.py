@@ -98,6 +98,9 @@ class FitConfig(Strict):
     n_iter: int = Field(default=50, ge=1)
     max_patches_per_image: int = Field(default=400, ge=1)
     max_samples: int = Field(default=2_000_000, ge=1)
+    # Held-out mapping protocol: images split into this many folds by a hash of their id; each
+    # fold is scored with a mapping made from the other folds only. 1 turns the protocol off.
+    heldout_folds: int = Field(default=5, ge=1)
 
     @model_validator(mode="after")
     def _sweep_values(self):

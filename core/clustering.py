@@ -1,7 +1,20 @@
-"""Spherical k-means on patch features: centroids are unit vectors, assignment is by cosine."""
+"""Spherical k-means on patch features: centroids are unit vectors, assignment is by cosine.
+
+Everything here is *spherical* k-means: feature rows are L2-normalised before they are clustered,
+centroids are unit vectors, a row goes to the centroid of highest cosine (= nearest in L2, since
+both are unit length), a centroid is the normalised mean (= normalised sum) of its rows, and the
+objective ("inertia") is the sum over rows of 1 - cosine to the assigned centroid (half the squared
+L2 distance). The fit engines, the block-wise Lloyd step (`lloyd_partial` + `lloyd_update`, which
+`ray_jobs.distributed_lloyd` maps over Parquet shards) and `inertia` all use these definitions.
+"""
+
+import math
+import time
+from typing import Callable
 
 import faiss
 import numpy as np
+import scipy.sparse
 from sklearn.cluster import MiniBatchKMeans
 
 ENGINES = ("faiss", "sklearn")
@@ -19,49 +32,208 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def check_features(x: np.ndarray, source: str) -> None:
+def check_features(x: np.ndarray, source: str, block_rows: int = 1 << 20) -> None:
     """Reject an empty (n, d) feature array or one with NaN/inf rows, naming where it came from."""
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{source}: no patch features (shape {x.shape}); extract features before fitting")
-    bad = int((~np.isfinite(x).all(axis=1)).sum())
+    # In blocks: the (n, d) boolean mask of a 20M-row array alone would be 1.8 GB.
+    bad = sum(int((~np.isfinite(x[i:i + block_rows]).all(axis=1)).sum()) for i in range(0, x.shape[0], block_rows))
     if bad:
         raise ValueError(f"{source}: {bad} of {x.shape[0]} patch feature rows contain NaN or inf; the features of "
                          "those images are broken: re-extract them or drop those images")
 
 
+def kmeans_plusplus(x: np.ndarray, k: int, seed: int, n_local_trials: int | None = None) -> np.ndarray:
+    """(k,) distinct row indices of x chosen by greedy k-means++ (Arthur & Vassilvitskii 2007).
+
+    Each next centre is drawn with probability proportional to the squared L2 distance to the
+    nearest centre chosen so far; as in scikit-learn, `n_local_trials` (default 2 + ln k)
+    candidates are drawn and the one that lowers the potential most is kept. For unit rows the
+    squared distance is 2 (1 - cosine), so this is k-means++ for the spherical objective too.
+    Vectorised: one (trials, d) x (d, n) product per centre. Deterministic for a given seed.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means++: k={k} centres from {n} rows")
+    trials = n_local_trials or 2 + int(math.log(k))
+    rng = np.random.default_rng(seed)
+    sq_norms = np.einsum("nd,nd->n", x, x, dtype=np.float64)
+
+    def sq_dist(rows: np.ndarray) -> np.ndarray:  # (len(rows), n) squared L2 distances to x[rows]
+        dot = (x[rows] @ x.T).astype(np.float64)
+        return np.maximum(sq_norms[rows, None] + sq_norms[None, :] - 2.0 * dot, 0.0)
+
+    chosen = np.empty(k, dtype=np.int64)
+    chosen[0] = rng.integers(n)
+    closest = sq_dist(chosen[:1])[0]  # (n,) squared distance to the nearest chosen centre
+    closest[chosen[0]] = 0.0
+    for i in range(1, k):
+        cumulative = np.cumsum(closest)
+        if cumulative[-1] <= 0.0:  # every row coincides with a centre: take unchosen rows uniformly
+            rest = np.setdiff1d(np.arange(n), chosen[:i], assume_unique=True)
+            chosen[i:] = rng.choice(rest, k - i, replace=False)
+            break
+        candidates = np.searchsorted(cumulative, rng.random(trials) * cumulative[-1], side="right")
+        candidates = np.minimum(candidates, n - 1)
+        candidate_closest = np.minimum(closest[None, :], sq_dist(candidates))  # (trials, n)
+        best = int(candidate_closest.sum(axis=1).argmin())
+        chosen[i] = candidates[best]
+        closest = candidate_closest[best]
+        closest[chosen[i]] = 0.0
+    return chosen
+
+
 def fit_kmeans(x: np.ndarray, k: int, seed: int, engine: str = "faiss", n_iter: int = 50,
-               max_points_per_centroid: int = 256) -> np.ndarray:
+               max_points_per_centroid: int = 256, init_points_per_centroid: int = 64) -> np.ndarray:
     """(n, d) raw features -> (k, d) float32 unit centroids; the same input and seed give identical bytes.
 
     The features are L2-normalised first, so nearest centroid (L2) = highest cosine.
-    faiss: `n_iter` Lloyd iterations on at most k * max_points_per_centroid points (faiss's
-    seeded subsample). sklearn: MiniBatchKMeans, `n_iter` passes over the data at most.
+    faiss: k-means++ seeding (`kmeans_plusplus`) on a seeded sample of at most
+    k * init_points_per_centroid rows, then `n_iter` spherical Lloyd iterations with faiss on a
+    seeded sample of at most k * max_points_per_centroid rows (the seeding sample is part of it).
+    Only the sample is copied and normalised, so x may be far larger than the memory a copy needs
+    (a memory-mapped array works). sklearn: MiniBatchKMeans (its own k-means++, best of 3 inits,
+    batches of 4096) on all rows, `n_iter` passes over the data at most.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown k-means engine {engine!r}; allowed: {', '.join(ENGINES)}")
     if k < 2:
         raise ValueError(f"k={k}: k-means needs at least 2 clusters")
+    if max_points_per_centroid < 1 or init_points_per_centroid < 1:
+        raise ValueError(f"max_points_per_centroid={max_points_per_centroid} and init_points_per_centroid="
+                         f"{init_points_per_centroid} must be >= 1")
     check_features(x, "k-means input")
     n, d = x.shape
     if k > n:
         raise ValueError(f"k={k} is larger than the number of sampled patch features (n={n}); "
                          "lower fit.k / fit.k_sweep or raise fit.max_patches_per_image")
-    xn = np.ascontiguousarray(l2_normalize(x))
     if engine == "faiss":
+        rng = np.random.default_rng(seed)
+        sample_rows = min(n, k * max_points_per_centroid)
+        chosen = rng.permutation(n) if sample_rows == n else rng.choice(n, sample_rows, replace=False)
+        init_rows = np.sort(chosen[:min(sample_rows, k * init_points_per_centroid)])
+        xs = np.ascontiguousarray(l2_normalize(x[np.sort(chosen)]))
+        init = l2_normalize(x[init_rows])
+        init_centroids = np.ascontiguousarray(init[kmeans_plusplus(init, k, seed)])
         # min_points_per_centroid=1: k <= n is checked above; faiss would only print a warning.
+        # xs has at most k * max_points_per_centroid rows, so faiss does not subsample again.
         kmeans = faiss.Kmeans(d, k, niter=n_iter, seed=seed, spherical=True, verbose=False,
                               max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
         outer_threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(FAISS_THREADS)
         try:
-            kmeans.train(xn)
+            kmeans.train(xs, init_centroids=init_centroids)
         finally:
             faiss.omp_set_num_threads(outer_threads)
         centroids = kmeans.centroids
     else:
+        xn = np.ascontiguousarray(l2_normalize(x))
         kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096, max_iter=n_iter)
         centroids = kmeans.fit(xn).cluster_centers_
     return np.ascontiguousarray(l2_normalize(centroids))  # sklearn's means are not unit length
+
+
+# Rows whose best and second-best float32 cosines are closer than this are re-scored in float64, so
+# the assignment does not depend on how a BLAS kernel rounds a given block shape or thread count
+# (float32 error of a 90- or 768-d dot product of unit vectors is far below 1e-4).
+_TIE_MARGIN = 1e-4
+
+
+def _best_cosine(xn: np.ndarray, c: np.ndarray, c64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit rows (b, d) float32 and unit centroids -> (best index int64, its cosine float64)."""
+    cos = xn @ c.T  # (b, k)
+    rows = np.arange(len(xn))
+    best = cos.argmax(axis=1)
+    top = cos[rows, best].astype(np.float64)
+    if c.shape[0] > 1:
+        cos[rows, best] = -np.inf
+        near = top - cos.max(axis=1) < _TIE_MARGIN
+        if near.any():
+            exact = xn[near].astype(np.float64) @ c64.T
+            best[near] = exact.argmax(axis=1)
+            top[near] = exact.max(axis=1)
+    return best, top
+
+
+def lloyd_partial(features: np.ndarray, centroids: np.ndarray,
+                  block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, float]:
+    """One spherical Lloyd E-step over (n, d) raw features -> (sums (k, d) float64, counts (k,) int64, inertia).
+
+    Each row is L2-normalised and assigned to its most cosine-similar centroid; `sums` adds up the
+    normalised rows per centroid, `counts` counts them and `inertia` is the sum of 1 - cosine to the
+    assigned centroid, all against the given centroids. Partials of disjoint row sets add up, which
+    is what lets `ray_jobs.distributed_lloyd` run this per block and reduce on the driver. Memory
+    is bounded by block_rows x k (the cosine block) whatever n is. A row's assignment does not
+    depend on the block it is in (near ties are re-scored in float64).
+    """
+    _check_dims(features, centroids)
+    k, d = centroids.shape
+    c = l2_normalize(centroids)
+    c64 = c.astype(np.float64)
+    sums = np.zeros((k, d), dtype=np.float64)
+    counts = np.zeros(k, dtype=np.int64)
+    total = 0.0
+    for start in range(0, features.shape[0], block_rows):
+        xn = l2_normalize(features[start:start + block_rows])
+        best, top = _best_cosine(xn, c, c64)
+        if not np.isfinite(top).all():
+            raise ValueError(f"{int((~np.isfinite(top)).sum())} feature rows contain NaN or inf")
+        b = len(xn)
+        # (k, b) one-hot assignment matrix times the (b, d) rows: per-cluster sums in one sparse product.
+        onehot = scipy.sparse.csr_array((np.ones(b), (best, np.arange(b))), shape=(k, b))
+        sums += onehot @ xn.astype(np.float64)
+        counts += np.bincount(best, minlength=k)
+        total += float((1.0 - top).sum())
+    return sums, counts, total
+
+
+def lloyd_update(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Spherical M-step: (k, d) float32 unit centroids = normalised per-cluster sums.
+
+    A cluster that got no rows keeps its old centre (normalised), so k stays fixed and a dead
+    centroid stays visible to the caller (count 0) instead of being moved silently.
+    """
+    if sums.shape != centroids.shape or counts.shape != (centroids.shape[0],):
+        raise ValueError(f"sums {sums.shape} / counts {counts.shape} do not match centroids {centroids.shape}")
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    updated = np.where((counts[:, None] > 0) & (norms > 0), sums / np.maximum(norms, 1e-300),
+                       l2_normalize(centroids).astype(np.float64))
+    return np.ascontiguousarray(updated, dtype=np.float32)
+
+
+def run_lloyd(partial: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, float]], init_centroids: np.ndarray,
+              max_iter: int, tol: float) -> tuple[np.ndarray, list[dict]]:
+    """Lloyd iterations around an E-step `partial(centroids) -> (sums, counts, inertia)`.
+
+    Every iteration is one pass over the data followed by `lloyd_update`. It stops after max_iter
+    passes, or once the inertia changed by less than `tol` relative to the previous pass. Returns
+    the centroids after the last update and one record per pass: the inertia of the centroids that
+    pass started from, its relative change, the number of empty clusters and the seconds it took.
+    """
+    if max_iter < 1 or tol < 0:
+        raise ValueError(f"max_iter={max_iter} must be >= 1 and tol={tol} >= 0")
+    centroids = l2_normalize(init_centroids)
+    history: list[dict] = []
+    previous = None
+    for iteration in range(max_iter):
+        start = time.perf_counter()
+        sums, counts, total = partial(centroids)
+        centroids = lloyd_update(centroids, sums, counts)
+        change = None if previous is None else abs(previous - total) / max(previous, 1e-300)
+        history.append({"iteration": iteration, "inertia": total, "relative_change": change,
+                        "rows": int(counts.sum()), "empty_clusters": int((counts == 0).sum()),
+                        "seconds": time.perf_counter() - start})
+        previous = total
+        if change is not None and change < tol:
+            break
+    return centroids, history
+
+
+def lloyd(features: np.ndarray, init_centroids: np.ndarray, max_iter: int = 20, tol: float = 1e-4,
+          block_rows: int = 65536) -> tuple[np.ndarray, list[dict]]:
+    """Single-process spherical Lloyd on an in-memory (or memory-mapped) array; see `run_lloyd`."""
+    return run_lloyd(lambda c: lloyd_partial(features, c, block_rows), init_centroids, max_iter, tol)
 
 
 def _check_dims(x: np.ndarray, centroids: np.ndarray) -> None:

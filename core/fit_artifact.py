@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,10 +40,14 @@ class FitArtifact:
     mapping: np.ndarray  # (k,) int64 cluster -> trainId (255 = no class)
     mapping_kind: str  # "majority" | "hungarian"
     meta: dict  # JSON-safe: feature kind, model, dataset fingerprint, seed, engine, n_samples, ...
+    # Further named arrays kept with the fit (e.g. per-fold mapping counts, the label-free mapping).
+    extra_arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self):
         if problem := _problem(np.asarray(self.centroids), np.asarray(self.mapping)):
             raise ValueError(problem)
+        if bad := [n for n in self.extra_arrays if not n.isidentifier() or f"{n}.npy" in FILES]:
+            raise ValueError(f"extra array names must be identifiers other than centroids/mapping, got {bad}")
         self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
         self.mapping = np.asarray(self.mapping, dtype=np.int64)
 
@@ -65,13 +69,16 @@ class FitArtifact:
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         header = {"format": FORMAT, "mapping_kind": self.mapping_kind, "k": self.k, "feature_dim": self.feature_dim,
-                  "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "meta": self.meta}
+                  "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "extra_arrays": sorted(self.extra_arrays), "meta": self.meta}
         text = json.dumps(header, indent=2)  # before touching the disk: a non-JSON-safe meta fails here
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         old = staging.with_name(f"{staging.name}.old")
         try:
             np.save(staging / "centroids.npy", self.centroids)
             np.save(staging / "mapping.npy", self.mapping)
+            for name, array in self.extra_arrays.items():
+                np.save(staging / f"{name}.npy", np.asarray(array))
             (staging / "meta.json").write_text(text)
             if directory.exists():
                 os.replace(directory, old)
@@ -90,20 +97,22 @@ class FitArtifact:
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"fit artifact file {directory / name} is missing; re-run the fit stage")
         arrays = {}
-        for name in ("centroids.npy", "mapping.npy"):
+        try:
+            header = json.loads((directory / "meta.json").read_text())
+            fmt, kind, k, dim, meta = header["format"], header["mapping_kind"], header["k"], header["feature_dim"], header["meta"]
+            extra_names = list(header.get("extra_arrays", []))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{directory / 'meta.json'} is corrupt ({err!r}); delete {directory} and re-run the fit stage") from err
+        for name in ("centroids.npy", "mapping.npy", *(f"{n}.npy" for n in extra_names)):
             try:
                 arrays[name] = np.load(directory / name, allow_pickle=False)
             except (OSError, ValueError, EOFError) as err:
                 raise ValueError(f"{directory / name} is corrupt ({err}); delete {directory} and re-run the fit stage") from err
-        try:
-            header = json.loads((directory / "meta.json").read_text())
-            fmt, kind, k, dim, meta = header["format"], header["mapping_kind"], header["k"], header["feature_dim"], header["meta"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{directory / 'meta.json'} is corrupt ({err!r}); delete {directory} and re-run the fit stage") from err
         if fmt != FORMAT:
             raise ValueError(f"{directory / 'meta.json'}: artifact format {fmt}, this version reads {FORMAT}; re-run the fit stage")
         try:
-            artifact = cls(centroids=arrays["centroids.npy"], mapping=arrays["mapping.npy"], mapping_kind=kind, meta=meta)
+            artifact = cls(centroids=arrays["centroids.npy"], mapping=arrays["mapping.npy"], mapping_kind=kind, meta=meta,
+                           extra_arrays={n: arrays[f"{n}.npy"] for n in extra_names})
         except ValueError as err:
             raise ValueError(f"{directory} (centroids.npy, mapping.npy): {err}; delete it and re-run the fit stage") from err
         if (artifact.k, artifact.feature_dim) != (k, dim):

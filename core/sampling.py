@@ -28,3 +28,8 @@ def subsample(n: int, max_rows: int, seed: int) -> np.ndarray:
     if n <= max_rows:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
+
+
+def image_fold(image_id: str, num_folds: int, seed: int) -> int:
+    """The cross-validation fold of an image: a hash of (seed, id), so it never depends on shards."""
+    return zlib.crc32(f"{seed}:{image_id}".encode()) % num_folds

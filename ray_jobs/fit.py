@@ -18,10 +18,10 @@ from actors.model_setup import model_spec
 from core.clustering import assign_clusters, check_features, fit_kmeans, l2_normalize
 from core.fit_artifact import FitArtifact
 from core.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
-from core.mapping import cluster_class_counts, hungarian_mapping, majority_mapping
-from core.metrics import semantic_scores
+from core.mapping import hungarian_mapping, majority_mapping
+from core.protocols import label_free_mapping, protocol_scores
 from core.models import load_cluster_probe
-from core.sampling import per_image_sample, subsample
+from core.sampling import image_fold, per_image_sample, subsample
 from ray_jobs.layout import Layout, settings_key
 from storage.shards import features_from_table, write_json_atomic
 
@@ -59,25 +59,31 @@ def gather_sample(shard_files: list[Path], cfg: RunConfig) -> np.ndarray:
     return sample[subsample(len(sample), cfg.fit.max_samples, cfg.seed)]
 
 
-def count_cluster_classes(shard_files: list[Path], centroids: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """(k, C) labelled-patch counts per fit, over every patch of every shard."""
-    counts = {name: np.zeros((len(c), NUM_CLASSES), np.int64) for name, c in centroids.items()}
+def count_cluster_classes(shard_files: list[Path], centroids: dict[str, np.ndarray], baseline: str,
+                          cfg: RunConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Over every patch of every shard, streamed: per fit, (F, k, C) labelled-patch counts per
+    held-out fold, and (k, k_base) co-assignment counts to the baseline's clusters (all patches,
+    labelled or not: the label-free mapping uses no ground truth)."""
+    folds = cfg.fit.heldout_folds
+    counts = {name: np.zeros((folds, len(c), NUM_CLASSES), np.int64) for name, c in centroids.items()}
+    k_base = len(centroids[baseline])
+    co_assignment = {name: np.zeros((len(c), k_base), np.int64) for name, c in centroids.items() if name != baseline}
     for path in tqdm(shard_files, desc="fit: mapping clusters", unit="shard"):
-        table = pq.read_table(path, columns=["feature", "label"])
-        labels = table.column("label").to_numpy()
+        table = pq.read_table(path, columns=["image_id", "feature", "label"])
+        labels = table.column("label").to_numpy().astype(np.int64)
+        image_ids = table.column("image_id").to_numpy(zero_copy_only=False)
+        fold_of = {i: image_fold(i, folds, cfg.seed) for i in np.unique(image_ids)}
+        fold = np.array([fold_of[i] for i in image_ids], np.int64)
         keep = labels != IGNORE
-        x = features_from_table(table.filter(keep))
-        for name, c in centroids.items():
-            counts[name] += cluster_class_counts(assign_clusters(x, c), labels[keep], len(c), NUM_CLASSES)
-    return counts
-
-
-def patch_confusion(counts: np.ndarray, mapping: np.ndarray) -> np.ndarray:
-    """(k, C) cluster x class counts + mapping -> (C, C+1) patch-level confusion (col C = unassigned)."""
-    conf = np.zeros((NUM_CLASSES, NUM_CLASSES + 1), np.int64)
-    cols = np.where(mapping == IGNORE, NUM_CLASSES, mapping)
-    np.add.at(conf.T, cols, counts)
-    return conf
+        x = features_from_table(table)
+        assigned = {name: assign_clusters(x, c).astype(np.int64) for name, c in centroids.items()}
+        for name, ids in assigned.items():
+            k = len(centroids[name])
+            flat = (fold[keep] * k + ids[keep]) * NUM_CLASSES + labels[keep]
+            counts[name] += np.bincount(flat, minlength=folds * k * NUM_CLASSES).reshape(folds, k, NUM_CLASSES)
+            if name != baseline:
+                co_assignment[name] += np.bincount(ids * k_base + assigned[baseline], minlength=k * k_base).reshape(k, k_base)
+    return counts, co_assignment
 
 
 def run_fit(cfg: RunConfig, dataset_fingerprint: str, model_description: str) -> dict[str, FitArtifact]:
@@ -105,21 +111,31 @@ def run_fit(cfg: RunConfig, dataset_fingerprint: str, model_description: str) ->
             log.info("fit: %s in %.1f s", name, seconds[name])
     except ValueError as err:
         raise FitError(str(err)) from None
-    counts = count_cluster_classes(shard_files, centroids)
+    baseline = names[-1]
+    fold_counts, co_assignment = count_cluster_classes(shard_files, centroids, baseline, cfg)
+    counts = {name: c.sum(axis=0) for name, c in fold_counts.items()}
+    try:
+        baseline_mapping = hungarian_mapping(counts[baseline])
+        mappings = {name: baseline_mapping if name == baseline else majority_mapping(counts[name]) for name in names}
+    except ValueError as err:
+        raise FitError(f"{err}: the dataset at {cfg.dataset.root} has no ground truth; label it with a fit saved "
+                       "from a labelled run instead") from None
 
     fits, summary = {}, {}
     for name in names:
-        baseline = name == names[-1]
-        mapping = hungarian_mapping(counts[name]) if baseline else majority_mapping(counts[name])
+        mapping = mappings[name]
+        label_free = None if name == baseline else label_free_mapping(co_assignment[name], baseline_mapping)
+        arrays = {"mapping_counts": fold_counts[name]} | ({} if label_free is None else {"label_free_mapping": label_free})
         fits[name] = FitArtifact(
-            centroids=centroids[name], mapping=mapping, mapping_kind="hungarian" if baseline else "majority",
+            centroids=centroids[name], mapping=mapping, mapping_kind="hungarian" if name == baseline else "majority",
+            extra_arrays=arrays,
             meta={"name": name, "k": len(mapping), "settings_key": key, "feature_kind": cfg.model.feature_kind,
                   "feature_dim": int(sample.shape[1]), "model": model_description, "dataset_fingerprint": dataset_fingerprint,
                   "seed": cfg.seed, "engine": cfg.fit.engine, "n_samples": int(sample.shape[0]),
                   "fit_seconds": round(seconds[name], 3), "mapped_on": "same images (seed protocol)"},
         )
         summary[name] = {"k": len(mapping), "mapping_kind": fits[name].mapping_kind,
-                         "patch_level": semantic_scores(patch_confusion(counts[name], mapping), CLASS_NAMES),
+                         "patch_level": protocol_scores(fold_counts[name], fold_counts[name], mapping, label_free, CLASS_NAMES),
                          "clusters_without_labelled_patches": int((counts[name].sum(axis=1) == 0).sum()),
                          "fit_seconds": round(seconds[name], 3)}
     for name, fit in fits.items():

@@ -63,12 +63,13 @@ class Pipeline:
 
     def stage_report(self) -> None:
         fit_summary = json.loads((self.layout.fits / "fit_summary.json").read_text())
-        report = run_report(self.cfg, read_done(self.layout.features), read_done(self.layout.scores), fit_summary,
+        fits = {n: FitArtifact.load(self.layout.fits / n) for n in fit_names(self.cfg)}
+        report = run_report(self.cfg, read_done(self.layout.features), read_done(self.layout.scores), fits, fit_summary,
                             {"model": self._model_description(), "fingerprint": self.fingerprint}, self._timing())
         log.info("report written to %s", self.cfg.output_dir / "report.md")
         main = report["fits"][fit_names(self.cfg)[0]]
-        print(f"\n{main['k']=}: pixel mIoU {100 * main['pixel_level']['miou']:.1f} %, "
-              f"patch mIoU {100 * main['patch_level']['miou']:.1f} % -> {self.cfg.output_dir / 'report.md'}")
+        print(f"\nk={main['k']}: pixel mIoU {100 * main['pixel_level']['same_set']['miou']:.1f} %, "
+              f"patch mIoU {100 * main['patch_level']['same_set']['miou']:.1f} % -> {self.cfg.output_dir / 'report.md'}")
 
     def _model_description(self) -> str:
         done = read_done(self.layout.features)

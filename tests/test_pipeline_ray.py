@@ -58,7 +58,12 @@ def test_report_has_every_fit_with_sane_metrics(first_run):
     assert report["dataset"]["num_images"] == NUM_IMAGES and report["dataset"]["num_failed"] == 0
     for fit in report["fits"].values():
         for level in ("patch_level", "pixel_level"):
-            assert 0.0 < fit[level]["miou"] < 1.0
+            assert 0.0 < fit[level]["same_set"]["miou"] < 1.0
+    for name in ("k24", "k8"):
+        protocols = report["fits"][name]["pixel_level"]
+        assert set(protocols) == {"same_set", "held_out", "label_free"}
+        # The same-set mapping saw the scored images: it cannot lose to the pooled held-out one by much.
+        assert protocols["held_out"]["miou"] <= protocols["same_set"]["miou"] + 0.05
         assert 0 <= fit["dead_centroids"] < fit["k"]
     assert report["fits"]["baseline_k19"]["mapping_kind"] == "hungarian"
     assert "RANDOMLY INITIALISED" in report["model"]

@@ -1,0 +1,62 @@
+"""Mapping protocols: how much of the overclustering gain survives without the seed's oracle.
+
+The seed maps each cluster to the majority class of its patches over the very images it then
+scores ("same-set"); as k grows this approaches an oracle. Two honest alternatives:
+- held-out: the mapping of images in fold f comes only from the patches of the other folds
+  (n-fold cross-validation over images); scores are pooled over folds, and given per fold;
+- label-free: each cluster takes the class of the baseline cluster (CAUSE's 27-centroid probe,
+  or a k = C fit) that most of its patches are nearest to; ground truth enters only through the
+  baseline's standard one-to-one Hungarian match, as CAUSE and STEGO evaluate.
+
+Every protocol is a (k,) mapping, and a (k, C) table of (cluster, class) pixel counts scores any
+mapping, so images are labelled once and scored under all protocols.
+"""
+
+import numpy as np
+
+from core.labels import IGNORE
+from core.mapping import majority_mapping
+from core.metrics import semantic_scores
+
+
+def confusion_from_cluster_counts(counts: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """(k, C) cluster x class counts + (k,) mapping -> (C, C+1) confusion; column C = unassigned."""
+    k, num_classes = counts.shape
+    if mapping.shape != (k,):
+        raise ValueError(f"mapping has shape {mapping.shape}, expected ({k},)")
+    conf = np.zeros((num_classes, num_classes + 1), np.int64)
+    cols = np.where(mapping == IGNORE, num_classes, mapping)
+    np.add.at(conf.T, cols, counts)
+    return conf
+
+
+def heldout_mappings(fold_counts: np.ndarray) -> np.ndarray:
+    """(F, k, C) per-fold mapping counts -> (F, k) mappings, fold f's from the other folds only."""
+    total = fold_counts.sum(axis=0)
+    return np.stack([majority_mapping(total - fold_counts[f]) for f in range(len(fold_counts))])
+
+
+def label_free_mapping(co_assignment: np.ndarray, baseline_mapping: np.ndarray) -> np.ndarray:
+    """(k, k_base) patch co-assignment counts to the baseline's clusters + the baseline's (k_base,)
+    class mapping -> (k,) mapping. A cluster with no patches keeps the baseline cluster 0's class."""
+    return baseline_mapping[co_assignment.argmax(axis=1)]
+
+
+def protocol_scores(pixel_counts: np.ndarray, mapping_counts: np.ndarray, same_set: np.ndarray,
+                    label_free: np.ndarray | None, class_names: list[str]) -> dict:
+    """Score one fit under every protocol.
+
+    pixel_counts (F, k, C): (nearest cluster, GT class) pixel counts of the scored images per fold;
+    mapping_counts (F, k, C): the labelled-patch counts the mappings are made from, per fold.
+    """
+    total = pixel_counts.sum(axis=0)
+    out = {"same_set": semantic_scores(confusion_from_cluster_counts(total, same_set), class_names)}
+    if len(pixel_counts) > 1:
+        mappings = heldout_mappings(mapping_counts)
+        per_fold = [confusion_from_cluster_counts(pixel_counts[f], mappings[f]) for f in range(len(mappings))]
+        fold_miou = [semantic_scores(c, class_names)["miou"] for c in per_fold if c.sum() > 0]
+        out["held_out"] = {**semantic_scores(sum(per_fold), class_names), "folds": len(mappings),
+                           "fold_miou_mean": float(np.mean(fold_miou)), "fold_miou_std": float(np.std(fold_miou))}
+    if label_free is not None:
+        out["label_free"] = semantic_scores(confusion_from_cluster_counts(total, label_free), class_names)
+    return out

@@ -1,0 +1,87 @@
+"""Distributed Lloyd (Ray Data map over Parquet shards + driver reduce) against single-process Lloyd."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from core.clustering import fit_kmeans, lloyd, lloyd_partial
+from ray_jobs.distributed_lloyd import distributed_lloyd, lloyd_pass
+from storage.shards import patch_schema, patch_table, write_parquet_atomic
+
+DIM, K = 16, 12
+SHARD_IMAGES = [7, 5, 8]  # images per shard; 24 x 48 patches each -> 23,040 rows in three uneven shards
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
+             runtime_env={"env_vars": {"PYTHONPATH": repo_root}}, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Parquet shards in the extract stage's schema (float16 features) and the same rows as float32."""
+    rng = np.random.default_rng(0)
+    directions = rng.standard_normal((K, DIM))
+    out = tmp_path_factory.mktemp("features")
+    files, parts, image = [], [], 0
+    schema = patch_schema(DIM, "float16")
+    for shard, num_images in enumerate(SHARD_IMAGES):
+        ids, feats, labels = [], [], []
+        for _ in range(num_images):
+            which = rng.integers(K, size=(24, 48))
+            feat = directions[which] + 0.6 * rng.standard_normal((24, 48, DIM))
+            ids.append(f"img{image:03d}")
+            feats.append(feat.transpose(2, 0, 1))
+            labels.append(which.astype(np.uint8))
+            image += 1
+        table = patch_table(ids, feats, labels, schema)
+        path = out / f"shard-{shard:05d}.parquet"
+        write_parquet_atomic(table, path)
+        files.append(path)
+        # What a worker reads: the float16 values, as float32.
+        parts.append(np.concatenate([f.transpose(1, 2, 0).reshape(-1, DIM) for f in feats]).astype(np.float16).astype(np.float32))
+    return files, np.concatenate(parts)
+
+
+def test_one_pass_equals_the_single_process_partial(ray_cluster, shards):
+    files, x = shards
+    init = fit_kmeans(x[::10], K, seed=0, n_iter=2)
+    sums, counts, inertia = lloyd_pass([str(f) for f in files], init, batch_rows=4096)
+    ref_sums, ref_counts, ref_inertia = lloyd_partial(x, init)
+    assert counts.sum() == len(x) == 23040
+    assert np.array_equal(counts, ref_counts)
+    assert np.allclose(sums, ref_sums, rtol=1e-12, atol=1e-9)
+    assert inertia == pytest.approx(ref_inertia, rel=1e-12)
+
+
+def test_distributed_lloyd_equals_single_process_lloyd(ray_cluster, shards):
+    files, x = shards
+    init = fit_kmeans(x[::20], K, seed=1, n_iter=1)  # a rough warm start, so Lloyd has work to do
+    centroids, history = distributed_lloyd(files, init, max_iter=8, tol=1e-7, batch_rows=5000)
+    ref_centroids, ref_history = lloyd(x, init, max_iter=8, tol=1e-7)
+    assert centroids.shape == (K, DIM) and centroids.dtype == np.float32
+    assert np.allclose(centroids, ref_centroids, atol=1e-5)
+    assert len(history) == len(ref_history) >= 2
+    assert [h["rows"] for h in history] == [len(x)] * len(history)
+    assert np.allclose([h["inertia"] for h in history], [h["inertia"] for h in ref_history], rtol=1e-10)
+    inertias = [h["inertia"] for h in history]
+    assert all(b <= a + 1e-6 for a, b in zip(inertias, inertias[1:]))  # Lloyd never increases the objective
+
+
+def test_stops_on_relative_inertia_change(ray_cluster, shards):
+    files, x = shards
+    init = fit_kmeans(x, K, seed=0)  # already converged: the second pass changes almost nothing
+    _, history = distributed_lloyd(files, init, max_iter=10, tol=1e-3)
+    assert len(history) == 2 and history[1]["relative_change"] < 1e-3
+
+
+def test_no_shards_is_an_error(ray_cluster):
+    with pytest.raises(ValueError, match="no feature shards"):
+        distributed_lloyd([], np.eye(2, DIM, dtype=np.float32), max_iter=1)

@@ -1,0 +1,42 @@
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.labelling import PixelAssigner, bilinear_weights, cluster_class_pixel_counts, clusters_to_train_ids
+
+
+def test_bilinear_weights_match_torch_interpolate():
+    grid = torch.randn(1, 1, 5, 3)
+    ours = bilinear_weights(20, 5, 5 / 20) @ grid[0, 0] @ bilinear_weights(12, 3, 3 / 12).T
+    ref = F.interpolate(grid, size=(20, 12), mode="bilinear", align_corners=False)[0, 0]
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_nearest_centroid_per_pixel_for_two_fits():
+    # A 1x2 patch grid (patch 2 px): left patch along e0, right along e1; a 2x4 image.
+    features = np.array([[[1.0, 0.0]], [[0.0, 1.0]]])  # (D=2, 1, 2)
+    fit_a = np.array([[1.0, 0.0], [0.0, 1.0]])
+    fit_b = np.array([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
+    maps = PixelAssigner([fit_a, fit_b]).assign([(features, (2, 4))], patch_size=2, image_hw=(2, 4))
+    assert maps[0].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+    assert maps[1].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
+
+
+def test_scales_average_scores():
+    # Scale 1 says cluster 0 weakly, scale 2 says cluster 1 strongly: the average picks cluster 1.
+    centroids = np.array([[1.0, 0.0], [0.0, 1.0]])
+    weak = np.array([[[0.6]], [[0.5]]])  # cosine 0.77 / 0.64
+    strong = np.array([[[0.0]], [[1.0]]])  # cosine 0 / 1
+    maps = PixelAssigner([centroids]).assign([(weak, (2, 2)), (strong, (2, 2))], patch_size=2, image_hw=(2, 2))
+    assert (maps[0] == 1).all()
+
+
+def test_cluster_class_counts_and_train_ids():
+    cluster_map = np.array([[0, 1], [1, 2]])
+    gt = np.array([[3, 3], [255, 0]], dtype=np.uint8)
+    counts = cluster_class_pixel_counts(cluster_map, gt, k=3, num_classes=4)
+    expected = np.zeros((3, 4), np.int64)
+    expected[0, 3] = expected[1, 3] = expected[2, 0] = 1
+    assert np.array_equal(counts, expected)
+    mapping = np.array([3, 255, 0])
+    assert clusters_to_train_ids(cluster_map, mapping).tolist() == [[3, 255], [255, 0]]
