@@ -115,6 +115,39 @@ class LabelConfig(Strict):
     num_overlays: int = Field(default=8, ge=0)  # coloured overlays written for the first N images
 
 
+class PanopticConfig(Strict):
+    """Panoptic segments from the pseudo-labels: stuff per class, things by connected components."""
+
+    thing_min_area: int = Field(default=64, ge=1)  # pixels; smaller components become void
+    stuff_min_area: int = Field(default=64, ge=1)
+    connectivity: Literal[4, 8] = 8
+
+
+class RefineConfig(Strict):
+    """Optional refinements of the main fit's labels, each scored beside the plain labels.
+
+    crf: dense CRF on the class logits (CAUSE's parameters). em_semantic: CLUSTSEG EM adapts the
+    global centroids to each image (mapping kept). em_things: EM splits thing regions into
+    instances instead of connected components. superpixels: EM superpixels over (feature, colour,
+    position) from grid seeds; each takes its majority label.
+    """
+
+    crf: bool = False
+    em_semantic: bool = False
+    em_things: bool = False
+    superpixels: bool = False
+    tau: float = Field(default=0.05, gt=0)
+    iterations: int = Field(default=3, ge=0)
+    superpixel_step: int = Field(default=16, ge=2)
+    write_variant: Literal["seed", "crf", "em_semantic", "em_things", "superpixels"] = "seed"
+
+    @model_validator(mode="after")
+    def _written_variant_is_enabled(self):
+        if self.write_variant != "seed" and not getattr(self, self.write_variant):
+            raise ValueError(f"refine.write_variant={self.write_variant!r} but refine.{self.write_variant} is false: enable it")
+        return self
+
+
 class RayConfig(Strict):
     address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a local cluster
     local_num_cpus: int | None = Field(default=None, ge=1)
@@ -130,6 +163,8 @@ class RunConfig(Strict):
     inference: InferenceConfig = InferenceConfig()
     extract: WorkersConfig = WorkersConfig()
     label: LabelConfig = LabelConfig()
+    panoptic: PanopticConfig = PanopticConfig()
+    refine: RefineConfig = RefineConfig()
     label_workers: WorkersConfig = WorkersConfig()
     fit: FitConfig = FitConfig()
     ray: RayConfig = RayConfig()

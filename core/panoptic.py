@@ -218,7 +218,7 @@ def _pairs(gt_idx: np.ndarray, pred_idx: np.ndarray, n_gt: int, n_pred: int):
     cols = n_pred + 1
     code = gt_idx.ravel() * cols + pred_idx.ravel()
     size = (n_gt + 1) * cols
-    if size <= 4 * code.size + 1_000_000:  # dense counting is cheap enough
+    if size <= 2 * code.size + 1_000_000:  # dense counting is cheap enough
         counts = np.bincount(code, minlength=size)
         nz = np.flatnonzero(counts)
         return nz // cols, nz % cols, counts[nz]

@@ -9,9 +9,12 @@ def _pct(value) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
+MISSED_IOU = 0.05  # below 5 % IoU a class is effectively missing from the pseudo-labels
+
+
 def missed_classes(per_class_iou: dict) -> list[str]:
-    """Classes present in the ground truth that a fit never gets right (IoU exactly 0)."""
-    return [name for name, iou in per_class_iou.items() if iou == 0.0]
+    """Classes present in the ground truth or prediction that a fit effectively misses (IoU < 5 %)."""
+    return [name for name, iou in per_class_iou.items() if iou is not None and iou < MISSED_IOU]
 
 
 def render_markdown(report: dict) -> str:
@@ -33,17 +36,17 @@ def render_markdown(report: dict) -> str:
         "",
         "## k sweep (seed protocol: same-set majority mapping)",
         "",
-        "| fit | mapping | k | patch mIoU | pixel mIoU | pixel acc | classes with IoU > 0 | dead centroids |",
-        "|---|---|---|---|---|---|---|---|",
+        "| fit | mapping | k | patch mIoU | pixel mIoU | pixel acc | classes with IoU ≥ 5 % | dead centroids | cluster purity |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         f = fits[name]
         pixel = f["pixel_level"]["same_set"]
-        nonzero = sum(1 for v in pixel["per_class_iou"].values() if v)
         present = sum(1 for v in pixel["per_class_iou"].values() if v is not None)
+        found = present - len(missed_classes(pixel["per_class_iou"]))
         lines.append(f"| {name} | {f['mapping_kind']} | {f['k']} | {_pct(f['patch_level']['same_set']['miou'])} | "
                      f"{_pct(pixel['miou'])} | {_pct(pixel['pixel_accuracy'])} | "
-                     f"{nonzero}/{present} | {f['dead_centroids']}/{f['k']} |")
+                     f"{found}/{present} | {f['dead_centroids']}/{f['k']} | {_pct(f.get('weighted_purity'))} |")
     protocols = [p for p in PROTOCOL_TITLES if p in fits[names[0]]["pixel_level"]]
     lines += ["", "## Where the gain comes from: pixel mIoU (%) by mapping protocol", "",
               "| fit | k | " + " | ".join(PROTOCOL_TITLES[p] for p in protocols) + " |",
@@ -64,16 +67,61 @@ def render_markdown(report: dict) -> str:
         per_class = fits[name]["pixel_level"]["same_set"]["per_class_iou"]
         lines.append(f"| {name} | " + " | ".join(_pct(per_class[c]) for c in class_names) + " |")
     lines += ["", "## Classes the baseline misses and overclustering recovers", ""]
-    baseline_missed = report["baseline_missed"]
-    lines.append(f"Baseline misses (IoU 0): {', '.join(baseline_missed) or 'none'}.")
+    lines.append(f"Baseline misses (IoU < {100 * MISSED_IOU:.0f} %): {', '.join(report['baseline_missed']) or 'none'}.")
     lines.append("")
     for name in names[:-1]:
         lines.append(f"- {name}: recovers {', '.join(fits[name]['recovered']) or 'none'}; "
                      f"still missing {', '.join(missed_classes(fits[name]['pixel_level']['same_set']['per_class_iou'])) or 'none'}")
-    lines += ["", "## Figures", "", "![mIoU vs k](figures/miou_vs_k.png)", ""]
-    for overlay in report.get("overlays", []):
-        lines.append(f"![{overlay}]({overlay})")
+    lines += _variants_section(report, names)
+    lines += _absorption_section(report)
+    lines += ["", "## Figures", ""]
+    for key, path in report.get("figures", {}).items():
+        lines.append(f"![{key}]({path})")
+    outputs = report.get("outputs", {})
+    if outputs:
+        lines += ["", "## Outputs", "",
+                  f"Cityscapes-format pseudo-labels of {names[0]} ({report.get('written_variant', 'seed')}) under "
+                  f"`{outputs['labels']}/` (labelIds, trainIds, instanceIds, panoptic PNGs"
+                  + (f", COCO panoptic JSON `{outputs['panoptic_json']}`" if outputs.get("panoptic_json") else "") + ")."]
     if report["failed_items"]:
         lines += ["", "## Failed items", "", "| stage | image | error |", "|---|---|---|"]
         lines += [f"| {f['stage']} | {f['image_id']} | {f['error']} |" for f in report["failed_items"]]
     return "\n".join(lines) + "\n"
+
+
+def _variants_section(report: dict, names: list[str]) -> list[str]:
+    variants = report.get("variants") or {}
+    if not variants:
+        return []
+    lines = ["", f"## Semantic and panoptic quality of {names[0]}'s label variants and the baseline", "",
+             "Things are connected components of the labels unless a variant makes instances (em_things). "
+             "Seconds per image: the label pass's nearest-centroid assignment for all fits, plus the variant's own work.", "",
+             "| variant | mIoU | pixel acc | PQ | SQ | RQ | PQ stuff | PQ things | s / image |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in variants.items():
+        pan = v["panoptic"]
+        lines.append(f"| {name} | {_pct(v['semantic']['miou'])} | {_pct(v['semantic']['pixel_accuracy'])} | "
+                     f"{_pct(pan['all']['pq'])} | {_pct(pan['all']['sq'])} | {_pct(pan['all']['rq'])} | "
+                     f"{_pct(pan['stuff']['pq'])} | {_pct(pan['things']['pq'])} | {v['seconds_per_image']:.2f} |")
+    first = next(iter(variants.values()))["panoptic"]["per_class"]
+    lines += ["", "Per-class PQ (%):", "", "| variant | " + " | ".join(first) + " |", "|---|" + "---|" * len(first)]
+    for name, v in variants.items():
+        lines.append(f"| {name} | " + " | ".join(_pct(c["pq"]) for c in v["panoptic"]["per_class"].values()) + " |")
+    return lines
+
+
+def _absorption_section(report: dict) -> list[str]:
+    absorption = report.get("absorption") or {}
+    if not absorption:
+        return []
+    lines = ["", "## Absorption: where each class's pixels go (top 2 other predictions, % of the class's pixels)", "",
+             "| class | " + " | ".join(f"{fit}: correct | {fit}: absorbed by" for fit in absorption) + " |",
+             "|---|" + "---|---|" * len(absorption)]
+    rows = zip(*absorption.values())
+    for per_fit in rows:
+        cells = []
+        for row in per_fit:
+            absorbed = ", ".join(f"{a['class']} {100 * a['share']:.0f}" for a in row["absorbed_by"]) or "—"
+            cells += [_pct(row["correct"]), absorbed]
+        lines.append(f"| {per_fit[0]['class']} | " + " | ".join(cells) + " |")
+    return lines

@@ -1,38 +1,72 @@
-"""Report stage (driver): sum the per-shard results into metrics, tables and figures."""
+"""Report stage (driver): sum the per-shard results into metrics, tables and figures.
 
+Everything here reads small per-shard summaries (count matrices, panoptic statistics), so the
+driver's memory does not grow with the number of images.
+"""
+
+import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from configs.schema import RunConfig
-from core.labels import CLASS_NAMES
+from core.analysis import absorption_table, cluster_purity, dead_centroid_summary
 from core.fit_artifact import FitArtifact
+from core.labels import CLASS_NAMES
+from core.metrics import semantic_scores
+from core.panoptic import pq_scores
+from core.plots import plot_confusion, plot_miou_vs_k, plot_overlay_grid, plot_per_class_iou
 from core.protocols import protocol_scores
-from core.plots import plot_miou_vs_k
 from core.report import PROTOCOL_TITLES, missed_classes, render_markdown
 from ray_jobs.fit import fit_names
 from ray_jobs.layout import Layout
+from storage.cityscapes_outputs import write_panoptic_json
 from storage.shards import write_json_atomic, write_text_atomic
 
 
-def sum_scores(scores_dir: Path, names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
-    """Per-shard npz files -> per fit: summed (F, k, C) pixel counts and (k,) cluster wins; image count."""
-    pixel_counts, wins, num_images = {}, {}, 0
+def sum_scores(scores_dir: Path, names: list[str]) -> dict:
+    """Per-shard npz files -> summed per-fit pixel counts (F, k, C) and wins (k,), and per label
+    variant the confusion (C, C+1), panoptic statistics (C, 4) and seconds."""
+    total = {"pixel_counts": {}, "wins": {}, "num_images": 0, "variants": None,
+             "variant_confusion": 0, "variant_pq": 0, "variant_seconds": 0}
     for path in sorted(scores_dir.glob("shard-*.npz")):
         with np.load(path, allow_pickle=False) as data:
-            num_images += len(data["image_ids"])
+            total["num_images"] += len(data["image_ids"])
+            total["variants"] = [str(v) for v in data["variants"]]
+            for key in ("variant_confusion", "variant_pq", "variant_seconds"):
+                total[key] = total[key] + data[key]
             for n in names:
-                pixel_counts[n] = pixel_counts.get(n, 0) + data[f"pixel_counts_{n}"]
-                wins[n] = wins.get(n, 0) + data[f"wins_{n}"]
-    return pixel_counts, wins, num_images
+                total["pixel_counts"][n] = total["pixel_counts"].get(n, 0) + data[f"pixel_counts_{n}"]
+                total["wins"][n] = total["wins"].get(n, 0) + data[f"wins_{n}"]
+    return total
+
+
+def merge_panoptic_annotations(scores_dir: Path, labels_dir: Path, split: str) -> Path | None:
+    """The per-shard COCO annotations -> one panoptic JSON beside the panoptic PNGs."""
+    annotations = []
+    for path in sorted(scores_dir.glob("shard-*.panoptic.json")):
+        annotations += json.loads(path.read_text())
+    return write_panoptic_json(labels_dir, annotations, split=split) if annotations else None
+
+
+def overlay_rows(labels_dir: Path, overlay_ids: list[str]) -> tuple[list[tuple], list[str]]:
+    rows, titles = [], []
+    for image_id in overlay_ids:
+        files = {kind: sorted(labels_dir.glob(f"overlays/*/{image_id}_{kind}.png"))
+                 for kind in ("image", "gt_color", "baseline_color", "labels_color")}
+        if all(files.values()):
+            rows.append(tuple(np.asarray(Image.open(files[kind][0]).convert("RGB")) for kind in files))
+            titles.append(image_id)
+    return rows, titles
 
 
 def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifacts: dict[str, FitArtifact],
                fit_summary: dict, meta: dict, timing: dict) -> dict:
     layout = Layout(cfg.output_dir)
     names = fit_names(cfg)
-    baseline = names[-1]
-    pixel_counts, wins, num_images = sum_scores(layout.scores, names)
+    main, baseline = names[0], names[-1]
+    scores = sum_scores(layout.scores, names)
     failed = [f for done in (extract_done, label_done) for s in sorted(done) for f in done[s]["failed"]]
     # an image that failed in extract usually fails again in label: count each image once
     failed_ids = sorted({f["image_id"] for f in failed})
@@ -41,30 +75,74 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
     fits = {}
     for name in names:
         art = fit_artifacts[name]
+        counts = scores["pixel_counts"][name]
+        purity = cluster_purity(counts.sum(axis=0))
         fits[name] = {**fit_summary[name],
-                      "pixel_level": protocol_scores(pixel_counts[name], art.extra_arrays["mapping_counts"], art.mapping,
+                      "pixel_level": protocol_scores(counts, art.extra_arrays["mapping_counts"], art.mapping,
                                                      art.extra_arrays.get("label_free_mapping"), CLASS_NAMES),
-                      "dead_centroids": int((wins[name] == 0).sum())}
+                      "dead_centroids": dead_centroid_summary(scores["wins"][name])["dead"],
+                      "weighted_purity": None if np.isnan(purity["weighted_purity"]) else float(purity["weighted_purity"])}
     baseline_missed = missed_classes(fits[baseline]["pixel_level"]["same_set"]["per_class_iou"])
     for name in names:
         per_class = fits[name]["pixel_level"]["same_set"]["per_class_iou"]
-        fits[name]["recovered"] = [c for c in baseline_missed if per_class[c]]
+        fits[name]["recovered"] = [c for c in baseline_missed if c not in missed_classes(per_class)]
 
-    sweep = sorted((n for n in names if n != baseline), key=lambda n: fits[n]["k"])
-    series = {f"pixel, {PROTOCOL_TITLES[p]}": [fits[n]["pixel_level"][p]["miou"] for n in sweep]
-              for p in PROTOCOL_TITLES if p in fits[sweep[0]]["pixel_level"]}
-    plot_miou_vs_k([fits[n]["k"] for n in sweep], series,
-                   {f"baseline k={fits[baseline]['k']}, Hungarian": fits[baseline]["pixel_level"]["same_set"]["miou"]},
-                   layout.figures / "miou_vs_k.png")
-    overlays = sorted(str(p.relative_to(cfg.output_dir)) for p in layout.labels.glob("*/*_pseudo_overlay.png"))
+    variants = {}
+    n_images = max(1, scores["num_images"])
+    for v, name in enumerate(scores["variants"] or []):
+        variants[name] = {"semantic": semantic_scores(scores["variant_confusion"][v], CLASS_NAMES),
+                          "panoptic": pq_scores(scores["variant_pq"][v]),
+                          "seconds_per_image": float(scores["variant_seconds"][v]) / n_images}
+    main_conf = scores["variant_confusion"][0] if variants else None
+    absorption = {main: absorption_table(main_conf, CLASS_NAMES),
+                  baseline: absorption_table(scores["variant_confusion"][-1], CLASS_NAMES)} if variants else {}
 
+    figures = _figures(cfg, layout, fits, names, variants, main_conf)
+    panoptic_json = merge_panoptic_annotations(layout.scores, layout.labels, cfg.dataset.split)
     report = {
         "run_name": cfg.run_name, "model": meta["model"], "feature_kind": cfg.model.feature_kind,
         "dataset": {"kind": cfg.dataset.kind, "root": str(cfg.dataset.root), "split": cfg.dataset.split,
-                    "num_images": num_images, "num_failed": len(failed_ids), "fingerprint": meta["fingerprint"]},
-        "timing": timing, "fits": fits, "baseline_missed": baseline_missed,
-        "overlays": overlays, "failed_items": failed,
+                    "num_images": scores["num_images"], "num_failed": len(failed_ids), "fingerprint": meta["fingerprint"]},
+        "timing": timing, "fits": fits, "baseline_missed": baseline_missed, "variants": variants,
+        "written_variant": cfg.refine.write_variant, "absorption": absorption, "figures": figures,
+        "outputs": {"labels": str(layout.labels.relative_to(cfg.output_dir)),
+                    "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir))},
+        "failed_items": failed,
     }
     write_json_atomic(report, cfg.output_dir / "report.json")
     write_text_atomic(render_markdown(report), cfg.output_dir / "report.md")
     return report
+
+
+def _figures(cfg: RunConfig, layout: Layout, fits: dict, names: list[str], variants: dict, main_conf) -> dict[str, str]:
+    main, baseline = names[0], names[-1]
+    figures = {}
+
+    def rel(path: Path) -> str:
+        return str(path.relative_to(cfg.output_dir))
+
+    sweep = sorted((n for n in names if n != baseline), key=lambda n: fits[n]["k"])
+    series = {f"pixel, {PROTOCOL_TITLES[p]}": [fits[n]["pixel_level"][p]["miou"] for n in sweep]
+              for p in PROTOCOL_TITLES if p in fits[sweep[0]]["pixel_level"]}
+    path = layout.figures / "miou_vs_k.png"
+    plot_miou_vs_k([fits[n]["k"] for n in sweep], series,
+                   {f"baseline k={fits[baseline]['k']}, Hungarian": fits[baseline]["pixel_level"]["same_set"]["miou"]}, path)
+    figures["miou_vs_k"] = rel(path)
+    if main_conf is not None and main_conf.sum() > 0:
+        path = layout.figures / "confusion.png"
+        plot_confusion(main_conf, CLASS_NAMES, path, title=f"{main}: row-normalised confusion (pixels)")
+        figures["confusion"] = rel(path)
+    path = layout.figures / "per_class_iou.png"
+    runs = {baseline: fits[baseline]["pixel_level"]["same_set"]["per_class_iou"],
+            main: fits[main]["pixel_level"]["same_set"]["per_class_iou"]}
+    runs.update({f"{main} + {v}": variants[v]["semantic"]["per_class_iou"] for v in variants if v not in ("seed", baseline)})
+    plot_per_class_iou(runs, path, title="Per-class IoU (pixel level)")
+    figures["per_class_iou"] = rel(path)
+    overlay_ids = sorted({p.name.rsplit("_", 1)[0] for p in layout.labels.glob("overlays/*/*_image.png")})
+    rows, titles = overlay_rows(layout.labels, overlay_ids)
+    if rows:
+        path = layout.figures / "overlays.png"
+        plot_overlay_grid(rows, path, column_titles=("image", "ground truth", baseline, f"{main} ({cfg.refine.write_variant})"),
+                          row_titles=titles)
+        figures["overlays"] = rel(path)
+    return figures

@@ -62,6 +62,23 @@ def read_train_ids(label_ids_path: Path, expected_hw: tuple[int, int]) -> np.nda
     return LABEL_ID_TO_TRAIN_ID[label_ids]
 
 
+def read_instance_ids(instance_ids_path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
+    """Cityscapes `*_gtFine_instanceIds.png` -> (H, W) int32 (labelId * 1000 + n on instances, else labelId)."""
+    try:
+        with Image.open(instance_ids_path) as img:
+            img.load()
+            ids = np.asarray(img).astype(np.int32)
+    except FileNotFoundError:
+        raise InputError(f"{instance_ids_path}: instance ground truth is missing; panoptic scores need the gtFine "
+                         "*_instanceIds.png beside *_labelIds.png") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"{instance_ids_path}: cannot decode instance ground truth ({err}); the file is corrupt or truncated") from None
+    if ids.shape != tuple(expected_hw):
+        raise InputError(f"{instance_ids_path}: instance ground truth is {'x'.join(map(str, ids.shape))} but its image is "
+                         f"{expected_hw[0]}x{expected_hw[1]}; they must be the same size (is it the right file?)")
+    return ids
+
+
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

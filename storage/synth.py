@@ -166,14 +166,14 @@ def _layout(rng: np.random.Generator, height: int, width: int) -> _Canvas:
         c.paint(c.rect(top, base_y, px - 0.5 * cell, px + 0.5 * cell), LABEL_ID["pole"])
         r = rng.random()
         if r < 0.45:
-            c.paint(c.rect(top - 0.2 * cell, top + 2.2 * cell, px - 0.6 * cell, px + 0.9 * cell), LABEL_ID["traffic light"])
+            c.paint(c.rect(top - 0.5 * cell, top + 2.5 * cell, px - 0.8 * cell, px + 1.2 * cell), LABEL_ID["traffic light"])
         elif r < 0.9:
             c.paint(c.rect(top, top + 1.6 * cell, px - 0.8 * cell, px + 0.8 * cell), LABEL_ID["traffic sign"])
 
     # Things, far to near so nearer instances occlude farther ones.
     things = []
     for name, p, n_max in (("car", 0.95, 4), ("person", 0.8, 4), ("truck", 0.2, 1), ("bus", 0.15, 1),
-                           ("train", 0.07, 1), ("rider", 0.3, 1), ("motorcycle", 0.2, 1), ("bicycle", 0.3, 2)):
+                           ("train", 0.07, 1), ("rider", 0.3, 1), ("motorcycle", 0.3, 1), ("bicycle", 0.3, 2)):
         if rng.random() < p:
             things += [(name, horizon + rng.uniform(0.2, 0.95) * (height - horizon)) for _ in range(rng.integers(1, n_max + 1))]
     things.sort(key=lambda t: t[1])
@@ -185,7 +185,7 @@ def _layout(rng: np.random.Generator, height: int, width: int) -> _Canvas:
         spread = d * width * (0.5 if on_walk else 0.3)
         cx = vx + side * rng.uniform(0.6, 1.0) * spread if on_walk else vx + rng.uniform(-1, 1) * spread
         w_cells, h_cells = {"car": (5, 2.5), "person": (1.2, 3.2), "truck": (7, 4.5), "bus": (9, 4.5), "train": (14, 4.5),
-                            "rider": (1.6, 2.8), "motorcycle": (3, 2), "bicycle": (2.5, 1.6)}[name]
+                            "rider": (1.6, 2.8), "motorcycle": (3.5, 2.2), "bicycle": (2.5, 1.6)}[name]
         bw, bh = max(1.0, w_cells * scale) * cell, max(1.0, h_cells * scale) * cell
         box = c.rect(base_y - bh, base_y, cx - bw / 2, cx + bw / 2)
         if name == "rider":  # a rider sits on a bicycle: paint the bicycle below first

@@ -53,12 +53,12 @@ def shards(tmp_path_factory):
 def test_one_pass_equals_the_single_process_partial(ray_cluster, shards):
     files, x = shards
     init = fit_kmeans(x[::10], K, seed=0, n_iter=2)
-    sums, counts, inertia = lloyd_pass([str(f) for f in files], init, batch_rows=4096)
+    sums, counts, inertia = lloyd_pass([str(f) for f in files], init, batch_rows=4096)  # 2-3 batches per shard
     ref_sums, ref_counts, ref_inertia = lloyd_partial(x, init)
     assert counts.sum() == len(x) == 23040
     assert np.array_equal(counts, ref_counts)
     assert np.allclose(sums, ref_sums, rtol=1e-12, atol=1e-9)
-    assert inertia == pytest.approx(ref_inertia, rel=1e-12)
+    assert inertia == pytest.approx(ref_inertia, rel=1e-7)  # float32 cosines may round per block shape
 
 
 def test_distributed_lloyd_equals_single_process_lloyd(ray_cluster, shards):
@@ -67,19 +67,20 @@ def test_distributed_lloyd_equals_single_process_lloyd(ray_cluster, shards):
     centroids, history = distributed_lloyd(files, init, max_iter=8, tol=1e-7, batch_rows=5000)
     ref_centroids, ref_history = lloyd(x, init, max_iter=8, tol=1e-7)
     assert centroids.shape == (K, DIM) and centroids.dtype == np.float32
+    assert np.abs(ref_centroids - init).max() > 0.05  # the passes did move the centroids
     assert np.allclose(centroids, ref_centroids, atol=1e-5)
     assert len(history) == len(ref_history) >= 2
     assert [h["rows"] for h in history] == [len(x)] * len(history)
-    assert np.allclose([h["inertia"] for h in history], [h["inertia"] for h in ref_history], rtol=1e-10)
+    assert np.allclose([h["inertia"] for h in history], [h["inertia"] for h in ref_history], rtol=1e-7)
     inertias = [h["inertia"] for h in history]
     assert all(b <= a + 1e-6 for a, b in zip(inertias, inertias[1:]))  # Lloyd never increases the objective
 
 
 def test_stops_on_relative_inertia_change(ray_cluster, shards):
     files, x = shards
-    init = fit_kmeans(x, K, seed=0)  # already converged: the second pass changes almost nothing
-    _, history = distributed_lloyd(files, init, max_iter=10, tol=1e-3)
-    assert len(history) == 2 and history[1]["relative_change"] < 1e-3
+    init, _ = lloyd(x, fit_kmeans(x, K, seed=0), max_iter=50, tol=0)  # converged: the second pass changes ~nothing
+    _, history = distributed_lloyd(files, init, max_iter=10, tol=1e-6)
+    assert len(history) == 2 and history[0]["relative_change"] is None and history[1]["relative_change"] < 1e-6
 
 
 def test_no_shards_is_an_error(ray_cluster):

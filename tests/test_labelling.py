@@ -17,9 +17,13 @@ def test_nearest_centroid_per_pixel_for_two_fits():
     features = np.array([[[1.0, 0.0]], [[0.0, 1.0]]])  # (D=2, 1, 2)
     fit_a = np.array([[1.0, 0.0], [0.0, 1.0]])
     fit_b = np.array([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
-    maps = PixelAssigner([fit_a, fit_b]).assign([(features, (2, 4))], patch_size=2, image_hw=(2, 4))
+    maps, logits = PixelAssigner([fit_a, fit_b]).assign([(features, (2, 4))], patch_size=2, image_hw=(2, 4),
+                                                       first_fit_mapping=np.array([1, 1]), num_classes=2)
     assert maps[0].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
     assert maps[1].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
+    # Both clusters of fit a map to class 1: its logit is the better cosine, class 0 has none (-1).
+    assert logits.shape == (3, 2, 4) and (logits[1] > 0.9).all() and np.allclose(logits[1][:, [0, 3]], 1.0) and np.allclose(logits[0], -1.0)
+    assert np.allclose(logits[2], -1.0)
 
 
 def test_scales_average_scores():
@@ -27,7 +31,7 @@ def test_scales_average_scores():
     centroids = np.array([[1.0, 0.0], [0.0, 1.0]])
     weak = np.array([[[0.6]], [[0.5]]])  # cosine 0.77 / 0.64
     strong = np.array([[[0.0]], [[1.0]]])  # cosine 0 / 1
-    maps = PixelAssigner([centroids]).assign([(weak, (2, 2)), (strong, (2, 2))], patch_size=2, image_hw=(2, 2))
+    maps, _ = PixelAssigner([centroids]).assign([(weak, (2, 2)), (strong, (2, 2))], patch_size=2, image_hw=(2, 2))
     assert (maps[0] == 1).all()
 
 
@@ -40,3 +44,16 @@ def test_cluster_class_counts_and_train_ids():
     assert np.array_equal(counts, expected)
     mapping = np.array([3, 255, 0])
     assert clusters_to_train_ids(cluster_map, mapping).tolist() == [[3, 255], [255, 0]]
+
+
+def test_equals_upsample_normalise_cosine_done_naively():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(6, 3, 5))  # (D, gh, gw), grid overhangs a 40x66 resized image
+    centroids = rng.normal(size=(7, 6))
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    (ours,), _ = PixelAssigner([centroids]).assign([(features, (40, 66))], patch_size=14, image_hw=(30, 50))
+    up = (bilinear_weights(30, 3, 40 / 30 / 14).double() @ torch.from_numpy(features)
+          @ bilinear_weights(50, 5, 66 / 50 / 14).double().T).numpy()  # (D, 30, 50)
+    pixels = up.reshape(6, -1).T
+    naive = (pixels / np.linalg.norm(pixels, axis=1, keepdims=True)) @ centroids.T
+    assert np.array_equal(ours.ravel(), naive.argmax(axis=1))

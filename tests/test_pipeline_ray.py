@@ -25,6 +25,7 @@ def tiny_config(data_root, output_dir, **fit):
         "extract": {"num_actors": 2, "cpus_per_actor": 0.5},
         "label_workers": {"num_actors": 2, "cpus_per_actor": 0.5},
         "label": {"num_overlays": 2},
+        "refine": {"em_semantic": True, "em_things": True, "superpixels": True, "superpixel_step": 8},
         "fit": {"k": 24, "k_sweep": [8, 24], "n_iter": 10, "max_patches_per_image": 64, **fit},
         "ray": {"local_num_cpus": 2},
     })
@@ -68,7 +69,13 @@ def test_report_has_every_fit_with_sane_metrics(first_run):
     assert report["fits"]["baseline_k19"]["mapping_kind"] == "hungarian"
     assert "RANDOMLY INITIALISED" in report["model"]
     assert (first_run.output_dir / "report.md").read_text().startswith("# Overclustering report")
-    assert (first_run.output_dir / "figures" / "miou_vs_k.png").stat().st_size > 0
+    for figure in ("miou_vs_k", "confusion", "per_class_iou", "overlays"):
+        assert (first_run.output_dir / report["figures"][figure]).stat().st_size > 0
+    assert list(report["variants"]) == ["seed", "em_semantic", "em_things", "superpixels", "baseline_k19"]
+    for variant in report["variants"].values():
+        assert 0.0 < variant["panoptic"]["all"]["pq"] < 1.0 and variant["seconds_per_image"] > 0
+    # the seed variant is the main fit's labels: same pixels, same confusion as its same-set protocol
+    assert report["variants"]["seed"]["semantic"] == report["fits"]["k24"]["pixel_level"]["same_set"]
 
 
 def test_every_image_extracted_and_labelled_exactly_once(first_run):
@@ -76,9 +83,12 @@ def test_every_image_extracted_and_labelled_exactly_once(first_run):
     ids = table.column("image_id").to_numpy(zero_copy_only=False)
     uniq, counts = np.unique(ids, return_counts=True)
     assert len(uniq) == NUM_IMAGES and set(counts) == {8 * 16}  # 112x224 -> 8x16 patches each
-    labels = sorted(first_run.output_dir.glob("labels/*/*_pseudo_trainIds.png"))
-    assert len(labels) == NUM_IMAGES
-    assert len(list(first_run.output_dir.glob("labels/*/*_pseudo_overlay.png"))) == 2
+    for kind in ("trainIds", "labelIds", "instanceIds"):
+        assert len(list(first_run.output_dir.glob(f"labels/{kind}/*/*_{kind}.png"))) == NUM_IMAGES
+    assert len(list(first_run.output_dir.glob("labels/panoptic/cityscapes_panoptic_val/*_panoptic.png"))) == NUM_IMAGES
+    panoptic = json.loads((first_run.output_dir / "labels/panoptic/cityscapes_panoptic_val.json").read_text())
+    assert len(panoptic["annotations"]) == NUM_IMAGES
+    assert len(list(first_run.output_dir.glob("labels/overlays/*/*_overlay.png"))) == 2
 
 
 def test_rerun_skips_done_shards_and_gives_identical_results(first_run):

@@ -1,0 +1,161 @@
+"""Benchmark: distributed Lloyd (ray_jobs.distributed_lloyd) time per iteration and driver peak RSS vs rows.
+
+For each --rows: write Parquet shards in the extract stage's schema (float16 features, 23 x 46
+patches per image, --images-per-shard images per shard; bench/synthetic.py's mixture, k = 300
+components, 90-d) under --workdir (kept and reused by later runs), then start a *fresh driver
+process* that starts a local Ray (num_cpus=--num-cpus), seeds k = 300 centroids by k-means++ on
+a sample of the first shard and runs --iters Lloyd iterations (tol = 0). The child reports
+seconds per iteration and its peak RSS (`resource.getrusage(...).ru_maxrss`, the whole child
+life: imports, Ray start, every pass), so the RSS of different sizes compare like for like.
+The smallest size also runs the same pass sequentially in one process (`lloyd_partial` over the
+row groups, no Ray) as the reference for Ray's overhead. Prints the ratios of this one run and
+writes bench/results/bench_lloyd.json.
+
+    nice -n 10 .venv/bin/python bench/bench_lloyd.py --rows 1000000 10000000
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.synthetic import Mixture  # noqa: E402
+from storage.shards import patch_schema, patch_table, write_json_atomic, write_parquet_atomic  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GRID = (23, 46)  # patches per Cityscapes image at 322 x 644, patch 14
+
+
+def write_shards(directory: Path, rows: int, images_per_shard: int, k: int, dim: int, seed: int) -> list[Path]:
+    """Parquet shards of ceil(rows / patches per image) images; reused when already written with these settings."""
+    per_image = GRID[0] * GRID[1]
+    num_images = -(-rows // per_image)
+    settings = {"rows": rows, "images": num_images, "images_per_shard": images_per_shard, "k": k, "dim": dim, "seed": seed}
+    manifest = directory / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()) == settings:
+        return sorted(directory.glob("shard-*.parquet"))
+    for old in directory.glob("shard-*.parquet"):
+        old.unlink()
+    mixture, schema = Mixture(k, dim, seed=seed), patch_schema(dim, "float16")
+    for shard, first in enumerate(range(0, num_images, images_per_shard)):
+        count = min(images_per_shard, num_images - first)
+        x, comp = mixture.sample(count * per_image, seed=seed * 100003 + shard)
+        feats = [x[i * per_image:(i + 1) * per_image].reshape(*GRID, dim).transpose(2, 0, 1) for i in range(count)]
+        labels = [(comp[i * per_image:(i + 1) * per_image] % 19).reshape(GRID) for i in range(count)]
+        ids = [f"img{first + i:07d}" for i in range(count)]
+        write_parquet_atomic(patch_table(ids, feats, labels, schema), directory / f"shard-{shard:05d}.parquet")
+    write_json_atomic(settings, manifest)
+    return sorted(directory.glob("shard-*.parquet"))
+
+
+def child(args) -> None:
+    """One fresh driver: Ray + distributed Lloyd over the shards in args.child; prints a JSON line."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from core.clustering import kmeans_plusplus, l2_normalize, lloyd_partial, lloyd_update
+    from ray_jobs.distributed_lloyd import distributed_lloyd, row_groups
+    from storage.shards import features_from_table
+
+    files = sorted(Path(args.child).glob("shard-*.parquet"))
+    sample = l2_normalize(features_from_table(pq.read_table(files[0], columns=["feature"]))[:args.k * 64])
+    init = sample[kmeans_plusplus(sample, args.k, args.seed)]
+    del sample
+    out = {"files": len(files), "rows": sum(pq.ParquetFile(f).metadata.num_rows for f in files)}
+    if args.sequential:
+        start = time.perf_counter()
+        k, d = init.shape
+        sums, counts, total = np.zeros((k, d)), np.zeros(k, np.int64), 0.0
+        for item in row_groups([str(f) for f in files]):
+            for batch in pq.ParquetFile(item["path"]).iter_batches(batch_size=args.batch_rows, row_groups=[item["row_group"]],
+                                                                   columns=["feature"]):
+                import pyarrow as pa
+                part = lloyd_partial(features_from_table(pa.Table.from_batches([batch])), init)
+                sums, counts, total = sums + part[0], counts + part[1], total + part[2]
+        lloyd_update(init, sums, counts)
+        out["sequential_pass_s"] = time.perf_counter() - start
+        out["sequential_inertia"] = total
+    start = time.perf_counter()
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    out["ray_start_s"] = time.perf_counter() - start
+    out["rss_before_lloyd_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    _, history = distributed_lloyd(files, init, max_iter=args.iters, tol=0.0, batch_rows=args.batch_rows)
+    out["iteration_s"] = [h["seconds"] for h in history]
+    out["inertia"] = [h["inertia"] for h in history]
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ray.shutdown()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--k", type=int, default=300)
+    parser.add_argument("--dim", type=int, default=90)
+    parser.add_argument("--images-per-shard", type=int, default=500)
+    parser.add_argument("--batch-rows", type=int, default=65536)
+    parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/overclust_bench_lloyd"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_lloyd.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--sequential", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    results = []
+    for i, rows in enumerate(args.rows):
+        directory = args.workdir / f"rows{rows}"
+        start = time.perf_counter()
+        files = write_shards(directory, rows, args.images_per_shard, args.k, args.dim, args.seed)
+        write_s = time.perf_counter() - start
+        cmd = [sys.executable, __file__, "--child", str(directory), "--iters", str(args.iters), "--k", str(args.k),
+               "--batch-rows", str(args.batch_rows), "--num-cpus", str(args.num_cpus), "--seed", str(args.seed)]
+        if i == 0:
+            cmd.append("--sequential")
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.exit(f"child for {rows} rows failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        r = json.loads(lines[-1][len("RESULT "):])
+        r["write_s"] = round(write_s, 1)
+        r["parquet_mib"] = round(sum(f.stat().st_size for f in files) / 2 ** 20, 1)
+        r["mean_iteration_s"] = float(np.mean(r["iteration_s"]))
+        r["rows_per_s"] = r["rows"] / r["mean_iteration_s"]
+        results.append(r)
+        seq = f", sequential in-process pass {r['sequential_pass_s']:.1f} s" if "sequential_pass_s" in r else ""
+        print(f"rows={r['rows']:>10,} in {r['files']} shards ({r['parquet_mib']:.0f} MiB): "
+              f"{r['mean_iteration_s']:.1f} s/iteration ({r['rows_per_s'] / 1e6:.2f} M rows/s){seq}; "
+              f"driver peak RSS {r['peak_rss_mib']:.0f} MiB (before Lloyd {r['rss_before_lloyd_mib']:.0f} MiB)", flush=True)
+    report = {"benchmark": "bench_lloyd", "k": args.k, "dim": args.dim, "iters": args.iters, "num_cpus": args.num_cpus,
+              "batch_rows": args.batch_rows, "results": results}
+    if len(results) > 1:
+        first, last = results[0], results[-1]
+        report["rows_ratio"] = last["rows"] / first["rows"]
+        report["time_per_iteration_ratio"] = last["mean_iteration_s"] / first["mean_iteration_s"]
+        report["driver_peak_rss_ratio"] = last["peak_rss_mib"] / first["peak_rss_mib"]
+        print(f"rows x{report['rows_ratio']:.1f}: time/iteration x{report['time_per_iteration_ratio']:.2f}, "
+              f"driver peak RSS x{report['driver_peak_rss_ratio']:.2f}")
+    if "sequential_pass_s" in results[0]:
+        report["ray_over_sequential_time_ratio"] = results[0]["mean_iteration_s"] / results[0]["sequential_pass_s"]
+        print(f"{results[0]['rows']:,} rows: Ray pass / sequential in-process pass = {report['ray_over_sequential_time_ratio']:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

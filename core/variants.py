@@ -1,0 +1,61 @@
+"""The main fit's label variants: the seed's labels and each optional refinement of them.
+
+Every variant turns one image's evidence into (trainIds, thing instances or None); None means
+instances come from connected components, as the seed pipeline does. The label actor scores
+each variant against the same ground truth, so the report compares them on equal terms.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.crf import dense_crf
+from core.labelling import PixelAssigner, clusters_to_train_ids
+from core.labels import IGNORE, NUM_CLASSES
+from core.refine import refine_labels_by_superpixels, refine_semantic, split_things, superpixels
+
+REFINEMENTS = ("crf", "em_semantic", "em_things", "superpixels")
+
+
+@dataclass
+class ImageEvidence:
+    image: np.ndarray  # (H, W, 3) uint8
+    grids: list[tuple[np.ndarray, tuple[int, int]]]  # per scale: features (D, gh, gw), resized (h, w); base scale first
+    patch_size: int
+    seed_labels: np.ndarray  # (H, W) uint8 trainIds of the main fit
+    class_logits: np.ndarray | None  # (C+1, H, W) float32 mean cosine logits of the main fit (for the CRF)
+
+
+def enabled_variants(refine) -> list[str]:
+    """'seed' first, then the refinements switched on in the config section `refine`."""
+    return ["seed", *(name for name in REFINEMENTS if getattr(refine, name))]
+
+
+def run_variant(name: str, ev: ImageEvidence, centroids: np.ndarray, mapping: np.ndarray, refine) -> tuple[np.ndarray, np.ndarray | None]:
+    h, w = ev.seed_labels.shape
+    if name == "seed":
+        return ev.seed_labels, None
+    if name == "crf":
+        scores = np.nan_to_num(ev.class_logits, neginf=-1.0)
+        probs = dense_crf(ev.image, scores)  # (C+1, H, W)
+        labels = probs.argmax(axis=0).astype(np.uint8)
+        labels[labels == NUM_CLASSES] = IGNORE
+        return labels, None
+    features, resized = ev.grids[0]
+    if name == "em_semantic":
+        refined = refine_semantic(features, centroids, mapping, tau=refine.tau, T=refine.iterations)
+        (cluster_map,), _ = PixelAssigner([refined]).assign(ev.grids, ev.patch_size, (h, w))
+        return clusters_to_train_ids(cluster_map, mapping), None
+    if name == "em_things":
+        instances = split_things(features, ev.seed_labels, tau=refine.tau, T=refine.iterations,
+                                 resized_hw=resized, patch_size=ev.patch_size)
+        return ev.seed_labels, instances
+    if name == "superpixels":
+        small = F.interpolate(torch.from_numpy(ev.image).permute(2, 0, 1)[None].float(), size=resized,
+                              mode="bilinear", antialias=True, align_corners=False)[0].permute(1, 2, 0)
+        sp = superpixels(features, small.round().clamp(0, 255).byte().numpy(), step=refine.superpixel_step,
+                         tau=refine.tau, T=refine.iterations, resized_hw=resized, patch_size=ev.patch_size)
+        return refine_labels_by_superpixels(ev.seed_labels, sp), None
+    raise ValueError(f"unknown label variant {name!r}")
