@@ -3,6 +3,9 @@
     python submit.py run --config configs/demo.yaml          # every stage
     python submit.py extract|fit|label|report --config ...   # one stage, resuming from output_dir
     python submit.py synth --root data/demo_cityscapes       # only write the demo set
+    python submit.py apply --config ... --fit outputs/demo/fits/k200 \
+        --set dataset.kind=folder --set dataset.root=s3://bucket/frames --set output_dir=outputs/frames
+                                                             # label unlabelled images with a saved fit
     python submit.py run --config ... --set fit.k=200        # override any config key
 """
 
@@ -24,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set fit.k=200 (repeatable)")
+    apply = sub.add_parser("apply", help="label a folder or object-store URI of unlabelled images with a saved fit")
+    apply.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    apply.add_argument("--fit", type=Path, required=True, help="a fit folder, e.g. outputs/demo/fits/k200")
+    apply.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     synth = sub.add_parser("synth", help="write the generated Cityscapes-format demo set")
     synth.add_argument("--root", type=Path, default=Path("data/demo_cityscapes"))
     synth.add_argument("--split", default="val")
@@ -50,12 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     from core.models import CheckpointError
     from ray_jobs.actor_stage import StageIncomplete
     from ray_jobs.fit import FitError
+    from ray_jobs.apply import ApplyError, run_apply
     from ray_jobs.pipeline import STAGES, Pipeline
+    from ray_jobs.session import init_ray
     from storage.datasets import DatasetError
 
     try:
-        Pipeline(cfg).run(STAGES if args.command == "run" else (args.command,))
-    except (CheckpointError, DatasetError, FitError, StageIncomplete) as err:
+        if args.command == "apply":
+            init_ray(cfg)
+            run_apply(cfg, args.fit)
+        else:
+            Pipeline(cfg).run(STAGES if args.command == "run" else (args.command,))
+    except (ApplyError, CheckpointError, DatasetError, FitError, StageIncomplete, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

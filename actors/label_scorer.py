@@ -8,6 +8,7 @@ confusion matrix, panoptic match statistics and seconds per image. The written v
 main fit goes out in the Cityscapes formats (labelIds, trainIds, instanceIds, panoptic).
 """
 
+import logging
 import time
 from pathlib import Path
 
@@ -16,7 +17,6 @@ import ray
 
 from actors.model_setup import build_dense_extractor
 from configs.schema import parse_config
-from core.dense import resized_size
 from core.labelling import PixelAssigner, cluster_class_pixel_counts, clusters_to_train_ids
 from core.labels import NUM_CLASSES, colorize_train_ids
 from core.metrics import confusion_matrix
@@ -26,6 +26,8 @@ from core.variants import ImageEvidence, enabled_variants, run_variant
 from storage.cityscapes_outputs import write_image_predictions
 from storage.images import InputError, read_instance_ids, read_rgb, read_train_ids, safe_path, write_png_atomic
 from storage.shards import mark_done, marker_path, shard_records, write_json_atomic, write_npz_atomic
+
+log = logging.getLogger(__name__)
 
 
 class LabelScorer:
@@ -38,8 +40,8 @@ class LabelScorer:
         self.stage_dir, self.labels_dir = Path(stage_dir), Path(labels_dir)
         self.overlay_ids = set(overlay_ids)
         self.dense = build_dense_extractor(self.cfg, self.cfg.label_workers)
-        self.assigner = PixelAssigner([f["centroids"] for f in self.fits])
-        self.variants = [*enabled_variants(self.cfg.refine), self.fits[-1]["name"]]
+        self.assigner = PixelAssigner([f["centroids"] for f in self.fits], device=self.dense.device)
+        self.variants = [*enabled_variants(self.cfg.refine, len(self.cfg.inference.scales) > 1), self.fits[-1]["name"]]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         shards = list(batch["shard"])
@@ -70,6 +72,11 @@ class LabelScorer:
             except InputError as err:
                 failed.append({"image_id": record.image_id, "path": record.image_path, "stage": "label", "error": str(err)})
                 continue
+            except Exception as err:  # noqa: BLE001 - one image's failure must not end a run of thousands
+                log.exception("label: %s failed", record.image_id)
+                failed.append({"image_id": record.image_id, "path": record.image_path, "stage": "label",
+                               "error": f"internal error {type(err).__name__}: {err} (see the worker log; please report it)"})
+                continue
             image_ids.append(record.image_id)
             fold = image_fold(record.image_id, folds, self.cfg.seed)
             for i, cluster_map in enumerate(cluster_maps):
@@ -93,26 +100,19 @@ class LabelScorer:
             arrays[f"wins_{f['name']}"] = w
             arrays[f"pixel_counts_{f['name']}"] = c
         write_npz_atomic(arrays, self.stage_dir / f"{shard}.npz")
-        write_json_atomic(annotations, self.stage_dir / f"{shard}.panoptic.json")
+        write_json_atomic(annotations, self.stage_dir / "_panoptic" / f"{shard}.json")
         mark_done(self.stage_dir, shard, {"num_images": len(image_ids), "failed": failed})
 
     def _assign(self, image: np.ndarray) -> tuple[list[np.ndarray], ImageEvidence]:
         """Nearest centroid of every pixel, one (H, W) map per fit (scores averaged over scales),
         and what the main fit's variants need."""
-        h, w = image.shape[:2]
-        grids = []
-        for scale in self.cfg.inference.scales:
-            short = max(self.dense.patch, round(self.cfg.inference.short_side * scale))
-            (features,) = self.dense([image], short_side=short)
-            grids.append((features, resized_size(h, w, short)))
+        grids = self.dense.at_scales(image, self.cfg.inference.scales)
         main = self.fits[0]
-        want_logits = self.cfg.refine.crf
-        maps, logits = self.assigner.assign(grids, self.dense.patch, (h, w),
-                                            first_fit_mapping=main["mapping"] if want_logits else None, num_classes=NUM_CLASSES)
-        base = min(range(len(grids)), key=lambda i: abs(self.cfg.inference.scales[i] - 1.0))
-        evidence = ImageEvidence(image=image, grids=[grids[base], *grids[:base], *grids[base + 1:]],
-                                 patch_size=self.dense.patch, seed_labels=clusters_to_train_ids(maps[0], main["mapping"]),
-                                 class_logits=logits)
+        maps, logits = self.assigner.assign(grids, self.dense.patch, image.shape[:2],
+                                            first_fit_mapping=main["mapping"] if self.cfg.refine.crf else None,
+                                            num_classes=NUM_CLASSES)
+        evidence = ImageEvidence(image=image, grids=grids, patch_size=self.dense.patch,
+                                 seed_labels=clusters_to_train_ids(maps[0], main["mapping"]), class_logits=logits)
         return maps, evidence
 
     def _variants(self, ev: ImageEvidence, baseline_map: np.ndarray, seed_seconds: float) -> list[tuple]:

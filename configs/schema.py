@@ -17,7 +17,7 @@ class Strict(BaseModel):
 
 class DatasetConfig(Strict):
     kind: Literal["cityscapes", "folder"] = "cityscapes"
-    root: Path = Path("data/demo_cityscapes")
+    root: str = "data/demo_cityscapes"  # a local folder, or for kind=folder also an object-store URI (s3://...)
     split: str = "val"
     max_images: int | None = Field(default=None, ge=1)
     images_per_shard: int = Field(default=16, ge=1)

@@ -12,10 +12,8 @@ import math
 import time
 from typing import Callable
 
-import faiss
 import numpy as np
 import scipy.sparse
-from sklearn.cluster import MiniBatchKMeans
 
 ENGINES = ("faiss", "sklearn")
 # faiss's distance products round differently for different OpenMP thread counts; a near-tie that
@@ -109,6 +107,8 @@ def fit_kmeans(x: np.ndarray, k: int, seed: int, engine: str = "faiss", n_iter: 
         raise ValueError(f"k={k} is larger than the number of sampled patch features (n={n}); "
                          "lower fit.k / fit.k_sweep or raise fit.max_patches_per_image")
     if engine == "faiss":
+        import faiss  # here, not at module level: Ray workers that only assign or run Lloyd steps skip the import
+
         rng = np.random.default_rng(seed)
         sample_rows = min(n, k * max_points_per_centroid)
         chosen = rng.permutation(n) if sample_rows == n else rng.choice(n, sample_rows, replace=False)
@@ -128,6 +128,8 @@ def fit_kmeans(x: np.ndarray, k: int, seed: int, engine: str = "faiss", n_iter: 
             faiss.omp_set_num_threads(outer_threads)
         centroids = kmeans.centroids
     else:
+        from sklearn.cluster import MiniBatchKMeans
+
         xn = np.ascontiguousarray(l2_normalize(x))
         kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096, max_iter=n_iter)
         centroids = kmeans.fit(xn).cluster_centers_

@@ -51,6 +51,6 @@ def dense_crf(
     crf = dcrf.DenseCRF2D(w, h, c)
     crf.setUnaryEnergy(unary)
     crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
-    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(image), compat=bilateral_compat)
+    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.array(image, order="C"), compat=bilateral_compat)
     q = np.asarray(crf.inference(iterations), dtype=np.float32)
     return q.reshape(c, h, w)

@@ -49,7 +49,7 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
 
 def to_normalized_tensor(image: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, h, w) float ImageNet-normalised, resized with antialiasing (as PIL's bilinear)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.tensor(np.ascontiguousarray(image), device=device).permute(2, 0, 1)[None].float() / 255.0
     if x.shape[-2:] != size:
         x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
@@ -112,6 +112,17 @@ class DenseFeatureExtractor:
             gh, gw = canvas["grid"]
             results.append(pooled[:, :gh, :gw].float().cpu().numpy())
         return results
+
+    def at_scales(self, image: np.ndarray, scales: list[float]) -> list[tuple[np.ndarray, tuple[int, int]]]:
+        """One image at several scales of the short side: [(features (D, gh, gw), resized (h, w))],
+        the scale closest to 1 first (the base grid that single-scale steps use)."""
+        order = sorted(range(len(scales)), key=lambda i: abs(scales[i] - 1.0))
+        grids = []
+        for i in order:
+            short = max(self.patch, round(self.spec.short_side * scales[i]))
+            (features,) = self([image], short_side=short)
+            grids.append((features, resized_size(image.shape[0], image.shape[1], short)))
+        return grids
 
     def _run_windows(self, windows: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, D, S/p, S/p) float32, averaged with the horizontally flipped pass."""

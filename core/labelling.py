@@ -52,10 +52,11 @@ class PixelAssigner:
     product per pixel).
     """
 
-    def __init__(self, centroids: list[np.ndarray]):
+    def __init__(self, centroids: list[np.ndarray], device: torch.device | str = "cpu"):
         self.sizes = [len(c) for c in centroids]
         self.offsets = np.cumsum([0, *self.sizes])
-        self.all_centroids = torch.from_numpy(np.concatenate(centroids).astype(np.float32))  # (K, D)
+        self.device = torch.device(device)
+        self.all_centroids = torch.from_numpy(np.concatenate(centroids).astype(np.float32)).to(self.device)  # (K, D)
 
     def assign(self, feature_grids: list[tuple[np.ndarray, tuple[int, int]]], patch_size: int,
                image_hw: tuple[int, int], first_fit_mapping: np.ndarray | None = None,
@@ -70,17 +71,18 @@ class PixelAssigner:
         scales = []
         for features, (rh, rw) in feature_grids:
             _, gh, gw = features.shape
-            f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))  # (D, gh, gw)
-            wx = bilinear_weights(width, gw, rw / width / patch_size)  # (W, gw)
+            f = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).to(self.device)  # (D, gh, gw)
+            wx = bilinear_weights(width, gw, rw / width / patch_size).to(self.device)  # (W, gw)
             # Columns once per scale, laid out (gh, W, K) so a row block is a gather of whole rows.
             dot_cols = torch.einsum("dhw,kd,xw->hxk", f, self.all_centroids, wx).contiguous()
             feat_cols = None if single else torch.einsum("dhw,xw->hxd", f, wx).contiguous()
-            scales.append((dot_cols, feat_cols, bilinear_taps(height, gh, rh / height / patch_size)))
+            taps = tuple(t.to(self.device) for t in bilinear_taps(height, gh, rh / height / patch_size))
+            scales.append((dot_cols, feat_cols, taps))
         maps = [np.empty((height, width), np.int32) for _ in self.sizes]
         logits = None
         if first_fit_mapping is not None:
-            logits = torch.full((height, width, num_classes + 1), -float(len(feature_grids)))
-            channel = torch.from_numpy(np.where(first_fit_mapping == IGNORE, num_classes, first_fit_mapping))
+            logits = torch.full((height, width, num_classes + 1), -float(len(feature_grids)), device=self.device)
+            channel = torch.from_numpy(np.where(first_fit_mapping == IGNORE, num_classes, first_fit_mapping)).to(self.device)
         rows_per_block = max(1, BLOCK_ELEMENTS // (len(self.all_centroids) * width))
         for r0 in range(0, height, rows_per_block):
             r1 = min(height, r0 + rows_per_block)
@@ -92,11 +94,11 @@ class PixelAssigner:
                     rows /= torch.lerp(feat_cols[lo[r0:r1]], feat_cols[hi[r0:r1]], w).norm(dim=2, keepdim=True).clamp_min(1e-12)
                 scores = rows if scores is None else scores.add_(rows)
             for i, (a, b) in enumerate(zip(self.offsets[:-1], self.offsets[1:])):
-                maps[i][r0:r1] = scores[:, :, a:b].argmax(dim=2).numpy()
+                maps[i][r0:r1] = scores[:, :, a:b].argmax(dim=2).cpu().numpy()
             if logits is not None:
                 first = scores[:, :, : self.sizes[0]]
                 logits[r0:r1].scatter_reduce_(2, channel.expand_as(first), first, reduce="amax")
-        mean_logits = None if logits is None else (logits / len(feature_grids)).permute(2, 0, 1).contiguous().numpy()
+        mean_logits = None if logits is None else (logits / len(feature_grids)).permute(2, 0, 1).contiguous().cpu().numpy()
         return maps, mean_logits
 
 

@@ -17,6 +17,7 @@ from core.labels import IGNORE, NUM_CLASSES
 from core.refine import refine_labels_by_superpixels, refine_semantic, split_things, superpixels
 
 REFINEMENTS = ("crf", "em_semantic", "em_things", "superpixels")
+SINGLE_SCALE = "single_scale"  # scored beside a multi-scale seed, to measure what the scales add
 
 
 @dataclass
@@ -28,9 +29,10 @@ class ImageEvidence:
     class_logits: np.ndarray | None  # (C+1, H, W) float32 mean cosine logits of the main fit (for the CRF)
 
 
-def enabled_variants(refine) -> list[str]:
-    """'seed' first, then the refinements switched on in the config section `refine`."""
-    return ["seed", *(name for name in REFINEMENTS if getattr(refine, name))]
+def enabled_variants(refine, multi_scale: bool) -> list[str]:
+    """'seed' first, the base scale alone when the seed averages scales, then the refinements
+    switched on in the config section `refine`."""
+    return ["seed", *([SINGLE_SCALE] if multi_scale else []), *(name for name in REFINEMENTS if getattr(refine, name))]
 
 
 def run_variant(name: str, ev: ImageEvidence, centroids: np.ndarray, mapping: np.ndarray, refine) -> tuple[np.ndarray, np.ndarray | None]:
@@ -44,6 +46,9 @@ def run_variant(name: str, ev: ImageEvidence, centroids: np.ndarray, mapping: np
         labels[labels == NUM_CLASSES] = IGNORE
         return labels, None
     features, resized = ev.grids[0]
+    if name == SINGLE_SCALE:
+        (cluster_map,), _ = PixelAssigner([centroids]).assign(ev.grids[:1], ev.patch_size, (h, w))
+        return clusters_to_train_ids(cluster_map, mapping), None
     if name == "em_semantic":
         refined = refine_semantic(features, centroids, mapping, tau=refine.tau, T=refine.iterations)
         (cluster_map,), _ = PixelAssigner([refined]).assign(ev.grids, ev.patch_size, (h, w))

@@ -29,6 +29,10 @@ class Layout:
         return self.root / "labels"
 
     @property
+    def histograms(self) -> Path:  # apply stage: shard-*.parquet per-image cluster histograms
+        return self.root / "histograms"
+
+    @property
     def figures(self) -> Path:
         return self.root / "figures"
 

@@ -5,6 +5,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import yaml
 
@@ -29,7 +30,7 @@ def ensure_demo_set(cfg: RunConfig) -> None:
     demo = cfg.demo_set
     if demo is None or not demo.generate_if_missing or cfg.dataset.kind != "cityscapes":
         return
-    if (cfg.dataset.root / "leftImg8bit" / cfg.dataset.split).is_dir():
+    if (Path(cfg.dataset.root) / "leftImg8bit" / cfg.dataset.split).is_dir():
         return
     log.info("generating the demo set (%d synthetic images) at %s", demo.num_images, cfg.dataset.root)
     generate_demo_dataset(cfg.dataset.root, split=cfg.dataset.split, num_images=demo.num_images,

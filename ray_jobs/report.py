@@ -45,7 +45,7 @@ def sum_scores(scores_dir: Path, names: list[str]) -> dict:
 def merge_panoptic_annotations(scores_dir: Path, labels_dir: Path, split: str) -> Path | None:
     """The per-shard COCO annotations -> one panoptic JSON beside the panoptic PNGs."""
     annotations = []
-    for path in sorted(scores_dir.glob("shard-*.panoptic.json")):
+    for path in sorted(scores_dir.glob("_panoptic/shard-*.json")):
         annotations += json.loads(path.read_text())
     return write_panoptic_json(labels_dir, annotations, split=split) if annotations else None
 

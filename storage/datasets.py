@@ -7,6 +7,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from storage import uris
+
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_IDS_SUFFIX = "_gtFine_labelIds.png"
 INSTANCE_IDS_SUFFIX = "_gtFine_instanceIds.png"
@@ -55,22 +57,29 @@ def list_cityscapes(root: Path, split: str, max_images: int | None = None) -> li
     return records[:max_images]
 
 
-def list_image_folder(root: Path, max_images: int | None = None) -> list[ImageRecord]:
-    """Every png/jpg below `root`; the id is the relative path with separators replaced, so it stays unique."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"image folder {root} does not exist: set dataset.root")
+def list_image_folder(root: Path | str, max_images: int | None = None) -> list[ImageRecord]:
+    """Every png/jpg below `root`, a local folder or an object-store URI (see storage/uris.py);
+    the id is the relative path with separators replaced, so it stays unique and safe as a file name."""
+    if uris.is_uri(root):
+        if not uris.exists(str(root)):
+            raise DatasetError(f"{root} does not exist (or is not reachable): check the URI, its options and credentials")
+        files = uris.list_files(str(root), FOLDER_IMAGE_EXTENSIONS)
+    else:
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetError(f"image folder {root} does not exist: set dataset.root")
+        files = [(str(p.relative_to(root)), str(p)) for p in sorted(root.rglob("*")) if p.suffix.lower() in FOLDER_IMAGE_EXTENSIONS]
     records = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in FOLDER_IMAGE_EXTENSIONS):
-        rel = path.relative_to(root).with_suffix("")
-        image_id = re.sub(r"[^A-Za-z0-9._-]", "_", "__".join(rel.parts))
-        records.append(ImageRecord(image_id=image_id, group="images", image_path=str(path)))
+    for rel, location in files:
+        stem = rel.rsplit(".", 1)[0]
+        image_id = re.sub(r"[^A-Za-z0-9._-]", "_", "__".join(stem.split("/"))).lstrip(".")
+        records.append(ImageRecord(image_id=image_id, group="images", image_path=location))
     if not records:
         raise DatasetError(f"{root} holds no images ({', '.join(FOLDER_IMAGE_EXTENSIONS)})")
     return records[:max_images]
 
 
-def list_dataset(kind: str, root: Path, split: str, max_images: int | None) -> list[ImageRecord]:
+def list_dataset(kind: str, root: Path | str, split: str, max_images: int | None) -> list[ImageRecord]:
     if kind == "cityscapes":
         return list_cityscapes(root, split, max_images)
     return list_image_folder(root, max_images)

@@ -1,5 +1,6 @@
 """Reading and writing images and label maps, with errors that name the file and the fix."""
 
+import io
 import os
 import re
 from pathlib import Path
@@ -8,16 +9,18 @@ import numpy as np
 from PIL import Image
 
 from core.labels import LABEL_ID_TO_TRAIN_ID, MAX_LABEL_ID
+from storage import uris
 
 
 class InputError(Exception):
     """One input item cannot be used. The message names the file and what to do about it."""
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8. Opaque RGBA is accepted (alpha dropped); grayscale, translucent and corrupt images are not."""
+def read_rgb(path: Path | str) -> np.ndarray:
+    """(H, W, 3) uint8 from a local path or an object-store URI. Opaque RGBA is accepted (alpha
+    dropped); grayscale, translucent and corrupt images are not."""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(uris.read_bytes(str(path))) if uris.is_uri(path) else path) as img:
             img.load()  # decodes now, so a truncated file fails here and not later
             mode = img.mode
             if mode == "RGBA":

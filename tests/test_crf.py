@@ -41,3 +41,12 @@ def test_crf_checks_shapes():
         dense_crf(image, scores[:, :-1])
     with pytest.raises(ValueError, match="uint8"):
         dense_crf(image.astype(np.float32), scores)
+
+
+def test_read_only_image_is_accepted():
+    image = np.zeros((8, 8, 3), np.uint8)
+    image.flags.writeable = False  # as numpy views of PIL images are
+    scores = np.zeros((2, 8, 8), np.float32)
+    scores[0, :, :4] = 1.0
+    probs = dense_crf(image, scores, iterations=1)
+    assert probs.shape == (2, 8, 8)

@@ -50,6 +50,6 @@ def test_all_classes_present_with_cityscapes_like_imbalance():
     assert (share > 0).all(), "every one of the 19 classes appears"
     big = [0, 2, 8, 10]  # road, building, vegetation, sky
     rare = [6, 7, 12, 17]  # traffic light, traffic sign, rider, motorcycle
-    assert share[big].sum() > 0.5 and share[rare].max() < 0.01
+    assert share[big].sum() > 0.5 and share[rare].max() < 0.015
     assert counts[255] > 0, "void regions exist"
     assert TRAIN_ID_TO_LABEL_ID[0] == 7

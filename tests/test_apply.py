@@ -1,0 +1,97 @@
+"""Applying a saved fit to unlabelled images in an object store (a moto S3 server on loopback)."""
+
+import os
+import socket
+
+import boto3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+from moto.server import ThreadedMotoServer
+
+from configs.schema import parse_config
+from core.fit_artifact import FitArtifact
+from ray_jobs.apply import ApplyError, run_apply
+from ray_jobs.session import init_ray
+from storage.synth import generate_demo_dataset
+
+NUM_GOOD = 5
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def apply_config(root: str, output_dir, embed_dim: int = 32):
+    return parse_config({
+        "run_name": "apply", "output_dir": str(output_dir),
+        "dataset": {"kind": "folder", "root": root, "images_per_shard": 2},
+        "model": {"vit": {"patch_size": 14, "embed_dim": embed_dim, "depth": 1, "num_heads": 2}, "feature_kind": "backbone"},
+        "inference": {"short_side": 112, "crop": 112, "stride": 56},
+        "label_workers": {"num_actors": 2, "cpus_per_actor": 0.5},
+        "ray": {"local_num_cpus": 2},
+    })
+
+
+@pytest.fixture(scope="module")
+def s3_frames(tmp_path_factory):
+    """A bucket with NUM_GOOD demo images and one truncated PNG; credentials set for the Ray workers too."""
+    saved = {k: os.environ.get(k) for k in AWS_ENV}
+    os.environ.update(AWS_ENV)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    local = tmp_path_factory.mktemp("frames")
+    generate_demo_dataset(local, num_images=NUM_GOOD, height=128, width=256, seed=1)
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+    s3.create_bucket(Bucket="frames")
+    images = sorted(local.glob("leftImg8bit/val/*/*.png"))
+    for path in images:
+        s3.upload_file(str(path), "frames", f"drive1/{path.name}")
+    s3.put_object(Bucket="frames", Key="drive1/zz_truncated.png", Body=images[0].read_bytes()[:200])
+    s3.put_object(Bucket="frames", Key="drive1/notes.txt", Body=b"not an image")
+    init_ray(apply_config("unused", tmp_path_factory.mktemp("unused")))
+    yield f"s3://frames/drive1?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    ray.shutdown()
+    server.stop()
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture()
+def fit_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    centroids = rng.normal(size=(12, 32)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    FitArtifact(centroids=centroids, mapping=np.arange(12) % 19, mapping_kind="majority",
+                meta={"name": "k12", "feature_kind": "backbone", "settings_key": "test"}).save(tmp_path / "fits" / "k12")
+    return tmp_path / "fits" / "k12"
+
+
+def test_apply_labels_every_object_store_image_and_records_the_bad_one(s3_frames, fit_dir, tmp_path):
+    cfg = apply_config(s3_frames, tmp_path / "out")
+    summary = run_apply(cfg, fit_dir)
+    assert summary["num_images"] == NUM_GOOD and summary["num_failed"] == 1
+    hist = pq.read_table(cfg.output_dir / "histograms").to_pydict()
+    assert len(hist["image_id"]) == NUM_GOOD and len(set(hist["image_id"])) == NUM_GOOD
+    for pixels, h, w in zip(hist["cluster_pixels"], hist["height"], hist["width"]):
+        assert len(pixels) == 12 and sum(pixels) == h * w == 128 * 256
+    assert all(src.startswith("s3://frames/drive1/") for src in hist["source"])
+    assert len(list(cfg.output_dir.glob("labels/labelIds/images/*_labelIds.png"))) == NUM_GOOD
+    assert len(list(cfg.output_dir.glob("labels/panoptic/*/*_panoptic.png"))) == NUM_GOOD
+    failed = (cfg.output_dir / "failed_items.json").read_text()
+    assert "zz_truncated.png" in failed and "corrupt or truncated" in failed
+
+    markers = {p: p.stat().st_mtime_ns for p in cfg.output_dir.glob("histograms/_done/*.json")}
+    assert run_apply(cfg, fit_dir)["num_images"] == NUM_GOOD  # a re-run skips every done shard
+    assert {p: p.stat().st_mtime_ns for p in markers} == markers
+
+
+def test_a_fit_of_other_features_is_refused_with_the_fix(s3_frames, fit_dir, tmp_path):
+    with pytest.raises(ApplyError, match="dimension 32.*dimension 64.*config the fit was made with"):
+        run_apply(apply_config(s3_frames, tmp_path / "out", embed_dim=64), fit_dir)
