@@ -7,6 +7,7 @@
         --set dataset.kind=folder --set dataset.root=s3://bucket/frames --set output_dir=outputs/frames
                                                              # label unlabelled images with a saved fit
     python submit.py run --config ... --set fit.k=200        # override any config key
+    python submit.py compare outputs/head outputs/backbone --out compare.md   # k sweeps side by side
 """
 
 import argparse
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set fit.k=200 (repeatable)")
+    compare = sub.add_parser("compare", help="put the k sweeps of finished runs side by side (e.g. head vs backbone features)")
+    compare.add_argument("runs", type=Path, nargs="+", help="output_dir of each run (holding report.json)")
+    compare.add_argument("--out", type=Path, required=True, help="Markdown file to write")
     apply = sub.add_parser("apply", help="label a folder or object-store URI of unlabelled images with a saved fit")
     apply.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     apply.add_argument("--fit", type=Path, required=True, help="a fit folder, e.g. outputs/demo/fits/k200")
@@ -40,6 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     synth.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.command == "compare":
+        import json
+
+        from core.report import render_comparison
+        from storage.shards import write_text_atomic
+        missing = [str(r / "report.json") for r in args.runs if not (r / "report.json").is_file()]
+        if missing:
+            print(f"error: no report at {', '.join(missing)}: run the job (or its report stage) first", file=sys.stderr)
+            return 2
+        write_text_atomic(render_comparison({str(r): json.loads((r / "report.json").read_text()) for r in args.runs}), args.out)
+        print(f"wrote {args.out}")
+        return 0
 
     if args.command == "synth":
         from storage.synth import generate_demo_dataset

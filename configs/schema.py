@@ -180,6 +180,9 @@ class RunConfig(Strict):
                 f"inference.crop={self.inference.crop} must be a multiple of model.vit.patch_size={self.model.vit.patch_size}")
         if self.fit.baseline == "cluster_probe" and self.model.cluster_probe_checkpoint is None and self.model.cause_root is None:
             raise ValueError("fit.baseline='cluster_probe' needs model.cluster_probe_checkpoint or model.cause_root")
+        if self.fit.baseline == "cluster_probe" and self.model.feature_kind != "head":
+            raise ValueError("fit.baseline='cluster_probe' compares with CAUSE's 27 probe centroids of 90-d head features: "
+                             "set model.feature_kind=head, or fit.baseline=kmeans_hungarian for backbone features")
         return self
 
     @property

@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -23,6 +24,7 @@ def plot_miou_vs_k(ks: list[int], series: dict[str, list[float]], baselines: dic
     ax.set_xscale("log")
     ax.set_xticks(ks)
     ax.set_xticklabels([str(k) for k in ks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -105,9 +107,10 @@ def plot_per_class_iou(runs: dict[str, dict[str, float | None]], path: Path, cla
     ax.set_ylim(0, 100)
     ax.set_xlim(-0.6, n_cls - 0.4)
     ax.grid(axis="y", alpha=0.3)
+    rows = -(-n_runs // 3)  # legend rows above the axes; the title goes above them
     ax.legend(fontsize=8, ncol=min(n_runs, 3), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     if title:
-        ax.set_title(title, pad=22)
+        ax.set_title(title, pad=8 + 14 * rows)
     fig.tight_layout()
     _save_atomic(fig, path)
 

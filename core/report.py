@@ -125,3 +125,20 @@ def _absorption_section(report: dict) -> list[str]:
             cells += [_pct(row["correct"]), absorbed]
         lines.append(f"| {per_fit[0]['class']} | " + " | ".join(cells) + " |")
     return lines
+
+
+def render_comparison(reports: dict[str, dict]) -> str:
+    """Runs side by side in the seed's k-sweep form: pixel mIoU and per-class IoU for every fit of
+    every run (e.g. feature kind `head` against `backbone`), same-set mapping."""
+    first = next(iter(reports.values()))
+    class_names = list(next(iter(first["fits"].values()))["pixel_level"]["same_set"]["per_class_iou"])
+    lines = ["# k sweep across runs (pixel level, same-set majority mapping; IoU %)", "",
+             "| run | features | fit | k | mIoU | " + " | ".join(class_names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(class_names)]
+    for run, report in reports.items():
+        for name, fit in report["fits"].items():
+            level = fit["pixel_level"]["same_set"]
+            lines.append(f"| {run} | {report['feature_kind']} | {name} | {fit['k']} | {_pct(level['miou'])} | "
+                         + " | ".join(_pct(level["per_class_iou"][c]) for c in class_names) + " |")
+    lines += ["", "Models: " + "; ".join(f"{run}: {report['model']}" for run, report in reports.items())]
+    return "\n".join(lines) + "\n"

@@ -59,8 +59,8 @@ LOOKS = {
     "truck": ClassLook((70, 78, 60), "stripes_v", period=9, contrast=30),
     "bus": ClassLook((28, 112, 120), "stripes_h", period=14, contrast=35),
     "train": ClassLook((150, 40, 150), "stripes_d", period=10, contrast=30),
-    "motorcycle": ClassLook((20, 20, 230), "checker", period=5, contrast=50),
-    "bicycle": ClassLook((110, 20, 50), "stripes_d", period=4, contrast=45),
+    "motorcycle": ClassLook((250, 110, 230), "checker", period=5, contrast=50),
+    "bicycle": ClassLook((140, 250, 40), "stripes_d", period=4, contrast=45),
 }
 VOID_LOOK = ClassLook((60, 60, 60), "noise", contrast=15)
 

@@ -52,3 +52,8 @@ def test_yaml_is_loaded_safely(tmp_path):
 def test_missing_config_file_says_where_examples_are(tmp_path):
     with pytest.raises(ConfigError, match="configs/demo.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_cluster_probe_baseline_needs_head_features(tmp_path):
+    with pytest.raises(ConfigError, match="feature_kind=head"):
+        parse_config({"fit": {"baseline": "cluster_probe"}, "model": {"cluster_probe_checkpoint": str(tmp_path / "c.pth")}}, "test")
