@@ -1,6 +1,7 @@
 """Connecting to Ray: a cluster when an address is given (ray job submit sets RAY_ADDRESS),
-otherwise a local one with the dashboard bound to loopback."""
+otherwise a new local one with the dashboard bound to loopback."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,17 +10,32 @@ from ray.data import DataContext
 
 from configs.schema import RunConfig
 
+log = logging.getLogger(__name__)
+
+
+def ray_init_kwargs(cfg: RunConfig) -> dict:
+    """The arguments `init_ray` passes to `ray.init`.
+
+    With `ray.address` or RAY_ADDRESS (set by `ray job submit` for the job's driver) it joins that
+    cluster and starts nothing; the cluster's runtime_env (working_dir) reaches the workers.
+    Otherwise it starts a new local cluster: address="local" so that a cluster some other
+    `ray start` left recorded on this machine is never joined by accident, the dashboard (if one
+    is ever enabled) bound to 127.0.0.1 only, and the checkout on the workers' PYTHONPATH.
+    """
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return {"address": address, "log_to_driver": True}
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    return {"address": "local", "num_cpus": cfg.ray.local_num_cpus, "dashboard_host": "127.0.0.1",
+            "include_dashboard": False, "runtime_env": {"env_vars": {"PYTHONPATH": repo_root}}}
+
 
 def init_ray(cfg: RunConfig) -> None:
     if not ray.is_initialized():
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            # Local workers import this project's packages from the checkout, wherever the driver was started.
-            repo_root = str(Path(__file__).resolve().parent.parent)
-            ray.init(num_cpus=cfg.ray.local_num_cpus, dashboard_host="127.0.0.1", include_dashboard=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": repo_root}})
+        kwargs = ray_init_kwargs(cfg)
+        log.info("ray.init: %s", "joining the cluster at " + kwargs["address"] if kwargs["address"] != "local"
+                 else "starting a local cluster")
+        ray.init(**kwargs)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = True
     # Our actors catch per-image errors themselves; any block error left is a bug and must stop the job.

@@ -14,7 +14,6 @@ official "predicted a non-evaluated id"), so the two agree exactly; a class pred
 pixels but absent from the ground truth (truck, below) scores 0 and counts in both means.
 """
 
-import glob
 import json
 
 import numpy as np
@@ -27,9 +26,7 @@ from core.panoptic import gt_panoptic, panoptic_from_train_ids, pq_scores, pq_st
 from storage.cityscapes_outputs import (convert_gt_panoptic, panoptic_json_path, rgb_to_panoptic, write_image_predictions,
                                         write_panoptic_json)
 
-pix_eval = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
-pan_eval = pytest.importorskip("cityscapesscripts.evaluation.evalPanopticSemanticLabeling")
-create_panoptic = pytest.importorskip("cityscapesscripts.preparation.createPanopticImgs")
+from tests.official import official_panoptic, official_pixel_level
 
 H, W = 64, 128
 IMAGES = [("aachen", "aachen_000000_000019"), ("aachen", "aachen_000001_000019"), ("bochum", "bochum_000000_000313")]
@@ -120,39 +117,11 @@ def evaluation(tmp_path_factory):
         stats += pq_stats(gt_panoptic(instance_ids, label_ids), pred)
     write_panoptic_json(pred_root, annotations)
 
-    # Official pixel-level evaluation (configured through its module-level `args`).
-    args = pix_eval.args
-    args.groundTruthSearch = str(gt_fine / "val" / "*" / "*_gtFine_labelIds.png")
-    args.predictionPath, args.predictionWalk = str(pred_root / "labelIds"), None
-    args.evalInstLevelScore, args.evalPixelAccuracy, args.JSONOutput, args.quiet = False, False, False, True
-    gts = sorted(glob.glob(args.groundTruthSearch))
-    preds = [pix_eval.getPrediction(args, gt) for gt in gts]
-    pixel = pix_eval.evaluateImgLists(preds, gts, args)
-
-    # Official panoptic ground truth and evaluation; the per-image cores run in this process.
-    gt_json_official = create_panoptic_gt(gt_fine, root / "gt_official")
-    captured = {}
-
-    def single_process(matched, gt_folder, pred_folder, categories):
-        captured["stat"] = pan_eval.pq_compute_single_core(0, matched, gt_folder, pred_folder, categories)
-        return captured["stat"]
-
-    original = pan_eval.pq_compute_multi_core
-    pan_eval.pq_compute_multi_core = single_process
-    try:
-        pred_json = panoptic_json_path(pred_root)
-        panoptic = pan_eval.evaluatePanoptic(str(gt_json_official), str(gt_json_official.with_suffix("")), str(pred_json),
-                                             str(pred_json.with_suffix("")), str(root / "pq.json"))
-    finally:
-        pan_eval.pq_compute_multi_core = original
+    pixel = official_pixel_level(gt_fine, "val", pred_root / "labelIds")
+    panoptic, stat = official_panoptic(gt_fine, "val", panoptic_json_path(pred_root), root)
+    gt_json_official = root / "gt_official" / "cityscapes_panoptic_val.json"
     return {"root": root, "gt_fine": gt_fine, "conf": conf, "stats": stats, "pixel": pixel, "panoptic": panoptic,
-            "pq_stat": captured["stat"], "gt_json_official": gt_json_official}
-
-
-def create_panoptic_gt(gt_fine, out_dir):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    create_panoptic.convert2panoptic(str(gt_fine), str(out_dir), useTrainId=False, setNames=["val"])
-    return out_dir / "cityscapes_panoptic_val.json"
+            "pq_stat": stat, "gt_json_official": gt_json_official}
 
 
 def test_miou_agrees_with_official_pixel_level(evaluation):

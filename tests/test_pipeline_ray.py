@@ -12,6 +12,7 @@ from configs.schema import parse_config
 from ray_jobs.pipeline import Pipeline
 from ray_jobs.session import init_ray
 from storage.synth import generate_demo_dataset
+from tests.official import official_panoptic, official_pixel_level
 
 NUM_IMAGES = 12
 
@@ -89,6 +90,18 @@ def test_every_image_extracted_and_labelled_exactly_once(first_run):
     panoptic = json.loads((first_run.output_dir / "labels/panoptic/cityscapes_panoptic_val.json").read_text())
     assert len(panoptic["annotations"]) == NUM_IMAGES
     assert len(list(first_run.output_dir.glob("labels/overlays/*/*_overlay.png"))) == 2
+
+
+def test_official_evaluators_agree_with_the_report(first_run, demo_root, tmp_path):
+    report = json.loads((first_run.output_dir / "report.json").read_text())
+    seed = report["variants"]["seed"]
+    pixel = official_pixel_level(demo_root / "gtFine", "val", first_run.output_dir / "labels" / "labelIds")
+    assert abs(100 * seed["semantic"]["miou"] - 100 * pixel["averageScoreClasses"]) < 0.1
+    panoptic, _ = official_panoptic(demo_root / "gtFine", "val",
+                                    first_run.output_dir / "labels" / "panoptic" / "cityscapes_panoptic_val.json", tmp_path)
+    for ours, theirs in (("all", "All"), ("stuff", "Stuff"), ("things", "Things")):
+        for metric in ("pq", "sq", "rq"):
+            assert abs(100 * seed["panoptic"][ours][metric] - 100 * panoptic[theirs][metric]) < 0.1, (ours, metric)
 
 
 def test_rerun_skips_done_shards_and_gives_identical_results(first_run):

@@ -1,0 +1,70 @@
+"""Resume: a run interrupted after extract, with a shard lost mid-extract and shards lost mid-label,
+finishes with the same centroids (bytes) and report metrics as an uninterrupted run."""
+
+import pytest
+import ray
+
+from ray_jobs.pipeline import Pipeline
+from ray_jobs.session import init_ray
+from storage.shards import marker_path
+from storage.synth import generate_demo_dataset
+from tests.tiny_runs import NUM_IMAGES, centroid_bytes, feature_ids, report_metrics, scored_ids, tiny_config
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    init_ray(tiny_config("unused", tmp_path_factory.mktemp("unused")))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo_dataset(root, split="val", num_images=NUM_IMAGES, height=128, width=256, seed=0)
+    return root
+
+
+def _mtimes(stage_dir):
+    return {p.name: p.stat().st_mtime_ns for p in (stage_dir / "_done").glob("shard-*.json")}
+
+
+def _lose_shard(stage_dir, shard, outputs):
+    """What a crash before the shard's marker leaves: no marker, no output, maybe a partial temp file."""
+    marker_path(stage_dir, shard).unlink()
+    for path in outputs:
+        path.unlink()
+    (stage_dir / f".{shard}.parquet.tmp-99999").write_bytes(b"PAR1 partial write")
+
+
+def test_interrupted_run_resumes_to_the_same_result(ray_cluster, demo_root, tmp_path):
+    reference = tiny_config(demo_root, tmp_path / "uninterrupted")
+    Pipeline(reference).run()
+
+    cfg = tiny_config(demo_root, tmp_path / "interrupted")
+    features, scores = cfg.output_dir / "features", cfg.output_dir / "scores"
+    Pipeline(cfg).run(("extract",))  # the job stops after extract
+    assert not (cfg.output_dir / "fits").exists()
+    _lose_shard(features, "shard-00001", [features / "shard-00001.parquet"])
+    kept = _mtimes(features)
+
+    Pipeline(cfg).run(("extract", "fit", "label"))  # a new driver: redoes only the lost shard, then goes on
+    redone = _mtimes(features)
+    assert {k: v for k, v in redone.items() if k in kept} == kept and set(redone) - set(kept) == {"shard-00001.json"}
+    assert len(feature_ids(cfg.output_dir)) == NUM_IMAGES
+
+    # crash in the middle of label: shard 2's scores and marker lost, shard 0's marker lost after its outputs
+    lost = ("shard-00000", "shard-00002")
+    _lose_shard(scores, "shard-00002", [scores / "shard-00002.npz", scores / "shard-00002.panoptic.json"])
+    marker_path(scores, "shard-00000").unlink()
+    kept = _mtimes(scores)
+    Pipeline(cfg).run()  # every stage again: extract and fit reuse what is there, label redoes two shards
+    redone = _mtimes(scores)
+    assert {k: v for k, v in redone.items() if k in kept} == kept
+    assert set(redone) - set(kept) == {f"{s}.json" for s in lost}
+
+    assert sorted(scored_ids(cfg.output_dir)) == sorted(feature_ids(cfg.output_dir))  # each image scored once
+    assert centroid_bytes(cfg.output_dir) == centroid_bytes(reference.output_dir)
+    assert len(centroid_bytes(cfg.output_dir)) == 3
+    assert report_metrics(cfg.output_dir) == report_metrics(reference.output_dir)
+    assert report_metrics(cfg.output_dir)["dataset"]["num_images"] == NUM_IMAGES

@@ -1,0 +1,71 @@
+"""Shared by the cluster-operation tests: a tiny config, one local Ray cluster per module, and the
+parts of a run that must not depend on how it was scheduled."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from configs.schema import parse_config
+
+NUM_IMAGES = 12
+PATCHES_PER_IMAGE = 8 * 16  # 128x256 -> short side 112 -> 112x224 -> 8x16 patches of 14 px
+
+
+def tiny_config(data_root, output_dir, images_per_shard=4, num_actors=1, **sections):
+    """12 images of 128x256, a random ViT of dim 32 / depth 1, 112 px crops, no refinements."""
+    data = {
+        "run_name": "tiny", "output_dir": str(output_dir), "seed": 0,
+        "dataset": {"kind": "cityscapes", "root": str(data_root), "split": "val", "images_per_shard": images_per_shard},
+        "model": {"vit": {"patch_size": 14, "embed_dim": 32, "depth": 1, "num_heads": 2}, "feature_kind": "backbone"},
+        "inference": {"short_side": 112, "crop": 112, "stride": 56, "batch_size": 8},
+        "extract": {"num_actors": num_actors, "cpus_per_actor": 0.5},
+        "label_workers": {"num_actors": num_actors, "cpus_per_actor": 0.5},
+        "label": {"num_overlays": 0},
+        "fit": {"k": 16, "k_sweep": [8], "n_iter": 10, "max_patches_per_image": 64},
+        "ray": {"local_num_cpus": 2},
+    }
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
+    return parse_config(data)
+
+
+def centroid_bytes(output_dir: Path) -> dict[str, str]:
+    """fit name -> sha256 of its centroids.npy."""
+    return {p.parent.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(output_dir).glob("fits/*/centroids.npy"))}
+
+
+def _without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if "seconds" not in k and k != "timing"}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
+def report_metrics(output_dir: Path) -> dict:
+    """report.json without wall-clock timings and output paths: what two equal runs must share."""
+    report = json.loads((Path(output_dir) / "report.json").read_text())
+    keep = ("dataset", "fits", "variants", "baseline_missed", "absorption", "failed_items")
+    metrics = {k: report[k] for k in keep}
+    metrics["dataset"] = {k: v for k, v in metrics["dataset"].items() if k != "root"}
+    return _without_timings(metrics)
+
+
+def feature_ids(output_dir: Path) -> dict[str, int]:
+    """image id -> number of patch rows in features/."""
+    ids = pq.read_table(Path(output_dir) / "features", columns=["image_id"]).column("image_id").to_numpy(zero_copy_only=False)
+    uniq, counts = np.unique(ids, return_counts=True)
+    return dict(zip(uniq.tolist(), counts.tolist()))
+
+
+def scored_ids(output_dir: Path) -> list[str]:
+    """Every image id in the label stage's per-shard scores, repeats kept."""
+    ids = []
+    for path in sorted((Path(output_dir) / "scores").glob("shard-*.npz")):
+        with np.load(path, allow_pickle=False) as data:
+            ids += [str(i) for i in data["image_ids"]]
+    return ids
