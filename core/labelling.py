@@ -52,7 +52,8 @@ class PixelAssigner:
     product per pixel).
     """
 
-    def __init__(self, centroids: list[np.ndarray], device: torch.device | str = "cpu"):
+    def __init__(self, centroids: list[np.ndarray], device: torch.device | str = "cpu", candidates: int | None = 8):
+        self.candidates = candidates  # None: score every cluster at every pixel (see _assign_pruned)
         self.sizes = [len(c) for c in centroids]
         self.offsets = np.cumsum([0, *self.sizes])
         self.device = torch.device(device)
@@ -78,6 +79,8 @@ class PixelAssigner:
             feat_cols = None if single else torch.einsum("dhw,xw->hxd", f, wx).contiguous()
             taps = tuple(t.to(self.device) for t in bilinear_taps(height, gh, rh / height / patch_size))
             scales.append((dot_cols, feat_cols, taps))
+        if single and self.candidates is not None:
+            return self._assign_pruned(scales[0][0], scales[0][2], height, width), None
         maps = [np.empty((height, width), np.int32) for _ in self.sizes]
         logits = None
         if first_fit_mapping is not None:
@@ -100,6 +103,36 @@ class PixelAssigner:
                 logits[r0:r1].scatter_reduce_(2, channel.expand_as(first), first, reduce="amax")
         mean_logits = None if logits is None else (logits / len(feature_grids)).permute(2, 0, 1).contiguous().cpu().numpy()
         return maps, mean_logits
+
+    def _assign_pruned(self, dot_cols: torch.Tensor, taps, height: int, width: int) -> list[np.ndarray]:
+        """One scale, exact and cheaper: a pixel's scores are a lerp between two rows of the
+        column-interpolated scores, so a cluster outside both rows' top m cannot beat the lerp of
+        the two rows' (m+1)-th best scores. Each pixel scores only those 2m candidates; the few
+        whose best candidate does not clear that bound are scored against all k clusters."""
+        lo, hi, frac = taps
+        # Output rows between the same two patch rows share their candidates: gather once per pair.
+        starts = [0, *(torch.nonzero(lo[1:] != lo[:-1]).flatten() + 1).tolist(), height]
+        maps = []
+        for a, b in zip(self.offsets[:-1], self.offsets[1:]):
+            scores = dot_cols[:, :, a:b].contiguous()  # (gh, W, k)
+            m = min(self.candidates, b - a - 1)
+            top_values, top_ids = scores.topk(m + 1, dim=2)  # (gh, W, m+1)
+            outside_best, candidates = top_values[:, :, m], top_ids[:, :, :m]
+            out = np.empty((height, width), np.int32)
+            for r0, r1 in zip(starts[:-1], starts[1:]):
+                l, h, w = int(lo[r0]), int(hi[r0]), frac[r0:r1, None, None]  # rows r0..r1 lie between patch rows l, h
+                ids = torch.cat([candidates[l], candidates[h]], dim=1)  # (W, 2m)
+                values = torch.lerp(scores[l].gather(1, ids)[None], scores[h].gather(1, ids)[None], w)  # (n, W, 2m)
+                best, position = values.max(dim=2)
+                winner = ids[None].expand_as(values).gather(2, position[..., None])[..., 0]  # (n, W)
+                unsure = best <= torch.lerp(outside_best[l][None], outside_best[h][None], w[:, :, 0])
+                if unsure.any():
+                    yy, xx = unsure.nonzero(as_tuple=True)
+                    full = torch.lerp(scores[l, xx], scores[h, xx], w[yy, 0])  # (n_unsure, k)
+                    winner[yy, xx] = full.argmax(dim=1)
+                out[r0:r1] = winner.cpu().numpy()
+            maps.append(out)
+        return maps
 
 
 def cluster_class_pixel_counts(cluster_map: np.ndarray, gt_train_ids: np.ndarray, k: int, num_classes: int) -> np.ndarray:

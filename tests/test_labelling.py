@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -57,3 +58,16 @@ def test_equals_upsample_normalise_cosine_done_naively():
     pixels = up.reshape(6, -1).T
     naive = (pixels / np.linalg.norm(pixels, axis=1, keepdims=True)) @ centroids.T
     assert np.array_equal(ours.ravel(), naive.argmax(axis=1))
+
+
+@pytest.mark.parametrize("candidates", [1, 3, 8])
+def test_pruned_assignment_equals_scoring_every_cluster(candidates):
+    rng = np.random.default_rng(candidates)
+    features = rng.normal(size=(16, 5, 9)).astype(np.float32)
+    fits = [rng.normal(size=(k, 16)) for k in (40, 7)]
+    fits = [c / np.linalg.norm(c, axis=1, keepdims=True) for c in fits]
+    grids = [(features, (70, 126))]
+    pruned, _ = PixelAssigner(fits, candidates=candidates).assign(grids, 14, (61, 107))
+    full, _ = PixelAssigner(fits, candidates=None).assign(grids, 14, (61, 107))
+    for a, b in zip(pruned, full):
+        assert np.array_equal(a, b)
