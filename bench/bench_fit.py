@@ -17,6 +17,7 @@ project's sklearn engine does.
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -86,20 +87,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_fit.json")
     args = parser.parse_args()
 
-    results, skipped = [], []
+    report = {"benchmark": "bench_fit", "k": args.k, "dim": args.dim, "faiss_n_iter": args.n_iter,
+              "max_points_per_centroid": args.max_points_per_centroid, "faiss_threads": FAISS_THREADS,
+              "sklearn": "MiniBatchKMeans defaults (batch_size=1024, n_init='auto', max_iter=100)",
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "results": [], "skipped": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for rows in args.rows:
         need_gib = rows * args.dim * 4 * 1.25 / 2 ** 30  # the array + sklearn's labels/weights and block buffers
         if need_gib > args.max_gib:
             print(f"rows={rows:>10,}  skipped: needs ~{need_gib:.1f} GiB > --max-gib {args.max_gib}", flush=True)
-            skipped.append({"rows": rows, "reason": f"needs ~{need_gib:.1f} GiB > --max-gib {args.max_gib}"})
-            continue
-        results.append(run_size(rows, args))
-    report = {"benchmark": "bench_fit", "k": args.k, "dim": args.dim, "faiss_n_iter": args.n_iter,
-              "max_points_per_centroid": args.max_points_per_centroid, "faiss_threads": FAISS_THREADS,
-              "sklearn": "MiniBatchKMeans defaults (batch_size=1024, n_init='auto', max_iter=100)",
-              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs", "results": results, "skipped": skipped}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+            report["skipped"].append({"rows": rows, "reason": f"needs ~{need_gib:.1f} GiB > --max-gib {args.max_gib}"})
+        else:
+            report["results"].append(run_size(rows, args))
+        args.out.write_text(json.dumps(report, indent=2))  # after every size: a long run that is stopped keeps its results
     print(f"wrote {args.out}")
 
 

@@ -98,6 +98,11 @@ class FitConfig(Strict):
     n_iter: int = Field(default=50, ge=1)
     max_patches_per_image: int = Field(default=400, ge=1)
     max_samples: int = Field(default=2_000_000, ge=1)
+    max_points_per_centroid: int = Field(default=256, ge=1)  # faiss Lloyd runs on at most k x this many sampled rows
+    # Lloyd iterations over every patch of every shard (Ray Data map + driver reduce), warm-started
+    # from the sampled fit; 0 keeps the sampled fit. Stops early when inertia changes less than lloyd_tol.
+    lloyd_iterations: int = Field(default=0, ge=0)
+    lloyd_tol: float = Field(default=1e-4, ge=0)
     # Held-out mapping protocol: images split into this many folds by a hash of their id; each
     # fold is scored with a mapping made from the other folds only. 1 turns the protocol off.
     heldout_folds: int = Field(default=5, ge=1)

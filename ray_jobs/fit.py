@@ -22,6 +22,7 @@ from core.mapping import hungarian_mapping, majority_mapping
 from core.protocols import label_free_mapping, protocol_scores
 from core.models import load_cluster_probe
 from core.sampling import image_fold, per_image_sample, subsample
+from ray_jobs.distributed_lloyd import distributed_lloyd
 from ray_jobs.layout import Layout, settings_key
 from storage.shards import features_from_table, write_json_atomic
 
@@ -45,7 +46,8 @@ def baseline_centroids(cfg: RunConfig, sample: np.ndarray) -> np.ndarray:
     """CAUSE's 27 cluster-probe centroids, or a k = 19 k-means fit where there is no probe."""
     if cfg.fit.baseline == "cluster_probe":
         return l2_normalize(load_cluster_probe(model_spec(cfg).cluster_probe_checkpoint))
-    return fit_kmeans(sample, NUM_CLASSES, seed=cfg.seed, engine=cfg.fit.engine, n_iter=cfg.fit.n_iter)
+    return fit_kmeans(sample, NUM_CLASSES, seed=cfg.seed, engine=cfg.fit.engine, n_iter=cfg.fit.n_iter,
+                      max_points_per_centroid=cfg.fit.max_points_per_centroid)
 
 
 def gather_sample(shard_files: list[Path], cfg: RunConfig) -> np.ndarray:
@@ -97,7 +99,7 @@ def run_fit(cfg: RunConfig, dataset_fingerprint: str, model_description: str) ->
         return existing
 
     sample = gather_sample(shard_files, cfg)
-    centroids, seconds = {}, {}
+    centroids, seconds, history = {}, {}, {}
     try:
         check_features(sample, f"patch features in {layout.features}")
         log.info("fit: %d sampled patch features of dimension %d", *sample.shape)
@@ -106,7 +108,11 @@ def run_fit(cfg: RunConfig, dataset_fingerprint: str, model_description: str) ->
             if name == names[-1]:
                 centroids[name] = baseline_centroids(cfg, sample)
             else:
-                centroids[name] = fit_kmeans(sample, int(name[1:]), seed=cfg.seed, engine=cfg.fit.engine, n_iter=cfg.fit.n_iter)
+                centroids[name] = fit_kmeans(sample, int(name[1:]), seed=cfg.seed, engine=cfg.fit.engine, n_iter=cfg.fit.n_iter,
+                                             max_points_per_centroid=cfg.fit.max_points_per_centroid)
+                if cfg.fit.lloyd_iterations:  # refine on every patch of every shard, warm-started from the sample
+                    centroids[name], history[name] = distributed_lloyd(shard_files, centroids[name],
+                                                                       cfg.fit.lloyd_iterations, cfg.fit.lloyd_tol)
             seconds[name] = time.perf_counter() - start
             log.info("fit: %s in %.1f s", name, seconds[name])
     except ValueError as err:
@@ -132,7 +138,9 @@ def run_fit(cfg: RunConfig, dataset_fingerprint: str, model_description: str) ->
             meta={"name": name, "k": len(mapping), "settings_key": key, "feature_kind": cfg.model.feature_kind,
                   "feature_dim": int(sample.shape[1]), "model": model_description, "dataset_fingerprint": dataset_fingerprint,
                   "seed": cfg.seed, "engine": cfg.fit.engine, "n_samples": int(sample.shape[0]),
-                  "fit_seconds": round(seconds[name], 3), "mapped_on": "same images (seed protocol)"},
+                  "fit_seconds": round(seconds[name], 3), "lloyd_history": history.get(name, []),
+                  "mapped_on": f"majority over the labelled patches of the fitted images ({cfg.dataset.split}, "
+                               f"dataset fingerprint {dataset_fingerprint})"},
         )
         summary[name] = {"k": len(mapping), "mapping_kind": fits[name].mapping_kind,
                          "patch_level": protocol_scores(fold_counts[name], fold_counts[name], mapping, label_free, CLASS_NAMES),

@@ -27,7 +27,7 @@ def tiny_config(data_root, output_dir, **fit):
         "label_workers": {"num_actors": 2, "cpus_per_actor": 0.5},
         "label": {"num_overlays": 2},
         "refine": {"em_semantic": True, "em_things": True, "superpixels": True, "superpixel_step": 8},
-        "fit": {"k": 24, "k_sweep": [8, 24], "n_iter": 10, "max_patches_per_image": 64, **fit},
+        "fit": {"k": 24, "k_sweep": [8, 24], "n_iter": 10, "max_patches_per_image": 64, "lloyd_iterations": 2, **fit},
         "ray": {"local_num_cpus": 2},
     })
 
@@ -68,6 +68,9 @@ def test_report_has_every_fit_with_sane_metrics(first_run):
         assert protocols["held_out"]["miou"] <= protocols["same_set"]["miou"] + 0.05
         assert 0 <= fit["dead_centroids"] < fit["k"]
     assert report["fits"]["baseline_k19"]["mapping_kind"] == "hungarian"
+    # k-means fits were refined by distributed Lloyd passes over every patch
+    meta = json.loads((first_run.output_dir / "fits" / "k24" / "meta.json").read_text())["meta"]
+    assert 1 <= len(meta["lloyd_history"]) <= 2 and meta["lloyd_history"][0]["rows"] == NUM_IMAGES * 8 * 16
     assert "RANDOMLY INITIALISED" in report["model"]
     assert (first_run.output_dir / "report.md").read_text().startswith("# Overclustering report")
     for figure in ("miou_vs_k", "confusion", "per_class_iou", "overlays"):
