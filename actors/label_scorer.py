@@ -56,10 +56,12 @@ class LabelScorer:
         wins = [np.zeros(len(f["mapping"]), np.int64) for f in self.fits]
         pixel_counts = [np.zeros((folds, len(f["mapping"]), NUM_CLASSES), np.int64) for f in self.fits]
         variant_confusion = np.zeros((n_var, NUM_CLASSES, NUM_CLASSES + 1), np.int64)
-        variant_pq = np.zeros((n_var, NUM_CLASSES, 4), np.float64)
+        image_pq = []  # per image, so the sum does not depend on how images were sharded
         variant_seconds = np.zeros(n_var, np.float64)
         for record in shard_records(shard_row):
             try:
+                # names from data: an unsafe one is this image's failure, before anything is counted
+                safe_path(self.labels_dir, "labelIds", record.group, f"{record.image_id}_labelIds.png")
                 image = read_rgb(Path(record.image_path))
                 gt, gt_pan = None, None
                 if record.label_ids_path:
@@ -84,18 +86,21 @@ class LabelScorer:
                 wins[i] += np.bincount(cluster_map.ravel(), minlength=k)
                 if gt is not None:
                     pixel_counts[i][fold] += cluster_class_pixel_counts(cluster_map, gt, k, NUM_CLASSES)
+            pq = np.zeros((n_var, NUM_CLASSES, 4), np.float64)
             for v, (labels, panoptic, seconds) in enumerate(outcomes):
                 variant_seconds[v] += seconds
                 if gt is not None:
                     variant_confusion[v] += confusion_matrix(gt, labels, NUM_CLASSES)
-                    variant_pq[v] += pq_stats(gt_pan, panoptic)
+                    pq[v] = pq_stats(gt_pan, panoptic)
+            image_pq.append(pq)
             written = outcomes[self.variants.index(self.cfg.refine.write_variant)]
             if self.cfg.label.write_label_pngs:
                 annotations.append(self._write_outputs(record, written[0], written[1]))
             if record.image_id in self.overlay_ids:
                 self._write_overlay_panels(record, image, gt, written[0], outcomes[-1][0])
         arrays = {"image_ids": np.array(image_ids, dtype=np.str_), "variants": np.array(self.variants, dtype=np.str_),
-                  "variant_confusion": variant_confusion, "variant_pq": variant_pq, "variant_seconds": variant_seconds}
+                  "variant_confusion": variant_confusion, "variant_seconds": variant_seconds,
+                  "image_pq": np.array(image_pq, np.float64).reshape(-1, n_var, NUM_CLASSES, 4)}
         for f, w, c in zip(self.fits, wins, pixel_counts):
             arrays[f"wins_{f['name']}"] = w
             arrays[f"pixel_counts_{f['name']}"] = c

@@ -50,6 +50,8 @@ class PseudoLabeler:
         pan = self.cfg.panoptic
         for record in shard_records(shard_row):
             try:
+                # names from data: an unsafe one is this image's failure
+                safe_path(self.labels_dir, "labelIds", record.group, f"{record.image_id}_labelIds.png")
                 image = read_rgb(record.image_path)
             except InputError as err:
                 failed.append({"image_id": record.image_id, "path": record.image_path, "stage": "apply", "error": str(err)})

@@ -205,17 +205,17 @@ def _format_errors(err: ValidationError) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (check its spelling; see configs/schema.py for the allowed keys)")
+            lines.append(f"{key}: unknown key (check its spelling; see configs/schema.py for the allowed keys)")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
 
 
 def parse_config(data: dict, source: str = "<dict>") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(f"invalid config {source}:\n{_format_errors(err)}") from None
+        raise ConfigError(f"invalid config {source}: {_format_errors(err)}") from None
 
 
 def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConfig:
@@ -226,7 +226,9 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConf
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config {path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of keys to values, got {type(data).__name__}")
     for item in overrides or []:

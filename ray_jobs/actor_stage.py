@@ -56,9 +56,10 @@ def guarded(actor_cls):
 
 def raise_setup_error(name: str, actor_cls, encoded: str) -> None:
     error = json.loads(encoded)
-    log.error("%s: a %s actor failed to start:\n%s", name, actor_cls.__name__, error["traceback"])
-    if error["type"] in SETUP_ERRORS:
+    if error["type"] in SETUP_ERRORS:  # its message says what to fix; the traceback would only bury it
+        log.debug("%s: a %s actor failed to start:\n%s", name, actor_cls.__name__, error["traceback"])
         raise SETUP_ERRORS[error["type"]](error["message"])
+    log.error("%s: a %s actor failed to start:\n%s", name, actor_cls.__name__, error["traceback"])
     raise ActorSetupError(f"{name}: the {actor_cls.__name__} actors could not start: {error['type']}: {error['message']} "
                           "(the driver log has the worker's traceback)")
 

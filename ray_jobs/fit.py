@@ -100,6 +100,9 @@ def run_fit(cfg: RunConfig, dataset_fingerprint: str, model_description: str) ->
 
     sample = gather_sample(shard_files, cfg)
     centroids, seconds, history = {}, {}, {}
+    if sample.size == 0:
+        raise FitError(f"no patch features in {layout.features}: every image failed in extract (reasons in "
+                       f"{layout.features / '_done'} and failed_items.json) or the extract stage has not run")
     try:
         check_features(sample, f"patch features in {layout.features}")
         log.info("fit: %d sampled patch features of dimension %d", *sample.shape)

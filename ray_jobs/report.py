@@ -29,16 +29,22 @@ def sum_scores(scores_dir: Path, names: list[str]) -> dict:
     """Per-shard npz files -> summed per-fit pixel counts (F, k, C) and wins (k,), and per label
     variant the confusion (C, C+1), panoptic statistics (C, 4) and seconds."""
     total = {"pixel_counts": {}, "wins": {}, "num_images": 0, "variants": None,
-             "variant_confusion": 0, "variant_pq": 0, "variant_seconds": 0}
+             "variant_confusion": 0, "variant_seconds": 0}
+    pq_ids, pq_parts = [], []
     for path in sorted(scores_dir.glob("shard-*.npz")):
         with np.load(path, allow_pickle=False) as data:
             total["num_images"] += len(data["image_ids"])
             total["variants"] = [str(v) for v in data["variants"]]
-            for key in ("variant_confusion", "variant_pq", "variant_seconds"):
+            for key in ("variant_confusion", "variant_seconds"):
                 total[key] = total[key] + data[key]
+            pq_ids += [str(i) for i in data["image_ids"]]
+            pq_parts.append(data["image_pq"])
             for n in names:
                 total["pixel_counts"][n] = total["pixel_counts"].get(n, 0) + data[f"pixel_counts_{n}"]
                 total["wins"][n] = total["wins"].get(n, 0) + data[f"wins_{n}"]
+    # float sums in image-id order: the same result however the images were sharded
+    order = np.argsort(np.array(pq_ids, dtype=np.str_), kind="stable")
+    total["variant_pq"] = np.concatenate(pq_parts)[order].sum(axis=0) if pq_parts else 0
     return total
 
 

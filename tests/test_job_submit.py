@@ -99,6 +99,28 @@ def _stop_group(proc: subprocess.Popen) -> None:
             time.sleep(0.2)
 
 
+def _listening_hosts(port: int) -> set[str]:
+    """Local addresses of the TCP sockets listening on `port` (from /proc/net/tcp, tcp6)."""
+    hosts = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+                hosts.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]) if len(addr) == 8 else addr)
+    return hosts
+
+
+def test_the_dashboard_listens_on_loopback_only(head):
+    address, _, _ = head
+    port = int(address.rsplit(":", 1)[1])
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("needs Linux /proc/net/tcp")
+    assert _listening_hosts(port) == {"127.0.0.1"}
+
+
 def _tiny_config(tmp_path: Path) -> Path:
     config = {
         "run_name": "job-submit", "output_dir": str(tmp_path / "out"), "seed": 0,

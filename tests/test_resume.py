@@ -29,9 +29,11 @@ def _mtimes(stage_dir):
     return {p.name: p.stat().st_mtime_ns for p in (stage_dir / "_done").glob("shard-*.json")}
 
 
-def _lose_shard(stage_dir, shard, outputs):
-    """What a crash before the shard's marker leaves: no marker, no output, maybe a partial temp file."""
+def _lose_shard(stage_dir, shard):
+    """What a crash before the shard's marker leaves: no marker, no outputs, maybe a partial temp file."""
     marker_path(stage_dir, shard).unlink()
+    outputs = [p for p in stage_dir.rglob(f"{shard}.*") if p.is_file()]
+    assert outputs, f"no outputs of {shard} in {stage_dir}"
     for path in outputs:
         path.unlink()
     (stage_dir / f".{shard}.parquet.tmp-99999").write_bytes(b"PAR1 partial write")
@@ -45,7 +47,7 @@ def test_interrupted_run_resumes_to_the_same_result(ray_cluster, demo_root, tmp_
     features, scores = cfg.output_dir / "features", cfg.output_dir / "scores"
     Pipeline(cfg).run(("extract",))  # the job stops after extract
     assert not (cfg.output_dir / "fits").exists()
-    _lose_shard(features, "shard-00001", [features / "shard-00001.parquet"])
+    _lose_shard(features, "shard-00001")
     kept = _mtimes(features)
 
     Pipeline(cfg).run(("extract", "fit", "label"))  # a new driver: redoes only the lost shard, then goes on
@@ -55,7 +57,7 @@ def test_interrupted_run_resumes_to_the_same_result(ray_cluster, demo_root, tmp_
 
     # crash in the middle of label: shard 2's scores and marker lost, shard 0's marker lost after its outputs
     lost = ("shard-00000", "shard-00002")
-    _lose_shard(scores, "shard-00002", [scores / "shard-00002.npz", scores / "shard-00002.panoptic.json"])
+    _lose_shard(scores, "shard-00002")
     marker_path(scores, "shard-00000").unlink()
     kept = _mtimes(scores)
     Pipeline(cfg).run()  # every stage again: extract and fit reuse what is there, label redoes two shards

@@ -1,0 +1,254 @@
+"""Bad input, end to end: each problem gives a message that names the file and the fix; per-image
+problems go to failed_items.json while the rest of the run completes; problems of the whole run
+stop it with a typed error (submit.py: exit code 2, the message, no traceback).
+
+Unit tests of the readers and the config are in test_storage.py, test_config.py,
+test_checkpoints.py and test_clustering.py; these are the pipeline-level cases.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+from PIL import Image
+
+from actors.feature_extractor import FeatureExtractor
+from core.models import CheckpointError, ModelSpec, ViTSpec, build_feature_model
+from ray_jobs.fit import FitError, run_fit
+from ray_jobs.pipeline import Pipeline
+from ray_jobs.session import init_ray
+from storage.datasets import DatasetError, list_cityscapes, list_image_folder
+from storage.shards import patch_schema, patch_table, plan_shards, read_done, write_parquet_atomic
+from storage.synth import generate_demo_dataset
+from tests.tiny_runs import NUM_IMAGES, feature_ids, tiny_config
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_VIT = ViTSpec(patch_size=14, embed_dim=32, depth=1, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo_dataset(root, split="val", num_images=NUM_IMAGES, height=128, width=256, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    init_ray(tiny_config("unused", tmp_path_factory.mktemp("unused")))
+    yield
+    ray.shutdown()
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    Image.fromarray(array).save(path)
+
+
+def _break(root: Path) -> dict[str, tuple[Path, str]]:
+    """Damage 8 of the 12 images / ground truths in a different way each, and make one image opaque
+    RGBA (accepted). image id -> (the file the message must name, a phrase it must contain)."""
+    records = list_cityscapes(root, "val")
+    r = {i: rec for i, rec in enumerate(records)}
+    rgb = lambda i: np.asarray(Image.open(r[i].image_path).convert("RGB"))  # noqa: E731
+    expect = {}
+
+    Path(r[0].image_path).write_bytes(b"this is not a PNG file")
+    expect[r[0].image_id] = (r[0].image_path, "the file is corrupt or truncated: re-copy it or remove it")
+    data = Path(r[1].image_path).read_bytes()
+    Path(r[1].image_path).write_bytes(data[: len(data) // 3])
+    expect[r[1].image_id] = (r[1].image_path, "the file is corrupt or truncated: re-copy it or remove it")
+    _save_png(Path(r[2].image_path), rgb(2).mean(axis=2).astype(np.uint8))
+    expect[r[2].image_id] = (r[2].image_path, "grayscale image (mode L); the model needs RGB colour images: convert it")
+    alpha = np.full(rgb(3).shape[:2], 255, np.uint8)
+    alpha[:10, :10] = 0
+    _save_png(Path(r[3].image_path), np.dstack([rgb(3), alpha]))
+    expect[r[3].image_id] = (r[3].image_path, "RGBA image with transparent pixels; flatten it onto a background")
+    _save_png(Path(r[4].image_path), np.dstack([rgb(4), np.full(rgb(4).shape[:2], 255, np.uint8)]))  # opaque: fine
+    Path(r[5].label_ids_path).unlink()
+    expect[r[5].image_id] = (r[5].label_ids_path, "ground truth is missing; add it, or run on unlabelled data with dataset.kind=folder")
+    _save_png(Path(r[6].label_ids_path), np.full((64, 128), 7, np.uint8))
+    expect[r[6].image_id] = (r[6].label_ids_path, "ground truth is 64x128 but its image is 128x256; they must be the same size")
+    label_ids = np.asarray(Image.open(r[7].label_ids_path)).copy()
+    label_ids[5, 5] = 40
+    _save_png(Path(r[7].label_ids_path), label_ids)
+    expect[r[7].image_id] = (r[7].label_ids_path, "unknown labelId 40 (Cityscapes labelIds are 0..33)")
+    Path(r[8].instance_ids_path).unlink()  # only the label stage needs it: extracted, then failed
+    expect[r[8].image_id] = (r[8].instance_ids_path, "instance ground truth is missing; panoptic scores need")
+    return expect
+
+
+def test_several_bad_files_in_one_dataset(ray_cluster, demo_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(demo_root, root)
+    expect = _break(root)
+    records = list_cityscapes(root, "val")
+    cfg = tiny_config(root, tmp_path / "out", images_per_shard=6)
+    Pipeline(cfg).run()
+
+    report = json.loads((cfg.output_dir / "report.json").read_text())
+    assert report["dataset"]["num_failed"] == len(expect) == 8
+    assert report["dataset"]["num_images"] == NUM_IMAGES - len(expect) == 4  # scored: 9, 10, 11 and the opaque RGBA
+    failed = json.loads((cfg.output_dir / "failed_items.json").read_text())
+    assert failed == report["failed_items"]
+    assert {f["image_id"] for f in failed} == set(expect)
+    for f in failed:
+        path, phrase = expect[f["image_id"]]
+        assert str(path) in f["error"] and phrase in f["error"], f
+        assert f["path"] == next(r.image_path for r in records if r.image_id == f["image_id"])
+    # extract dropped the 7 it could not read; the one without instance ids failed in label only
+    stages = {i: {f["stage"] for f in failed if f["image_id"] == i} for i in expect}
+    assert stages.pop(records[8].image_id) == {"label"}
+    assert all(s == {"extract", "label"} for s in stages.values())
+    assert set(feature_ids(cfg.output_dir)) == {records[i].image_id for i in (4, 8, 9, 10, 11)}
+    written = {p.name.removesuffix("_gtFine_labelIds.png").removesuffix("_labelIds.png")
+               for p in cfg.output_dir.glob("labels/labelIds/*/*.png")}
+    assert len(written) == 4
+
+
+def _checkpoint_config(demo_root, out, path):
+    return tiny_config(demo_root, out, images_per_shard=12, model={"backbone_checkpoint": str(path)})
+
+
+def test_missing_checkpoint_stops_the_stage_with_its_own_error(ray_cluster, demo_root, tmp_path):
+    absent = tmp_path / "dinov2.pth"
+    with pytest.raises(CheckpointError) as err:
+        Pipeline(_checkpoint_config(demo_root, tmp_path / "out", absent)).run(("extract",))
+    message = str(err.value)
+    assert f"{absent} does not exist" in message and "set model.backbone_checkpoint" in message
+    assert read_done(tmp_path / "out" / "features") == {}
+
+
+def test_mismatched_checkpoint_lists_what_differs(ray_cluster, demo_root, tmp_path):
+    path = tmp_path / "two_blocks.pth"
+    torch.save(build_feature_model(ModelSpec(vit=ViTSpec(patch_size=14, embed_dim=32, depth=2, num_heads=2))).backbone.state_dict(), path)
+    with pytest.raises(CheckpointError) as err:
+        Pipeline(_checkpoint_config(demo_root, tmp_path / "out", path)).run(("extract",))
+    message = str(err.value)
+    assert f"{path} does not match the model" in message and "unexpected keys" in message and "blocks.1." in message
+    assert "fix:" in message
+
+
+def test_nan_features_drop_the_images_and_fit_says_why(demo_root, tmp_path):
+    """A checkpoint full of NaN gives NaN features: every image is dropped with the reason, and the
+    fit then refuses to run on no features (Ray-free: the actor class is called directly)."""
+    state = build_feature_model(ModelSpec(vit=TINY_VIT)).backbone.state_dict()
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+    path = tmp_path / "nan.pth"
+    torch.save(state, path)
+    cfg = _checkpoint_config(demo_root, tmp_path / "out", path)
+    records = list_cityscapes(demo_root, "val")[:3]
+    (shard,) = plan_shards(records, 3)
+    threads = torch.get_num_threads()
+    try:
+        extractor = FeatureExtractor(config=cfg.model_dump(mode="json"), stage_dir=str(cfg.output_dir / "features"))
+        extractor({"shard": np.array([shard["shard"]]), "records": np.array([shard["records"]])})
+    finally:
+        torch.set_num_threads(threads)
+    (done,) = read_done(cfg.output_dir / "features").values()
+    assert done["num_images"] == 0 and len(done["failed"]) == 3
+    for f, record in zip(sorted(done["failed"], key=lambda f: f["image_id"]), records):
+        assert f["image_id"] == record.image_id and f["path"] == record.image_path
+        assert "the model produced NaN/inf features; check the checkpoint" in f["error"]
+    with pytest.raises(FitError, match=r"no patch features"):
+        run_fit(cfg, "fingerprint", "model")
+
+
+def _write_features(output_dir: Path, num_images: int, patches: int, nan_rows: int = 0) -> None:
+    rng = np.random.default_rng(0)
+    features = [rng.normal(size=(32, 1, patches)).astype(np.float32) for _ in range(num_images)]
+    if nan_rows:
+        features[0][:, 0, :nan_rows] = np.inf
+    labels = [np.full((1, patches), 0, np.uint8) for _ in range(num_images)]
+    table = patch_table([f"img{i}" for i in range(num_images)], features, labels, patch_schema(32))
+    write_parquet_atomic(table, output_dir / "features" / "shard-00000.parquet")
+
+
+def test_k_larger_than_the_sample_names_fit_k_and_the_sample_size(demo_root, tmp_path):
+    cfg = tiny_config(demo_root, tmp_path / "out", fit={"k": 16, "k_sweep": [8], "max_patches_per_image": 64})
+    _write_features(cfg.output_dir, num_images=2, patches=5)
+    with pytest.raises(FitError) as err:
+        run_fit(cfg, "fingerprint", "model")
+    assert "k=16 is larger than the number of sampled patch features (n=10)" in str(err.value)
+    assert "lower fit.k / fit.k_sweep or raise fit.max_patches_per_image" in str(err.value)
+
+
+def test_nan_or_inf_rows_in_stored_features_stop_the_fit(demo_root, tmp_path):
+    cfg = tiny_config(demo_root, tmp_path / "out", fit={"k": 2, "k_sweep": [2], "max_patches_per_image": 64})
+    _write_features(cfg.output_dir, num_images=3, patches=40, nan_rows=4)
+    with pytest.raises(FitError) as err:
+        run_fit(cfg, "fingerprint", "model")
+    assert str(cfg.output_dir / "features") in str(err.value)
+    assert "4 of 120 patch feature rows contain NaN or inf" in str(err.value)
+
+
+def test_empty_image_folder_is_a_dataset_error(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "notes.txt").write_text("no images here")
+    with pytest.raises(DatasetError, match=r"holds no images \(.png, .jpg, .jpeg\)"):
+        list_image_folder(tmp_path / "images")
+
+
+def _submit(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "submit.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def _assert_clean_exit_2(result: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert result.stderr.startswith("error: ") and result.stderr.count("error: ") == 1, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for phrase in phrases:
+        assert phrase in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("text, phrases", [
+    ("fit: {kk: 3}\n", ["fit.kk: unknown key"]),
+    ("fit: {k: -1}\n", ["fit.k: Input should be greater than or equal to 2 (got -1)"]),
+    ("inference: {crop: 100, stride: 50}\n", ["inference.crop=100 must be a multiple of model.vit.patch_size=14"]),
+    ("fit: [1, 2\n", ["is not valid YAML"]),
+    ("- just a list\n", ["must be a mapping of keys to values"]),
+])
+def test_bad_config_exits_2_with_the_key_and_no_traceback(tmp_path, text, phrases):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    _assert_clean_exit_2(_submit("run", "--config", str(bad)), str(bad), *phrases)
+
+
+def test_bad_override_and_missing_config_exit_2(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("fit: {k: 20}\n")
+    _assert_clean_exit_2(_submit("run", "--config", str(good), "--set", "fit.k=zero"), "fit.k", "'zero'")
+    _assert_clean_exit_2(_submit("fit", "--config", str(tmp_path / "absent.yaml")), "config file not found")
+
+
+def test_empty_split_exits_2_naming_the_folder(tmp_path):
+    (tmp_path / "data" / "leftImg8bit" / "val").mkdir(parents=True)
+    config = tmp_path / "empty.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"),
+                                      "dataset": {"root": str(tmp_path / "data"), "split": "val"}}))
+    _assert_clean_exit_2(_submit("run", "--config", str(config)),
+                         f"{tmp_path / 'data' / 'leftImg8bit' / 'val'} holds no *_leftImg8bit.png files: the split is empty")
+    _assert_clean_exit_2(_submit("run", "--config", str(config), "--set", "dataset.split=train"),
+                         "no Cityscapes split at", "set dataset.root")
+
+
+def test_missing_checkpoint_exits_2_without_a_traceback(demo_root, tmp_path):
+    """End to end: the actors cannot build the model; the job ends with the checkpoint's message."""
+    absent = tmp_path / "absent.pth"
+    cfg = _checkpoint_config(demo_root, tmp_path / "out", absent)
+    config = tmp_path / "ckpt.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    result = _submit("extract", "--config", str(config))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (f"error: DINOv2 backbone checkpoint not found: {absent} does not exist (or is not a file); "
+                    "set model.backbone_checkpoint to the file, or model.cause_root to a folder in the CAUSE layout "
+                    "(<cause_root>/checkpoint/dinov2_vit_base_14.pth)")

@@ -1,0 +1,177 @@
+"""Security: no arbitrary unpickling of user files, safe YAML, outputs confined to the output
+directory, and a local cluster that neither exposes its dashboard nor joins someone else's cluster."""
+
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs.schema import parse_config
+from core.panoptic import panoptic_from_train_ids
+from ray_jobs import session
+from storage.cityscapes_outputs import write_image_predictions
+from storage.datasets import ImageRecord, list_cityscapes
+from storage.images import InputError, safe_path
+from storage.synth import generate_demo_dataset
+from tests.tiny_runs import tiny_config
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCE_DIRS = ("actors", "bench", "configs", "core", "ray_jobs", "storage")
+
+
+def _source_files() -> list[Path]:
+    files = [REPO / "submit.py", *(p for d in SOURCE_DIRS for p in sorted((REPO / d).rglob("*.py")))]
+    assert len(files) > 20
+    return files
+
+
+def _calls(name: str) -> list[tuple[Path, ast.Call]]:
+    """Every call of `<module>.<attr>(...)` for name = 'module.attr' in the source tree."""
+    module, attr = name.split(".")
+    found = []
+    for path in _source_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == module):
+                found.append((path, node))
+    return found
+
+
+def _keyword(call: ast.Call, name: str):
+    for kw in call.keywords:
+        if kw.arg == name:
+            return kw.value.value if isinstance(kw.value, ast.Constant) else "<not a constant>"
+    return "<absent>"
+
+
+def test_every_torch_load_passes_weights_only_true():
+    calls = _calls("torch.load")
+    assert calls, "no torch.load call found: is the scan looking in the right place?"
+    bad = [f"{p.relative_to(REPO)}:{c.lineno}" for p, c in calls if _keyword(c, "weights_only") is not True]
+    assert bad == [], f"torch.load without weights_only=True at {bad}"
+
+
+def test_every_np_load_refuses_pickles_explicitly():
+    calls = _calls("np.load") + _calls("numpy.load")
+    assert calls
+    bad = [f"{p.relative_to(REPO)}:{c.lineno}" for p, c in calls if _keyword(c, "allow_pickle") is not False]
+    assert bad == [], f"np.load without allow_pickle=False at {bad}"
+
+
+def test_yaml_only_through_safe_load_and_no_pickle_modules():
+    unsafe_yaml = [f"{p.relative_to(REPO)}:{c.lineno}" for fn in ("load", "load_all", "full_load", "unsafe_load", "unsafe_load_all")
+                   for p, c in _calls(f"yaml.{fn}")]
+    assert unsafe_yaml == [], f"yaml loaded without safe_load at {unsafe_yaml}"
+    assert _calls("yaml.safe_load"), "the configs are read with yaml.safe_load"
+    pickling = []
+    for path in _source_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            pickling += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
+                         if n.split(".")[0] in ("pickle", "cloudpickle", "dill", "joblib", "shelve", "marshal")]
+            if isinstance(node, ast.Name) and node.id in ("eval", "exec"):
+                pickling.append(f"{path.relative_to(REPO)}:{node.lineno} {node.id}")
+    assert pickling == [], f"modules that unpickle or execute data: {pickling}"
+
+
+@pytest.mark.parametrize("image_id, group", [
+    ("../../escaped", "frankfurt"),
+    ("frankfurt_000000_000019", "../../escaped"),
+    ("/tmp/escaped", "frankfurt"),
+    ("sub/../../escaped", "frankfurt"),
+])
+def test_names_from_data_cannot_write_outside_the_output_dir(tmp_path, image_id, group):
+    labels = tmp_path / "out" / "labels"
+    train_ids = np.zeros((4, 8), np.uint8)
+    panoptic = panoptic_from_train_ids(train_ids, None, min_area=1, stuff_min_area=1, connectivity=8)
+    with pytest.raises(InputError, match="unsafe name"):
+        write_image_predictions(labels, group, image_id, train_ids, panoptic)
+    with pytest.raises(InputError):
+        safe_path(labels, "trainIds", group, f"{image_id}_trainIds.png")
+    outside = [p for p in tmp_path.rglob("*") if p.is_file()] + list(Path("/tmp").glob("escaped*"))
+    assert outside == []
+
+
+def _label_scorer(cfg, tmp_path):
+    from actors.label_scorer import LabelScorer
+    rng = np.random.default_rng(0)
+    fits = []
+    for name, k in (("k16", 16), ("k8", 8), ("baseline_k19", 19)):
+        c = rng.normal(size=(k, 32)).astype(np.float32)
+        fits.append({"name": name, "centroids": c / np.linalg.norm(c, axis=1, keepdims=True), "mapping": np.arange(k) % 19})
+    return LabelScorer(config=cfg.model_dump(mode="json"), fits=fits, stage_dir=str(tmp_path / "out" / "scores"),
+                       labels_dir=str(tmp_path / "out" / "labels"), overlay_ids=[])
+
+
+@pytest.fixture
+def hostile_shard(tmp_path):
+    """A shard whose second record has an image id from data that tries to leave the output dir."""
+    root = tmp_path / "data"
+    generate_demo_dataset(root, split="val", num_images=2, height=128, width=256, seed=0)
+    good, victim = list_cityscapes(root, "val")
+    hostile = ImageRecord(**{**victim.to_dict(), "image_id": "../../../escaped"})
+    cfg = tiny_config(root, tmp_path / "out")
+    shard = {"shard": np.array(["shard-00000"]), "records": np.array([json.dumps([good.to_dict(), hostile.to_dict()])])}
+    return cfg, shard
+
+
+def _files_outside(tmp_path: Path) -> list[Path]:
+    out, data = tmp_path / "out", tmp_path / "data"
+    return [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(out) and not p.is_relative_to(data)]
+
+
+def test_a_hostile_image_id_writes_nothing_outside(tmp_path, hostile_shard):
+    import torch
+    cfg, shard = hostile_shard
+    threads = torch.get_num_threads()
+    try:
+        scorer = _label_scorer(cfg, tmp_path)
+        try:
+            scorer(shard)
+        except InputError as err:  # today: the write is refused, and the error stops the shard
+            assert "unsafe name '../../../escaped_labelIds.png'" in str(err)
+    finally:
+        torch.set_num_threads(threads)
+    assert _files_outside(tmp_path) == []
+    assert not list(tmp_path.parent.rglob("escaped*"))
+
+
+def test_a_hostile_image_id_is_a_failed_item_and_the_shard_completes(tmp_path, hostile_shard):
+    import torch
+    from storage.shards import read_done
+    cfg, shard = hostile_shard
+    threads = torch.get_num_threads()
+    try:
+        _label_scorer(cfg, tmp_path)(shard)
+    finally:
+        torch.set_num_threads(threads)
+    (done,) = read_done(tmp_path / "out" / "scores").values()
+    assert done["num_images"] == 1 and [f["image_id"] for f in done["failed"]] == ["../../../escaped"]
+    assert "unsafe name" in done["failed"][0]["error"]
+
+
+def test_local_cluster_binds_the_dashboard_to_loopback_and_starts_its_own(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = parse_config({"ray": {"local_num_cpus": 2}})
+    kwargs = session.ray_init_kwargs(cfg)
+    assert kwargs["dashboard_host"] == "127.0.0.1"
+    assert kwargs["include_dashboard"] is False
+    assert kwargs["address"] == "local"  # never joins a cluster recorded by some other `ray start`
+
+    calls = []
+    monkeypatch.setattr(session.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(session.ray, "init", lambda **kw: calls.append(kw))
+    session.init_ray(cfg)
+    assert calls == [kwargs]
+
+
+def test_under_ray_job_submit_the_driver_joins_the_cluster(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6380")
+    kwargs = session.ray_init_kwargs(parse_config({"ray": {"local_num_cpus": 2}}))
+    assert kwargs["address"] == "127.0.0.1:6380"
+    assert not {"num_cpus", "dashboard_host", "include_dashboard", "runtime_env"} & set(kwargs)
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert session.ray_init_kwargs(parse_config({"ray": {"address": "10.0.0.5:6379"}}))["address"] == "10.0.0.5:6379"
