@@ -32,7 +32,7 @@ def render_markdown(report: dict) -> str:
         f"protocol, an oracle as k grows); *held-out* maps each fold of images with the other folds only; "
         f"*label-free* maps each cluster to the baseline cluster most of its patches are nearest to. "
         f"The baseline is k = {fits[names[-1]]['k']} with one-to-one Hungarian matching.",
-        f"- **Wall time:** " + ", ".join(f"{stage} {sec:.1f} s" for stage, sec in report["timing"].items()),
+        "- **Wall time:** " + ", ".join(f"{stage} {sec:.1f} s" for stage, sec in report["timing"].items()),
         "",
         "## k sweep (seed protocol: same-set majority mapping)",
         "",

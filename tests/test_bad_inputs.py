@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 import yaml
 from PIL import Image
@@ -23,28 +22,12 @@ from actors.feature_extractor import FeatureExtractor
 from core.models import CheckpointError, ModelSpec, ViTSpec, build_feature_model
 from ray_jobs.fit import FitError, run_fit
 from ray_jobs.pipeline import Pipeline
-from ray_jobs.session import init_ray
 from storage.datasets import DatasetError, list_cityscapes, list_image_folder
 from storage.shards import patch_schema, patch_table, plan_shards, read_done, write_parquet_atomic
-from storage.synth import generate_demo_dataset
 from tests.tiny_runs import NUM_IMAGES, feature_ids, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_VIT = ViTSpec(patch_size=14, embed_dim=32, depth=1, num_heads=2)
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    generate_demo_dataset(root, split="val", num_images=NUM_IMAGES, height=128, width=256, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    init_ray(tiny_config("unused", tmp_path_factory.mktemp("unused")))
-    yield
-    ray.shutdown()
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:

@@ -10,23 +10,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
-import ray
 from ray._private.state import actors as actor_table
 
 from core.labels import IGNORE
 from ray_jobs.pipeline import Pipeline
-from ray_jobs.session import init_ray
 from storage.images import read_train_ids
 from storage.synth import generate_demo_dataset
 from tests.tiny_runs import NUM_IMAGES, PATCHES_PER_IMAGE, feature_ids, scored_ids, tiny_config
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    init_ray(tiny_config("unused", tmp_path_factory.mktemp("unused")))
-    yield
-    ray.shutdown()
 
 
 class ActorKiller(threading.Thread):

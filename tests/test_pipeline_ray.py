@@ -6,15 +6,11 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from configs.schema import parse_config
 from ray_jobs.pipeline import Pipeline
-from ray_jobs.session import init_ray
-from storage.synth import generate_demo_dataset
 from tests.official import official_panoptic, official_pixel_level
-
-NUM_IMAGES = 12
+from tests.tiny_runs import NUM_IMAGES
 
 
 def tiny_config(data_root, output_dir, **fit):
@@ -22,7 +18,7 @@ def tiny_config(data_root, output_dir, **fit):
         "run_name": "tiny", "output_dir": str(output_dir), "seed": 0,
         "dataset": {"kind": "cityscapes", "root": str(data_root), "split": "val", "images_per_shard": 4},
         "model": {"vit": {"patch_size": 14, "embed_dim": 32, "depth": 1, "num_heads": 2}, "feature_kind": "backbone"},
-        "inference": {"short_side": 112, "crop": 112, "stride": 56, "batch_size": 8},
+        "inference": {"short_side": 112, "crop": 112, "stride": 56, "batch_size": 8, "scales": [1.0, 0.75]},
         "extract": {"num_actors": 2, "cpus_per_actor": 0.5},
         "label_workers": {"num_actors": 2, "cpus_per_actor": 0.5},
         "label": {"num_overlays": 2},
@@ -30,20 +26,6 @@ def tiny_config(data_root, output_dir, **fit):
         "fit": {"k": 24, "k_sweep": [8, 24], "n_iter": 10, "max_patches_per_image": 64, "lloyd_iterations": 2, **fit},
         "ray": {"local_num_cpus": 2},
     })
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    generate_demo_dataset(root, split="val", num_images=NUM_IMAGES, height=128, width=256, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    init_ray(tiny_config("unused", tmp_path_factory.mktemp("unused")))
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +57,7 @@ def test_report_has_every_fit_with_sane_metrics(first_run):
     assert (first_run.output_dir / "report.md").read_text().startswith("# Overclustering report")
     for figure in ("miou_vs_k", "confusion", "per_class_iou", "overlays"):
         assert (first_run.output_dir / report["figures"][figure]).stat().st_size > 0
-    assert list(report["variants"]) == ["seed", "em_semantic", "em_things", "superpixels", "baseline_k19"]
+    assert list(report["variants"]) == ["seed", "single_scale", "em_semantic", "em_things", "superpixels", "baseline_k19"]
     for variant in report["variants"].values():
         assert 0.0 < variant["panoptic"]["all"]["pq"] < 1.0 and variant["seconds_per_image"] > 0
     # the seed variant is the main fit's labels: same pixels, same confusion as its same-set protocol

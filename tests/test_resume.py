@@ -1,28 +1,10 @@
 """Resume: a run interrupted after extract, with a shard lost mid-extract and shards lost mid-label,
 finishes with the same centroids (bytes) and report metrics as an uninterrupted run."""
 
-import pytest
-import ray
 
 from ray_jobs.pipeline import Pipeline
-from ray_jobs.session import init_ray
 from storage.shards import marker_path
-from storage.synth import generate_demo_dataset
 from tests.tiny_runs import NUM_IMAGES, centroid_bytes, feature_ids, report_metrics, scored_ids, tiny_config
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    init_ray(tiny_config("unused", tmp_path_factory.mktemp("unused")))
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    generate_demo_dataset(root, split="val", num_images=NUM_IMAGES, height=128, width=256, seed=0)
-    return root
 
 
 def _mtimes(stage_dir):
