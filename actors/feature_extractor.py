@@ -5,14 +5,15 @@ from pathlib import Path
 import numpy as np
 
 from actors.model_setup import build_dense_extractor
+from actors.shard_actor import ShardActor
 from configs.schema import parse_config
 from core.labels import IGNORE, NUM_CLASSES
 from core.metrics import patch_majority_labels
 from storage.images import InputError, read_rgb, read_train_ids
-from storage.shards import mark_done, marker_path, patch_schema, patch_table, shard_records, write_parquet_atomic
+from storage.shards import mark_done, patch_schema, patch_table, shard_records, write_parquet_atomic
 
 
-class FeatureExtractor:
+class FeatureExtractor(ShardActor):
     """Ray Data actor: `__init__` builds the backbone (+ head) once; each call handles a batch of shards."""
 
     def __init__(self, config: dict, stage_dir: str):
@@ -21,15 +22,7 @@ class FeatureExtractor:
         self.dense = build_dense_extractor(self.cfg, self.cfg.extract)
         self.schema = patch_schema(self.dense.model.feature_dim)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        shards = list(batch["shard"])
-        for shard, records in zip(shards, batch["records"]):
-            # A restarted actor may be handed a shard again: its marker makes the retry a no-op.
-            if not marker_path(self.stage_dir, shard).exists():
-                self._extract_shard(shard, {"shard": shard, "records": records})
-        return {"shard": shards}
-
-    def _extract_shard(self, shard: str, shard_row: dict) -> None:
+    def process_shard(self, shard: str, shard_row: dict) -> None:
         ids, paths, images, labels, failed = [], [], [], [], []
         for record in shard_records(shard_row):
             try:

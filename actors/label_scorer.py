@@ -16,6 +16,7 @@ import numpy as np
 import ray
 
 from actors.model_setup import build_dense_extractor
+from actors.shard_actor import ShardActor
 from configs.schema import parse_config
 from core.labelling import PixelAssigner, cluster_class_pixel_counts, clusters_to_train_ids
 from core.labels import NUM_CLASSES, colorize_train_ids
@@ -25,12 +26,12 @@ from core.sampling import image_fold
 from core.variants import ImageEvidence, enabled_variants, run_variant
 from storage.cityscapes_outputs import write_image_predictions
 from storage.images import InputError, read_instance_ids, read_rgb, read_train_ids, safe_path, write_png_atomic
-from storage.shards import mark_done, marker_path, shard_records, write_json_atomic, write_npz_atomic
+from storage.shards import mark_done, shard_records, write_json_atomic, write_npz_atomic
 
 log = logging.getLogger(__name__)
 
 
-class LabelScorer:
+class LabelScorer(ShardActor):
     """Ray Data actor. `fits` is an ObjectRef (put once by the driver) to a list of
     {"name", "centroids", "mapping"}: the main fit first, the baseline last."""
 
@@ -43,14 +44,7 @@ class LabelScorer:
         self.assigner = PixelAssigner([f["centroids"] for f in self.fits], device=self.dense.device)
         self.variants = [*enabled_variants(self.cfg.refine, len(self.cfg.inference.scales) > 1), self.fits[-1]["name"]]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        shards = list(batch["shard"])
-        for shard, records in zip(shards, batch["records"]):
-            if not marker_path(self.stage_dir, shard).exists():
-                self._score_shard(shard, {"shard": shard, "records": records})
-        return {"shard": shards}
-
-    def _score_shard(self, shard: str, shard_row: dict) -> None:
+    def process_shard(self, shard: str, shard_row: dict) -> None:
         folds, n_var = self.cfg.fit.heldout_folds, len(self.variants)
         image_ids, failed, annotations = [], [], []
         wins = [np.zeros(len(f["mapping"]), np.int64) for f in self.fits]

@@ -12,12 +12,13 @@ import pyarrow as pa
 import ray
 
 from actors.model_setup import build_dense_extractor
+from actors.shard_actor import ShardActor
 from configs.schema import parse_config
 from core.labelling import PixelAssigner, clusters_to_train_ids
 from core.panoptic import panoptic_from_train_ids
 from storage.cityscapes_outputs import write_image_predictions
 from storage.images import InputError, read_rgb, safe_path, write_png_atomic
-from storage.shards import mark_done, marker_path, shard_records, write_json_atomic, write_parquet_atomic
+from storage.shards import mark_done, shard_records, write_json_atomic, write_parquet_atomic
 
 
 def histogram_schema(k: int) -> pa.Schema:
@@ -26,7 +27,7 @@ def histogram_schema(k: int) -> pa.Schema:
                       ("cluster_pixels", pa.list_(pa.int64(), k))])
 
 
-class PseudoLabeler:
+class PseudoLabeler(ShardActor):
     """Ray Data actor; `fit` is an ObjectRef to {"name", "centroids", "mapping"}."""
 
     def __init__(self, config: dict, fit, stage_dir: str, labels_dir: str):
@@ -37,14 +38,7 @@ class PseudoLabeler:
         self.assigner = PixelAssigner([self.fit["centroids"]], device=self.dense.device)
         self.k = len(self.fit["mapping"])
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        shards = list(batch["shard"])
-        for shard, records in zip(shards, batch["records"]):
-            if not marker_path(self.stage_dir, shard).exists():
-                self._label_shard(shard, {"shard": shard, "records": records})
-        return {"shard": shards}
-
-    def _label_shard(self, shard: str, shard_row: dict) -> None:
+    def process_shard(self, shard: str, shard_row: dict) -> None:
         rows = {name: [] for name in histogram_schema(self.k).names}
         annotations, failed = [], []
         pan = self.cfg.panoptic

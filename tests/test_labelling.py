@@ -71,3 +71,14 @@ def test_pruned_assignment_equals_scoring_every_cluster(candidates):
     full, _ = PixelAssigner(fits, candidates=None).assign(grids, 14, (61, 107))
     for a, b in zip(pruned, full):
         assert np.array_equal(a, b)
+
+
+def test_the_same_grid_at_every_scale_gives_the_single_scale_answer():
+    rng = np.random.default_rng(5)
+    features = rng.normal(size=(12, 4, 7)).astype(np.float32)
+    centroids = rng.normal(size=(30, 12))
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    assigner = PixelAssigner([centroids])
+    (single,), _ = assigner.assign([(features, (56, 98))], 14, (45, 80))
+    (repeated,), _ = assigner.assign([(features, (56, 98))] * 3, 14, (45, 80))
+    assert np.array_equal(single, repeated)
