@@ -3,9 +3,7 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("pydensecrf")
-
-from core.crf import dense_crf, softmax  # noqa: E402
+from core.crf import dense_crf, softmax
 
 
 def _scene(seed=0, h=40, w=60, flip=0.15):

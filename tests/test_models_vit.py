@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from core.dense import DenseFeatureExtractor, WindowSpec
 from core.models import ModelSpec, ViTSpec, build_feature_model
@@ -123,7 +124,6 @@ def ours(weights):
 
 @pytest.fixture(scope="module")
 def hf(weights):
-    transformers = pytest.importorskip("transformers")
     config = transformers.Dinov2Config(
         hidden_size=D, num_hidden_layers=DEPTH, num_attention_heads=HEADS, mlp_ratio=4, image_size=518,
         patch_size=PATCH, layerscale_value=1e-5, layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True,
