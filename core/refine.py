@@ -10,10 +10,8 @@ a frozen feature map (no network is trained), so each mode is plain EM at test t
 - **semantic** (Dreamy-Start = class centres): the seeds are the global k-means centroids
   (k ~ 300); EM adapts them to one image's patch features and the cluster -> class mapping is
   kept. `refine_semantic` returns the refined centroids (unit rows, usable wherever the global
-  ones are: e.g. `core.labelling.PixelAssigner`); `semantic_class_logits` returns the seed's
-  (C+1, gh, gw) class-logit grid (class logit = max cosine over the class's clusters, channel C =
-  clusters without a class) computed with the refined centres. T = 0 gives back the centroids
-  bit for bit, so the labels equal the baseline exactly.
+  ones are: `core.labelling.PixelAssigner` labels the image with them). T = 0 gives back the
+  centroids bit for bit, so the labels equal the baseline exactly.
 - **thing** (Dreamy-Start = seeds emerging from the image): `split_things` replaces connected
   components of thing classes by EM. Each connected region of a thing class is clustered on
   z = [unit feature, pos_weight * (y, x) / long side]; the seeds are picked in the image itself by
@@ -59,7 +57,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from core.clustering import l2_normalize
+from core.labelling import bilinear_taps, bilinear_weights
 from core.labels import IGNORE, NUM_CLASSES, THING_TRAIN_IDS
 
 METRICS = ("cosine", "euclidean")
@@ -225,33 +223,6 @@ def refine_semantic(features: np.ndarray, centroids: np.ndarray, mapping: np.nda
     return refined
 
 
-def class_logit_grid(features: np.ndarray, centroids: np.ndarray, mapping: np.ndarray,
-                     num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
-    """The seed's class-logit grid. features (D, gh, gw) -> (class logits (C+1, gh, gw) float32,
-    channel C = clusters without a class, -inf for a class no cluster maps to; winning cluster
-    (gh, gw) int32). Class logit = max cosine over the class's clusters (centroids unit rows)."""
-    d, gh, gw = features.shape
-    mapping = np.asarray(mapping)
-    _check_mapping(mapping, len(centroids), num_classes)
-    x = l2_normalize(features.reshape(d, gh * gw).T)  # (P, D) float32, as core.clustering
-    cosine = x @ centroids.T  # (P, K)
-    channel = np.where(mapping == IGNORE, num_classes, mapping).astype(np.int64)  # (K,)
-    order = np.argsort(channel, kind="stable")  # clusters grouped by channel
-    channels, starts = np.unique(channel[order], return_index=True)
-    logits = np.full((num_classes + 1, gh * gw), -np.inf, dtype=np.float32)
-    logits[channels] = np.maximum.reduceat(cosine[:, order], starts, axis=1).T
-    return logits.reshape(num_classes + 1, gh, gw), cosine.argmax(axis=1).astype(np.int32).reshape(gh, gw)
-
-
-def semantic_class_logits(features: np.ndarray, centroids: np.ndarray, mapping: np.ndarray,
-                          num_classes: int = NUM_CLASSES, tau: float = 0.05, T: int = 3, prior_mass: float = 0.0,
-                          min_mass: float = 1.0, adapt_unassigned: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """features (D, gh, gw) -> (class logits (C+1, gh, gw) float32, winning cluster (gh, gw) int32)
-    with the per-image refined centroids (refine_semantic then class_logit_grid)."""
-    refined = refine_semantic(features, centroids, mapping, tau, T, prior_mass, min_mass, adapt_unassigned, num_classes)
-    return class_logit_grid(features, refined, mapping, num_classes)
-
-
 # ----------------------------------------------------------------------------------------------
 # Feature sampling between the patch grid and a pixel map
 # ----------------------------------------------------------------------------------------------
@@ -264,21 +235,20 @@ def _grid_scale(image_hw, grid_hw, resized_hw, patch_size) -> tuple[float, float
     return resized_hw[0] / image_hw[0] / patch_size, resized_hw[1] / image_hw[1] / patch_size
 
 
-def _interp_coords(pixels: np.ndarray, n_grid: int, scale: float):
-    """Bilinear (align_corners=False) source cells of pixel indices: (lo, hi, frac), the same
-    convention as core.labelling.bilinear_weights (edge value beyond the first/last centre)."""
-    u = np.clip((np.asarray(pixels, np.float64) + 0.5) * scale - 0.5, 0, n_grid - 1)
-    lo = np.minimum(np.floor(u).astype(np.int64), n_grid - 1)
-    return lo, np.minimum(lo + 1, n_grid - 1), u - lo
+def _taps_at(pixels: np.ndarray, n_grid: int, scale: float):
+    """core.labelling's bilinear taps (lo, hi, frac) for the given pixel indices."""
+    pixels = np.asarray(pixels, np.int64)
+    lo, hi, frac = (t.numpy() for t in bilinear_taps(int(pixels.max(initial=0)) + 1, n_grid, scale))
+    return lo[pixels], hi[pixels], frac[pixels]
 
 
 def _sample_features(features: np.ndarray, ys: np.ndarray, xs: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
     """features (D, gh, gw), pixel rows/cols (N,) -> bilinear features (N, D) float32."""
     d, gh, gw = features.shape
     flat = np.ascontiguousarray(features.reshape(d, gh * gw).T, dtype=np.float32)  # (gh*gw, D)
-    y0, y1, fy = _interp_coords(ys, gh, scale[0])
-    x0, x1, fx = _interp_coords(xs, gw, scale[1])
-    fy, fx = fy.astype(np.float32)[:, None], fx.astype(np.float32)[:, None]
+    y0, y1, fy = _taps_at(ys, gh, scale[0])
+    x0, x1, fx = _taps_at(xs, gw, scale[1])
+    fy, fx = fy[:, None], fx[:, None]
     top = flat[y0 * gw + x0]
     top += fx * (flat[y0 * gw + x1] - top)
     bottom = flat[y1 * gw + x0]
@@ -287,20 +257,11 @@ def _sample_features(features: np.ndarray, ys: np.ndarray, xs: np.ndarray, scale
     return top
 
 
-def _interp_matrix(n_out: int, n_grid: int, scale: float) -> np.ndarray:
-    """(n_out, n_grid) bilinear weights."""
-    lo, hi, frac = _interp_coords(np.arange(n_out), n_grid, scale)
-    m = np.zeros((n_out, n_grid), np.float32)
-    np.add.at(m, (np.arange(n_out), lo), 1 - frac)
-    np.add.at(m, (np.arange(n_out), hi), frac)
-    return m
-
-
 def _upsample_features(features: np.ndarray, image_hw, resized_hw=None, patch_size=None) -> np.ndarray:
     """features (D, gh, gw) -> (H, W, D) float32, separable bilinear (two matrix products)."""
     d, gh, gw = features.shape
     sy, sx = _grid_scale(image_hw, (gh, gw), resized_hw, patch_size)
-    wy, wx = _interp_matrix(image_hw[0], gh, sy), _interp_matrix(image_hw[1], gw, sx)  # (H, gh), (W, gw)
+    wy, wx = bilinear_weights(image_hw[0], gh, sy).numpy(), bilinear_weights(image_hw[1], gw, sx).numpy()  # (H, gh), (W, gw)
     cols = np.asarray(features, np.float32) @ wx.T  # (D, gh, W)
     return np.tensordot(wy, cols, axes=(1, 1)).transpose(0, 2, 1)  # (H, D, W) -> (H, W, D) view
 

@@ -2,11 +2,13 @@
 
 import numpy as np
 import pytest
+import torch
 
+from core.labelling import PixelAssigner, bilinear_weights
 from core.labels import IGNORE
-from core.refine import (_superpixel_em, _superpixel_input, class_logit_grid, em_refine, em_step,
-                         refine_labels_by_superpixels, refine_semantic, semantic_class_logits,
-                         soft_kmeans_objective, split_things, superpixels)
+from core.panoptic import panoptic_from_train_ids
+from core.refine import (_superpixel_em, _superpixel_input, em_refine, em_step, refine_labels_by_superpixels,
+                         refine_semantic, soft_kmeans_objective, split_things, superpixels)
 
 # ---- one EM step by hand ---------------------------------------------------------------------
 # 3 points, 2 centres, tau = 0.5. The numbers below were computed separately with Python's math
@@ -92,19 +94,6 @@ def test_empty_clusters_keep_their_centre_without_nan(metric):
 
 # ---- semantic mode ---------------------------------------------------------------------------
 
-def _seed_class_logit_grid(features, centroids, mapping, num_classes):
-    """The seed's loop (core/labelling.py before refinement), kept here as the baseline."""
-    d, gh, gw = features.shape
-    x = features.reshape(d, gh * gw).T.astype(np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-    cosine = x @ centroids.T
-    logits = np.full((num_classes + 1, gh * gw), -np.inf, dtype=np.float32)
-    channel = np.where(mapping == IGNORE, num_classes, mapping)
-    for c in np.unique(channel):
-        logits[c] = cosine[:, channel == c].max(axis=1)
-    return logits.reshape(num_classes + 1, gh, gw), cosine.argmax(axis=1).astype(np.int32).reshape(gh, gw)
-
-
 def _semantic_case(seed=0, k=30, d=16, num_classes=5):
     rng = np.random.default_rng(seed)
     centroids = rng.standard_normal((k, d)).astype(np.float32)
@@ -119,13 +108,7 @@ def _semantic_case(seed=0, k=30, d=16, num_classes=5):
 
 def test_semantic_t0_equals_baseline_exactly():
     features, centroids, mapping, nc = _semantic_case()
-    base_logits, base_win = _seed_class_logit_grid(features, centroids, mapping, nc)
     assert refine_semantic(features, centroids, mapping, T=0, num_classes=nc).tobytes() == centroids.tobytes()
-    logits, win = semantic_class_logits(features, centroids, mapping, nc, T=0)
-    assert logits.tobytes() == base_logits.tobytes() and win.tobytes() == base_win.tobytes()
-    assert np.isneginf(logits[2]).all()
-    logits2, _ = class_logit_grid(features, centroids, mapping, nc)
-    assert logits2.tobytes() == base_logits.tobytes()
 
 
 def test_semantic_refinement_adapts_present_clusters_only():
@@ -142,19 +125,16 @@ def test_semantic_refinement_adapts_present_clusters_only():
     assert moved.any() and not moved.all()  # clusters absent from the image keep their global centre
     frozen = refine_semantic(features, centroids, mapping, T=3, adapt_unassigned=False, num_classes=nc)
     np.testing.assert_array_equal(frozen[mapping == IGNORE], centroids[mapping == IGNORE])
-    logits, win = semantic_class_logits(features, centroids, mapping, nc, T=3)
-    assert logits.shape == (nc + 1, 12, 20) and win.shape == (12, 20) and not np.isnan(logits).any()
+    (labels,), _ = PixelAssigner([refined]).assign([(features, (12 * 4, 20 * 4))], 4, (48, 80))
+    assert labels.shape == (48, 80) and labels.max() < len(centroids)
 
 
 def test_semantic_pixel_assigner_t0():
-    labelling = pytest.importorskip("core.labelling")
-    if not hasattr(labelling, "PixelAssigner"):
-        pytest.skip("core.labelling has no PixelAssigner")
     features, centroids, mapping, nc = _semantic_case()
     refined = refine_semantic(features, centroids, mapping, T=0, num_classes=nc)
     grid = [(features, (12 * 4, 20 * 4))]
-    base = labelling.PixelAssigner([centroids]).assign(grid, 4, (48, 80))[0]
-    again = labelling.PixelAssigner([refined]).assign(grid, 4, (48, 80))[0]
+    base = PixelAssigner([centroids]).assign(grid, 4, (48, 80))[0]
+    again = PixelAssigner([refined]).assign(grid, 4, (48, 80))[0]
     np.testing.assert_array_equal(base, again)
 
 
@@ -261,7 +241,6 @@ def test_superpixel_refinement_fixes_an_offset_boundary(shift):
     fixed = refine_labels_by_superpixels(logits, sp, num_classes=2)
     np.testing.assert_array_equal(fixed, truth)
     np.testing.assert_array_equal(refine_labels_by_superpixels(coarse, sp), truth)  # majority of trainIds
-    torch = pytest.importorskip("torch")
     np.testing.assert_array_equal(refine_labels_by_superpixels(torch.from_numpy(logits), sp, num_classes=2), truth)
 
 
@@ -294,22 +273,16 @@ def test_feature_sampling_matches_the_labelling_convention():
     ys, xs = np.nonzero(np.ones(image_hw, bool))
     scale = _grid_scale(image_hw, (4, 6), resized_hw, patch)
     np.testing.assert_allclose(_sample_features(features, ys, xs, scale).reshape(up.shape), up, atol=1e-5)
-    labelling = pytest.importorskip("core.labelling")
-    if not hasattr(labelling, "bilinear_weights"):
-        pytest.skip("core.labelling has no bilinear_weights")
-    wy = labelling.bilinear_weights(30, 4, 20 / 30 / patch).numpy()
-    wx = labelling.bilinear_weights(50, 6, 33 / 50 / patch).numpy()
+    wy = bilinear_weights(30, 4, 20 / 30 / patch).numpy()
+    wx = bilinear_weights(50, 6, 33 / 50 / patch).numpy()
     np.testing.assert_allclose(np.einsum("hg,dgk,wk->hwd", wy, features, wx), up, atol=1e-5)
     # Same map and grid size: exact patch values.
     np.testing.assert_array_equal(_upsample_features(features, (4, 6)), features.transpose(1, 2, 0))
 
 
 def test_split_things_feeds_the_panoptic_builder():
-    panoptic = pytest.importorskip("core.panoptic")
-    if not hasattr(panoptic, "panoptic_from_train_ids"):
-        pytest.skip("core.panoptic has no panoptic_from_train_ids")
     features, ids, feat = _blob_scene(two_cars=True)
     inst = split_things(features, ids, min_area=10)
-    pan = panoptic.panoptic_from_train_ids(ids, instances=inst)
-    base = panoptic.panoptic_from_train_ids(ids)  # connected components: one car
+    pan = panoptic_from_train_ids(ids, instances=inst)
+    base = panoptic_from_train_ids(ids)  # connected components: one car
     assert (np.asarray(pan.category) == CAR).sum() == 2 and (np.asarray(base.category) == CAR).sum() == 1
