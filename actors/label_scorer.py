@@ -18,8 +18,9 @@ import ray
 from actors.model_setup import build_dense_extractor
 from actors.shard_actor import ShardActor
 from configs.schema import parse_config
-from core.labelling import PixelAssigner, cluster_class_pixel_counts, clusters_to_train_ids
+from core.labelling import PixelAssigner, clusters_to_train_ids
 from core.labels import NUM_CLASSES, colorize_train_ids
+from core.mapping import cluster_class_counts
 from core.metrics import confusion_matrix
 from core.panoptic import gt_panoptic, panoptic_from_train_ids, pq_stats
 from core.sampling import image_fold
@@ -79,7 +80,7 @@ class LabelScorer(ShardActor):
                 k = len(wins[i])
                 wins[i] += np.bincount(cluster_map.ravel(), minlength=k)
                 if gt is not None:
-                    pixel_counts[i][fold] += cluster_class_pixel_counts(cluster_map, gt, k, NUM_CLASSES)
+                    pixel_counts[i][fold] += cluster_class_counts(cluster_map, gt, k, NUM_CLASSES)
             pq = np.zeros((n_var, NUM_CLASSES, 4), np.float64)
             for v, (labels, panoptic, seconds) in enumerate(outcomes):
                 variant_seconds[v] += seconds

@@ -259,25 +259,6 @@ def assign_clusters(x: np.ndarray, centroids: np.ndarray, block_rows: int = 6553
     return out
 
 
-def class_logits(x_normed: np.ndarray, centroids: np.ndarray, mapping: np.ndarray, num_classes: int) -> np.ndarray:
-    """(n, C) float32: per class, the highest cosine similarity among that class's clusters.
-
-    A class that no cluster maps to gets -inf: it can never be predicted. Clusters mapped outside
-    [0, C) (255 = left without a class) take part in no class.
-    """
-    _check_dims(x_normed, centroids)
-    if mapping.shape != (centroids.shape[0],):
-        raise ValueError(f"mapping of shape {mapping.shape} for {centroids.shape[0]} centroids")
-    cosine = np.asarray(x_normed, np.float32) @ np.asarray(centroids, np.float32).T  # (n, k)
-    mapped = np.flatnonzero((mapping >= 0) & (mapping < num_classes))
-    by_class = mapped[np.argsort(mapping[mapped], kind="stable")]  # clusters grouped by class
-    classes, starts = np.unique(mapping[by_class], return_index=True)
-    logits = np.full((x_normed.shape[0], num_classes), -np.inf, dtype=np.float32)
-    if classes.size:
-        logits[:, classes] = np.maximum.reduceat(cosine[:, by_class], starts, axis=1)
-    return logits
-
-
 def inertia(x_normed: np.ndarray, centroids: np.ndarray, assignment: np.ndarray) -> float:
     """Sum over rows of (1 - cosine to the assigned centroid): half the squared L2 distance of unit vectors."""
     _check_dims(x_normed, centroids)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from core.labels import IGNORE
+from core.mapping import predict_classes
 
 BLOCK_ELEMENTS = 1 << 25  # cosine scores held at once per block (128 MiB of float32)
 
@@ -135,13 +136,6 @@ class PixelAssigner:
         return maps
 
 
-def cluster_class_pixel_counts(cluster_map: np.ndarray, gt_train_ids: np.ndarray, k: int, num_classes: int) -> np.ndarray:
-    """(k, C) int64 pixel counts of (nearest cluster, ground-truth class) over valid pixels."""
-    valid = gt_train_ids != IGNORE
-    flat = cluster_map[valid].astype(np.int64) * num_classes + gt_train_ids[valid]
-    return np.bincount(flat, minlength=k * num_classes).reshape(k, num_classes)
-
-
 def clusters_to_train_ids(cluster_map: np.ndarray, mapping: np.ndarray) -> np.ndarray:
     """(H, W) cluster ids -> (H, W) uint8 trainIds (255 where the cluster has no class)."""
-    return mapping.astype(np.uint8)[cluster_map]
+    return predict_classes(cluster_map, mapping).astype(np.uint8)

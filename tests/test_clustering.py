@@ -2,7 +2,7 @@ import faiss
 import numpy as np
 import pytest
 
-from core.clustering import (assign_clusters, check_features, class_logits, fit_kmeans, inertia, kmeans_plusplus, l2_normalize,
+from core.clustering import (assign_clusters, check_features, fit_kmeans, inertia, kmeans_plusplus, l2_normalize,
                              lloyd, lloyd_partial, lloyd_update)
 
 S = np.sqrt(0.5)
@@ -104,18 +104,6 @@ def test_assign_clusters_by_hand():
     assert assign_clusters(np.zeros((0, 2), np.float32), centroids).shape == (0,)
     with pytest.raises(ValueError, match=r"\(3, 2\).*\(2, 3\)"):
         assign_clusters(x, np.eye(2, 3, dtype=np.float32))
-
-
-def test_class_logits_by_hand():
-    centroids = np.array([[1, 0], [0, 1], [S, S], [-1, 0]], np.float32)
-    mapping = np.array([2, 0, 2, 255])  # class 0: cluster 1; class 1: none; class 2: clusters 0 and 2
-    x = np.array([[1, 0], [0, 1], [0.6, 0.8]], np.float32)
-    expected = [[0.0, -np.inf, 1.0],         # cosines 1, 0, 0.71, -1
-                [1.0, -np.inf, S],           # cosines 0, 1, 0.71, 0
-                [0.8, -np.inf, 1.4 * S]]     # cosines 0.6, 0.8, 0.99, -0.6
-    logits = class_logits(x, centroids, mapping, 3)
-    assert logits.dtype == np.float32 and np.allclose(logits, expected)
-    assert class_logits(x, centroids, np.full(4, 255), 3).max() == -np.inf
 
 
 def test_inertia_by_hand():

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.labelling import PixelAssigner, bilinear_weights, cluster_class_pixel_counts, clusters_to_train_ids
+from core.labelling import PixelAssigner, bilinear_weights, clusters_to_train_ids
+from core.mapping import cluster_class_counts
 
 
 def test_bilinear_weights_match_torch_interpolate():
@@ -39,7 +40,7 @@ def test_scales_average_scores():
 def test_cluster_class_counts_and_train_ids():
     cluster_map = np.array([[0, 1], [1, 2]])
     gt = np.array([[3, 3], [255, 0]], dtype=np.uint8)
-    counts = cluster_class_pixel_counts(cluster_map, gt, k=3, num_classes=4)
+    counts = cluster_class_counts(cluster_map, gt, k=3, num_classes=4)
     expected = np.zeros((3, 4), np.int64)
     expected[0, 3] = expected[1, 3] = expected[2, 0] = 1
     assert np.array_equal(counts, expected)
