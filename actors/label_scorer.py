@@ -25,7 +25,7 @@ from core.metrics import confusion_matrix
 from core.panoptic import gt_panoptic, panoptic_from_train_ids, pq_stats
 from core.sampling import image_fold
 from core.variants import ImageEvidence, enabled_variants, run_variant
-from storage.cityscapes_outputs import write_image_predictions
+from storage.cityscapes_outputs import prediction_paths, write_image_predictions
 from storage.images import InputError, read_instance_ids, read_rgb, read_train_ids, safe_path, write_png_atomic
 from storage.shards import mark_done, shard_records, write_json_atomic, write_npz_atomic
 
@@ -56,7 +56,7 @@ class LabelScorer(ShardActor):
         for record in shard_records(shard_row):
             try:
                 # names from data: an unsafe one is this image's failure, before anything is counted
-                safe_path(self.labels_dir, "labelIds", record.group, f"{record.image_id}_labelIds.png")
+                prediction_paths(self.labels_dir, record.group, record.image_id, self.cfg.dataset.split)
                 image = read_rgb(Path(record.image_path))
                 gt, gt_pan = None, None
                 if record.label_ids_path:
@@ -90,7 +90,8 @@ class LabelScorer(ShardActor):
             image_pq.append(pq)
             written = outcomes[self.variants.index(self.cfg.refine.write_variant)]
             if self.cfg.label.write_label_pngs:
-                annotations.append(self._write_outputs(record, written[0], written[1]))
+                annotations.append(write_image_predictions(self.labels_dir, record.group, record.image_id, *written[:2],
+                                                           split=self.cfg.dataset.split))
             if record.image_id in self.overlay_ids:
                 self._write_overlay_panels(record, image, gt, written[0], outcomes[-1][0])
         arrays = {"image_ids": np.array(image_ids, dtype=np.str_), "variants": np.array(self.variants, dtype=np.str_),
@@ -130,12 +131,6 @@ class LabelScorer(ShardActor):
                                                            stuff_min_area=pan.stuff_min_area, connectivity=pan.connectivity),
                          seed_seconds))
         return outcomes
-
-    def _write_outputs(self, record, train_ids: np.ndarray, panoptic) -> dict:
-        annotation = write_image_predictions(self.labels_dir, record.group, record.image_id, train_ids, panoptic,
-                                             split=self.cfg.dataset.split)
-        write_png_atomic(train_ids, safe_path(self.labels_dir, "trainIds", record.group, f"{record.image_id}_trainIds.png"))
-        return annotation
 
     def _write_overlay_panels(self, record, image: np.ndarray, gt: np.ndarray | None, labels: np.ndarray,
                               baseline: np.ndarray) -> None:

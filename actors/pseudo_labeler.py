@@ -16,8 +16,8 @@ from actors.shard_actor import ShardActor
 from configs.schema import parse_config
 from core.labelling import PixelAssigner, clusters_to_train_ids
 from core.panoptic import panoptic_from_train_ids
-from storage.cityscapes_outputs import write_image_predictions
-from storage.images import InputError, read_rgb, safe_path, write_png_atomic
+from storage.cityscapes_outputs import prediction_paths, write_image_predictions
+from storage.images import InputError, read_rgb
 from storage.shards import mark_done, shard_records, write_json_atomic, write_parquet_atomic
 
 
@@ -45,7 +45,7 @@ class PseudoLabeler(ShardActor):
         for record in shard_records(shard_row):
             try:
                 # names from data: an unsafe one is this image's failure
-                safe_path(self.labels_dir, "labelIds", record.group, f"{record.image_id}_labelIds.png")
+                prediction_paths(self.labels_dir, record.group, record.image_id, self.cfg.dataset.split)
                 image = read_rgb(record.image_path)
             except InputError as err:
                 failed.append({"image_id": record.image_id, "path": record.image_path, "stage": "apply", "error": str(err)})
@@ -57,7 +57,6 @@ class PseudoLabeler(ShardActor):
                                                stuff_min_area=pan.stuff_min_area, connectivity=pan.connectivity)
             annotations.append(write_image_predictions(self.labels_dir, record.group, record.image_id, train_ids, panoptic,
                                                        split=self.cfg.dataset.split))
-            write_png_atomic(train_ids, safe_path(self.labels_dir, "trainIds", record.group, f"{record.image_id}_trainIds.png"))
             for name, value in (("image_id", record.image_id), ("source", record.image_path),
                                 ("height", image.shape[0]), ("width", image.shape[1]),
                                 ("cluster_pixels", np.bincount(cluster_map.ravel(), minlength=self.k).tolist())):

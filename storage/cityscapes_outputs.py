@@ -2,6 +2,7 @@
 
 Layout of a prediction folder `root` (names from data pass `safe_path`):
   labelIds/{group}/{image_id}_labelIds.png            uint8 Cityscapes labelIds (0 = unlabeled)
+  trainIds/{group}/{image_id}_trainIds.png            uint8 trainIds (255 = no class)
   instanceIds/{group}/{image_id}_instanceIds.png      uint16 labelId*1000 + n, labelId off instances
   panoptic/cityscapes_panoptic_{split}/{image_id}_panoptic.png   RGB, id = R + 256 G + 256^2 B
   panoptic/cityscapes_panoptic_{split}.json           COCO panoptic JSON (`write_panoptic_json`)
@@ -69,6 +70,7 @@ def prediction_paths(root: Path, group: str, image_id: str, split: str = "val") 
     root = Path(root)
     return {
         "label_ids": safe_path(root, "labelIds", group, f"{image_id}_labelIds.png"),
+        "train_ids": safe_path(root, "trainIds", group, f"{image_id}_trainIds.png"),
         "instance_ids": safe_path(root, "instanceIds", group, f"{image_id}_instanceIds.png"),
         "panoptic": safe_path(root, "panoptic", f"cityscapes_panoptic_{split}", f"{image_id}_panoptic.png"),
     }
@@ -94,10 +96,11 @@ def write_panoptic_png(panoptic: Panoptic, path: Path) -> None:
 
 def write_image_predictions(root: Path, group: str, image_id: str, train_ids: np.ndarray, panoptic: Panoptic,
                             split: str = "val") -> dict:
-    """Writes one image's labelIds, instanceIds and panoptic PNGs; returns its COCO annotation,
-    to be gathered (by the driver) into `write_panoptic_json`."""
+    """Writes one image's labelIds, trainIds, instanceIds and panoptic PNGs; returns its COCO
+    annotation, to be gathered (by the driver) into `write_panoptic_json`."""
     paths = prediction_paths(root, group, image_id, split)
     write_label_ids_png(train_ids, paths["label_ids"])
+    write_png_atomic(train_ids, paths["train_ids"])
     write_instance_ids_png(panoptic, train_ids, paths["instance_ids"])
     write_panoptic_png(panoptic, paths["panoptic"])
     return {"image_id": image_id, "file_name": paths["panoptic"].name, "segments_info": segments_info(panoptic)}
