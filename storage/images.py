@@ -41,24 +41,34 @@ def read_rgb(path: Path | str) -> np.ndarray:
         raise InputError(f"{path}: cannot decode image ({err}); the file is corrupt or truncated: re-copy it or remove it") from None
 
 
+def _decode_ground_truth(path: Path, what: str, missing_fix: str) -> tuple[np.ndarray, str]:
+    """A ground-truth PNG -> (its array, its PIL mode); a missing or undecodable file raises
+    InputError naming the file, `what` it is and the fix."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.asarray(img), img.mode
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} is missing; {missing_fix}") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"{path}: cannot decode {what} ({err}); the file is corrupt or truncated") from None
+
+
+def _check_same_size(array: np.ndarray, path: Path, what: str, expected_hw: tuple[int, int]) -> None:
+    if array.shape != tuple(expected_hw):
+        raise InputError(f"{path}: {what} is {'x'.join(map(str, array.shape))} but its image is "
+                         f"{expected_hw[0]}x{expected_hw[1]}; they must be the same size (is it the right file?)")
+
+
 def read_train_ids(label_ids_path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
     """Cityscapes `*_gtFine_labelIds.png` -> (H, W) uint8 trainIds (255 = ignore)."""
-    try:
-        with Image.open(label_ids_path) as img:
-            img.load()
-            if img.mode not in ("L", "P"):
-                raise InputError(f"{label_ids_path}: labelIds must be a single-channel 8-bit PNG, found mode {img.mode}; "
-                                 "use the gtFine *_labelIds.png files, not the *_color.png ones")
-            label_ids = np.asarray(img, dtype=np.uint8)
-    except FileNotFoundError:
-        raise InputError(f"{label_ids_path}: ground truth is missing; add it, or run on unlabelled data with dataset.kind=folder") from None
-    except InputError:
-        raise
-    except (OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"{label_ids_path}: cannot decode ground truth ({err}); the file is corrupt or truncated") from None
-    if label_ids.shape != tuple(expected_hw):
-        raise InputError(f"{label_ids_path}: ground truth is {label_ids.shape[0]}x{label_ids.shape[1]} but its image is "
-                         f"{expected_hw[0]}x{expected_hw[1]}; they must be the same size (is it the right file?)")
+    label_ids, mode = _decode_ground_truth(label_ids_path, "ground truth",
+                                           "add it, or run on unlabelled data with dataset.kind=folder")
+    if mode not in ("L", "P"):
+        raise InputError(f"{label_ids_path}: labelIds must be a single-channel 8-bit PNG, found mode {mode}; "
+                         "use the gtFine *_labelIds.png files, not the *_color.png ones")
+    label_ids = label_ids.astype(np.uint8)
+    _check_same_size(label_ids, label_ids_path, "ground truth", expected_hw)
     if label_ids.max() > MAX_LABEL_ID:
         raise InputError(f"{label_ids_path}: unknown labelId {int(label_ids.max())} (Cityscapes labelIds are 0..{MAX_LABEL_ID}); "
                          "is this a trainIds or colour map instead of *_labelIds.png?")
@@ -67,19 +77,10 @@ def read_train_ids(label_ids_path: Path, expected_hw: tuple[int, int]) -> np.nda
 
 def read_instance_ids(instance_ids_path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
     """Cityscapes `*_gtFine_instanceIds.png` -> (H, W) int32 (labelId * 1000 + n on instances, else labelId)."""
-    try:
-        with Image.open(instance_ids_path) as img:
-            img.load()
-            ids = np.asarray(img).astype(np.int32)
-    except FileNotFoundError:
-        raise InputError(f"{instance_ids_path}: instance ground truth is missing; panoptic scores need the gtFine "
-                         "*_instanceIds.png beside *_labelIds.png") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"{instance_ids_path}: cannot decode instance ground truth ({err}); the file is corrupt or truncated") from None
-    if ids.shape != tuple(expected_hw):
-        raise InputError(f"{instance_ids_path}: instance ground truth is {'x'.join(map(str, ids.shape))} but its image is "
-                         f"{expected_hw[0]}x{expected_hw[1]}; they must be the same size (is it the right file?)")
-    return ids
+    ids, _ = _decode_ground_truth(instance_ids_path, "instance ground truth",
+                                  "panoptic scores need the gtFine *_instanceIds.png beside *_labelIds.png")
+    _check_same_size(ids, instance_ids_path, "instance ground truth", expected_hw)
+    return ids.astype(np.int32)
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
