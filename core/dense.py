@@ -6,6 +6,12 @@ window is also run flipped. Window features are averaged where windows overlap. 
 stride need not be a multiple of the patch size (161 = 11.5 x 14), averaging happens on a grid
 of cells of gcd(patch, stride) pixels (7 px for CAUSE) and is pooled back to the patch grid,
 so every window's patches land where they belong. A 1024x2048 image gives a 23x46 patch grid.
+
+The work is three steps, so that a pipeline can run each where it belongs:
+  `cut_windows`    CPU: resize (PIL bilinear, antialiased), pad, cut uint8 windows;
+  `WindowModel`    device: normalise, flip, run the model on windows of many images at once;
+  `stitch_windows` CPU: average the window features back onto each scale's patch grid.
+`DenseFeatureExtractor` runs all three in one process.
 """
 
 import math
@@ -13,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,8 +31,28 @@ class WindowSpec:
     crop: int
     stride: int
     flip: bool = True
-    batch_size: int = 8
+    batch_size: int = 8  # windows per forward pass
     precision: str = "fp32"  # fp16 / bf16 autocast on CUDA only
+
+
+@dataclass(frozen=True)
+class ScaleLayout:
+    """Where one scale's windows sit: enough to stitch their features without the image."""
+
+    short_side: int
+    resized: tuple[int, int]  # (h, w) after resizing
+    grid: tuple[int, int]  # (gh, gw) patch grid
+    padded: tuple[int, int]  # (H', W') covering every window
+    origins: tuple[tuple[int, int], ...]  # (y0, x0) of each window, row-major
+
+    def to_dict(self) -> dict:
+        return {"short_side": self.short_side, "resized": list(self.resized), "grid": list(self.grid),
+                "padded": list(self.padded), "origins": [list(o) for o in self.origins]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ScaleLayout":
+        return cls(d["short_side"], tuple(d["resized"]), tuple(d["grid"]), tuple(d["padded"]),
+                   tuple(tuple(o) for o in d["origins"]))
 
 
 def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
@@ -47,18 +73,59 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
     return [i * stride for i in range(n)]
 
 
-def to_normalized_tensor(image: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (1, 3, h, w) float ImageNet-normalised, resized with antialiasing (as PIL's bilinear)."""
-    x = torch.tensor(np.ascontiguousarray(image), device=device).permute(2, 0, 1)[None].float() / 255.0
-    if x.shape[-2:] != size:
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+def scale_short_sides(spec: WindowSpec, scales: list[float], patch_size: int) -> list[int]:
+    """The short side of each scale, in the order given."""
+    return [max(patch_size, round(spec.short_side * s)) for s in scales]
+
+
+def window_layout(height: int, width: int, short_side: int, spec: WindowSpec, patch_size: int) -> ScaleLayout:
+    h, w = resized_size(height, width, short_side)
+    gh, gw = math.ceil(h / patch_size), math.ceil(w / patch_size)
+    # windows cover the whole patch grid, so the last partial patch gets features too
+    ys = window_starts(gh * patch_size, spec.crop, spec.stride)
+    xs = window_starts(gw * patch_size, spec.crop, spec.stride)
+    return ScaleLayout(short_side, (h, w), (gh, gw), (ys[-1] + spec.crop, xs[-1] + spec.crop),
+                       tuple((y, x) for y in ys for x in xs))
+
+
+def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8, PIL bilinear (antialiased when shrinking), as the seed resizes."""
+    if image.shape[:2] == tuple(size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def _pad(image: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:
+    """Reflect padding at the bottom/right; replicate where the image is too small to reflect."""
+    if pad_h == 0 and pad_w == 0:
+        return image
+    mode = "reflect" if pad_h < image.shape[0] and pad_w < image.shape[1] else "edge"
+    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
+
+
+def cut_windows(image: np.ndarray, spec: WindowSpec, patch_size: int,
+                short_sides: list[int]) -> tuple[np.ndarray, list[ScaleLayout]]:
+    """(H, W, 3) uint8 -> every scale's windows (N, crop, crop, 3) uint8 and one layout per scale."""
+    windows, layouts = [], []
+    for short in short_sides:
+        layout = window_layout(image.shape[0], image.shape[1], short, spec, patch_size)
+        (h, w), (ph, pw) = layout.resized, layout.padded
+        padded = _pad(resize_rgb(image, (h, w)), ph - h, pw - w)
+        windows += [padded[y:y + spec.crop, x:x + spec.crop] for y, x in layout.origins]
+        layouts.append(layout)
+    return np.ascontiguousarray(np.stack(windows)), layouts
+
+
+def normalize(windows: torch.Tensor) -> torch.Tensor:
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32, ImageNet-normalised."""
+    x = windows.permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-class DenseFeatureExtractor:
-    """Wraps a patch-feature model (x (B,3,S,S) -> (B,D,S/p,S/p)) for whole images of any size."""
+class WindowModel:
+    """A patch-feature model (x (B,3,S,S) -> (B,D,S/p,S/p)) applied to uint8 windows on its device."""
 
     def __init__(self, model: torch.nn.Module, spec: WindowSpec, device: torch.device | str = "cpu"):
         self.model = model
@@ -69,70 +136,18 @@ class DenseFeatureExtractor:
             raise ValueError(f"crop {spec.crop} must be a multiple of the patch size {self.patch}")
         if getattr(model, "required_crop", None) not in (None, spec.crop):
             raise ValueError(f"this model runs on {model.required_crop} px windows only, not {spec.crop}")
-        self.cell = math.gcd(self.patch, spec.stride)  # averaging grid that every window aligns to
 
     @torch.inference_mode()
-    def __call__(self, images: list[np.ndarray], short_side: int | None = None) -> list[np.ndarray]:
-        """Each (H, W, 3) uint8 image -> (D, gh, gw) float32 features on its patch grid.
-
-        Windows of all images go through the model together in batches of `batch_size`.
-        """
-        short = short_side or self.spec.short_side
-        crop, stride, cell, patch = self.spec.crop, self.spec.stride, self.cell, self.patch
-        windows, owners, canvases = [], [], []
-        for index, image in enumerate(images):
-            h, w = resized_size(image.shape[0], image.shape[1], short)
-            x = to_normalized_tensor(image, (h, w), self.device)
-            gh, gw = math.ceil(h / patch), math.ceil(w / patch)
-            # windows cover the whole patch grid, so the last partial patch gets features too
-            ys, xs = window_starts(gh * patch, crop, stride), window_starts(gw * patch, crop, stride)
-            pad_h, pad_w = ys[-1] + crop - h, xs[-1] + crop - w
-            x = _pad(x, pad_h, pad_w)  # (1, 3, H', W') covering every window
-            canvases.append({"grid": (gh, gw), "padded": x.shape[-2:], "sum": None, "count": None})
-            for y0 in ys:
-                for x0 in xs:
-                    windows.append(x[0, :, y0:y0 + crop, x0:x0 + crop])
-                    owners.append((index, y0, x0))
-        outputs = self._run_windows(torch.stack(windows))  # (N, D, crop/p, crop/p)
-        up = patch // cell
-        for (index, y0, x0), feat in zip(owners, outputs):
-            canvas = canvases[index]
-            if canvas["sum"] is None:
-                ph, pw = canvas["padded"]
-                canvas["sum"] = torch.zeros(feat.shape[0], ph // cell, pw // cell, dtype=torch.float32, device=self.device)
-                canvas["count"] = torch.zeros(1, ph // cell, pw // cell, dtype=torch.float32, device=self.device)
-            cells = feat.repeat_interleave(up, 1).repeat_interleave(up, 2)  # (D, crop/cell, crop/cell)
-            cy, cx, n = y0 // cell, x0 // cell, crop // cell
-            canvas["sum"][:, cy:cy + n, cx:cx + n] += cells
-            canvas["count"][:, cy:cy + n, cx:cx + n] += 1
-        results = []
-        for canvas in canvases:
-            mean = canvas["sum"] / canvas["count"]  # (D, H'/cell, W'/cell)
-            pooled = F.avg_pool2d(mean[None], up)[0] if up > 1 else mean  # (D, H'/p, W'/p)
-            gh, gw = canvas["grid"]
-            results.append(pooled[:, :gh, :gw].float().cpu().numpy())
-        return results
-
-    def at_scales(self, image: np.ndarray, scales: list[float]) -> list[tuple[np.ndarray, tuple[int, int]]]:
-        """One image at several scales of the short side: [(features (D, gh, gw), resized (h, w))],
-        the scale closest to 1 first (the base grid that single-scale steps use)."""
-        order = sorted(range(len(scales)), key=lambda i: abs(scales[i] - 1.0))
-        grids = []
-        for i in order:
-            short = max(self.patch, round(self.spec.short_side * scales[i]))
-            (features,) = self([image], short_side=short)
-            grids.append((features, resized_size(image.shape[0], image.shape[1], short)))
-        return grids
-
-    def _run_windows(self, windows: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, D, S/p, S/p) float32, averaged with the horizontally flipped pass."""
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        """(N, S, S, 3) uint8 -> (N, D, S/p, S/p) float32, averaged with the horizontally flipped pass."""
         outs = []
-        for batch in windows.split(self.spec.batch_size):
-            feats = self._forward(batch)
+        for batch in torch.from_numpy(windows).split(self.spec.batch_size):
+            x = normalize(batch.to(self.device, non_blocking=True))
+            feats = self._forward(x)
             if self.spec.flip:
-                feats = 0.5 * (feats + self._forward(batch.flip(-1)).flip(-1))
-            outs.append(feats)
-        return torch.cat(outs)
+                feats = 0.5 * (feats + self._forward(x.flip(-1)).flip(-1))
+            outs.append(feats.cpu())
+        return torch.cat(outs).numpy() if outs else np.zeros((0, 0, 0, 0), np.float32)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.spec.precision)
@@ -142,9 +157,60 @@ class DenseFeatureExtractor:
         return self.model(x).float()
 
 
-def _pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
-    """Reflect padding at the bottom/right; replicate where the image is too small to reflect."""
-    if pad_h == 0 and pad_w == 0:
-        return x
-    mode = "reflect" if pad_h < x.shape[-2] and pad_w < x.shape[-1] else "replicate"
-    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+def stitch_windows(window_features: np.ndarray, layouts: list[ScaleLayout], crop: int, stride: int,
+                   patch_size: int) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """One image's window features (N, D, crop/p, crop/p), in `cut_windows` order -> per scale
+    (features (D, gh, gw) float32, resized (h, w))."""
+    cell = math.gcd(patch_size, stride)  # averaging grid that every window aligns to
+    up, n = patch_size // cell, crop // cell
+    grids, start = [], 0
+    for layout in layouts:
+        feats = window_features[start:start + len(layout.origins)].astype(np.float32, copy=False)
+        start += len(layout.origins)
+        d = feats.shape[1]
+        ph, pw = layout.padded
+        total = np.zeros((d, ph // cell, pw // cell), np.float32)
+        count = np.zeros((ph // cell, pw // cell), np.float32)
+        for (y0, x0), feat in zip(layout.origins, feats):
+            cells = feat.repeat(up, axis=1).repeat(up, axis=2) if up > 1 else feat  # (D, crop/cell, crop/cell)
+            cy, cx = y0 // cell, x0 // cell
+            total[:, cy:cy + n, cx:cx + n] += cells
+            count[cy:cy + n, cx:cx + n] += 1
+        mean = total / count  # (D, H'/cell, W'/cell)
+        if up > 1:  # pool the cells back to whole patches: (D, H'//p, W'//p)
+            qh, qw = ph // patch_size, pw // patch_size
+            mean = mean[:, :qh * up, :qw * up].reshape(d, qh, up, qw, up).mean(axis=(2, 4))
+        gh, gw = layout.grid
+        grids.append((np.ascontiguousarray(mean[:, :gh, :gw]), layout.resized))
+    if start != len(window_features):
+        raise ValueError(f"{len(window_features)} window features for layouts of {start} windows")
+    return grids
+
+
+class DenseFeatureExtractor:
+    """The three steps in one process: images -> per-scale patch-feature grids."""
+
+    def __init__(self, model: torch.nn.Module, spec: WindowSpec, device: torch.device | str = "cpu"):
+        self.windows = WindowModel(model, spec, device)
+        self.model, self.spec, self.patch = model, spec, self.windows.patch
+
+    def __call__(self, images: list[np.ndarray], short_side: int | None = None) -> list[np.ndarray]:
+        """Each (H, W, 3) uint8 image -> (D, gh, gw) float32 features on its patch grid; the
+        windows of all images go through the model together."""
+        short = short_side or self.spec.short_side
+        cut = [cut_windows(image, self.spec, self.patch, [short]) for image in images]
+        features = self.windows(np.concatenate([w for w, _ in cut])) if cut else None
+        results, start = [], 0
+        for windows, layouts in cut:
+            mine = features[start:start + len(windows)]
+            start += len(windows)
+            ((grid, _),) = stitch_windows(mine, layouts, self.spec.crop, self.spec.stride, self.patch)
+            results.append(grid)
+        return results
+
+    def at_scales(self, image: np.ndarray, scales: list[float]) -> list[tuple[np.ndarray, tuple[int, int]]]:
+        """One image at several scales of the short side: [(features (D, gh, gw), resized (h, w))],
+        the scale closest to 1 first (the base grid that single-scale steps use)."""
+        ordered = sorted(scales, key=lambda s: abs(s - 1.0))
+        windows, layouts = cut_windows(image, self.spec, self.patch, scale_short_sides(self.spec, ordered, self.patch))
+        return stitch_windows(self.windows(windows), layouts, self.spec.crop, self.spec.stride, self.patch)

@@ -55,9 +55,10 @@ over EM iterations, regions, seeds, neighbour offsets or classes, never over pix
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import ndimage
 
-from core.labelling import bilinear_taps, bilinear_weights
+from core.labelling import bilinear_weights, taps_at
 from core.labels import IGNORE, NUM_CLASSES, THING_TRAIN_IDS
 
 METRICS = ("cosine", "euclidean")
@@ -237,9 +238,7 @@ def _grid_scale(image_hw, grid_hw, resized_hw, patch_size) -> tuple[float, float
 
 def _taps_at(pixels: np.ndarray, n_grid: int, scale: float):
     """core.labelling's bilinear taps (lo, hi, frac) for the given pixel indices."""
-    pixels = np.asarray(pixels, np.int64)
-    lo, hi, frac = (t.numpy() for t in bilinear_taps(int(pixels.max(initial=0)) + 1, n_grid, scale))
-    return lo[pixels], hi[pixels], frac[pixels]
+    return (t.numpy() for t in taps_at(torch.from_numpy(np.asarray(pixels, np.int64)), n_grid, scale))
 
 
 def _sample_features(features: np.ndarray, ys: np.ndarray, xs: np.ndarray, scale: tuple[float, float]) -> np.ndarray:

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.dense import DenseFeatureExtractor, WindowSpec, resized_size, to_normalized_tensor, window_starts
+from core.dense import (DenseFeatureExtractor, WindowSpec, cut_windows, normalize, resized_size, stitch_windows,
+                        window_starts)
 
 
 class PatchConv(nn.Module):
@@ -40,15 +41,16 @@ def test_aligned_windows_equal_the_whole_image_pass():
     dense = DenseFeatureExtractor(model, WindowSpec(short_side=56, crop=28, stride=14, flip=False))
     (features,) = dense([image])
     with torch.no_grad():
-        expected = model(to_normalized_tensor(image, (56, 112), torch.device("cpu")))[0].numpy()
+        expected = model(normalize(torch.from_numpy(image)[None]))[0].numpy()
     assert features.shape == (5, 4, 8)
     np.testing.assert_allclose(features, expected, atol=1e-5)
 
 
 def test_cityscapes_geometry_gives_a_23x46_grid():
     dense = DenseFeatureExtractor(PatchConv().eval(), WindowSpec(short_side=322, crop=322, stride=161))
-    assert dense.cell == 7  # gcd(14, 161): windows at 161 px are aligned on 7 px cells
-    (features,) = dense([_image(1024, 2048)])
+    windows, (layout,) = cut_windows(_image(1024, 2048), dense.spec, 14, [322])
+    assert windows.shape == (3, 322, 322, 3) and layout.origins == ((0, 0), (0, 161), (0, 322))
+    (features,) = dense([_image(1024, 2048)])  # 161 px steps: stitched on 7 px cells, gcd(14, 161)
     assert features.shape == (5, 23, 46) and np.isfinite(features).all()
 
 
@@ -57,7 +59,7 @@ def test_flip_averaging_matches_manual_flip():
     image = _image(28, 28)
     (flipped,) = DenseFeatureExtractor(model, WindowSpec(short_side=28, crop=28, stride=14, flip=True))([image])
     with torch.no_grad():
-        x = to_normalized_tensor(image, (28, 28), torch.device("cpu"))
+        x = normalize(torch.from_numpy(image)[None])
         expected = 0.5 * (model(x) + model(x.flip(-1)).flip(-1))[0].numpy()
     np.testing.assert_allclose(flipped, expected, atol=1e-5)
 
@@ -77,3 +79,23 @@ def test_model_crop_mismatch_is_refused():
     model.required_crop = 322
     with pytest.raises(ValueError, match="322 px windows"):
         DenseFeatureExtractor(model, WindowSpec(short_side=224, crop=224, stride=112))
+
+
+def test_windows_cut_on_cpu_and_stitched_back_equal_the_one_process_pass():
+    """The pipeline's split (cut on CPU, model elsewhere on windows of many images, stitch on CPU)
+    gives what DenseFeatureExtractor gives, at every scale, whatever the window order in a batch."""
+    model = PatchConv().eval()
+    spec = WindowSpec(short_side=70, crop=28, stride=21)
+    dense = DenseFeatureExtractor(model, spec)
+    images = [_image(100, 130, 3), _image(90, 90, 4)]
+    cut = [cut_windows(im, spec, 14, [70, 42]) for im in images]
+    assert all(w.dtype == np.uint8 and w.shape[1:] == (28, 28, 3) for w, _ in cut)
+    batch = np.concatenate([w for w, _ in cut])
+    features = dense.windows(batch)  # one model call for both images
+    start = 0
+    for image, (windows, layouts) in zip(images, cut):
+        grids = stitch_windows(features[start:start + len(windows)], layouts, 28, 21, 14)
+        start += len(windows)
+        assert [r for _, r in grids] == [resized_size(*image.shape[:2], s) for s in (70, 42)]
+        np.testing.assert_allclose(grids[0][0], dense([image])[0], atol=1e-6)
+        np.testing.assert_allclose(grids[1][0], dense([image], short_side=42)[0], atol=1e-6)

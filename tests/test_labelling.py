@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
-from core.labelling import PixelAssigner, bilinear_weights, clusters_to_train_ids
+from core.labelling import PixelAssigner, bilinear_weights, clusters_to_train_ids, subsample
 from core.mapping import cluster_class_counts
 
 
@@ -61,17 +62,47 @@ def test_equals_upsample_normalise_cosine_done_naively():
     assert np.array_equal(ours.ravel(), naive.argmax(axis=1))
 
 
-@pytest.mark.parametrize("candidates", [1, 3, 8])
-def test_pruned_assignment_equals_scoring_every_cluster(candidates):
-    rng = np.random.default_rng(candidates)
-    features = rng.normal(size=(16, 5, 9)).astype(np.float32)
-    fits = [rng.normal(size=(k, 16)) for k in (40, 7)]
-    fits = [c / np.linalg.norm(c, axis=1, keepdims=True) for c in fits]
-    grids = [(features, (70, 126))]
-    pruned, _ = PixelAssigner(fits, candidates=candidates).assign(grids, 14, (61, 107))
-    full, _ = PixelAssigner(fits, candidates=None).assign(grids, 14, (61, 107))
-    for a, b in zip(pruned, full):
-        assert np.array_equal(a, b)
+def _naive_scores(features, centroids, resized, patch, hw):
+    """Upsample the features to every pixel (float64), then dot with every centroid: (H, W, k)."""
+    _, gh, gw = features.shape
+    up = (bilinear_weights(hw[0], gh, resized[0] / hw[0] / patch).double() @ torch.from_numpy(features).double()
+          @ bilinear_weights(hw[1], gw, resized[1] / hw[1] / patch).double().T)
+    return torch.einsum("dhw,kd->hwk", up, torch.from_numpy(centroids).double()).numpy()
+
+
+@pytest.mark.parametrize("smooth", [0.0, 1.5])
+@pytest.mark.parametrize("stride", [1, 3])
+def test_envelope_assignment_equals_scoring_every_cluster_at_every_pixel(smooth, stride):
+    """One scale takes the envelope path, which scores the k clusters only at crossings; it must
+    pick the same cluster as scoring all k at every pixel (up to float near-ties), at any stride."""
+    rng = np.random.default_rng(int(10 * smooth) + stride)
+    features = rng.normal(size=(16, 9, 17))
+    if smooth:  # neighbouring patches alike, as in real images: long runs of one winner
+        features = ndimage.gaussian_filter(features, (0, smooth, smooth))
+    features = features.astype(np.float32)
+    fits = [rng.normal(size=(k, 16)) for k in (60, 7)]
+    fits = [(c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32) for c in fits]
+    hw, resized = (181, 333), (126, 238)
+    maps, _ = PixelAssigner(fits, strides=[stride, 1]).assign([(features, resized)], 14, hw)
+    for cluster_map, centroids, s in zip(maps, fits, (stride, 1)):
+        scores = subsample(_naive_scores(features, centroids, resized, 14, hw), s)
+        assert cluster_map.shape == scores.shape[:2]
+        chosen = np.take_along_axis(scores, cluster_map[..., None].astype(np.int64), 2)[..., 0]
+        assert (scores.max(axis=2) - chosen).max() < 1e-5  # never a worse cluster, beyond rounding
+        assert (cluster_map == scores.argmax(axis=2)).mean() > 0.9999
+
+
+def test_envelope_handles_three_winners_in_one_band():
+    """Two patch rows; a, b and c each win a third of the band down the column: c never wins
+    at a patch centre, so only the check at the crossing finds it."""
+    features = np.array([[[1.0]], [[0.0]]], np.float32).repeat(2, axis=1)  # (D=2, 2, 1)
+    features[:, 1, 0] = (0.0, 1.0)
+    centroids = np.array([[1.0, 0.0], [0.0, 1.0], [0.8, 0.8]], np.float32)  # a, b, and c in between
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    ((cluster_map,), _) = PixelAssigner([centroids]).assign([(features, (28, 14))], 14, (60, 1))
+    assert set(np.unique(cluster_map)) == {0, 1, 2}
+    scores = _naive_scores(features, centroids, (28, 14), 14, (60, 1))
+    assert np.array_equal(cluster_map, scores.argmax(axis=2))
 
 
 def test_the_same_grid_at_every_scale_gives_the_single_scale_answer():
