@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Ray and torch are imported only once the config is known to be good.
     from core.models import CheckpointError
-    from ray_jobs.actor_stage import StageIncomplete
+    from ray_jobs.streaming import StageIncomplete
     from ray_jobs.fit import FitError
     from ray_jobs.apply import ApplyError, run_apply
     from ray_jobs.pipeline import STAGES, Pipeline

@@ -1,9 +1,9 @@
-"""Config -> model on a device: the one place the actors build their feature extractor."""
+"""Config -> model, windows and devices: the one place the stages turn settings into objects."""
 
 import torch
 
 from configs.schema import InferenceConfig, RunConfig, WorkersConfig
-from core.dense import DenseFeatureExtractor, WindowSpec
+from core.dense import WindowModel, WindowSpec, scale_short_sides
 from core.models import ModelSpec, ViTSpec, build_feature_model
 
 
@@ -22,6 +22,20 @@ def window_spec(inference: InferenceConfig) -> WindowSpec:
                       flip=inference.flip, batch_size=inference.batch_size, precision=inference.precision)
 
 
+def extracted_scales(cfg: RunConfig) -> list[float]:
+    """The scales extract writes: 1.0 first (the grid the fit uses), then the other inference scales."""
+    return [1.0, *(s for s in cfg.inference.scales if s != 1.0)]
+
+
+def extracted_short_sides(cfg: RunConfig) -> list[int]:
+    return scale_short_sides(window_spec(cfg.inference), extracted_scales(cfg), cfg.model.vit.patch_size)
+
+
+def label_scales(cfg: RunConfig) -> list[float]:
+    """The scales the label pass averages, the one closest to 1 first (single-scale steps use it)."""
+    return sorted(cfg.inference.scales, key=lambda s: abs(s - 1.0))
+
+
 def device_for(workers: WorkersConfig) -> torch.device:
     """CUDA when the pool asked for GPUs (Ray then sets CUDA_VISIBLE_DEVICES for the actor)."""
     if workers.gpus_per_actor > 0:
@@ -33,7 +47,7 @@ def device_for(workers: WorkersConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def build_dense_extractor(cfg: RunConfig, workers: WorkersConfig) -> DenseFeatureExtractor:
+def build_window_model(cfg: RunConfig, workers: WorkersConfig) -> WindowModel:
     device = device_for(workers)
     model = build_feature_model(model_spec(cfg)).to(device)
-    return DenseFeatureExtractor(model, window_spec(cfg.inference), device)
+    return WindowModel(model, window_spec(cfg.inference), device)

@@ -52,7 +52,7 @@ def write_shards(directory: Path, rows: int, images_per_shard: int, k: int, dim:
         feats = [x[i * per_image:(i + 1) * per_image].reshape(*GRID, dim).transpose(2, 0, 1) for i in range(count)]
         labels = [(comp[i * per_image:(i + 1) * per_image] % 19).reshape(GRID) for i in range(count)]
         ids = [f"img{first + i:07d}" for i in range(count)]
-        write_parquet_atomic(patch_table(ids, feats, labels, schema), directory / f"shard-{shard:05d}.parquet")
+        write_parquet_atomic(patch_table(ids, feats, labels, schema, [(1024, 2048)] * count), directory / f"shard-{shard:05d}.parquet")
     write_json_atomic(settings, manifest)
     return sorted(directory.glob("shard-*.parquet"))
 

@@ -83,11 +83,34 @@ class InferenceConfig(Strict):
 
 
 class WorkersConfig(Strict):
-    """An actor pool. Leave CPU for Ray Data's read tasks: num_actors * cpus_per_actor < cores."""
+    """An actor pool. Leave CPU for Ray Data's tasks: num_actors * cpus_per_actor < cores."""
 
     num_actors: int = Field(default=1, ge=1)
     cpus_per_actor: float = Field(default=1.0, gt=0)
-    gpus_per_actor: float = Field(default=0.0, ge=0)  # > 0 puts the model on CUDA
+    gpus_per_actor: float = Field(default=0.0, ge=0)  # > 0 puts the model (or the assignment) on CUDA
+
+
+class ModelPoolConfig(WorkersConfig):
+    """The actors that run only the model, on the windows of `batch_images` images at a time."""
+
+    batch_images: int = Field(default=8, ge=1)
+
+
+class TaskConfig(Strict):
+    """Ray Data tasks of one CPU step (decode, stitch, write): what each reserves and how many run at once."""
+
+    num_cpus: float = Field(default=0.5, gt=0)
+    concurrency: int | None = Field(default=None, ge=1)  # None: as many as the free CPUs allow
+
+
+class ExtractConfig(Strict):
+    """extract (and apply): CPU tasks read, decode, resize and cut windows -> a model-only actor
+    pool -> CPU tasks stitch windows, compute patch labels and write. Ray Data streams the images
+    through the three and bounds the memory in between (backpressure)."""
+
+    read: TaskConfig = TaskConfig()
+    model: ModelPoolConfig = ModelPoolConfig()
+    write: TaskConfig = TaskConfig()
 
 
 class FitConfig(Strict):
@@ -116,8 +139,16 @@ class FitConfig(Strict):
 
 
 class LabelConfig(Strict):
+    """label: CPU tasks read the features extract wrote (no model) -> an actor pool labels and
+    scores every image (on CPU, or the assignment on CUDA with workers.gpus_per_actor > 0)."""
+
     write_label_pngs: bool = True
     num_overlays: int = Field(default=8, ge=0)  # coloured overlays written for the first N images
+    # The k sweep's extra fits are scored on every s-th pixel in each direction (the main fit and the
+    # baseline always on every pixel): their full-resolution labels are never written or read.
+    sweep_pixel_stride: int = Field(default=1, ge=1)
+    read: TaskConfig = TaskConfig(num_cpus=0.25)
+    workers: WorkersConfig = WorkersConfig()
 
 
 class PanopticConfig(Strict):
@@ -153,6 +184,10 @@ class RefineConfig(Strict):
         return self
 
 
+class ApplyConfig(Strict):
+    write_features: bool = False  # also write the images' patch features (extract's schema) to output_dir/features
+
+
 class RayConfig(Strict):
     address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a local cluster
     local_num_cpus: int | None = Field(default=None, ge=1)
@@ -166,12 +201,12 @@ class RunConfig(Strict):
     demo_set: DemoSetConfig | None = None
     model: ModelConfig = ModelConfig()
     inference: InferenceConfig = InferenceConfig()
-    extract: WorkersConfig = WorkersConfig()
+    extract: ExtractConfig = ExtractConfig()
     label: LabelConfig = LabelConfig()
     panoptic: PanopticConfig = PanopticConfig()
     refine: RefineConfig = RefineConfig()
-    label_workers: WorkersConfig = WorkersConfig()
     fit: FitConfig = FitConfig()
+    apply: ApplyConfig = ApplyConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")

@@ -75,7 +75,7 @@ class PixelAssigner:
         self.offsets = np.cumsum([0, *self.sizes])
         self.strides = strides or [1] * len(centroids)
         self.device = torch.device(device)
-        self.centroids = [torch.from_numpy(np.asarray(c, np.float32)).to(self.device) for c in centroids]
+        self.centroids = [torch.from_numpy(np.array(c, np.float32)).to(self.device) for c in centroids]
 
     def assign(self, feature_grids: list[tuple[np.ndarray, tuple[int, int]]], patch_size: int,
                image_hw: tuple[int, int], first_fit_mapping: np.ndarray | None = None,

@@ -1,8 +1,9 @@
-"""Apply stage: label unlabelled images with a saved fit, at any scale.
+"""Apply stage: label unlabelled images with a saved fit, one streaming pass at any scale.
 
-The fit (centroids + mapping) goes into the object store once; a PseudoLabeler actor pool maps
-over shards of a local folder or an object-store URI. The driver holds only the shard plan and
-the per-shard summaries.
+Read and decode (CPU tasks) -> the model (model-only actor pool) -> stitch, assign, write the
+pseudo-labels and cluster histograms (+ features when asked) on the label actor pool, from a local
+folder or an object-store URI. The fit goes into the object store once; the driver holds only the
+shard plan and the images' status rows.
 """
 
 import json
@@ -11,11 +12,14 @@ from pathlib import Path
 
 import ray
 
-from actors.pseudo_labeler import PseudoLabeler
+from ray.data import Dataset
+
+from actors.apply import PseudoLabelImages, finish_apply
 from configs.schema import RunConfig
 from core.fit_artifact import FitArtifact
-from ray_jobs.actor_stage import run_actor_stage
+from ray_jobs.extract import windows_to_features
 from ray_jobs.layout import Layout, settings_key
+from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream
 from ray_jobs.report import merge_panoptic_annotations
 from storage.datasets import list_dataset
 from storage.shards import plan_shards, write_json_atomic
@@ -42,12 +46,19 @@ def run_apply(cfg: RunConfig, fit_dir: Path) -> dict:
     layout = Layout(cfg.output_dir)
     records = list_dataset(cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split, cfg.dataset.max_images)
     shards = plan_shards(records, cfg.dataset.images_per_shard)
-    key = settings_key(shards, fit.meta.get("settings_key"), cfg.model, cfg.inference, cfg.panoptic)
+    key = settings_key(shards, fit.meta.get("settings_key"), cfg.model, cfg.inference, cfg.panoptic, cfg.apply)
     fit_ref = ray.put({"name": fit.meta.get("name", Path(fit_dir).name), "centroids": fit.centroids, "mapping": fit.mapping})
-    done = run_actor_stage("apply", shards, PseudoLabeler,
-                           {"config": cfg.model_dump(mode="json"), "fit": fit_ref, "stage_dir": str(layout.histograms),
-                            "labels_dir": str(layout.labels)},
-                           cfg.label_workers, layout.histograms, key)
+    config = cfg.model_dump(mode="json")
+
+    def build(ds: Dataset) -> Dataset:
+        return windows_to_features(ds, cfg).map(guarded(PseudoLabelImages, per_row=True), **actor_args(cfg.label.workers),
+                                                fn_constructor_kwargs={"config": config, "fit": fit_ref,
+                                                                       "stage_dir": str(layout.histograms),
+                                                                       "labels_dir": str(layout.labels)})
+
+    done = run_image_stream("apply", layout.histograms, key, shards, build,
+                            finisher(finish_apply, layout.histograms, config=config, k=fit.k,
+                                     features_dir=str(layout.features)))
     failed = [f for s in sorted(done) for f in done[s]["failed"]]
     write_json_atomic(failed, cfg.output_dir / "failed_items.json")
     panoptic_json = merge_panoptic_annotations(layout.histograms, layout.labels, cfg.dataset.split)

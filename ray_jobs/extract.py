@@ -1,19 +1,36 @@
-"""Extract stage: Ray Data maps a FeatureExtractor actor pool over the image shards."""
+"""Extract stage: decode and cut windows on CPU -> the model on a model-only actor pool -> stitch,
+patch labels and write on CPU, streamed image by image."""
 
-from actors.feature_extractor import FeatureExtractor
+from ray.data import Dataset
+
+from actors.extract import WindowFeatures, finish_features, image_windows, write_features
 from configs.schema import RunConfig
-from ray_jobs.actor_stage import run_actor_stage
 from ray_jobs.layout import Layout, settings_key
+from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, task_args
 from storage.datasets import ImageRecord
 from storage.shards import plan_shards
 
 
-def run_extract(cfg: RunConfig, records: list[ImageRecord]) -> dict[str, dict]:
+def windows_to_features(ds: Dataset, cfg: RunConfig, model_actor=WindowFeatures) -> Dataset:
+    """shard rows -> image rows with the model's window features (extract and apply share it;
+    the benchmark swaps in a stand-in `model_actor`)."""
+    config, pool = cfg.model_dump(mode="json"), cfg.extract.model
+    ds = ds.flat_map(image_windows, fn_kwargs={"config": config}, **task_args(cfg.extract.read))
+    # Rows are images: the model actor gets the windows of batch_images images per call.
+    return ds.map_batches(guarded(model_actor, per_row=False), batch_size=pool.batch_images, batch_format="numpy",
+                          fn_constructor_kwargs={"config": config}, **actor_args(pool))
+
+
+def run_extract(cfg: RunConfig, records: list[ImageRecord], model_actor=WindowFeatures) -> dict[str, dict]:
     layout = Layout(cfg.output_dir)
     shards = plan_shards(records, cfg.dataset.images_per_shard)
+    config = cfg.model_dump(mode="json")
+
+    def build(ds: Dataset) -> Dataset:
+        ds = windows_to_features(ds, cfg, model_actor)
+        return ds.map(write_features, fn_kwargs={"config": config, "stage_dir": str(layout.features)},
+                      **task_args(cfg.extract.write))
+
     key = settings_key(shards, cfg.model, cfg.inference)
-    return run_actor_stage(
-        "extract", shards, FeatureExtractor,
-        {"config": cfg.model_dump(mode="json"), "stage_dir": str(layout.features)},
-        cfg.extract, layout.features, key,
-    )
+    return run_image_stream("extract", layout.features, key, shards, build,
+                            finisher(finish_features, layout.features, config=config))

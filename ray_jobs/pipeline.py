@@ -73,10 +73,10 @@ class Pipeline:
               f"patch mIoU {100 * main['patch_level']['same_set']['miou']:.1f} % -> {self.cfg.output_dir / 'report.md'}")
 
     def _model_description(self) -> str:
-        done = read_done(self.layout.features)
-        if not done:
+        models = [m["model"] for m in read_done(self.layout.features).values() if m.get("model")]
+        if not models:
             raise RuntimeError(f"no extracted features in {self.layout.features}: run the extract stage first")
-        return next(iter(done.values()))["model"]
+        return models[0]
 
     def _timing(self) -> dict:
         path = self.cfg.output_dir / "timing.json"

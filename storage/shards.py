@@ -29,6 +29,12 @@ def plan_shards(records: list[ImageRecord], images_per_shard: int) -> list[dict]
     ]
 
 
+def restrict_shards(shards: list[dict], keep_ids: set[str]) -> list[dict]:
+    """The same shards (names and order) holding only the records whose id is in `keep_ids`."""
+    return [{"shard": s["shard"], "records": json.dumps([r.to_dict() for r in shard_records(s) if r.image_id in keep_ids])}
+            for s in shards]
+
+
 def shard_records(shard_row: dict) -> list[ImageRecord]:
     return [ImageRecord(**d) for d in json.loads(shard_row["records"])]
 
@@ -49,15 +55,18 @@ def patch_schema(feature_dim: int, feature_dtype: str = "float16") -> pa.Schema:
         ("col", pa.int16()),
         ("feature", pa.list_(pa.float16() if feature_dtype == "float16" else pa.float32(), feature_dim)),
         ("label", pa.uint8()),  # patch majority trainId, 255 = ignore / unlabelled
+        ("height", pa.uint16()),  # the image's size, which places the grid on its pixels (constant per image)
+        ("width", pa.uint16()),
     ])
 
 
-def patch_table(image_ids: list[str], features: list[np.ndarray], labels: list[np.ndarray], schema: pa.Schema) -> pa.Table:
-    """Per image (D, h, w) features and (h, w) labels -> one Arrow table of patch rows, row-major."""
+def patch_table(image_ids: list[str], features: list[np.ndarray], labels: list[np.ndarray], schema: pa.Schema,
+                image_sizes: list[tuple[int, int]]) -> pa.Table:
+    """Per image (D, h, w) features, (h, w) labels and its (H, W) -> one Arrow table of patch rows, row-major."""
     value_type = schema.field("feature").type.value_type.to_pandas_dtype()
     feature_dim = schema.field("feature").type.list_size
-    ids, rows, cols, flat, labs = [], [], [], [], []
-    for image_id, feat, lab in zip(image_ids, features, labels):
+    ids, rows, cols, flat, labs, heights, widths = [], [], [], [], [], [], []
+    for image_id, feat, lab, (height, width) in zip(image_ids, features, labels, image_sizes):
         d, h, w = feat.shape
         rr, cc = np.meshgrid(np.arange(h, dtype=np.int16), np.arange(w, dtype=np.int16), indexing="ij")
         ids.extend([image_id] * (h * w))
@@ -65,6 +74,8 @@ def patch_table(image_ids: list[str], features: list[np.ndarray], labels: list[n
         cols.append(cc.ravel())
         flat.append(feat.reshape(d, h * w).T.astype(value_type).ravel())
         labs.append(lab.ravel().astype(np.uint8))
+        heights.append(np.full(h * w, height, np.uint16))
+        widths.append(np.full(h * w, width, np.uint16))
     if not ids:
         return schema.empty_table()
     values = pa.array(np.concatenate(flat))
@@ -74,7 +85,36 @@ def patch_table(image_ids: list[str], features: list[np.ndarray], labels: list[n
         "col": pa.array(np.concatenate(cols)),
         "feature": pa.FixedSizeListArray.from_arrays(values, feature_dim),
         "label": pa.array(np.concatenate(labs)),
+        "height": pa.array(np.concatenate(heights)),
+        "width": pa.array(np.concatenate(widths)),
     }, schema=schema)
+
+
+def image_grids(table: pa.Table) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
+    """A features table -> per image (features (D, gh, gw) float32, image (H, W)); rows of an image
+    are consecutive and row-major, as `patch_table` writes them."""
+    ids = table.column("image_id").to_numpy(zero_copy_only=False)
+    if not len(ids):
+        return {}
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    ends = np.r_[starts[1:], len(ids)]
+    feats = features_from_table(table)
+    rows, cols = table.column("row").to_numpy(), table.column("col").to_numpy()
+    heights, widths = table.column("height").to_numpy(), table.column("width").to_numpy()
+    grids = {}
+    for a, b in zip(starts, ends):
+        gh, gw = int(rows[b - 1]) + 1, int(cols[b - 1]) + 1
+        grids[str(ids[a])] = (np.ascontiguousarray(feats[a:b].reshape(gh, gw, -1).transpose(2, 0, 1)),
+                              (int(heights[a]), int(widths[a])))
+    return grids
+
+
+def feature_path(features_dir: Path, shard: str, scale: float = 1.0) -> Path:
+    """A shard's patch rows at one inference scale: scale 1 (the one the fit uses) at the top level,
+    others in `_scales/<s>/`, which dataset readers skip (a leading '_'), so `features/` read as one
+    Parquet dataset holds scale 1 only."""
+    folder = Path(features_dir) if scale == 1.0 else Path(features_dir) / "_scales" / f"{scale:g}"
+    return folder / f"{shard}.parquet"
 
 
 def features_from_table(table: pa.Table) -> np.ndarray:

@@ -33,7 +33,9 @@ def apply_config(root: str, output_dir, embed_dim: int = 32):
         "dataset": {"kind": "folder", "root": root, "images_per_shard": 2},
         "model": {"vit": {"patch_size": 14, "embed_dim": embed_dim, "depth": 1, "num_heads": 2}, "feature_kind": "backbone"},
         "inference": {"short_side": 112, "crop": 112, "stride": 56},
-        "label_workers": {"num_actors": 2, "cpus_per_actor": 0.5},
+        "extract": {"read": {"num_cpus": 0.25}, "model": {"num_actors": 1, "cpus_per_actor": 0.5, "batch_images": 2},
+                    "write": {"num_cpus": 0.25}},
+        "label": {"workers": {"num_actors": 2, "cpus_per_actor": 0.5}},
         "ray": {"local_num_cpus": 2},
     })
 

@@ -18,7 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
-from actors.feature_extractor import FeatureExtractor
+from actors.extract import WindowFeatures, finish_features, image_windows, write_features
 from core.models import CheckpointError, ModelSpec, ViTSpec, build_feature_model
 from ray_jobs.fit import FitError, run_fit
 from ray_jobs.pipeline import Pipeline
@@ -85,10 +85,11 @@ def test_several_bad_files_in_one_dataset(ray_cluster, demo_root, tmp_path):
         path, phrase = expect[f["image_id"]]
         assert str(path) in f["error"] and phrase in f["error"], f
         assert f["path"] == next(r.image_path for r in records if r.image_id == f["image_id"])
-    # extract dropped the 7 it could not read; the one without instance ids failed in label only
+    # extract dropped the 7 it could not read (label never sees them); the one without instance
+    # ids failed in label only
     stages = {i: {f["stage"] for f in failed if f["image_id"] == i} for i in expect}
     assert stages.pop(records[8].image_id) == {"label"}
-    assert all(s == {"extract", "label"} for s in stages.values())
+    assert all(s == {"extract"} for s in stages.values())
     assert set(feature_ids(cfg.output_dir)) == {records[i].image_id for i in (4, 8, 9, 10, 11)}
     written = {p.name.removesuffix("_gtFine_labelIds.png").removesuffix("_labelIds.png")
                for p in cfg.output_dir.glob("labels/labelIds/*/*.png")}
@@ -128,12 +129,18 @@ def test_nan_features_drop_the_images_and_fit_says_why(demo_root, tmp_path):
     cfg = _checkpoint_config(demo_root, tmp_path / "out", path)
     records = list_cityscapes(demo_root, "val")[:3]
     (shard,) = plan_shards(records, 3)
+    config, stage_dir = cfg.model_dump(mode="json"), str(cfg.output_dir / "features")
     threads = torch.get_num_threads()
-    try:
-        extractor = FeatureExtractor(config=cfg.model_dump(mode="json"), stage_dir=str(cfg.output_dir / "features"))
-        extractor({"shard": np.array([shard["shard"]]), "records": np.array([shard["records"]])})
+    try:  # the extract steps by hand, as the stream runs them
+        rows = list(image_windows(shard, config))
+        batch = {k: np.array([r[k] for r in rows]) for k in rows[0]}  # a Ray Data numpy batch of the rows
+        out = WindowFeatures(config)(batch)
+        statuses = [write_features({k: v[i] for k, v in out.items()}, config, stage_dir) for i in range(len(rows))]
     finally:
         torch.set_num_threads(threads)
+    assert all("NaN/inf features" in s["error"] for s in statuses)
+    failed = [{"image_id": s["image_id"], "path": s["path"], "stage": "extract", "error": s["error"]} for s in statuses]
+    finish_features(stage_dir, shard, [], failed, config)
     (done,) = read_done(cfg.output_dir / "features").values()
     assert done["num_images"] == 0 and len(done["failed"]) == 3
     for f, record in zip(sorted(done["failed"], key=lambda f: f["image_id"]), records):
@@ -149,7 +156,7 @@ def _write_features(output_dir: Path, num_images: int, patches: int, nan_rows: i
     if nan_rows:
         features[0][:, 0, :nan_rows] = np.inf
     labels = [np.full((1, patches), 0, np.uint8) for _ in range(num_images)]
-    table = patch_table([f"img{i}" for i in range(num_images)], features, labels, patch_schema(32))
+    table = patch_table([f"img{i}" for i in range(num_images)], features, labels, patch_schema(32), [(14, 14 * patches)] * num_images)
     write_parquet_atomic(table, output_dir / "features" / "shard-00000.parquet")
 
 

@@ -41,7 +41,7 @@ def shards(tmp_path_factory):
             feats.append(feat.transpose(2, 0, 1))
             labels.append(which.astype(np.uint8))
             image += 1
-        table = patch_table(ids, feats, labels, schema)
+        table = patch_table(ids, feats, labels, schema, [(24 * 14, 48 * 14)] * len(ids))
         path = out / f"shard-{shard:05d}.parquet"
         write_parquet_atomic(table, path)
         files.append(path)

@@ -1,6 +1,7 @@
-"""Worker faults: an actor process is SIGKILLed in the middle of the extract stage and again in the
-middle of the label stage. Ray Data restarts the actor and runs its task again; deterministic
-output names, atomic renames and completion markers must leave every image exactly once."""
+"""Worker faults: the model actor is SIGKILLed in the middle of the extract stage and a labelling
+actor in the middle of the label stage. Ray Data restarts the actor and runs its task again;
+per-image parts under deterministic names, atomic renames and shard markers must leave every
+image exactly once."""
 
 import json
 import os
@@ -44,7 +45,7 @@ class ActorKiller(threading.Thread):
                 raise TimeoutError(f"no marker in {done}")
             time.sleep(0.02)
         live = [a for a in actor_table().values()
-                if a["State"] == "ALIVE" and a["ActorClassName"] == f"MapWorker(MapBatches({udf}))" and a["Pid"]]
+                if a["State"] == "ALIVE" and a["ActorClassName"].endswith(f"({udf}))") and a["Pid"]]
         if not live:
             raise RuntimeError(f"no live {udf} actor after the first marker")
         victim = live[0]
@@ -58,13 +59,13 @@ def test_killed_actors_are_restarted_and_every_image_is_done_exactly_once(ray_cl
     generate_demo_dataset(root, split="val", num_images=NUM_IMAGES, height=128, width=256, seed=0)
     # One image per shard and two actors: many small tasks, so the kill lands while work is left.
     cfg = tiny_config(root, tmp_path / "out", images_per_shard=1, num_actors=2)
-    killer = ActorKiller([(cfg.output_dir / "features", "FeatureExtractor"), (cfg.output_dir / "scores", "LabelScorer")])
+    killer = ActorKiller([(cfg.output_dir / "features", "WindowFeatures"), (cfg.output_dir / "scores", "LabelImages")])
     killer.start()
     Pipeline(cfg).run()
     killer.join(timeout=10)
 
     assert killer.error is None, killer.error
-    assert [k["udf"] for k in killer.kills] == ["FeatureExtractor", "LabelScorer"]
+    assert [k["udf"] for k in killer.kills] == ["WindowFeatures", "LabelImages"]
     for kill in killer.kills:
         assert kill["markers_before"] < NUM_IMAGES, f"{kill['udf']}: the stage had finished before the kill"
         after = actor_table()[kill["actor_id"]]

@@ -25,7 +25,7 @@ def write_shards(out, num_images=6, seed=0):
             feats.append((centres[which] + rng.normal(size=(4, 4, D)) * 0.1).transpose(2, 0, 1))
             labels.append((which // 2).astype(np.uint8))
             ids.append(f"img{shard}_{i}")
-        table = patch_table(ids, feats, labels, patch_schema(D, "float32"))
+        table = patch_table(ids, feats, labels, patch_schema(D, "float32"), [(56, 56)] * len(ids))
         write_parquet_atomic(table, out / "features" / f"shard-{shard:05d}.parquet")
 
 
@@ -66,7 +66,7 @@ def test_nan_features_are_a_clear_error(tmp_path):
     feats = np.stack(table.column("feature").to_numpy(zero_copy_only=False))
     feats[3, 0] = np.nan
     write_parquet_atomic(patch_table(["x"], [feats[:16].T.reshape(D, 4, 4)], [np.zeros((4, 4), np.uint8)],
-                                     patch_schema(D, "float32")), path)
+                                     patch_schema(D, "float32"), [(56, 56)]), path)
     with pytest.raises(FitError, match="NaN or inf"):
         run_fit(config(tmp_path), "fingerprint", "test model")
 

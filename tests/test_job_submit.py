@@ -126,9 +126,8 @@ def _tiny_config(tmp_path: Path) -> Path:
         "demo_set": {"num_images": NUM_IMAGES, "height": 128, "width": 256, "seed": 0},
         "model": {"vit": {"patch_size": 14, "embed_dim": 32, "depth": 1, "num_heads": 2}, "feature_kind": "backbone"},
         "inference": {"short_side": 112, "crop": 112, "stride": 56, "batch_size": 8},
-        "extract": {"num_actors": 1, "cpus_per_actor": 0.5},
-        "label_workers": {"num_actors": 1, "cpus_per_actor": 0.5},
-        "label": {"num_overlays": 0},
+        "extract": {"read": {"num_cpus": 0.25}, "model": {"num_actors": 1, "cpus_per_actor": 0.5}, "write": {"num_cpus": 0.25}},
+        "label": {"num_overlays": 0, "read": {"num_cpus": 0.25}, "workers": {"num_actors": 1, "cpus_per_actor": 0.5}},
         "fit": {"k": 16, "k_sweep": [8], "n_iter": 5, "max_patches_per_image": 32},
         "ray": {"local_num_cpus": 2},
     }

@@ -95,27 +95,33 @@ def test_names_from_data_cannot_write_outside_the_output_dir(tmp_path, image_id,
     assert outside == []
 
 
-def _label_scorer(cfg, tmp_path):
-    from actors.label_scorer import LabelScorer
+def _label_actor(cfg, tmp_path):
+    from actors.label import LabelImages
     rng = np.random.default_rng(0)
     fits = []
     for name, k in (("k16", 16), ("k8", 8), ("baseline_k19", 19)):
         c = rng.normal(size=(k, 32)).astype(np.float32)
         fits.append({"name": name, "centroids": c / np.linalg.norm(c, axis=1, keepdims=True), "mapping": np.arange(k) % 19})
-    return LabelScorer(config=cfg.model_dump(mode="json"), fits=fits, stage_dir=str(tmp_path / "out" / "scores"),
-                       labels_dir=str(tmp_path / "out" / "labels"), overlay_ids=[])
+    actor = LabelImages(config=cfg.model_dump(mode="json"), fits=fits, stage_dir=str(tmp_path / "out" / "scores"),
+                        labels_dir=str(tmp_path / "out" / "labels"), overlay_ids=[])
+    return actor, fits
 
 
 @pytest.fixture
-def hostile_shard(tmp_path):
-    """A shard whose second record has an image id from data that tries to leave the output dir."""
+def hostile_rows(tmp_path):
+    """Label rows (as the feature reader makes them) of a shard whose second image id, from data,
+    tries to leave the output dir."""
     root = tmp_path / "data"
     generate_demo_dataset(root, split="val", num_images=2, height=128, width=256, seed=0)
     good, victim = list_cityscapes(root, "val")
     hostile = ImageRecord(**{**victim.to_dict(), "image_id": "../../../escaped"})
     cfg = tiny_config(root, tmp_path / "out")
-    shard = {"shard": np.array(["shard-00000"]), "records": np.array([json.dumps([good.to_dict(), hostile.to_dict()])])}
-    return cfg, shard
+    grid = np.random.default_rng(1).normal(size=(32, 8, 16)).astype(np.float16)  # 128x256 -> 112x224 -> 8x16 patches
+    rows = [{"shard": "shard-00000", "image_id": r.image_id, "path": r.image_path, "error": "", "setup_error": "",
+             "group": r.group, "label_ids_path": r.label_ids_path, "instance_ids_path": r.instance_ids_path,
+             "height": 128, "width": 256, "grid_0": grid} for r in (good, hostile)]
+    shard_row = {"shard": "shard-00000", "records": json.dumps([good.to_dict(), hostile.to_dict()])}
+    return cfg, rows, shard_row
 
 
 def _files_outside(tmp_path: Path) -> list[Path]:
@@ -123,34 +129,36 @@ def _files_outside(tmp_path: Path) -> list[Path]:
     return [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(out) and not p.is_relative_to(data)]
 
 
-def test_a_hostile_image_id_writes_nothing_outside(tmp_path, hostile_shard):
+def _label(cfg, tmp_path, rows):
     import torch
-    cfg, shard = hostile_shard
     threads = torch.get_num_threads()
     try:
-        scorer = _label_scorer(cfg, tmp_path)
-        try:
-            scorer(shard)
-        except InputError as err:  # today: the write is refused, and the error stops the shard
-            assert "unsafe name '../../../escaped_labelIds.png'" in str(err)
+        actor, fits = _label_actor(cfg, tmp_path)
+        return [actor(row) for row in rows], fits
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_hostile_image_id_writes_nothing_outside(tmp_path, hostile_rows):
+    cfg, rows, _ = hostile_rows
+    (good, bad), _ = _label(cfg, tmp_path, rows)
+    assert good["error"] == "" and "unsafe name '../../../escaped_labelIds.png'" in bad["error"]
     assert _files_outside(tmp_path) == []
     assert not list(tmp_path.parent.rglob("escaped*"))
 
 
-def test_a_hostile_image_id_is_a_failed_item_and_the_shard_completes(tmp_path, hostile_shard):
-    import torch
+def test_a_hostile_image_id_is_a_failed_item_and_the_shard_completes(tmp_path, hostile_rows):
+    from actors.label import finish_scores
     from storage.shards import read_done
-    cfg, shard = hostile_shard
-    threads = torch.get_num_threads()
-    try:
-        _label_scorer(cfg, tmp_path)(shard)
-    finally:
-        torch.set_num_threads(threads)
+    cfg, rows, shard_row = hostile_rows
+    (good, bad), fits = _label(cfg, tmp_path, rows)
+    failed = [{"image_id": bad["image_id"], "path": bad["path"], "stage": "label", "error": bad["error"]}]
+    finish_scores(str(tmp_path / "out" / "scores"), shard_row, [good["image_id"]], failed, cfg.model_dump(mode="json"), fits)
     (done,) = read_done(tmp_path / "out" / "scores").values()
     assert done["num_images"] == 1 and [f["image_id"] for f in done["failed"]] == ["../../../escaped"]
     assert "unsafe name" in done["failed"][0]["error"]
+    assert not (tmp_path / "out" / "scores" / "_parts" / "shard-00000").exists()  # the parts went into the npz
+    assert _files_outside(tmp_path) == []
 
 
 def test_local_cluster_binds_the_dashboard_to_loopback_and_starts_its_own(monkeypatch):

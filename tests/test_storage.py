@@ -126,7 +126,7 @@ def test_patch_table_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     feats = [rng.normal(size=(4, 2, 3)).astype(np.float32), rng.normal(size=(4, 1, 2)).astype(np.float32)]
     labels = [np.arange(6, dtype=np.uint8).reshape(2, 3), np.array([[255, 1]], np.uint8)]
-    table = patch_table(["a", "b"], feats, labels, patch_schema(4, "float32"))
+    table = patch_table(["a", "b"], feats, labels, patch_schema(4, "float32"), [(28, 42), (14, 28)])
     write_parquet_atomic(table, tmp_path / "shard-00000.parquet")
     back = pq.read_table(tmp_path / "shard-00000.parquet")
     assert back.column("image_id").to_pylist() == ["a"] * 6 + ["b"] * 2
@@ -139,7 +139,7 @@ def test_patch_table_round_trip(tmp_path):
 
 
 def test_float16_features_are_stored_half_size():
-    table = patch_table(["a"], [np.ones((8, 1, 1), np.float32)], [np.zeros((1, 1), np.uint8)], patch_schema(8))
+    table = patch_table(["a"], [np.ones((8, 1, 1), np.float32)], [np.zeros((1, 1), np.uint8)], patch_schema(8), [(14, 14)])
     assert str(table.schema.field("feature").type.value_type) == "halffloat"
     assert features_from_table(table).dtype == np.float32
 

@@ -21,9 +21,9 @@ def tiny_config(data_root, output_dir, images_per_shard=4, num_actors=1, **secti
         "dataset": {"kind": "cityscapes", "root": str(data_root), "split": "val", "images_per_shard": images_per_shard},
         "model": {"vit": {"patch_size": 14, "embed_dim": 32, "depth": 1, "num_heads": 2}, "feature_kind": "backbone"},
         "inference": {"short_side": 112, "crop": 112, "stride": 56, "batch_size": 8},
-        "extract": {"num_actors": num_actors, "cpus_per_actor": 0.5},
-        "label_workers": {"num_actors": num_actors, "cpus_per_actor": 0.5},
-        "label": {"num_overlays": 0},
+        "extract": {"read": {"num_cpus": 0.25}, "model": {"num_actors": num_actors, "cpus_per_actor": 0.5, "batch_images": 4},
+                    "write": {"num_cpus": 0.25}},
+        "label": {"num_overlays": 0, "read": {"num_cpus": 0.25}, "workers": {"num_actors": num_actors, "cpus_per_actor": 0.5}},
         "fit": {"k": 16, "k_sweep": [8], "n_iter": 10, "max_patches_per_image": 64},
         "ray": {"local_num_cpus": 2},
     }

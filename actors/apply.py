@@ -1,0 +1,79 @@
+"""The apply stage's steps: extract's `image_windows` and `WindowFeatures`, then
+
+  PseudoLabelImages  actor (CPU, or the assignment on CUDA): stitch one image's windows, label it
+                     with the saved fit, write its pseudo-labels and its part (cluster histogram,
+                     and its features when apply.write_features is set)
+  finish_apply       per shard, when every image is out: parts -> histogram Parquet (+ features
+                     Parquet) + panoptic JSON + marker
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from actors.extract import feature_arrays, stitched_grids, write_feature_shards
+from actors.model_setup import device_for, extracted_scales, label_scales
+from actors.rows import failure_message, skipped, status
+from configs.schema import RefineConfig, parse_config
+from core.label_image import ImageLabeller, LabelFit
+from storage.cityscapes_outputs import prediction_paths, write_image_predictions
+from storage.parts import clear_parts, read_part, write_part
+from storage.shards import mark_done, shard_records, write_json_atomic, write_parquet_atomic
+
+
+def histogram_schema(k: int) -> pa.Schema:
+    return pa.schema([("image_id", pa.string()), ("source", pa.string()),
+                      ("height", pa.int32()), ("width", pa.int32()),
+                      ("cluster_pixels", pa.list_(pa.int64(), k))])
+
+
+class PseudoLabelImages:
+    """Actor; `fit` is an ObjectRef to {"name", "centroids", "mapping"} (put once by the driver)."""
+
+    def __init__(self, config: dict, fit, stage_dir: str, labels_dir: str):
+        self.cfg = parse_config(config, "apply actor config")
+        fit = ray.get(fit) if isinstance(fit, ray.ObjectRef) else fit
+        self.fit = LabelFit(fit["name"], fit["centroids"], fit["mapping"])
+        self.stage_dir, self.labels_dir = Path(stage_dir), Path(labels_dir)
+        self.labeller = ImageLabeller([self.fit], ["seed"], RefineConfig(), self.cfg.panoptic, baseline=False,
+                                      device=device_for(self.cfg.label.workers))
+        order = extracted_scales(self.cfg)
+        self.scale_order = [order.index(s) for s in label_scales(self.cfg)]
+
+    def __call__(self, row: dict) -> dict:
+        if skipped(row):
+            return status(row)
+        try:
+            image_id, group = row["image_id"], "images"
+            prediction_paths(self.labels_dir, group, image_id, self.cfg.dataset.split)  # names from data
+            grids = stitched_grids(row, self.cfg)
+            hw = (int(row["height"]), int(row["width"]))
+            labels = self.labeller.label([grids[i] for i in self.scale_order], self.cfg.model.vit.patch_size, hw)
+            (train_ids, panoptic, _), cluster_map = labels.variants[0], labels.cluster_maps[0]
+            annotation = write_image_predictions(self.labels_dir, group, image_id, train_ids, panoptic, split=self.cfg.dataset.split)
+            arrays = {"cluster_pixels": np.bincount(cluster_map.ravel(), minlength=len(self.fit.mapping))}
+            if self.cfg.apply.write_features:
+                arrays |= feature_arrays(self.cfg, grids, None)
+            write_part(self.stage_dir, row["shard"], image_id, arrays,
+                       {"annotation": annotation, "hw": hw, "source": row["path"], "model": str(row["model"])})
+        except Exception as err:  # noqa: BLE001 - one image's failure must not end a run of thousands
+            return status(row, failure_message("apply", row["image_id"], err))
+        return status(row)
+
+
+def finish_apply(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], config: dict, k: int,
+                 features_dir: str) -> None:
+    """The parts of a shard (in shard order) -> histogram Parquet, features Parquet if asked, annotations, marker."""
+    cfg = parse_config(config, "apply finish config")
+    stage_dir, shard = Path(stage_dir), shard_row["shard"]
+    order = [r.image_id for r in shard_records(shard_row) if r.image_id in set(written)]
+    parts = [read_part(stage_dir, shard, image_id) for image_id in order]
+    columns = {"image_id": order, "source": [m["source"] for _, m in parts], "height": [m["hw"][0] for _, m in parts],
+               "width": [m["hw"][1] for _, m in parts], "cluster_pixels": [a["cluster_pixels"].tolist() for a, _ in parts]}
+    write_parquet_atomic(pa.table(columns, schema=histogram_schema(k)), stage_dir / f"{shard}.parquet")
+    summary = write_feature_shards(cfg, Path(features_dir), shard, order, parts) if cfg.apply.write_features else {}
+    write_json_atomic([meta["annotation"] for _, meta in parts], stage_dir / "_panoptic" / f"{shard}.json")
+    mark_done(stage_dir, shard, {"num_images": len(order), "image_ids": order, "failed": failed, **summary})
+    clear_parts(stage_dir, shard)

@@ -1,0 +1,118 @@
+"""The extract stage's steps, each run where its resource is:
+
+  image_windows   CPU task per shard: read + decode each image, resize, cut uint8 windows
+  WindowFeatures  model actor: only the model, on the windows of many images per call
+  write_features  CPU task per image: stitch windows, patch labels, write the image's part
+  finish_features per shard, when every image is out: parts -> Parquet shards + marker
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from actors.model_setup import build_window_model, extracted_scales, extracted_short_sides, window_spec
+from actors.rows import failure_message, skipped, status
+from configs.schema import parse_config
+from core.dense import ScaleLayout, cut_windows, stitch_windows
+from core.labels import IGNORE, NUM_CLASSES
+from core.metrics import patch_majority_labels
+from storage.images import InputError, read_rgb, read_train_ids
+from storage.parts import clear_parts, read_part, write_part
+from storage.shards import feature_path, mark_done, patch_schema, patch_table, shard_records, write_parquet_atomic
+
+
+def image_windows(shard_row: dict, config: dict):
+    """One shard row -> one row per image to do: uint8 windows of every extracted scale."""
+    cfg = parse_config(config, "extract read config")
+    spec, patch, short_sides = window_spec(cfg.inference), cfg.model.vit.patch_size, extracted_short_sides(cfg)
+    for record in shard_records(shard_row):
+        row = {"shard": shard_row["shard"], "image_id": record.image_id, "path": record.image_path,
+               "label_ids_path": record.label_ids_path or "", "error": "", "setup_error": "",
+               "windows": np.zeros((0, spec.crop, spec.crop, 3), np.uint8), "layouts": "[]", "height": 0, "width": 0}
+        try:
+            image = read_rgb(record.image_path)  # a path or an object-store URI
+            windows, layouts = cut_windows(image, spec, patch, short_sides)
+            row.update(windows=windows, layouts=json.dumps([lay.to_dict() for lay in layouts]),
+                       height=image.shape[0], width=image.shape[1])
+        except Exception as err:  # noqa: BLE001 - one image's failure must not end the stage
+            row["error"] = failure_message("extract", record.image_id, err)
+        yield row
+
+
+class WindowFeatures:
+    """Model actor: `__init__` builds the model once; a call runs the windows of a batch of images."""
+
+    def __init__(self, config: dict):
+        cfg = parse_config(config, "extract model config")
+        self.model = build_window_model(cfg, cfg.extract.model)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        windows = list(batch.pop("windows"))
+        counts = [len(w) for w in windows]
+        features = self.model(np.concatenate(windows)) if sum(counts) else None
+        out = np.empty(len(windows), dtype=object)
+        for i, start in enumerate(np.cumsum([0, *counts[:-1]])):  # float16 halves the bytes moved; stored so anyway
+            # a failed image's row keeps a 4-d placeholder: Ray Data stores a column of one rank only
+            out[i] = features[start:start + counts[i]].astype(np.float16) if counts[i] else np.zeros((0, 1, 1, 1), np.float16)
+        return {**batch, "window_features": out, "model": np.array([self.model.model.description] * len(out))}
+
+
+def stitched_grids(row: dict, cfg) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """A row's window features -> per extracted scale (features (D, gh, gw) float32, resized (h, w))."""
+    spec = window_spec(cfg.inference)
+    layouts = [ScaleLayout.from_dict(d) for d in json.loads(row["layouts"])]
+    grids = stitch_windows(row["window_features"], layouts, spec.crop, spec.stride, cfg.model.vit.patch_size)
+    if not all(np.isfinite(f).all() for f, _ in grids):  # NaN/inf would poison k-means
+        raise InputError(f"{row['image_id']}: the model produced NaN/inf features; check the checkpoint and inference.precision")
+    return grids
+
+
+def feature_arrays(cfg, grids, train_ids: np.ndarray | None) -> dict[str, np.ndarray]:
+    """A part's features and patch labels at every extracted scale."""
+    arrays = {}
+    for scale, (features, _) in zip(extracted_scales(cfg), grids):
+        arrays[f"features_{scale:g}"] = features.astype(np.float16)
+        arrays[f"labels_{scale:g}"] = (patch_majority_labels(train_ids, *features.shape[1:], NUM_CLASSES)
+                                       if train_ids is not None else np.full(features.shape[1:], IGNORE, np.uint8))
+    return arrays
+
+
+def write_features(row: dict, config: dict, stage_dir: str) -> dict:
+    """Stitch one image's windows onto each scale's grid, add patch labels, write its part."""
+    if skipped(row):
+        return status(row)
+    cfg = parse_config(config, "extract write config")
+    try:
+        grids = stitched_grids(row, cfg)
+        hw = (int(row["height"]), int(row["width"]))
+        train_ids = read_train_ids(Path(row["label_ids_path"]), hw) if row["label_ids_path"] else None
+        write_part(Path(stage_dir), row["shard"], row["image_id"], feature_arrays(cfg, grids, train_ids),
+                   {"hw": hw, "model": str(row["model"])})
+    except Exception as err:  # noqa: BLE001 - recorded in the failed-items manifest
+        return status(row, failure_message("extract", row["image_id"], err))
+    return status(row)
+
+
+def write_feature_shards(cfg, features_dir: Path, shard: str, order: list[str], parts: list[tuple[dict, dict]]) -> dict:
+    """Parts (in shard order) -> one Parquet file of patch rows per extracted scale; returns what the marker records."""
+    tables = []
+    for scale in extracted_scales(cfg):
+        feats = [arrays[f"features_{scale:g}"] for arrays, _ in parts]
+        dim = feats[0].shape[0] if feats else 1
+        tables.append(patch_table(order, feats, [arrays[f"labels_{scale:g}"] for arrays, _ in parts],
+                                  patch_schema(dim), [tuple(meta["hw"]) for _, meta in parts]))
+        write_parquet_atomic(tables[-1], feature_path(features_dir, shard, scale))
+    return {"num_patches": tables[0].num_rows, "feature_dim": tables[0].schema.field("feature").type.list_size if parts else None,
+            "model": parts[0][1]["model"] if parts else None}
+
+
+def finish_features(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], config: dict) -> None:
+    """The parts of a shard (in shard order) -> its Parquet files, then the marker, then no parts."""
+    cfg = parse_config(config, "extract finish config")
+    stage_dir, shard = Path(stage_dir), shard_row["shard"]
+    order = [r.image_id for r in shard_records(shard_row) if r.image_id in set(written)]
+    parts = [read_part(stage_dir, shard, image_id) for image_id in order]
+    summary = write_feature_shards(cfg, stage_dir, shard, order, parts)
+    mark_done(stage_dir, shard, {"num_images": len(order), "image_ids": order, "failed": failed, **summary})
+    clear_parts(stage_dir, shard)

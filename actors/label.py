@@ -1,0 +1,123 @@
+"""The label stage's steps; no model anywhere (extract wrote every scale's features):
+
+  image_features  CPU task per shard: its features Parquet (every scale) -> one row per image
+  LabelImages     actor (CPU, or the assignment on CUDA): label + score one image, write its
+                  Cityscapes-format pseudo-labels and its part
+  finish_scores   per shard, when every image is out: parts -> scores npz + panoptic JSON + marker
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from actors.model_setup import device_for, label_scales, window_spec
+from actors.rows import failure_message, skipped, status
+from configs.schema import RunConfig, parse_config
+from core.dense import resized_size, scale_short_sides
+from core.label_image import ImageLabeller, LabelFit, image_scores, shard_scores
+from core.labels import colorize_train_ids
+from core.panoptic import gt_panoptic
+from core.sampling import image_fold
+from core.variants import enabled_variants
+from storage.cityscapes_outputs import prediction_paths, write_image_predictions
+from storage.images import InputError, read_instance_ids, read_rgb, read_train_ids, safe_path, write_png_atomic
+from storage.parts import clear_parts, read_part, write_part
+from storage.shards import feature_path, image_grids, mark_done, shard_records, write_json_atomic, write_npz_atomic
+
+
+def label_fits(cfg: RunConfig, fits: list[dict]) -> list[LabelFit]:
+    """The broadcast fits (main first, baseline last): the sweep's extra fits at the sweep stride."""
+    return [LabelFit(f["name"], f["centroids"], f["mapping"], 1 if i in (0, len(fits) - 1) else cfg.label.sweep_pixel_stride)
+            for i, f in enumerate(fits)]
+
+
+def label_variants(cfg: RunConfig, fits: list[dict]) -> list[str]:
+    return [*enabled_variants(cfg.refine, len(cfg.inference.scales) > 1), fits[-1]["name"]]
+
+
+def image_features(shard_row: dict, config: dict, features_dir: str):
+    """One shard row -> one row per image to do, with its features at every label scale."""
+    cfg = parse_config(config, "label read config")
+    tables = [pq.read_table(feature_path(Path(features_dir), shard_row["shard"], s)) for s in label_scales(cfg)]
+    grids = [image_grids(t) for t in tables]
+    for record in shard_records(shard_row):
+        (_, (height, width)) = grids[0][record.image_id]
+        row = {"shard": shard_row["shard"], "image_id": record.image_id, "path": record.image_path, "error": "",
+               "setup_error": "", "group": record.group, "label_ids_path": record.label_ids_path or "",
+               "instance_ids_path": record.instance_ids_path or "", "height": height, "width": width}
+        yield row | {f"grid_{i}": g[record.image_id][0].astype(np.float16) for i, g in enumerate(grids)}
+
+
+class LabelImages:
+    """Actor: `__init__` takes the fits from the object store once; a call labels and scores one image."""
+
+    def __init__(self, config: dict, fits, stage_dir: str, labels_dir: str, overlay_ids: list[str]):
+        self.cfg = parse_config(config, "label actor config")
+        fits = ray.get(fits) if isinstance(fits, ray.ObjectRef) else fits  # refs in constructor args arrive undereferenced
+        self.fits, self.variants = label_fits(self.cfg, fits), label_variants(self.cfg, fits)
+        self.stage_dir, self.labels_dir, self.overlay_ids = Path(stage_dir), Path(labels_dir), set(overlay_ids)
+        self.labeller = ImageLabeller(self.fits, self.variants[:-1], self.cfg.refine, self.cfg.panoptic, baseline=True,
+                                      device=device_for(self.cfg.label.workers))
+        self.colour = self.cfg.refine.crf or self.cfg.refine.superpixels
+        self.short_sides = scale_short_sides(window_spec(self.cfg.inference), label_scales(self.cfg), self.cfg.model.vit.patch_size)
+
+    def __call__(self, row: dict) -> dict:
+        if skipped(row):
+            return status(row)
+        try:
+            self._label(row)
+        except Exception as err:  # noqa: BLE001 - one image's failure must not end a run of thousands
+            return status(row, failure_message("label", row["image_id"], err))
+        return status(row)
+
+    def _label(self, row: dict) -> None:
+        image_id, group, split = row["image_id"], row["group"], self.cfg.dataset.split
+        prediction_paths(self.labels_dir, group, image_id, split)  # names from data: an unsafe one fails here
+        hw = (int(row["height"]), int(row["width"]))
+        image = None
+        if self.colour or image_id in self.overlay_ids:
+            image = read_rgb(row["path"])
+            if image.shape[:2] != hw:
+                raise InputError(f"{row['path']}: the image is now {image.shape[0]}x{image.shape[1]} but its features were "
+                                 f"extracted at {hw[0]}x{hw[1]}; re-run extract on a new output_dir")
+        gt = gt_pan = None
+        if row["label_ids_path"]:
+            gt = read_train_ids(Path(row["label_ids_path"]), hw)
+            gt_pan = gt_panoptic(read_instance_ids(Path(row["instance_ids_path"]), hw))
+        grids = [(row[f"grid_{i}"].astype(np.float32), resized_size(*hw, s)) for i, s in enumerate(self.short_sides)]
+        labels = self.labeller.label(grids, self.cfg.model.vit.patch_size, hw, image)
+        scores = image_scores(labels, self.fits, gt, gt_pan)
+        written = labels.variants[self.variants.index(self.cfg.refine.write_variant)]
+        annotation = (write_image_predictions(self.labels_dir, group, image_id, *written[:2], split=split)
+                      if self.cfg.label.write_label_pngs else None)
+        if image_id in self.overlay_ids:
+            self._write_overlay_panels(group, image_id, image, gt, written[0], labels.variants[-1][0])
+        write_part(self.stage_dir, row["shard"], image_id, scores,
+                   {"fold": image_fold(image_id, self.cfg.fit.heldout_folds, self.cfg.seed), "annotation": annotation})
+
+    def _write_overlay_panels(self, group: str, image_id: str, image: np.ndarray, gt: np.ndarray | None,
+                              labels: np.ndarray, baseline: np.ndarray) -> None:
+        """Colour maps of a few images for the report's overlay grid and for a quick look."""
+        folder = safe_path(self.labels_dir, "overlays", group)
+        write_png_atomic(image, safe_path(folder, f"{image_id}_image.png"))
+        write_png_atomic((0.5 * image + 0.5 * colorize_train_ids(labels)).astype(np.uint8), safe_path(folder, f"{image_id}_overlay.png"))
+        write_png_atomic(colorize_train_ids(labels), safe_path(folder, f"{image_id}_labels_color.png"))
+        write_png_atomic(colorize_train_ids(baseline), safe_path(folder, f"{image_id}_baseline_color.png"))
+        if gt is not None:
+            write_png_atomic(colorize_train_ids(gt), safe_path(folder, f"{image_id}_gt_color.png"))
+
+
+def finish_scores(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], config: dict, fits: list[dict]) -> None:
+    """The parts of a shard (in shard order) -> its scores npz and COCO annotations, the marker, no parts."""
+    cfg = parse_config(config, "label finish config")
+    stage_dir, shard = Path(stage_dir), shard_row["shard"]
+    order = [r.image_id for r in shard_records(shard_row) if r.image_id in set(written)]
+    parts = [read_part(stage_dir, shard, image_id) for image_id in order]
+    arrays = shard_scores(order, [meta["fold"] for _, meta in parts], [a for a, _ in parts], label_fits(cfg, fits),
+                          label_variants(cfg, fits), cfg.fit.heldout_folds)
+    write_npz_atomic(arrays, stage_dir / f"{shard}.npz")
+    write_json_atomic([meta["annotation"] for _, meta in parts if meta["annotation"]], stage_dir / "_panoptic" / f"{shard}.json")
+    mark_done(stage_dir, shard, {"num_images": len(order), "image_ids": order, "failed": failed})
+    clear_parts(stage_dir, shard)

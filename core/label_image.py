@@ -1,0 +1,117 @@
+"""One image through the label pass, without Ray: its labels for every fit and variant, and its scores.
+
+`ImageLabeller.label` takes the patch-feature grids extract wrote (one per scale) and gives the
+nearest-centroid cluster map of every fit and the main fit's label variants (trainIds + panoptic
+segmentation, seconds). `image_scores` scores them against the image's ground truth: per fit the
+(cluster, class) pixel counts and cluster wins (enough to score any mapping protocol later), per
+variant the confusion matrix and panoptic match statistics. `shard_scores` adds up the images of
+a shard into the arrays of its `scores/shard-*.npz`.
+"""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.labelling import PixelAssigner, clusters_to_train_ids, subsample
+from core.labels import NUM_CLASSES
+from core.mapping import cluster_class_counts
+from core.metrics import confusion_matrix
+from core.panoptic import Panoptic, panoptic_from_train_ids, pq_stats
+from core.variants import ImageEvidence, run_variant
+
+
+@dataclass(frozen=True)
+class LabelFit:
+    name: str
+    centroids: np.ndarray  # (k, D) unit rows
+    mapping: np.ndarray  # (k,) cluster -> trainId (255: none)
+    stride: int = 1  # scored on every stride-th pixel in each direction
+
+
+@dataclass
+class ImageLabels:
+    cluster_maps: list[np.ndarray]  # per fit, (H, W) or its stride subsample
+    variants: list[tuple[np.ndarray, Panoptic, float]]  # per variant: trainIds (H, W), panoptic, seconds
+
+
+class ImageLabeller:
+    """`fits`: the main fit first; `variants`: the main fit's variants to make ('seed' first), and,
+    when `baseline` is set, the last fit's own labels as one more variant (named after it)."""
+
+    def __init__(self, fits: list[LabelFit], variants: list[str], refine, panoptic, baseline: bool,
+                 device="cpu"):
+        if fits[0].stride != 1 or (baseline and fits[-1].stride != 1):
+            raise ValueError("the main fit and the baseline are labelled at every pixel (stride 1)")
+        self.fits, self.variants, self.refine, self.panoptic, self.baseline = fits, variants, refine, panoptic, baseline
+        self.main = PixelAssigner([fits[0].centroids], device=device)
+        self.others = PixelAssigner([f.centroids for f in fits[1:]], device=device, strides=[f.stride for f in fits[1:]])
+
+    def label(self, grids: list[tuple[np.ndarray, tuple[int, int]]], patch_size: int, image_hw: tuple[int, int],
+              image: np.ndarray | None = None) -> ImageLabels:
+        """grids: per scale (features (D, gh, gw), resized (h, w)), the base scale first. `image`
+        (H, W, 3) uint8 is needed by the variants that look at colour (crf, superpixels)."""
+        main = self.fits[0]
+        start = time.perf_counter()
+        (main_map,), logits = self.main.assign(grids, patch_size, image_hw, num_classes=NUM_CLASSES,
+                                               first_fit_mapping=main.mapping if "crf" in self.variants else None)
+        seed_labels = clusters_to_train_ids(main_map, main.mapping)
+        seed_seconds = time.perf_counter() - start
+        other_maps = self.others.assign(grids, patch_size, image_hw)[0] if len(self.fits) > 1 else []
+        evidence = ImageEvidence(image=image, grids=grids, patch_size=patch_size, seed_labels=seed_labels, class_logits=logits)
+        outcomes = []
+        for name in self.variants:
+            start = time.perf_counter()
+            labels, instances = run_variant(name, evidence, main.centroids, main.mapping, self.refine)
+            outcomes.append((labels, self._panoptic(labels, instances), seed_seconds + time.perf_counter() - start))
+        if self.baseline:
+            start = time.perf_counter()
+            labels = clusters_to_train_ids(other_maps[-1], self.fits[-1].mapping)
+            outcomes.append((labels, self._panoptic(labels, None), time.perf_counter() - start))
+        return ImageLabels([main_map, *other_maps], outcomes)
+
+    def _panoptic(self, labels: np.ndarray, instances: np.ndarray | None) -> Panoptic:
+        p = self.panoptic
+        return panoptic_from_train_ids(labels, instances, min_area=p.thing_min_area, stuff_min_area=p.stuff_min_area,
+                                       connectivity=p.connectivity)
+
+
+def image_scores(labels: ImageLabels, fits: list[LabelFit], gt: np.ndarray | None,
+                 gt_pan: Panoptic | None) -> dict[str, np.ndarray]:
+    """One image's counts: wins_<fit> (k,), pixel_counts_<fit> (k, C) on the fit's pixels;
+    variant_confusion (V, C, C+1), variant_pq (V, C, 4), variant_seconds (V,). Without ground
+    truth the counts against it are zero."""
+    n_var = len(labels.variants)
+    out = {"variant_confusion": np.zeros((n_var, NUM_CLASSES, NUM_CLASSES + 1), np.int64),
+           "variant_pq": np.zeros((n_var, NUM_CLASSES, 4), np.float64),
+           "variant_seconds": np.array([seconds for _, _, seconds in labels.variants], np.float64)}
+    for fit, cluster_map in zip(fits, labels.cluster_maps):
+        k = len(fit.mapping)
+        out[f"wins_{fit.name}"] = np.bincount(cluster_map.ravel(), minlength=k)
+        out[f"pixel_counts_{fit.name}"] = (cluster_class_counts(cluster_map, subsample(gt, fit.stride), k, NUM_CLASSES)
+                                          if gt is not None else np.zeros((k, NUM_CLASSES), np.int64))
+    if gt is not None:
+        for v, (train_ids, panoptic, _) in enumerate(labels.variants):
+            out["variant_confusion"][v] = confusion_matrix(gt, train_ids, NUM_CLASSES)
+            out["variant_pq"][v] = pq_stats(gt_pan, panoptic)
+    return out
+
+
+def shard_scores(image_ids: list[str], folds: list[int], scores: list[dict[str, np.ndarray]], fits: list[LabelFit],
+                 variants: list[str], num_folds: int) -> dict[str, np.ndarray]:
+    """The images of a shard (in shard order) -> the arrays of its scores npz: per fit the pixel
+    counts by held-out fold (F, k, C) and the wins; per variant the summed confusion and seconds;
+    per image the panoptic statistics (so float sums never depend on the sharding)."""
+    n_var = len(variants)
+    arrays = {"image_ids": np.array(image_ids, dtype=np.str_), "variants": np.array(variants, dtype=np.str_),
+              "variant_confusion": sum((s["variant_confusion"] for s in scores), np.zeros((n_var, NUM_CLASSES, NUM_CLASSES + 1), np.int64)),
+              "variant_seconds": sum((s["variant_seconds"] for s in scores), np.zeros(n_var)),
+              "image_pq": np.array([s["variant_pq"] for s in scores], np.float64).reshape(-1, n_var, NUM_CLASSES, 4)}
+    for fit in fits:
+        k = len(fit.mapping)
+        counts = np.zeros((num_folds, k, NUM_CLASSES), np.int64)
+        for fold, s in zip(folds, scores):
+            counts[fold] += s[f"pixel_counts_{fit.name}"]
+        arrays[f"pixel_counts_{fit.name}"] = counts
+        arrays[f"wins_{fit.name}"] = sum((s[f"wins_{fit.name}"] for s in scores), np.zeros(k, np.int64))
+    return arrays

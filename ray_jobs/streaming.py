@@ -1,0 +1,178 @@
+"""Runs one stage as a streaming Ray Data plan over images, and finishes its shards exactly once.
+
+The plan's rows are images, each carrying its id and its shard (the output partition). Its last
+step writes each image's part (`storage.parts`) and returns the image's status row
+(`actors.rows.STATUS`). The driver reads only those rows: when every image of a shard has come
+out, it starts the shard's finish task (parts -> shard files -> completion marker). Nothing big
+reaches the driver, and Ray Data's backpressure bounds what is in flight between the steps.
+
+Fault tolerance:
+  - a lost task or actor (killed worker, lost node) is retried by Ray Data; its images' parts are
+    rewritten with the same content under the same names, and an image seen twice is counted once;
+  - a killed driver leaves parts and markers: a re-run skips marked shards and, in the others,
+    every image whose part exists, then finishes the shards;
+  - a run whose settings differ from the stage directory's `_plan.json` is refused, never mixed.
+
+Why not Ray Data's own checkpointing (`DataContext.checkpoint_config`, Ray 2.60): it records the
+ids of rows a *write* sink has written and filters them out of the *read* on a re-run. The
+stages' outputs are shard files the next stage reads shard by shard (fit, label, report), which a
+sink that writes one file per block under generated names cannot give; a sink write that lands
+before its checkpoint is written is repeated on retry (ray-project/ray #55008), duplicating rows;
+every checkpointed id is loaded into memory on restore (#65891); and on this project's 2-CPU
+machine a re-run with an actor-pool map over fully checkpointed input hung, its checkpoint filter
+being one more actor pool competing for the CPUs (see DESIGN.md). Shard markers plus per-image
+parts give exactly-once shard files, image-level resume and no id set in memory.
+"""
+
+import json
+import logging
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import ray
+from ray.data import Dataset
+from tqdm import tqdm
+
+from actors.rows import STATUS
+from core.models import CheckpointError
+from storage.parts import staged_ids
+from storage.shards import read_done, shard_records, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+class StageIncomplete(RuntimeError):
+    pass
+
+
+class ActorSetupError(StageIncomplete):
+    """The stage's actors could not be built (a bug or an environment problem, not a config one)."""
+
+
+# Setup errors that say what to fix in the config: re-raised in the driver as themselves.
+SETUP_ERRORS = {cls.__name__: cls for cls in (CheckpointError,)}
+
+
+def guarded(actor_cls, per_row: bool):
+    """`actor_cls` as a Ray Data UDF whose constructor never raises.
+
+    An exception in an actor's `__init__` (a missing or mismatched checkpoint, no CUDA device)
+    kills the actor, and Ray Data then reports an ActorDiedError holding the original error only
+    as text. The guard keeps the error and returns it in the status of every row it is given
+    (later steps pass such rows on), so the driver raises it as itself (CheckpointError ->
+    `submit.py` exits 2 with its message). `per_row`: the UDF takes rows (`map`), else batches.
+    """
+
+    class Guarded:
+        def __init__(self, **kwargs):
+            self.actor, self.error = None, None
+            try:
+                self.actor = actor_cls(**kwargs)
+            except Exception as err:  # noqa: BLE001 - reported to the driver below
+                self.error = json.dumps({"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()})
+
+        def __call__(self, rows: dict) -> dict:
+            if self.error is None:
+                return self.actor(rows)
+            out = {k: rows[k] for k in STATUS}
+            out["setup_error"] = self.error if per_row else [self.error] * len(rows["shard"])
+            return out
+
+    Guarded.__name__ = Guarded.__qualname__ = actor_cls.__name__  # Ray names the actors after it
+    return Guarded
+
+
+def raise_setup_error(name: str, encoded: str) -> None:
+    error = json.loads(encoded)
+    if error["type"] in SETUP_ERRORS:  # its message says what to fix; the traceback would only bury it
+        log.debug("%s: an actor failed to start:\n%s", name, error["traceback"])
+        raise SETUP_ERRORS[error["type"]](error["message"])
+    log.error("%s: an actor failed to start:\n%s", name, error["traceback"])
+    raise ActorSetupError(f"{name}: the stage's actors could not start: {error['type']}: {error['message']} "
+                          "(the driver log has the worker's traceback)")
+
+
+def check_plan(stage_dir: Path, plan_key: str) -> None:
+    """Record the plan of a new stage directory; refuse to resume one made with another plan."""
+    plan_file = stage_dir / "_plan.json"
+    if plan_file.exists():
+        old = json.loads(plan_file.read_text())["plan_key"]
+        if old != plan_key:
+            raise StageIncomplete(
+                f"{stage_dir} holds results of another dataset or settings (plan {old}, now {plan_key}); "
+                "use a new output_dir, or delete that folder to recompute it")
+    else:
+        write_json_atomic({"plan_key": plan_key}, plan_file)
+
+
+def run_image_stream(name: str, stage_dir: Path, plan_key: str, shards: list[dict],
+                     build: Callable[[Dataset], Dataset], finish: Callable) -> dict[str, dict]:
+    """Stream the images of the unfinished shards through `build(ds)` and finish each shard.
+
+    `shards`: [{"shard", "records"}] (`storage.shards.plan_shards`). `build` turns a dataset of
+    shard rows (the images still to do) into the dataset of status rows. `finish(shard_row,
+    written_ids, failed)` returns the ObjectRef of the shard's finish task. Returns every shard's
+    marker.
+    """
+    check_plan(stage_dir, plan_key)
+    done = read_done(stage_dir)
+    todo = {s["shard"]: s for s in shards if s["shard"] not in done}
+    pending, written, failed = {}, {}, {}
+    sources = []
+    for shard, row in todo.items():
+        records = shard_records(row)
+        staged = staged_ids(stage_dir, shard) & {r.image_id for r in records}
+        remaining = [r for r in records if r.image_id not in staged]
+        pending[shard], written[shard], failed[shard] = {r.image_id for r in remaining}, sorted(staged), []
+        if remaining:
+            sources.append({"shard": shard, "records": json.dumps([r.to_dict() for r in remaining])})
+    log.info("%s: %d shards, %d already done, %d images to run", name, len(shards), len(shards) - len(todo),
+             sum(len(p) for p in pending.values()))
+    finishing = [finish(todo[s], written[s], failed[s]) for s in todo if not pending[s]]
+    if sources:
+        ds = build(ray.data.from_items(sources, override_num_blocks=len(sources)))
+        with tqdm(total=sum(len(p) for p in pending.values()), desc=f"{name}: images", unit="image") as bar:
+            for row in ds.iter_rows():  # drives the plan; the parts are on disk already
+                if row["setup_error"]:
+                    raise_setup_error(name, row["setup_error"])
+                shard, image_id = row["shard"], row["image_id"]
+                if image_id not in pending[shard]:  # a retried task's repeat
+                    continue
+                pending[shard].discard(image_id)
+                bar.update()
+                if row["error"]:
+                    failed[shard].append({"image_id": image_id, "path": row["path"], "stage": name, "error": row["error"]})
+                else:
+                    written[shard].append(image_id)
+                if not pending[shard]:
+                    finishing.append(finish(todo[shard], written[shard], failed[shard]))
+                if finishing:
+                    finished, finishing = ray.wait(finishing, num_returns=len(finishing), timeout=0)
+                    ray.get(finished)  # a failed finish (disk full, ...) stops the stage now
+    ray.get(finishing)
+    done = read_done(stage_dir)
+    missing = [s["shard"] for s in shards if s["shard"] not in done]
+    if missing:
+        raise StageIncomplete(f"{name}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} did not finish; "
+                              "run the stage again to resume")
+    return {s["shard"]: done[s["shard"]] for s in shards}
+
+
+def task_args(tasks) -> dict:
+    """Ray Data arguments of a CPU step (`configs.schema.TaskConfig`)."""
+    return {"num_cpus": tasks.num_cpus, **({"concurrency": tasks.concurrency} if tasks.concurrency else {})}
+
+
+def actor_args(workers) -> dict:
+    """Ray Data arguments of an actor pool (`configs.schema.WorkersConfig`)."""
+    return {"compute": ray.data.ActorPoolStrategy(size=workers.num_actors), "num_cpus": workers.cpus_per_actor,
+            "num_gpus": workers.gpus_per_actor or None}
+
+
+def finisher(fn: Callable, stage_dir: Path, **kwargs) -> Callable:
+    """`finish` for `run_image_stream`: `fn(stage_dir, shard_row, written, failed, **kwargs)` as a
+    Ray task that reserves no CPU (it only moves a shard's parts into files), so it never waits
+    behind the stage's own tasks."""
+    task = ray.remote(num_cpus=0)(fn)
+    return lambda shard_row, written, failed: task.remote(str(stage_dir), shard_row, sorted(written), failed, **kwargs)

@@ -1,0 +1,50 @@
+"""Per-image parts: how image-level streaming keeps shard-level outputs exactly once.
+
+The stages stream images, not shards, so a shard's images finish on different workers at
+different times. Each image's result is written, atomically, as one part
+`<stage_dir>/_parts/<shard>/<image_id>.npz`; when the driver has seen every image of a shard
+come out of the stream it assembles the parts into the shard's output (renamed into place),
+writes the shard's marker and removes the parts. A retried or repeated image rewrites its own
+part with the same content; a re-run after a crash skips shards with a marker, and within the
+others every image whose part is already there.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from storage.images import safe_path
+
+PARTS_DIR = "_parts"
+
+
+def part_path(stage_dir: Path, shard: str, image_id: str) -> Path:
+    return safe_path(Path(stage_dir) / PARTS_DIR, shard, f"{image_id}.npz")
+
+
+def write_part(stage_dir: Path, shard: str, image_id: str, arrays: dict[str, np.ndarray], meta: dict | None = None) -> None:
+    """One image's arrays (+ a JSON-able `meta`) -> its part, via a temporary file renamed into place."""
+    path = part_path(stage_dir, shard, image_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, **arrays, _meta=np.array(json.dumps(meta or {})))
+    os.replace(tmp, path)
+
+
+def read_part(stage_dir: Path, shard: str, image_id: str) -> tuple[dict[str, np.ndarray], dict]:
+    with np.load(part_path(stage_dir, shard, image_id), allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files if k != "_meta"}
+        return arrays, json.loads(str(data["_meta"]))
+
+
+def staged_ids(stage_dir: Path, shard: str) -> set[str]:
+    """Image ids of the shard whose part is complete (temporary files start with '.')."""
+    folder = Path(stage_dir) / PARTS_DIR / shard
+    return {p.stem for p in folder.glob("*.npz") if not p.name.startswith(".")} if folder.is_dir() else set()
+
+
+def clear_parts(stage_dir: Path, shard: str) -> None:
+    shutil.rmtree(Path(stage_dir) / PARTS_DIR / shard, ignore_errors=True)
