@@ -13,6 +13,7 @@ A fit may be scored on a strided pixel subsample (`stride` s: the pixels (s//2 +
 full-resolution labels nobody reads.
 """
 
+import numba
 import numpy as np
 import torch
 
@@ -66,8 +67,8 @@ class PixelAssigner:
     patch-level dot product: scores are computed on the patch grid (P x K x D) and only they are
     interpolated (2 taps per axis), then divided by the norm of the upsampled feature. Exactly
     the seed's "upsample features, normalise, cosine", at a fraction of the cost (no D-wide
-    product per pixel). One scale without class logits takes `_nearest_by_envelope`, which does
-    not even score every cluster at every pixel.
+    product per pixel). On the CPU, one scale without class logits takes `_nearest_by_envelope`,
+    which does not even score every cluster at every pixel; a GPU scores them all.
     """
 
     def __init__(self, centroids: list[np.ndarray], device: torch.device | str = "cpu", strides: list[int] | None = None):
@@ -90,7 +91,7 @@ class PixelAssigner:
         logits = None
         for i, (centroids, stride) in enumerate(zip(self.centroids, self.strides)):
             with_logits = i == 0 and first_fit_mapping is not None
-            if len(grids) == 1 and not with_logits:  # argmax ignores the positive per-pixel norm
+            if len(grids) == 1 and not with_logits and self.device.type == "cpu":  # argmax ignores the per-pixel norm
                 maps.append(_nearest_by_envelope(*grids[0], centroids, patch_size, image_hw, stride))
                 continue
             if with_logits and stride != 1:
@@ -104,111 +105,109 @@ class PixelAssigner:
 
 def _column_scores(features: torch.Tensor, centroids: torch.Tensor, resized: tuple[int, int], patch_size: int,
                    width: int, stride: int) -> torch.Tensor:
-    """Patch-level dot products interpolated along x at the output columns: (gh, W_s, k)."""
+    """Patch-level dot products interpolated along x at the output columns: (gh, W_s, k). As one
+    matrix product with the (W_s, gw) interpolation matrix: faster than gathering two taps."""
     _, _, gw = features.shape
     lo, hi, frac = (t.to(features.device) for t in bilinear_taps(width, gw, resized[1] / width / patch_size, stride))
+    weights = torch.zeros(len(lo), gw, device=features.device)
+    weights[torch.arange(len(lo)), lo] += 1 - frac
+    weights[torch.arange(len(lo)), hi] += frac
     patch_scores = torch.einsum("dhw,kd->hwk", features, centroids)  # (gh, gw, k)
-    step = patch_scores.index_select(1, hi) - patch_scores.index_select(1, lo)  # (gh, W_s, k)
-    return torch.addcmul(patch_scores.index_select(1, lo), step, frac[None, :, None], out=step)
+    return torch.matmul(weights, patch_scores)
 
 
 def _nearest_by_envelope(features: torch.Tensor, resized: tuple[int, int], centroids: torch.Tensor, patch_size: int,
                          image_hw: tuple[int, int], stride: int) -> np.ndarray:
-    """Exact nearest centroid of every pixel from one scale, at about the cost of the column scores.
+    """Exact nearest centroid of every pixel from one scale on the CPU, without scoring every
+    cluster at every pixel (see `_envelope_rows`)."""
+    height = image_hw[0]
+    q = _column_scores(features, centroids, resized, patch_size, image_hw[1], stride).numpy()  # (gh, W_s, k)
+    lo, _, frac = bilinear_taps(height, features.shape[1], resized[0] / height / patch_size, stride)
+    return _envelope_rows(q, lo.numpy(), frac.numpy())
 
-    Columns are interpolated explicitly (q: (gh, W, k)). Down a column, between patch rows i and
-    i+1, every cluster's score is linear in the row weight w in [0, 1], so the winner along the
-    band is the upper envelope of k lines, found without scoring every pixel:
+
+@numba.njit(cache=True)
+def _envelope_rows(q: np.ndarray, lo: np.ndarray, frac: np.ndarray) -> np.ndarray:
+    """q (gh, W, k): scores at the output columns on each patch row; lo, frac (H,): each output
+    row's patch row above it and its weight towards the next. -> (H, W) int32 winners.
+
+    Down a column, between patch rows i and i+1, every cluster's score is linear in the row
+    weight w in [0, 1], so the winner along the band is the upper envelope of k lines:
       - if the same cluster wins at w = 0 and w = 1 it wins the whole band (most bands);
-      - else, with a winning at the left end of an interval and b at the right, the envelope of
-        a and b has its low point where they cross, w*. A third cluster wins somewhere in the
-        interval only if it beats them at w* (its score minus the envelope is concave on each
-        side of w*), so one scoring of the k clusters at w* either confirms the breakpoint a -> b
-        or finds c, and the two halves (a, c) and (c, b) are settled the same way.
-    Rows then take the winner of the last breakpoint above them. A tolerance keeps near-ties of
-    float rounding from recursing forever; their answers differ from per-pixel scoring by < 1e-6.
+      - else, with a winning at the left end of an interval and b at the right, a and b cross at
+        w*, the envelope's low point between them. A third cluster wins somewhere in the interval
+        only if it beats them at w* (its score minus the envelope is concave on each side of w*),
+        so one scoring of the k clusters at w* either confirms the breakpoint a -> b or finds c,
+        and the halves (a, c) and (c, b) are settled the same way (depth first, left first, so
+        the breakpoints come out in order).
+    A tolerance keeps near-ties of float rounding from recursing; such pixels may differ from
+    per-pixel scoring by less than 1e-6 in score.
     """
-    height, width = image_hw
-    gh = features.shape[1]
-    q = _column_scores(features, centroids, resized, patch_size, width, stride)  # (gh, W_s, k)
-    best = q.argmax(dim=2)  # (gh, W_s): the winner on each patch row
-    lo, _, frac = (t.to(q.device) for t in bilinear_taps(height, gh, resized[0] / height / patch_size, stride))
-    out_w = best.shape[1]
-    if gh == 1:
-        return best[lo].to(torch.int32).cpu().numpy()
-    # First round on every (band, column) at once, on views of q: the winners a (top row) and b.
-    a, b = best[:-1, :, None], best[1:, :, None]  # (gh-1, W_s, 1)
-    top, slope = q[:-1], q[1:] - q[:-1]
-    w = _crossing(top, slope, a, b, torch.zeros_like(a, dtype=q.dtype), torch.ones_like(a, dtype=q.dtype))
-    third, c = _third_winner(top, slope, a, b, w)
-    resolved = (a != b) & ~third
-    band, col, _ = torch.nonzero(resolved, as_tuple=True)
-    breaks = [(band, col, w[resolved], b[resolved])]
-    band, col, _ = torch.nonzero(third, as_tuple=True)
-    flat = q.view(-1, q.shape[2])  # (gh * W_s, k): rows of q by (band, col)
-    left, mid, right, w_mid = a[third], c[third], b[third], w[third]
-    band, col = band.repeat(2), col.repeat(2)  # each interval split at w*: (a, c) and (c, b)
-    left, right = torch.cat([left, mid]), torch.cat([mid, right])
-    w_left = torch.cat([torch.zeros_like(w_mid), w_mid])
-    w_right = torch.cat([w_mid, torch.ones_like(w_mid)])
-    while band.numel():
-        top = flat.index_select(0, band * out_w + col)  # (n, k) scores at w = 0
-        slope = flat.index_select(0, (band + 1) * out_w + col).sub_(top)
-        a, b = left[:, None], right[:, None]
-        w = _crossing(top, slope, a, b, w_left[:, None], w_right[:, None])
-        third, c = _third_winner(top, slope, a, b, w)
-        third, c, w = third[:, 0], c[:, 0], w[:, 0]
-        done = ~third
-        breaks.append((band[done], col[done], w[done], right[done]))
-        band, col = band[third].repeat(2), col[third].repeat(2)
-        left, right = torch.cat([left[third], c[third]]), torch.cat([c[third], right[third]])
-        w_left, w_right = torch.cat([w_left[third], w[third]]), torch.cat([w[third], w_right[third]])
-    return _fill_rows(best, lo, frac, [torch.cat(parts) for parts in zip(*breaks)], out_w)
-
-
-def _crossing(top, slope, a, b, w_left, w_right):
-    """Where the lines of clusters a (winning at w_left) and b (winning at w_right) cross."""
-    gain = top.gather(-1, a) - top.gather(-1, b)  # a's lead at w = 0
-    w = gain / (slope.gather(-1, b) - slope.gather(-1, a)).clamp_min(1e-30)
-    return torch.minimum(torch.maximum(w, w_left), w_right)
-
-
-def _third_winner(top, slope, a, b, w):
-    """(does a cluster other than a and b beat them at w, which one): scores of every cluster at w."""
-    scores = torch.addcmul(top, slope, w)
-    envelope = scores.gather(-1, a)
-    scores.scatter_(-1, a, -float("inf")).scatter_(-1, b, -float("inf"))
-    value, c = scores.max(dim=-1, keepdim=True)
-    return (value > envelope + 1e-6 * (envelope.abs() + 1)) & (a != b), c
-
-
-def _fill_rows(best: torch.Tensor, lo: torch.Tensor, frac: torch.Tensor, breaks, out_w: int) -> np.ndarray:
-    """Each output row takes its band's top winner, then the winner after the last breakpoint
-    (band, col, w, winner) with w < its row weight."""
-    out_h = len(lo)
-    value = best[lo]  # (H_s, W_s): the winner at w = 0 of each row's band
-    change_row = torch.full((out_h, out_w), -1, dtype=torch.long, device=best.device)
-    firsts = torch.cat([torch.zeros(1, dtype=torch.long, device=lo.device), torch.nonzero(lo[1:] != lo[:-1])[:, 0] + 1])
-    change_row[firsts] = firsts[:, None]
-    if breaks is not None and len(breaks[0]):
-        band, col, w, winner = breaks
-        position = lo.double() + frac.double()  # increasing down the rows
-        first_after = torch.searchsorted(position, band.double() + w.double(), right=True)  # first row with weight > w
-        band_end = torch.searchsorted(lo, band, right=True)
-        keep = first_after < band_end
-        row, col, w, winner = first_after[keep], col[keep], w[keep], winner[keep]
-        order = torch.argsort(w, stable=True)  # the breakpoint with the largest w at a (row, col) is the last
-        key = (row * out_w + col)[order]
-        order = order[torch.argsort(key, stable=True)]
-        key = (row * out_w + col)[order]
-        last = torch.ones(len(key), dtype=torch.bool, device=key.device)
-        last[:-1] = key[1:] != key[:-1]
-        row, col, winner = row[order][last], col[order][last], winner[order][last]
-        value[row, col] = winner
-        change_row[row, col] = row
-    last_change = torch.cummax(change_row, dim=0).values
-    return value.gather(0, last_change).to(torch.int32).cpu().numpy()
-
+    gh, width, k = q.shape
+    height = lo.shape[0]
+    best = np.empty((gh, width), np.int64)
+    for i in range(gh):
+        for x in range(width):
+            best[i, x] = np.argmax(q[i, x])
+    out = np.empty((height, width), np.int32)
+    stack = np.empty((4 * k + 8, 4))  # intervals (w_left, a, w_right, b) still to settle
+    max_breaks = 2 * k + 2
+    n_breaks = np.zeros(width, np.int64)  # per column of the band: its breakpoints (w, winner after)
+    break_w = np.empty((width, max_breaks))
+    break_c = np.empty((width, max_breaks), np.int64)
+    winner = np.empty(width, np.int64)
+    slope = np.empty(k, np.float32)  # per column of a band: each cluster's score change down the band
+    scores = np.empty(k, np.float32)
+    position = np.empty(width, np.int64)
+    r0 = 0
+    while r0 < height:
+        band = lo[r0]
+        r1 = r0
+        while r1 < height and lo[r1] == band:
+            r1 += 1
+        for x in range(width):
+            n_breaks[x] = 0
+            a = best[band, x]
+            if band == gh - 1 or best[band + 1, x] == a:
+                continue
+            top = q[band, x]
+            for c in range(k):
+                slope[c] = q[band + 1, x, c] - top[c]
+            depth = 1
+            stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = 0.0, a, 1.0, best[band + 1, x]
+            while depth:
+                depth -= 1
+                w_left, left, w_right, right = stack[depth, 0], int(stack[depth, 1]), stack[depth, 2], int(stack[depth, 3])
+                lead = top[left] - top[right]  # >= 0: left wins at w_left
+                gain = slope[right] - slope[left]  # > 0: right wins at w_right
+                w = np.float32(min(max(lead / gain if gain > 0 else w_left, w_left), w_right))
+                for c in range(k):  # every cluster's score at w (a loop the compiler vectorises)
+                    scores[c] = top[c] + w * slope[c]
+                envelope = scores[left]
+                scores[left] = scores[right] = -np.inf
+                third = np.argmax(scores)
+                if scores[third] <= envelope + 1e-6 * (abs(envelope) + 1):
+                    third = -1
+                n = n_breaks[x]
+                if third < 0 or depth + 2 > stack.shape[0] or n + 2 > max_breaks:
+                    break_w[x, n], break_c[x, n] = w, right
+                    n_breaks[x] = n + 1
+                else:
+                    stack[depth, 0], stack[depth, 1], stack[depth, 2], stack[depth, 3] = w, third, w_right, right
+                    stack[depth + 1, 0], stack[depth + 1, 1], stack[depth + 1, 2], stack[depth + 1, 3] = w_left, left, w, third
+                    depth += 2
+        for x in range(width):  # the band's rows, row by row (the output is row-major)
+            winner[x], position[x] = best[band, x], 0
+        for r in range(r0, r1):
+            for x in range(width):
+                p = position[x]
+                while p < n_breaks[x] and frac[r] > break_w[x, p]:
+                    winner[x] = break_c[x, p]
+                    p += 1
+                position[x] = p
+                out[r, x] = winner[x]
+        r0 = r1
+    return out
 
 def _nearest_per_pixel(grids: list[tuple[torch.Tensor, tuple[int, int]]], centroids: torch.Tensor, patch_size: int,
                        image_hw: tuple[int, int], stride: int, mapping: np.ndarray | None,

@@ -157,49 +157,62 @@ def panoptic_from_train_ids(
     sem = np.where((sem >= 0) & (sem < NUM_CLASSES), sem, IGNORE)
 
     # Stuff: one segment per class.
-    class_area = np.bincount(sem[sem != IGNORE], minlength=NUM_CLASSES)
+    class_area = np.bincount(sem.ravel(), minlength=256)[:NUM_CLASSES]
     stuff_label = np.zeros(256, dtype=np.int64)
     for t in range(NUM_CLASSES):
         if not _IS_THING[t] and class_area[t] >= max(stuff_min_area, 1):
             stuff_label[t] = TRAIN_ID_TO_LABEL_ID[t]
     ids = stuff_label[sem]
+    stuff = [t for t in range(NUM_CLASSES) if stuff_label[t]]
+    segment_ids = [TRAIN_ID_TO_LABEL_ID[stuff].astype(np.int64)]
+    category, area = [np.array(stuff, np.int64)], [class_area[stuff]]
 
-    # Things: a key per pixel (0 = none) that is unique per instance and sorts by class first.
+    # Things: a dense key per pixel (0 = none), unique per instance and ordered by class first.
     thing_mask = _IS_THING[sem]
     if thing_mask.any():
         if instances is None:
             structure = np.ones((3, 3), dtype=bool) if connectivity == 8 else None
             key = np.zeros(sem.shape, dtype=np.int64)
+            key_class = [np.zeros(1, np.int64)]
             offset = 0
             for t in THING_TRAIN_IDS:  # component labels run in raster order within each class
+                if not class_area[t]:
+                    continue
                 mask = sem == t
-                if mask.any():
-                    lab, n = ndimage.label(mask, structure=structure)
-                    key[mask] = lab[mask] + offset
-                    offset += n
+                lab, n = ndimage.label(mask, structure=structure)
+                key[mask] = lab[mask] + offset
+                key_class.append(np.full(n, t, np.int64))
+                offset += n
+            seg_class = np.concatenate(key_class)  # the class of each key
+            key_area = np.bincount(key.ravel(), minlength=offset + 1)
         else:
             inst = instances.astype(np.int64)
             if inst.min() < 0:
                 raise ValueError("instance ids must be >= 0 (0 = no instance)")
-            key = np.where(thing_mask & (inst > 0), (sem + 1) * (int(inst.max()) + 1) + inst, 0)
-        keys, first_pixel, inverse, area = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
-        seg_class = sem.ravel()[first_pixel]  # one class per key by construction
-        valid = (keys > 0) & (area >= max(min_area, 1))
-        n_id = np.full(len(keys), -1, dtype=np.int64)
+            raw = np.where(thing_mask & (inst > 0), (sem + 1) * (int(inst.max()) + 1) + inst, 0)
+            keys, first_pixel, key, key_area = np.unique(raw, return_index=True, return_inverse=True, return_counts=True)
+            key = key.reshape(raw.shape) if keys[0] == 0 else key.reshape(raw.shape) + 1  # key 0 = no instance
+            if keys[0] != 0:
+                key_area, first_pixel = np.r_[0, key_area], np.r_[0, first_pixel]
+            seg_class = sem.ravel()[first_pixel]  # one class per key by construction
+        valid = np.arange(len(key_area)) > 0
+        valid &= key_area >= max(min_area, 1)
+        n_id = np.full(len(key_area), -1, dtype=np.int64)
         for t in THING_TRAIN_IDS:
             members = np.flatnonzero(valid & (seg_class == t))
             if members.size > MAX_INSTANCES_PER_CLASS:
-                members = np.sort(members[np.argsort(-area[members], kind="stable")[:MAX_INSTANCES_PER_CLASS]])
+                members = np.sort(members[np.argsort(-key_area[members], kind="stable")[:MAX_INSTANCES_PER_CLASS]])
             n_id[members] = np.arange(members.size)
-        label_of_class = np.zeros(256, dtype=np.int64)
-        label_of_class[:NUM_CLASSES] = TRAIN_ID_TO_LABEL_ID
-        seg_id = np.where(n_id >= 0, label_of_class[seg_class] * 1000 + n_id, VOID)
-        ids = np.where(thing_mask, seg_id[inverse.reshape(key.shape)], ids)
-
-    def categories(segment_ids):
-        return _LABEL_TO_TRAIN_1000[_semantic_label(segment_ids)], np.zeros(len(segment_ids), dtype=bool)
-
-    return _from_id_map(ids, categories)
+        kept = np.flatnonzero(n_id >= 0)  # in key order: by class, then n
+        seg_id = np.zeros(len(key_area), dtype=np.int64)
+        seg_id[kept] = TRAIN_ID_TO_LABEL_ID[seg_class[kept]].astype(np.int64) * 1000 + n_id[kept]
+        ids = np.where(thing_mask, seg_id[key], ids)
+        segment_ids.append(seg_id[kept])
+        category.append(seg_class[kept])
+        area.append(key_area[kept])
+    segment_ids = np.concatenate(segment_ids)
+    return Panoptic(ids.astype(np.int32), segment_ids, np.concatenate(category), np.zeros(len(segment_ids), bool),
+                    np.concatenate(area).astype(np.int64))
 
 
 def instance_ids_map(panoptic: Panoptic, train_ids: np.ndarray) -> np.ndarray:

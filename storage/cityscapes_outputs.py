@@ -47,7 +47,8 @@ def panoptic_to_rgb(ids: np.ndarray) -> np.ndarray:
     ids = ids.astype(np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= 256 ** 3):
         raise ValueError(f"panoptic ids must lie in [0, 256^3), got [{ids.min()}, {ids.max()}]")
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
+    # little-endian bytes of the uint32 id are R, G, B (and a zero)
+    return np.ascontiguousarray(ids.astype("<u4").view(np.uint8).reshape(*ids.shape, 4)[..., :3])
 
 
 def rgb_to_panoptic(rgb: np.ndarray) -> np.ndarray:
