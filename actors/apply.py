@@ -14,13 +14,14 @@ import pyarrow as pa
 import ray
 
 from actors.extract import feature_arrays, stitched_grids, write_feature_shards
-from actors.model_setup import device_for, extracted_scales, label_scales
+from actors.geometry import extracted_scales, label_scales
+from actors.model_setup import device_for
 from actors.rows import failure_message, skipped, status
 from configs.schema import RefineConfig, parse_config
 from core.label_image import ImageLabeller, LabelFit
 from storage.cityscapes_outputs import prediction_paths, write_image_predictions
-from storage.parts import clear_parts, read_part, write_part
-from storage.shards import mark_done, shard_records, write_json_atomic, write_parquet_atomic
+from storage.parts import complete_shard, read_shard_parts, write_part
+from storage.shards import write_json_atomic, write_parquet_atomic
 
 
 def histogram_schema(k: int) -> pa.Schema:
@@ -68,12 +69,10 @@ def finish_apply(stage_dir: str, shard_row: dict, written: list[str], failed: li
     """The parts of a shard (in shard order) -> histogram Parquet, features Parquet if asked, annotations, marker."""
     cfg = parse_config(config, "apply finish config")
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
-    order = [r.image_id for r in shard_records(shard_row) if r.image_id in set(written)]
-    parts = [read_part(stage_dir, shard, image_id) for image_id in order]
+    order, parts, written_at = read_shard_parts(stage_dir, shard_row, written)
     columns = {"image_id": order, "source": [m["source"] for _, m in parts], "height": [m["hw"][0] for _, m in parts],
                "width": [m["hw"][1] for _, m in parts], "cluster_pixels": [a["cluster_pixels"].tolist() for a, _ in parts]}
     write_parquet_atomic(pa.table(columns, schema=histogram_schema(k)), stage_dir / f"{shard}.parquet")
     summary = write_feature_shards(cfg, Path(features_dir), shard, order, parts) if cfg.apply.write_features else {}
     write_json_atomic([meta["annotation"] for _, meta in parts], stage_dir / "_panoptic" / f"{shard}.json")
-    mark_done(stage_dir, shard, {"num_images": len(order), "image_ids": order, "failed": failed, **summary})
-    clear_parts(stage_dir, shard)
+    complete_shard(stage_dir, shard, order, written_at, failed, **summary)

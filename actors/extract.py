@@ -1,9 +1,10 @@
-"""The extract stage's steps, each run where its resource is:
+"""The extract stage's CPU steps (the model step is `actors.window_features.WindowFeatures`):
 
   image_windows   CPU task per shard: read + decode each image, resize, cut uint8 windows
-  WindowFeatures  model actor: only the model, on the windows of many images per call
   write_features  CPU task per image: stitch windows, patch labels, write the image's part
   finish_features per shard, when every image is out: parts -> Parquet shards + marker
+
+None of them imports torch: their workers start in a fraction of the time.
 """
 
 import json
@@ -11,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.model_setup import build_window_model, extracted_scales, extracted_short_sides, window_spec
+from actors.geometry import extracted_scales, extracted_short_sides, window_spec
 from actors.rows import failure_message, skipped, status
 from configs.schema import parse_config
-from core.dense import ScaleLayout, cut_windows, stitch_windows
+from core.windows import ScaleLayout, cut_windows, stitch_windows
 from core.labels import IGNORE, NUM_CLASSES
 from core.metrics import patch_majority_labels
 from storage.images import InputError, read_rgb, read_train_ids
-from storage.parts import clear_parts, read_part, write_part
-from storage.shards import feature_path, mark_done, patch_schema, patch_table, shard_records, write_parquet_atomic
+from storage.parts import complete_shard, read_shard_parts, write_part
+from storage.shards import feature_path, patch_schema, patch_table, shard_records, write_parquet_atomic
 
 
 def image_windows(shard_row: dict, config: dict):
@@ -38,24 +39,6 @@ def image_windows(shard_row: dict, config: dict):
         except Exception as err:  # noqa: BLE001 - one image's failure must not end the stage
             row["error"] = failure_message("extract", record.image_id, err)
         yield row
-
-
-class WindowFeatures:
-    """Model actor: `__init__` builds the model once; a call runs the windows of a batch of images."""
-
-    def __init__(self, config: dict):
-        cfg = parse_config(config, "extract model config")
-        self.model = build_window_model(cfg, cfg.extract.model)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        windows = list(batch.pop("windows"))
-        counts = [len(w) for w in windows]
-        features = self.model(np.concatenate(windows)) if sum(counts) else None
-        out = np.empty(len(windows), dtype=object)
-        for i, start in enumerate(np.cumsum([0, *counts[:-1]])):  # float16 halves the bytes moved; stored so anyway
-            # a failed image's row keeps a 4-d placeholder: Ray Data stores a column of one rank only
-            out[i] = features[start:start + counts[i]].astype(np.float16) if counts[i] else np.zeros((0, 1, 1, 1), np.float16)
-        return {**batch, "window_features": out, "model": np.array([self.model.model.description] * len(out))}
 
 
 def stitched_grids(row: dict, cfg) -> list[tuple[np.ndarray, tuple[int, int]]]:
@@ -111,8 +94,5 @@ def finish_features(stage_dir: str, shard_row: dict, written: list[str], failed:
     """The parts of a shard (in shard order) -> its Parquet files, then the marker, then no parts."""
     cfg = parse_config(config, "extract finish config")
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
-    order = [r.image_id for r in shard_records(shard_row) if r.image_id in set(written)]
-    parts = [read_part(stage_dir, shard, image_id) for image_id in order]
-    summary = write_feature_shards(cfg, stage_dir, shard, order, parts)
-    mark_done(stage_dir, shard, {"num_images": len(order), "image_ids": order, "failed": failed, **summary})
-    clear_parts(stage_dir, shard)
+    order, parts, written_at = read_shard_parts(stage_dir, shard_row, written)
+    complete_shard(stage_dir, shard, order, written_at, failed, **write_feature_shards(cfg, stage_dir, shard, order, parts))

@@ -1,6 +1,6 @@
 """The label stage's steps; no model anywhere (extract wrote every scale's features):
 
-  image_features  CPU task per shard: its features Parquet (every scale) -> one row per image
+  image_features  (actors.feature_reader) CPU task per shard: its features -> one row per image
   LabelImages     actor (CPU, or the assignment on CUDA): label + score one image, write its
                   Cityscapes-format pseudo-labels and its part
   finish_scores   per shard, when every image is out: parts -> scores npz + panoptic JSON + marker
@@ -9,13 +9,13 @@
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray
 
-from actors.model_setup import device_for, label_scales, window_spec
+from actors.geometry import label_short_sides
+from actors.model_setup import device_for
 from actors.rows import failure_message, skipped, status
 from configs.schema import RunConfig, parse_config
-from core.dense import resized_size, scale_short_sides
+from core.windows import resized_size
 from core.label_image import ImageLabeller, LabelFit, image_scores, shard_scores
 from core.labels import colorize_train_ids
 from core.panoptic import gt_panoptic
@@ -23,8 +23,8 @@ from core.sampling import image_fold
 from core.variants import enabled_variants
 from storage.cityscapes_outputs import prediction_paths, write_image_predictions
 from storage.images import InputError, read_instance_ids, read_rgb, read_train_ids, safe_path, write_png_atomic
-from storage.parts import clear_parts, read_part, write_part
-from storage.shards import feature_path, image_grids, mark_done, shard_records, write_json_atomic, write_npz_atomic
+from storage.parts import complete_shard, read_shard_parts, write_part
+from storage.shards import write_json_atomic, write_npz_atomic
 
 
 def label_fits(cfg: RunConfig, fits: list[dict]) -> list[LabelFit]:
@@ -35,19 +35,6 @@ def label_fits(cfg: RunConfig, fits: list[dict]) -> list[LabelFit]:
 
 def label_variants(cfg: RunConfig, fits: list[dict]) -> list[str]:
     return [*enabled_variants(cfg.refine, len(cfg.inference.scales) > 1), fits[-1]["name"]]
-
-
-def image_features(shard_row: dict, config: dict, features_dir: str):
-    """One shard row -> one row per image to do, with its features at every label scale."""
-    cfg = parse_config(config, "label read config")
-    tables = [pq.read_table(feature_path(Path(features_dir), shard_row["shard"], s)) for s in label_scales(cfg)]
-    grids = [image_grids(t) for t in tables]
-    for record in shard_records(shard_row):
-        (_, (height, width)) = grids[0][record.image_id]
-        row = {"shard": shard_row["shard"], "image_id": record.image_id, "path": record.image_path, "error": "",
-               "setup_error": "", "group": record.group, "label_ids_path": record.label_ids_path or "",
-               "instance_ids_path": record.instance_ids_path or "", "height": height, "width": width}
-        yield row | {f"grid_{i}": g[record.image_id][0].astype(np.float16) for i, g in enumerate(grids)}
 
 
 class LabelImages:
@@ -61,7 +48,7 @@ class LabelImages:
         self.labeller = ImageLabeller(self.fits, self.variants[:-1], self.cfg.refine, self.cfg.panoptic, baseline=True,
                                       device=device_for(self.cfg.label.workers))
         self.colour = self.cfg.refine.crf or self.cfg.refine.superpixels
-        self.short_sides = scale_short_sides(window_spec(self.cfg.inference), label_scales(self.cfg), self.cfg.model.vit.patch_size)
+        self.short_sides = label_short_sides(self.cfg)
 
     def __call__(self, row: dict) -> dict:
         if skipped(row):
@@ -113,11 +100,9 @@ def finish_scores(stage_dir: str, shard_row: dict, written: list[str], failed: l
     """The parts of a shard (in shard order) -> its scores npz and COCO annotations, the marker, no parts."""
     cfg = parse_config(config, "label finish config")
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
-    order = [r.image_id for r in shard_records(shard_row) if r.image_id in set(written)]
-    parts = [read_part(stage_dir, shard, image_id) for image_id in order]
+    order, parts, written_at = read_shard_parts(stage_dir, shard_row, written)
     arrays = shard_scores(order, [meta["fold"] for _, meta in parts], [a for a, _ in parts], label_fits(cfg, fits),
                           label_variants(cfg, fits), cfg.fit.heldout_folds)
     write_npz_atomic(arrays, stage_dir / f"{shard}.npz")
     write_json_atomic([meta["annotation"] for _, meta in parts if meta["annotation"]], stage_dir / "_panoptic" / f"{shard}.json")
-    mark_done(stage_dir, shard, {"num_images": len(order), "image_ids": order, "failed": failed})
-    clear_parts(stage_dir, shard)
+    complete_shard(stage_dir, shard, order, written_at, failed)

@@ -1,9 +1,10 @@
-"""Config -> model, windows and devices: the one place the stages turn settings into objects."""
+"""Config -> model on a device: the one place the actors build their model."""
 
 import torch
 
-from configs.schema import InferenceConfig, RunConfig, WorkersConfig
-from core.dense import WindowModel, WindowSpec, scale_short_sides
+from actors.geometry import window_spec
+from configs.schema import RunConfig, WorkersConfig
+from core.dense import WindowModel
 from core.models import ModelSpec, ViTSpec, build_feature_model
 
 
@@ -15,25 +16,6 @@ def model_spec(cfg: RunConfig) -> ModelSpec:
         cluster_probe_checkpoint=m.cluster_probe_checkpoint,
     )
     return spec.with_cause_root(m.cause_root) if m.cause_root is not None else spec
-
-
-def window_spec(inference: InferenceConfig) -> WindowSpec:
-    return WindowSpec(short_side=inference.short_side, crop=inference.crop, stride=inference.stride,
-                      flip=inference.flip, batch_size=inference.batch_size, precision=inference.precision)
-
-
-def extracted_scales(cfg: RunConfig) -> list[float]:
-    """The scales extract writes: 1.0 first (the grid the fit uses), then the other inference scales."""
-    return [1.0, *(s for s in cfg.inference.scales if s != 1.0)]
-
-
-def extracted_short_sides(cfg: RunConfig) -> list[int]:
-    return scale_short_sides(window_spec(cfg.inference), extracted_scales(cfg), cfg.model.vit.patch_size)
-
-
-def label_scales(cfg: RunConfig) -> list[float]:
-    """The scales the label pass averages, the one closest to 1 first (single-scale steps use it)."""
-    return sorted(cfg.inference.scales, key=lambda s: abs(s - 1.0))
 
 
 def device_for(workers: WorkersConfig) -> torch.device:

@@ -27,8 +27,8 @@ from ray_jobs.pipeline import Pipeline  # noqa: E402
 def run_once(config: Path, images: int, workers: int, work: Path) -> dict:
     out = work / f"workers{workers}"
     cfg = load_config(config, [f"output_dir={out}", f"dataset.max_images={images}", "dataset.images_per_shard=5",
-                               f"extract.num_actors={workers}", f"label_workers.num_actors={workers}",
-                               "extract.cpus_per_actor=0.9", "label_workers.cpus_per_actor=0.9"])
+                               f"extract.model.num_actors={workers}", f"label.workers.num_actors={workers}",
+                               "extract.model.cpus_per_actor=0.75", "label.workers.cpus_per_actor=0.9"])
     start = time.perf_counter()
     Pipeline(cfg).run()
     total = time.perf_counter() - start

@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.dense import DenseFeatureExtractor, WindowSpec, patch_grid, window_starts  # noqa: E402
+from core.dense import DenseFeatureExtractor  # noqa: E402
+from core.windows import WindowSpec, patch_grid, window_starts  # noqa: E402
 from core.models import ModelSpec, build_feature_model  # noqa: E402
 
 

@@ -3,7 +3,8 @@ patch labels and write on CPU, streamed image by image."""
 
 from ray.data import Dataset
 
-from actors.extract import WindowFeatures, finish_features, image_windows, write_features
+from actors.extract import finish_features, image_windows, write_features
+from actors.window_features import WindowFeatures
 from configs.schema import RunConfig
 from ray_jobs.layout import Layout, settings_key
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, task_args

@@ -4,7 +4,8 @@ image on an actor pool; the fits go into the object store once."""
 import ray
 from ray.data import Dataset
 
-from actors.label import LabelImages, finish_scores, image_features
+from actors.feature_reader import image_features
+from actors.label import LabelImages, finish_scores
 from configs.schema import RunConfig
 from core.fit_artifact import FitArtifact
 from ray_jobs.fit import fit_names

@@ -166,13 +166,22 @@ def task_args(tasks) -> dict:
 
 def actor_args(workers) -> dict:
     """Ray Data arguments of an actor pool (`configs.schema.WorkersConfig`)."""
-    return {"compute": ray.data.ActorPoolStrategy(size=workers.num_actors), "num_cpus": workers.cpus_per_actor,
+    return {"compute": ray.data.ActorPoolStrategy(size=workers.num_actors, max_tasks_in_flight_per_actor=4), "num_cpus": workers.cpus_per_actor,
             "num_gpus": workers.gpus_per_actor or None}
 
 
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class ShardFinisher:
+    """Runs a stage's finish calls (parts -> shard files -> marker) in one long-lived worker: they
+    only move files, and short tasks of their own would each start a worker process (on a small
+    machine that start-up, not the work, is the cost). Restarted and retried if its node is lost."""
+
+    def finish(self, fn: Callable, *args, **kwargs) -> None:
+        fn(*args, **kwargs)
+
+
 def finisher(fn: Callable, stage_dir: Path, **kwargs) -> Callable:
-    """`finish` for `run_image_stream`: `fn(stage_dir, shard_row, written, failed, **kwargs)` as a
-    Ray task that reserves no CPU (it only moves a shard's parts into files), so it never waits
-    behind the stage's own tasks."""
-    task = ray.remote(num_cpus=0)(fn)
-    return lambda shard_row, written, failed: task.remote(str(stage_dir), shard_row, sorted(written), failed, **kwargs)
+    """`finish` for `run_image_stream`: `fn(stage_dir, shard_row, written, failed, **kwargs)` on a
+    `ShardFinisher` of the stage (it reserves no CPU, so it never waits behind the stage's tasks)."""
+    actor = ShardFinisher.options(max_concurrency=2).remote()
+    return lambda shard_row, written, failed: actor.finish.remote(fn, str(stage_dir), shard_row, sorted(written), failed, **kwargs)

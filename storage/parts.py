@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from storage.images import safe_path
+from storage.shards import mark_done, shard_records
 
 PARTS_DIR = "_parts"
 
@@ -38,6 +39,22 @@ def read_part(stage_dir: Path, shard: str, image_id: str) -> tuple[dict[str, np.
     with np.load(part_path(stage_dir, shard, image_id), allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files if k != "_meta"}
         return arrays, json.loads(str(data["_meta"]))
+
+
+def read_shard_parts(stage_dir: Path, shard_row: dict, written: list[str]) -> tuple[list[str], list[tuple[dict, dict]], list[float]]:
+    """The written images of a shard in shard order, their parts, and when each part was written."""
+    keep = set(written)
+    order = [r.image_id for r in shard_records(shard_row) if r.image_id in keep]
+    paths = [part_path(stage_dir, shard_row["shard"], image_id) for image_id in order]
+    return order, [read_part(stage_dir, shard_row["shard"], image_id) for image_id in order], [p.stat().st_mtime for p in paths]
+
+
+def complete_shard(stage_dir: Path, shard: str, order: list[str], written_at: list[float], failed: list[dict],
+                   **summary) -> None:
+    """The marker (after the shard's outputs are in place), then the parts go."""
+    mark_done(Path(stage_dir), shard, {"num_images": len(order), "image_ids": order, "failed": failed,
+                                       "images_written_at": written_at, **summary})
+    clear_parts(stage_dir, shard)
 
 
 def staged_ids(stage_dir: Path, shard: str) -> set[str]:

@@ -18,7 +18,8 @@ import torch
 import yaml
 from PIL import Image
 
-from actors.extract import WindowFeatures, finish_features, image_windows, write_features
+from actors.extract import finish_features, image_windows, write_features
+from actors.window_features import WindowFeatures
 from core.models import CheckpointError, ModelSpec, ViTSpec, build_feature_model
 from ray_jobs.fit import FitError, run_fit
 from ray_jobs.pipeline import Pipeline

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.dense import DenseFeatureExtractor, WindowSpec
+from core.dense import DenseFeatureExtractor
+from core.windows import WindowSpec
 from core.models import ModelSpec, ViTSpec, build_feature_model
 from core.models.segment_tr import SegmentTR, codebook_index, quantize
 

@@ -1,0 +1,29 @@
+"""The label stage's first step: a shard's extracted features (every label scale) -> one row per
+image. A CPU task that imports no torch."""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from actors.geometry import label_scales
+from configs.schema import parse_config
+from storage.shards import feature_path, image_grids, shard_records
+
+
+def image_features(shard_row: dict, config: dict, features_dir: str):
+    """One shard row -> one row per image to do, with its features at every label scale."""
+    cfg = parse_config(config, "label read config")
+    tables = [pq.read_table(feature_path(Path(features_dir), shard_row["shard"], s)) for s in label_scales(cfg)]
+    grids = [image_grids(t) for t in tables]
+    for record in shard_records(shard_row):
+        row = {"shard": shard_row["shard"], "image_id": record.image_id, "path": record.image_path, "error": "",
+               "setup_error": "", "group": record.group, "label_ids_path": record.label_ids_path or "",
+               "instance_ids_path": record.instance_ids_path or "", "height": 0, "width": 0}
+        if not all(record.image_id in g for g in grids):
+            yield row | {f"grid_{i}": np.zeros((0, 1, 1), np.float16) for i in range(len(grids))} | {  # same columns, one rank
+                "error": f"{record.image_id}: no features in {feature_path(Path(features_dir), shard_row['shard'])} "
+                         "(or a scale's file beside it); run the extract stage again on a new output_dir"}
+            continue
+        row["height"], row["width"] = grids[0][record.image_id][1]
+        yield row | {f"grid_{i}": g[record.image_id][0].astype(np.float16) for i, g in enumerate(grids)}
