@@ -5,6 +5,10 @@ PROTOCOL_TITLES = {"same_set": "same-set majority (seed)", "held_out": "held-out
                    "label_free": "label-free (via baseline)"}
 
 
+def _pixels_scored(stride: int) -> str:
+    return "all" if stride == 1 else f"every {stride}{'nd' if stride == 2 else 'rd' if stride == 3 else 'th'}"
+
+
 def _pct(value) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
@@ -36,8 +40,11 @@ def render_markdown(report: dict) -> str:
         "",
         "## k sweep (seed protocol: same-set majority mapping)",
         "",
-        "| fit | mapping | k | patch mIoU | pixel mIoU | pixel acc | classes with IoU ≥ 5 % | dead centroids | cluster purity |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Pixel-level numbers count every pixel at full resolution, or, where the last column says so, every "
+        "s-th pixel in each direction (`label.sweep_pixel_stride`: the sweep's extra fits, whose labels are not written).",
+        "",
+        "| fit | mapping | k | patch mIoU | pixel mIoU | pixel acc | classes with IoU ≥ 5 % | dead centroids | cluster purity | pixels scored |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         f = fits[name]
@@ -46,7 +53,8 @@ def render_markdown(report: dict) -> str:
         found = present - len(missed_classes(pixel["per_class_iou"]))
         lines.append(f"| {name} | {f['mapping_kind']} | {f['k']} | {_pct(f['patch_level']['same_set']['miou'])} | "
                      f"{_pct(pixel['miou'])} | {_pct(pixel['pixel_accuracy'])} | "
-                     f"{found}/{present} | {f['dead_centroids']}/{f['k']} | {_pct(f.get('weighted_purity'))} |")
+                     f"{found}/{present} | {f['dead_centroids']}/{f['k']} | {_pct(f.get('weighted_purity'))} | "
+                     f"{_pixels_scored(f['pixel_stride'])} |")
     protocols = [p for p in PROTOCOL_TITLES if p in fits[names[0]]["pixel_level"]]
     lines += ["", "## Where the gain comes from: pixel mIoU (%) by mapping protocol", "",
               "| fit | k | " + " | ".join(PROTOCOL_TITLES[p] for p in protocols) + " |",
@@ -95,7 +103,8 @@ def _variants_section(report: dict, names: list[str]) -> list[str]:
         return []
     lines = ["", f"## Semantic and panoptic quality of {names[0]}'s label variants and the baseline", "",
              "Things are connected components of the labels unless a variant makes instances (em_things). "
-             "Seconds per image: the label pass's nearest-centroid assignment for all fits, plus the variant's own work.", "",
+             "Seconds per image (one core): the main fit's nearest-centroid assignment, trainIds and panoptic segments, "
+             "plus the variant's own work; the baseline's row is its own labels.", "",
              "| variant | mIoU | pixel acc | PQ | SQ | RQ | PQ stuff | PQ things | s / image |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, v in variants.items():

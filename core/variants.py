@@ -58,7 +58,7 @@ def run_variant(name: str, ev: ImageEvidence, centroids: np.ndarray, mapping: np
                                  resized_hw=resized, patch_size=ev.patch_size)
         return ev.seed_labels, instances
     if name == "superpixels":
-        small = F.interpolate(torch.from_numpy(ev.image).permute(2, 0, 1)[None].float(), size=resized,
+        small = F.interpolate(torch.tensor(ev.image).permute(2, 0, 1)[None].float(), size=resized,
                               mode="bilinear", antialias=True, align_corners=False)[0].permute(1, 2, 0)
         sp = superpixels(features, small.round().clamp(0, 255).byte().numpy(), step=refine.superpixel_step,
                          tau=refine.tau, T=refine.iterations, resized_hw=resized, patch_size=ev.patch_size)

@@ -86,6 +86,8 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
         fits[name] = {**fit_summary[name],
                       "pixel_level": protocol_scores(counts, art.extra_arrays["mapping_counts"], art.mapping,
                                                      art.extra_arrays.get("label_free_mapping"), CLASS_NAMES),
+                      # which pixels its pixel-level numbers count (label.sweep_pixel_stride for the sweep's extra fits)
+                      "pixel_stride": 1 if name in (main, baseline) else cfg.label.sweep_pixel_stride,
                       "dead_centroids": dead_centroid_summary(scores["wins"][name])["dead"],
                       "weighted_purity": None if np.isnan(purity["weighted_purity"]) else float(purity["weighted_purity"])}
     baseline_missed = missed_classes(fits[baseline]["pixel_level"]["same_set"]["per_class_iou"])

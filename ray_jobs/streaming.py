@@ -183,5 +183,10 @@ class ShardFinisher:
 def finisher(fn: Callable, stage_dir: Path, **kwargs) -> Callable:
     """`finish` for `run_image_stream`: `fn(stage_dir, shard_row, written, failed, **kwargs)` on a
     `ShardFinisher` of the stage (it reserves no CPU, so it never waits behind the stage's tasks)."""
-    actor = ShardFinisher.options(max_concurrency=2).remote()
-    return lambda shard_row, written, failed: actor.finish.remote(fn, str(stage_dir), shard_row, sorted(written), failed, **kwargs)
+    actor = []  # started with the first shard to finish: a stage that fails before leaves no half-started worker
+
+    def finish(shard_row: dict, written: list[str], failed: list[dict]):
+        actor[:] = actor or [ShardFinisher.options(max_concurrency=2).remote()]
+        return actor[0].finish.remote(fn, str(stage_dir), shard_row, sorted(written), failed, **kwargs)
+
+    return finish

@@ -21,8 +21,8 @@ from tests.tiny_runs import NUM_IMAGES, PATCHES_PER_IMAGE, feature_ids, scored_i
 
 
 class ActorKiller(threading.Thread):
-    """For each (stage dir, UDF class): wait for the stage's first completion marker, then SIGKILL
-    the process of one live actor of that class in this test's own cluster."""
+    """For each (stage dir, UDF class): wait until the stage is under way (a part or a marker is
+    written), then SIGKILL the process of one live actor of that class in this test's own cluster."""
 
     def __init__(self, plan: list[tuple[Path, str]], timeout: float = 120):
         super().__init__(daemon=True)
@@ -40,14 +40,15 @@ class ActorKiller(threading.Thread):
     def _kill_one(self, stage_dir: Path, udf: str):
         deadline = time.monotonic() + self.timeout
         done = stage_dir / "_done"
-        while not (done.is_dir() and any(done.glob("shard-*.json"))):
+        # the first image through (its part) or the first shard finished: the stage is under way
+        while not (any(stage_dir.glob("_parts/*/*.npz")) or (done.is_dir() and any(done.glob("shard-*.json")))):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no marker in {done}")
             time.sleep(0.02)
         live = [a for a in actor_table().values()
                 if a["State"] == "ALIVE" and a["ActorClassName"].endswith(f"({udf}))") and a["Pid"]]
         if not live:
-            raise RuntimeError(f"no live {udf} actor after the first marker")
+            raise RuntimeError(f"no live {udf} actor once the stage was under way")
         victim = live[0]
         markers_before = len(list(done.glob("shard-*.json")))
         os.kill(victim["Pid"], signal.SIGKILL)
@@ -58,7 +59,8 @@ def test_killed_actors_are_restarted_and_every_image_is_done_exactly_once(ray_cl
     root = tmp_path / "data"
     generate_demo_dataset(root, split="val", num_images=NUM_IMAGES, height=128, width=256, seed=0)
     # One image per shard and two actors: many small tasks, so the kill lands while work is left.
-    cfg = tiny_config(root, tmp_path / "out", images_per_shard=1, num_actors=2)
+    cfg = tiny_config(root, tmp_path / "out", images_per_shard=1, num_actors=2,
+                      extract={"model": {"num_actors": 2, "cpus_per_actor": 0.5, "batch_images": 1}})
     killer = ActorKiller([(cfg.output_dir / "features", "WindowFeatures"), (cfg.output_dir / "scores", "LabelImages")])
     killer.start()
     Pipeline(cfg).run()

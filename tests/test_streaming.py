@@ -1,6 +1,7 @@
 """The streaming stages on a local Ray cluster: label runs no model, and a driver that dies with
 images in flight leaves their parts, which the next run uses instead of recomputing them."""
 
+import json
 import logging
 
 import numpy as np
@@ -23,7 +24,7 @@ def test_label_builds_no_model_even_with_several_scales(ray_cluster, demo_root, 
     torch.save(build_feature_model(ModelSpec(vit=ViTSpec(patch_size=14, embed_dim=32, depth=1, num_heads=2))).backbone.state_dict(),
                checkpoint)
     cfg = tiny_config(demo_root, tmp_path / "out", model={"backbone_checkpoint": str(checkpoint)},
-                      inference={"scales": [1.0, 0.75]})
+                      inference={"scales": [1.0, 0.75]}, label={"sweep_pixel_stride": 2})
     Pipeline(cfg).run(("extract", "fit"))
     scaled = pq.read_table(cfg.output_dir / "features" / "_scales" / "0.75")
     assert set(scaled.column("image_id").to_pylist()) == set(feature_ids(cfg.output_dir))
@@ -32,6 +33,13 @@ def test_label_builds_no_model_even_with_several_scales(ray_cluster, demo_root, 
     Pipeline(cfg).run(("label", "report"))
     assert sorted(scored_ids(cfg.output_dir)) == sorted(feature_ids(cfg.output_dir))
     assert len(feature_ids(cfg.output_dir)) == NUM_IMAGES
+    # the sweep's extra fit (k8) is scored on every 2nd pixel each way, the main fit and the baseline on all
+    report = json.loads((cfg.output_dir / "report.json").read_text())
+    assert {n: f["pixel_stride"] for n, f in report["fits"].items()} == {"k16": 1, "k8": 2, "baseline_k19": 1}
+    counted = {n: sum(int(np.load(p)[f"pixel_counts_{n}"].sum()) for p in (cfg.output_dir / "scores").glob("shard-*.npz"))
+               for n in ("k16", "k8", "baseline_k19")}
+    assert counted["k16"] == counted["baseline_k19"] and abs(counted["k8"] / counted["k16"] - 0.25) < 0.02
+    assert "every 2nd" in (cfg.output_dir / "report.md").read_text()
 
 
 def _failing_finish(*args, **kwargs):
