@@ -8,7 +8,7 @@ averaging and autocast); `DenseFeatureExtractor` does the whole thing in one pro
 import numpy as np
 import torch
 
-from core.windows import WindowSpec, cut_windows, scale_short_sides, stitch_windows
+from core.windows import WindowSpec, cut_windows, stitch_windows
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,7 +56,7 @@ class WindowModel:
 
 
 class DenseFeatureExtractor:
-    """The three steps in one process: images -> per-scale patch-feature grids."""
+    """The three steps in one process: images -> patch-feature grids at one scale (tests, benchmarks)."""
 
     def __init__(self, model: torch.nn.Module, spec: WindowSpec, device: torch.device | str = "cpu"):
         self.windows = WindowModel(model, spec, device)
@@ -75,10 +75,3 @@ class DenseFeatureExtractor:
             ((grid, _),) = stitch_windows(mine, layouts, self.spec.crop, self.spec.stride, self.patch)
             results.append(grid)
         return results
-
-    def at_scales(self, image: np.ndarray, scales: list[float]) -> list[tuple[np.ndarray, tuple[int, int]]]:
-        """One image at several scales of the short side: [(features (D, gh, gw), resized (h, w))],
-        the scale closest to 1 first (the base grid that single-scale steps use)."""
-        ordered = sorted(scales, key=lambda s: abs(s - 1.0))
-        windows, layouts = cut_windows(image, self.spec, self.patch, scale_short_sides(self.spec, ordered, self.patch))
-        return stitch_windows(self.windows(windows), layouts, self.spec.crop, self.spec.stride, self.patch)

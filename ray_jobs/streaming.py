@@ -112,8 +112,8 @@ def run_image_stream(name: str, stage_dir: Path, plan_key: str, shards: list[dic
 
     `shards`: [{"shard", "records"}] (`storage.shards.plan_shards`). `build` turns a dataset of
     shard rows (the images still to do) into the dataset of status rows. `finish(shard_row,
-    written_ids, failed)` returns the ObjectRef of the shard's finish task. Returns every shard's
-    marker.
+    written_ids, failed)` starts the shard's finish and returns its ObjectRef (`finisher`).
+    Returns every shard's marker.
     """
     check_plan(stage_dir, plan_key)
     done = read_done(stage_dir)
@@ -166,8 +166,9 @@ def task_args(tasks) -> dict:
 
 def actor_args(workers) -> dict:
     """Ray Data arguments of an actor pool (`configs.schema.WorkersConfig`)."""
-    return {"compute": ray.data.ActorPoolStrategy(size=workers.num_actors, max_tasks_in_flight_per_actor=4), "num_cpus": workers.cpus_per_actor,
-            "num_gpus": workers.gpus_per_actor or None}
+    # Up to 4 calls queued per actor: the next batch's inputs arrive while it works on this one.
+    pool = ray.data.ActorPoolStrategy(size=workers.num_actors, max_tasks_in_flight_per_actor=4)
+    return {"compute": pool, "num_cpus": workers.cpus_per_actor, "num_gpus": workers.gpus_per_actor or None}
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
