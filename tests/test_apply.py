@@ -94,6 +94,29 @@ def test_apply_labels_every_object_store_image_and_records_the_bad_one(s3_frames
     assert {p: p.stat().st_mtime_ns for p in markers} == markers
 
 
+def test_apply_writes_the_features_when_asked_and_they_equal_extract(s3_frames, fit_dir, tmp_path):
+    """apply.write_features: one streaming pass labels the images and keeps their patch features, in
+    the extract schema (labels 255: unlabelled), the same features extract would write."""
+    from actors.geometry import window_spec
+    from actors.model_setup import model_spec
+    from core.dense import DenseFeatureExtractor
+    from core.models import build_feature_model
+    from storage.images import read_rgb
+    from storage.shards import image_grids
+
+    cfg = parse_config({**apply_config(s3_frames, tmp_path / "out").model_dump(mode="json"), "apply": {"write_features": True}})
+    summary = run_apply(cfg, fit_dir)
+    table = pq.read_table(cfg.output_dir / "features")
+    grids = image_grids(table)
+    assert len(grids) == summary["num_images"] == NUM_GOOD and set(table.column("label").to_pylist()) == {255}
+    hist = pq.read_table(cfg.output_dir / "histograms").to_pydict()
+    image_id, source = hist["image_id"][0], hist["source"][0]
+    (expected,) = DenseFeatureExtractor(build_feature_model(model_spec(cfg)), window_spec(cfg.inference))([read_rgb(source)])
+    features, hw = grids[image_id]
+    assert hw == (128, 256)
+    np.testing.assert_allclose(features, expected, atol=2e-3 * np.abs(expected).max())
+
+
 def test_a_fit_of_other_features_is_refused_with_the_fix(s3_frames, fit_dir, tmp_path):
     with pytest.raises(ApplyError, match="dimension 32.*dimension 64.*config the fit was made with"):
         run_apply(apply_config(s3_frames, tmp_path / "out", embed_dim=64), fit_dir)
