@@ -49,7 +49,8 @@ class PseudoLabelImages:
         try:
             image_id, group = row["image_id"], "images"
             prediction_paths(self.labels_dir, group, image_id, self.cfg.dataset.split)  # names from data
-            grids = stitched_grids(row, self.cfg)
+            # rounded as stored, so a saved fit labels an image here exactly as the label stage does
+            grids = [(f.astype(np.float16).astype(np.float32), r) for f, r in stitched_grids(row, self.cfg)]
             hw = (int(row["height"]), int(row["width"]))
             labels = self.labeller.label([grids[i] for i in self.scale_order], self.cfg.model.vit.patch_size, hw)
             (train_ids, panoptic, _), cluster_map = labels.variants[0], labels.cluster_maps[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.geometry import extracted_scales, extracted_short_sides, window_spec
+from actors.geometry import extracted_scales, extracted_short_sides, feature_dim, window_spec
 from actors.rows import failure_message, skipped, status
 from configs.schema import parse_config
 from core.windows import ScaleLayout, cut_windows, stitch_windows
@@ -69,6 +69,10 @@ def write_features(row: dict, config: dict, stage_dir: str) -> dict:
     try:
         grids = stitched_grids(row, cfg)
         hw = (int(row["height"]), int(row["width"]))
+        grid = grids[0][0].shape[1:]
+        if hw[0] < grid[0] or hw[1] < grid[1]:
+            raise InputError(f"{row['path']}: the image is {hw[0]}x{hw[1]} px, fewer pixels than its {grid[0]}x{grid[1]} patch "
+                             "grid, so no patch gets a label; use images of at least the patch grid's size, or remove it")
         train_ids = read_train_ids(Path(row["label_ids_path"]), hw) if row["label_ids_path"] else None
         write_part(Path(stage_dir), row["shard"], row["image_id"], feature_arrays(cfg, grids, train_ids),
                    {"hw": hw, "model": str(row["model"])})
@@ -80,14 +84,12 @@ def write_features(row: dict, config: dict, stage_dir: str) -> dict:
 def write_feature_shards(cfg, features_dir: Path, shard: str, order: list[str], parts: list[tuple[dict, dict]]) -> dict:
     """Parts (in shard order) -> one Parquet file of patch rows per extracted scale; returns what the marker records."""
     tables = []
-    for scale in extracted_scales(cfg):
-        feats = [arrays[f"features_{scale:g}"] for arrays, _ in parts]
-        dim = feats[0].shape[0] if feats else 1
-        tables.append(patch_table(order, feats, [arrays[f"labels_{scale:g}"] for arrays, _ in parts],
-                                  patch_schema(dim), [tuple(meta["hw"]) for _, meta in parts]))
+    for scale in extracted_scales(cfg):  # a shard whose every image failed still gets its (empty) files, of the model's width
+        tables.append(patch_table(order, [arrays[f"features_{scale:g}"] for arrays, _ in parts],
+                                  [arrays[f"labels_{scale:g}"] for arrays, _ in parts], patch_schema(feature_dim(cfg)),
+                                  [tuple(meta["hw"]) for _, meta in parts]))
         write_parquet_atomic(tables[-1], feature_path(features_dir, shard, scale))
-    return {"num_patches": tables[0].num_rows, "feature_dim": tables[0].schema.field("feature").type.list_size if parts else None,
-            "model": parts[0][1]["model"] if parts else None}
+    return {"num_patches": tables[0].num_rows, "feature_dim": feature_dim(cfg), "model": parts[0][1]["model"] if parts else None}
 
 
 def finish_features(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], config: dict) -> None:

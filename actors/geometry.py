@@ -18,6 +18,14 @@ def extracted_short_sides(cfg: RunConfig) -> list[int]:
     return scale_short_sides(window_spec(cfg.inference), extracted_scales(cfg), cfg.model.vit.patch_size)
 
 
+HEAD_FEATURE_DIM = 90  # CAUSE Segment_TR output
+
+
+def feature_dim(cfg: RunConfig) -> int:
+    """The dimension of the model's patch features."""
+    return HEAD_FEATURE_DIM if cfg.model.feature_kind == "head" else cfg.model.vit.embed_dim
+
+
 def label_scales(cfg: RunConfig) -> list[float]:
     """The scales the label pass averages, the one closest to 1 first (single-scale steps use it)."""
     return sorted(cfg.inference.scales, key=lambda s: abs(s - 1.0))

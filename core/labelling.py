@@ -23,14 +23,20 @@ from core.mapping import predict_classes
 BLOCK_ELEMENTS = 1 << 25  # cosine scores held at once per block (128 MiB of float32)
 
 
+def _first_sample(length: int, stride: int) -> int:
+    return min(stride // 2, length - 1)  # a stride beyond the image still keeps one pixel
+
+
 def sample_positions(length: int, stride: int = 1) -> torch.Tensor:
     """Pixel indices a stride-s subsample keeps along one axis: s//2, s//2 + s, ..."""
-    return torch.arange(stride // 2, length, stride)
+    return torch.arange(_first_sample(length, stride), length, stride)
 
 
 def subsample(array: np.ndarray, stride: int) -> np.ndarray:
     """The pixels of an (H, W, ...) map that `PixelAssigner` labels at this stride."""
-    return array if stride == 1 else array[stride // 2::stride, stride // 2::stride]
+    if stride == 1:
+        return array
+    return array[_first_sample(array.shape[0], stride)::stride, _first_sample(array.shape[1], stride)::stride]
 
 
 def taps_at(positions: torch.Tensor, grid_len: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -140,8 +146,8 @@ def _envelope_rows(q: np.ndarray, lo: np.ndarray, frac: np.ndarray) -> np.ndarra
         so one scoring of the k clusters at w* either confirms the breakpoint a -> b or finds c,
         and the halves (a, c) and (c, b) are settled the same way (depth first, left first, so
         the breakpoints come out in order).
-    A tolerance keeps near-ties of float rounding from recursing; such pixels may differ from
-    per-pixel scoring by less than 1e-6 in score.
+    A tolerance (1e-6 of the scores' size) keeps near-ties of float rounding from recursing; such
+    pixels may differ from per-pixel scoring by less than that.
     """
     gh, width, k = q.shape
     height = lo.shape[0]
@@ -186,7 +192,8 @@ def _envelope_rows(q: np.ndarray, lo: np.ndarray, frac: np.ndarray) -> np.ndarra
                 envelope = scores[left]
                 scores[left] = scores[right] = -np.inf
                 third = np.argmax(scores)
-                if scores[third] <= envelope + 1e-6 * (abs(envelope) + 1):
+                # relative to the scores' size: features are not normalised, their scale is arbitrary
+                if scores[third] <= envelope + 1e-6 * max(abs(envelope), abs(top[left]), abs(top[right])):
                     third = -1
                 n = n_breaks[x]
                 if third < 0 or depth + 2 > stack.shape[0] or n + 2 > max_breaks:

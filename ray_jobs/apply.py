@@ -17,6 +17,7 @@ from ray.data import Dataset
 from actors.apply import PseudoLabelImages, finish_apply
 from configs.schema import RunConfig
 from core.fit_artifact import FitArtifact
+from actors.geometry import feature_dim
 from ray_jobs.extract import windows_to_features
 from ray_jobs.layout import Layout, settings_key
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream
@@ -25,7 +26,6 @@ from storage.datasets import list_dataset
 from storage.shards import plan_shards, write_json_atomic
 
 log = logging.getLogger(__name__)
-HEAD_FEATURE_DIM = 90
 
 
 class ApplyError(ValueError):
@@ -33,7 +33,7 @@ class ApplyError(ValueError):
 
 
 def check_fit_matches_model(fit: FitArtifact, cfg: RunConfig, fit_dir: Path) -> None:
-    expected_dim = HEAD_FEATURE_DIM if cfg.model.feature_kind == "head" else cfg.model.vit.embed_dim
+    expected_dim = feature_dim(cfg)
     kind = fit.meta.get("feature_kind")
     if kind != cfg.model.feature_kind or fit.feature_dim != expected_dim:
         raise ApplyError(f"{fit_dir} was fitted on {kind} features of dimension {fit.feature_dim}, but the config's model gives "

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from actors.rows import STATUS
 from core.models import CheckpointError
-from storage.parts import staged_ids
+from storage.parts import PARTS_DIR, staged_ids
 from storage.shards import read_done, shard_records, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,8 @@ def run_image_stream(name: str, stage_dir: Path, plan_key: str, shards: list[dic
                     finished, finishing = ray.wait(finishing, num_returns=len(finishing), timeout=0)
                     ray.get(finished)  # a failed finish (disk full, ...) stops the stage now
     ray.get(finishing)
+    if (stage_dir / PARTS_DIR).is_dir() and not any((stage_dir / PARTS_DIR).iterdir()):
+        (stage_dir / PARTS_DIR).rmdir()  # every shard finished: nothing staged is left
     done = read_done(stage_dir)
     missing = [s["shard"] for s in shards if s["shard"] not in done]
     if missing:

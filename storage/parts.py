@@ -10,6 +10,7 @@ others every image whose part is already there.
 """
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +21,7 @@ from storage.images import safe_path
 from storage.shards import mark_done, shard_records
 
 PARTS_DIR = "_parts"
+log = logging.getLogger(__name__)
 
 
 def part_path(stage_dir: Path, shard: str, image_id: str) -> Path:
@@ -58,9 +60,22 @@ def complete_shard(stage_dir: Path, shard: str, order: list[str], written_at: li
 
 
 def staged_ids(stage_dir: Path, shard: str) -> set[str]:
-    """Image ids of the shard whose part is complete (temporary files start with '.')."""
+    """Image ids of the shard whose part is complete (temporary files start with '.'). Parts are
+    renamed into place whole, so a part that does not open was damaged since: it is deleted (its
+    image runs again) and said so."""
     folder = Path(stage_dir) / PARTS_DIR / shard
-    return {p.stem for p in folder.glob("*.npz") if not p.name.startswith(".")} if folder.is_dir() else set()
+    ids = set()
+    for path in sorted(folder.glob("*.npz")) if folder.is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                json.loads(str(data["_meta"]))
+            ids.add(path.stem)
+        except Exception as err:  # noqa: BLE001 - any damage: the image is simply done again
+            log.warning("%s is damaged (%s: %s); deleting it, its image runs again", path, type(err).__name__, err)
+            path.unlink()
+    return ids
 
 
 def clear_parts(stage_dir: Path, shard: str) -> None:

@@ -92,6 +92,15 @@ def test_envelope_assignment_equals_scoring_every_cluster_at_every_pixel(smooth,
         assert (cluster_map == scores.argmax(axis=2)).mean() > 0.9999
 
 
+def test_a_stride_beyond_the_image_still_scores_one_pixel():
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(4, 2, 3)).astype(np.float32)
+    centroids = rng.normal(size=(5, 4)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    (sparse, full), _ = PixelAssigner([centroids, centroids], strides=[300, 1]).assign([(features, (28, 42))], 14, (20, 30))
+    assert sparse.shape == subsample(full, 300).shape == (1, 1) and sparse[0, 0] == subsample(full, 300)[0, 0]
+
+
 def test_envelope_handles_three_winners_in_one_band():
     """Two patch rows; a, b and c each win a third of the band down the column: c never wins
     at a patch centre, so only the check at the crossing finds it."""
