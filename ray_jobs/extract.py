@@ -9,7 +9,7 @@ from configs.schema import RunConfig
 from ray_jobs.layout import Layout, settings_key
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, task_args
 from storage.datasets import ImageRecord
-from storage.shards import plan_shards
+from storage.shards import PATCH_FORMAT, plan_shards
 
 
 def windows_to_features(ds: Dataset, cfg: RunConfig, model_actor=WindowFeatures) -> Dataset:
@@ -32,6 +32,6 @@ def run_extract(cfg: RunConfig, records: list[ImageRecord], model_actor=WindowFe
         return ds.map(write_features, fn_kwargs={"config": config, "stage_dir": str(layout.features)},
                       **task_args(cfg.extract.write))
 
-    key = settings_key(shards, cfg.model, cfg.inference)
+    key = settings_key(shards, cfg.model, cfg.inference, PATCH_FORMAT)
     return run_image_stream("extract", layout.features, key, shards, build,
                             finisher(finish_features, layout.features, config=config))

@@ -47,6 +47,11 @@ def dataset_fingerprint(records: list[ImageRecord]) -> str:
     return digest.hexdigest()[:16]
 
 
+# Bumped when the patch rows change (2: image height and width, other scales in _scales/): a
+# features folder of another format is then refused by the plan check rather than misread.
+PATCH_FORMAT = 2
+
+
 def patch_schema(feature_dim: int, feature_dtype: str = "float16") -> pa.Schema:
     """One row per patch. float16 halves the bytes; k-means runs on float32 copies."""
     return pa.schema([
