@@ -16,7 +16,7 @@ import ray
 from actors.extract import feature_arrays, stitched_grids, write_feature_shards
 from actors.geometry import extracted_scales, label_scales
 from actors.model_setup import device_for
-from actors.rows import failure_message, skipped, status
+from actors.rows import run_on_image
 from configs.schema import RefineConfig, parse_config
 from core.label_image import ImageLabeller, LabelFit
 from storage.cityscapes_outputs import prediction_paths, write_image_predictions
@@ -44,25 +44,22 @@ class PseudoLabelImages:
         self.scale_order = [order.index(s) for s in label_scales(self.cfg)]
 
     def __call__(self, row: dict) -> dict:
-        if skipped(row):
-            return status(row)
-        try:
-            image_id, group = row["image_id"], "images"
-            prediction_paths(self.labels_dir, group, image_id, self.cfg.dataset.split)  # names from data
-            # rounded as stored, so a saved fit labels an image here exactly as the label stage does
-            grids = [(f.astype(np.float16).astype(np.float32), r) for f, r in stitched_grids(row, self.cfg)]
-            hw = (int(row["height"]), int(row["width"]))
-            labels = self.labeller.label([grids[i] for i in self.scale_order], self.cfg.model.vit.patch_size, hw)
-            (train_ids, panoptic, _), cluster_map = labels.variants[0], labels.cluster_maps[0]
-            annotation = write_image_predictions(self.labels_dir, group, image_id, train_ids, panoptic, split=self.cfg.dataset.split)
-            arrays = {"cluster_pixels": np.bincount(cluster_map.ravel(), minlength=len(self.fit.mapping))}
-            if self.cfg.apply.write_features:
-                arrays |= feature_arrays(self.cfg, grids, None)
-            write_part(self.stage_dir, row["shard"], image_id, arrays,
-                       {"annotation": annotation, "hw": hw, "source": row["path"], "model": str(row["model"])})
-        except Exception as err:  # noqa: BLE001 - one image's failure must not end a run of thousands
-            return status(row, failure_message("apply", row["image_id"], err))
-        return status(row)
+        return run_on_image("apply", row, lambda: self._label(row))
+
+    def _label(self, row: dict) -> None:
+        image_id, group = row["image_id"], "images"
+        prediction_paths(self.labels_dir, group, image_id, self.cfg.dataset.split)  # names from data
+        # rounded as stored, so a saved fit labels an image here exactly as the label stage does
+        grids = [(f.astype(np.float16).astype(np.float32), r) for f, r in stitched_grids(row, self.cfg)]
+        hw = (int(row["height"]), int(row["width"]))
+        labels = self.labeller.label([grids[i] for i in self.scale_order], self.cfg.model.vit.patch_size, hw)
+        (train_ids, panoptic, _), cluster_map = labels.variants[0], labels.cluster_maps[0]
+        annotation = write_image_predictions(self.labels_dir, group, image_id, train_ids, panoptic, split=self.cfg.dataset.split)
+        arrays = {"cluster_pixels": np.bincount(cluster_map.ravel(), minlength=len(self.fit.mapping))}
+        if self.cfg.apply.write_features:
+            arrays |= feature_arrays(self.cfg, grids, None)
+        write_part(self.stage_dir, row["shard"], image_id, arrays,
+                   {"annotation": annotation, "hw": hw, "source": row["path"], "model": str(row["model"])})
 
 
 def finish_apply(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], config: dict, k: int,

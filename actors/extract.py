@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from actors.geometry import extracted_scales, extracted_short_sides, feature_dim, window_spec
-from actors.rows import failure_message, skipped, status
+from actors.rows import failure_message, run_on_image
 from configs.schema import parse_config
 from core.windows import ScaleLayout, cut_windows, stitch_windows
 from core.labels import IGNORE, NUM_CLASSES
@@ -63,22 +63,19 @@ def feature_arrays(cfg, grids, train_ids: np.ndarray | None) -> dict[str, np.nda
 
 def write_features(row: dict, config: dict, stage_dir: str) -> dict:
     """Stitch one image's windows onto each scale's grid, add patch labels, write its part."""
-    if skipped(row):
-        return status(row)
-    cfg = parse_config(config, "extract write config")
-    try:
-        grids = stitched_grids(row, cfg)
-        hw = (int(row["height"]), int(row["width"]))
-        grid = grids[0][0].shape[1:]
-        if hw[0] < grid[0] or hw[1] < grid[1]:
-            raise InputError(f"{row['path']}: the image is {hw[0]}x{hw[1]} px, fewer pixels than its {grid[0]}x{grid[1]} patch "
-                             "grid, so no patch gets a label; use images of at least the patch grid's size, or remove it")
-        train_ids = read_train_ids(Path(row["label_ids_path"]), hw) if row["label_ids_path"] else None
-        write_part(Path(stage_dir), row["shard"], row["image_id"], feature_arrays(cfg, grids, train_ids),
-                   {"hw": hw, "model": str(row["model"])})
-    except Exception as err:  # noqa: BLE001 - recorded in the failed-items manifest
-        return status(row, failure_message("extract", row["image_id"], err))
-    return status(row)
+    return run_on_image("extract", row, lambda: _write_features(row, parse_config(config, "extract write config"), Path(stage_dir)))
+
+
+def _write_features(row: dict, cfg, stage_dir: Path) -> None:
+    grids = stitched_grids(row, cfg)
+    hw = (int(row["height"]), int(row["width"]))
+    grid = grids[0][0].shape[1:]
+    if hw[0] < grid[0] or hw[1] < grid[1]:
+        raise InputError(f"{row['path']}: the image is {hw[0]}x{hw[1]} px, fewer pixels than its {grid[0]}x{grid[1]} patch "
+                         "grid, so no patch gets a label; use images of at least the patch grid's size, or remove it")
+    train_ids = read_train_ids(Path(row["label_ids_path"]), hw) if row["label_ids_path"] else None
+    write_part(stage_dir, row["shard"], row["image_id"], feature_arrays(cfg, grids, train_ids),
+               {"hw": hw, "model": str(row["model"])})
 
 
 def write_feature_shards(cfg, features_dir: Path, shard: str, order: list[str], parts: list[tuple[dict, dict]]) -> dict:

@@ -13,7 +13,7 @@ import ray
 
 from actors.geometry import label_short_sides
 from actors.model_setup import device_for
-from actors.rows import failure_message, skipped, status
+from actors.rows import run_on_image
 from configs.schema import RunConfig, parse_config
 from core.windows import resized_size
 from core.label_image import ImageLabeller, LabelFit, image_scores, shard_scores
@@ -51,13 +51,7 @@ class LabelImages:
         self.short_sides = label_short_sides(self.cfg)
 
     def __call__(self, row: dict) -> dict:
-        if skipped(row):
-            return status(row)
-        try:
-            self._label(row)
-        except Exception as err:  # noqa: BLE001 - one image's failure must not end a run of thousands
-            return status(row, failure_message("label", row["image_id"], err))
-        return status(row)
+        return run_on_image("label", row, lambda: self._label(row))
 
     def _label(self, row: dict) -> None:
         image_id, group, split = row["image_id"], row["group"], self.cfg.dataset.split

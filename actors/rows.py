@@ -5,6 +5,7 @@ need, and the last step returns only these five, which the driver reads to finis
 """
 
 import logging
+from collections.abc import Callable
 
 from storage.images import InputError
 
@@ -29,6 +30,14 @@ def failure_message(stage: str, image_id: str, err: Exception) -> str:
     return f"internal error {type(err).__name__}: {err} (see the worker log; please report it)"
 
 
-def skipped(row: dict) -> bool:
-    """A row that failed earlier, or whose stage could not start: passed on untouched."""
-    return bool(row["error"]) or bool(row["setup_error"])
+def run_on_image(stage: str, row: dict, work: Callable[[], None]) -> dict:
+    """The status row after `work()` on one image. A row that failed earlier, or whose stage could
+    not start, is passed on untouched; a failure here is recorded in its status, never raised: one
+    image must not end a run of thousands."""
+    if row["error"] or row["setup_error"]:
+        return status(row)
+    try:
+        work()
+    except Exception as err:  # noqa: BLE001 - goes to the failed-items manifest
+        return status(row, failure_message(stage, row["image_id"], err))
+    return status(row)
