@@ -57,12 +57,12 @@ def bilinear_taps(out_len: int, grid_len: int, scale: float, stride: int = 1):
     return taps_at(sample_positions(out_len, stride), grid_len, scale)
 
 
-def bilinear_weights(out_len: int, grid_len: int, scale: float) -> torch.Tensor:
-    """The same interpolation as a dense (out_len, grid_len) matrix."""
-    lo, hi, frac = bilinear_taps(out_len, grid_len, scale)
-    w = torch.zeros(out_len, grid_len)
-    w[torch.arange(out_len), lo] += 1 - frac
-    w[torch.arange(out_len), hi] += frac
+def bilinear_weights(out_len: int, grid_len: int, scale: float, stride: int = 1) -> torch.Tensor:
+    """The same interpolation as a dense (out_len, grid_len) matrix (rows: the stride's pixels)."""
+    lo, hi, frac = bilinear_taps(out_len, grid_len, scale, stride)
+    w = torch.zeros(len(lo), grid_len)
+    w[torch.arange(len(lo)), lo] += 1 - frac
+    w[torch.arange(len(lo)), hi] += frac
     return w
 
 
@@ -78,8 +78,6 @@ class PixelAssigner:
     """
 
     def __init__(self, centroids: list[np.ndarray], device: torch.device | str = "cpu", strides: list[int] | None = None):
-        self.sizes = [len(c) for c in centroids]
-        self.offsets = np.cumsum([0, *self.sizes])
         self.strides = strides or [1] * len(centroids)
         self.device = torch.device(device)
         self.centroids = [torch.from_numpy(np.array(c, np.float32)).to(self.device) for c in centroids]
@@ -109,15 +107,15 @@ class PixelAssigner:
         return maps, logits
 
 
-def _column_scores(features: torch.Tensor, centroids: torch.Tensor, resized: tuple[int, int], patch_size: int,
-                   width: int, stride: int) -> torch.Tensor:
-    """Patch-level dot products interpolated along x at the output columns: (gh, W_s, k). As one
-    matrix product with the (W_s, gw) interpolation matrix: faster than gathering two taps."""
-    _, _, gw = features.shape
-    lo, hi, frac = (t.to(features.device) for t in bilinear_taps(width, gw, resized[1] / width / patch_size, stride))
-    weights = torch.zeros(len(lo), gw, device=features.device)
-    weights[torch.arange(len(lo)), lo] += 1 - frac
-    weights[torch.arange(len(lo)), hi] += frac
+def _column_weights(features: torch.Tensor, resized: tuple[int, int], patch_size: int, width: int,
+                    stride: int) -> torch.Tensor:
+    """(W_s, gw): the interpolation along x at the output columns, as a matrix. Applied with one
+    matrix product, faster than gathering two taps."""
+    return bilinear_weights(width, features.shape[2], resized[1] / width / patch_size, stride).to(features.device)
+
+
+def _column_scores(features: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Patch-level dot products interpolated along x at the output columns: (gh, W_s, k)."""
     patch_scores = torch.einsum("dhw,kd->hwk", features, centroids)  # (gh, gw, k)
     return torch.matmul(weights, patch_scores)
 
@@ -127,7 +125,8 @@ def _nearest_by_envelope(features: torch.Tensor, resized: tuple[int, int], centr
     """Exact nearest centroid of every pixel from one scale on the CPU, without scoring every
     cluster at every pixel (see `_envelope_rows`)."""
     height = image_hw[0]
-    q = _column_scores(features, centroids, resized, patch_size, image_hw[1], stride).numpy()  # (gh, W_s, k)
+    weights = _column_weights(features, resized, patch_size, image_hw[1], stride)
+    q = _column_scores(features, centroids, weights).numpy()  # (gh, W_s, k)
     lo, _, frac = bilinear_taps(height, features.shape[1], resized[0] / height / patch_size, stride)
     return _envelope_rows(q, lo.numpy(), frac.numpy())
 
@@ -216,6 +215,7 @@ def _envelope_rows(q: np.ndarray, lo: np.ndarray, frac: np.ndarray) -> np.ndarra
         r0 = r1
     return out
 
+
 def _nearest_per_pixel(grids: list[tuple[torch.Tensor, tuple[int, int]]], centroids: torch.Tensor, patch_size: int,
                        image_hw: tuple[int, int], stride: int, mapping: np.ndarray | None,
                        num_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -224,10 +224,10 @@ def _nearest_per_pixel(grids: list[tuple[torch.Tensor, tuple[int, int]]], centro
     height, width = image_hw
     scales = []
     for features, resized in grids:
-        _, gh, gw = features.shape
-        lo, hi, frac = (t.to(features.device) for t in bilinear_taps(width, gw, resized[1] / width / patch_size, stride))
-        dot_cols = _column_scores(features, centroids, resized, patch_size, width, stride)  # (gh, W_s, k)
-        feat_cols = torch.lerp(features[:, :, lo], features[:, :, hi], frac).permute(1, 2, 0).contiguous()  # (gh, W_s, D)
+        gh = features.shape[1]
+        weights = _column_weights(features, resized, patch_size, width, stride)
+        dot_cols = _column_scores(features, centroids, weights)  # (gh, W_s, k)
+        feat_cols = torch.matmul(weights, features.permute(1, 2, 0))  # (gh, W_s, D)
         taps = tuple(t.to(features.device) for t in bilinear_taps(height, gh, resized[0] / height / patch_size, stride))
         scales.append((dot_cols, feat_cols, taps))
     out_h, out_w = len(scales[0][2][0]), scales[0][0].shape[1]
