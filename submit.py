@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from configs.schema import ConfigError, load_config
+from configs.schema import load_config
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
@@ -65,27 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(ids)} demo images to {args.root}")
         return 0
 
+    from core.errors import UserError
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    # Ray and torch are imported only once the config is known to be good.
-    from core.models import CheckpointError
-    from ray_jobs.streaming import StageIncomplete
-    from ray_jobs.fit import FitError
-    from ray_jobs.apply import ApplyError, run_apply
-    from ray_jobs.pipeline import STAGES, Pipeline
-    from ray_jobs.session import init_ray
-    from storage.datasets import DatasetError
-
-    try:
+        # Ray and torch are imported only once the config is known to be good.
+        from ray_jobs.apply import run_apply
+        from ray_jobs.pipeline import STAGES, Pipeline
+        from ray_jobs.session import init_ray
         if args.command == "apply":
             init_ray(cfg)
             run_apply(cfg, args.fit)
         else:
             Pipeline(cfg).run(STAGES if args.command == "run" else (args.command,))
-    except (ApplyError, CheckpointError, DatasetError, FitError, StageIncomplete, FileNotFoundError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -19,7 +19,7 @@ from actors.model_setup import device_for
 from actors.rows import run_on_image
 from configs.schema import RefineConfig, parse_config
 from core.label_image import ImageLabeller, LabelFit
-from storage.cityscapes_outputs import prediction_paths, write_image_predictions
+from storage.cityscapes_outputs import label_pngs, prediction_paths, write_image_predictions
 from storage.parts import complete_shard, read_shard_parts, write_part
 from storage.shards import write_json_atomic, write_parquet_atomic
 
@@ -47,7 +47,7 @@ class PseudoLabelImages:
         return run_on_image("apply", row, lambda: self._label(row))
 
     def _label(self, row: dict) -> None:
-        image_id, group = row["image_id"], "images"
+        image_id, group = row["image_id"], row["group"]
         prediction_paths(self.labels_dir, group, image_id, self.cfg.dataset.split)  # names from data
         # rounded as stored, so a saved fit labels an image here exactly as the label stage does
         grids = [(f.astype(np.float16).astype(np.float32), r) for f, r in stitched_grids(row, self.cfg)]
@@ -63,14 +63,19 @@ class PseudoLabelImages:
 
 
 def finish_apply(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], config: dict, k: int,
-                 features_dir: str) -> None:
+                 features_dir: str, labels_dir: str) -> None:
     """The parts of a shard (in shard order) -> histogram Parquet, features Parquet if asked, annotations, marker."""
     cfg = parse_config(config, "apply finish config")
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
     order, parts, written_at = read_shard_parts(stage_dir, shard_row, written)
     columns = {"image_id": order, "source": [m["source"] for _, m in parts], "height": [m["hw"][0] for _, m in parts],
                "width": [m["hw"][1] for _, m in parts], "cluster_pixels": [a["cluster_pixels"].tolist() for a, _ in parts]}
-    write_parquet_atomic(pa.table(columns, schema=histogram_schema(k)), stage_dir / f"{shard}.parquet")
-    summary = write_feature_shards(cfg, Path(features_dir), shard, order, parts) if cfg.apply.write_features else {}
-    write_json_atomic([meta["annotation"] for _, meta in parts], stage_dir / "_panoptic" / f"{shard}.json")
-    complete_shard(stage_dir, shard, order, written_at, failed, **summary)
+    outputs = [stage_dir / f"{shard}.parquet", stage_dir / "_panoptic" / f"{shard}.json"]
+    write_parquet_atomic(pa.table(columns, schema=histogram_schema(k)), outputs[0])
+    summary = {}
+    if cfg.apply.write_features:
+        paths, summary = write_feature_shards(cfg, Path(features_dir), shard, order, parts)
+        outputs += paths
+    write_json_atomic([meta["annotation"] for _, meta in parts], outputs[1])
+    outputs += label_pngs(Path(labels_dir), shard_row, order, cfg.dataset.split)
+    complete_shard(stage_dir, shard, order, written_at, failed, outputs, **summary)

@@ -28,7 +28,7 @@ def image_windows(shard_row: dict, config: dict):
     cfg = parse_config(config, "extract read config")
     spec, patch, short_sides = window_spec(cfg.inference), cfg.model.vit.patch_size, extracted_short_sides(cfg)
     for record in shard_records(shard_row):
-        row = {"shard": shard_row["shard"], "image_id": record.image_id, "path": record.image_path,
+        row = {"shard": shard_row["shard"], "image_id": record.image_id, "path": record.image_path, "group": record.group,
                "label_ids_path": record.label_ids_path or "", "error": "", "setup_error": "",
                "windows": np.zeros((0, spec.crop, spec.crop, 3), np.uint8), "layouts": "[]", "height": 0, "width": 0}
         try:
@@ -78,15 +78,18 @@ def _write_features(row: dict, cfg, stage_dir: Path) -> None:
                {"hw": hw, "model": str(row["model"])})
 
 
-def write_feature_shards(cfg, features_dir: Path, shard: str, order: list[str], parts: list[tuple[dict, dict]]) -> dict:
-    """Parts (in shard order) -> one Parquet file of patch rows per extracted scale; returns what the marker records."""
-    tables = []
+def write_feature_shards(cfg, features_dir: Path, shard: str, order: list[str], parts: list[tuple[dict, dict]]) -> tuple[list[Path], dict]:
+    """Parts (in shard order) -> one Parquet file of patch rows per extracted scale; returns the
+    files and what the marker records."""
+    tables, paths = [], []
     for scale in extracted_scales(cfg):  # a shard whose every image failed still gets its (empty) files, of the model's width
         tables.append(patch_table(order, [arrays[f"features_{scale:g}"] for arrays, _ in parts],
                                   [arrays[f"labels_{scale:g}"] for arrays, _ in parts], patch_schema(feature_dim(cfg)),
                                   [tuple(meta["hw"]) for _, meta in parts]))
-        write_parquet_atomic(tables[-1], feature_path(features_dir, shard, scale))
-    return {"num_patches": tables[0].num_rows, "feature_dim": feature_dim(cfg), "model": parts[0][1]["model"] if parts else None}
+        paths.append(feature_path(features_dir, shard, scale))
+        write_parquet_atomic(tables[-1], paths[-1])
+    return paths, {"num_patches": tables[0].num_rows, "feature_dim": feature_dim(cfg),
+                   "model": parts[0][1]["model"] if parts else None}
 
 
 def finish_features(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], config: dict) -> None:
@@ -94,4 +97,5 @@ def finish_features(stage_dir: str, shard_row: dict, written: list[str], failed:
     cfg = parse_config(config, "extract finish config")
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
     order, parts, written_at = read_shard_parts(stage_dir, shard_row, written)
-    complete_shard(stage_dir, shard, order, written_at, failed, **write_feature_shards(cfg, stage_dir, shard, order, parts))
+    paths, summary = write_feature_shards(cfg, stage_dir, shard, order, parts)
+    complete_shard(stage_dir, shard, order, written_at, failed, paths, **summary)

@@ -1,20 +1,25 @@
 """The label stage's first step: a shard's extracted features (every label scale) -> one row per
 image. A CPU task that imports no torch."""
 
+import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from actors.geometry import label_scales
 from configs.schema import parse_config
-from storage.shards import feature_path, image_grids, shard_records
+from storage.shards import feature_path, image_grids, marker_path, read_verified_parquet, shard_records
 
 
 def image_features(shard_row: dict, config: dict, features_dir: str):
-    """One shard row -> one row per image to do, with its features at every label scale."""
+    """One shard row -> one row per image to do, with its features at every label scale (each file
+    checked against extract's marker: a changed one stops the stage, naming it)."""
     cfg = parse_config(config, "label read config")
-    tables = [pq.read_table(feature_path(Path(features_dir), shard_row["shard"], s)) for s in label_scales(cfg)]
+    features_dir = Path(features_dir)
+    marker = json.loads(marker_path(features_dir, shard_row["shard"]).read_text())
+    fix = "run `python submit.py extract` with this config (it redoes that shard), then label"
+    tables = [read_verified_parquet(features_dir.parent, marker, feature_path(features_dir, shard_row["shard"], s), fix)
+              for s in label_scales(cfg)]
     grids = [image_grids(t) for t in tables]
     for record in shard_records(shard_row):
         row = {"shard": shard_row["shard"], "image_id": record.image_id, "path": record.image_path, "error": "",

@@ -18,11 +18,10 @@ from configs.schema import RunConfig, parse_config
 from core.windows import resized_size
 from core.label_image import ImageLabeller, LabelFit, image_scores, shard_scores
 from core.labels import colorize_train_ids
-from core.panoptic import gt_panoptic
 from core.sampling import image_fold
 from core.variants import enabled_variants
-from storage.cityscapes_outputs import prediction_paths, write_image_predictions
-from storage.images import InputError, read_instance_ids, read_rgb, read_train_ids, safe_path, write_png_atomic
+from storage.cityscapes_outputs import label_pngs, prediction_paths, write_image_predictions
+from storage.images import InputError, read_ground_truth, read_rgb, safe_path, write_png_atomic
 from storage.parts import complete_shard, read_shard_parts, write_part
 from storage.shards import write_json_atomic, write_npz_atomic
 
@@ -65,8 +64,7 @@ class LabelImages:
                                  f"extracted at {hw[0]}x{hw[1]}; re-run extract on a new output_dir")
         gt = gt_pan = None
         if row["label_ids_path"]:
-            gt = read_train_ids(Path(row["label_ids_path"]), hw)
-            gt_pan = gt_panoptic(read_instance_ids(Path(row["instance_ids_path"]), hw))
+            gt, gt_pan = read_ground_truth(Path(row["label_ids_path"]), Path(row["instance_ids_path"]), hw)
         grids = [(row[f"grid_{i}"].astype(np.float32), resized_size(*hw, s)) for i, s in enumerate(self.short_sides)]
         labels = self.labeller.label(grids, self.cfg.model.vit.patch_size, hw, image)
         scores = image_scores(labels, self.fits, gt, gt_pan)
@@ -90,13 +88,18 @@ class LabelImages:
             write_png_atomic(colorize_train_ids(gt), safe_path(folder, f"{image_id}_gt_color.png"))
 
 
-def finish_scores(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], config: dict, fits: list[dict]) -> None:
-    """The parts of a shard (in shard order) -> its scores npz and COCO annotations, the marker, no parts."""
+def finish_scores(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], config: dict, fits: list[dict],
+                  labels_dir: str) -> None:
+    """The parts of a shard (in shard order) -> its scores npz and COCO annotations, the marker
+    (listing these and the images' label PNGs), no parts."""
     cfg = parse_config(config, "label finish config")
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
     order, parts, written_at = read_shard_parts(stage_dir, shard_row, written)
     arrays = shard_scores(order, [meta["fold"] for _, meta in parts], [a for a, _ in parts], label_fits(cfg, fits),
                           label_variants(cfg, fits), cfg.fit.heldout_folds)
-    write_npz_atomic(arrays, stage_dir / f"{shard}.npz")
-    write_json_atomic([meta["annotation"] for _, meta in parts if meta["annotation"]], stage_dir / "_panoptic" / f"{shard}.json")
-    complete_shard(stage_dir, shard, order, written_at, failed)
+    outputs = [stage_dir / f"{shard}.npz", stage_dir / "_panoptic" / f"{shard}.json"]
+    write_npz_atomic(arrays, outputs[0])
+    write_json_atomic([meta["annotation"] for _, meta in parts if meta["annotation"]], outputs[1])
+    if cfg.label.write_label_pngs:
+        outputs += label_pngs(Path(labels_dir), shard_row, order, cfg.dataset.split)
+    complete_shard(stage_dir, shard, order, written_at, failed, outputs)

@@ -44,6 +44,7 @@ from configs.schema import parse_config  # noqa: E402
 from ray_jobs.extract import run_extract  # noqa: E402
 from ray_jobs.session import init_ray  # noqa: E402
 from storage.datasets import ImageRecord, list_cityscapes  # noqa: E402
+from ray_jobs.plans import extract_plan, model_identity  # noqa: E402
 from storage.shards import plan_shards, read_done, shard_records  # noqa: E402
 from storage.synth import generate_demo_dataset  # noqa: E402
 
@@ -160,7 +161,7 @@ def run_design(design: str, latency: float, cfg_dict: dict, records, work: Path)
     cfg = parse_config(cfg_dict)
     start = time.perf_counter()
     if design == "new":
-        run_extract(cfg, records, model_actor=stand_in_actor(latency, logs))
+        run_extract(cfg, records, extract_plan(cfg, records, model_identity(cfg)), model_actor=stand_in_actor(latency, logs))
     else:
         shards = plan_shards(records, cfg.dataset.images_per_shard)
         ds = ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(

@@ -10,6 +10,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.errors import UserError
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -191,6 +193,9 @@ class ApplyConfig(Strict):
 class RayConfig(Strict):
     address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a local cluster
     local_num_cpus: int | None = Field(default=None, ge=1)
+    # Refuse, before a stage starts, steps that the cluster's nodes cannot host (a hang otherwise).
+    # Set false on an autoscaling cluster whose nodes join once the job asks for them.
+    check_resources: bool = True
 
 
 class RunConfig(Strict):
@@ -231,7 +236,7 @@ class RunConfig(Strict):
         return sorted(set(self.fit.k_sweep) | {self.fit.k})
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file that cannot be used; the message names the file, the key and the fix."""
 
 
@@ -276,5 +281,9 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConf
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); "
+                              "quote it, e.g. --set 'key=\"text\"'") from None
     return parse_config(data, str(path))

@@ -5,6 +5,7 @@ meta.json ({"format", "mapping_kind", "k", "feature_dim", "saved_at", "meta"}). 
 are repeated in meta.json so that a load notices arrays that do not belong together.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,8 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import UserError
+
 FORMAT = 1
 FILES = ("centroids.npy", "mapping.npy", "meta.json")
+
+
+class FitArtifactError(UserError, ValueError):
+    """A fit folder that cannot be loaded; the message names the file and the fix."""
 
 
 def _problem(centroids: np.ndarray, mapping: np.ndarray) -> str | None:
@@ -59,6 +66,12 @@ class FitArtifact:
     def feature_dim(self) -> int:
         return self.centroids.shape[1]
 
+    def content_key(self) -> str:
+        """A short hash of the centroids and the mapping: what labels made with this fit depend on."""
+        digest = hashlib.sha256(self.centroids.tobytes())
+        digest.update(self.mapping.tobytes())
+        return digest.hexdigest()[:16]
+
     def save(self, directory: Path) -> None:
         """Write the folder atomically: readers see the old artifact or the new one, never a mix.
 
@@ -95,27 +108,27 @@ class FitArtifact:
         directory = Path(directory)
         for name in FILES:
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"fit artifact file {directory / name} is missing; re-run the fit stage")
+                raise FitArtifactError(f"fit artifact file {directory / name} is missing; re-run the fit stage")
         arrays = {}
         try:
             header = json.loads((directory / "meta.json").read_text())
             fmt, kind, k, dim, meta = header["format"], header["mapping_kind"], header["k"], header["feature_dim"], header["meta"]
             extra_names = list(header.get("extra_arrays", []))
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{directory / 'meta.json'} is corrupt ({err!r}); delete {directory} and re-run the fit stage") from err
+            raise FitArtifactError(f"{directory / 'meta.json'} is corrupt ({err!r}); delete {directory} and re-run the fit stage") from err
         for name in ("centroids.npy", "mapping.npy", *(f"{n}.npy" for n in extra_names)):
             try:
                 arrays[name] = np.load(directory / name, allow_pickle=False)
             except (OSError, ValueError, EOFError) as err:
-                raise ValueError(f"{directory / name} is corrupt ({err}); delete {directory} and re-run the fit stage") from err
+                raise FitArtifactError(f"{directory / name} is corrupt ({err}); delete {directory} and re-run the fit stage") from err
         if fmt != FORMAT:
-            raise ValueError(f"{directory / 'meta.json'}: artifact format {fmt}, this version reads {FORMAT}; re-run the fit stage")
+            raise FitArtifactError(f"{directory / 'meta.json'}: artifact format {fmt}, this version reads {FORMAT}; re-run the fit stage")
         try:
             artifact = cls(centroids=arrays["centroids.npy"], mapping=arrays["mapping.npy"], mapping_kind=kind, meta=meta,
                            extra_arrays={n: arrays[f"{n}.npy"] for n in extra_names})
         except ValueError as err:
-            raise ValueError(f"{directory} (centroids.npy, mapping.npy): {err}; delete it and re-run the fit stage") from err
+            raise FitArtifactError(f"{directory} (centroids.npy, mapping.npy): {err}; delete it and re-run the fit stage") from err
         if (artifact.k, artifact.feature_dim) != (k, dim):
-            raise ValueError(f"{directory / 'centroids.npy'} has shape {artifact.centroids.shape} but meta.json says k={k}, "
+            raise FitArtifactError(f"{directory / 'centroids.npy'} has shape {artifact.centroids.shape} but meta.json says k={k}, "
                              f"feature_dim={dim}; the files come from different fits: re-run the fit stage")
         return artifact

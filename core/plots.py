@@ -16,8 +16,11 @@ def plot_miou_vs_k(ks: list[int], series: dict[str, list[float]], baselines: dic
     fig, ax = plt.subplots(figsize=(6, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, values) in enumerate(series.items()):
-        ax.plot(ks, [100 * v for v in values], marker="o", color=colors[i % len(colors)], label=label)
+        # None: no pixel was scored (every image failed), so there is no point to draw
+        ax.plot(ks, [np.nan if v is None else 100 * v for v in values], marker="o", color=colors[i % len(colors)], label=label)
     for i, (label, value) in enumerate(baselines.items()):
+        if value is None:
+            continue
         ax.axhline(100 * value, linestyle="--", color=colors[i % len(colors)], alpha=0.7, label=label)
     ax.set_xlabel("k (number of k-means clusters)")
     ax.set_ylabel("mIoU (%)")

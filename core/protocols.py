@@ -51,7 +51,10 @@ def protocol_scores(pixel_counts: np.ndarray, mapping_counts: np.ndarray, same_s
     """
     total = pixel_counts.sum(axis=0)
     out = {"same_set": semantic_scores(confusion_from_cluster_counts(total, same_set), class_names)}
-    if len(pixel_counts) > 1:
+    # Held out needs labelled patches outside every scored fold: with one labelled image (or all
+    # in one fold) it is undefined, and left out.
+    labelled_folds = int((mapping_counts.sum(axis=(1, 2)) > 0).sum())
+    if len(pixel_counts) > 1 and labelled_folds > 1:
         mappings = heldout_mappings(mapping_counts)
         per_fold = [confusion_from_cluster_counts(pixel_counts[f], mappings[f]) for f in range(len(mappings))]
         fold_miou = [semantic_scores(c, class_names)["miou"] for c in per_fold if c.sum() > 0]

@@ -16,58 +16,77 @@ from ray.data import Dataset
 
 from actors.apply import PseudoLabelImages, finish_apply
 from configs.schema import RunConfig
+from core.errors import UserError
 from core.fit_artifact import FitArtifact
-from actors.geometry import feature_dim
 from ray_jobs.extract import windows_to_features
-from ray_jobs.layout import Layout, settings_key
+from ray_jobs.layout import Layout
+from ray_jobs.plans import Plan, check_plan, differences, model_identity, plan_conflict, refuse_conflicts
+from ray_jobs.session import check_schedulable
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream
 from ray_jobs.report import merge_panoptic_annotations
 from storage.datasets import list_dataset
-from storage.shards import plan_shards, write_json_atomic
+from storage.lock import OutputLock, command_line
+from storage.shards import PATCH_FORMAT, dataset_fingerprint, plan_shards, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 
-class ApplyError(ValueError):
+class ApplyError(UserError, ValueError):
     """The fit cannot be applied with this config; the message says what to change."""
 
 
-def check_fit_matches_model(fit: FitArtifact, cfg: RunConfig, fit_dir: Path) -> None:
-    expected_dim = feature_dim(cfg)
-    kind = fit.meta.get("feature_kind")
-    if kind != cfg.model.feature_kind or fit.feature_dim != expected_dim:
-        raise ApplyError(f"{fit_dir} was fitted on {kind} features of dimension {fit.feature_dim}, but the config's model gives "
-                         f"{cfg.model.feature_kind} features of dimension {expected_dim}: use the config the fit was made with")
+def check_fit_matches_model(fit: FitArtifact, model: dict, fit_dir: Path) -> None:
+    """The fit must come from this very model: architecture, weights (checksums), init seed of
+    random weights, feature kind and the inference settings that shape the features."""
+    made_with = fit.meta.get("model_identity")
+    if made_with is None:
+        raise ApplyError(f"{fit_dir} does not record the model it was fitted with (an older version made it): refit it")
+    if made_with != model:
+        diff = differences(made_with, model)
+        raise ApplyError(f"{fit_dir} was fitted on features of another model: {'; '.join(diff[:8])}; "
+                         "use the config the fit was made with")
 
 
 def run_apply(cfg: RunConfig, fit_dir: Path) -> dict:
     fit = FitArtifact.load(fit_dir)
-    check_fit_matches_model(fit, cfg, fit_dir)
-    layout = Layout(cfg.output_dir)
-    records = list_dataset(cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split, cfg.dataset.max_images)
-    shards = plan_shards(records, cfg.dataset.images_per_shard)
-    key = settings_key(shards, fit.meta.get("settings_key"), cfg.model, cfg.inference, cfg.panoptic, cfg.apply)
-    fit_ref = ray.put({"name": fit.meta.get("name", Path(fit_dir).name), "centroids": fit.centroids, "mapping": fit.mapping})
-    config = cfg.model_dump(mode="json")
+    model = model_identity(cfg)
+    check_fit_matches_model(fit, model, fit_dir)
+    with OutputLock(cfg.output_dir, command_line()):
+        layout = Layout(cfg.output_dir)
+        records = list_dataset(cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split, cfg.dataset.max_images)
+        shards = plan_shards(records, cfg.dataset.images_per_shard)
+        plan = Plan("apply", {"format": PATCH_FORMAT, "dataset": dataset_fingerprint(records),
+                              "images_per_shard": cfg.dataset.images_per_shard, "model": model,
+                              "fit": {"plan_key": fit.meta.get("plan_key"), "content": fit.content_key()},
+                              "panoptic": cfg.panoptic.model_dump(mode="json"), "apply": cfg.apply.model_dump(mode="json")})
+        # apply writes features/ and labels/ too: an output_dir holding another job's results is refused
+        refuse_conflicts([c for d in (layout.histograms, layout.features, layout.scores) if (c := plan_conflict(d, plan))])
+        if cfg.apply.write_features:
+            check_plan(layout.features, plan)
+        fit_ref = ray.put({"name": fit.meta.get("name", Path(fit_dir).name), "centroids": fit.centroids, "mapping": fit.mapping})
+        config = cfg.model_dump(mode="json")
 
-    def build(ds: Dataset) -> Dataset:
-        return windows_to_features(ds, cfg).map(guarded(PseudoLabelImages, per_row=True), **actor_args(cfg.label.workers),
-                                                fn_constructor_kwargs={"config": config, "fit": fit_ref,
-                                                                       "stage_dir": str(layout.histograms),
-                                                                       "labels_dir": str(layout.labels)})
+        def build(ds: Dataset) -> Dataset:
+            return windows_to_features(ds, cfg).map(guarded(PseudoLabelImages, per_row=True), **actor_args(cfg.label.workers),
+                                                    fn_constructor_kwargs={"config": config, "fit": fit_ref,
+                                                                           "stage_dir": str(layout.histograms),
+                                                                           "labels_dir": str(layout.labels)})
 
-    done = run_image_stream("apply", layout.histograms, key, shards, build,
-                            finisher(finish_apply, layout.histograms, config=config, k=fit.k,
-                                     features_dir=str(layout.features)))
-    failed = [f for s in sorted(done) for f in done[s]["failed"]]
-    write_json_atomic(failed, cfg.output_dir / "failed_items.json")
-    panoptic_json = merge_panoptic_annotations(layout.histograms, layout.labels, cfg.dataset.split)
-    summary = {"fit": str(fit_dir), "fit_meta": fit.meta, "mapping_kind": fit.mapping_kind, "k": fit.k,
-               "source": cfg.dataset.root, "num_images": sum(d["num_images"] for d in done.values()),
-               "num_failed": len(failed), "histograms": str(layout.histograms.relative_to(cfg.output_dir)),
-               "labels": str(layout.labels.relative_to(cfg.output_dir)),
-               "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir))}
-    write_json_atomic(summary, cfg.output_dir / "apply_summary.json")
-    log.info("apply: %d images labelled, %d failed -> %s", summary["num_images"], len(failed), cfg.output_dir)
-    print(json.dumps({k: summary[k] for k in ("num_images", "num_failed", "labels", "histograms")}))
-    return summary
+        check_schedulable({"extract.read": cfg.extract.read, "extract.model": cfg.extract.model, "label.workers": cfg.label.workers},
+                          cfg.ray)
+        done = run_image_stream("apply", layout.histograms, plan, shards, build,
+                                finisher(finish_apply, layout.histograms, config=config, k=fit.k,
+                                         features_dir=str(layout.features), labels_dir=str(layout.labels)))
+        failed = [f for s in sorted(done) for f in done[s]["failed"]]
+        write_json_atomic(failed, cfg.output_dir / "failed_items.json")
+        panoptic_json = merge_panoptic_annotations(layout.histograms, done, layout.labels, cfg.dataset.split,
+                                                   "run the same apply command again: it redoes that shard")
+        summary = {"fit": str(fit_dir), "fit_meta": fit.meta, "mapping_kind": fit.mapping_kind, "k": fit.k,
+                   "source": cfg.dataset.root, "num_images": sum(d["num_images"] for d in done.values()),
+                   "num_failed": len(failed), "histograms": str(layout.histograms.relative_to(cfg.output_dir)),
+                   "labels": str(layout.labels.relative_to(cfg.output_dir)),
+                   "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir))}
+        write_json_atomic(summary, cfg.output_dir / "apply_summary.json")
+        log.info("apply: %d images labelled, %d failed -> %s", summary["num_images"], len(failed), cfg.output_dir)
+        print(json.dumps({k: summary[k] for k in ("num_images", "num_failed", "labels", "histograms")}))
+        return summary

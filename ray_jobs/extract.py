@@ -6,10 +6,12 @@ from ray.data import Dataset
 from actors.extract import finish_features, image_windows, write_features
 from actors.window_features import WindowFeatures
 from configs.schema import RunConfig
-from ray_jobs.layout import Layout, settings_key
+from ray_jobs.layout import Layout
+from ray_jobs.plans import Plan
+from ray_jobs.session import check_schedulable
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, task_args
 from storage.datasets import ImageRecord
-from storage.shards import PATCH_FORMAT, plan_shards
+from storage.shards import plan_shards
 
 
 def windows_to_features(ds: Dataset, cfg: RunConfig, model_actor=WindowFeatures) -> Dataset:
@@ -22,7 +24,7 @@ def windows_to_features(ds: Dataset, cfg: RunConfig, model_actor=WindowFeatures)
                           fn_constructor_kwargs={"config": config}, **actor_args(pool))
 
 
-def run_extract(cfg: RunConfig, records: list[ImageRecord], model_actor=WindowFeatures) -> dict[str, dict]:
+def run_extract(cfg: RunConfig, records: list[ImageRecord], plan: Plan, model_actor=WindowFeatures) -> dict[str, dict]:
     layout = Layout(cfg.output_dir)
     shards = plan_shards(records, cfg.dataset.images_per_shard)
     config = cfg.model_dump(mode="json")
@@ -32,6 +34,7 @@ def run_extract(cfg: RunConfig, records: list[ImageRecord], model_actor=WindowFe
         return ds.map(write_features, fn_kwargs={"config": config, "stage_dir": str(layout.features)},
                       **task_args(cfg.extract.write))
 
-    key = settings_key(shards, cfg.model, cfg.inference, PATCH_FORMAT)
-    return run_image_stream("extract", layout.features, key, shards, build,
+    check_schedulable({"extract.read": cfg.extract.read, "extract.model": cfg.extract.model, "extract.write": cfg.extract.write},
+                      cfg.ray)
+    return run_image_stream("extract", layout.features, plan, shards, build,
                             finisher(finish_features, layout.features, config=config))

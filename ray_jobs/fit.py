@@ -1,8 +1,10 @@
 """Fit stage (driver): sample patch features, fit k-means for every k, map clusters to classes.
 
-Memory in the driver is bounded by the sample (fit.max_samples rows) and by one Parquet shard at
-a time: the cluster x class counts that drive the mapping are accumulated shard by shard over
-all patches, not only the sample.
+It reads the features of a complete extract stage only (its plan, every planned shard, every
+file checked against its marker's checksum). Memory in the driver is bounded by the sample
+(fit.max_samples rows, drawn in one streaming pass: `core.sampling`) and by one Parquet shard at a
+time: the cluster x class counts that drive the mapping are accumulated shard by shard over all
+patches, not only the sample.
 """
 
 import logging
@@ -10,25 +12,26 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from configs.schema import RunConfig
 from actors.model_setup import model_spec
 from core.clustering import assign_clusters, check_features, fit_kmeans, l2_normalize
+from core.errors import UserError
 from core.fit_artifact import FitArtifact
 from core.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
 from core.mapping import hungarian_mapping, majority_mapping
 from core.protocols import label_free_mapping, protocol_scores
 from core.models import load_cluster_probe
-from core.sampling import image_fold, per_image_sample, subsample
+from core.sampling import BoundedSample, image_fold, patch_priorities, per_image_lowest
 from ray_jobs.distributed_lloyd import distributed_lloyd
 from ray_jobs.layout import Layout, settings_key
-from storage.shards import features_from_table, write_json_atomic
+from ray_jobs.plans import Plan, StageIncomplete, check_plan, plan_conflict, refuse_conflicts, require_complete
+from storage.shards import content_key, feature_path, features_from_table, read_verified_parquet, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-class FitError(ValueError):
+class FitError(UserError, ValueError):
     """The features cannot be fitted as configured; the message says what to change."""
 
 
@@ -50,18 +53,35 @@ def baseline_centroids(cfg: RunConfig, sample: np.ndarray) -> np.ndarray:
                       max_points_per_centroid=cfg.fit.max_points_per_centroid)
 
 
-def gather_sample(shard_files: list[Path], cfg: RunConfig) -> np.ndarray:
-    """(n, D) float32: at most max_patches_per_image rows per image, at most max_samples overall."""
-    parts = []
-    for path in tqdm(shard_files, desc="fit: sampling patches", unit="shard"):
-        table = pq.read_table(path, columns=["image_id", "feature"])
-        rows = per_image_sample(table.column("image_id").to_numpy(zero_copy_only=False), cfg.fit.max_patches_per_image, cfg.seed)
-        parts.append(features_from_table(table.take(rows)))
-    sample = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    return sample[subsample(len(sample), cfg.fit.max_samples, cfg.seed)]
+class FeatureShards:
+    """The scale-1 Parquet files of a complete extract stage, read whole and checked against
+    their markers (a file changed since extract wrote it is an error naming it)."""
+
+    def __init__(self, features_dir: Path, markers: dict[str, dict]):
+        self.root, self.markers = Path(features_dir).parent, markers
+        self.paths = [feature_path(features_dir, shard) for shard in markers]
+        self.fix = "run `python submit.py extract` with this config: it redoes that shard"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def tables(self, columns: list[str], desc: str):
+        for marker, path in tqdm(zip(self.markers.values(), self.paths), total=len(self.paths), desc=desc, unit="shard"):
+            yield read_verified_parquet(self.root, marker, path, self.fix, columns)
 
 
-def count_cluster_classes(shard_files: list[Path], centroids: dict[str, np.ndarray], baseline: str,
+def gather_sample(shards: FeatureShards, cfg: RunConfig) -> np.ndarray:
+    """(n, D) float32: at most max_patches_per_image rows per image, at most max_samples overall,
+    in one pass holding at most max_samples rows plus one shard's."""
+    sample = BoundedSample(cfg.fit.max_samples)
+    for table in shards.tables(["image_id", "feature"], "fit: sampling patches"):
+        priorities, image_index = patch_priorities(table.column("image_id").to_numpy(zero_copy_only=False), cfg.seed)
+        rows = per_image_lowest(priorities, image_index, cfg.fit.max_patches_per_image)
+        sample.add(priorities[rows], features_from_table(table.take(rows)))
+    return sample.result()
+
+
+def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray], baseline: str,
                           cfg: RunConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Over every patch of every shard, streamed: per fit, (F, k, C) labelled-patch counts per
     held-out fold, and (k, k_base) co-assignment counts to the baseline's clusters (all patches,
@@ -70,8 +90,7 @@ def count_cluster_classes(shard_files: list[Path], centroids: dict[str, np.ndarr
     counts = {name: np.zeros((folds, len(c), NUM_CLASSES), np.int64) for name, c in centroids.items()}
     k_base = len(centroids[baseline])
     co_assignment = {name: np.zeros((len(c), k_base), np.int64) for name, c in centroids.items() if name != baseline}
-    for path in tqdm(shard_files, desc="fit: mapping clusters", unit="shard"):
-        table = pq.read_table(path, columns=["image_id", "feature", "label"])
+    for table in shards.tables(["image_id", "feature", "label"], "fit: mapping clusters"):
         labels = table.column("label").to_numpy().astype(np.int64)
         image_ids = table.column("image_id").to_numpy(zero_copy_only=False)
         fold_of = {i: image_fold(i, folds, cfg.seed) for i in np.unique(image_ids)}
@@ -88,17 +107,21 @@ def count_cluster_classes(shard_files: list[Path], centroids: dict[str, np.ndarr
     return counts, co_assignment
 
 
-def run_fit(cfg: RunConfig, dataset_fingerprint: str, model_description: str) -> dict[str, FitArtifact]:
+def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], dataset_fingerprint: str,
+            model_description: str) -> dict[str, FitArtifact]:
     layout = Layout(cfg.output_dir)
-    shard_files = sorted(layout.features.glob("shard-*.parquet"))
-    key = settings_key(dataset_fingerprint, cfg.model, cfg.inference, cfg.fit, cfg.seed)
+    markers = require_complete(layout.features, extract, shard_names, "the fit stage")
+    inputs = content_key(markers)
+    check_plan(layout.fits, plan, inputs)
     names = fit_names(cfg)
-    existing = _load_existing(layout.fits, names, key)
+    existing = _load_existing(layout.fits, names, plan, inputs)
     if existing:
-        log.info("fit: all %d fits exist for these settings; reusing them", len(existing))
+        log.info("fit: all %d fits exist for these settings and features; reusing them", len(existing))
         return existing
 
-    sample = gather_sample(shard_files, cfg)
+    shards = FeatureShards(layout.features, markers)
+    shard_files = shards.paths
+    sample = gather_sample(shards, cfg)
     centroids, seconds, history = {}, {}, {}
     if sample.size == 0:
         raise FitError(f"no patch features in {layout.features}: every image failed in extract (reasons in "
@@ -121,7 +144,7 @@ def run_fit(cfg: RunConfig, dataset_fingerprint: str, model_description: str) ->
     except ValueError as err:
         raise FitError(str(err)) from None
     baseline = names[-1]
-    fold_counts, co_assignment = count_cluster_classes(shard_files, centroids, baseline, cfg)
+    fold_counts, co_assignment = count_cluster_classes(shards, centroids, baseline, cfg)
     counts = {name: c.sum(axis=0) for name, c in fold_counts.items()}
     try:
         baseline_mapping = hungarian_mapping(counts[baseline])
@@ -138,7 +161,9 @@ def run_fit(cfg: RunConfig, dataset_fingerprint: str, model_description: str) ->
         fits[name] = FitArtifact(
             centroids=centroids[name], mapping=mapping, mapping_kind="hungarian" if name == baseline else "majority",
             extra_arrays=arrays,
-            meta={"name": name, "k": len(mapping), "settings_key": key, "feature_kind": cfg.model.feature_kind,
+            meta={"name": name, "k": len(mapping), "plan_key": plan.key, "inputs": inputs,
+                  "model_key": settings_key(extract.settings["model"]), "model_identity": extract.settings["model"],
+                  "feature_kind": cfg.model.feature_kind,
                   "feature_dim": int(sample.shape[1]), "model": model_description, "dataset_fingerprint": dataset_fingerprint,
                   "seed": cfg.seed, "engine": cfg.fit.engine, "n_samples": int(sample.shape[0]),
                   "fit_seconds": round(seconds[name], 3), "lloyd_history": history.get(name, []),
@@ -155,8 +180,26 @@ def run_fit(cfg: RunConfig, dataset_fingerprint: str, model_description: str) ->
     return fits
 
 
-def _load_existing(fits_dir: Path, names: list[str], key: str) -> dict[str, FitArtifact] | None:
+def _load_existing(fits_dir: Path, names: list[str], plan: Plan, inputs: str) -> dict[str, FitArtifact] | None:
     if not all((fits_dir / n / "meta.json").exists() for n in names) or not (fits_dir / "fit_summary.json").exists():
         return None
     fits = {n: FitArtifact.load(fits_dir / n) for n in names}
-    return fits if all(f.meta.get("settings_key") == key for f in fits.values()) else None
+    return fits if all(f.meta.get("plan_key") == plan.key and f.meta.get("inputs") == inputs for f in fits.values()) else None
+
+
+def require_fits(cfg: RunConfig, plan: Plan, inputs: str, needed_by: str) -> dict[str, FitArtifact]:
+    """The fits of this plan, made from these features; else StageIncomplete saying to run fit."""
+    fits_dir = Layout(cfg.output_dir).fits
+    refuse_conflicts([c] if (c := plan_conflict(fits_dir, plan)) else [])
+    fix = f"run `python submit.py fit` with this config (or `run`), then {needed_by} again"
+    names = fit_names(cfg)
+    missing = [str(fits_dir / n) for n in names if not (fits_dir / n / "meta.json").exists()]
+    if missing or not (fits_dir / "fit_summary.json").exists():
+        raise StageIncomplete(f"{needed_by} needs the fits {', '.join(missing) or str(fits_dir / 'fit_summary.json')}, "
+                              f"which are not there: {fix}")
+    fits = {n: FitArtifact.load(fits_dir / n) for n in names}
+    stale = [n for n, f in fits.items() if f.meta.get("plan_key") != plan.key or f.meta.get("inputs") != inputs]
+    if stale:
+        raise StageIncomplete(f"the fits {', '.join(stale)} in {fits_dir} were made from other settings or features than "
+                              f"extract's now: {fix}")
+    return fits

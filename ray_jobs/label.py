@@ -10,19 +10,32 @@ from configs.schema import RunConfig
 from core.fit_artifact import FitArtifact
 from ray_jobs.fit import fit_names
 from ray_jobs.layout import Layout, settings_key
+from ray_jobs.plans import Plan
+from ray_jobs.session import check_schedulable
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, task_args
 from storage.datasets import ImageRecord
-from storage.shards import plan_shards, read_done, restrict_shards
+from storage.shards import content_key, plan_shards, restrict_shards
 
 
-def run_label(cfg: RunConfig, records: list[ImageRecord], fits: dict[str, FitArtifact]) -> dict[str, dict]:
+def label_inputs(features: dict[str, dict], fits: dict[str, FitArtifact]) -> str:
+    """What the label stage is made from: the features' and the fits' content."""
+    return settings_key(content_key(features), {n: f.content_key() for n, f in sorted(fits.items())})
+
+
+def label_shards(cfg: RunConfig, records: list[ImageRecord], features: dict[str, dict]) -> list[dict]:
+    """The same shards as extract, each with the images extract wrote features for."""
+    extracted = {i for marker in features.values() for i in marker["image_ids"]}
+    return restrict_shards(plan_shards(records, cfg.dataset.images_per_shard), extracted)
+
+
+def run_label(cfg: RunConfig, records: list[ImageRecord], plan: Plan, features: dict[str, dict],
+              fits: dict[str, FitArtifact]) -> dict[str, dict]:
+    """`features`: the complete extract stage's markers; `fits`: the fit stage's (`require_fits`)."""
     layout = Layout(cfg.output_dir)
     names = fit_names(cfg)
     fits_ref = ray.put([{"name": n, "centroids": fits[n].centroids, "mapping": fits[n].mapping} for n in names])
     config = cfg.model_dump(mode="json")
-    # The same shards as extract, each with the images extract wrote features for.
-    extracted = {i for marker in read_done(layout.features).values() for i in marker["image_ids"]}
-    shards = restrict_shards(plan_shards(records, cfg.dataset.images_per_shard), extracted)
+    shards = label_shards(cfg, records, features)
 
     def build(ds: Dataset) -> Dataset:
         ds = ds.flat_map(image_features, fn_kwargs={"config": config, "features_dir": str(layout.features)},
@@ -31,8 +44,7 @@ def run_label(cfg: RunConfig, records: list[ImageRecord], fits: dict[str, FitArt
             "config": config, "fits": fits_ref, "stage_dir": str(layout.scores), "labels_dir": str(layout.labels),
             "overlay_ids": [r.image_id for r in records[: cfg.label.num_overlays]]})
 
-    labelling = cfg.label.model_dump(mode="json", exclude={"read", "workers"})  # how many workers changes no result
-    key = settings_key(shards, [fits[n].meta["settings_key"] for n in names], labelling, cfg.inference, cfg.refine,
-                       cfg.panoptic)
-    return run_image_stream("label", layout.scores, key, shards, build,
-                            finisher(finish_scores, layout.scores, config=config, fits=fits_ref))
+    check_schedulable({"label.read": cfg.label.read, "label.workers": cfg.label.workers}, cfg.ray)
+    return run_image_stream("label", layout.scores, plan, shards, build,
+                            finisher(finish_scores, layout.scores, config=config, fits=fits_ref, labels_dir=str(layout.labels)),
+                            inputs=label_inputs(features, fits))

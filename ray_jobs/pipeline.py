@@ -1,5 +1,6 @@
 """The whole job: extract -> fit -> label -> report. Every stage also runs alone, reading what the
-stages before it left in output_dir; each skips the work it finds already done."""
+stages before it left in output_dir, only when that is complete and made with these settings
+(`ray_jobs.plans`); each skips the work it finds already done."""
 
 import json
 import logging
@@ -10,15 +11,17 @@ from pathlib import Path
 import yaml
 
 from configs.schema import RunConfig
-from core.fit_artifact import FitArtifact
 from ray_jobs.extract import run_extract
-from ray_jobs.fit import fit_names, run_fit
-from ray_jobs.label import run_label
+from ray_jobs.fit import fit_names, require_fits, run_fit
+from ray_jobs.label import label_inputs, label_shards, run_label
 from ray_jobs.layout import Layout
+from ray_jobs.plans import (StageIncomplete, extract_plan, fit_plan, label_plan, model_identity, plan_conflict,
+                            recorded_plan, refuse_conflicts, require_complete)
 from ray_jobs.report import run_report
 from ray_jobs.session import init_ray
 from storage.datasets import ImageRecord, list_dataset
-from storage.shards import dataset_fingerprint, read_done, write_json_atomic, write_text_atomic
+from storage.lock import OutputLock, command_line
+from storage.shards import content_key, dataset_fingerprint, plan_shards, write_json_atomic, write_text_atomic
 from storage.synth import generate_demo_dataset
 
 log = logging.getLogger(__name__)
@@ -38,45 +41,69 @@ def ensure_demo_set(cfg: RunConfig) -> None:
 
 
 class Pipeline:
+    """Plans every stage up front, so a run that cannot go ahead (another job's output_dir, other
+    settings or data) is refused before it changes anything there."""
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.layout = Layout(cfg.output_dir)
         ensure_demo_set(cfg)
         self.records: list[ImageRecord] = list_dataset(cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split, cfg.dataset.max_images)
         self.fingerprint = dataset_fingerprint(self.records)
-        cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), cfg.output_dir / "config.yaml")
+        self.shard_names = [s["shard"] for s in plan_shards(self.records, cfg.dataset.images_per_shard)]
+        self.stage_dirs = {"extract": self.layout.features, "fit": self.layout.fits, "label": self.layout.scores}
+        recorded = {stage: (recorded_plan(d) or {}).get("settings") for stage, d in self.stage_dirs.items()}
+        model = model_identity(cfg, (recorded["extract"] or {}).get("model"))
+        self.plans = {"extract": extract_plan(cfg, self.records, model)}
+        self.plans["fit"] = fit_plan(cfg, self.plans["extract"], recorded["fit"])
+        self.plans["label"] = label_plan(cfg, self.plans["fit"])
 
     def run(self, stages: tuple[str, ...] = STAGES) -> None:
-        init_ray(self.cfg)
-        for stage in stages:
-            self._timed(stage, getattr(self, f"stage_{stage}"))
+        with OutputLock(self.cfg.output_dir, command_line()):
+            refuse_conflicts([c for stage, d in self.stage_dirs.items() if (c := plan_conflict(d, self.plans[stage]))]
+                             + [c for d in (self.layout.histograms,) if (c := plan_conflict(d, self.plans["extract"]))])
+            write_text_atomic(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False), self.cfg.output_dir / "config.yaml")
+            init_ray(self.cfg)
+            for stage in stages:
+                self._timed(stage, getattr(self, f"stage_{stage}"))
 
     def stage_extract(self) -> None:
-        run_extract(self.cfg, self.records)
+        run_extract(self.cfg, self.records, self.plans["extract"])
 
     def stage_fit(self) -> None:
-        run_fit(self.cfg, self.fingerprint, self._model_description())
+        run_fit(self.cfg, self.plans["fit"], self.plans["extract"], self.shard_names, self.fingerprint,
+                self._model_description(self._features("the fit stage")))
 
     def stage_label(self) -> None:
-        fits = {n: FitArtifact.load(self.layout.fits / n) for n in fit_names(self.cfg)}
-        run_label(self.cfg, self.records, fits)
+        features = self._features("the label stage")
+        run_label(self.cfg, self.records, self.plans["label"], features, self._fits(features, "the label stage"))
 
     def stage_report(self) -> None:
+        features = self._features("the report stage")
+        fits = self._fits(features, "the report stage")
+        scores = require_complete(self.layout.scores, self.plans["label"],
+                                  [s["shard"] for s in label_shards(self.cfg, self.records, features)], "the report stage")
+        if (recorded_plan(self.layout.scores) or {}).get("inputs") != label_inputs(features, fits):
+            raise StageIncomplete(f"the label results in {self.layout.scores} were made from other features or fits than "
+                                  "those there now: run `python submit.py label` with this config, then report again")
         fit_summary = json.loads((self.layout.fits / "fit_summary.json").read_text())
-        fits = {n: FitArtifact.load(self.layout.fits / n) for n in fit_names(self.cfg)}
-        report = run_report(self.cfg, read_done(self.layout.features), read_done(self.layout.scores), fits, fit_summary,
-                            {"model": self._model_description(), "fingerprint": self.fingerprint}, self._timing())
+        report = run_report(self.cfg, features, scores, fits, fit_summary,
+                            {"model": self._model_description(features), "fingerprint": self.fingerprint}, self._timing())
         log.info("report written to %s", self.cfg.output_dir / "report.md")
         main = report["fits"][fit_names(self.cfg)[0]]
-        print(f"\nk={main['k']}: pixel mIoU {100 * main['pixel_level']['same_set']['miou']:.1f} %, "
-              f"patch mIoU {100 * main['patch_level']['same_set']['miou']:.1f} % -> {self.cfg.output_dir / 'report.md'}")
+        print(f"\nk={main['k']}: pixel mIoU {_percent(main['pixel_level']['same_set']['miou'])}, "
+              f"patch mIoU {_percent(main['patch_level']['same_set']['miou'])} -> {self.cfg.output_dir / 'report.md'}")
 
-    def _model_description(self) -> str:
-        models = [m["model"] for m in read_done(self.layout.features).values() if m.get("model")]
-        if not models:
-            raise RuntimeError(f"no extracted features in {self.layout.features}: run the extract stage first")
-        return models[0]
+    def _features(self, needed_by: str) -> dict[str, dict]:
+        return require_complete(self.layout.features, self.plans["extract"], self.shard_names, needed_by)
+
+    def _fits(self, features: dict[str, dict], needed_by: str) -> dict:
+        return require_fits(self.cfg, self.plans["fit"], content_key(features), needed_by)
+
+    @staticmethod
+    def _model_description(features: dict[str, dict]) -> str:
+        models = [m["model"] for m in features.values() if m.get("model")]
+        return models[0] if models else "(no image was extracted)"
 
     def _timing(self) -> dict:
         path = self.cfg.output_dir / "timing.json"
@@ -89,3 +116,7 @@ class Pipeline:
             timing = self._timing()
             timing[stage] = round(time.perf_counter() - start, 2)
             write_json_atomic(timing, self.cfg.output_dir / "timing.json")
+
+
+def _percent(value: float | None) -> str:
+    return "n/a (no image scored)" if value is None or value != value else f"{100 * value:.1f} %"

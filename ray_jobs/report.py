@@ -22,37 +22,41 @@ from core.report import PROTOCOL_TITLES, missed_classes, render_markdown
 from ray_jobs.fit import fit_names
 from ray_jobs.layout import Layout
 from storage.cityscapes_outputs import write_panoptic_json
-from storage.shards import write_json_atomic, write_text_atomic
+from storage.shards import read_verified, read_verified_npz, write_json_atomic, write_text_atomic
 
 
-def sum_scores(scores_dir: Path, names: list[str]) -> dict:
-    """Per-shard npz files -> summed per-fit pixel counts (F, k, C) and wins (k,), and per label
-    variant the confusion (C, C+1), panoptic statistics (C, 4) and seconds."""
+def sum_scores(scores_dir: Path, markers: dict[str, dict], names: list[str]) -> dict:
+    """Per-shard npz files (each checked against its marker) -> summed per-fit pixel counts
+    (F, k, C) and wins (k,), and per label variant the confusion (C, C+1), panoptic statistics
+    (C, 4) and seconds."""
     total = {"pixel_counts": {}, "wins": {}, "num_images": 0, "variants": None,
              "variant_confusion": 0, "variant_seconds": 0}
     pq_ids, pq_parts = [], []
-    for path in sorted(scores_dir.glob("shard-*.npz")):
-        with np.load(path, allow_pickle=False) as data:
-            total["num_images"] += len(data["image_ids"])
-            total["variants"] = [str(v) for v in data["variants"]]
-            for key in ("variant_confusion", "variant_seconds"):
-                total[key] = total[key] + data[key]
-            pq_ids += [str(i) for i in data["image_ids"]]
-            pq_parts.append(data["image_pq"])
-            for n in names:
-                total["pixel_counts"][n] = total["pixel_counts"].get(n, 0) + data[f"pixel_counts_{n}"]
-                total["wins"][n] = total["wins"].get(n, 0) + data[f"wins_{n}"]
+    for shard, marker in markers.items():
+        data = read_verified_npz(scores_dir.parent, marker, scores_dir / f"{shard}.npz", LABEL_FIX)
+        total["num_images"] += len(data["image_ids"])
+        total["variants"] = [str(v) for v in data["variants"]]
+        for key in ("variant_confusion", "variant_seconds"):
+            total[key] = total[key] + data[key]
+        pq_ids += [str(i) for i in data["image_ids"]]
+        pq_parts.append(data["image_pq"])
+        for n in names:
+            total["pixel_counts"][n] = total["pixel_counts"].get(n, 0) + data[f"pixel_counts_{n}"]
+            total["wins"][n] = total["wins"].get(n, 0) + data[f"wins_{n}"]
     # float sums in image-id order: the same result however the images were sharded
     order = np.argsort(np.array(pq_ids, dtype=np.str_), kind="stable")
     total["variant_pq"] = np.concatenate(pq_parts)[order].sum(axis=0) if pq_parts else 0
     return total
 
 
-def merge_panoptic_annotations(scores_dir: Path, labels_dir: Path, split: str) -> Path | None:
-    """The per-shard COCO annotations -> one panoptic JSON beside the panoptic PNGs."""
+LABEL_FIX = "run `python submit.py label` with this config: it redoes that shard"
+
+
+def merge_panoptic_annotations(stage_dir: Path, markers: dict[str, dict], labels_dir: Path, split: str, fix: str) -> Path | None:
+    """The per-shard COCO annotations (each checked against its marker) -> one panoptic JSON beside the panoptic PNGs."""
     annotations = []
-    for path in sorted(scores_dir.glob("_panoptic/shard-*.json")):
-        annotations += json.loads(path.read_text())
+    for shard, marker in markers.items():
+        annotations += json.loads(read_verified(stage_dir.parent, marker, f"{stage_dir.name}/_panoptic/{shard}.json", fix))
     return write_panoptic_json(labels_dir, annotations, split=split) if annotations else None
 
 
@@ -72,7 +76,7 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
     layout = Layout(cfg.output_dir)
     names = fit_names(cfg)
     main, baseline = names[0], names[-1]
-    scores = sum_scores(layout.scores, names)
+    scores = sum_scores(layout.scores, label_done, names)
     failed = [f for done in (extract_done, label_done) for s in sorted(done) for f in done[s]["failed"]]
     # an image that failed in extract usually fails again in label: count each image once
     failed_ids = sorted({f["image_id"] for f in failed})
@@ -106,7 +110,7 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
                   baseline: absorption_table(scores["variant_confusion"][-1], CLASS_NAMES)} if variants else {}
 
     figures = _figures(cfg, layout, fits, names, variants, main_conf)
-    panoptic_json = merge_panoptic_annotations(layout.scores, layout.labels, cfg.dataset.split)
+    panoptic_json = merge_panoptic_annotations(layout.scores, label_done, layout.labels, cfg.dataset.split, LABEL_FIX)
     report = {
         "run_name": cfg.run_name, "model": meta["model"], "feature_kind": cfg.model.feature_kind,
         "dataset": {"kind": cfg.dataset.kind, "root": str(cfg.dataset.root), "split": cfg.dataset.split,

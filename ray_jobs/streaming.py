@@ -11,7 +11,9 @@ Fault tolerance:
     rewritten with the same content under the same names, and an image seen twice is counted once;
   - a killed driver leaves parts and markers: a re-run skips marked shards and, in the others,
     every image whose part exists, then finishes the shards;
-  - a run whose settings differ from the stage directory's `_plan.json` is refused, never mixed.
+  - a run whose settings differ from the stage directory's `_plan.json` is refused, never mixed
+    (`ray_jobs.plans`);
+  - a marker whose files vanished or changed size is dropped and its shard done again.
 
 Why not Ray Data's own checkpointing (`DataContext.checkpoint_config`, Ray 2.60): it records the
 ids of rows a *write* sink has written and filters them out of the *read* on a re-run. The
@@ -28,6 +30,7 @@ import json
 import logging
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -35,23 +38,17 @@ from ray.data import Dataset
 from tqdm import tqdm
 
 from actors.rows import STATUS
+from core.errors import UserError
 from core.models import CheckpointError
+from ray_jobs.plans import Plan, StageIncomplete, check_plan
 from storage.parts import PARTS_DIR, staged_ids
-from storage.shards import read_done, shard_records, write_json_atomic
+from storage.shards import marker_path, marker_problems, read_done, shard_records
 
 log = logging.getLogger(__name__)
 
 
-class StageIncomplete(RuntimeError):
-    pass
-
-
 class ActorSetupError(StageIncomplete):
     """The stage's actors could not be built (a bug or an environment problem, not a config one)."""
-
-
-# Setup errors that say what to fix in the config: re-raised in the driver as themselves.
-SETUP_ERRORS = {cls.__name__: cls for cls in (CheckpointError,)}
 
 
 def guarded(actor_cls, per_row: bool):
@@ -70,7 +67,8 @@ def guarded(actor_cls, per_row: bool):
             try:
                 self.actor = actor_cls(**kwargs)
             except Exception as err:  # noqa: BLE001 - reported to the driver below
-                self.error = json.dumps({"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()})
+                self.error = json.dumps({"type": type(err).__name__, "message": str(err), "user": isinstance(err, UserError),
+                                         "traceback": traceback.format_exc()})
 
         def __call__(self, rows: dict) -> dict:
             if self.error is None:
@@ -85,38 +83,48 @@ def guarded(actor_cls, per_row: bool):
 
 def raise_setup_error(name: str, encoded: str) -> None:
     error = json.loads(encoded)
-    if error["type"] in SETUP_ERRORS:  # its message says what to fix; the traceback would only bury it
+    if error["user"]:  # its message says what to fix (a checkpoint, a device); the traceback would only bury it
         log.debug("%s: an actor failed to start:\n%s", name, error["traceback"])
-        raise SETUP_ERRORS[error["type"]](error["message"])
+        raise (CheckpointError if error["type"] == CheckpointError.__name__ else UserError)(error["message"])
     log.error("%s: an actor failed to start:\n%s", name, error["traceback"])
     raise ActorSetupError(f"{name}: the stage's actors could not start: {error['type']}: {error['message']} "
                           "(the driver log has the worker's traceback)")
 
 
-def check_plan(stage_dir: Path, plan_key: str) -> None:
-    """Record the plan of a new stage directory; refuse to resume one made with another plan."""
-    plan_file = stage_dir / "_plan.json"
-    if plan_file.exists():
-        old = json.loads(plan_file.read_text())["plan_key"]
-        if old != plan_key:
-            raise StageIncomplete(
-                f"{stage_dir} holds results of another dataset or settings (plan {old}, now {plan_key}); "
-                "use a new output_dir, or delete that folder to recompute it")
-    else:
-        write_json_atomic({"plan_key": plan_key}, plan_file)
+@contextmanager
+def user_errors_raised_as_themselves():
+    """A UserError raised in a task (a shard's file changed since its marker) reaches the driver
+    wrapped in Ray's errors; unwrapped, its message says what to fix."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        cause = err
+        while cause is not None and not isinstance(cause, UserError):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if cause is None:
+            raise
+        raise UserError(str(cause).strip().splitlines()[-1]) from err
 
 
-def run_image_stream(name: str, stage_dir: Path, plan_key: str, shards: list[dict],
-                     build: Callable[[Dataset], Dataset], finish: Callable) -> dict[str, dict]:
+def run_image_stream(name: str, stage_dir: Path, plan: Plan, shards: list[dict],
+                     build: Callable[[Dataset], Dataset], finish: Callable, inputs: str | None = None) -> dict[str, dict]:
     """Stream the images of the unfinished shards through `build(ds)` and finish each shard.
 
     `shards`: [{"shard", "records"}] (`storage.shards.plan_shards`). `build` turns a dataset of
     shard rows (the images still to do) into the dataset of status rows. `finish(shard_row,
     written_ids, failed)` starts the shard's finish and returns its ObjectRef (`finisher`).
+    `inputs`: the content key of what the stage reads (`ray_jobs.plans.check_plan`).
     Returns every shard's marker.
     """
-    check_plan(stage_dir, plan_key)
+    check_plan(stage_dir, plan, inputs)
     done = read_done(stage_dir)
+    for shard in [s["shard"] for s in shards if s["shard"] in done]:
+        if problems := marker_problems(Path(stage_dir).parent, done[shard]):
+            log.warning("%s %s: %s since it was done; doing the shard again", name, shard, "; ".join(problems[:3]))
+            marker_path(Path(stage_dir), shard).unlink()
+            del done[shard]
     todo = {s["shard"]: s for s in shards if s["shard"] not in done}
     pending, written, failed = {}, {}, {}
     sources = []
@@ -132,7 +140,8 @@ def run_image_stream(name: str, stage_dir: Path, plan_key: str, shards: list[dic
     finishing = [finish(todo[s], written[s], failed[s]) for s in todo if not pending[s]]
     if sources:
         ds = build(ray.data.from_items(sources, override_num_blocks=len(sources)))
-        with tqdm(total=sum(len(p) for p in pending.values()), desc=f"{name}: images", unit="image") as bar:
+        with tqdm(total=sum(len(p) for p in pending.values()), desc=f"{name}: images", unit="image") as bar, \
+                user_errors_raised_as_themselves():
             for row in ds.iter_rows():  # drives the plan; the parts are on disk already
                 if row["setup_error"]:
                     raise_setup_error(name, row["setup_error"])

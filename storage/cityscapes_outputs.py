@@ -23,7 +23,7 @@ from PIL import Image
 from core.labels import EVAL_CLASSES, train_ids_to_label_ids
 from core.panoptic import Panoptic, gt_panoptic, instance_ids_map
 from storage.images import InputError, safe_path, write_png_atomic
-from storage.shards import write_json_atomic
+from storage.shards import shard_records, write_json_atomic
 
 # Cityscapes `category` of each evaluation class (the COCO `supercategory`).
 _SUPERCATEGORY = {
@@ -75,6 +75,12 @@ def prediction_paths(root: Path, group: str, image_id: str, split: str = "val") 
         "instance_ids": safe_path(root, "instanceIds", group, f"{image_id}_instanceIds.png"),
         "panoptic": safe_path(root, "panoptic", f"cityscapes_panoptic_{split}", f"{image_id}_panoptic.png"),
     }
+
+
+def label_pngs(root: Path, shard_row: dict, image_ids: list[str], split: str) -> list[Path]:
+    """The prediction PNGs of a shard's written images, for its marker."""
+    groups = {r.image_id: r.group for r in shard_records(shard_row)}
+    return [path for image_id in image_ids for path in prediction_paths(root, groups[image_id], image_id, split).values()]
 
 
 def panoptic_json_path(root: Path, split: str = "val") -> Path:

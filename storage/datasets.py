@@ -3,10 +3,13 @@
 Both give the same `ImageRecord`s, sorted by image id, so shards are deterministic.
 """
 
+import hashlib
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from core.errors import UserError
 from storage import uris
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -15,7 +18,7 @@ INSTANCE_IDS_SUFFIX = "_gtFine_instanceIds.png"
 FOLDER_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """The dataset as a whole cannot be read (missing root, empty split)."""
 
 
@@ -26,6 +29,7 @@ class ImageRecord:
     image_path: str
     label_ids_path: str | None = None  # None for unlabelled data
     instance_ids_path: str | None = None
+    stamp: str = ""  # "<bytes>:<mtime_ns>" of each file: a file replaced under the same name changes it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,14 +51,57 @@ def list_cityscapes(root: Path, split: str, max_images: int | None = None) -> li
         city = path.parent.name
         image_id = path.name[: -len(IMAGE_SUFFIX)]
         gt_dir = Path(root) / "gtFine" / split / city
+        gt = [gt_dir / f"{image_id}{LABEL_IDS_SUFFIX}", gt_dir / f"{image_id}{INSTANCE_IDS_SUFFIX}"] if labelled else []
         records.append(ImageRecord(
             image_id=image_id, group=city, image_path=str(path),
-            label_ids_path=str(gt_dir / f"{image_id}{LABEL_IDS_SUFFIX}") if labelled else None,
-            instance_ids_path=str(gt_dir / f"{image_id}{INSTANCE_IDS_SUFFIX}") if labelled else None,
+            label_ids_path=str(gt[0]) if labelled else None, instance_ids_path=str(gt[1]) if labelled else None,
+            stamp=" ".join(_stamp(p) for p in [path, *gt]),
         ))
     if not records:
         raise DatasetError(f"{image_dir} holds no *{IMAGE_SUFFIX} files: the split is empty")
+    _check_unique(records)
     return records[:max_images]
+
+
+def _stamp(path: Path) -> str:
+    """Size and modification time of a local file ("-" when it is missing: its image fails when read)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "-"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _check_unique(records: list[ImageRecord]) -> None:
+    seen: dict[str, str] = {}
+    for r in records:
+        if r.image_id in seen:
+            raise DatasetError(f"{seen[r.image_id]} and {r.image_path} have the same image id {r.image_id!r}, so their "
+                               "outputs would overwrite each other: rename or remove one of them")
+        seen[r.image_id] = r.image_path
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def folder_image_ids(relative_paths: list[str]) -> list[str]:
+    """Ids for files below a folder that cannot collide, and are safe as file names.
+
+    The id is the relative path without its extension, '/' -> '__', other characters outside
+    [A-Za-z0-9._-] -> '_'. Where that is lossy and two files meet (frame.png and frame.jpg,
+    'a b' and 'a_b', sub/x and sub__x), or the result does not start with a letter or digit,
+    8 hex digits of the path's SHA-1 are appended, so each file keeps its own id.
+    """
+    plain = [re.sub(r"\.\.+", ".", _UNSAFE.sub("_", "__".join(rel.rsplit(".", 1)[0].split("/")))) for rel in relative_paths]
+    count: dict[str, int] = {}
+    for p in plain:
+        count[p] = count.get(p, 0) + 1
+    ids = []
+    for rel, p in zip(relative_paths, plain):
+        if count[p] > 1 or not p[:1].isalnum() or not p.isascii():
+            p = f"{p.lstrip('._-') or 'image'}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+        ids.append(p)
+    return ids
 
 
 def list_image_folder(root: Path | str, max_images: int | None = None) -> list[ImageRecord]:
@@ -68,14 +115,14 @@ def list_image_folder(root: Path | str, max_images: int | None = None) -> list[I
         root = Path(root)
         if not root.is_dir():
             raise DatasetError(f"image folder {root} does not exist: set dataset.root")
-        files = [(str(p.relative_to(root)), str(p)) for p in sorted(root.rglob("*")) if p.suffix.lower() in FOLDER_IMAGE_EXTENSIONS]
-    records = []
-    for rel, location in files:
-        stem = rel.rsplit(".", 1)[0]
-        image_id = re.sub(r"[^A-Za-z0-9._-]", "_", "__".join(stem.split("/"))).lstrip(".")
-        records.append(ImageRecord(image_id=image_id, group="images", image_path=location))
+        files = [(p.relative_to(root).as_posix(), str(p), _stamp(p))
+                 for p in sorted(root.rglob("*")) if p.suffix.lower() in FOLDER_IMAGE_EXTENSIONS and p.is_file()]
+    records = [ImageRecord(image_id=image_id, group="images", image_path=location, stamp=stamp)
+               for image_id, (_, location, stamp) in zip(folder_image_ids([f[0] for f in files]), files)]
     if not records:
         raise DatasetError(f"{root} holds no images ({', '.join(FOLDER_IMAGE_EXTENSIONS)})")
+    records.sort(key=lambda r: r.image_id)
+    _check_unique(records)
     return records[:max_images]
 
 

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.errors import UserError
 from core.labels import LABEL_ID_TO_TRAIN_ID, MAX_LABEL_ID
+from core.panoptic import gt_panoptic
 from storage import uris
 
 
-class InputError(Exception):
+class InputError(UserError):
     """One input item cannot be used. The message names the file and what to do about it."""
 
 
@@ -60,8 +62,8 @@ def _check_same_size(array: np.ndarray, path: Path, what: str, expected_hw: tupl
                          f"{expected_hw[0]}x{expected_hw[1]}; they must be the same size (is it the right file?)")
 
 
-def read_train_ids(label_ids_path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
-    """Cityscapes `*_gtFine_labelIds.png` -> (H, W) uint8 trainIds (255 = ignore)."""
+def read_label_ids(label_ids_path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
+    """Cityscapes `*_gtFine_labelIds.png` -> (H, W) uint8 labelIds."""
     label_ids, mode = _decode_ground_truth(label_ids_path, "ground truth",
                                            "add it, or run on unlabelled data with dataset.kind=folder")
     if mode not in ("L", "P"):
@@ -72,15 +74,36 @@ def read_train_ids(label_ids_path: Path, expected_hw: tuple[int, int]) -> np.nda
     if label_ids.max() > MAX_LABEL_ID:
         raise InputError(f"{label_ids_path}: unknown labelId {int(label_ids.max())} (Cityscapes labelIds are 0..{MAX_LABEL_ID}); "
                          "is this a trainIds or colour map instead of *_labelIds.png?")
-    return LABEL_ID_TO_TRAIN_ID[label_ids]
+    return label_ids
+
+
+def read_train_ids(label_ids_path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
+    """Cityscapes `*_gtFine_labelIds.png` -> (H, W) uint8 trainIds (255 = ignore)."""
+    return LABEL_ID_TO_TRAIN_ID[read_label_ids(label_ids_path, expected_hw)]
 
 
 def read_instance_ids(instance_ids_path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
     """Cityscapes `*_gtFine_instanceIds.png` -> (H, W) int32 (labelId * 1000 + n on instances, else labelId)."""
-    ids, _ = _decode_ground_truth(instance_ids_path, "instance ground truth",
-                                  "panoptic scores need the gtFine *_instanceIds.png beside *_labelIds.png")
+    ids, mode = _decode_ground_truth(instance_ids_path, "instance ground truth",
+                                     "panoptic scores need the gtFine *_instanceIds.png beside *_labelIds.png")
+    if mode not in ("I;16", "I;16B", "I"):
+        raise InputError(f"{instance_ids_path}: instanceIds must be a 16-bit PNG (ids are labelId * 1000 + n), found mode "
+                         f"{mode}; use the gtFine *_instanceIds.png files as Cityscapes ships them")
     _check_same_size(ids, instance_ids_path, "instance ground truth", expected_hw)
     return ids.astype(np.int32)
+
+
+def read_ground_truth(label_ids_path: Path, instance_ids_path: Path, expected_hw: tuple[int, int]):
+    """Both ground-truth maps of an image -> (trainIds (H, W) uint8, panoptic ground truth), after
+    checking that they agree (every pixel's instanceId names its labelId)."""
+    label_ids = read_label_ids(label_ids_path, expected_hw)
+    instance_ids = read_instance_ids(instance_ids_path, expected_hw)
+    try:
+        panoptic = gt_panoptic(instance_ids, label_ids)
+    except ValueError as err:
+        raise InputError(f"{instance_ids_path}: {err} (against {label_ids_path}); the two files must come from the same "
+                         "Cityscapes image") from None
+    return LABEL_ID_TO_TRAIN_ID[label_ids], panoptic
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

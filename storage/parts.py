@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from storage.images import safe_path
-from storage.shards import mark_done, shard_records
+from storage.shards import mark_done, output_records, shard_records
 
 PARTS_DIR = "_parts"
 log = logging.getLogger(__name__)
@@ -52,10 +52,13 @@ def read_shard_parts(stage_dir: Path, shard_row: dict, written: list[str]) -> tu
 
 
 def complete_shard(stage_dir: Path, shard: str, order: list[str], written_at: list[float], failed: list[dict],
-                   **summary) -> None:
-    """The marker (after the shard's outputs are in place), then the parts go."""
-    mark_done(Path(stage_dir), shard, {"num_images": len(order), "image_ids": order, "failed": failed,
-                                       "images_written_at": written_at, **summary})
+                   outputs: list[Path], **summary) -> None:
+    """The marker (after the shard's outputs are in place, each listed with its size and
+    checksum), then the parts go."""
+    stage_dir = Path(stage_dir)
+    mark_done(stage_dir, shard, {"num_images": len(order), "image_ids": order, "failed": failed,
+                                 "images_written_at": written_at, "outputs": output_records(stage_dir.parent, outputs),
+                                 **summary})
     clear_parts(stage_dir, shard)
 
 

@@ -2,12 +2,18 @@
 
 A stage's work is split into shards of consecutive images (deterministic: records are sorted).
 Each shard's output is written under a name derived from the shard alone and renamed into place;
-a completion marker (`_done/<shard>.json`, also atomic) is written after it. A re-run skips every
-shard that has its marker, so work already written is never lost or duplicated.
+a completion marker (`_done/<shard>.json`, also atomic) is written after it. The marker lists
+every file the shard wrote with its size and SHA-256 (`outputs`, paths relative to the output
+dir), so a reader can tell a shard's files from files that vanished, were truncated or were
+replaced since: `marker_problems` checks sizes (a stat per file), `read_verified` the content
+of a file a stage reads whole. A re-run skips every shard whose marker holds, so work already
+written is never lost or duplicated.
 """
 
 import hashlib
+import io
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -15,9 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.errors import UserError
 from storage.datasets import ImageRecord
 
 DONE_DIR = "_done"
+log = logging.getLogger(__name__)
 
 
 def plan_shards(records: list[ImageRecord], images_per_shard: int) -> list[dict]:
@@ -40,16 +48,17 @@ def shard_records(shard_row: dict) -> list[ImageRecord]:
 
 
 def dataset_fingerprint(records: list[ImageRecord]) -> str:
-    """Identifies the image set (ids and files), so a saved fit says what it was fitted on."""
+    """Identifies the image set: ids, files, and their sizes and modification times (`stamp`), so
+    an image replaced under the same name is a different dataset."""
     digest = hashlib.sha256()
     for r in records:
-        digest.update(f"{r.image_id}\t{r.image_path}\n".encode())
+        digest.update(f"{r.image_id}\t{r.image_path}\t{r.label_ids_path}\t{r.instance_ids_path}\t{r.stamp}\n".encode())
     return digest.hexdigest()[:16]
 
 
-# Bumped when the patch rows change (2: image height and width, other scales in _scales/): a
+# Bumped when the patch rows or their markers change (2: image height and width, other scales in _scales/): a
 # features folder of another format is then refused by the plan check rather than misread.
-PATCH_FORMAT = 2
+PATCH_FORMAT = 3  # 3: markers list their files with sizes and checksums
 
 
 def patch_schema(feature_dim: int, feature_dtype: str = "float16") -> pa.Schema:
@@ -154,6 +163,67 @@ def write_npz_atomic(arrays: dict[str, np.ndarray], path: Path) -> None:
     os.replace(tmp, path)
 
 
+class OutputChanged(UserError):
+    """A file a completion marker lists is missing, or differs from what the shard wrote."""
+
+
+def file_record(path: Path) -> dict:
+    """What a marker records of one written file."""
+    data = Path(path).read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def output_records(root: Path, paths: list[Path]) -> dict[str, dict]:
+    """{path relative to `root` (the output dir): file_record} of files a shard wrote."""
+    return {str(Path(p).relative_to(root)): file_record(p) for p in paths}
+
+
+def marker_problems(root: Path, marker: dict) -> list[str]:
+    """Why a marker does not hold (its files missing or of another size); [] when it holds."""
+    if "outputs" not in marker:
+        return ["the marker lists no files (written by an older version)"]
+    problems = []
+    for rel, record in marker["outputs"].items():
+        path = Path(root) / rel
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != record["bytes"]:
+            problems.append(f"{path} is {path.stat().st_size} bytes, {record['bytes']} when written")
+    return problems
+
+
+def read_verified(root: Path, marker: dict, rel: str, fix: str) -> bytes:
+    """A file a marker lists, whole, after checking its size and checksum; else OutputChanged
+    naming the file and `fix` (which stage to run)."""
+    path, record = Path(root) / rel, marker.get("outputs", {}).get(rel)
+    if record is None:
+        raise OutputChanged(f"{path} is not among the files its shard's marker lists; {fix}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise OutputChanged(f"{path} is missing since its shard was written; {fix}") from None
+    if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise OutputChanged(f"{path} changed since its shard was written ({len(data)} bytes, {record['bytes']} then; "
+                            f"the checksum differs); {fix}")
+    return data
+
+
+def read_verified_parquet(root: Path, marker: dict, path: Path, fix: str, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(pa.BufferReader(read_verified(root, marker, str(Path(path).relative_to(root)), fix)), columns=columns)
+
+
+def read_verified_npz(root: Path, marker: dict, path: Path, fix: str) -> dict[str, np.ndarray]:
+    data = read_verified(root, marker, str(Path(path).relative_to(root)), fix)
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def content_key(markers: dict[str, dict]) -> str:
+    """A stage's results as a short hash of its markers' file checksums: what a later stage was made from."""
+    return hashlib.sha256(json.dumps({s: m.get("outputs") for s, m in sorted(markers.items())}, sort_keys=True)
+                          .encode()).hexdigest()[:16]
+
+
 def marker_path(stage_dir: Path, shard: str) -> Path:
     return stage_dir / DONE_DIR / f"{shard}.json"
 
@@ -163,8 +233,13 @@ def mark_done(stage_dir: Path, shard: str, summary: dict) -> None:
 
 
 def read_done(stage_dir: Path) -> dict[str, dict]:
-    """shard name -> its completion summary."""
+    """shard name -> its completion summary. A marker that does not parse (it is written whole, so
+    it was damaged since) is deleted, and its shard is done again."""
     done = {}
     for path in sorted((stage_dir / DONE_DIR).glob("shard-*.json")):
-        done[path.stem] = json.loads(path.read_text())
+        try:
+            done[path.stem] = json.loads(path.read_text())
+        except ValueError:
+            log.warning("%s is damaged; deleting it, its shard runs again", path)
+            path.unlink()
     return done

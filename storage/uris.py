@@ -34,9 +34,9 @@ def read_bytes(uri: str) -> bytes:
         return stream.read()
 
 
-def list_files(uri: str, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
+def list_files(uri: str, suffixes: tuple[str, ...]) -> list[tuple[str, str, str]]:
     """Files below `uri` whose names end in one of `suffixes` (case-insensitive), sorted:
-    (relative path, URI of the file with the root's options)."""
+    (relative path, URI of the file with the root's options, "<bytes>:<mtime_ns>")."""
     parts = urlsplit(uri)
     fs, root = resolve(uri)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
@@ -45,7 +45,8 @@ def list_files(uri: str, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
     for info in infos:
         if info.type == pafs.FileType.File and info.path.lower().endswith(suffixes):
             rel = info.path[len(root):].lstrip("/")
-            files.append((rel, f"{parts.scheme}://{info.path}{query}"))
+            mtime = info.mtime_ns if info.mtime_ns is not None else "-"
+            files.append((rel, f"{parts.scheme}://{info.path}{query}", f"{info.size}:{mtime}"))
     return sorted(files)
 
 

@@ -13,6 +13,7 @@ from moto.server import ThreadedMotoServer
 from configs.schema import parse_config
 from core.fit_artifact import FitArtifact
 from ray_jobs.apply import ApplyError, run_apply
+from ray_jobs.plans import model_identity
 from ray_jobs.session import init_ray
 from storage.synth import generate_demo_dataset
 
@@ -71,7 +72,8 @@ def fit_dir(tmp_path):
     centroids = rng.normal(size=(12, 32)).astype(np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     FitArtifact(centroids=centroids, mapping=np.arange(12) % 19, mapping_kind="majority",
-                meta={"name": "k12", "feature_kind": "backbone", "settings_key": "test"}).save(tmp_path / "fits" / "k12")
+                meta={"name": "k12", "feature_kind": "backbone", "plan_key": "test",
+                      "model_identity": model_identity(apply_config("unused", tmp_path))}).save(tmp_path / "fits" / "k12")
     return tmp_path / "fits" / "k12"
 
 
@@ -118,5 +120,5 @@ def test_apply_writes_the_features_when_asked_and_they_equal_extract(s3_frames, 
 
 
 def test_a_fit_of_other_features_is_refused_with_the_fix(s3_frames, fit_dir, tmp_path):
-    with pytest.raises(ApplyError, match="dimension 32.*dimension 64.*config the fit was made with"):
+    with pytest.raises(ApplyError, match="another model: vit.embed_dim: 32 -> 64.*config the fit was made with"):
         run_apply(apply_config(s3_frames, tmp_path / "out", embed_dim=64), fit_dir)

@@ -24,8 +24,8 @@ from core.models import CheckpointError, ModelSpec, ViTSpec, build_feature_model
 from ray_jobs.fit import FitError, run_fit
 from ray_jobs.pipeline import Pipeline
 from storage.datasets import DatasetError, list_cityscapes, list_image_folder
-from storage.shards import patch_schema, patch_table, plan_shards, read_done, write_parquet_atomic
-from tests.tiny_runs import NUM_IMAGES, feature_ids, tiny_config
+from storage.shards import patch_schema, patch_table, plan_shards, read_done
+from tests.tiny_runs import NUM_IMAGES, extract_stage_plan, feature_ids, tiny_config, write_extracted
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_VIT = ViTSpec(patch_size=14, embed_dim=32, depth=1, num_heads=2)
@@ -147,34 +147,35 @@ def test_nan_features_drop_the_images_and_fit_says_why(demo_root, tmp_path):
     for f, record in zip(sorted(done["failed"], key=lambda f: f["image_id"]), records):
         assert f["image_id"] == record.image_id and f["path"] == record.image_path
         assert "the model produced NaN/inf features; check the checkpoint" in f["error"]
+    fit, extract = extract_stage_plan(cfg, records)
     with pytest.raises(FitError, match=r"no patch features"):
-        run_fit(cfg, "fingerprint", "model")
+        run_fit(cfg, fit, extract, [shard["shard"]], "fingerprint", "model")
 
 
-def _write_features(output_dir: Path, num_images: int, patches: int, nan_rows: int = 0) -> None:
+def _write_features(cfg, num_images: int, patches: int, nan_rows: int = 0) -> tuple:
     rng = np.random.default_rng(0)
     features = [rng.normal(size=(32, 1, patches)).astype(np.float32) for _ in range(num_images)]
     if nan_rows:
         features[0][:, 0, :nan_rows] = np.inf
     labels = [np.full((1, patches), 0, np.uint8) for _ in range(num_images)]
     table = patch_table([f"img{i}" for i in range(num_images)], features, labels, patch_schema(32), [(14, 14 * patches)] * num_images)
-    write_parquet_atomic(table, output_dir / "features" / "shard-00000.parquet")
+    return write_extracted(cfg, [table])
 
 
 def test_k_larger_than_the_sample_names_fit_k_and_the_sample_size(demo_root, tmp_path):
     cfg = tiny_config(demo_root, tmp_path / "out", fit={"k": 16, "k_sweep": [8], "max_patches_per_image": 64})
-    _write_features(cfg.output_dir, num_images=2, patches=5)
+    args = _write_features(cfg, num_images=2, patches=5)
     with pytest.raises(FitError) as err:
-        run_fit(cfg, "fingerprint", "model")
+        run_fit(cfg, *args)
     assert "k=16 is larger than the number of sampled patch features (n=10)" in str(err.value)
     assert "lower fit.k / fit.k_sweep or raise fit.max_patches_per_image" in str(err.value)
 
 
 def test_nan_or_inf_rows_in_stored_features_stop_the_fit(demo_root, tmp_path):
     cfg = tiny_config(demo_root, tmp_path / "out", fit={"k": 2, "k_sweep": [2], "max_patches_per_image": 64})
-    _write_features(cfg.output_dir, num_images=3, patches=40, nan_rows=4)
+    args = _write_features(cfg, num_images=3, patches=40, nan_rows=4)
     with pytest.raises(FitError) as err:
-        run_fit(cfg, "fingerprint", "model")
+        run_fit(cfg, *args)
     assert str(cfg.output_dir / "features") in str(err.value)
     assert "4 of 120 patch feature rows contain NaN or inf" in str(err.value)
 

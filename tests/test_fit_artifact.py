@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from core import fit_artifact
-from core.fit_artifact import FitArtifact
+from core.fit_artifact import FitArtifact, FitArtifactError
 
 
 def _artifact(k=3, dim=4, kind="majority", seed=0):
@@ -45,7 +45,7 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="centroids.npy is corrupt"):
         FitArtifact.load(tmp_path / "fit")
     (tmp_path / "fit" / "mapping.npy").unlink()
-    with pytest.raises(FileNotFoundError, match="mapping.npy is missing"):
+    with pytest.raises(FitArtifactError, match="mapping.npy is missing"):
         FitArtifact.load(tmp_path / "fit")
     _artifact().save(tmp_path / "fit")
     (tmp_path / "fit" / "meta.json").write_text("{")

@@ -9,15 +9,18 @@ import torch
 from configs.schema import parse_config
 from core.fit_artifact import FitArtifact
 from ray_jobs.fit import FitError, baseline_centroids, run_fit
-from storage.shards import patch_schema, patch_table, write_parquet_atomic
+from storage.shards import patch_schema, patch_table
+from tests.tiny_runs import write_extracted
 
 D = 8
 
 
-def write_shards(out, num_images=6, seed=0):
-    """Two well-separated feature blobs per class (3 classes) on a 4x4 patch grid per image."""
+def write_shards(cfg, num_images=6, seed=0):
+    """Two well-separated feature blobs per class (3 classes) on a 4x4 patch grid per image, as a
+    finished extract stage -> run_fit's arguments."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(6, D)) * 5
+    tables = []
     for shard in range(2):
         ids, feats, labels = [], [], []
         for i in range(num_images // 2):
@@ -25,8 +28,8 @@ def write_shards(out, num_images=6, seed=0):
             feats.append((centres[which] + rng.normal(size=(4, 4, D)) * 0.1).transpose(2, 0, 1))
             labels.append((which // 2).astype(np.uint8))
             ids.append(f"img{shard}_{i}")
-        table = patch_table(ids, feats, labels, patch_schema(D, "float32"), [(56, 56)] * len(ids))
-        write_parquet_atomic(table, out / "features" / f"shard-{shard:05d}.parquet")
+        tables.append(patch_table(ids, feats, labels, patch_schema(D, "float32"), [(56, 56)] * len(ids)))
+    return write_extracted(cfg, tables)
 
 
 def config(out, **fit):
@@ -36,39 +39,35 @@ def config(out, **fit):
 
 
 def test_fit_saves_every_fit_with_its_mappings(tmp_path):
-    write_shards(tmp_path)
-    fits = run_fit(config(tmp_path), "fingerprint", "test model")
+    args = write_shards(config(tmp_path))
+    fits = run_fit(config(tmp_path), *args)
     assert list(fits) == ["k6", "k3", "baseline_k19"]
     k6 = FitArtifact.load(tmp_path / "fits" / "k6")
     assert k6.mapping_kind == "majority" and sorted(set(k6.mapping.tolist())) == [0, 1, 2]
     assert k6.extra_arrays["mapping_counts"].shape == (3, 6, 19)
     assert k6.extra_arrays["mapping_counts"].sum() == 6 * 16  # every labelled patch counted once
     assert k6.extra_arrays["label_free_mapping"].shape == (6,)
-    assert k6.meta["dataset_fingerprint"] == "fingerprint" and k6.meta["feature_kind"] == "backbone"
+    assert k6.meta["dataset_fingerprint"] == args[3] and k6.meta["feature_kind"] == "backbone"
     summary = json.loads((tmp_path / "fits" / "fit_summary.json").read_text())
     assert summary["k6"]["patch_level"]["same_set"]["pixel_accuracy"] == 1.0  # separable blobs
     # a re-run with the same settings reuses the saved fits
-    again = run_fit(config(tmp_path), "fingerprint", "test model")
+    again = run_fit(config(tmp_path), *args)
     assert np.array_equal(again["k6"].centroids, fits["k6"].centroids)
 
 
 def test_k_larger_than_the_sample_is_a_clear_error(tmp_path):
-    write_shards(tmp_path)
+    cfg = config(tmp_path, k=200, k_sweep=[])
+    args = write_shards(cfg)
     with pytest.raises(FitError, match=r"k=200 is larger than the number of sampled patch features \(n=96\)"):
-        run_fit(config(tmp_path, k=200, k_sweep=[]), "fingerprint", "test model")
+        run_fit(cfg, *args)
 
 
 def test_nan_features_are_a_clear_error(tmp_path):
-    write_shards(tmp_path)
-    import pyarrow.parquet as pq
-    path = tmp_path / "features" / "shard-00000.parquet"
-    table = pq.read_table(path)
-    feats = np.stack(table.column("feature").to_numpy(zero_copy_only=False))
-    feats[3, 0] = np.nan
-    write_parquet_atomic(patch_table(["x"], [feats[:16].T.reshape(D, 4, 4)], [np.zeros((4, 4), np.uint8)],
-                                     patch_schema(D, "float32"), [(56, 56)]), path)
+    feats = np.random.default_rng(0).normal(size=(D, 4, 4))
+    feats[0, 0, 3] = np.nan
+    table = patch_table(["x"], [feats], [np.zeros((4, 4), np.uint8)], patch_schema(D, "float32"), [(56, 56)])
     with pytest.raises(FitError, match="NaN or inf"):
-        run_fit(config(tmp_path), "fingerprint", "test model")
+        run_fit(config(tmp_path), *write_extracted(config(tmp_path), [table]))
 
 
 def test_cluster_probe_baseline_is_loaded_and_normalised(tmp_path):

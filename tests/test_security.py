@@ -153,7 +153,8 @@ def test_a_hostile_image_id_is_a_failed_item_and_the_shard_completes(tmp_path, h
     cfg, rows, shard_row = hostile_rows
     (good, bad), fits = _label(cfg, tmp_path, rows)
     failed = [{"image_id": bad["image_id"], "path": bad["path"], "stage": "label", "error": bad["error"]}]
-    finish_scores(str(tmp_path / "out" / "scores"), shard_row, [good["image_id"]], failed, cfg.model_dump(mode="json"), fits)
+    finish_scores(str(tmp_path / "out" / "scores"), shard_row, [good["image_id"]], failed, cfg.model_dump(mode="json"), fits,
+                  str(tmp_path / "out" / "labels"))
     (done,) = read_done(tmp_path / "out" / "scores").values()
     assert done["num_images"] == 1 and [f["image_id"] for f in done["failed"]] == ["../../../escaped"]
     assert "unsafe name" in done["failed"][0]["error"]

@@ -147,6 +147,8 @@ def test_float16_features_are_stored_half_size():
 def test_markers_and_atomic_png(tmp_path):
     mark_done(tmp_path, "shard-00001", {"num_images": 3, "failed": []})
     assert read_done(tmp_path) == {"shard-00001": {"num_images": 3, "failed": []}}
+    (tmp_path / "_done" / "shard-00002.json").write_text('{"num_images": 3, "fai')  # damaged: dropped, so redone
+    assert list(read_done(tmp_path)) == ["shard-00001"] and not (tmp_path / "_done" / "shard-00002.json").exists()
     assert json.loads((tmp_path / "_done" / "shard-00001.json").read_text())["num_images"] == 3
     write_png_atomic(np.full((2, 2), 700, np.uint16), tmp_path / "p" / "inst.png")
     assert np.asarray(Image.open(tmp_path / "p" / "inst.png")).max() == 700

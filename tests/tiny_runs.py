@@ -69,3 +69,33 @@ def scored_ids(output_dir: Path) -> list[str]:
         with np.load(path, allow_pickle=False) as data:
             ids += [str(i) for i in data["image_ids"]]
     return ids
+
+
+def extract_stage_plan(cfg, records):
+    """Record the extract plan of `records` in cfg's features/ (as the stage does) -> the fit's plan arguments."""
+    from ray_jobs.layout import Layout
+    from ray_jobs.plans import check_plan, extract_plan, fit_plan, model_identity
+
+    extract = extract_plan(cfg, records, model_identity(cfg))
+    check_plan(Layout(cfg.output_dir).features, extract)
+    return fit_plan(cfg, extract), extract
+
+
+def write_extracted(cfg, tables) -> tuple:
+    """Hand-made patch tables (one per shard) as a finished extract stage: Parquet shards, their
+    markers and the stage's plan. Returns `run_fit`'s arguments after cfg."""
+    from ray_jobs.layout import Layout
+    from storage.datasets import ImageRecord
+    from storage.shards import dataset_fingerprint, feature_path, mark_done, output_records, write_parquet_atomic
+
+    features = Layout(cfg.output_dir).features
+    shard_ids = [list(dict.fromkeys(t.column("image_id").to_pylist())) for t in tables]
+    records = [ImageRecord(i, "g", f"/hand-made/{i}.png") for ids in shard_ids for i in ids]
+    fit, extract = extract_stage_plan(cfg, records)
+    names = [f"shard-{n:05d}" for n in range(len(tables))]
+    for name, table, ids in zip(names, tables, shard_ids):
+        path = feature_path(features, name)
+        write_parquet_atomic(table, path)
+        mark_done(features, name, {"num_images": len(ids), "image_ids": ids, "failed": [],
+                                   "outputs": output_records(Path(cfg.output_dir), [path])})
+    return fit, extract, names, dataset_fingerprint(records), "hand-made features"

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.errors import UserError
+
 CAUSE_LAYOUT = {
     "backbone_checkpoint": Path("checkpoint/dinov2_vit_base_14.pth"),
     "head_checkpoint": Path("CAUSE/cityscapes/dinov2_vit_base_14/2048/segment_tr.pth"),
@@ -34,7 +36,7 @@ WHAT = {
 MAX_LISTED = 20
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, unreadable or does not match the model; the message says how to fix it."""
 
 
