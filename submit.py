@@ -20,6 +20,13 @@ from configs.schema import load_config
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="submit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,49 +45,66 @@ def main(argv: list[str] | None = None) -> int:
     synth = sub.add_parser("synth", help="write the generated Cityscapes-format demo set")
     synth.add_argument("--root", type=Path, default=Path("data/demo_cityscapes"))
     synth.add_argument("--split", default="val")
-    synth.add_argument("--num-images", type=int, default=100)
-    synth.add_argument("--height", type=int, default=256)
-    synth.add_argument("--width", type=int, default=512)
+    synth.add_argument("--num-images", type=positive_int, default=100)
+    synth.add_argument("--height", type=positive_int, default=256)
+    synth.add_argument("--width", type=positive_int, default=512)
     synth.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    if args.command == "compare":
-        import json
-
-        from core.report import render_comparison
-        from storage.shards import write_text_atomic
-        missing = [str(r / "report.json") for r in args.runs if not (r / "report.json").is_file()]
-        if missing:
-            print(f"error: no report at {', '.join(missing)}: run the job (or its report stage) first", file=sys.stderr)
-            return 2
-        write_text_atomic(render_comparison({str(r): json.loads((r / "report.json").read_text()) for r in args.runs}), args.out)
-        print(f"wrote {args.out}")
-        return 0
-
-    if args.command == "synth":
-        from storage.synth import generate_demo_dataset
-        ids = generate_demo_dataset(args.root, split=args.split, num_images=args.num_images,
-                                    height=args.height, width=args.width, seed=args.seed)
-        print(f"wrote {len(ids)} demo images to {args.root}")
-        return 0
-
     from core.errors import UserError
     try:
-        cfg = load_config(args.config, args.overrides)
-        # Ray and torch are imported only once the config is known to be good.
-        from ray_jobs.apply import run_apply
-        from ray_jobs.pipeline import STAGES, Pipeline
-        from ray_jobs.session import init_ray
-        if args.command == "apply":
-            init_ray(cfg)
-            run_apply(cfg, args.fit)
-        else:
-            Pipeline(cfg).run(STAGES if args.command == "run" else (args.command,))
+        return COMMANDS.get(args.command, run_stages)(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+    except OSError as err:  # a path that cannot be read or written: the user's to fix, not a bug
+        print(f"error: {err.strerror or err}{f': {err.filename}' if err.filename else ''}", file=sys.stderr)
+    return 2
+
+
+def compare(args) -> int:
+    import json
+
+    from core.errors import UserError
+    from core.report import render_comparison
+    from storage.shards import write_text_atomic
+    reports = {}
+    for run in args.runs:
+        path = run / "report.json"
+        try:
+            reports[str(run)] = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"no report at {path}: run the job (or its report stage) first") from None
+        except ValueError as err:
+            raise UserError(f"{path} is damaged ({err}): run the report stage of that run again") from None
+    write_text_atomic(render_comparison(reports), args.out)
+    print(f"wrote {args.out}")
     return 0
+
+
+def synth(args) -> int:
+    from storage.synth import generate_demo_dataset
+    ids = generate_demo_dataset(args.root, split=args.split, num_images=args.num_images,
+                                height=args.height, width=args.width, seed=args.seed)
+    print(f"wrote {len(ids)} demo images to {args.root}")
+    return 0
+
+
+def run_stages(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    # Ray and torch are imported only once the config is known to be good.
+    from ray_jobs.apply import run_apply
+    from ray_jobs.pipeline import STAGES, Pipeline
+    from ray_jobs.session import init_ray
+    if args.command == "apply":
+        init_ray(cfg)
+        run_apply(cfg, args.fit)
+    else:
+        Pipeline(cfg).run(STAGES if args.command == "run" else (args.command,))
+    return 0
+
+
+COMMANDS = {"compare": compare, "synth": synth}
 
 
 if __name__ == "__main__":

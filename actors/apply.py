@@ -33,11 +33,11 @@ def histogram_schema(k: int) -> pa.Schema:
 class PseudoLabelImages:
     """Actor; `fit` is an ObjectRef to {"name", "centroids", "mapping"} (put once by the driver)."""
 
-    def __init__(self, config: dict, fit, stage_dir: str, labels_dir: str):
+    def __init__(self, config: dict, fit, stage_dir: str, labels_dir: str, plan_key: str):
         self.cfg = parse_config(config, "apply actor config")
         fit = ray.get(fit) if isinstance(fit, ray.ObjectRef) else fit
         self.fit = LabelFit(fit["name"], fit["centroids"], fit["mapping"])
-        self.stage_dir, self.labels_dir = Path(stage_dir), Path(labels_dir)
+        self.stage_dir, self.labels_dir, self.plan_key = Path(stage_dir), Path(labels_dir), plan_key
         self.labeller = ImageLabeller([self.fit], ["seed"], RefineConfig(), self.cfg.panoptic, baseline=False,
                                       device=device_for(self.cfg.label.workers))
         order = extracted_scales(self.cfg)
@@ -59,15 +59,15 @@ class PseudoLabelImages:
         if self.cfg.apply.write_features:
             arrays |= feature_arrays(self.cfg, grids, None)
         write_part(self.stage_dir, row["shard"], image_id, arrays,
-                   {"annotation": annotation, "hw": hw, "source": row["path"], "model": str(row["model"])})
+                   {"annotation": annotation, "hw": hw, "source": row["path"], "model": str(row["model"])}, self.plan_key)
 
 
-def finish_apply(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], config: dict, k: int,
+def finish_apply(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], plan_key: str, config: dict, k: int,
                  features_dir: str, labels_dir: str) -> None:
     """The parts of a shard (in shard order) -> histogram Parquet, features Parquet if asked, annotations, marker."""
     cfg = parse_config(config, "apply finish config")
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
-    order, parts, written_at = read_shard_parts(stage_dir, shard_row, written)
+    order, parts, written_at = read_shard_parts(stage_dir, shard_row, written, plan_key)
     columns = {"image_id": order, "source": [m["source"] for _, m in parts], "height": [m["hw"][0] for _, m in parts],
                "width": [m["hw"][1] for _, m in parts], "cluster_pixels": [a["cluster_pixels"].tolist() for a, _ in parts]}
     outputs = [stage_dir / f"{shard}.parquet", stage_dir / "_panoptic" / f"{shard}.json"]
@@ -78,4 +78,4 @@ def finish_apply(stage_dir: str, shard_row: dict, written: list[str], failed: li
         outputs += paths
     write_json_atomic([meta["annotation"] for _, meta in parts], outputs[1])
     outputs += label_pngs(Path(labels_dir), shard_row, order, cfg.dataset.split)
-    complete_shard(stage_dir, shard, order, written_at, failed, outputs, **summary)
+    complete_shard(stage_dir, shard, order, written_at, failed, outputs, plan_key, **summary)

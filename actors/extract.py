@@ -61,12 +61,13 @@ def feature_arrays(cfg, grids, train_ids: np.ndarray | None) -> dict[str, np.nda
     return arrays
 
 
-def write_features(row: dict, config: dict, stage_dir: str) -> dict:
+def write_features(row: dict, config: dict, stage_dir: str, plan_key: str) -> dict:
     """Stitch one image's windows onto each scale's grid, add patch labels, write its part."""
-    return run_on_image("extract", row, lambda: _write_features(row, parse_config(config, "extract write config"), Path(stage_dir)))
+    cfg = parse_config(config, "extract write config")
+    return run_on_image("extract", row, lambda: _write_features(row, cfg, Path(stage_dir), plan_key))
 
 
-def _write_features(row: dict, cfg, stage_dir: Path) -> None:
+def _write_features(row: dict, cfg, stage_dir: Path, plan_key: str) -> None:
     grids = stitched_grids(row, cfg)
     hw = (int(row["height"]), int(row["width"]))
     grid = grids[0][0].shape[1:]
@@ -75,7 +76,7 @@ def _write_features(row: dict, cfg, stage_dir: Path) -> None:
                          "grid, so no patch gets a label; use images of at least the patch grid's size, or remove it")
     train_ids = read_train_ids(Path(row["label_ids_path"]), hw) if row["label_ids_path"] else None
     write_part(stage_dir, row["shard"], row["image_id"], feature_arrays(cfg, grids, train_ids),
-               {"hw": hw, "model": str(row["model"])})
+               {"hw": hw, "model": str(row["model"])}, plan_key)
 
 
 def write_feature_shards(cfg, features_dir: Path, shard: str, order: list[str], parts: list[tuple[dict, dict]]) -> tuple[list[Path], dict]:
@@ -92,10 +93,10 @@ def write_feature_shards(cfg, features_dir: Path, shard: str, order: list[str], 
                    "model": parts[0][1]["model"] if parts else None}
 
 
-def finish_features(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], config: dict) -> None:
+def finish_features(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], plan_key: str, config: dict) -> None:
     """The parts of a shard (in shard order) -> its Parquet files, then the marker, then no parts."""
     cfg = parse_config(config, "extract finish config")
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
-    order, parts, written_at = read_shard_parts(stage_dir, shard_row, written)
+    order, parts, written_at = read_shard_parts(stage_dir, shard_row, written, plan_key)
     paths, summary = write_feature_shards(cfg, stage_dir, shard, order, parts)
-    complete_shard(stage_dir, shard, order, written_at, failed, paths, **summary)
+    complete_shard(stage_dir, shard, order, written_at, failed, paths, plan_key, **summary)

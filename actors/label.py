@@ -39,11 +39,12 @@ def label_variants(cfg: RunConfig, fits: list[dict]) -> list[str]:
 class LabelImages:
     """Actor: `__init__` takes the fits from the object store once; a call labels and scores one image."""
 
-    def __init__(self, config: dict, fits, stage_dir: str, labels_dir: str, overlay_ids: list[str]):
+    def __init__(self, config: dict, fits, stage_dir: str, labels_dir: str, overlay_ids: list[str], plan_key: str):
         self.cfg = parse_config(config, "label actor config")
         fits = ray.get(fits) if isinstance(fits, ray.ObjectRef) else fits  # refs in constructor args arrive undereferenced
         self.fits, self.variants = label_fits(self.cfg, fits), label_variants(self.cfg, fits)
         self.stage_dir, self.labels_dir, self.overlay_ids = Path(stage_dir), Path(labels_dir), set(overlay_ids)
+        self.plan_key = plan_key
         self.labeller = ImageLabeller(self.fits, self.variants[:-1], self.cfg.refine, self.cfg.panoptic, baseline=True,
                                       device=device_for(self.cfg.label.workers))
         self.colour = self.cfg.refine.crf or self.cfg.refine.superpixels
@@ -74,7 +75,8 @@ class LabelImages:
         if image_id in self.overlay_ids:
             self._write_overlay_panels(group, image_id, image, gt, written[0], labels.variants[-1][0])
         write_part(self.stage_dir, row["shard"], image_id, scores,
-                   {"fold": image_fold(image_id, self.cfg.fit.heldout_folds, self.cfg.seed), "annotation": annotation})
+                   {"fold": image_fold(image_id, self.cfg.fit.heldout_folds, self.cfg.seed), "annotation": annotation},
+                   self.plan_key)
 
     def _write_overlay_panels(self, group: str, image_id: str, image: np.ndarray, gt: np.ndarray | None,
                               labels: np.ndarray, baseline: np.ndarray) -> None:
@@ -88,13 +90,13 @@ class LabelImages:
             write_png_atomic(colorize_train_ids(gt), safe_path(folder, f"{image_id}_gt_color.png"))
 
 
-def finish_scores(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], config: dict, fits: list[dict],
-                  labels_dir: str) -> None:
+def finish_scores(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], plan_key: str, config: dict,
+                  fits: list[dict], labels_dir: str) -> None:
     """The parts of a shard (in shard order) -> its scores npz and COCO annotations, the marker
     (listing these and the images' label PNGs), no parts."""
     cfg = parse_config(config, "label finish config")
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
-    order, parts, written_at = read_shard_parts(stage_dir, shard_row, written)
+    order, parts, written_at = read_shard_parts(stage_dir, shard_row, written, plan_key)
     arrays = shard_scores(order, [meta["fold"] for _, meta in parts], [a for a, _ in parts], label_fits(cfg, fits),
                           label_variants(cfg, fits), cfg.fit.heldout_folds)
     outputs = [stage_dir / f"{shard}.npz", stage_dir / "_panoptic" / f"{shard}.json"]
@@ -102,4 +104,4 @@ def finish_scores(stage_dir: str, shard_row: dict, written: list[str], failed: l
     write_json_atomic([meta["annotation"] for _, meta in parts if meta["annotation"]], outputs[1])
     if cfg.label.write_label_pngs:
         outputs += label_pngs(Path(labels_dir), shard_row, order, cfg.dataset.split)
-    complete_shard(stage_dir, shard, order, written_at, failed, outputs)
+    complete_shard(stage_dir, shard, order, written_at, failed, outputs, plan_key)

@@ -216,6 +216,12 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if str(self.output_dir) in ("", "."):
+            raise ValueError("output_dir must name a folder of its own (e.g. outputs/run), not the current folder")
+        root = self.dataset.root
+        if self.dataset.kind == "folder" and "://" not in root and Path(self.output_dir).resolve().is_relative_to(Path(root).resolve()):
+            raise ValueError(f"output_dir={self.output_dir} lies inside dataset.root={root}: its label PNGs would be read as "
+                             "images on the next run; put output_dir outside the image folder")
         if self.model.feature_kind == "head" and self.inference.crop != 322:
             raise ValueError(
                 f"inference.crop={self.inference.crop} but model.feature_kind='head' needs 322: "
@@ -246,6 +252,8 @@ def _format_errors(err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key (check its spelling; see configs/schema.py for the allowed keys)")
+        elif not e["loc"]:  # a check across sections: its message names the keys, the input is the whole config
+            lines.append(e["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
@@ -265,6 +273,8 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"config file not found: {path} (the configs/ folder has examples, e.g. configs/demo.yaml)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not a text file: give a YAML config (e.g. configs/demo.yaml)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -70,12 +70,13 @@ def run_apply(cfg: RunConfig, fit_dir: Path) -> dict:
             return windows_to_features(ds, cfg).map(guarded(PseudoLabelImages, per_row=True), **actor_args(cfg.label.workers),
                                                     fn_constructor_kwargs={"config": config, "fit": fit_ref,
                                                                            "stage_dir": str(layout.histograms),
-                                                                           "labels_dir": str(layout.labels)})
+                                                                           "labels_dir": str(layout.labels),
+                                                                           "plan_key": plan.key})
 
         check_schedulable({"extract.read": cfg.extract.read, "extract.model": cfg.extract.model, "label.workers": cfg.label.workers},
                           cfg.ray)
         done = run_image_stream("apply", layout.histograms, plan, shards, build,
-                                finisher(finish_apply, layout.histograms, config=config, k=fit.k,
+                                finisher(finish_apply, layout.histograms, plan.key, config=config, k=fit.k,
                                          features_dir=str(layout.features), labels_dir=str(layout.labels)))
         failed = [f for s in sorted(done) for f in done[s]["failed"]]
         write_json_atomic(failed, cfg.output_dir / "failed_items.json")

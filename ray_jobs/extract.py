@@ -8,7 +8,6 @@ from actors.window_features import WindowFeatures
 from configs.schema import RunConfig
 from ray_jobs.layout import Layout
 from ray_jobs.plans import Plan
-from ray_jobs.session import check_schedulable
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, task_args
 from storage.datasets import ImageRecord
 from storage.shards import plan_shards
@@ -31,10 +30,8 @@ def run_extract(cfg: RunConfig, records: list[ImageRecord], plan: Plan, model_ac
 
     def build(ds: Dataset) -> Dataset:
         ds = windows_to_features(ds, cfg, model_actor)
-        return ds.map(write_features, fn_kwargs={"config": config, "stage_dir": str(layout.features)},
+        return ds.map(write_features, fn_kwargs={"config": config, "stage_dir": str(layout.features), "plan_key": plan.key},
                       **task_args(cfg.extract.write))
 
-    check_schedulable({"extract.read": cfg.extract.read, "extract.model": cfg.extract.model, "extract.write": cfg.extract.write},
-                      cfg.ray)
     return run_image_stream("extract", layout.features, plan, shards, build,
-                            finisher(finish_features, layout.features, config=config))
+                            finisher(finish_features, layout.features, plan.key, config=config))

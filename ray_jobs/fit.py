@@ -7,6 +7,7 @@ time: the cluster x class counts that drive the mapping are accumulated shard by
 patches, not only the sample.
 """
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ from core.sampling import BoundedSample, image_fold, patch_priorities, per_image
 from ray_jobs.distributed_lloyd import distributed_lloyd
 from ray_jobs.layout import Layout, settings_key
 from ray_jobs.plans import Plan, StageIncomplete, check_plan, plan_conflict, refuse_conflicts, require_complete
-from storage.shards import content_key, feature_path, features_from_table, read_verified_parquet, write_json_atomic
+from storage.shards import (content_key, feature_path, features_from_table, marker_problems, output_records,
+                            read_verified_parquet, write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -177,29 +179,45 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
     for name, fit in fits.items():
         fit.save(layout.fits / name)
     write_json_atomic(summary, layout.fits / "fit_summary.json")
+    files = [p for n in names for p in sorted((layout.fits / n).iterdir())] + [layout.fits / "fit_summary.json"]
+    write_json_atomic({"plan_key": plan.key, "inputs": inputs, "outputs": output_records(layout.root, files)},
+                      layout.fits / FITS_MARKER)
     return fits
+
+
+FITS_MARKER = "_done.json"  # the fit stage's one marker: its plan, its inputs and every file it wrote
+
+
+def fits_marker_problems(fits_dir: Path, plan: Plan, inputs: str) -> list[str]:
+    """Why the fits in `fits_dir` are not this plan's fits of these features, unchanged; [] when they are."""
+    path = fits_dir / FITS_MARKER
+    if not path.is_file():
+        return [f"{path} is missing (the fit stage has not finished)"]
+    try:
+        marker = json.loads(path.read_text())
+    except ValueError:
+        return [f"{path} is damaged"]
+    if marker.get("plan_key") != plan.key or marker.get("inputs") != inputs:
+        return ["they were made from other settings or features than extract's now"]
+    return marker_problems(fits_dir.parent, marker)
 
 
 def _load_existing(fits_dir: Path, names: list[str], plan: Plan, inputs: str) -> dict[str, FitArtifact] | None:
-    if not all((fits_dir / n / "meta.json").exists() for n in names) or not (fits_dir / "fit_summary.json").exists():
+    problems = fits_marker_problems(fits_dir, plan, inputs)
+    if problems:
+        if (fits_dir / FITS_MARKER).is_file():
+            log.warning("fit: not reusing the fits in %s: %s; fitting again", fits_dir, "; ".join(problems[:3]))
         return None
-    fits = {n: FitArtifact.load(fits_dir / n) for n in names}
-    return fits if all(f.meta.get("plan_key") == plan.key and f.meta.get("inputs") == inputs for f in fits.values()) else None
+    return {n: FitArtifact.load(fits_dir / n) for n in names}
 
 
-def require_fits(cfg: RunConfig, plan: Plan, inputs: str, needed_by: str) -> dict[str, FitArtifact]:
-    """The fits of this plan, made from these features; else StageIncomplete saying to run fit."""
+def require_fits(cfg: RunConfig, plan: Plan, inputs: str, needed_by: str) -> tuple[dict[str, FitArtifact], dict]:
+    """The fits of this plan made from these features, unchanged since, and the fit summary; else
+    StageIncomplete saying to run fit."""
     fits_dir = Layout(cfg.output_dir).fits
     refuse_conflicts([c] if (c := plan_conflict(fits_dir, plan)) else [])
-    fix = f"run `python submit.py fit` with this config (or `run`), then {needed_by} again"
-    names = fit_names(cfg)
-    missing = [str(fits_dir / n) for n in names if not (fits_dir / n / "meta.json").exists()]
-    if missing or not (fits_dir / "fit_summary.json").exists():
-        raise StageIncomplete(f"{needed_by} needs the fits {', '.join(missing) or str(fits_dir / 'fit_summary.json')}, "
-                              f"which are not there: {fix}")
-    fits = {n: FitArtifact.load(fits_dir / n) for n in names}
-    stale = [n for n, f in fits.items() if f.meta.get("plan_key") != plan.key or f.meta.get("inputs") != inputs]
-    if stale:
-        raise StageIncomplete(f"the fits {', '.join(stale)} in {fits_dir} were made from other settings or features than "
-                              f"extract's now: {fix}")
-    return fits
+    if problems := fits_marker_problems(fits_dir, plan, inputs):
+        raise StageIncomplete(f"{needed_by} needs the fits in {fits_dir}, but {'; '.join(problems[:3])}: run "
+                              f"`python submit.py fit` with this config (or `run`), then {needed_by} again")
+    summary = json.loads((fits_dir / "fit_summary.json").read_text())
+    return {n: FitArtifact.load(fits_dir / n) for n in fit_names(cfg)}, summary

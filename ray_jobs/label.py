@@ -11,7 +11,6 @@ from core.fit_artifact import FitArtifact
 from ray_jobs.fit import fit_names
 from ray_jobs.layout import Layout, settings_key
 from ray_jobs.plans import Plan
-from ray_jobs.session import check_schedulable
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, task_args
 from storage.datasets import ImageRecord
 from storage.shards import content_key, plan_shards, restrict_shards
@@ -42,9 +41,8 @@ def run_label(cfg: RunConfig, records: list[ImageRecord], plan: Plan, features: 
                          **task_args(cfg.label.read))
         return ds.map(guarded(LabelImages, per_row=True), **actor_args(cfg.label.workers), fn_constructor_kwargs={
             "config": config, "fits": fits_ref, "stage_dir": str(layout.scores), "labels_dir": str(layout.labels),
-            "overlay_ids": [r.image_id for r in records[: cfg.label.num_overlays]]})
+            "overlay_ids": [r.image_id for r in records[: cfg.label.num_overlays]], "plan_key": plan.key})
 
-    check_schedulable({"label.read": cfg.label.read, "label.workers": cfg.label.workers}, cfg.ray)
     return run_image_stream("label", layout.scores, plan, shards, build,
-                            finisher(finish_scores, layout.scores, config=config, fits=fits_ref, labels_dir=str(layout.labels)),
+                            finisher(finish_scores, layout.scores, plan.key, config=config, fits=fits_ref, labels_dir=str(layout.labels)),
                             inputs=label_inputs(features, fits))

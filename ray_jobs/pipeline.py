@@ -18,7 +18,7 @@ from ray_jobs.layout import Layout
 from ray_jobs.plans import (StageIncomplete, extract_plan, fit_plan, label_plan, model_identity, plan_conflict,
                             recorded_plan, refuse_conflicts, require_complete)
 from ray_jobs.report import run_report
-from ray_jobs.session import init_ray
+from ray_jobs.session import check_schedulable, init_ray
 from storage.datasets import ImageRecord, list_dataset
 from storage.lock import OutputLock, command_line
 from storage.shards import content_key, dataset_fingerprint, plan_shards, write_json_atomic, write_text_atomic
@@ -38,6 +38,12 @@ def ensure_demo_set(cfg: RunConfig) -> None:
     log.info("generating the demo set (%d synthetic images) at %s", demo.num_images, cfg.dataset.root)
     generate_demo_dataset(cfg.dataset.root, split=cfg.dataset.split, num_images=demo.num_images,
                           height=demo.height, width=demo.width, seed=demo.seed)
+
+
+def stage_steps(cfg: RunConfig, stage: str) -> dict:
+    """The Ray Data steps a stage schedules, by config key (`session.check_schedulable`)."""
+    return {"extract": {"extract.read": cfg.extract.read, "extract.model": cfg.extract.model, "extract.write": cfg.extract.write},
+            "label": {"label.read": cfg.label.read, "label.workers": cfg.label.workers}}.get(stage, {})
 
 
 class Pipeline:
@@ -62,8 +68,11 @@ class Pipeline:
         with OutputLock(self.cfg.output_dir, command_line()):
             refuse_conflicts([c for stage, d in self.stage_dirs.items() if (c := plan_conflict(d, self.plans[stage]))]
                              + [c for d in (self.layout.histograms,) if (c := plan_conflict(d, self.plans["extract"]))])
-            write_text_atomic(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False), self.cfg.output_dir / "config.yaml")
             init_ray(self.cfg)
+            for stage in stages:
+                check_schedulable(stage_steps(self.cfg, stage), self.cfg.ray)
+            # only now, when the run goes ahead: config.yaml describes the results in output_dir
+            write_text_atomic(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False), self.cfg.output_dir / "config.yaml")
             for stage in stages:
                 self._timed(stage, getattr(self, f"stage_{stage}"))
 
@@ -76,17 +85,16 @@ class Pipeline:
 
     def stage_label(self) -> None:
         features = self._features("the label stage")
-        run_label(self.cfg, self.records, self.plans["label"], features, self._fits(features, "the label stage"))
+        run_label(self.cfg, self.records, self.plans["label"], features, self._fits(features, "the label stage")[0])
 
     def stage_report(self) -> None:
         features = self._features("the report stage")
-        fits = self._fits(features, "the report stage")
+        fits, fit_summary = self._fits(features, "the report stage")
         scores = require_complete(self.layout.scores, self.plans["label"],
                                   [s["shard"] for s in label_shards(self.cfg, self.records, features)], "the report stage")
         if (recorded_plan(self.layout.scores) or {}).get("inputs") != label_inputs(features, fits):
             raise StageIncomplete(f"the label results in {self.layout.scores} were made from other features or fits than "
                                   "those there now: run `python submit.py label` with this config, then report again")
-        fit_summary = json.loads((self.layout.fits / "fit_summary.json").read_text())
         report = run_report(self.cfg, features, scores, fits, fit_summary,
                             {"model": self._model_description(features), "fingerprint": self.fingerprint}, self._timing())
         log.info("report written to %s", self.cfg.output_dir / "report.md")
@@ -97,7 +105,7 @@ class Pipeline:
     def _features(self, needed_by: str) -> dict[str, dict]:
         return require_complete(self.layout.features, self.plans["extract"], self.shard_names, needed_by)
 
-    def _fits(self, features: dict[str, dict], needed_by: str) -> dict:
+    def _fits(self, features: dict[str, dict], needed_by: str) -> tuple[dict, dict]:
         return require_fits(self.cfg, self.plans["fit"], content_key(features), needed_by)
 
     @staticmethod
@@ -107,7 +115,11 @@ class Pipeline:
 
     def _timing(self) -> dict:
         path = self.cfg.output_dir / "timing.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        try:
+            return json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:  # informational only: a damaged file is started afresh
+            log.warning("%s is damaged; the stage timings start afresh", path)
+            return {}
 
     def _timed(self, stage: str, fn: Callable[[], None]) -> None:
         start = time.perf_counter()

@@ -121,7 +121,11 @@ def run_image_stream(name: str, stage_dir: Path, plan: Plan, shards: list[dict],
     check_plan(stage_dir, plan, inputs)
     done = read_done(stage_dir)
     for shard in [s["shard"] for s in shards if s["shard"] in done]:
-        if problems := marker_problems(Path(stage_dir).parent, done[shard]):
+        if done[shard].get("plan_key") != plan.key:
+            problems = [f"its marker was written under another plan ({done[shard].get('plan_key')})"]
+        else:
+            problems = marker_problems(Path(stage_dir).parent, done[shard])
+        if problems:
             log.warning("%s %s: %s since it was done; doing the shard again", name, shard, "; ".join(problems[:3]))
             marker_path(Path(stage_dir), shard).unlink()
             del done[shard]
@@ -130,7 +134,7 @@ def run_image_stream(name: str, stage_dir: Path, plan: Plan, shards: list[dict],
     sources = []
     for shard, row in todo.items():
         records = shard_records(row)
-        staged = staged_ids(stage_dir, shard) & {r.image_id for r in records}
+        staged = staged_ids(stage_dir, shard, plan.key) & {r.image_id for r in records}
         remaining = [r for r in records if r.image_id not in staged]
         pending[shard], written[shard], failed[shard] = {r.image_id for r in remaining}, sorted(staged), []
         if remaining:
@@ -192,13 +196,13 @@ class ShardFinisher:
         fn(*args, **kwargs)
 
 
-def finisher(fn: Callable, stage_dir: Path, **kwargs) -> Callable:
-    """`finish` for `run_image_stream`: `fn(stage_dir, shard_row, written, failed, **kwargs)` on a
+def finisher(fn: Callable, stage_dir: Path, plan_key: str, **kwargs) -> Callable:
+    """`finish` for `run_image_stream`: `fn(stage_dir, shard_row, written, failed, plan_key, **kwargs)` on a
     `ShardFinisher` of the stage (it reserves no CPU, so it never waits behind the stage's tasks)."""
     actor = []  # started with the first shard to finish: a stage that fails before leaves no half-started worker
 
     def finish(shard_row: dict, written: list[str], failed: list[dict]):
         actor[:] = actor or [ShardFinisher.options(max_concurrency=2).remote()]
-        return actor[0].finish.remote(fn, str(stage_dir), shard_row, sorted(written), failed, **kwargs)
+        return actor[0].finish.remote(fn, str(stage_dir), shard_row, sorted(written), failed, plan_key, **kwargs)
 
     return finish

@@ -82,6 +82,7 @@ def _check_unique(records: list[ImageRecord]) -> None:
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+MAX_PLAIN_ID = 120  # longer ids are cut (and hashed), so output names stay well under 255 bytes
 
 
 def folder_image_ids(relative_paths: list[str]) -> list[str]:
@@ -89,8 +90,9 @@ def folder_image_ids(relative_paths: list[str]) -> list[str]:
 
     The id is the relative path without its extension, '/' -> '__', other characters outside
     [A-Za-z0-9._-] -> '_'. Where that is lossy and two files meet (frame.png and frame.jpg,
-    'a b' and 'a_b', sub/x and sub__x), or the result does not start with a letter or digit,
-    8 hex digits of the path's SHA-1 are appended, so each file keeps its own id.
+    'a b' and 'a_b', sub/x and sub__x), or the result does not start with a letter or digit or
+    is longer than MAX_PLAIN_ID (then cut), 8 hex digits of the path's SHA-1 are appended, so each
+    file keeps its own id.
     """
     plain = [re.sub(r"\.\.+", ".", _UNSAFE.sub("_", "__".join(rel.rsplit(".", 1)[0].split("/")))) for rel in relative_paths]
     count: dict[str, int] = {}
@@ -98,8 +100,8 @@ def folder_image_ids(relative_paths: list[str]) -> list[str]:
         count[p] = count.get(p, 0) + 1
     ids = []
     for rel, p in zip(relative_paths, plain):
-        if count[p] > 1 or not p[:1].isalnum() or not p.isascii():
-            p = f"{p.lstrip('._-') or 'image'}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+        if count[p] > 1 or not p[:1].isalnum() or len(p) > MAX_PLAIN_ID:
+            p = f"{p.lstrip('._-')[:MAX_PLAIN_ID] or 'image'}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
         ids.append(p)
     return ids
 

@@ -1,12 +1,13 @@
-"""One job at a time per output folder: `output_dir/.lock` holds the owner's pid, host and command.
+"""One job at a time per output folder: an exclusive `flock` on `output_dir/.lock`.
 
-Created with O_EXCL, so two jobs cannot both take it. A lock left by a process that has died on
-this host is taken over (and said so); one held from another host cannot be checked from here,
-so the message says how to remove it once that job is known to be gone.
+The kernel drops the lock when its process ends, however it ends, so a killed job never leaves a
+stale lock and no two jobs can both take one over. The file holds the owner's pid, host and
+command, for the message a second job gets. (On a shared filesystem the lock is only as good as
+its `flock`: NFSv4 and Lustre honour it.) The file stays in place between jobs.
 """
 
+import fcntl
 import json
-import logging
 import os
 import socket
 import sys
@@ -15,7 +16,6 @@ from pathlib import Path
 
 from core.errors import UserError
 
-log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
 
 
@@ -23,57 +23,40 @@ class OutputLocked(UserError):
     pass
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        return True
-    return True
-
-
 class OutputLock:
     def __init__(self, output_dir: Path, command: str):
         self.path = Path(output_dir) / LOCK_FILE
         self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
                       "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.fd: int | None = None
 
     def __enter__(self) -> "OutputLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and holder.get("host") == self.owner["host"] and not _alive(int(holder.get("pid", -1))):
-                    log.warning("%s was left by process %s, which has ended; taking it over", self.path, holder.get("pid"))
-                    self.path.unlink(missing_ok=True)
-                    continue
-                raise OutputLocked(
-                    f"{self.path.parent} is in use by {self._describe(holder)}: wait for that job to end, or use another "
-                    f"output_dir; if it is gone (its host crashed), delete {self.path}") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.owner, f)
-            return self
-        raise OutputLocked(f"could not take {self.path}: another job keeps taking it")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace")
+            os.close(fd)
+            raise OutputLocked(f"{self.path.parent} is in use by {_describe(holder)}: wait for that job to end, "
+                               "or use another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self.owner).encode(), 0)
+        self.fd = fd
+        return self
 
     def __exit__(self, *exc) -> None:
-        if self._holder() == self.owner:
-            self.path.unlink(missing_ok=True)
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
 
-    def _holder(self) -> dict | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (FileNotFoundError, ValueError):
-            return None  # gone, or half-written by a job that is taking it now
 
-    @staticmethod
-    def _describe(holder: dict | None) -> str:
-        if holder is None:
-            return "another job (its lock file is being written)"
-        return (f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('started')} "
-                f"({holder.get('command')})")
+def _describe(holder: str) -> str:
+    try:
+        h = json.loads(holder)
+    except ValueError:
+        return "another job"
+    return f"pid {h.get('pid')} on host {h.get('host')} since {h.get('started')} ({h.get('command')})"
 
 
 def command_line() -> str:

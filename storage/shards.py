@@ -170,7 +170,7 @@ class OutputChanged(UserError):
 def file_record(path: Path) -> dict:
     """What a marker records of one written file."""
     data = Path(path).read_bytes()
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "mtime_ns": Path(path).stat().st_mtime_ns}
 
 
 def output_records(root: Path, paths: list[Path]) -> dict[str, dict]:
@@ -179,16 +179,23 @@ def output_records(root: Path, paths: list[Path]) -> dict[str, dict]:
 
 
 def marker_problems(root: Path, marker: dict) -> list[str]:
-    """Why a marker does not hold (its files missing or of another size); [] when it holds."""
+    """Why a marker does not hold: its files missing, of another size, or of other content;
+    [] when it holds. Content is hashed only for a file whose modification time moved (a copy
+    that kept the bytes is fine), so checking a finished stage costs a stat per file."""
     if "outputs" not in marker:
         return ["the marker lists no files (written by an older version)"]
     problems = []
     for rel, record in marker["outputs"].items():
         path = Path(root) / rel
-        if not path.is_file():
+        try:
+            st = path.stat()
+        except FileNotFoundError:
             problems.append(f"{path} is missing")
-        elif path.stat().st_size != record["bytes"]:
-            problems.append(f"{path} is {path.stat().st_size} bytes, {record['bytes']} when written")
+            continue
+        if st.st_size != record["bytes"]:
+            problems.append(f"{path} is {st.st_size} bytes, {record['bytes']} when written")
+        elif st.st_mtime_ns != record["mtime_ns"] and file_record(path)["sha256"] != record["sha256"]:
+            problems.append(f"{path} has other content than when written (its checksum differs)")
     return problems
 
 

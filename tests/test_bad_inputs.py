@@ -136,18 +136,18 @@ def test_nan_features_drop_the_images_and_fit_says_why(demo_root, tmp_path):
         rows = list(image_windows(shard, config))
         batch = {k: np.array([r[k] for r in rows]) for k in rows[0]}  # a Ray Data numpy batch of the rows
         out = WindowFeatures(config)(batch)
-        statuses = [write_features({k: v[i] for k, v in out.items()}, config, stage_dir) for i in range(len(rows))]
+        statuses = [write_features({k: v[i] for k, v in out.items()}, config, stage_dir, "test-plan") for i in range(len(rows))]
     finally:
         torch.set_num_threads(threads)
     assert all("NaN/inf features" in s["error"] for s in statuses)
     failed = [{"image_id": s["image_id"], "path": s["path"], "stage": "extract", "error": s["error"]} for s in statuses]
-    finish_features(stage_dir, shard, [], failed, config)
+    fit, extract = extract_stage_plan(cfg, records)
+    finish_features(stage_dir, shard, [], failed, extract.key, config)
     (done,) = read_done(cfg.output_dir / "features").values()
     assert done["num_images"] == 0 and len(done["failed"]) == 3
     for f, record in zip(sorted(done["failed"], key=lambda f: f["image_id"]), records):
         assert f["image_id"] == record.image_id and f["path"] == record.image_path
         assert "the model produced NaN/inf features; check the checkpoint" in f["error"]
-    fit, extract = extract_stage_plan(cfg, records)
     with pytest.raises(FitError, match=r"no patch features"):
         run_fit(cfg, fit, extract, [shard["shard"]], "fingerprint", "model")
 

@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 import submit
-from configs.schema import parse_config
+from configs.schema import ConfigError, parse_config
 from ray_jobs.apply import ApplyError, run_apply
 from ray_jobs.fit import FeatureShards, gather_sample
 from ray_jobs.pipeline import Pipeline
@@ -67,7 +67,16 @@ def assert_user_error(code: int, err: str, *phrases: str) -> None:
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's size and mtime, but the lock's (each job writes its name there)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def flip_a_byte(path: Path) -> None:
+    """Same size, other content."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 # 1. Stages run alone read only complete upstream work.
@@ -125,11 +134,44 @@ def test_2_truncated_or_altered_files_name_the_file(finished, tmp_path, capsys):
 
     cfg = copy_of(finished, tmp_path / "b")
     npz = cfg.output_dir / "scores" / "shard-00002.npz"
-    data = bytearray(npz.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # same size, other content
-    npz.write_bytes(bytes(data))
+    flip_a_byte(npz)
     code, err = cli(cfg, capsys, "report")
-    assert_user_error(code, err, str(npz), "checksum differs", "python submit.py label")
+    assert_user_error(code, err, str(npz), "other content than when written", "python submit.py label")
+
+
+def test_2_same_size_changes_are_redone_by_the_stage_that_wrote_them(finished, tmp_path, capsys):
+    cfg = copy_of(finished, tmp_path)
+    flip_a_byte(cfg.output_dir / "features" / "shard-00001.parquet")
+    png = sorted(cfg.output_dir.glob("labels/labelIds/*/*_labelIds.png"))[0]
+    original = png.read_bytes()
+    flip_a_byte(png)
+    Pipeline(cfg).run()  # extract redoes shard 1 (same bytes: the fits stand), label redoes the PNG's shard
+    assert png.read_bytes() == original
+    assert report_metrics(cfg.output_dir) == report_metrics(finished.output_dir)
+
+
+def test_2_altered_fits_are_refused_by_later_stages_and_refitted_by_run(finished, tmp_path, capsys):
+    cfg = copy_of(finished, tmp_path)
+    centroids = cfg.output_dir / "fits" / "k16" / "centroids.npy"
+    np.save(centroids, np.load(centroids)[::-1].copy())  # still a valid fit, but not the one the labels came from
+    code, err = cli(cfg, capsys, "report")
+    assert_user_error(code, err, "the report stage needs the fits", "centroids.npy has other content", "python submit.py fit")
+    summary = cfg.output_dir / "fits" / "fit_summary.json"
+    summary.write_text(summary.read_text().replace('"miou": 0.', '"miou": 0.9', 1))
+    Pipeline(cfg).run()
+    assert report_metrics(cfg.output_dir) == report_metrics(finished.output_dir)
+
+
+def test_2_markers_of_another_plan_are_not_adopted(finished, tmp_path, capsys):
+    cfg = copy_of(finished, tmp_path)
+    for folder in ("fits", "scores"):
+        shutil.rmtree(cfg.output_dir / folder)
+    (cfg.output_dir / "features" / "_plan.json").unlink()  # the plan gone, its markers left
+    other = parse_config({**cfg.model_dump(mode="json"), "model": {**cfg.model.model_dump(mode="json"), "init_seed": 1}})
+    done = Pipeline(other)
+    done.run(("extract",))
+    markers = read_done(cfg.output_dir / "features")
+    assert {m["plan_key"] for m in markers.values()} == {done.plans["extract"].key}  # every shard redone
 
 
 # 3. report checks that what it reads was made with the settings it is given.
@@ -146,7 +188,7 @@ def test_3_report_with_other_settings_is_refused_and_changes_nothing(finished, t
 
 def test_4_apply_refuses_a_fit_of_another_model_of_the_same_feature_size(finished, tmp_path):
     other = parse_config({**finished.model_dump(mode="json"), "output_dir": str(tmp_path / "apply"),
-                          "dataset": {"kind": "folder", "root": str(tmp_path)},
+                          "dataset": {"kind": "folder", "root": str(tmp_path / "frames")},
                           "model": {**finished.model.model_dump(mode="json"), "init_seed": 1}})
     with pytest.raises(ApplyError, match=r"another model: init_seed: 0 -> 1; use the config the fit was made with"):
         run_apply(other, finished.output_dir / "fits" / "k16")
@@ -173,6 +215,11 @@ def test_5_folder_ids_never_collide_and_are_safe_names(tmp_path):
         safe_path(tmp_path, f"{image_id}_labelIds.png")  # every id is a safe file name
     assert "plain" in ids and "a_b" not in ids  # untouched when unique; suffixed where two files meet
     assert [r.image_id for r in list_image_folder(tmp_path)] == ids  # deterministic
+    long_name = tmp_path / f"{'x' * 240}.png"
+    Image.new("RGB", (4, 4)).save(long_name)
+    assert max(len(r.image_id) for r in list_image_folder(tmp_path)) <= 130
+    with pytest.raises(ConfigError, match="lies inside dataset.root"):  # its outputs would be listed as images next time
+        parse_config({"dataset": {"kind": "folder", "root": str(tmp_path)}, "output_dir": str(tmp_path / "out")})
 
 
 # 6. One bad image never ends a stage.
@@ -210,20 +257,30 @@ def test_7_a_refused_run_changes_nothing(finished, tmp_path, capsys):
     assert snapshot(cfg.output_dir) == before
 
 
+HOLD_THE_LOCK = """
+import sys, time
+from storage.lock import OutputLock
+with OutputLock(sys.argv[1], "submit.py run (the first job)"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
 def test_7_a_second_job_on_the_same_folder_is_refused_naming_the_first(finished, tmp_path, capsys):
     cfg = copy_of(finished, tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(cfg.output_dir)], stdout=subprocess.PIPE,
+                              text=True, cwd=Path(submit.__file__).parent)
     try:
-        lock = {"pid": holder.pid, "host": socket.gethostname(), "command": "submit.py run", "started": "2026-12-01T00:00:00"}
-        (cfg.output_dir / ".lock").write_text(json.dumps(lock))
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(cfg.output_dir)
         code, err = cli(cfg, capsys, "report")
-        assert_user_error(code, err, f"is in use by pid {holder.pid} on host {socket.gethostname()}", "submit.py run")
+        assert_user_error(code, err, f"is in use by pid {holder.pid} on host {socket.gethostname()}", "the first job")
+        assert snapshot(cfg.output_dir) == before
     finally:
-        holder.kill()
+        holder.kill()  # killed: the kernel drops its lock, nothing stale is left
         holder.wait()
-    code, err = cli(cfg, capsys, "report")  # its owner has ended: the lock is taken over
+    code, err = cli(cfg, capsys, "report")
     assert code == 0, err
-    assert not (cfg.output_dir / ".lock").exists()
 
 
 # 8. Scheduling that can never succeed fails fast.
@@ -234,7 +291,8 @@ def test_7_a_second_job_on_the_same_folder_is_refused_naming_the_first(finished,
 def test_8_unschedulable_steps_fail_fast_with_the_numbers(ray_cluster, demo_root, tmp_path, model, phrase):
     cfg = tiny_config(demo_root, tmp_path / "out", extract={"model": model})
     with pytest.raises(ClusterTooSmall, match=rf"extract.model: {re.escape(phrase)}.*2 CPUs"):
-        Pipeline(cfg).run(("extract",))
+        Pipeline(cfg).run()
+    assert not (cfg.output_dir / "config.yaml").exists()  # refused before anything was written
 
 
 # 9. Ground truth of the wrong kind is refused.
@@ -264,7 +322,15 @@ def test_10_user_errors_exit_2_without_a_traceback(finished, tmp_path, capsys):
     fit = cfg.output_dir / "fits" / "k16"
     (fit / "meta.json").write_text("{")
     assert_user_error(*cli(cfg, capsys, "apply", "--fit", str(fit)), f"{fit / 'meta.json'} is corrupt")
-    assert_user_error(*cli(cfg, capsys, "report"), "meta.json is corrupt")
+    assert_user_error(*cli(cfg, capsys, "report"), f"{fit / 'meta.json'} is 1 bytes", "python submit.py fit")
+    assert_user_error(submit.main(["run", "--config", sys.executable]), capsys.readouterr().err, "is not a text file")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert_user_error(*cli(cfg, capsys, "run", "--set", f"output_dir={blocker / 'out'}"), str(blocker))
+    report = cfg.output_dir / "report.json"
+    report.write_text("{")
+    assert_user_error(submit.main(["compare", str(cfg.output_dir), "--out", str(tmp_path / "c.md")]),
+                      capsys.readouterr().err, f"{report} is damaged")
 
 
 # 11. The fit's driver memory does not grow with the number of shards; files without a marker are never read.

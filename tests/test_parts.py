@@ -16,17 +16,19 @@ from storage.synth import generate_demo_dataset
 from tests.tiny_runs import tiny_config
 
 
-def test_a_part_round_trips_and_a_damaged_one_is_not_counted(tmp_path, caplog):
-    write_part(tmp_path, "shard-00000", "a", {"x": np.arange(3)}, {"hw": [1, 2]})
-    write_part(tmp_path, "shard-00000", "b", {"x": np.arange(4)}, {"hw": [3, 4]})
-    arrays, meta = read_part(tmp_path, "shard-00000", "a")
-    assert arrays["x"].tolist() == [0, 1, 2] and meta == {"hw": [1, 2]}
+def test_a_part_round_trips_and_a_damaged_one_or_another_plans_is_not_counted(tmp_path, caplog):
+    write_part(tmp_path, "shard-00000", "a", {"x": np.arange(3)}, {"hw": [1, 2]}, "plan-a")
+    write_part(tmp_path, "shard-00000", "b", {"x": np.arange(4)}, {"hw": [3, 4]}, "plan-a")
+    write_part(tmp_path, "shard-00000", "z", {"x": np.arange(4)}, {"hw": [3, 4]}, "plan-old")  # a worker of another run
+    arrays, meta, plan = read_part(tmp_path, "shard-00000", "a")
+    assert arrays["x"].tolist() == [0, 1, 2] and meta == {"hw": [1, 2]} and plan == "plan-a"
     damaged = tmp_path / "_parts" / "shard-00000" / "b.npz"
     damaged.write_bytes(damaged.read_bytes()[:40])  # damaged after it was written whole
     (tmp_path / "_parts" / "shard-00000" / ".c.tmp-1.npz").write_bytes(b"partial")  # a write that never finished
-    assert staged_ids(tmp_path, "shard-00000") == {"a"}
+    assert staged_ids(tmp_path, "shard-00000", "plan-a") == {"a"}
     assert not damaged.exists() and "b.npz is damaged" in caplog.text
-    assert staged_ids(tmp_path, "shard-00001") == set()
+    assert not (tmp_path / "_parts" / "shard-00000" / "z.npz").exists() and "written under another plan" in caplog.text
+    assert staged_ids(tmp_path, "shard-00001", "plan-a") == set()
 
 
 def _extract_by_hand(cfg, shard):
@@ -34,7 +36,7 @@ def _extract_by_hand(cfg, shard):
     config, stage_dir = cfg.model_dump(mode="json"), str(cfg.output_dir / "features")
     rows = list(image_windows(shard, config))
     out = WindowFeatures(config)({k: np.array([r[k] for r in rows]) for k in rows[0]})
-    return [write_features({k: v[i] for k, v in out.items()}, config, stage_dir) for i in range(len(rows))]
+    return [write_features({k: v[i] for k, v in out.items()}, config, stage_dir, "test-plan") for i in range(len(rows))]
 
 
 def test_a_shard_whose_images_all_failed_keeps_the_feature_width(tmp_path):
@@ -48,7 +50,7 @@ def test_a_shard_whose_images_all_failed_keeps_the_feature_width(tmp_path):
     statuses = _extract_by_hand(cfg, shard)
     assert all("corrupt or truncated" in s["error"] for s in statuses)
     failed = [{"image_id": s["image_id"], "path": s["path"], "stage": "extract", "error": s["error"]} for s in statuses]
-    finish_features(str(cfg.output_dir / "features"), shard, [], failed, cfg.model_dump(mode="json"))
+    finish_features(str(cfg.output_dir / "features"), shard, [], failed, "test-plan", cfg.model_dump(mode="json"))
     table = pq.read_table(cfg.output_dir / "features" / "shard-00000.parquet")
     assert table.num_rows == 0 and table.schema.field("feature").type.list_size == 32  # the model's width, not 1
     (marker,) = read_done(cfg.output_dir / "features").values()

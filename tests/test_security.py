@@ -103,7 +103,7 @@ def _label_actor(cfg, tmp_path):
         c = rng.normal(size=(k, 32)).astype(np.float32)
         fits.append({"name": name, "centroids": c / np.linalg.norm(c, axis=1, keepdims=True), "mapping": np.arange(k) % 19})
     actor = LabelImages(config=cfg.model_dump(mode="json"), fits=fits, stage_dir=str(tmp_path / "out" / "scores"),
-                        labels_dir=str(tmp_path / "out" / "labels"), overlay_ids=[])
+                        labels_dir=str(tmp_path / "out" / "labels"), overlay_ids=[], plan_key="test-plan")
     return actor, fits
 
 
@@ -153,8 +153,8 @@ def test_a_hostile_image_id_is_a_failed_item_and_the_shard_completes(tmp_path, h
     cfg, rows, shard_row = hostile_rows
     (good, bad), fits = _label(cfg, tmp_path, rows)
     failed = [{"image_id": bad["image_id"], "path": bad["path"], "stage": "label", "error": bad["error"]}]
-    finish_scores(str(tmp_path / "out" / "scores"), shard_row, [good["image_id"]], failed, cfg.model_dump(mode="json"), fits,
-                  str(tmp_path / "out" / "labels"))
+    finish_scores(str(tmp_path / "out" / "scores"), shard_row, [good["image_id"]], failed, "test-plan", cfg.model_dump(mode="json"),
+                  fits, str(tmp_path / "out" / "labels"))
     (done,) = read_done(tmp_path / "out" / "scores").values()
     assert done["num_images"] == 1 and [f["image_id"] for f in done["failed"]] == ["../../../escaped"]
     assert "unsafe name" in done["failed"][0]["error"]

@@ -54,7 +54,8 @@ def test_a_failed_finish_keeps_the_parts_and_the_rerun_uses_them(ray_cluster, de
         with pytest.raises(Exception, match="disk full"):
             Pipeline(cfg).run(("extract",))
     assert read_done(features) == {}
-    staged = {i for s in ("shard-00000", "shard-00001", "shard-00002") for i in staged_ids(features, s)}
+    plan = Pipeline(cfg).plans["extract"].key
+    staged = {i for s in ("shard-00000", "shard-00001", "shard-00002") for i in staged_ids(features, s, plan)}
     assert 4 <= len(staged) <= NUM_IMAGES  # at least the first shard's images were done before the stop
 
     with caplog.at_level(logging.INFO, logger="ray_jobs.streaming"):

@@ -96,6 +96,6 @@ def write_extracted(cfg, tables) -> tuple:
     for name, table, ids in zip(names, tables, shard_ids):
         path = feature_path(features, name)
         write_parquet_atomic(table, path)
-        mark_done(features, name, {"num_images": len(ids), "image_ids": ids, "failed": [],
+        mark_done(features, name, {"plan_key": extract.key, "num_images": len(ids), "image_ids": ids, "failed": [],
                                    "outputs": output_records(Path(cfg.output_dir), [path])})
     return fit, extract, names, dataset_fingerprint(records), "hand-made features"
