@@ -41,7 +41,7 @@ from actors.rows import STATUS
 from core.errors import UserError
 from core.models import CheckpointError
 from ray_jobs.plans import Plan, StageIncomplete, check_plan
-from storage.parts import PARTS_DIR, staged_ids
+from storage.parts import PARTS_DIR, clear_parts, staged_ids
 from storage.shards import marker_path, marker_problems, read_done, shard_records
 
 log = logging.getLogger(__name__)
@@ -190,10 +190,26 @@ def actor_args(workers) -> dict:
 class ShardFinisher:
     """Runs a stage's finish calls (parts -> shard files -> marker) in one long-lived worker: they
     only move files, and short tasks of their own would each start a worker process (on a small
-    machine that start-up, not the work, is the cost). Restarted and retried if its node is lost."""
+    machine that start-up, not the work, is the cost). Restarted and retried if its node is lost:
+    a retry of a finish that had already written its marker (the node died just after) only
+    clears what is left of the shard's parts."""
 
-    def finish(self, fn: Callable, *args, **kwargs) -> None:
-        fn(*args, **kwargs)
+    def finish(self, fn: Callable, stage_dir: str, shard_row: dict, written: list[str], failed: list[dict],
+               plan_key: str, **kwargs) -> None:
+        stage_dir, shard = Path(stage_dir), shard_row["shard"]
+        if self._finished(stage_dir, shard, set(written), plan_key):
+            clear_parts(stage_dir, shard)
+            return
+        fn(str(stage_dir), shard_row, written, failed, plan_key, **kwargs)
+
+    @staticmethod
+    def _finished(stage_dir: Path, shard: str, written: set[str], plan_key: str) -> bool:
+        path = marker_path(stage_dir, shard)
+        if not path.is_file():
+            return False
+        marker = json.loads(path.read_text())
+        return (marker.get("plan_key") == plan_key and set(marker["image_ids"]) == written
+                and not marker_problems(stage_dir.parent, marker))
 
 
 def finisher(fn: Callable, stage_dir: Path, plan_key: str, **kwargs) -> Callable:
