@@ -1,8 +1,10 @@
 """Image windows for dense patch features, without the model: resize, pad, cut, and stitch back.
 
-As CAUSE evaluates: the short side is resized (322 for Cityscapes, giving 322x644), square
-windows (322) slide with a stride (161, 50 % overlap) over the reflect-padded image, and each
-window is also run flipped. Window features are averaged where windows overlap. Because the
+This tool's own scheme (not CAUSE's test code, which resizes NEAREST and scores one 322 centre
+crop, nor exactly the seed's, which upsamples each window to pixels before pooling; see
+DESIGN.md, "Evaluation protocols"): the short side is resized (322 for Cityscapes, giving
+322x644), square windows (322) slide with a stride (161, 50 % overlap) over the reflect-padded
+image, and each window is also run flipped. Window features are averaged where windows overlap. Because the
 stride need not be a multiple of the patch size (161 = 11.5 x 14), averaging happens on a grid
 of cells of gcd(patch, stride) pixels (7 px for CAUSE) and is pooled back to the patch grid,
 so every window's patches land where they belong. A 1024x2048 image gives a 23x46 patch grid.
