@@ -6,7 +6,7 @@ DESIGN.md, "Evaluation protocols"): the short side is resized (322 for Cityscape
 322x644), square windows (322) slide with a stride (161, 50 % overlap) over the reflect-padded
 image, and each window is also run flipped. Window features are averaged where windows overlap. Because the
 stride need not be a multiple of the patch size (161 = 11.5 x 14), averaging happens on a grid
-of cells of gcd(patch, stride) pixels (7 px for CAUSE) and is pooled back to the patch grid,
+of cells of gcd(patch, stride) pixels (7 px for 14 px patches and a 161 stride) and is pooled back to the patch grid,
 so every window's patches land where they belong. A 1024x2048 image gives a 23x46 patch grid.
 
 The work is three steps, so that a pipeline can run each where it belongs:
