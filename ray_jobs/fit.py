@@ -197,9 +197,9 @@ def fits_marker_problems(fits_dir: Path, plan: Plan, inputs: str) -> list[str]:
         marker = json.loads(path.read_text())
     except ValueError:
         return [f"{path} is damaged"]
-    if marker.get("plan_key") != plan.key or marker.get("inputs") != inputs:
-        return ["they were made from other settings or features than extract's now"]
-    return marker_problems(fits_dir.parent, marker)
+    if marker.get("inputs") != inputs:
+        return ["they were made from other features than extract's now"]
+    return marker_problems(fits_dir.parent, marker, plan.key)
 
 
 def _load_existing(fits_dir: Path, names: list[str], plan: Plan, inputs: str) -> dict[str, FitArtifact] | None:

@@ -175,10 +175,7 @@ def require_complete(stage_dir: Path, plan: Plan, shards: list[str], needed_by: 
         raise StageIncomplete(f"{needed_by} needs the whole {plan.stage} stage, but {len(missing)} of {len(shards)} shards "
                               f"are not done ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): {fix}")
     for shard in shards:
-        if done[shard].get("plan_key") != plan.key:
-            raise StageIncomplete(f"{plan.stage} {shard}: its marker {stage_dir / DONE_DIR / shard}.json was written under another "
-                                  f"plan: {fix} (it redoes that shard)")
-        if problems := marker_problems(stage_dir.parent, done[shard]):
+        if problems := marker_problems(stage_dir.parent, done[shard], plan.key):
             raise StageIncomplete(f"{plan.stage} {shard}: {'; '.join(problems[:3])} since the shard was done: {fix} "
                                   "(it redoes that shard)")
     return {s: done[s] for s in shards}

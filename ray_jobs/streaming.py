@@ -121,11 +121,7 @@ def run_image_stream(name: str, stage_dir: Path, plan: Plan, shards: list[dict],
     check_plan(stage_dir, plan, inputs)
     done = read_done(stage_dir)
     for shard in [s["shard"] for s in shards if s["shard"] in done]:
-        if done[shard].get("plan_key") != plan.key:
-            problems = [f"its marker was written under another plan ({done[shard].get('plan_key')})"]
-        else:
-            problems = marker_problems(Path(stage_dir).parent, done[shard])
-        if problems:
+        if problems := marker_problems(Path(stage_dir).parent, done[shard], plan.key):
             log.warning("%s %s: %s since it was done; doing the shard again", name, shard, "; ".join(problems[:3]))
             marker_path(Path(stage_dir), shard).unlink()
             del done[shard]
@@ -208,8 +204,7 @@ class ShardFinisher:
         if not path.is_file():
             return False
         marker = json.loads(path.read_text())
-        return (marker.get("plan_key") == plan_key and set(marker["image_ids"]) == written
-                and not marker_problems(stage_dir.parent, marker))
+        return set(marker["image_ids"]) == written and not marker_problems(stage_dir.parent, marker, plan_key)
 
 
 def finisher(fn: Callable, stage_dir: Path, plan_key: str, **kwargs) -> Callable:

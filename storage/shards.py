@@ -178,10 +178,13 @@ def output_records(root: Path, paths: list[Path]) -> dict[str, dict]:
     return {str(Path(p).relative_to(root)): file_record(p) for p in paths}
 
 
-def marker_problems(root: Path, marker: dict) -> list[str]:
-    """Why a marker does not hold: its files missing, of another size, or of other content;
-    [] when it holds. Content is hashed only for a file whose modification time moved (a copy
-    that kept the bytes is fine), so checking a finished stage costs a stat per file."""
+def marker_problems(root: Path, marker: dict, plan_key: str) -> list[str]:
+    """Why a marker does not stand for this plan's finished work: written under another plan, or
+    its files missing, of another size, or of other content; [] when it holds. Content is hashed
+    only for a file whose modification time moved (a copy that kept the bytes is fine), so
+    checking a finished stage costs a stat per file."""
+    if marker.get("plan_key") != plan_key:
+        return [f"its marker was written under another plan ({marker.get('plan_key')}, now {plan_key})"]
     if "outputs" not in marker:
         return ["the marker lists no files (written by an older version)"]
     problems = []
