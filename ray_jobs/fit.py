@@ -26,7 +26,7 @@ from core.protocols import label_free_mapping, protocol_scores
 from core.models import load_cluster_probe
 from core.sampling import BoundedSample, image_fold, patch_priorities, per_image_lowest
 from ray_jobs.distributed_lloyd import distributed_lloyd
-from ray_jobs.layout import Layout, settings_key
+from ray_jobs.layout import Layout
 from ray_jobs.plans import Plan, StageIncomplete, check_plan, plan_conflict, refuse_conflicts, require_complete
 from storage.shards import (content_key, feature_path, features_from_table, marker_problems, output_records,
                             read_verified_parquet, write_json_atomic)
@@ -63,9 +63,6 @@ class FeatureShards:
         self.root, self.markers = Path(features_dir).parent, markers
         self.paths = [feature_path(features_dir, shard) for shard in markers]
         self.fix = "run `python submit.py extract` with this config: it redoes that shard"
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def tables(self, columns: list[str], desc: str):
         for marker, path in tqdm(zip(self.markers.values(), self.paths), total=len(self.paths), desc=desc, unit="shard"):
@@ -109,8 +106,13 @@ def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray
     return counts, co_assignment
 
 
-def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], dataset_fingerprint: str,
-            model_description: str) -> dict[str, FitArtifact]:
+def extracted_model(markers: dict[str, dict]) -> str:
+    """The model description extract recorded (the first shard with an extracted image)."""
+    models = [m["model"] for m in markers.values() if m.get("model")]
+    return models[0] if models else "(no image was extracted)"
+
+
+def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], dataset_fingerprint: str) -> dict[str, FitArtifact]:
     layout = Layout(cfg.output_dir)
     markers = require_complete(layout.features, extract, shard_names, "the fit stage")
     inputs = content_key(markers)
@@ -164,9 +166,9 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
             centroids=centroids[name], mapping=mapping, mapping_kind="hungarian" if name == baseline else "majority",
             extra_arrays=arrays,
             meta={"name": name, "k": len(mapping), "plan_key": plan.key, "inputs": inputs,
-                  "model_key": settings_key(extract.settings["model"]), "model_identity": extract.settings["model"],
+                  "model_identity": extract.settings["model"],
                   "feature_kind": cfg.model.feature_kind,
-                  "feature_dim": int(sample.shape[1]), "model": model_description, "dataset_fingerprint": dataset_fingerprint,
+                  "feature_dim": int(sample.shape[1]), "model": extracted_model(markers), "dataset_fingerprint": dataset_fingerprint,
                   "seed": cfg.seed, "engine": cfg.fit.engine, "n_samples": int(sample.shape[0]),
                   "fit_seconds": round(seconds[name], 3), "lloyd_history": history.get(name, []),
                   "mapped_on": f"majority over the labelled patches of the fitted images ({cfg.dataset.split}, "

@@ -12,7 +12,7 @@ import yaml
 
 from configs.schema import RunConfig
 from ray_jobs.extract import run_extract
-from ray_jobs.fit import fit_names, require_fits, run_fit
+from ray_jobs.fit import extracted_model, fit_names, require_fits, run_fit
 from ray_jobs.label import label_inputs, label_shards, run_label
 from ray_jobs.layout import Layout
 from ray_jobs.plans import (StageIncomplete, extract_plan, fit_plan, label_plan, model_identity, plan_conflict,
@@ -80,8 +80,7 @@ class Pipeline:
         run_extract(self.cfg, self.records, self.plans["extract"])
 
     def stage_fit(self) -> None:
-        run_fit(self.cfg, self.plans["fit"], self.plans["extract"], self.shard_names, self.fingerprint,
-                self._model_description(self._features("the fit stage")))
+        run_fit(self.cfg, self.plans["fit"], self.plans["extract"], self.shard_names, self.fingerprint)
 
     def stage_label(self) -> None:
         features = self._features("the label stage")
@@ -96,7 +95,7 @@ class Pipeline:
             raise StageIncomplete(f"the label results in {self.layout.scores} were made from other features or fits than "
                                   "those there now: run `python submit.py label` with this config, then report again")
         report = run_report(self.cfg, features, scores, fits, fit_summary,
-                            {"model": self._model_description(features), "fingerprint": self.fingerprint}, self._timing())
+                            {"model": extracted_model(features), "fingerprint": self.fingerprint}, self._timing())
         log.info("report written to %s", self.cfg.output_dir / "report.md")
         main = report["fits"][fit_names(self.cfg)[0]]
         print(f"\nk={main['k']}: pixel mIoU {_percent(main['pixel_level']['same_set']['miou'])}, "
@@ -107,11 +106,6 @@ class Pipeline:
 
     def _fits(self, features: dict[str, dict], needed_by: str) -> tuple[dict, dict]:
         return require_fits(self.cfg, self.plans["fit"], content_key(features), needed_by)
-
-    @staticmethod
-    def _model_description(features: dict[str, dict]) -> str:
-        models = [m["model"] for m in features.values() if m.get("model")]
-        return models[0] if models else "(no image was extracted)"
 
     def _timing(self) -> dict:
         path = self.cfg.output_dir / "timing.json"

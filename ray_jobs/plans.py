@@ -16,7 +16,6 @@ content key of the stage before: checksums of the files its markers list).
   says which stage to run.
 """
 
-import hashlib
 import json
 import logging
 import shutil
@@ -30,7 +29,8 @@ from core.models.checkpoints import require_file
 from ray_jobs.layout import settings_key
 from storage.datasets import ImageRecord
 from storage.parts import PARTS_DIR
-from storage.shards import DONE_DIR, PATCH_FORMAT, dataset_fingerprint, marker_problems, read_done, write_json_atomic
+from storage.shards import (DONE_DIR, PATCH_FORMAT, dataset_fingerprint, file_sha256, marker_problems, read_done,
+                            write_json_atomic)
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "_plan.json"
@@ -48,14 +48,6 @@ class Plan:
     @property
     def key(self) -> str:
         return settings_key(self.settings)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _weights_sha256(path: Path, key: str, recorded: dict | None) -> str:

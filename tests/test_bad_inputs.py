@@ -149,7 +149,7 @@ def test_nan_features_drop_the_images_and_fit_says_why(demo_root, tmp_path):
         assert f["image_id"] == record.image_id and f["path"] == record.image_path
         assert "the model produced NaN/inf features; check the checkpoint" in f["error"]
     with pytest.raises(FitError, match=r"no patch features"):
-        run_fit(cfg, fit, extract, [shard["shard"]], "fingerprint", "model")
+        run_fit(cfg, fit, extract, [shard["shard"]], "fingerprint")
 
 
 def _write_features(cfg, num_images: int, patches: int, nan_rows: int = 0) -> tuple:

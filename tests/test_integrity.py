@@ -343,7 +343,7 @@ def test_11_fit_sampling_memory_is_bounded_by_the_sample_not_the_shards(tmp_path
                             "fit": {"max_samples": 1000, "max_patches_per_image": 400}})
         tables = [patch_table([f"s{s}_i{i}" for i in range(2)], [rng.normal(size=(32, 10, 20)) for _ in range(2)],
                               [np.zeros((10, 20), np.uint8)] * 2, patch_schema(32), [(140, 280)] * 2) for s in range(num_shards)]
-        _, _, names, _, _ = write_extracted(cfg, tables)
+        write_extracted(cfg, tables)
         stray = cfg.output_dir / "features" / "shard-99999.parquet"  # no marker: not part of the stage
         write_parquet_atomic(patch_table(["stray"], [np.full((32, 10, 20), 9.0)], [np.zeros((10, 20), np.uint8)],
                                          patch_schema(32), [(140, 280)]), stray)

@@ -98,4 +98,4 @@ def write_extracted(cfg, tables) -> tuple:
         write_parquet_atomic(table, path)
         mark_done(features, name, {"plan_key": extract.key, "num_images": len(ids), "image_ids": ids, "failed": [],
                                    "outputs": output_records(Path(cfg.output_dir), [path])})
-    return fit, extract, names, dataset_fingerprint(records), "hand-made features"
+    return fit, extract, names, dataset_fingerprint(records)
