@@ -13,12 +13,13 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.extract import feature_arrays, stitched_grids, write_feature_shards
-from actors.geometry import extracted_scales, label_scales
+from actors.extract import base_window_count, feature_arrays, stitched_grids, write_feature_shards
+from actors.geometry import extracted_scales, label_scales, pack_windows, stores_windows, unpack_windows
 from actors.model_setup import device_for
 from actors.rows import run_on_image
 from configs.schema import RefineConfig, parse_config
 from core.label_image import ImageLabeller, LabelFit
+from core.presets import protocol_steps
 from storage.cityscapes_outputs import label_pngs, prediction_paths, write_image_predictions
 from storage.parts import complete_shard, read_shard_parts, write_part
 from storage.shards import write_json_atomic, write_parquet_atomic
@@ -39,7 +40,8 @@ class PseudoLabelImages:
         self.fit = LabelFit(fit["name"], fit["centroids"], fit["mapping"])
         self.stage_dir, self.labels_dir, self.plan_key = Path(stage_dir), Path(labels_dir), plan_key
         self.labeller = ImageLabeller([self.fit], ["seed"], RefineConfig(), self.cfg.panoptic, baseline=False,
-                                      device=device_for(self.cfg.label.workers))
+                                      device=device_for(self.cfg.label.workers),
+                                      labelling=protocol_steps(self.cfg.protocol).label_resolution)
         order = extracted_scales(self.cfg)
         self.scale_order = [order.index(s) for s in label_scales(self.cfg)]
 
@@ -52,12 +54,14 @@ class PseudoLabelImages:
         # rounded as stored, so a saved fit labels an image here exactly as the label stage does
         grids = [(f.astype(np.float16).astype(np.float32), r) for f, r in stitched_grids(row, self.cfg)]
         hw = (int(row["height"]), int(row["width"]))
-        labels = self.labeller.label([grids[i] for i in self.scale_order], self.cfg.model.vit.patch_size, hw)
+        packed = pack_windows(row["window_features"], base_window_count(row)) if stores_windows(self.cfg) else None
+        labels = self.labeller.label([grids[i] for i in self.scale_order], self.cfg.model.vit.patch_size, hw,
+                                     windows=None if packed is None else unpack_windows(self.cfg, packed, hw))
         (train_ids, panoptic, _), cluster_map = labels.variants[0], labels.cluster_maps[0]
         annotation = write_image_predictions(self.labels_dir, group, image_id, train_ids, panoptic, split=self.cfg.dataset.split)
         arrays = {"cluster_pixels": np.bincount(cluster_map.ravel(), minlength=len(self.fit.mapping))}
         if self.cfg.apply.write_features:
-            arrays |= feature_arrays(self.cfg, grids, None)
+            arrays |= feature_arrays(self.cfg, grids, None) | ({} if packed is None else {"windows": packed})
         write_part(self.stage_dir, row["shard"], image_id, arrays,
                    {"annotation": annotation, "hw": hw, "source": row["path"], "model": str(row["model"])}, self.plan_key)
 

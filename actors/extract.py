@@ -12,21 +12,22 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.geometry import extracted_scales, extracted_short_sides, feature_dim, window_spec
+from actors.geometry import extracted_scales, extracted_short_sides, feature_dim, pack_windows, stores_windows, window_spec
 from actors.rows import failure_message, run_on_image
 from configs.schema import parse_config
 from core.windows import ScaleLayout, cut_windows, stitch_windows
 from core.labels import IGNORE, NUM_CLASSES
-from core.metrics import patch_majority_labels
+from core.metrics import patch_majority_labels, patch_nearest_labels
+from core.presets import protocol_steps
 from storage.images import InputError, read_rgb, read_train_ids
 from storage.parts import complete_shard, read_shard_parts, write_part
-from storage.shards import feature_path, patch_schema, patch_table, shard_records, write_parquet_atomic
+from storage.shards import feature_path, patch_schema, patch_table, shard_records, window_path, write_parquet_atomic
 
 
 def image_windows(shard_row: dict, config: dict):
     """One shard row -> one row per image to do: uint8 windows of every extracted scale."""
     cfg = parse_config(config, "extract read config")
-    spec, patch, short_sides = window_spec(cfg.inference), cfg.model.vit.patch_size, extracted_short_sides(cfg)
+    spec, patch, short_sides = window_spec(cfg), cfg.model.vit.patch_size, extracted_short_sides(cfg)
     for record in shard_records(shard_row):
         row = {"shard": shard_row["shard"], "image_id": record.image_id, "path": record.image_path, "group": record.group,
                "label_ids_path": record.label_ids_path or "", "error": "", "setup_error": "",
@@ -43,12 +44,19 @@ def image_windows(shard_row: dict, config: dict):
 
 def stitched_grids(row: dict, cfg) -> list[tuple[np.ndarray, tuple[int, int]]]:
     """A row's window features -> per extracted scale (features (D, gh, gw) float32, resized (h, w))."""
-    spec = window_spec(cfg.inference)
+    spec = window_spec(cfg)
     layouts = [ScaleLayout.from_dict(d) for d in json.loads(row["layouts"])]
-    grids = stitch_windows(row["window_features"], layouts, spec.crop, spec.stride, cfg.model.vit.patch_size)
+    grids = stitch_windows(row["window_features"], layouts, spec.crop, spec.stride, cfg.model.vit.patch_size, spec.merge)
     if not all(np.isfinite(f).all() for f, _ in grids):  # NaN/inf would poison k-means
         raise InputError(f"{row['image_id']}: the model produced NaN/inf features; check the checkpoint and inference.precision")
     return grids
+
+
+def patch_labels(cfg, train_ids: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+    """The protocol's patch labels: the majority of each patch's pixels, or the seed's NEAREST sample."""
+    if protocol_steps(cfg.protocol).patch_labels == "nearest":
+        return patch_nearest_labels(train_ids, *grid_hw)
+    return patch_majority_labels(train_ids, *grid_hw, NUM_CLASSES)
 
 
 def feature_arrays(cfg, grids, train_ids: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -56,9 +64,14 @@ def feature_arrays(cfg, grids, train_ids: np.ndarray | None) -> dict[str, np.nda
     arrays = {}
     for scale, (features, _) in zip(extracted_scales(cfg), grids):
         arrays[f"features_{scale:g}"] = features.astype(np.float16)
-        arrays[f"labels_{scale:g}"] = (patch_majority_labels(train_ids, *features.shape[1:], NUM_CLASSES)
+        arrays[f"labels_{scale:g}"] = (patch_labels(cfg, train_ids, features.shape[1:])
                                        if train_ids is not None else np.full(features.shape[1:], IGNORE, np.uint8))
     return arrays
+
+
+def base_window_count(row: dict) -> int:
+    """How many of a row's windows belong to the base scale (they come first)."""
+    return len(json.loads(row["layouts"])[0]["origins"])
 
 
 def write_features(row: dict, config: dict, stage_dir: str, plan_key: str) -> dict:
@@ -75,20 +88,28 @@ def _write_features(row: dict, cfg, stage_dir: Path, plan_key: str) -> None:
         raise InputError(f"{row['path']}: the image is {hw[0]}x{hw[1]} px, fewer pixels than its {grid[0]}x{grid[1]} patch "
                          "grid, so no patch gets a label; use images of at least the patch grid's size, or remove it")
     train_ids = read_train_ids(Path(row["label_ids_path"]), hw) if row["label_ids_path"] else None
-    write_part(stage_dir, row["shard"], row["image_id"], feature_arrays(cfg, grids, train_ids),
-               {"hw": hw, "model": str(row["model"])}, plan_key)
+    arrays = feature_arrays(cfg, grids, train_ids)
+    if stores_windows(cfg):
+        arrays["windows"] = pack_windows(row["window_features"], base_window_count(row))
+    write_part(stage_dir, row["shard"], row["image_id"], arrays, {"hw": hw, "model": str(row["model"])}, plan_key)
 
 
 def write_feature_shards(cfg, features_dir: Path, shard: str, order: list[str], parts: list[tuple[dict, dict]]) -> tuple[list[Path], dict]:
     """Parts (in shard order) -> one Parquet file of patch rows per extracted scale; returns the
     files and what the marker records."""
     tables, paths = [], []
+    hws = [tuple(meta["hw"]) for _, meta in parts]
     for scale in extracted_scales(cfg):  # a shard whose every image failed still gets its (empty) files, of the model's width
         tables.append(patch_table(order, [arrays[f"features_{scale:g}"] for arrays, _ in parts],
-                                  [arrays[f"labels_{scale:g}"] for arrays, _ in parts], patch_schema(feature_dim(cfg)),
-                                  [tuple(meta["hw"]) for _, meta in parts]))
+                                  [arrays[f"labels_{scale:g}"] for arrays, _ in parts], patch_schema(feature_dim(cfg)), hws))
         paths.append(feature_path(features_dir, shard, scale))
         write_parquet_atomic(tables[-1], paths[-1])
+    if stores_windows(cfg):
+        windows = [arrays["windows"] for arrays, _ in parts]
+        table = patch_table(order, windows, [np.full(w.shape[1:], IGNORE, np.uint8) for w in windows],
+                            patch_schema(feature_dim(cfg)), hws)
+        paths.append(window_path(features_dir, shard))
+        write_parquet_atomic(table, paths[-1])
     return paths, {"num_patches": tables[0].num_rows, "feature_dim": feature_dim(cfg),
                    "model": parts[0][1]["model"] if parts else None}
 

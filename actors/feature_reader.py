@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.geometry import label_scales
+from actors.geometry import label_scales, stores_windows
 from configs.schema import parse_config
-from storage.shards import feature_path, image_grids, marker_path, read_verified_parquet, shard_records
+from storage.shards import feature_path, image_grids, marker_path, read_verified_parquet, shard_records, window_path
 
 
 def image_features(shard_row: dict, config: dict, features_dir: str):
@@ -20,15 +20,19 @@ def image_features(shard_row: dict, config: dict, features_dir: str):
     fix = "run `python submit.py extract` with this config (it redoes that shard), then label"
     tables = [read_verified_parquet(features_dir.parent, marker, feature_path(features_dir, shard_row["shard"], s), fix)
               for s in label_scales(cfg)]
+    if stores_windows(cfg):  # the seed protocol's windows, for its pixel labels
+        path = window_path(features_dir, shard_row["shard"])
+        tables.append(read_verified_parquet(features_dir.parent, marker, path, fix))
     grids = [image_grids(t) for t in tables]
+    columns = [f"grid_{i}" for i in range(len(label_scales(cfg)))] + (["grid_windows"] if stores_windows(cfg) else [])
     for record in shard_records(shard_row):
         row = {"shard": shard_row["shard"], "image_id": record.image_id, "path": record.image_path, "error": "",
                "setup_error": "", "group": record.group, "label_ids_path": record.label_ids_path or "",
                "instance_ids_path": record.instance_ids_path or "", "height": 0, "width": 0}
         if not all(record.image_id in g for g in grids):
-            yield row | {f"grid_{i}": np.zeros((0, 1, 1), np.float16) for i in range(len(grids))} | {  # same columns, one rank
+            yield row | {name: np.zeros((0, 1, 1), np.float16) for name in columns} | {  # same columns, one rank
                 "error": f"{record.image_id}: no features in {feature_path(Path(features_dir), shard_row['shard'])} "
                          "(or a scale's file beside it); run the extract stage again on a new output_dir"}
             continue
         row["height"], row["width"] = grids[0][record.image_id][1]
-        yield row | {f"grid_{i}": g[record.image_id][0].astype(np.float16) for i, g in enumerate(grids)}
+        yield row | {name: g[record.image_id][0].astype(np.float16) for name, g in zip(columns, grids)}

@@ -1,12 +1,19 @@
 """Config -> windows and scales: what the CPU steps need, without importing torch."""
 
-from configs.schema import InferenceConfig, RunConfig
-from core.windows import WindowSpec, scale_short_sides
+import numpy as np
+
+from configs.schema import RunConfig
+from core.errors import UserError
+from core.presets import protocol_steps
+from core.windows import WindowSpec, layout_axis_weights, scale_short_sides, window_layout
 
 
-def window_spec(inference: InferenceConfig) -> WindowSpec:
+def window_spec(cfg: RunConfig) -> WindowSpec:
+    """The windows, precision and merge of the config's inference section under its protocol."""
+    inference, steps = cfg.inference, protocol_steps(cfg.protocol)
     return WindowSpec(short_side=inference.short_side, crop=inference.crop, stride=inference.stride,
-                      flip=inference.flip, batch_size=inference.batch_size, precision=inference.precision)
+                      flip=inference.flip, batch_size=inference.batch_size,
+                      precision=steps.precision or inference.precision, merge=steps.merge)
 
 
 def extracted_scales(cfg: RunConfig) -> list[float]:
@@ -15,7 +22,31 @@ def extracted_scales(cfg: RunConfig) -> list[float]:
 
 
 def extracted_short_sides(cfg: RunConfig) -> list[int]:
-    return scale_short_sides(window_spec(cfg.inference), extracted_scales(cfg), cfg.model.vit.patch_size)
+    return scale_short_sides(window_spec(cfg), extracted_scales(cfg), cfg.model.vit.patch_size)
+
+
+def stores_windows(cfg: RunConfig) -> bool:
+    """Whether extract also keeps each image's window features: the seed's pixel labels are made
+    from the windows' pixel map, which the merged patch grid cannot give back."""
+    return protocol_steps(cfg.protocol).merge == "pixels"
+
+
+def pack_windows(window_features: np.ndarray, num_windows: int) -> np.ndarray:
+    """The base scale's windows (N, D, g, g) side by side as one (D, g, N*g) float16 grid: how the
+    seed protocol stores them (extract's `_windows/` Parquet) for the label pass."""
+    return np.concatenate(list(window_features[:num_windows]), axis=2).astype(np.float16)
+
+
+def unpack_windows(cfg: RunConfig, packed: np.ndarray, image_hw: tuple[int, int]) -> tuple[np.ndarray, tuple]:
+    """`pack_windows`' grid -> (windows (N, D, g, g) float32, their `layout_axis_weights`)."""
+    spec, patch = window_spec(cfg), cfg.model.vit.patch_size
+    layout = window_layout(*image_hw, label_short_sides(cfg)[0], spec, patch)
+    side = spec.crop // patch
+    windows = packed.astype(np.float32).reshape(packed.shape[0], side, -1, side).transpose(2, 0, 1, 3)
+    if len(windows) != len(layout.origins):
+        raise UserError(f"{len(windows)} stored windows for a {image_hw[0]}x{image_hw[1]} image whose layout has "
+                        f"{len(layout.origins)}; re-run extract on a new output_dir")
+    return windows, layout_axis_weights(layout, spec.crop, patch)
 
 
 HEAD_FEATURE_DIM = 90  # CAUSE Segment_TR output
@@ -32,4 +63,4 @@ def label_scales(cfg: RunConfig) -> list[float]:
 
 
 def label_short_sides(cfg: RunConfig) -> list[int]:
-    return scale_short_sides(window_spec(cfg.inference), label_scales(cfg), cfg.model.vit.patch_size)
+    return scale_short_sides(window_spec(cfg), label_scales(cfg), cfg.model.vit.patch_size)

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from actors.geometry import label_short_sides
+from actors.geometry import label_short_sides, unpack_windows
 from actors.model_setup import device_for
 from actors.rows import run_on_image
 from configs.schema import RunConfig, parse_config
 from core.windows import resized_size
-from core.label_image import ImageLabeller, LabelFit, image_scores, shard_scores
+from core.label_image import ImageLabeller, LabelFit, image_scores, sensitivity_scores, shard_scores
+from core.presets import protocol_steps
 from core.labels import colorize_train_ids
 from core.sampling import image_fold
 from core.variants import enabled_variants
@@ -46,7 +47,8 @@ class LabelImages:
         self.stage_dir, self.labels_dir, self.overlay_ids = Path(stage_dir), Path(labels_dir), set(overlay_ids)
         self.plan_key = plan_key
         self.labeller = ImageLabeller(self.fits, self.variants[:-1], self.cfg.refine, self.cfg.panoptic, baseline=True,
-                                      device=device_for(self.cfg.label.workers))
+                                      device=device_for(self.cfg.label.workers),
+                                      labelling=protocol_steps(self.cfg.protocol).label_resolution)
         self.colour = self.cfg.refine.crf or self.cfg.refine.superpixels
         self.short_sides = label_short_sides(self.cfg)
 
@@ -63,12 +65,12 @@ class LabelImages:
             if image.shape[:2] != hw:
                 raise InputError(f"{row['path']}: the image is now {image.shape[0]}x{image.shape[1]} but its features were "
                                  f"extracted at {hw[0]}x{hw[1]}; re-run extract on a new output_dir")
-        gt = gt_pan = None
+        gt = gt_pan = gt_instances = None
         if row["label_ids_path"]:
-            gt, gt_pan = read_ground_truth(Path(row["label_ids_path"]), Path(row["instance_ids_path"]), hw)
+            gt, gt_pan, gt_instances = read_ground_truth(Path(row["label_ids_path"]), Path(row["instance_ids_path"]), hw)
         grids = [(row[f"grid_{i}"].astype(np.float32), resized_size(*hw, s)) for i, s in enumerate(self.short_sides)]
-        labels = self.labeller.label(grids, self.cfg.model.vit.patch_size, hw, image)
-        scores = image_scores(labels, self.fits, gt, gt_pan)
+        labels = self.labeller.label(grids, self.cfg.model.vit.patch_size, hw, image, unpack_windows(self.cfg, row["grid_windows"], hw) if "grid_windows" in row else None)
+        scores = image_scores(labels, self.fits, gt, gt_pan) | sensitivity_scores(self.labeller, labels, gt, gt_pan, gt_instances)
         written = labels.variants[self.variants.index(self.cfg.refine.write_variant)]
         annotation = (write_image_predictions(self.labels_dir, group, image_id, *written[:2], split=split)
                       if self.cfg.label.write_label_pngs else None)

@@ -33,4 +33,4 @@ def device_for(workers: WorkersConfig) -> torch.device:
 def build_window_model(cfg: RunConfig, workers: WorkersConfig) -> WindowModel:
     device = device_for(workers)
     model = build_feature_model(model_spec(cfg)).to(device)
-    return WindowModel(model, window_spec(cfg.inference), device)
+    return WindowModel(model, window_spec(cfg), device)

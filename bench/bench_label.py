@@ -95,7 +95,7 @@ def label_pass(work: Path) -> dict:
     if len(list(data.glob("leftImg8bit/val/*/*.png"))) != 4:
         generate_demo_dataset(data, num_images=4, height=1024, width=2048, seed=0)
     cfg = load_config(REPO / "configs" / "demo.yaml", ["inference.short_side=322", "inference.crop=322", "inference.stride=161"])
-    dense = DenseFeatureExtractor(build_feature_model(model_spec(cfg)), window_spec(cfg.inference))
+    dense = DenseFeatureExtractor(build_feature_model(model_spec(cfg)), window_spec(cfg))
     images = []
     for r in list_cityscapes(data, "val"):
         image = read_rgb(r.image_path)

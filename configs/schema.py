@@ -202,6 +202,9 @@ class RunConfig(Strict):
     run_name: str = "run"
     output_dir: Path = Path("outputs/run")
     seed: int = 0
+    # Which variant of each step around the model (core/presets.py): "official" (full resolution,
+    # cityscapesscripts rules) or "seed" (every step as the seed paper's scripts do it).
+    protocol: Literal["official", "seed"] = "official"
     dataset: DatasetConfig = DatasetConfig()
     demo_set: DemoSetConfig | None = None
     model: ModelConfig = ModelConfig()
@@ -229,6 +232,13 @@ class RunConfig(Strict):
         if self.inference.crop % self.model.vit.patch_size:
             raise ValueError(
                 f"inference.crop={self.inference.crop} must be a multiple of model.vit.patch_size={self.model.vit.patch_size}")
+        if self.protocol == "seed" and self.inference.scales != [1.0]:
+            raise ValueError(f"protocol=seed with inference.scales={self.inference.scales}: the seed's multi-scale scheme "
+                             "(its own sizes, log-softmax averaging) is not built yet; use inference.scales=[1.0] with "
+                             "protocol=seed, or protocol=official for multi-scale labels")
+        if self.protocol == "seed" and self.fit.lloyd_iterations:
+            raise ValueError("protocol=seed fits the seed's MiniBatchKMeans; fit.lloyd_iterations refines the official fit: "
+                             "set fit.lloyd_iterations=0 with protocol=seed")
         if self.fit.baseline == "cluster_probe" and self.model.cluster_probe_checkpoint is None and self.model.cause_root is None:
             raise ValueError("fit.baseline='cluster_probe' needs model.cluster_probe_checkpoint or model.cause_root")
         if self.fit.baseline == "cluster_probe" and self.model.feature_kind != "head":

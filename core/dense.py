@@ -72,6 +72,6 @@ class DenseFeatureExtractor:
         for windows, layouts in cut:
             mine = features[start:start + len(windows)]
             start += len(windows)
-            ((grid, _),) = stitch_windows(mine, layouts, self.spec.crop, self.spec.stride, self.patch)
+            ((grid, _),) = stitch_windows(mine, layouts, self.spec.crop, self.spec.stride, self.patch, self.spec.merge)
             results.append(grid)
         return results

@@ -4,8 +4,9 @@
 nearest-centroid cluster map of every fit and the main fit's label variants (trainIds + panoptic
 segmentation, seconds). `image_scores` scores them against the image's ground truth: per fit the
 (cluster, class) pixel counts and cluster wins (enough to score any mapping protocol later), per
-variant the confusion matrix and panoptic match statistics. `shard_scores` adds up the images of
-a shard into the arrays of its `scores/shard-*.npz`.
+variant the confusion matrix and panoptic match statistics, and per fit the protocol sensitivity:
+its labels made both ways (`LABELLINGS`) and each scored by both evaluators (`EVALUATORS`).
+`shard_scores` adds up the images of a shard into the arrays of its `scores/shard-*.npz`.
 """
 
 import time
@@ -13,12 +14,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.labelling import PixelAssigner, clusters_to_train_ids, subsample
+from core.labelling import PixelAssigner, clusters_to_train_ids, subsample, window_cluster_maps
 from core.labels import NUM_CLASSES
 from core.mapping import cluster_class_counts
 from core.metrics import confusion_matrix
 from core.panoptic import Panoptic, panoptic_from_train_ids, pq_stats
+from core.seed_eval import resize_nearest, seed_confusion, seed_pq_stats
 from core.variants import ImageEvidence, run_variant
+
+# How pixel labels are made: at the image's full size (bilinear features, official), or at the
+# resized size (322x644 for Cityscapes) and upsampled NEAREST (the seed's scripts).
+LABELLINGS = ("full", "resized")
+EVALUATORS = ("official", "seed")  # cityscapesscripts' rules (core.metrics, core.panoptic); the seed's (core.seed_eval)
 
 
 @dataclass(frozen=True)
@@ -31,8 +38,10 @@ class LabelFit:
 
 @dataclass
 class ImageLabels:
-    cluster_maps: list[np.ndarray]  # per fit, (H, W) or its stride subsample
+    cluster_maps: list[np.ndarray]  # per fit, the protocol's labelling: (H, W) or its stride subsample
     variants: list[tuple[np.ndarray, Panoptic, float]]  # per variant: trainIds (H, W), panoptic, seconds
+    # per LABELLINGS entry, per fit: its cluster map, (H, W); "full" only at the fit's stride
+    labellings: dict[str, list[np.ndarray]]
 
 
 class ImageLabeller:
@@ -40,24 +49,43 @@ class ImageLabeller:
     when `baseline` is set, the last fit's own labels as one more variant (named after it)."""
 
     def __init__(self, fits: list[LabelFit], variants: list[str], refine, panoptic, baseline: bool,
-                 device="cpu"):
+                 device="cpu", labelling: str = "full"):
         if fits[0].stride != 1 or (baseline and fits[-1].stride != 1):
             raise ValueError("the main fit and the baseline are labelled at every pixel (stride 1)")
+        if labelling not in LABELLINGS:
+            raise ValueError(f"unknown labelling {labelling!r}; allowed: {', '.join(LABELLINGS)}")
         self.fits, self.variants, self.refine, self.panoptic, self.baseline = fits, variants, refine, panoptic, baseline
+        self.labelling, self.device = labelling, device
         self.main = PixelAssigner([fits[0].centroids], device=device)
         self.others = PixelAssigner([f.centroids for f in fits[1:]], device=device, strides=[f.stride for f in fits[1:]])
+        self.resized = PixelAssigner([f.centroids for f in fits], device=device)
+
+    def _resized_maps(self, grids, patch_size: int, image_hw: tuple[int, int], windows) -> list[np.ndarray]:
+        """Every fit's labels made at the resized size, NEAREST-upsampled to the image: from the
+        windows' pixel map where extract kept the windows (the seed's merge), else from the grid."""
+        resized = grids[0][1]
+        if windows is not None:
+            maps = window_cluster_maps(*windows, [f.centroids for f in self.fits], self.device)
+        else:
+            maps = self.resized.assign(grids[:1], patch_size, resized)[0]
+        return [resize_nearest(m, image_hw) for m in maps]
 
     def label(self, grids: list[tuple[np.ndarray, tuple[int, int]]], patch_size: int, image_hw: tuple[int, int],
-              image: np.ndarray | None = None) -> ImageLabels:
+              image: np.ndarray | None = None, windows: tuple | None = None) -> ImageLabels:
         """grids: per scale (features (D, gh, gw), resized (h, w)), the base scale first. `image`
-        (H, W, 3) uint8 is needed by the variants that look at colour (crf, superpixels)."""
+        (H, W, 3) uint8 is needed by the variants that look at colour (crf, superpixels).
+        windows: (window features (N, D, g, g), `core.windows.layout_axis_weights`) where extract kept them."""
         main = self.fits[0]
         start = time.perf_counter()
         (main_map,), logits = self.main.assign(grids, patch_size, image_hw, num_classes=NUM_CLASSES,
                                                first_fit_mapping=main.mapping if "crf" in self.variants else None)
+        other_maps = self.others.assign(grids, patch_size, image_hw)[0] if len(self.fits) > 1 else []
+        full = [main_map, *other_maps]
+        labellings = {"full": full, "resized": self._resized_maps(grids, patch_size, image_hw, windows)}
+        main_map, *other_maps = full if self.labelling == "full" else [
+            subsample(m, f.stride) for m, f in zip(labellings["resized"], self.fits)]
         seed_labels = clusters_to_train_ids(main_map, main.mapping)
         seed_seconds = time.perf_counter() - start
-        other_maps = self.others.assign(grids, patch_size, image_hw)[0] if len(self.fits) > 1 else []
         evidence = ImageEvidence(image=image, grids=grids, patch_size=patch_size, seed_labels=seed_labels, class_logits=logits)
         outcomes = []
         for name in self.variants:
@@ -68,12 +96,37 @@ class ImageLabeller:
             start = time.perf_counter()
             labels = clusters_to_train_ids(other_maps[-1], self.fits[-1].mapping)
             outcomes.append((labels, self._panoptic(labels, None), time.perf_counter() - start))
-        return ImageLabels([main_map, *other_maps], outcomes)
+        return ImageLabels([main_map, *other_maps], outcomes, labellings)
 
     def _panoptic(self, labels: np.ndarray, instances: np.ndarray | None) -> Panoptic:
         p = self.panoptic
         return panoptic_from_train_ids(labels, instances, min_area=p.thing_min_area, stuff_min_area=p.stuff_min_area,
                                        connectivity=p.connectivity)
+
+
+def sensitivity_scores(labeller: ImageLabeller, labels: ImageLabels, gt: np.ndarray | None, gt_pan: Panoptic | None,
+                       gt_instances: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Per fit and labelling: the official confusion (F, L, C, C+1) on the fit's pixels, the
+    seed's (F, L, C, C), and panoptic statistics (F, L, evaluator, C, 4). A labelling that exists
+    only at a stride (the sweep's extra fits, full size) gets the official confusion only."""
+    n_fit, n_lab = len(labeller.fits), len(LABELLINGS)
+    out = {"sens_confusion": np.zeros((n_fit, n_lab, NUM_CLASSES, NUM_CLASSES + 1), np.int64),
+           "sens_seed_confusion": np.zeros((n_fit, n_lab, NUM_CLASSES, NUM_CLASSES), np.int64),
+           "sens_pq": np.zeros((n_fit, n_lab, len(EVALUATORS), NUM_CLASSES, 4), np.float64)}
+    if gt is None:
+        return out
+    for f, fit in enumerate(labeller.fits):
+        for l, labelling in enumerate(LABELLINGS):
+            cluster_map = labels.labellings[labelling][f]
+            train_ids = clusters_to_train_ids(cluster_map, fit.mapping)
+            if cluster_map.shape != gt.shape:
+                out["sens_confusion"][f, l] = confusion_matrix(subsample(gt, fit.stride), train_ids, NUM_CLASSES)
+                continue
+            out["sens_confusion"][f, l] = confusion_matrix(gt, train_ids, NUM_CLASSES)
+            out["sens_pq"][f, l, 0] = pq_stats(gt_pan, labeller._panoptic(train_ids, None))
+            out["sens_seed_confusion"][f, l] = seed_confusion(gt, train_ids)
+            out["sens_pq"][f, l, 1] = seed_pq_stats(gt, gt_instances, train_ids)
+    return out
 
 
 def image_scores(labels: ImageLabels, fits: list[LabelFit], gt: np.ndarray | None,
@@ -102,11 +155,15 @@ def shard_scores(image_ids: list[str], folds: list[int], scores: list[dict[str, 
     """The images of a shard (in shard order) -> the arrays of its scores npz: per fit the pixel
     counts by held-out fold (F, k, C) and the wins; per variant the summed confusion and seconds;
     per image the panoptic statistics (so float sums never depend on the sharding)."""
-    n_var = len(variants)
+    n_var, n_fit, n_lab = len(variants), len(fits), len(LABELLINGS)
     arrays = {"image_ids": np.array(image_ids, dtype=np.str_), "variants": np.array(variants, dtype=np.str_),
               "variant_confusion": sum((s["variant_confusion"] for s in scores), np.zeros((n_var, NUM_CLASSES, NUM_CLASSES + 1), np.int64)),
               "variant_seconds": sum((s["variant_seconds"] for s in scores), np.zeros(n_var)),
-              "image_pq": np.array([s["variant_pq"] for s in scores], np.float64).reshape(-1, n_var, NUM_CLASSES, 4)}
+              "image_pq": np.array([s["variant_pq"] for s in scores], np.float64).reshape(-1, n_var, NUM_CLASSES, 4),
+              "sens_confusion": sum((s["sens_confusion"] for s in scores), np.zeros((n_fit, n_lab, NUM_CLASSES, NUM_CLASSES + 1), np.int64)),
+              "sens_seed_confusion": sum((s["sens_seed_confusion"] for s in scores), np.zeros((n_fit, n_lab, NUM_CLASSES, NUM_CLASSES), np.int64)),
+              "image_sens_pq": np.array([s["sens_pq"] for s in scores], np.float64).reshape(
+                  -1, n_fit, n_lab, len(EVALUATORS), NUM_CLASSES, 4)}
     for fit in fits:
         k = len(fit.mapping)
         counts = np.zeros((num_folds, k, NUM_CLASSES), np.int64)

@@ -255,3 +255,26 @@ def _nearest_per_pixel(grids: list[tuple[torch.Tensor, tuple[int, int]]], centro
 def clusters_to_train_ids(cluster_map: np.ndarray, mapping: np.ndarray) -> np.ndarray:
     """(H, W) cluster ids -> (H, W) uint8 trainIds (255 where the cluster has no class)."""
     return predict_classes(cluster_map, mapping).astype(np.uint8)
+
+
+def window_cluster_maps(windows: np.ndarray, axis_weights: tuple[list[np.ndarray], list[np.ndarray]],
+                        centroids: list[np.ndarray], device: torch.device | str = "cpu") -> list[np.ndarray]:
+    """The seed's pixel labelling at the resized size: windows (N, D, g, g) -> their pixel map
+    (sum over windows of Wy f Wx^T, `core.windows.layout_axis_weights`), each pixel L2-normalised,
+    nearest unit centroid by cosine. Returns one (h, w) int32 cluster map per fit. Rows go in
+    blocks, so the map is never held whole at feature width."""
+    rows, cols = ([torch.from_numpy(np.asarray(m, np.float32)).to(device) for m in ms] for ms in axis_weights)
+    feats = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(device)
+    units = [torch.from_numpy(np.array(c, np.float32)).to(device) for c in centroids]
+    (height, width), dim = (rows[0].shape[0], cols[0].shape[0]), feats.shape[1]
+    # column interpolation of every window once: (N, D, g, w)
+    along_x = [torch.einsum("dij,xj->dix", f, wx) for f, wx in zip(feats, cols)]
+    maps = [np.empty((height, width), np.int32) for _ in units]
+    block = max(1, BLOCK_ELEMENTS // (max(dim, max(len(c) for c in units)) * width))
+    for r0 in range(0, height, block):
+        r1 = min(height, r0 + block)
+        pixel = sum(torch.einsum("yi,dix->dyx", wy[r0:r1], ax) for wy, ax in zip(rows, along_x))  # (D, b, w)
+        pixel = pixel / pixel.norm(dim=0, keepdim=True).clamp_min(1e-12)
+        for out, c in zip(maps, units):
+            out[r0:r1] = torch.einsum("kd,dyx->kyx", c, pixel).argmax(dim=0).cpu().numpy()
+    return maps

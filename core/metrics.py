@@ -8,6 +8,7 @@ argmax over clusters followed by the mapping would.
 """
 
 import numpy as np
+from PIL import Image
 
 
 def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore: int = 255) -> np.ndarray:
@@ -93,3 +94,11 @@ def patch_majority_labels(label_map: np.ndarray, grid_h: int, grid_w: int, num_c
     counts = counts.reshape(grid_h * grid_w, num_classes)
     majority = np.where(counts.any(axis=1), counts.argmax(axis=1), ignore).astype(np.uint8)
     return majority.reshape(grid_h, grid_w)
+
+
+def patch_nearest_labels(label_map: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
+    """(H, W) trainIds -> (grid_h, grid_w) uint8: one PIL NEAREST sample per patch (the seed's patch
+    labels), pixel (floor((i + 0.5) H / grid_h), floor((j + 0.5) W / grid_w)); 255 stays ignore."""
+    if label_map.ndim != 2:
+        raise ValueError(f"label map must be 2-D (H, W), got shape {label_map.shape}")
+    return np.asarray(Image.fromarray(label_map.astype(np.uint8)).resize((grid_w, grid_h), Image.NEAREST))

@@ -29,6 +29,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"- **Model:** {report['model']}",
         f"- **Feature kind:** {report['feature_kind']}",
+        f"- **Protocol:** `{report.get('protocol', 'official')}` (the steps around the model: `core/presets.py`; "
+        "the protocol sensitivity table below scores the same fits every other way)",
         f"- **Dataset:** {report['dataset']['kind']} `{report['dataset']['root']}` split `{report['dataset']['split']}`: "
         f"{report['dataset']['num_images']} images scored, {report['dataset']['num_failed']} failed "
         f"(listed in `failed_items.json`), fingerprint `{report['dataset']['fingerprint']}`",
@@ -80,6 +82,7 @@ def render_markdown(report: dict) -> str:
     for name in names[:-1]:
         lines.append(f"- {name}: recovers {', '.join(fits[name]['recovered']) or 'none'}; "
                      f"still missing {', '.join(missed_classes(fits[name]['pixel_level']['same_set']['per_class_iou'])) or 'none'}")
+    lines += _sensitivity_section(report)
     lines += _variants_section(report, names)
     lines += _absorption_section(report)
     lines += ["", "## Figures", ""]
@@ -95,6 +98,46 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Failed items", "", "| stage | image | error |", "|---|---|---|"]
         lines += [f"| {f['stage']} | {f['image_id']} | {f['error']} |" for f in report["failed_items"]]
     return "\n".join(lines) + "\n"
+
+
+LABELLING_TITLES = {"full": "full size", "resized": "resized, NEAREST up"}
+OWN_ROW = {"official": "full/official", "seed": "resized/seed"}  # the row each protocol preset reports as its own
+
+
+def _delta(value, reference) -> str:
+    return "—" if value is None or reference is None else f"{100 * (value - reference):+.1f}"
+
+
+def _sensitivity_section(report: dict) -> list[str]:
+    sensitivity = report.get("protocol_sensitivity")
+    if not sensitivity:
+        return []
+    own = OWN_ROW[sensitivity["protocol"]]
+    lines = ["", "## Protocol sensitivity: the same fits, labelled and scored each way", "",
+             f"Features and fits made under protocol `{sensitivity['protocol']}` (`core/presets.py`); same-set mapping "
+             "(the baseline: Hungarian). **Labels** *full size*: made at the image's resolution (official); *resized, "
+             "NEAREST up*: made at the resized size (322x644 on Cityscapes) and upsampled NEAREST (the seed's scripts). "
+             "**Evaluator** *official*: cityscapesscripts' rules at full resolution (void pixels excluded, crowd rules in "
+             "PQ); *seed*: the seed's `evaluate_cascade_pseudolabels.py` (prediction and ground truth resized NEAREST to "
+             "512x1024, unassigned predictions not counted, no void or crowd rules). Δ: against the fit's full size / "
+             f"official row. **bold**: this run's own protocol ({own}). A fit scored at a pixel stride has its "
+             "full-size labels only at that stride: no PQ and no seed evaluator there.", "",
+             "| fit | labels | evaluator | mIoU | pixel acc | PQ | PQ stuff | PQ things | SQ | RQ | Δ mIoU | Δ PQ |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rows in sensitivity["fits"].items():
+        reference = rows["full/official"]
+        ref_pq = (reference["panoptic"] or {}).get("pq")
+        for key, row in rows.items():
+            pan = row["panoptic"] or {}
+            cells = [name, LABELLING_TITLES[row["labels"]], row["evaluator"], _pct(row["miou"]), _pct(row["pixel_accuracy"]),
+                     _pct(pan.get("pq")), _pct(pan.get("pq_stuff")), _pct(pan.get("pq_things")), _pct(pan.get("sq")),
+                     _pct(pan.get("rq")), _delta(row["miou"], reference["miou"]), _delta(pan.get("pq"), ref_pq)]
+            if row["pixel_stride"] != 1:
+                cells[3] += f" (every {row['pixel_stride']}th px)"
+            if key == own:
+                cells = [f"**{c}**" for c in cells]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _variants_section(report: dict, names: list[str]) -> list[str]:

@@ -9,6 +9,13 @@ stride need not be a multiple of the patch size (161 = 11.5 x 14), averaging hap
 of cells of gcd(patch, stride) pixels (7 px for 14 px patches and a 161 stride) and is pooled back to the patch grid,
 so every window's patches land where they belong. A 1024x2048 image gives a 23x46 patch grid.
 
+The `seed` protocol (core.presets) merges as the seed's scripts do instead (`merge="pixels"`):
+each window's patch map is upsampled bilinearly to its pixels, the windows are averaged per
+pixel over the resized image, and that pixel map is average-pooled (adaptive_avg_pool2d) to the
+patch grid, a [1/8, 3/4, 1/8] blur of each window's patches per axis. Every step is linear and
+the windows form a grid, so each is a small matrix per axis (`window_axis_weights`): the pixel
+map is never held at feature width.
+
 The work is three steps, so that a pipeline can run each where it belongs:
   `cut_windows`    CPU: resize (PIL bilinear, antialiased), pad, cut uint8 windows;
   `core.dense.WindowModel`  device: normalise, flip, run the model on windows of many images;
@@ -31,6 +38,7 @@ class WindowSpec:
     flip: bool = True
     batch_size: int = 8  # windows per forward pass
     precision: str = "fp32"  # fp16 / bf16 autocast on CUDA only
+    merge: str = "cells"  # how `stitch_windows` merges overlapping windows: "cells" | "pixels" (the seed's)
 
 
 @dataclass(frozen=True)
@@ -114,16 +122,80 @@ def cut_windows(image: np.ndarray, spec: WindowSpec, patch_size: int,
     return np.ascontiguousarray(np.stack(windows)), layouts
 
 
+def bilinear_upsample_weights(out_len: int, in_len: int) -> np.ndarray:
+    """(out_len, in_len) float64: bilinear interpolation with align_corners=False (torch's
+    F.interpolate), out pixel i sampling input coordinate (i + 0.5) * in_len / out_len - 0.5,
+    clamped to the edge values."""
+    u = np.clip((np.arange(out_len) + 0.5) * in_len / out_len - 0.5, 0, in_len - 1)
+    lo = np.floor(u).astype(np.int64)
+    hi = np.minimum(lo + 1, in_len - 1)
+    w = np.zeros((out_len, in_len))
+    np.add.at(w, (np.arange(out_len), lo), 1 - (u - lo))
+    np.add.at(w, (np.arange(out_len), hi), u - lo)
+    return w
+
+
+def adaptive_pool_weights(out_len: int, in_len: int) -> np.ndarray:
+    """(out_len, in_len) float64: adaptive_avg_pool's bins, [floor(i L / n), ceil((i + 1) L / n))."""
+    w = np.zeros((out_len, in_len))
+    for i in range(out_len):
+        a, b = (i * in_len) // out_len, -(-((i + 1) * in_len) // out_len)
+        w[i, a:b] = 1.0 / (b - a)
+    return w
+
+
+def window_axis_weights(length: int, starts: list[int], crop: int, patch_size: int) -> list[np.ndarray]:
+    """Along one axis of the resized image (`length` px): per window start, the (length, crop/p)
+    matrix taking the window's patches to the pixel map, bilinear upsampling divided by how many
+    windows cover each pixel. The pixel map of an image is sum_w Wy[w] f_w Wx[w]^T."""
+    up = bilinear_upsample_weights(crop, crop // patch_size)
+    cover = np.zeros(length)
+    placed = []
+    for s in starts:
+        m = np.zeros((length, up.shape[1]))
+        inside = min(length, s + crop) - s
+        if inside > 0:
+            m[s:s + inside] = up[:inside]
+            cover[s:s + inside] += 1
+        placed.append(m)
+    return [m / np.maximum(cover, 1)[:, None] for m in placed]
+
+
+def layout_axis_weights(layout: ScaleLayout, crop: int, patch_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per window (in `origins` order): its row and column matrices of `window_axis_weights`."""
+    ys = sorted({y for y, _ in layout.origins})
+    xs = sorted({x for _, x in layout.origins})
+    wy = dict(zip(ys, window_axis_weights(layout.resized[0], ys, crop, patch_size)))
+    wx = dict(zip(xs, window_axis_weights(layout.resized[1], xs, crop, patch_size)))
+    return [wy[y] for y, _ in layout.origins], [wx[x] for _, x in layout.origins]
+
+
+def _stitch_by_pixels(feats: np.ndarray, layout: ScaleLayout, crop: int, patch_size: int) -> np.ndarray:
+    """The seed's merge: pixel map of the windows, adaptive-average-pooled to the patch grid."""
+    (h, w), (gh, gw) = layout.resized, layout.grid
+    rows, cols = layout_axis_weights(layout, crop, patch_size)
+    pool_y, pool_x = adaptive_pool_weights(gh, h), adaptive_pool_weights(gw, w)
+    out = np.zeros((feats.shape[1], gh, gw))
+    for feat, wy, wx in zip(feats, rows, cols):
+        out += np.einsum("ij,djk,lk->dil", pool_y @ wy, feat, pool_x @ wx, optimize=True)
+    return out.astype(np.float32)
+
+
 def stitch_windows(window_features: np.ndarray, layouts: list[ScaleLayout], crop: int, stride: int,
-                   patch_size: int) -> list[tuple[np.ndarray, tuple[int, int]]]:
+                   patch_size: int, merge: str = "cells") -> list[tuple[np.ndarray, tuple[int, int]]]:
     """One image's window features (N, D, crop/p, crop/p), in `cut_windows` order -> per scale
-    (features (D, gh, gw) float32, resized (h, w))."""
+    (features (D, gh, gw) float32, resized (h, w)). merge: "cells" (this tool's) or "pixels" (the seed's)."""
+    if merge not in ("cells", "pixels"):
+        raise ValueError(f"unknown window merge {merge!r}; allowed: cells, pixels")
     cell = math.gcd(patch_size, stride)  # averaging grid that every window aligns to
     up, n = patch_size // cell, crop // cell
     grids, start = [], 0
     for layout in layouts:
         feats = window_features[start:start + len(layout.origins)].astype(np.float32, copy=False)
         start += len(layout.origins)
+        if merge == "pixels":
+            grids.append((_stitch_by_pixels(feats, layout, crop, patch_size), layout.resized))
+            continue
         d = feats.shape[1]
         ph, pw = layout.padded
         total = np.zeros((d, ph // cell, pw // cell), np.float32)

@@ -17,13 +17,15 @@ from tqdm import tqdm
 
 from configs.schema import RunConfig
 from actors.model_setup import model_spec
-from core.clustering import assign_clusters, check_features, fit_kmeans, l2_normalize
+from core.clustering import (SEED_MINIBATCH, assign_clusters, assign_euclidean, check_features, fit_kmeans,
+                             fit_seed_minibatch, l2_normalize)
 from core.errors import UserError
 from core.fit_artifact import FitArtifact
 from core.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
 from core.mapping import hungarian_mapping, majority_mapping
 from core.protocols import label_free_mapping, protocol_scores
 from core.models import load_cluster_probe
+from core.presets import protocol_steps
 from core.sampling import BoundedSample, image_fold, patch_priorities, per_image_lowest
 from ray_jobs.distributed_lloyd import distributed_lloyd
 from ray_jobs.layout import Layout
@@ -47,12 +49,11 @@ def fit_names(cfg: RunConfig) -> list[str]:
     return [f"k{cfg.fit.k}", *sweep, baseline_name(cfg)]
 
 
-def baseline_centroids(cfg: RunConfig, sample: np.ndarray) -> np.ndarray:
+def baseline_centroids(cfg: RunConfig, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """CAUSE's 27 cluster-probe centroids, or a k = 19 k-means fit where there is no probe."""
     if cfg.fit.baseline == "cluster_probe":
-        return l2_normalize(load_cluster_probe(model_spec(cfg).cluster_probe_checkpoint))
-    return fit_kmeans(sample, NUM_CLASSES, seed=cfg.seed, engine=cfg.fit.engine, n_iter=cfg.fit.n_iter,
-                      max_points_per_centroid=cfg.fit.max_points_per_centroid)
+        return l2_normalize(load_cluster_probe(model_spec(cfg).cluster_probe_checkpoint)), None
+    return fit_centroids(cfg, sample, NUM_CLASSES)
 
 
 class FeatureShards:
@@ -72,6 +73,8 @@ class FeatureShards:
 def gather_sample(shards: FeatureShards, cfg: RunConfig) -> np.ndarray:
     """(n, D) float32: at most max_patches_per_image rows per image, at most max_samples overall,
     in one pass holding at most max_samples rows plus one shard's."""
+    if protocol_steps(cfg.protocol).kmeans == "seed":
+        return labelled_patches(shards, cfg.fit.max_samples)
     sample = BoundedSample(cfg.fit.max_samples)
     for table in shards.tables(["image_id", "feature"], "fit: sampling patches"):
         priorities, image_index = patch_priorities(table.column("image_id").to_numpy(zero_copy_only=False), cfg.seed)
@@ -80,13 +83,46 @@ def gather_sample(shards: FeatureShards, cfg: RunConfig) -> np.ndarray:
     return sample.result()
 
 
-def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray], baseline: str,
-                          cfg: RunConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def labelled_patches(shards: FeatureShards, max_rows: int) -> np.ndarray:
+    """The seed's k-means input: every labelled patch, in dataset order (images in order, patches
+    row-major), which MiniBatchKMeans' batches depend on. More than `max_rows` is refused."""
+    parts, total = [], 0
+    for table in shards.tables(["feature", "label"], "fit: gathering labelled patches"):
+        rows = np.flatnonzero(table.column("label").to_numpy() != IGNORE)
+        total += len(rows)
+        if total > max_rows:
+            raise FitError(f"protocol=seed fits on every labelled patch, and there are more than fit.max_samples={max_rows} "
+                           "(the seed's Cityscapes val has ~529k): raise fit.max_samples, or use protocol=official")
+        parts.append(features_from_table(table.take(rows)))
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
+def fit_engine(cfg: RunConfig) -> str:
+    """How the k-means fits were made, as the fit meta and the report say it."""
+    if protocol_steps(cfg.protocol).kmeans == "seed":
+        return "sklearn MiniBatchKMeans, the seed's settings " + ", ".join(f"{k}={v}" for k, v in SEED_MINIBATCH.items())
+    return cfg.fit.engine
+
+
+def fit_centroids(cfg: RunConfig, sample: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """One k-means fit: unit centroids, and the seed's raw centres (None under the official protocol)."""
+    if protocol_steps(cfg.protocol).kmeans == "seed":
+        raw = fit_seed_minibatch(sample, k)
+        return l2_normalize(raw), raw
+    return fit_kmeans(sample, k, seed=cfg.seed, engine=cfg.fit.engine, n_iter=cfg.fit.n_iter,
+                      max_points_per_centroid=cfg.fit.max_points_per_centroid), None
+
+
+def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray], raw_centres: dict[str, np.ndarray],
+                          baseline: str, cfg: RunConfig) -> tuple[dict, dict, dict]:
     """Over every patch of every shard, streamed: per fit, (F, k, C) labelled-patch counts per
-    held-out fold, and (k, k_base) co-assignment counts to the baseline's clusters (all patches,
-    labelled or not: the label-free mapping uses no ground truth)."""
+    held-out fold by cosine to the unit centroids (what labelling does), the same counts that the
+    mapping is made from (the seed's: Euclidean to its raw centres, where `raw_centres` has the
+    fit; else the cosine counts), and (k, k_base) co-assignment counts to the baseline's clusters
+    (all patches, labelled or not: the label-free mapping uses no ground truth)."""
     folds = cfg.fit.heldout_folds
     counts = {name: np.zeros((folds, len(c), NUM_CLASSES), np.int64) for name, c in centroids.items()}
+    mapping_counts = {name: np.zeros_like(counts[name]) for name in raw_centres}
     k_base = len(centroids[baseline])
     co_assignment = {name: np.zeros((len(c), k_base), np.int64) for name, c in centroids.items() if name != baseline}
     for table in shards.tables(["image_id", "feature", "label"], "fit: mapping clusters"):
@@ -97,13 +133,19 @@ def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray
         keep = labels != IGNORE
         x = features_from_table(table)
         assigned = {name: assign_clusters(x, c).astype(np.int64) for name, c in centroids.items()}
+
+        def labelled_counts(ids: np.ndarray, k: int) -> np.ndarray:
+            flat = (fold[keep] * k + ids[keep]) * NUM_CLASSES + labels[keep]
+            return np.bincount(flat, minlength=folds * k * NUM_CLASSES).reshape(folds, k, NUM_CLASSES)
+
         for name, ids in assigned.items():
             k = len(centroids[name])
-            flat = (fold[keep] * k + ids[keep]) * NUM_CLASSES + labels[keep]
-            counts[name] += np.bincount(flat, minlength=folds * k * NUM_CLASSES).reshape(folds, k, NUM_CLASSES)
+            counts[name] += labelled_counts(ids, k)
+            if name in raw_centres:
+                mapping_counts[name] += labelled_counts(assign_euclidean(x, raw_centres[name]).astype(np.int64), k)
             if name != baseline:
                 co_assignment[name] += np.bincount(ids * k_base + assigned[baseline], minlength=k * k_base).reshape(k, k_base)
-    return counts, co_assignment
+    return counts, {name: mapping_counts.get(name, c) for name, c in counts.items()}, co_assignment
 
 
 def extracted_model(markers: dict[str, dict]) -> str:
@@ -126,7 +168,7 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
     shards = FeatureShards(layout.features, markers)
     shard_files = shards.paths
     sample = gather_sample(shards, cfg)
-    centroids, seconds, history = {}, {}, {}
+    centroids, raw_centres, seconds, history = {}, {}, {}, {}
     if sample.size == 0:
         raise FitError(f"no patch features in {layout.features}: every image failed in extract (reasons in "
                        f"{layout.features / '_done'} and failed_items.json) or the extract stage has not run")
@@ -136,20 +178,21 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
         for name in names:
             start = time.perf_counter()
             if name == names[-1]:
-                centroids[name] = baseline_centroids(cfg, sample)
+                centroids[name], raw = baseline_centroids(cfg, sample)
             else:
-                centroids[name] = fit_kmeans(sample, int(name[1:]), seed=cfg.seed, engine=cfg.fit.engine, n_iter=cfg.fit.n_iter,
-                                             max_points_per_centroid=cfg.fit.max_points_per_centroid)
+                centroids[name], raw = fit_centroids(cfg, sample, int(name[1:]))
                 if cfg.fit.lloyd_iterations:  # refine on every patch of every shard, warm-started from the sample
                     centroids[name], history[name] = distributed_lloyd(shard_files, centroids[name],
                                                                        cfg.fit.lloyd_iterations, cfg.fit.lloyd_tol)
+            if raw is not None:
+                raw_centres[name] = raw
             seconds[name] = time.perf_counter() - start
             log.info("fit: %s in %.1f s", name, seconds[name])
     except ValueError as err:
         raise FitError(str(err)) from None
     baseline = names[-1]
-    fold_counts, co_assignment = count_cluster_classes(shards, centroids, baseline, cfg)
-    counts = {name: c.sum(axis=0) for name, c in fold_counts.items()}
+    fold_counts, fold_mapping_counts, co_assignment = count_cluster_classes(shards, centroids, raw_centres, baseline, cfg)
+    counts = {name: c.sum(axis=0) for name, c in fold_mapping_counts.items()}
     try:
         baseline_mapping = hungarian_mapping(counts[baseline])
         mappings = {name: baseline_mapping if name == baseline else majority_mapping(counts[name]) for name in names}
@@ -161,7 +204,7 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
     for name in names:
         mapping = mappings[name]
         label_free = None if name == baseline else label_free_mapping(co_assignment[name], baseline_mapping)
-        arrays = {"mapping_counts": fold_counts[name]} | ({} if label_free is None else {"label_free_mapping": label_free})
+        arrays = {"mapping_counts": fold_mapping_counts[name]} | ({} if label_free is None else {"label_free_mapping": label_free})
         fits[name] = FitArtifact(
             centroids=centroids[name], mapping=mapping, mapping_kind="hungarian" if name == baseline else "majority",
             extra_arrays=arrays,
@@ -169,13 +212,13 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
                   "model_identity": extract.settings["model"],
                   "feature_kind": cfg.model.feature_kind,
                   "feature_dim": int(sample.shape[1]), "model": extracted_model(markers), "dataset_fingerprint": dataset_fingerprint,
-                  "seed": cfg.seed, "engine": cfg.fit.engine, "n_samples": int(sample.shape[0]),
+                  "seed": cfg.seed, "engine": fit_engine(cfg), "protocol": cfg.protocol, "n_samples": int(sample.shape[0]),
                   "fit_seconds": round(seconds[name], 3), "lloyd_history": history.get(name, []),
                   "mapped_on": f"majority over the labelled patches of the fitted images ({cfg.dataset.split}, "
                                f"dataset fingerprint {dataset_fingerprint})"},
         )
         summary[name] = {"k": len(mapping), "mapping_kind": fits[name].mapping_kind,
-                         "patch_level": protocol_scores(fold_counts[name], fold_counts[name], mapping, label_free, CLASS_NAMES),
+                         "patch_level": protocol_scores(fold_counts[name], fold_mapping_counts[name], mapping, label_free, CLASS_NAMES),
                          "clusters_without_labelled_patches": int((counts[name].sum(axis=1) == 0).sum()),
                          "fit_seconds": round(seconds[name], 3)}
     for name, fit in fits.items():

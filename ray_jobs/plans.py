@@ -72,7 +72,8 @@ def model_identity(cfg: RunConfig, recorded: dict | None = None) -> dict:
     return {"vit": cfg.model.vit.model_dump(mode="json"), "feature_kind": cfg.model.feature_kind,
             "init_seed": cfg.model.init_seed if random_weights else None,
             "weights_sha256": {key: _weights_sha256(path, key, known) for key, path in loaded.items()},
-            "inference": cfg.inference.model_dump(mode="json", exclude={"batch_size"})}
+            "inference": cfg.inference.model_dump(mode="json", exclude={"batch_size"}),
+            "protocol": cfg.protocol}  # the window merge, patch labels and precision (core.presets)
 
 
 def extract_plan(cfg: RunConfig, records: list[ImageRecord], model: dict) -> Plan:

@@ -15,7 +15,9 @@ from core.analysis import absorption_table, cluster_purity, dead_centroid_summar
 from core.fit_artifact import FitArtifact
 from core.labels import CLASS_NAMES
 from core.metrics import semantic_scores
+from core.label_image import LABELLINGS
 from core.panoptic import pq_scores
+from core.seed_eval import seed_pq_scores, seed_semantic_scores
 from core.plots import plot_confusion, plot_miou_vs_k, plot_overlay_grid, plot_per_class_iou
 from core.protocols import protocol_scores
 from core.report import PROTOCOL_TITLES, missed_classes, render_markdown
@@ -30,23 +32,52 @@ def sum_scores(scores_dir: Path, markers: dict[str, dict], names: list[str]) -> 
     (F, k, C) and wins (k,), and per label variant the confusion (C, C+1), panoptic statistics
     (C, 4) and seconds."""
     total = {"pixel_counts": {}, "wins": {}, "num_images": 0, "variants": None,
-             "variant_confusion": 0, "variant_seconds": 0}
-    pq_ids, pq_parts = [], []
+             "variant_confusion": 0, "variant_seconds": 0, "sens_confusion": 0, "sens_seed_confusion": 0}
+    pq_ids, pq_parts, sens_parts = [], [], []
     for shard, marker in markers.items():
         data = read_verified_npz(scores_dir.parent, marker, scores_dir / f"{shard}.npz", LABEL_FIX)
         total["num_images"] += len(data["image_ids"])
         total["variants"] = [str(v) for v in data["variants"]]
-        for key in ("variant_confusion", "variant_seconds"):
+        for key in ("variant_confusion", "variant_seconds", "sens_confusion", "sens_seed_confusion"):
             total[key] = total[key] + data[key]
         pq_ids += [str(i) for i in data["image_ids"]]
         pq_parts.append(data["image_pq"])
+        sens_parts.append(data["image_sens_pq"])
         for n in names:
             total["pixel_counts"][n] = total["pixel_counts"].get(n, 0) + data[f"pixel_counts_{n}"]
             total["wins"][n] = total["wins"].get(n, 0) + data[f"wins_{n}"]
     # float sums in image-id order: the same result however the images were sharded
     order = np.argsort(np.array(pq_ids, dtype=np.str_), kind="stable")
     total["variant_pq"] = np.concatenate(pq_parts)[order].sum(axis=0) if pq_parts else 0
+    total["sens_pq"] = np.concatenate(sens_parts)[order].sum(axis=0) if sens_parts else 0
     return total
+
+
+def protocol_sensitivity(cfg: RunConfig, scores: dict, names: list[str], strides: dict[str, int]) -> dict:
+    """Per fit, its labels made both ways and each scored by both evaluators: what each protocol
+    choice is worth on the same fits. None where a labelling exists only at a stride."""
+    out = {}
+    for f, name in enumerate(names):
+        rows = {}
+        for l, labelling in enumerate(LABELLINGS):
+            full_size = labelling == "resized" or strides[name] == 1
+            official = semantic_scores(scores["sens_confusion"][f, l], CLASS_NAMES)
+            rows[f"{labelling}/official"] = {
+                "labels": labelling, "evaluator": "official", "miou": official["miou"],
+                "pixel_accuracy": official["pixel_accuracy"], "pixel_stride": 1 if full_size else strides[name],
+                "panoptic": pq_summary(pq_scores(scores["sens_pq"][f, l, 0])) if full_size else None}
+            if full_size:
+                seed = seed_semantic_scores(scores["sens_seed_confusion"][f, l])
+                rows[f"{labelling}/seed"] = {"labels": labelling, "evaluator": "seed", "miou": seed["miou"],
+                                             "pixel_accuracy": seed["pixel_accuracy"], "pixel_stride": 1,
+                                             "panoptic": pq_summary(seed_pq_scores(scores["sens_pq"][f, l, 1]))}
+        out[name] = rows
+    return {"protocol": cfg.protocol, "fits": out}
+
+
+def pq_summary(scores: dict) -> dict:
+    return {"pq": scores["all"]["pq"], "sq": scores["all"]["sq"], "rq": scores["all"]["rq"],
+            "pq_stuff": scores["stuff"]["pq"], "pq_things": scores["things"]["pq"]}
 
 
 LABEL_FIX = "run `python submit.py label` with this config: it redoes that shard"
@@ -109,13 +140,15 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
     absorption = {main: absorption_table(main_conf, CLASS_NAMES),
                   baseline: absorption_table(scores["variant_confusion"][-1], CLASS_NAMES)} if variants else {}
 
+    sensitivity = protocol_sensitivity(cfg, scores, names, {n: fits[n]["pixel_stride"] for n in names})
     figures = _figures(cfg, layout, fits, names, variants, main_conf)
     panoptic_json = merge_panoptic_annotations(layout.scores, label_done, layout.labels, cfg.dataset.split, LABEL_FIX)
     report = {
         "run_name": cfg.run_name, "model": meta["model"], "feature_kind": cfg.model.feature_kind,
         "dataset": {"kind": cfg.dataset.kind, "root": str(cfg.dataset.root), "split": cfg.dataset.split,
                     "num_images": scores["num_images"], "num_failed": len(failed_ids), "fingerprint": meta["fingerprint"]},
-        "timing": timing, "fits": fits, "baseline_missed": baseline_missed, "variants": variants,
+        "protocol": cfg.protocol, "timing": timing, "fits": fits, "baseline_missed": baseline_missed,
+        "variants": variants, "protocol_sensitivity": sensitivity,
         "written_variant": cfg.refine.write_variant, "absorption": absorption, "figures": figures,
         "outputs": {"labels": str(layout.labels.relative_to(cfg.output_dir)),
                     "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir))},

@@ -131,6 +131,11 @@ def feature_path(features_dir: Path, shard: str, scale: float = 1.0) -> Path:
     return folder / f"{shard}.parquet"
 
 
+def window_path(features_dir: Path, shard: str) -> Path:
+    """A shard's window features (the seed protocol's: each image's base-scale windows side by side)."""
+    return Path(features_dir) / "_windows" / f"{shard}.parquet"
+
+
 def features_from_table(table: pa.Table) -> np.ndarray:
     """The `feature` column as an (n, D) float32 array, without a per-row Python loop."""
     column = table.column("feature").combine_chunks()

@@ -113,7 +113,7 @@ def test_apply_writes_the_features_when_asked_and_they_equal_extract(s3_frames, 
     assert len(grids) == summary["num_images"] == NUM_GOOD and set(table.column("label").to_pylist()) == {255}
     hist = pq.read_table(cfg.output_dir / "histograms").to_pydict()
     image_id, source = hist["image_id"][0], hist["source"][0]
-    (expected,) = DenseFeatureExtractor(build_feature_model(model_spec(cfg)), window_spec(cfg.inference))([read_rgb(source)])
+    (expected,) = DenseFeatureExtractor(build_feature_model(model_spec(cfg)), window_spec(cfg))([read_rgb(source)])
     features, hw = grids[image_id]
     assert hw == (128, 256)
     np.testing.assert_allclose(features, expected, atol=2e-3 * np.abs(expected).max())

@@ -75,7 +75,41 @@ def test_cluster_probe_baseline_is_loaded_and_normalised(tmp_path):
     torch.save({"cluster_probe": probe, "codebook": torch.randn(4, 90)}, tmp_path / "cluster_tr.pth")
     cfg = parse_config({"model": {"feature_kind": "head", "cluster_probe_checkpoint": str(tmp_path / "cluster_tr.pth")},
                         "fit": {"baseline": "cluster_probe"}}, "test")
-    centroids = baseline_centroids(cfg, np.zeros((0, 90), np.float32))
+    centroids, raw = baseline_centroids(cfg, np.zeros((0, 90), np.float32))
+    assert raw is None  # only the seed's k-means has raw centres
     assert centroids.shape == (27, 90)
     assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
     assert np.allclose(centroids[0], (probe[0] / probe[0].norm()).numpy(), atol=1e-6)
+
+
+def test_seed_protocol_fits_every_labelled_patch_in_dataset_order_and_maps_by_euclidean_predict(tmp_path):
+    from sklearn.cluster import MiniBatchKMeans
+
+    cfg = parse_config({"output_dir": str(tmp_path), "protocol": "seed", "inference": {"short_side": 112, "crop": 112, "stride": 56},
+                        "fit": {"k": 6, "k_sweep": [3], "max_patches_per_image": 2, "heldout_folds": 3}}, "test")
+    rng = np.random.default_rng(5)
+    tables, ordered = [], []
+    for shard in range(2):
+        ids, feats, labels = [], [], []
+        for i in range(3):
+            feat = rng.normal(size=(D, 4, 4)).astype(np.float32)
+            label = rng.integers(0, 3, size=(4, 4)).astype(np.uint8)
+            label[0] = 255  # unlabelled patches: not part of the seed's fit
+            ids.append(f"img{shard}_{i}")
+            feats.append(feat)
+            labels.append(label)
+            ordered.append((feat.reshape(D, 16).T, label.ravel()))
+        tables.append(patch_table(ids, feats, labels, patch_schema(D, "float32"), [(56, 56)] * len(ids)))
+    fits = run_fit(cfg, *write_extracted(cfg, tables))
+    # the reference, from DESIGN.md: every labelled patch in dataset order, nan_to_num, float64, L2-normalised
+    x = np.concatenate([f[lab != 255] for f, lab in ordered]).astype(np.float64)
+    y = np.concatenate([lab[lab != 255] for _, lab in ordered])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    kmeans = MiniBatchKMeans(n_clusters=6, batch_size=10000, max_iter=300, n_init=3, random_state=42).fit(x)
+    np.testing.assert_allclose(fits["k6"].centroids, kmeans.cluster_centers_ / np.linalg.norm(kmeans.cluster_centers_, axis=1, keepdims=True),
+                               atol=1e-6)
+    counts = np.zeros((6, 19), np.int64)
+    np.add.at(counts, (kmeans.predict(x), y), 1)
+    populated = counts.sum(axis=1) > 0
+    assert np.array_equal(fits["k6"].mapping[populated], counts.argmax(axis=1)[populated])
+    assert fits["k6"].meta["n_samples"] == len(x) == 6 * 12 and "MiniBatchKMeans" in fits["k6"].meta["engine"]

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs.schema import parse_config
+from core.errors import UserError
 from ray_jobs.pipeline import Pipeline
 from tests.official import official_panoptic, official_pixel_level
 from tests.tiny_runs import NUM_IMAGES
@@ -110,3 +111,43 @@ def test_a_corrupt_image_is_recorded_and_the_rest_completes(ray_cluster, demo_ro
     failed = json.loads((cfg.output_dir / "failed_items.json").read_text())
     assert [f["stage"] for f in failed] == ["extract"]  # label reads features: it never sees the image
     assert all(str(victim) in f["error"] and "corrupt or truncated" in f["error"] for f in failed)
+
+
+def test_the_sensitivity_table_scores_the_same_fits_every_way(first_run):
+    report = json.loads((first_run.output_dir / "report.json").read_text())
+    sensitivity = report["protocol_sensitivity"]
+    assert sensitivity["protocol"] == "official" and list(sensitivity["fits"]) == list(report["fits"])
+    main = sensitivity["fits"]["k24"]
+    assert list(main) == ["full/official", "full/seed", "resized/official", "resized/seed"]
+    # this run's own row is its labels under the official evaluator: the numbers of the variants table
+    assert main["full/official"]["miou"] == report["variants"]["seed"]["semantic"]["miou"]
+    assert main["full/official"]["panoptic"]["pq"] == report["variants"]["seed"]["panoptic"]["all"]["pq"]
+    # the seed's evaluator scores the same labels differently (no void or crowd rules, 64 px stuff)
+    assert main["full/seed"]["panoptic"]["pq"] != main["full/official"]["panoptic"]["pq"]
+    assert "## Protocol sensitivity" in (first_run.output_dir / "report.md").read_text()
+
+
+def test_seed_protocol_runs_the_seeds_steps_and_refuses_a_switch_of_protocol(ray_cluster, demo_root, tmp_path):
+    data = tiny_config(demo_root, tmp_path / "out", lloyd_iterations=0).model_dump(mode="json")
+    data["inference"]["scales"] = [1.0]
+    data["label"]["sweep_pixel_stride"] = 2  # the sweep's k8: resized labels subsampled, full-size ones at the stride
+    cfg = parse_config({**data, "protocol": "seed"})
+    Pipeline(cfg).run()
+    report = json.loads((cfg.output_dir / "report.json").read_text())
+    assert report["protocol"] == "seed"
+    main = report["protocol_sensitivity"]["fits"]["k24"]
+    # its labels are made at the resized size from the windows, so they are the resized rows
+    assert main["resized/official"]["miou"] == report["variants"]["seed"]["semantic"]["miou"]
+    assert main["resized/official"]["miou"] != main["full/official"]["miou"]
+    windows = sorted((cfg.output_dir / "features" / "_windows").glob("shard-*.parquet"))
+    assert len(windows) == 3 and pq.read_table(windows[0]).num_rows == 4 * 8 * 3 * 8  # 4 images, 3 windows of 8x8
+    marker = json.loads((cfg.output_dir / "features" / "_done" / "shard-00000.json").read_text())
+    assert "features/_windows/shard-00000.parquet" in marker["outputs"]
+    meta = json.loads((cfg.output_dir / "fits" / "k24" / "meta.json").read_text())["meta"]
+    assert meta["protocol"] == "seed" and "MiniBatchKMeans" in meta["engine"]
+    assert "**resized, NEAREST up** | **seed**" in (cfg.output_dir / "report.md").read_text()
+    k8 = report["protocol_sensitivity"]["fits"]["k8"]
+    assert k8["full/official"]["pixel_stride"] == 2 and k8["full/official"]["panoptic"] is None and "full/seed" not in k8
+    assert k8["resized/seed"]["panoptic"]["pq"] is not None
+    with pytest.raises(UserError, match='protocol: "seed" -> "official"'):
+        Pipeline(parse_config({**data, "protocol": "official"})).run()

@@ -79,7 +79,7 @@ def test_streamed_features_equal_the_one_process_extractor(ray_cluster, demo_roo
     cfg = tiny_config(demo_root, tmp_path / "out")
     Pipeline(cfg).run(("extract",))
     grids = image_grids(pq.read_table(cfg.output_dir / "features"))
-    dense = DenseFeatureExtractor(build_feature_model(model_spec(cfg)), window_spec(cfg.inference))
+    dense = DenseFeatureExtractor(build_feature_model(model_spec(cfg)), window_spec(cfg))
     for record in list_cityscapes(demo_root, "val")[:3]:
         (expected,) = dense([read_rgb(record.image_path)])
         features, hw = grids[record.image_id]

@@ -49,7 +49,7 @@ def _without_timings(obj):
 def report_metrics(output_dir: Path) -> dict:
     """report.json without wall-clock timings and output paths: what two equal runs must share."""
     report = json.loads((Path(output_dir) / "report.json").read_text())
-    keep = ("dataset", "fits", "variants", "baseline_missed", "absorption", "failed_items")
+    keep = ("dataset", "fits", "variants", "protocol_sensitivity", "baseline_missed", "absorption", "failed_items")
     metrics = {k: report[k] for k in keep}
     metrics["dataset"] = {k: v for k, v in metrics["dataset"].items() if k != "root"}
     return _without_timings(metrics)

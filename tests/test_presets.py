@@ -1,0 +1,117 @@
+"""The `seed` protocol preset against references written here from DESIGN.md's facts about the
+seed's scripts (not from the code under test): window merge, patch labels, k-means, pixel labels."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.cluster import MiniBatchKMeans
+
+from actors.extract import patch_labels
+from configs.schema import ConfigError, parse_config
+from core.clustering import assign_euclidean, fit_seed_minibatch
+from core.label_image import ImageLabeller, LabelFit
+from core.windows import WindowSpec, cut_windows, layout_axis_weights, stitch_windows
+from configs.schema import PanopticConfig, RefineConfig
+
+SPEC = WindowSpec(short_side=112, crop=112, stride=56)  # 128x256 -> 112x224: windows at x = 0, 56, 112
+PATCH = 14
+
+
+def seed_pixel_map(window_features: np.ndarray, origins, resized: tuple[int, int], crop: int) -> torch.Tensor:
+    """The seed's merge, step by step: each window's patch map upsampled bilinearly to its pixels,
+    the windows averaged per pixel, cropped to the resized image."""
+    h, w = resized
+    total = torch.zeros(window_features.shape[1], h + crop, w + crop)
+    count = torch.zeros(h + crop, w + crop)
+    for (y, x), feat in zip(origins, window_features):
+        up = F.interpolate(torch.tensor(feat)[None], size=(crop, crop), mode="bilinear", align_corners=False)[0]
+        total[:, y:y + crop, x:x + crop] += up
+        count[y:y + crop, x:x + crop] += 1
+    return (total / count.clamp_min(1))[:, :h, :w]
+
+
+def windows_of(image_hw=(128, 256), dim=6, seed=0):
+    _, (layout,) = cut_windows(np.zeros((*image_hw, 3), np.uint8), SPEC, PATCH, [SPEC.short_side])
+    feats = np.random.default_rng(seed).normal(size=(len(layout.origins), dim, 8, 8)).astype(np.float32)
+    return feats, layout
+
+
+def test_seed_merge_is_the_pooled_pixel_map_of_the_windows():
+    feats, layout = windows_of()
+    (grid, _), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
+    reference = F.adaptive_avg_pool2d(seed_pixel_map(feats, layout.origins, layout.resized, SPEC.crop)[None], layout.grid)[0]
+    assert grid.shape == (6, 8, 16)
+    np.testing.assert_allclose(grid, reference.numpy(), atol=1e-5)
+    # and it is not this tool's own merge (7 px cells), which keeps each window's patches sharp
+    (cells, _), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH)
+    assert np.abs(cells - grid).max() > 0.1
+
+
+def test_seed_merge_of_one_window_is_the_one_eighth_blur():
+    """DESIGN.md: pooling a 14x bilinear upsampling is a [1/8, 3/4, 1/8] blur per axis (edges: [7/8, 1/8])."""
+    spec = WindowSpec(short_side=112, crop=112, stride=112)
+    _, (layout,) = cut_windows(np.zeros((112, 112, 3), np.uint8), spec, PATCH, [112])
+    feat = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    (grid, _), = stitch_windows(feat, [layout], 112, 112, PATCH, merge="pixels")
+    blur = np.diag(np.full(8, 0.75)) + np.diag(np.full(7, 0.125), 1) + np.diag(np.full(7, 0.125), -1)
+    blur[0, 0] = blur[-1, -1] = 0.875
+    np.testing.assert_allclose(grid, np.einsum("ij,djk,lk->dil", blur, feat[0], blur), atol=1e-5)
+
+
+def config(protocol: str, **sections):
+    return parse_config({"protocol": protocol, "inference": {"short_side": 112, "crop": 112, "stride": 56}, **sections})
+
+
+def test_seed_patch_labels_are_one_nearest_sample_per_patch():
+    labels = np.array([[0, 1, 1, 1, 2, 2, 3, 3],
+                       [0, 4, 1, 5, 2, 6, 3, 7],
+                       [8, 8, 9, 9, 255, 255, 10, 10],
+                       [8, 11, 9, 12, 255, 255, 10, 13]], np.uint8)
+    # 4x8 -> 2x4: PIL NEAREST samples pixel floor((i + 0.5) * 2) = rows 1, 3 and columns 1, 3, 5, 7
+    assert patch_labels(config("seed"), labels, (2, 4)).tolist() == [[4, 5, 6, 7], [11, 12, 255, 13]]
+    # the official labels are each 2x2 patch's majority (ties to the lower id)
+    assert patch_labels(config("official"), labels, (2, 4)).tolist() == [[0, 1, 2, 3], [8, 9, 255, 10]]
+
+
+def test_seed_kmeans_is_minibatch_with_the_seeds_settings():
+    x = np.random.default_rng(2).normal(size=(600, 5)).astype(np.float32)
+    x[3, 1] = np.nan  # the seed's nan_to_num makes it 0
+    reference_x = np.nan_to_num(x.astype(np.float64))
+    reference_x /= np.linalg.norm(reference_x, axis=1, keepdims=True)
+    reference = MiniBatchKMeans(n_clusters=7, batch_size=10000, max_iter=300, n_init=3, random_state=42).fit(reference_x)
+    centres = fit_seed_minibatch(x, 7)
+    np.testing.assert_array_equal(centres, reference.cluster_centers_)
+    np.testing.assert_array_equal(assign_euclidean(x, centres), reference.predict(reference_x))
+    with pytest.raises(ValueError, match="lower fit.k"):
+        fit_seed_minibatch(x[:5], 7)
+
+
+def test_seed_pixel_labels_come_from_the_windows_pixel_map_at_the_resized_size():
+    feats, layout = windows_of(dim=5, seed=3)
+    rng = np.random.default_rng(4)
+    centroids = rng.normal(size=(9, 5)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    mapping = rng.integers(0, 19, 9)
+    fit = LabelFit("k9", centroids, mapping)
+    labeller = ImageLabeller([fit, fit], ["seed"], RefineConfig(), PanopticConfig(), baseline=True, labelling="resized")
+    (grid, resized), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
+    labels = labeller.label([(grid, resized)], PATCH, (128, 256),
+                            windows=(feats, layout_axis_weights(layout, SPEC.crop, PATCH)))
+    pixel = F.normalize(seed_pixel_map(feats, layout.origins, layout.resized, SPEC.crop), dim=0)
+    clusters = torch.einsum("kd,dyx->kyx", torch.tensor(centroids), pixel).argmax(dim=0).numpy()
+    reference = np.asarray(Image.fromarray(mapping[clusters].astype(np.uint8)).resize((256, 128), Image.NEAREST))
+    assert labels.variants[0][0].shape == (128, 256)
+    assert (labels.variants[0][0] == reference).mean() > 0.999  # float rounding may flip a near-tie pixel
+    # the full-size labelling is made too (for the sensitivity table), from the grid
+    assert labels.labellings["full"][0].shape == (128, 256)
+
+
+def test_seed_protocol_refuses_what_it_does_not_do_yet():
+    with pytest.raises(ConfigError, match="multi-scale"):
+        config("seed", inference={"short_side": 112, "crop": 112, "stride": 56, "scales": [1.0, 0.75]})
+    with pytest.raises(ConfigError, match="lloyd_iterations"):
+        config("seed", fit={"lloyd_iterations": 2})
+    with pytest.raises(ConfigError, match="protocol"):
+        config("cause")
