@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.extract import base_window_count, feature_arrays, stitched_grids, write_feature_shards
+from actors.extract import base_window_count, extra_view_arrays, feature_arrays, stitched_grids, write_feature_shards
 from actors.geometry import extracted_scales, label_scales, pack_windows, stores_windows, unpack_windows
 from actors.model_setup import device_for
 from actors.rows import run_on_image
@@ -61,7 +61,7 @@ class PseudoLabelImages:
         annotation = write_image_predictions(self.labels_dir, group, image_id, train_ids, panoptic, split=self.cfg.dataset.split)
         arrays = {"cluster_pixels": np.bincount(cluster_map.ravel(), minlength=len(self.fit.mapping))}
         if self.cfg.apply.write_features:
-            arrays |= feature_arrays(self.cfg, grids, None) | ({} if packed is None else {"windows": packed})
+            arrays |= feature_arrays(self.cfg, grids, None) | extra_view_arrays(self.cfg, row, None)
         write_part(self.stage_dir, row["shard"], image_id, arrays,
                    {"annotation": annotation, "hw": hw, "source": row["path"], "model": str(row["model"])}, self.plan_key)
 

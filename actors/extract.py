@@ -15,13 +15,13 @@ import numpy as np
 from actors.geometry import extracted_scales, extracted_short_sides, feature_dim, pack_windows, stores_windows, window_spec
 from actors.rows import failure_message, run_on_image
 from configs.schema import parse_config
-from core.windows import ScaleLayout, cut_windows, stitch_windows
+from core.windows import ScaleLayout, cause_view, cut_windows, stitch_windows
 from core.labels import IGNORE, NUM_CLASSES
 from core.metrics import patch_majority_labels, patch_nearest_labels
 from core.presets import protocol_steps
 from storage.images import InputError, read_rgb, read_train_ids
 from storage.parts import complete_shard, read_shard_parts, write_part
-from storage.shards import feature_path, patch_schema, patch_table, shard_records, window_path, write_parquet_atomic
+from storage.shards import feature_path, patch_schema, patch_table, shard_records, window_path, write_parquet_atomic, cause_path
 
 
 def image_windows(shard_row: dict, config: dict):
@@ -35,6 +35,8 @@ def image_windows(shard_row: dict, config: dict):
         try:
             image = read_rgb(record.image_path)  # a path or an object-store URI
             windows, layouts = cut_windows(image, spec, patch, short_sides)
+            if protocol_steps(cfg.protocol).cause_crop:  # CAUSE's one test window goes last
+                windows = np.concatenate([windows, cause_view(image, spec.short_side, spec.crop)[None]])
             row.update(windows=windows, layouts=json.dumps([lay.to_dict() for lay in layouts]),
                        height=image.shape[0], width=image.shape[1])
         except Exception as err:  # noqa: BLE001 - one image's failure must not end the stage
@@ -46,7 +48,9 @@ def stitched_grids(row: dict, cfg) -> list[tuple[np.ndarray, tuple[int, int]]]:
     """A row's window features -> per extracted scale (features (D, gh, gw) float32, resized (h, w))."""
     spec = window_spec(cfg)
     layouts = [ScaleLayout.from_dict(d) for d in json.loads(row["layouts"])]
-    grids = stitch_windows(row["window_features"], layouts, spec.crop, spec.stride, cfg.model.vit.patch_size, spec.merge)
+    scale_windows = sum(len(layout.origins) for layout in layouts)  # a CAUSE crop window may follow them
+    grids = stitch_windows(row["window_features"][:scale_windows], layouts, spec.crop, spec.stride, cfg.model.vit.patch_size,
+                           spec.merge)
     if not all(np.isfinite(f).all() for f, _ in grids):  # NaN/inf would poison k-means
         raise InputError(f"{row['image_id']}: the model produced NaN/inf features; check the checkpoint and inference.precision")
     return grids
@@ -69,6 +73,20 @@ def feature_arrays(cfg, grids, train_ids: np.ndarray | None) -> dict[str, np.nda
     return arrays
 
 
+def extra_view_arrays(cfg, row: dict, train_ids: np.ndarray | None) -> dict[str, np.ndarray]:
+    """What a protocol keeps beside the patch grids: the seed's windows, CAUSE's crop (+ patch labels)."""
+    arrays = {}
+    if stores_windows(cfg):
+        arrays["windows"] = pack_windows(row["window_features"], base_window_count(row))
+    if protocol_steps(cfg.protocol).cause_crop:
+        crop = row["window_features"][-1].astype(np.float16)  # (D, g, g)
+        arrays["cause"] = crop
+        arrays["cause_labels"] = (patch_majority_labels(cause_view(train_ids, cfg.inference.short_side, cfg.inference.crop),
+                                                        *crop.shape[1:], NUM_CLASSES)
+                                  if train_ids is not None else np.full(crop.shape[1:], IGNORE, np.uint8))
+    return arrays
+
+
 def base_window_count(row: dict) -> int:
     """How many of a row's windows belong to the base scale (they come first)."""
     return len(json.loads(row["layouts"])[0]["origins"])
@@ -88,9 +106,7 @@ def _write_features(row: dict, cfg, stage_dir: Path, plan_key: str) -> None:
         raise InputError(f"{row['path']}: the image is {hw[0]}x{hw[1]} px, fewer pixels than its {grid[0]}x{grid[1]} patch "
                          "grid, so no patch gets a label; use images of at least the patch grid's size, or remove it")
     train_ids = read_train_ids(Path(row["label_ids_path"]), hw) if row["label_ids_path"] else None
-    arrays = feature_arrays(cfg, grids, train_ids)
-    if stores_windows(cfg):
-        arrays["windows"] = pack_windows(row["window_features"], base_window_count(row))
+    arrays = feature_arrays(cfg, grids, train_ids) | extra_view_arrays(cfg, row, train_ids)
     write_part(stage_dir, row["shard"], row["image_id"], arrays, {"hw": hw, "model": str(row["model"])}, plan_key)
 
 
@@ -109,6 +125,11 @@ def write_feature_shards(cfg, features_dir: Path, shard: str, order: list[str], 
         table = patch_table(order, windows, [np.full(w.shape[1:], IGNORE, np.uint8) for w in windows],
                             patch_schema(feature_dim(cfg)), hws)
         paths.append(window_path(features_dir, shard))
+        write_parquet_atomic(table, paths[-1])
+    if protocol_steps(cfg.protocol).cause_crop:
+        table = patch_table(order, [arrays["cause"] for arrays, _ in parts], [arrays["cause_labels"] for arrays, _ in parts],
+                            patch_schema(feature_dim(cfg)), hws)
+        paths.append(cause_path(features_dir, shard))
         write_parquet_atomic(table, paths[-1])
     return paths, {"num_patches": tables[0].num_rows, "feature_dim": feature_dim(cfg),
                    "model": parts[0][1]["model"] if parts else None}

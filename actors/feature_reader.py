@@ -8,7 +8,9 @@ import numpy as np
 
 from actors.geometry import label_scales, stores_windows
 from configs.schema import parse_config
-from storage.shards import feature_path, image_grids, marker_path, read_verified_parquet, shard_records, window_path
+from core.presets import protocol_steps
+from storage.shards import (cause_path, feature_path, image_grids, marker_path, read_verified_parquet, shard_records,
+                            window_path)
 
 
 def image_features(shard_row: dict, config: dict, features_dir: str):
@@ -23,8 +25,11 @@ def image_features(shard_row: dict, config: dict, features_dir: str):
     if stores_windows(cfg):  # the seed protocol's windows, for its pixel labels
         path = window_path(features_dir, shard_row["shard"])
         tables.append(read_verified_parquet(features_dir.parent, marker, path, fix))
+    if protocol_steps(cfg.protocol).cause_crop:  # CAUSE's crop, for the baseline's cause scores
+        tables.append(read_verified_parquet(features_dir.parent, marker, cause_path(features_dir, shard_row["shard"]), fix))
     grids = [image_grids(t) for t in tables]
-    columns = [f"grid_{i}" for i in range(len(label_scales(cfg)))] + (["grid_windows"] if stores_windows(cfg) else [])
+    columns = ([f"grid_{i}" for i in range(len(label_scales(cfg)))] + (["grid_windows"] if stores_windows(cfg) else [])
+               + (["grid_cause"] if protocol_steps(cfg.protocol).cause_crop else []))
     for record in shard_records(shard_row):
         row = {"shard": shard_row["shard"], "image_id": record.image_id, "path": record.image_path, "error": "",
                "setup_error": "", "group": record.group, "label_ids_path": record.label_ids_path or "",

@@ -15,14 +15,16 @@ from actors.geometry import label_short_sides, unpack_windows
 from actors.model_setup import device_for
 from actors.rows import run_on_image
 from configs.schema import RunConfig, parse_config
-from core.windows import resized_size
+from core.cause_eval import cause_counts
+from core.labels import NUM_CLASSES_27
+from core.windows import cause_view, resized_size
 from core.label_image import ImageLabeller, LabelFit, image_scores, sensitivity_scores, shard_scores
 from core.presets import protocol_steps
 from core.labels import colorize_train_ids
 from core.sampling import image_fold
 from core.variants import enabled_variants
 from storage.cityscapes_outputs import label_pngs, prediction_paths, write_image_predictions
-from storage.images import InputError, read_ground_truth, read_rgb, safe_path, write_png_atomic
+from storage.images import InputError, read_ground_truth, read_label_ids, read_rgb, safe_path, write_png_atomic
 from storage.parts import complete_shard, read_shard_parts, write_part
 from storage.shards import write_json_atomic, write_npz_atomic
 
@@ -71,6 +73,8 @@ class LabelImages:
         grids = [(row[f"grid_{i}"].astype(np.float32), resized_size(*hw, s)) for i, s in enumerate(self.short_sides)]
         labels = self.labeller.label(grids, self.cfg.model.vit.patch_size, hw, image, unpack_windows(self.cfg, row["grid_windows"], hw) if "grid_windows" in row else None)
         scores = image_scores(labels, self.fits, gt, gt_pan) | sensitivity_scores(self.labeller, labels, gt, gt_pan, gt_instances)
+        if "grid_cause" in row:
+            scores["cause_counts"] = self._cause_counts(row, hw)
         written = labels.variants[self.variants.index(self.cfg.refine.write_variant)]
         annotation = (write_image_predictions(self.labels_dir, group, image_id, *written[:2], split=split)
                       if self.cfg.label.write_label_pngs else None)
@@ -79,6 +83,15 @@ class LabelImages:
         write_part(self.stage_dir, row["shard"], image_id, scores,
                    {"fold": image_fold(image_id, self.cfg.fit.heldout_folds, self.cfg.seed), "annotation": annotation},
                    self.plan_key)
+
+    def _cause_counts(self, row: dict, hw: tuple[int, int]) -> np.ndarray:
+        """The baseline on CAUSE's crop: (2, k, 27) pixel counts without and with CAUSE's CRF."""
+        baseline, inference = self.fits[-1], self.cfg.inference
+        if not row["label_ids_path"]:
+            return np.zeros((2, len(baseline.mapping), NUM_CLASSES_27), np.int64)
+        crop_ids = cause_view(read_label_ids(Path(row["label_ids_path"]), hw), inference.short_side, inference.crop)
+        crop_rgb = cause_view(read_rgb(row["path"]), inference.short_side, inference.crop)
+        return cause_counts(row["grid_cause"].astype(np.float32), baseline.centroids, crop_ids, crop_rgb)
 
     def _write_overlay_panels(self, group: str, image_id: str, image: np.ndarray, gt: np.ndarray | None,
                               labels: np.ndarray, baseline: np.ndarray) -> None:
@@ -100,7 +113,7 @@ def finish_scores(stage_dir: str, shard_row: dict, written: list[str], failed: l
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
     order, parts, written_at = read_shard_parts(stage_dir, shard_row, written, plan_key)
     arrays = shard_scores(order, [meta["fold"] for _, meta in parts], [a for a, _ in parts], label_fits(cfg, fits),
-                          label_variants(cfg, fits), cfg.fit.heldout_folds)
+                          label_variants(cfg, fits), cfg.fit.heldout_folds, cause=protocol_steps(cfg.protocol).cause_crop)
     outputs = [stage_dir / f"{shard}.npz", stage_dir / "_panoptic" / f"{shard}.json"]
     write_npz_atomic(arrays, outputs[0])
     write_json_atomic([meta["annotation"] for _, meta in parts if meta["annotation"]], outputs[1])

@@ -203,8 +203,9 @@ class RunConfig(Strict):
     output_dir: Path = Path("outputs/run")
     seed: int = 0
     # Which variant of each step around the model (core/presets.py): "official" (full resolution,
-    # cityscapesscripts rules) or "seed" (every step as the seed paper's scripts do it).
-    protocol: Literal["official", "seed"] = "official"
+    # cityscapesscripts rules), "seed" (every step as the seed paper's scripts do it) or "cause"
+    # (official, plus the baseline under CAUSE's test protocol: 322 centre crop, 27 classes).
+    protocol: Literal["official", "seed", "cause"] = "official"
     dataset: DatasetConfig = DatasetConfig()
     demo_set: DemoSetConfig | None = None
     model: ModelConfig = ModelConfig()
@@ -236,6 +237,9 @@ class RunConfig(Strict):
             raise ValueError(f"protocol=seed with inference.scales={self.inference.scales}: the seed's multi-scale scheme "
                              "(its own sizes, log-softmax averaging) is not built yet; use inference.scales=[1.0] with "
                              "protocol=seed, or protocol=official for multi-scale labels")
+        if self.protocol == "cause" and self.inference.crop > self.inference.short_side:
+            raise ValueError(f"protocol=cause centre-crops inference.crop={self.inference.crop} px from the image resized to "
+                             f"inference.short_side={self.inference.short_side}: the crop must not exceed the short side")
         if self.protocol == "seed" and self.fit.lloyd_iterations:
             raise ValueError("protocol=seed fits the seed's MiniBatchKMeans; fit.lloyd_iterations refines the official fit: "
                              "set fit.lloyd_iterations=0 with protocol=seed")

@@ -142,8 +142,8 @@ SEED_MINIBATCH = {"batch_size": 10000, "max_iter": 300, "n_init": 3, "random_sta
 
 def seed_normalize(x: np.ndarray) -> np.ndarray:
     """The seed's feature preparation: nan_to_num, float64, rows L2-normalised."""
-    x = np.nan_to_num(np.asarray(x, dtype=np.float64))
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
 
 
 def fit_seed_minibatch(x: np.ndarray, k: int) -> np.ndarray:

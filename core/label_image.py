@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.labelling import PixelAssigner, clusters_to_train_ids, subsample, window_cluster_maps
-from core.labels import NUM_CLASSES
+from core.labels import NUM_CLASSES, NUM_CLASSES_27
 from core.mapping import cluster_class_counts
 from core.metrics import confusion_matrix
 from core.panoptic import Panoptic, panoptic_from_train_ids, pq_stats
@@ -151,7 +151,7 @@ def image_scores(labels: ImageLabels, fits: list[LabelFit], gt: np.ndarray | Non
 
 
 def shard_scores(image_ids: list[str], folds: list[int], scores: list[dict[str, np.ndarray]], fits: list[LabelFit],
-                 variants: list[str], num_folds: int) -> dict[str, np.ndarray]:
+                 variants: list[str], num_folds: int, cause: bool = False) -> dict[str, np.ndarray]:
     """The images of a shard (in shard order) -> the arrays of its scores npz: per fit the pixel
     counts by held-out fold (F, k, C) and the wins; per variant the summed confusion and seconds;
     per image the panoptic statistics (so float sums never depend on the sharding)."""
@@ -164,6 +164,8 @@ def shard_scores(image_ids: list[str], folds: list[int], scores: list[dict[str, 
               "sens_seed_confusion": sum((s["sens_seed_confusion"] for s in scores), np.zeros((n_fit, n_lab, NUM_CLASSES, NUM_CLASSES), np.int64)),
               "image_sens_pq": np.array([s["sens_pq"] for s in scores], np.float64).reshape(
                   -1, n_fit, n_lab, len(EVALUATORS), NUM_CLASSES, 4)}
+    if cause:  # the baseline on CAUSE's crops (the cause protocol)
+        arrays["cause_counts"] = sum((s["cause_counts"] for s in scores), np.zeros((2, len(fits[-1].mapping), NUM_CLASSES_27), np.int64))
     for fit in fits:
         k = len(fit.mapping)
         counts = np.zeros((num_folds, k, NUM_CLASSES), np.int64)

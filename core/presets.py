@@ -10,11 +10,30 @@ every step that differs; each variant is one small function or an option of one,
   patch labels      majority of the patch's valid pixels one NEAREST sample per patch
   precision         inference.precision                  fp32
   k-means           fit.engine on a per-image sample     MiniBatchKMeans(batch 10000, max_iter 300,
-                                                         n_init 3, random_state 42) on every
-                                                         labelled patch; mapping by Euclidean
-                                                         predict to the unnormalised centres
+                                                         n_init 3, random_state 42) on each image's
+                                                         labelled patches (<= 2000, drawn by one
+                                                         RandomState(42) stream) in dataset order;
+                                                         mapping by Euclidean predict to the
+                                                         unnormalised centres
   pixel labels      at full resolution                   at the resized size (322x644) from the
                                                          windows' pixel map, NEAREST up
+
+`cause` adds CAUSE's test protocol (test_tr.py) for the baseline and changes nothing else: each
+image is also resized NEAREST (short side 322) and centre-cropped to one 322x322 window, run with
+flip averaging (the backbone under fp16 autocast on CUDA, the head in fp32), and the baseline's
+centroids label that crop by cosine (bilinear upsampling, per-pixel normalisation). It is scored
+as CAUSE scores: 27 classes (labelIds 7..33), one Hungarian matching over the whole
+(cluster x class) pixel table of the crops, mIoU over the 27; and again after CAUSE's CRF
+(27-way log_softmax(3 * cosine), the image rebuilt from the normalised tensor) (core.cause_eval).
+
+The seed preset follows generate_overclustered_semantics.py, the script that makes the seed's
+pixel labels. Its patch-level sweep (overclustering_cause.py) subsamples the same rows to 500,000
+with an unseeded np.random.choice, so it cannot be repeated exactly. Two small differences
+remain: a pixel takes its nearest cluster's class, while the seed takes the argmax of class
+logits in which a class with no cluster scores 0 (they differ only where every centroid's
+cosine is negative); and the seed's mapping sends a cluster with no labelled patch to class 0,
+ours to the most frequent class. The seed's resize (short side to 322, each side rounded down
+to a multiple of 14, stretched) equals ours wherever that is exact, e.g. 1024x2048 -> 322x644.
 
 Not part of the seed preset yet (it runs this tool's own version of them): the seed's CRF
 (softmax(5 * logits) at 322x644), its multi-scale scheme (refused by the config) and the
@@ -27,7 +46,7 @@ table, so one run shows what each scoring choice is worth.
 
 from dataclasses import dataclass
 
-PROTOCOLS = ("official", "seed")
+PROTOCOLS = ("official", "seed", "cause")
 
 
 @dataclass(frozen=True)
@@ -37,6 +56,7 @@ class ProtocolSteps:
     precision: str | None  # None: the config's inference.precision
     kmeans: str  # "config" (fit.engine and its sample) | "seed" (core.clustering.fit_seed_minibatch)
     label_resolution: str  # "full" | "resized" (core.label_image.LABELLINGS)
+    cause_crop: bool = False  # also run CAUSE's test view (core.windows.cause_view) and score the baseline on it
 
 
 PRESETS = {
@@ -44,6 +64,8 @@ PRESETS = {
                               label_resolution="full"),
     "seed": ProtocolSteps(merge="pixels", patch_labels="nearest", precision="fp32", kmeans="seed",
                           label_resolution="resized"),
+    "cause": ProtocolSteps(merge="cells", patch_labels="majority", precision="fp16_backbone", kmeans="config",
+                           label_resolution="full", cause_crop=True),
 }
 
 

@@ -94,6 +94,17 @@ def window_layout(height: int, width: int, short_side: int, spec: WindowSpec, pa
                        tuple((y, x) for y in ys for x in xs))
 
 
+def cause_view(array: np.ndarray, short_side: int, crop: int) -> np.ndarray:
+    """CAUSE's test view of an image or a label map (uint8, (H, W[, 3])): torchvision's
+    Resize(short_side, NEAREST) (the long side truncated: int(short * long / short_len)) then
+    CenterCrop(crop) (top-left at round((size - crop) / 2))."""
+    h, w = array.shape[:2]
+    size = (short_side, int(short_side * w / h)) if h <= w else (int(short_side * h / w), short_side)
+    resized = np.asarray(Image.fromarray(array).resize((size[1], size[0]), Image.NEAREST))
+    top, left = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+    return np.ascontiguousarray(resized[top:top + crop, left:left + crop])
+
+
 def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """(H, W, 3) uint8 -> (h, w, 3) uint8, PIL bilinear (antialiased when shrinking), as the seed resizes."""
     if image.shape[:2] == tuple(size):

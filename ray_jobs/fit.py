@@ -83,12 +83,24 @@ def gather_sample(shards: FeatureShards, cfg: RunConfig) -> np.ndarray:
     return sample.result()
 
 
+SEED_PATCHES_PER_IMAGE = 2000  # generate_overclustered_semantics.py's max_per_image (a 23x46 grid has 1058)
+
+
 def labelled_patches(shards: FeatureShards, max_rows: int) -> np.ndarray:
-    """The seed's k-means input: every labelled patch, in dataset order (images in order, patches
-    row-major), which MiniBatchKMeans' batches depend on. More than `max_rows` is refused."""
+    """The seed's k-means input, in its order (MiniBatchKMeans' batches depend on it): image by
+    image in dataset order, the image's labelled patches drawn by one RandomState(42) stream,
+    `choice(n, min(2000, n), replace=False)`. More than `max_rows` is refused."""
+    rng = np.random.RandomState(SEED_MINIBATCH["random_state"])
     parts, total = [], 0
-    for table in shards.tables(["feature", "label"], "fit: gathering labelled patches"):
-        rows = np.flatnonzero(table.column("label").to_numpy() != IGNORE)
+    for table in shards.tables(["image_id", "feature", "label"], "fit: gathering labelled patches"):
+        ids, labelled = table.column("image_id").to_numpy(zero_copy_only=False), table.column("label").to_numpy() != IGNORE
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
+        rows = []
+        for a, b in zip(starts, np.r_[starts[1:], len(ids)]):  # an image's rows are consecutive
+            valid = a + np.flatnonzero(labelled[a:b])
+            if len(valid):  # the seed skips an image without labelled patches before drawing
+                rows.append(valid[rng.choice(len(valid), min(SEED_PATCHES_PER_IMAGE, len(valid)), replace=False)])
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         total += len(rows)
         if total > max_rows:
             raise FitError(f"protocol=seed fits on every labelled patch, and there are more than fit.max_samples={max_rows} "

@@ -15,6 +15,7 @@ from core.analysis import absorption_table, cluster_purity, dead_centroid_summar
 from core.fit_artifact import FitArtifact
 from core.labels import CLASS_NAMES
 from core.metrics import semantic_scores
+from core.cause_eval import hungarian_scores
 from core.label_image import LABELLINGS
 from core.panoptic import pq_scores
 from core.seed_eval import seed_pq_scores, seed_semantic_scores
@@ -43,6 +44,8 @@ def sum_scores(scores_dir: Path, markers: dict[str, dict], names: list[str]) -> 
         pq_ids += [str(i) for i in data["image_ids"]]
         pq_parts.append(data["image_pq"])
         sens_parts.append(data["image_sens_pq"])
+        if "cause_counts" in data:
+            total["cause_counts"] = total.get("cause_counts", 0) + data["cause_counts"]
         for n in names:
             total["pixel_counts"][n] = total["pixel_counts"].get(n, 0) + data[f"pixel_counts_{n}"]
             total["wins"][n] = total["wins"].get(n, 0) + data[f"wins_{n}"]
@@ -72,6 +75,12 @@ def protocol_sensitivity(cfg: RunConfig, scores: dict, names: list[str], strides
                                              "pixel_accuracy": seed["pixel_accuracy"], "pixel_stride": 1,
                                              "panoptic": pq_summary(seed_pq_scores(scores["sens_pq"][f, l, 1]))}
         out[name] = rows
+    if "cause_counts" in scores:  # the baseline under CAUSE's own test protocol
+        for i, key in enumerate(("crop/cause", "crop+crf/cause")):
+            cause = hungarian_scores(scores["cause_counts"][i])
+            out[names[-1]][key] = {"labels": key.split("/")[0], "evaluator": "cause", "miou": cause["miou"],
+                                   "pixel_accuracy": cause["pixel_accuracy"], "pixel_stride": 1, "panoptic": None,
+                                   "per_class_iou": cause["per_class_iou"]}
     return {"protocol": cfg.protocol, "fits": out}
 
 

@@ -136,6 +136,11 @@ def window_path(features_dir: Path, shard: str) -> Path:
     return Path(features_dir) / "_windows" / f"{shard}.parquet"
 
 
+def cause_path(features_dir: Path, shard: str) -> Path:
+    """A shard's features of CAUSE's one 322 centre-crop window per image (the cause protocol's)."""
+    return Path(features_dir) / "_cause" / f"{shard}.parquet"
+
+
 def features_from_table(table: pa.Table) -> np.ndarray:
     """The `feature` column as an (n, D) float32 array, without a per-row Python loop."""
     column = table.column("feature").combine_chunks()

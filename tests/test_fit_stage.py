@@ -101,9 +101,14 @@ def test_seed_protocol_fits_every_labelled_patch_in_dataset_order_and_maps_by_eu
             ordered.append((feat.reshape(D, 16).T, label.ravel()))
         tables.append(patch_table(ids, feats, labels, patch_schema(D, "float32"), [(56, 56)] * len(ids)))
     fits = run_fit(cfg, *write_extracted(cfg, tables))
-    # the reference, from DESIGN.md: every labelled patch in dataset order, nan_to_num, float64, L2-normalised
-    x = np.concatenate([f[lab != 255] for f, lab in ordered]).astype(np.float64)
-    y = np.concatenate([lab[lab != 255] for _, lab in ordered])
+    # the reference, as generate_overclustered_semantics.py draws it: image by image, the labelled patches
+    # permuted by one RandomState(42) stream (at most 2000 each), nan_to_num, float64, L2-normalised
+    rng, xs, ys = np.random.RandomState(42), [], []
+    for f, lab in ordered:
+        pick = rng.choice(int((lab != 255).sum()), int((lab != 255).sum()), replace=False)
+        xs.append(f[lab != 255][pick])
+        ys.append(lab[lab != 255][pick])
+    x, y = np.concatenate(xs).astype(np.float64), np.concatenate(ys)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     kmeans = MiniBatchKMeans(n_clusters=6, batch_size=10000, max_iter=300, n_init=3, random_state=42).fit(x)
     np.testing.assert_allclose(fits["k6"].centroids, kmeans.cluster_centers_ / np.linalg.norm(kmeans.cluster_centers_, axis=1, keepdims=True),

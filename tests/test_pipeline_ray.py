@@ -15,8 +15,9 @@ from tests.tiny_runs import NUM_IMAGES
 
 
 def tiny_config(data_root, output_dir, **fit):
+    """protocol=cause: the official pipeline, plus the baseline scored on CAUSE's centre crops."""
     return parse_config({
-        "run_name": "tiny", "output_dir": str(output_dir), "seed": 0,
+        "run_name": "tiny", "output_dir": str(output_dir), "seed": 0, "protocol": "cause",
         "dataset": {"kind": "cityscapes", "root": str(data_root), "split": "val", "images_per_shard": 4},
         "model": {"vit": {"patch_size": 14, "embed_dim": 32, "depth": 1, "num_heads": 2}, "feature_kind": "backbone"},
         "inference": {"short_side": 112, "crop": 112, "stride": 56, "batch_size": 8, "scales": [1.0, 0.75]},
@@ -116,7 +117,7 @@ def test_a_corrupt_image_is_recorded_and_the_rest_completes(ray_cluster, demo_ro
 def test_the_sensitivity_table_scores_the_same_fits_every_way(first_run):
     report = json.loads((first_run.output_dir / "report.json").read_text())
     sensitivity = report["protocol_sensitivity"]
-    assert sensitivity["protocol"] == "official" and list(sensitivity["fits"]) == list(report["fits"])
+    assert sensitivity["protocol"] == "cause" and list(sensitivity["fits"]) == list(report["fits"])
     main = sensitivity["fits"]["k24"]
     assert list(main) == ["full/official", "full/seed", "resized/official", "resized/seed"]
     # this run's own row is its labels under the official evaluator: the numbers of the variants table
@@ -125,10 +126,16 @@ def test_the_sensitivity_table_scores_the_same_fits_every_way(first_run):
     # the seed's evaluator scores the same labels differently (no void or crowd rules, 64 px stuff)
     assert main["full/seed"]["panoptic"]["pq"] != main["full/official"]["panoptic"]["pq"]
     assert "## Protocol sensitivity" in (first_run.output_dir / "report.md").read_text()
+    # the cause protocol adds the baseline on CAUSE's crops, 27 classes, without and with its CRF
+    baseline = sensitivity["fits"]["baseline_k19"]
+    assert list(baseline)[-2:] == ["crop/cause", "crop+crf/cause"] and "crop/cause" not in main
+    assert 0 < baseline["crop/cause"]["miou"] < 1 and len(baseline["crop/cause"]["per_class_iou"]) == 27
+    assert baseline["crop+crf/cause"]["miou"] != baseline["crop/cause"]["miou"]
+    assert len(list((first_run.output_dir / "features" / "_cause").glob("shard-*.parquet"))) == 3
 
 
 def test_seed_protocol_runs_the_seeds_steps_and_refuses_a_switch_of_protocol(ray_cluster, demo_root, tmp_path):
-    data = tiny_config(demo_root, tmp_path / "out", lloyd_iterations=0).model_dump(mode="json")
+    data = tiny_config(demo_root, tmp_path / "out", lloyd_iterations=0).model_dump(mode="json") | {"protocol": "official"}
     data["inference"]["scales"] = [1.0]
     data["label"]["sweep_pixel_stride"] = 2  # the sweep's k8: resized labels subsampled, full-size ones at the stride
     cfg = parse_config({**data, "protocol": "seed"})

@@ -10,9 +10,10 @@ from sklearn.cluster import MiniBatchKMeans
 
 from actors.extract import patch_labels
 from configs.schema import ConfigError, parse_config
+from core.cause_eval import cause_counts, hungarian_scores
 from core.clustering import assign_euclidean, fit_seed_minibatch
 from core.label_image import ImageLabeller, LabelFit
-from core.windows import WindowSpec, cut_windows, layout_axis_weights, stitch_windows
+from core.windows import WindowSpec, cause_view, cut_windows, layout_axis_weights, stitch_windows
 from configs.schema import PanopticConfig, RefineConfig
 
 SPEC = WindowSpec(short_side=112, crop=112, stride=56)  # 128x256 -> 112x224: windows at x = 0, 56, 112
@@ -114,4 +115,44 @@ def test_seed_protocol_refuses_what_it_does_not_do_yet():
     with pytest.raises(ConfigError, match="lloyd_iterations"):
         config("seed", fit={"lloyd_iterations": 2})
     with pytest.raises(ConfigError, match="protocol"):
-        config("cause")
+        config("caus")
+    with pytest.raises(ConfigError, match="must not exceed the short side"):
+        config("cause", inference={"short_side": 112, "crop": 126, "stride": 56})
+
+
+def test_cause_view_is_nearest_resize_of_the_short_side_then_the_centre_crop():
+    image = np.random.default_rng(6).integers(0, 255, size=(30, 50, 3), dtype=np.uint8)
+    # torchvision Resize(12): 30x50 -> 12 x int(12 * 50 / 30) = 12x20; CenterCrop(12): left = round((20 - 12) / 2) = 4
+    reference = np.asarray(Image.fromarray(image).resize((20, 12), Image.NEAREST))[:, 4:16]
+    assert np.array_equal(cause_view(image, 12, 12), reference)
+    labels = image[..., 0].T.copy()  # a portrait 50x30 label map: 20x12, top = 4
+    assert np.array_equal(cause_view(labels, 12, 12), np.asarray(Image.fromarray(labels).resize((12, 20), Image.NEAREST))[4:16])
+
+
+def test_cause_scores_one_hungarian_matching_over_27_classes():
+    counts = np.zeros((3, 27), np.int64)
+    counts[0, 0], counts[0, 1] = 80, 20  # cluster 0: mostly road (class 0 = labelId 7)
+    counts[1, 1], counts[1, 0] = 30, 10  # cluster 1: sidewalk
+    counts[2, 4] = 50                    # cluster 2: building (class 4 = labelId 11)
+    counts[2, 10] = 10                   # pole (labelId 17): no cluster of its own left
+    scores = hungarian_scores(counts)
+    assert scores["mapping"] == {0: 0, 1: 1, 2: 4}
+    # road 80 / (90 + 100 - 80); sidewalk 30 / (50 + 40 - 30); building 50 / (50 + 60 - 50); pole 0 / 10
+    expected = [80 / 110, 30 / 60, 50 / 60, 0.0]
+    assert scores["miou"] == pytest.approx(np.mean(expected))
+    assert scores["pixel_accuracy"] == pytest.approx(160 / 200)
+    assert scores["per_class_iou"]["pole"] == 0.0 and scores["per_class_iou"]["sky"] is None
+
+
+def test_cause_counts_label_the_crop_by_cosine_after_bilinear_upsampling():
+    rng = np.random.default_rng(7)
+    grid = rng.normal(size=(4, 2, 2)).astype(np.float32)
+    centroids = rng.normal(size=(3, 4)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    label_ids = np.full((8, 8), 7, np.uint8)
+    label_ids[:, 4:] = 0  # labelId 0 (unlabeled) is outside the 27 classes
+    counts = cause_counts(grid, centroids, label_ids, None)
+    pixels = F.interpolate(torch.tensor(grid)[None], size=(8, 8), mode="bilinear", align_corners=False)[0]
+    nearest = torch.einsum("kd,dyx->kyx", torch.tensor(centroids), F.normalize(pixels, dim=0)).argmax(dim=0).numpy()
+    assert counts.shape == (2, 3, 27) and counts[1].sum() == 0  # no image: no CRF counts
+    assert np.array_equal(counts[0][:, 0], np.bincount(nearest[:, :4].ravel(), minlength=3)) and counts[0].sum() == 32

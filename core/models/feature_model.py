@@ -68,10 +68,15 @@ class PatchFeatureModel(nn.Module):
         self.required_crop = math.isqrt(head.num_queries) * self.patch_size if head is not None else None
         self.description = description
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, backbone_autocast: bool = False) -> torch.Tensor:
+        """backbone_autocast: the backbone under CUDA fp16 autocast and the head in fp32, as CAUSE tests."""
         b, _, height, width = x.shape
         h, w = height // self.patch_size, width // self.patch_size
-        tokens = self.backbone.forward_features(x)  # (B, h*w, D)
+        if backbone_autocast:
+            with torch.autocast("cuda", dtype=torch.float16):
+                tokens = self.backbone.forward_features(x).float()
+        else:
+            tokens = self.backbone.forward_features(x)  # (B, h*w, D)
         if self.head is None:
             return tokens.transpose(1, 2).reshape(b, -1, h, w)  # (B, D, h, w)
         if self.required_crop not in (None, height) or height != width:
