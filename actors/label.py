@@ -31,7 +31,8 @@ from storage.shards import write_json_atomic, write_npz_atomic
 
 def label_fits(cfg: RunConfig, fits: list[dict]) -> list[LabelFit]:
     """The broadcast fits (main first, baseline last): the sweep's extra fits at the sweep stride."""
-    return [LabelFit(f["name"], f["centroids"], f["mapping"], 1 if i in (0, len(fits) - 1) else cfg.label.sweep_pixel_stride)
+    return [LabelFit(f["name"], f["centroids"], f["mapping"], 1 if i in (0, len(fits) - 1) else cfg.label.sweep_pixel_stride,
+                     f.get("prototypes"))
             for i, f in enumerate(fits)]
 
 

@@ -174,10 +174,14 @@ class RefineConfig(Strict):
     em_semantic: bool = False
     em_things: bool = False
     superpixels: bool = False
+    # the seed's feature-space heuristics, which it reports as harmful (core/seed_postprocess.py)
+    prototype_denoising: bool = False
+    knn_diffusion: bool = False
     tau: float = Field(default=0.05, gt=0)
     iterations: int = Field(default=3, ge=0)
     superpixel_step: int = Field(default=16, ge=2)
-    write_variant: Literal["seed", "crf", "em_semantic", "em_things", "superpixels"] = "seed"
+    write_variant: Literal["seed", "crf", "em_semantic", "em_things", "superpixels", "prototype_denoising",
+                           "knn_diffusion"] = "seed"
 
     @model_validator(mode="after")
     def _written_variant_is_enabled(self):

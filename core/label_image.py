@@ -34,6 +34,7 @@ class LabelFit:
     centroids: np.ndarray  # (k, D) unit rows
     mapping: np.ndarray  # (k,) cluster -> trainId (255: none)
     stride: int = 1  # scored on every stride-th pixel in each direction
+    prototypes: np.ndarray | None = None  # (C, D) class prototypes (the main fit's, for prototype denoising)
 
 
 @dataclass
@@ -60,15 +61,19 @@ class ImageLabeller:
         self.others = PixelAssigner([f.centroids for f in fits[1:]], device=device, strides=[f.stride for f in fits[1:]])
         self.resized = PixelAssigner([f.centroids for f in fits], device=device)
 
-    def _resized_maps(self, grids, patch_size: int, image_hw: tuple[int, int], windows) -> list[np.ndarray]:
+    def _resized_maps(self, grids, patch_size: int, image_hw: tuple[int, int], windows) -> tuple[list[np.ndarray], np.ndarray | None]:
         """Every fit's labels made at the resized size, NEAREST-upsampled to the image: from the
-        windows' pixel map where extract kept the windows (the seed's merge), else from the grid."""
-        resized = grids[0][1]
+        windows' pixel map where extract kept the windows (the seed's merge), else from the grid.
+        With the seed's labelling, its windows and a CRF variant, also the main fit's class logits
+        at the resized size (the seed's CRF input)."""
+        logits = None
         if windows is not None:
-            maps = window_cluster_maps(*windows, [f.centroids for f in self.fits], self.device)
+            seed_crf = self.labelling == "resized" and "crf" in self.variants
+            maps, logits = window_cluster_maps(*windows, [f.centroids for f in self.fits], self.device,
+                                               first_fit_mapping=self.fits[0].mapping if seed_crf else None)
         else:
-            maps = self.resized.assign(grids[:1], patch_size, resized)[0]
-        return [resize_nearest(m, image_hw) for m in maps]
+            maps = self.resized.assign(grids[:1], patch_size, grids[0][1])[0]
+        return [resize_nearest(m, image_hw) for m in maps], logits
 
     def label(self, grids: list[tuple[np.ndarray, tuple[int, int]]], patch_size: int, image_hw: tuple[int, int],
               image: np.ndarray | None = None, windows: tuple | None = None) -> ImageLabels:
@@ -81,12 +86,14 @@ class ImageLabeller:
                                                first_fit_mapping=main.mapping if "crf" in self.variants else None)
         other_maps = self.others.assign(grids, patch_size, image_hw)[0] if len(self.fits) > 1 else []
         full = [main_map, *other_maps]
-        labellings = {"full": full, "resized": self._resized_maps(grids, patch_size, image_hw, windows)}
+        resized_maps, resized_logits = self._resized_maps(grids, patch_size, image_hw, windows)
+        labellings = {"full": full, "resized": resized_maps}
         main_map, *other_maps = full if self.labelling == "full" else [
             subsample(m, f.stride) for m, f in zip(labellings["resized"], self.fits)]
         seed_labels = clusters_to_train_ids(main_map, main.mapping)
         seed_seconds = time.perf_counter() - start
-        evidence = ImageEvidence(image=image, grids=grids, patch_size=patch_size, seed_labels=seed_labels, class_logits=logits)
+        evidence = ImageEvidence(image=image, grids=grids, patch_size=patch_size, seed_labels=seed_labels, class_logits=logits,
+                                 resized_logits=resized_logits, prototypes=main.prototypes)
         outcomes = []
         for name in self.variants:
             start = time.perf_counter()

@@ -258,10 +258,14 @@ def clusters_to_train_ids(cluster_map: np.ndarray, mapping: np.ndarray) -> np.nd
 
 
 def window_cluster_maps(windows: np.ndarray, axis_weights: tuple[list[np.ndarray], list[np.ndarray]],
-                        centroids: list[np.ndarray], device: torch.device | str = "cpu") -> list[np.ndarray]:
+                        centroids: list[np.ndarray], device: torch.device | str = "cpu",
+                        first_fit_mapping: np.ndarray | None = None,
+                        num_classes: int = 19) -> tuple[list[np.ndarray], np.ndarray | None]:
     """The seed's pixel labelling at the resized size: windows (N, D, g, g) -> their pixel map
     (sum over windows of Wy f Wx^T, `core.windows.layout_axis_weights`), each pixel L2-normalised,
-    nearest unit centroid by cosine. Returns one (h, w) int32 cluster map per fit. Rows go in
+    nearest unit centroid by cosine. Returns one (h, w) int32 cluster map per fit and, when the
+    first fit's mapping is given, its class logits (C, h, w) float32 as the seed makes them for
+    its CRF: per class the best cosine among its clusters, 0 for a class with none. Rows go in
     blocks, so the map is never held whole at feature width."""
     rows, cols = ([torch.from_numpy(np.asarray(m, np.float32)).to(device) for m in ms] for ms in axis_weights)
     feats = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(device)
@@ -270,11 +274,23 @@ def window_cluster_maps(windows: np.ndarray, axis_weights: tuple[list[np.ndarray
     # column interpolation of every window once: (N, D, g, w)
     along_x = [torch.einsum("dij,xj->dix", f, wx) for f, wx in zip(feats, cols)]
     maps = [np.empty((height, width), np.int32) for _ in units]
+    logits = None
+    if first_fit_mapping is not None:
+        mapped = torch.from_numpy(np.flatnonzero(first_fit_mapping != IGNORE)).to(device)
+        channel = torch.from_numpy(first_fit_mapping[first_fit_mapping != IGNORE].astype(np.int64)).to(device)
+        logits = torch.zeros((num_classes, height, width), device=device)
+        has_cluster = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        has_cluster[channel] = True
     block = max(1, BLOCK_ELEMENTS // (max(dim, max(len(c) for c in units)) * width))
     for r0 in range(0, height, block):
         r1 = min(height, r0 + block)
         pixel = sum(torch.einsum("yi,dix->dyx", wy[r0:r1], ax) for wy, ax in zip(rows, along_x))  # (D, b, w)
         pixel = pixel / pixel.norm(dim=0, keepdim=True).clamp_min(1e-12)
-        for out, c in zip(maps, units):
-            out[r0:r1] = torch.einsum("kd,dyx->kyx", c, pixel).argmax(dim=0).cpu().numpy()
-    return maps
+        for i, (out, c) in enumerate(zip(maps, units)):
+            scores = torch.einsum("kd,dyx->kyx", c, pixel)
+            out[r0:r1] = scores.argmax(dim=0).cpu().numpy()
+            if i == 0 and logits is not None:
+                best = torch.full((num_classes, r1 - r0, width), -float("inf"), device=device)
+                best.scatter_reduce_(0, channel[:, None, None].expand(-1, r1 - r0, width), scores[mapped], reduce="amax")
+                logits[:, r0:r1] = torch.where(has_cluster[:, None, None], best, 0.0)
+    return maps, None if logits is None else logits.cpu().numpy()

@@ -35,9 +35,10 @@ cosine is negative); and the seed's mapping sends a cluster with no labelled pat
 ours to the most frequent class. The seed's resize (short side to 322, each side rounded down
 to a multiple of 14, stretched) equals ours wherever that is exact, e.g. 1024x2048 -> 322x644.
 
-Not part of the seed preset yet (it runs this tool's own version of them): the seed's CRF
-(softmax(5 * logits) at 322x644), its multi-scale scheme (refused by the config) and the
-refinements beyond the seed (em_*, superpixels), which work on the full-resolution features.
+Under the seed preset `refine.crf` is the seed's CRF (softmax(5 * class logits) at 322x644,
+NEAREST up: core.variants). Not part of the seed preset yet: its multi-scale scheme (refused by
+the config). The refinements beyond the seed (em_*, superpixels) work on the full-resolution
+features under every preset.
 
 Scoring is not part of a preset: every run scores its labels under each evaluator (official
 cityscapesscripts rules and the seed's 512x1024 evaluator) in the report's protocol sensitivity

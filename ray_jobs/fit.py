@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse
 from tqdm import tqdm
 
 from configs.schema import RunConfig
@@ -26,6 +27,7 @@ from core.mapping import hungarian_mapping, majority_mapping
 from core.protocols import label_free_mapping, protocol_scores
 from core.models import load_cluster_probe
 from core.presets import protocol_steps
+from core.seed_postprocess import class_prototypes, normalized_rows
 from core.sampling import BoundedSample, image_fold, patch_priorities, per_image_lowest
 from ray_jobs.distributed_lloyd import distributed_lloyd
 from ray_jobs.layout import Layout
@@ -126,16 +128,20 @@ def fit_centroids(cfg: RunConfig, sample: np.ndarray, k: int) -> tuple[np.ndarra
 
 
 def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray], raw_centres: dict[str, np.ndarray],
-                          baseline: str, cfg: RunConfig) -> tuple[dict, dict, dict]:
+                          baseline: str, cfg: RunConfig) -> tuple[dict, dict, dict, tuple[np.ndarray, np.ndarray]]:
     """Over every patch of every shard, streamed: per fit, (F, k, C) labelled-patch counts per
     held-out fold by cosine to the unit centroids (what labelling does), the same counts that the
     mapping is made from (the seed's: Euclidean to its raw centres, where `raw_centres` has the
-    fit; else the cosine counts), and (k, k_base) co-assignment counts to the baseline's clusters
-    (all patches, labelled or not: the label-free mapping uses no ground truth)."""
+    fit; else the cosine counts), (k, k_base) co-assignment counts to the baseline's clusters
+    (all patches, labelled or not: the label-free mapping uses no ground truth), and for the main
+    fit (the first) per cluster the sum and count of its normalised patch features (all patches:
+    the class prototypes of prototype denoising come from the pseudo-labels, not ground truth)."""
     folds = cfg.fit.heldout_folds
     counts = {name: np.zeros((folds, len(c), NUM_CLASSES), np.int64) for name, c in centroids.items()}
     mapping_counts = {name: np.zeros_like(counts[name]) for name in raw_centres}
     k_base = len(centroids[baseline])
+    main = next(iter(centroids))
+    main_sums, main_counts = np.zeros((len(centroids[main]), 0)), np.zeros(len(centroids[main]), np.int64)
     co_assignment = {name: np.zeros((len(c), k_base), np.int64) for name, c in centroids.items() if name != baseline}
     for table in shards.tables(["image_id", "feature", "label"], "fit: mapping clusters"):
         labels = table.column("label").to_numpy().astype(np.int64)
@@ -145,6 +151,12 @@ def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray
         keep = labels != IGNORE
         x = features_from_table(table)
         assigned = {name: assign_clusters(x, c).astype(np.int64) for name, c in centroids.items()}
+        unit = normalized_rows(x)
+        if main_sums.shape[1] != unit.shape[1]:
+            main_sums = np.zeros((len(centroids[main]), unit.shape[1]))
+        main_sums += scipy.sparse.csr_matrix((np.ones(len(unit)), (assigned[main], np.arange(len(unit)))),
+                                             shape=(len(main_sums), len(unit))) @ unit
+        main_counts += np.bincount(assigned[main], minlength=len(centroids[main]))
 
         def labelled_counts(ids: np.ndarray, k: int) -> np.ndarray:
             flat = (fold[keep] * k + ids[keep]) * NUM_CLASSES + labels[keep]
@@ -157,7 +169,7 @@ def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray
                 mapping_counts[name] += labelled_counts(assign_euclidean(x, raw_centres[name]).astype(np.int64), k)
             if name != baseline:
                 co_assignment[name] += np.bincount(ids * k_base + assigned[baseline], minlength=k * k_base).reshape(k, k_base)
-    return counts, {name: mapping_counts.get(name, c) for name, c in counts.items()}, co_assignment
+    return counts, {name: mapping_counts.get(name, c) for name, c in counts.items()}, co_assignment, (main_sums, main_counts)
 
 
 def extracted_model(markers: dict[str, dict]) -> str:
@@ -203,7 +215,8 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
     except ValueError as err:
         raise FitError(str(err)) from None
     baseline = names[-1]
-    fold_counts, fold_mapping_counts, co_assignment = count_cluster_classes(shards, centroids, raw_centres, baseline, cfg)
+    fold_counts, fold_mapping_counts, co_assignment, (cluster_sums, cluster_sizes) = count_cluster_classes(
+        shards, centroids, raw_centres, baseline, cfg)
     counts = {name: c.sum(axis=0) for name, c in fold_mapping_counts.items()}
     try:
         baseline_mapping = hungarian_mapping(counts[baseline])
@@ -217,6 +230,11 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
         mapping = mappings[name]
         label_free = None if name == baseline else label_free_mapping(co_assignment[name], baseline_mapping)
         arrays = {"mapping_counts": fold_mapping_counts[name]} | ({} if label_free is None else {"label_free_mapping": label_free})
+        if name == names[0]:  # prototype denoising's class prototypes: the clusters' patches, by mapped class
+            class_sums = np.zeros((NUM_CLASSES, cluster_sums.shape[1]))
+            np.add.at(class_sums, mapping, cluster_sums)
+            sizes = np.bincount(mapping, cluster_sizes, NUM_CLASSES)
+            arrays["class_prototypes"] = class_prototypes(class_sums, sizes).astype(np.float32)
         fits[name] = FitArtifact(
             centroids=centroids[name], mapping=mapping, mapping_kind="hungarian" if name == baseline else "majority",
             extra_arrays=arrays,

@@ -32,7 +32,8 @@ def run_label(cfg: RunConfig, records: list[ImageRecord], plan: Plan, features: 
     """`features`: the complete extract stage's markers; `fits`: the fit stage's (`require_fits`)."""
     layout = Layout(cfg.output_dir)
     names = fit_names(cfg)
-    fits_ref = ray.put([{"name": n, "centroids": fits[n].centroids, "mapping": fits[n].mapping} for n in names])
+    fits_ref = ray.put([{"name": n, "centroids": fits[n].centroids, "mapping": fits[n].mapping,
+                         "prototypes": fits[n].extra_arrays.get("class_prototypes")} for n in names])
     config = cfg.model_dump(mode="json")
     shards = label_shards(cfg, records, features)
 

@@ -11,6 +11,8 @@ from sklearn.cluster import MiniBatchKMeans
 from actors.extract import patch_labels
 from configs.schema import ConfigError, parse_config
 from core.cause_eval import cause_counts, hungarian_scores
+from core.crf import dense_crf
+from core.seed_postprocess import denoise_by_prototypes, diffuse_by_neighbours
 from core.clustering import assign_euclidean, fit_seed_minibatch
 from core.label_image import ImageLabeller, LabelFit
 from core.windows import WindowSpec, cause_view, cut_windows, layout_axis_weights, stitch_windows
@@ -156,3 +158,50 @@ def test_cause_counts_label_the_crop_by_cosine_after_bilinear_upsampling():
     nearest = torch.einsum("kd,dyx->kyx", torch.tensor(centroids), F.normalize(pixels, dim=0)).argmax(dim=0).numpy()
     assert counts.shape == (2, 3, 27) and counts[1].sum() == 0  # no image: no CRF counts
     assert np.array_equal(counts[0][:, 0], np.bincount(nearest[:, :4].ravel(), minlength=3)) and counts[0].sum() == 32
+
+
+def test_seed_crf_is_softmax_of_five_times_the_class_logits_at_the_resized_size():
+    feats, layout = windows_of(dim=5, seed=8)
+    rng = np.random.default_rng(9)
+    centroids = rng.normal(size=(6, 5)).astype(np.float32)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    mapping = np.array([0, 0, 2, 5, 2, 11])  # classes 0, 2, 5, 11 have clusters; the other 15 score 0
+    image = rng.integers(0, 255, size=(128, 256, 3), dtype=np.uint8)
+    fit = LabelFit("k6", centroids, mapping)
+    labeller = ImageLabeller([fit, fit], ["seed", "crf"], RefineConfig(), PanopticConfig(), baseline=True, labelling="resized")
+    (grid, resized), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
+    labels = labeller.label([(grid, resized)], PATCH, (128, 256), image,
+                            windows=(feats, layout_axis_weights(layout, SPEC.crop, PATCH)))
+    cosine = torch.einsum("kd,dyx->kyx", torch.tensor(centroids),
+                          F.normalize(seed_pixel_map(feats, layout.origins, layout.resized, SPEC.crop), dim=0)).numpy()
+    logits = np.zeros((19, *resized), np.float32)
+    for c in set(mapping.tolist()):
+        logits[c] = cosine[mapping == c].max(axis=0)
+    small = np.asarray(Image.fromarray(image).resize((resized[1], resized[0]), Image.BILINEAR))
+    expected = dense_crf(small, logits, alpha=5.0).argmax(axis=0).astype(np.uint8)
+    expected = np.asarray(Image.fromarray(expected).resize((256, 128), Image.NEAREST))
+    crf_labels = labels.variants[1][0]
+    assert (crf_labels == expected).mean() > 0.999
+
+
+def test_prototype_denoising_flips_only_patches_far_from_their_class_prototype():
+    # 1x3 patch grid of 2-d features; each patch is 2x2 pixels of a 2x6 label map
+    features = np.array([[[1.0, 0.0, 0.6]], [[0.0, 1.0, 0.8]]])  # (D=2, 1, 3): patch 2 is (0.6, 0.8)
+    prototypes = np.zeros((19, 2))
+    prototypes[0], prototypes[1] = (1.0, 0.0), (0.0, 1.0)
+    labels = np.repeat(np.repeat(np.array([[0, 0, 0]], np.uint8), 2, axis=0), 2, axis=1)
+    out = denoise_by_prototypes(labels, features, prototypes)
+    # patch 1: cosine 0 to class 0 (< 0.3) and best is class 1 -> flipped; patch 2: 0.6 to class 0 (>= 0.3) -> kept
+    assert out[0].tolist() == [0, 0, 1, 1, 0, 0]
+
+
+def test_knn_diffusion_spreads_labels_over_the_most_similar_patches():
+    rng = np.random.default_rng(10)
+    centres = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    which = np.array([0] * 12 + [1] * 12)
+    features = (centres[which] + 0.01 * rng.normal(size=(24, 3))).T.reshape(3, 4, 6)
+    labels = np.where(which == 0, 2, 7).astype(np.uint8).reshape(4, 6)
+    labels[0, 0] = 7  # one wrong patch among the eleven others of its cluster
+    out = diffuse_by_neighbours(labels, features, 19)
+    expected = np.where(which == 0, 2, 7).reshape(4, 6)
+    assert np.array_equal(out, expected)
