@@ -2,8 +2,12 @@
 
 import numpy as np
 
+from dataclasses import replace
+
 from actors.model_setup import build_window_model
 from configs.schema import parse_config
+from core.dense import WindowModel
+from core.presets import protocol_steps
 
 
 class WindowFeatures:
@@ -13,12 +17,16 @@ class WindowFeatures:
         cfg = parse_config(config, "extract model config")
         self.model = build_window_model(cfg, cfg.extract.model)  # (N, S, S, 3) uint8 -> (N, D, S/p, S/p)
         self.description = self.model.model.description
+        # CAUSE's crop (each image's last window under protocol=cause) runs as CAUSE tests it: fp16
+        # autocast around the backbone only; the other windows keep inference.precision
+        self.crop_model = (WindowModel(self.model.model, replace(self.model.spec, precision="fp16_backbone"), self.model.device)
+                           if protocol_steps(cfg.protocol).cause_crop else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Window features as float16: it halves the bytes moved, and features are stored so anyway."""
         windows = list(batch.pop("windows"))
         counts = [len(w) for w in windows]
-        features = self.model(np.concatenate(windows)) if sum(counts) else None
+        features = self._features(windows, counts) if sum(counts) else None
         if len(set(counts)) == 1 and counts[0]:  # the usual batch: one tensor column, which Ray Data moves without copies
             out = features.reshape(len(counts), counts[0], *features.shape[1:]).astype(np.float16)
         else:  # images of several sizes, or failed ones (a 4-d placeholder: a column holds one rank only)
@@ -26,3 +34,15 @@ class WindowFeatures:
             for i, start in enumerate(np.cumsum([0, *counts[:-1]])):
                 out[i] = features[start:start + counts[i]].astype(np.float16) if counts[i] else np.zeros((0, 1, 1, 1), np.float16)
         return {**batch, "window_features": out, "model": np.array([self.description] * len(out))}
+
+    def _features(self, windows: list[np.ndarray], counts: list[int]) -> np.ndarray:
+        """Every window of the batch through the model, in order; CAUSE's crops through `crop_model`."""
+        stacked = np.concatenate(windows)
+        if self.crop_model is None:
+            return self.model(stacked)
+        crop = np.zeros(len(stacked), bool)
+        crop[np.cumsum(counts)[np.array(counts) > 0] - 1] = True
+        crops, rest = self.crop_model(stacked[crop]), self.model(stacked[~crop])
+        out = np.empty((len(stacked), *crops.shape[1:]), crops.dtype)
+        out[crop], out[~crop] = crops, rest
+        return out

@@ -20,7 +20,8 @@ every step that differs; each variant is one small function or an option of one,
 
 `cause` adds CAUSE's test protocol (test_tr.py) for the baseline and changes nothing else: each
 image is also resized NEAREST (short side 322) and centre-cropped to one 322x322 window, run with
-flip averaging (the backbone under fp16 autocast on CUDA, the head in fp32), and the baseline's
+flip averaging (that window alone: the backbone under fp16 autocast on CUDA, the head in fp32,
+actors.window_features), and the baseline's
 centroids label that crop by cosine (bilinear upsampling, per-pixel normalisation). It is scored
 as CAUSE scores: 27 classes (labelIds 7..33), one Hungarian matching over the whole
 (cluster x class) pixel table of the crops, mIoU over the 27; and again after CAUSE's CRF
@@ -65,7 +66,7 @@ PRESETS = {
                               label_resolution="full"),
     "seed": ProtocolSteps(merge="pixels", patch_labels="nearest", precision="fp32", kmeans="seed",
                           label_resolution="resized"),
-    "cause": ProtocolSteps(merge="cells", patch_labels="majority", precision="fp16_backbone", kmeans="config",
+    "cause": ProtocolSteps(merge="cells", patch_labels="majority", precision=None, kmeans="config",
                            label_resolution="full", cause_crop=True),
 }
 

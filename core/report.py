@@ -191,12 +191,20 @@ def render_comparison(reports: dict[str, dict]) -> str:
     first = next(iter(reports.values()))
     class_names = list(next(iter(first["fits"].values()))["pixel_level"]["same_set"]["per_class_iou"])
     lines = ["# k sweep across runs (pixel level, same-set majority mapping; IoU %)", "",
-             "| run | features | fit | k | mIoU | " + " | ".join(class_names) + " |",
-             "|---|---|---|---|---|" + "---|" * len(class_names)]
+             "*mIoU*: each run's own labels (made as its protocol makes them) under the official evaluator, as are the "
+             "per-class IoUs. The next two columns score every run's fits the same two ways, from each report's "
+             "protocol sensitivity table: *full / official* (labels at full size, cityscapesscripts' rules) and "
+             "*resized / seed* (labels at the resized size NEAREST up, the seed's evaluator).", "",
+             "| run | protocol | features | fit | k | mIoU | full / official | resized / seed | " + " | ".join(class_names) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(class_names)]
     for run, report in reports.items():
+        sensitivity = (report.get("protocol_sensitivity") or {}).get("fits", {})
         for name, fit in report["fits"].items():
             level = fit["pixel_level"]["same_set"]
-            lines.append(f"| {run} | {report['feature_kind']} | {name} | {fit['k']} | {_pct(level['miou'])} | "
+            rows = sensitivity.get(name, {})
+            lines.append(f"| {run} | {report.get('protocol', 'official')} | {report['feature_kind']} | {name} | {fit['k']} | "
+                         f"{_pct(level['miou'])} | {_pct(rows.get('full/official', {}).get('miou'))} | "
+                         f"{_pct(rows.get('resized/seed', {}).get('miou'))} | "
                          + " | ".join(_pct(level["per_class_iou"][c]) for c in class_names) + " |")
     lines += ["", "Models: " + "; ".join(f"{run}: {report['model']}" for run, report in reports.items())]
     return "\n".join(lines) + "\n"

@@ -105,10 +105,15 @@ def labelled_patches(shards: FeatureShards, max_rows: int) -> np.ndarray:
         rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         total += len(rows)
         if total > max_rows:
-            raise FitError(f"protocol=seed fits on every labelled patch, and there are more than fit.max_samples={max_rows} "
-                           "(the seed's Cityscapes val has ~529k): raise fit.max_samples, or use protocol=official")
+            raise FitError(f"protocol=seed fits on the labelled patches of every image (at most {SEED_PATCHES_PER_IMAGE} "
+                           f"each), and there are more than fit.max_samples={max_rows} (the seed's Cityscapes val has "
+                           "~529k): raise fit.max_samples, or use protocol=official")
         parts.append(features_from_table(table.take(rows)))
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    if total == 0:
+        raise FitError("protocol=seed fits k-means on labelled patches only, as the seed's scripts do, and no patch has a "
+                       "label: the dataset has no ground truth. Label it with a fit saved from a labelled run instead "
+                       "(`python submit.py apply --fit ...`)")
+    return np.concatenate(parts)
 
 
 def fit_engine(cfg: RunConfig) -> str:

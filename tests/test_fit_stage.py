@@ -118,3 +118,12 @@ def test_seed_protocol_fits_every_labelled_patch_in_dataset_order_and_maps_by_eu
     populated = counts.sum(axis=1) > 0
     assert np.array_equal(fits["k6"].mapping[populated], counts.argmax(axis=1)[populated])
     assert fits["k6"].meta["n_samples"] == len(x) == 6 * 12 and "MiniBatchKMeans" in fits["k6"].meta["engine"]
+
+
+def test_seed_protocol_without_ground_truth_says_so(tmp_path):
+    cfg = parse_config({"output_dir": str(tmp_path), "protocol": "seed", "inference": {"short_side": 112, "crop": 112, "stride": 56},
+                        "fit": {"k": 6, "k_sweep": [3]}}, "test")
+    table = patch_table(["x"], [np.random.default_rng(0).normal(size=(D, 4, 4))], [np.full((4, 4), 255, np.uint8)],
+                        patch_schema(D, "float32"), [(56, 56)])
+    with pytest.raises(FitError, match="no ground truth"):
+        run_fit(cfg, *write_extracted(cfg, [table]))

@@ -205,3 +205,32 @@ def test_knn_diffusion_spreads_labels_over_the_most_similar_patches():
     out = diffuse_by_neighbours(labels, features, 19)
     expected = np.where(which == 0, 2, 7).reshape(4, 6)
     assert np.array_equal(out, expected)
+
+
+def test_the_cause_crop_runs_apart_and_comes_back_in_place():
+    from actors.window_features import WindowFeatures
+
+    cfg = parse_config({"protocol": "cause", "model": {"vit": {"embed_dim": 32, "depth": 1, "num_heads": 2}},
+                        "inference": {"short_side": 112, "crop": 112, "stride": 56}})
+    actor = WindowFeatures(cfg.model_dump(mode="json"))
+    assert actor.crop_model.spec.precision == "fp16_backbone" and actor.model.spec.precision == "fp32"
+    rng = np.random.default_rng(11)
+    windows = [rng.integers(0, 255, size=(n, 112, 112, 3), dtype=np.uint8) for n in (4, 0, 3)]  # the middle image failed
+    out = actor({"windows": np.array(windows, dtype=object), "image_id": np.array(["a", "b", "c"])})["window_features"]
+    everything = actor.model(np.concatenate(windows))  # on the CPU autocast does nothing: the same numbers
+    np.testing.assert_allclose(np.concatenate([out[0], out[2]]).astype(np.float32), everything, atol=1e-2)
+    assert out[1].shape[0] == 0
+
+
+def test_compare_names_each_runs_protocol_and_scores_all_runs_the_same_ways():
+    from core.report import render_comparison
+
+    def report(protocol, own, full):
+        level = {"miou": own, "per_class_iou": {"road": own}}
+        return {"protocol": protocol, "feature_kind": "head", "model": "m",
+                "fits": {"k300": {"k": 300, "pixel_level": {"same_set": level}}},
+                "protocol_sensitivity": {"fits": {"k300": {"full/official": {"miou": full}, "resized/seed": {"miou": 0.5}}}}}
+
+    text = render_comparison({"off": report("official", 0.4, 0.4), "seed": report("seed", 0.45, 0.42)})
+    assert "| off | official | head | k300 | 300 | 40.0 | 40.0 | 50.0 |" in text
+    assert "| seed | seed | head | k300 | 300 | 45.0 | 42.0 | 50.0 |" in text
