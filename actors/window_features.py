@@ -19,7 +19,7 @@ class WindowFeatures:
         self.description = self.model.model.description
         # CAUSE's crop (each image's last window under protocol=cause) runs as CAUSE tests it: fp16
         # autocast around the backbone only; the other windows keep inference.precision
-        self.crop_model = (WindowModel(self.model.model, replace(self.model.spec, precision="fp16_backbone"), self.model.device)
+        self.crop_model = (WindowModel(self.model.model, replace(self.model.spec, precision="fp16_backbone", flip=True), self.model.device)
                            if protocol_steps(cfg.protocol).cause_crop else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -82,8 +82,10 @@ class ImageLabeller:
         windows: (window features (N, D, g, g), `core.windows.layout_axis_weights`) where extract kept them."""
         main = self.fits[0]
         start = time.perf_counter()
+        # the full-size class logits feed this tool's CRF; the seed's takes them at the resized size from the windows
+        full_crf = "crf" in self.variants and (self.labelling == "full" or windows is None)
         (main_map,), logits = self.main.assign(grids, patch_size, image_hw, num_classes=NUM_CLASSES,
-                                               first_fit_mapping=main.mapping if "crf" in self.variants else None)
+                                               first_fit_mapping=main.mapping if full_crf else None)
         other_maps = self.others.assign(grids, patch_size, image_hw)[0] if len(self.fits) > 1 else []
         full = [main_map, *other_maps]
         resized_maps, resized_logits = self._resized_maps(grids, patch_size, image_hw, windows)

@@ -194,7 +194,8 @@ def render_comparison(reports: dict[str, dict]) -> str:
              "*mIoU*: each run's own labels (made as its protocol makes them) under the official evaluator, as are the "
              "per-class IoUs. The next two columns score every run's fits the same two ways, from each report's "
              "protocol sensitivity table: *full / official* (labels at full size, cityscapesscripts' rules) and "
-             "*resized / seed* (labels at the resized size NEAREST up, the seed's evaluator).", "",
+             "*resized / seed* (labels at the resized size NEAREST up, the seed's evaluator). A sweep fit scored at a "
+             "pixel stride (`label.sweep_pixel_stride`) has its full / official mIoU on those pixels only.", "",
              "| run | protocol | features | fit | k | mIoU | full / official | resized / seed | " + " | ".join(class_names) + " |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(class_names)]
     for run, report in reports.items():

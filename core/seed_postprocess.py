@@ -4,7 +4,9 @@ tool's patch grid. The seed runs them on CAUSE's 27-class labels with DINOv2 pat
 32x64 grid; here they take the main fit's labels and the extracted patch features.
 
 Both work on patch labels: the image's labels shrunk to the patch grid with PIL NEAREST, and
-the result is upsampled back with PIL NEAREST.
+the result is upsampled back with PIL NEAREST. The class prototypes come from the fit stage's one
+pass over every patch: each patch counts for its nearest cluster's class (the seed averages by
+its pixel labels shrunk NEAREST, which can differ at region boundaries).
 - prototype denoising (s1): class prototypes = the normalised mean of the normalised patch
   features of each class over the whole split; a patch whose cosine to its own class's
   prototype is below 0.3 takes the class of its best prototype;

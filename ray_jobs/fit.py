@@ -93,8 +93,9 @@ def labelled_patches(shards: FeatureShards, max_rows: int) -> np.ndarray:
     image in dataset order, the image's labelled patches drawn by one RandomState(42) stream,
     `choice(n, min(2000, n), replace=False)`. More than `max_rows` is refused."""
     rng = np.random.RandomState(SEED_MINIBATCH["random_state"])
-    parts, total = [], 0
+    parts, total, seen = [], 0, 0
     for table in shards.tables(["image_id", "feature", "label"], "fit: gathering labelled patches"):
+        seen += table.num_rows
         ids, labelled = table.column("image_id").to_numpy(zero_copy_only=False), table.column("label").to_numpy() != IGNORE
         starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, np.int64)
         rows = []
@@ -109,6 +110,8 @@ def labelled_patches(shards: FeatureShards, max_rows: int) -> np.ndarray:
                            f"each), and there are more than fit.max_samples={max_rows} (the seed's Cityscapes val has "
                            "~529k): raise fit.max_samples, or use protocol=official")
         parts.append(features_from_table(table.take(rows)))
+    if seen == 0:  # every image failed in extract: run_fit says so
+        return np.zeros((0, 0), np.float32)
     if total == 0:
         raise FitError("protocol=seed fits k-means on labelled patches only, as the seed's scripts do, and no patch has a "
                        "label: the dataset has no ground truth. Label it with a fit saved from a labelled run instead "

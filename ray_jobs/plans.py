@@ -34,6 +34,7 @@ from storage.shards import (DONE_DIR, PATCH_FORMAT, dataset_fingerprint, file_sh
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "_plan.json"
+FIT_FORMAT = 2  # 2: the main fit carries its class prototypes (prototype denoising)
 
 
 class StageIncomplete(UserError, RuntimeError):
@@ -86,7 +87,7 @@ def fit_plan(cfg: RunConfig, extract: Plan, recorded: dict | None = None) -> Pla
     if cfg.fit.baseline == "cluster_probe":
         known = {"cluster_probe_checkpoint": recorded["cluster_probe_sha256"]} if recorded else None
         probe = _weights_sha256(model_spec(cfg).cluster_probe_checkpoint, "cluster_probe_checkpoint", known)
-    return Plan("fit", {"extract": extract.key, "seed": cfg.seed, "fit": cfg.fit.model_dump(mode="json"),
+    return Plan("fit", {"format": FIT_FORMAT, "extract": extract.key, "seed": cfg.seed, "fit": cfg.fit.model_dump(mode="json"),
                         "cluster_probe_sha256": probe})
 
 
