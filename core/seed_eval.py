@@ -75,14 +75,20 @@ def seed_semantic_scores(conf: np.ndarray) -> dict:
     }
 
 
-def _pred_segments(pred: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Segment-id map (0 = none) and the class of segments 1..n of the prediction."""
-    pan, cats = np.zeros(pred.shape, np.int32), []
+def _stuff_segments(semantic: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """One segment per stuff class of at least STUFF_MIN_AREA px: segment-id map (0 = none) and classes."""
+    pan, cats = np.zeros(semantic.shape, np.int32), []
     for c in STUFF_TRAIN_IDS:
-        mask = pred == c
+        mask = semantic == c
         if mask.sum() >= STUFF_MIN_AREA:
             cats.append(c)
             pan[mask] = len(cats)
+    return pan, cats
+
+
+def _pred_segments(pred: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Segment-id map (0 = none) and the class of segments 1..n of the prediction."""
+    pan, cats = _stuff_segments(pred)
     for c in THING_TRAIN_IDS:
         comps, n = ndimage.label(pred == c)  # default structure: 4-connectivity, as in the script
         for k in np.flatnonzero(np.bincount(comps.ravel(), minlength=n + 1)[1:] >= THING_MIN_AREA) + 1:
@@ -92,12 +98,7 @@ def _pred_segments(pred: np.ndarray) -> tuple[np.ndarray, list[int]]:
 
 
 def _gt_segments(gt_sem: np.ndarray, gt_inst: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    pan, cats = np.zeros(gt_sem.shape, np.int32), []
-    for c in STUFF_TRAIN_IDS:
-        mask = gt_sem == c
-        if mask.sum() >= STUFF_MIN_AREA:
-            cats.append(c)
-            pan[mask] = len(cats)
+    pan, cats = _stuff_segments(gt_sem)
     ids, counts = np.unique(gt_inst, return_counts=True)
     for uid, count in zip(ids, counts):
         label_id = uid // 1000
