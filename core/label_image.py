@@ -124,6 +124,9 @@ def sensitivity_scores(labeller: ImageLabeller, labels: ImageLabels, gt: np.ndar
            "sens_pq": np.zeros((n_fit, n_lab, len(EVALUATORS), NUM_CLASSES, 4), np.float64)}
     if gt is None:
         return out
+    # the main fit's and the baseline's own labels already have their panoptic segments (variants)
+    own = LABELLINGS.index(labeller.labelling)
+    segmented = {(0, own): labels.variants[0][1]} | ({(n_fit - 1, own): labels.variants[-1][1]} if labeller.baseline else {})
     for f, fit in enumerate(labeller.fits):
         for l, labelling in enumerate(LABELLINGS):
             cluster_map = labels.labellings[labelling][f]
@@ -132,7 +135,8 @@ def sensitivity_scores(labeller: ImageLabeller, labels: ImageLabels, gt: np.ndar
                 out["sens_confusion"][f, l] = confusion_matrix(subsample(gt, fit.stride), train_ids, NUM_CLASSES)
                 continue
             out["sens_confusion"][f, l] = confusion_matrix(gt, train_ids, NUM_CLASSES)
-            out["sens_pq"][f, l, 0] = pq_stats(gt_pan, labeller._panoptic(train_ids, None))
+            panoptic = segmented[(f, l)] if (f, l) in segmented else labeller._panoptic(train_ids, None)
+            out["sens_pq"][f, l, 0] = pq_stats(gt_pan, panoptic)
             out["sens_seed_confusion"][f, l] = seed_confusion(gt, train_ids)
             out["sens_pq"][f, l, 1] = seed_pq_stats(gt, gt_instances, train_ids)
     return out
