@@ -52,7 +52,9 @@ class LabelImages:
         self.labeller = ImageLabeller(self.fits, self.variants[:-1], self.cfg.refine, self.cfg.panoptic, baseline=True,
                                       device=device_for(self.cfg.label.workers),
                                       labelling=protocol_steps(self.cfg.protocol).label_resolution)
-        self.colour = self.cfg.refine.crf or self.cfg.refine.superpixels
+        # the steps that look at colour: the CRF, superpixels, CAUSE's crop (its CRF)
+        self.cause_crop = protocol_steps(self.cfg.protocol).cause_crop
+        self.colour = self.cfg.refine.crf or self.cfg.refine.superpixels or self.cause_crop
         self.short_sides = label_short_sides(self.cfg)
 
     def __call__(self, row: dict) -> dict:
@@ -72,10 +74,11 @@ class LabelImages:
         if row["label_ids_path"]:
             gt, gt_pan, gt_instances = read_ground_truth(Path(row["label_ids_path"]), Path(row["instance_ids_path"]), hw)
         grids = [(row[f"grid_{i}"].astype(np.float32), resized_size(*hw, s)) for i, s in enumerate(self.short_sides)]
-        labels = self.labeller.label(grids, self.cfg.model.vit.patch_size, hw, image, unpack_windows(self.cfg, row["grid_windows"], hw) if "grid_windows" in row else None)
+        windows = unpack_windows(self.cfg, row["grid_windows"], hw) if "grid_windows" in row else None
+        labels = self.labeller.label(grids, self.cfg.model.vit.patch_size, hw, image, windows)
         scores = image_scores(labels, self.fits, gt, gt_pan) | sensitivity_scores(self.labeller, labels, gt, gt_pan, gt_instances)
-        if "grid_cause" in row:
-            scores["cause_counts"] = self._cause_counts(row, hw)
+        if self.cause_crop:
+            scores["cause_counts"] = self._cause_counts(row, hw, image)
         written = labels.variants[self.variants.index(self.cfg.refine.write_variant)]
         annotation = (write_image_predictions(self.labels_dir, group, image_id, *written[:2], split=split)
                       if self.cfg.label.write_label_pngs else None)
@@ -85,13 +88,13 @@ class LabelImages:
                    {"fold": image_fold(image_id, self.cfg.fit.heldout_folds, self.cfg.seed), "annotation": annotation},
                    self.plan_key)
 
-    def _cause_counts(self, row: dict, hw: tuple[int, int]) -> np.ndarray:
+    def _cause_counts(self, row: dict, hw: tuple[int, int], image: np.ndarray) -> np.ndarray:
         """The baseline on CAUSE's crop: (2, k, 27) pixel counts without and with CAUSE's CRF."""
         baseline, inference = self.fits[-1], self.cfg.inference
         if not row["label_ids_path"]:
             return np.zeros((2, len(baseline.mapping), NUM_CLASSES_27), np.int64)
         crop_ids = cause_view(read_label_ids(Path(row["label_ids_path"]), hw), inference.short_side, inference.crop)
-        crop_rgb = cause_view(read_rgb(row["path"]), inference.short_side, inference.crop)
+        crop_rgb = cause_view(image, inference.short_side, inference.crop)
         return cause_counts(row["grid_cause"].astype(np.float32), baseline.centroids, crop_ids, crop_rgb)
 
     def _write_overlay_panels(self, group: str, image_id: str, image: np.ndarray, gt: np.ndarray | None,

@@ -100,14 +100,14 @@ class ImageLabeller:
         for name in self.variants:
             start = time.perf_counter()
             labels, instances = run_variant(name, evidence, main.centroids, main.mapping, self.refine)
-            outcomes.append((labels, self._panoptic(labels, instances), seed_seconds + time.perf_counter() - start))
+            outcomes.append((labels, self.panoptic_of(labels, instances), seed_seconds + time.perf_counter() - start))
         if self.baseline:
             start = time.perf_counter()
             labels = clusters_to_train_ids(other_maps[-1], self.fits[-1].mapping)
-            outcomes.append((labels, self._panoptic(labels, None), time.perf_counter() - start))
+            outcomes.append((labels, self.panoptic_of(labels, None), time.perf_counter() - start))
         return ImageLabels([main_map, *other_maps], outcomes, labellings)
 
-    def _panoptic(self, labels: np.ndarray, instances: np.ndarray | None) -> Panoptic:
+    def panoptic_of(self, labels: np.ndarray, instances: np.ndarray | None) -> Panoptic:
         p = self.panoptic
         return panoptic_from_train_ids(labels, instances, min_area=p.thing_min_area, stuff_min_area=p.stuff_min_area,
                                        connectivity=p.connectivity)
@@ -135,7 +135,7 @@ def sensitivity_scores(labeller: ImageLabeller, labels: ImageLabels, gt: np.ndar
                 out["sens_confusion"][f, l] = confusion_matrix(subsample(gt, fit.stride), train_ids, NUM_CLASSES)
                 continue
             out["sens_confusion"][f, l] = confusion_matrix(gt, train_ids, NUM_CLASSES)
-            panoptic = segmented[(f, l)] if (f, l) in segmented else labeller._panoptic(train_ids, None)
+            panoptic = segmented[(f, l)] if (f, l) in segmented else labeller.panoptic_of(train_ids, None)
             out["sens_pq"][f, l, 0] = pq_stats(gt_pan, panoptic)
             out["sens_seed_confusion"][f, l] = seed_confusion(gt, train_ids)
             out["sens_pq"][f, l, 1] = seed_pq_stats(gt, gt_instances, train_ids)

@@ -149,7 +149,7 @@ def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray
     mapping_counts = {name: np.zeros_like(counts[name]) for name in raw_centres}
     k_base = len(centroids[baseline])
     main = next(iter(centroids))
-    main_sums, main_counts = np.zeros((len(centroids[main]), 0)), np.zeros(len(centroids[main]), np.int64)
+    main_sums, main_counts = 0.0, np.zeros(len(centroids[main]), np.int64)  # sums become (k, D) with the first shard
     co_assignment = {name: np.zeros((len(c), k_base), np.int64) for name, c in centroids.items() if name != baseline}
     for table in shards.tables(["image_id", "feature", "label"], "fit: mapping clusters"):
         labels = table.column("label").to_numpy().astype(np.int64)
@@ -160,10 +160,8 @@ def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray
         x = features_from_table(table)
         assigned = {name: assign_clusters(x, c).astype(np.int64) for name, c in centroids.items()}
         unit = normalized_rows(x)
-        if main_sums.shape[1] != unit.shape[1]:
-            main_sums = np.zeros((len(centroids[main]), unit.shape[1]))
-        main_sums += scipy.sparse.csr_matrix((np.ones(len(unit)), (assigned[main], np.arange(len(unit)))),
-                                             shape=(len(main_sums), len(unit))) @ unit
+        main_sums = main_sums + scipy.sparse.csr_matrix((np.ones(len(unit)), (assigned[main], np.arange(len(unit)))),
+                                                        shape=(len(centroids[main]), len(unit))) @ unit
         main_counts += np.bincount(assigned[main], minlength=len(centroids[main]))
 
         def labelled_counts(ids: np.ndarray, k: int) -> np.ndarray:
