@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.extract import base_window_count, extra_view_arrays, feature_arrays, stitched_grids, write_feature_shards
-from actors.geometry import extracted_scales, label_scales, pack_windows, stores_windows, unpack_windows
+from actors.extract import extra_view_arrays, feature_arrays, stitched_grids, write_feature_shards
+from actors.geometry import extracted_scales, label_scales, pack_windows, stored_window_count, stores_windows, unpack_windows
 from actors.model_setup import device_for
 from actors.rows import run_on_image
 from configs.schema import RefineConfig, parse_config
@@ -54,7 +54,7 @@ class PseudoLabelImages:
         # rounded as stored, so a saved fit labels an image here exactly as the label stage does
         grids = [(f.astype(np.float16).astype(np.float32), r) for f, r in stitched_grids(row, self.cfg)]
         hw = (int(row["height"]), int(row["width"]))
-        packed = pack_windows(row["window_features"], base_window_count(row)) if stores_windows(self.cfg) else None
+        packed = pack_windows(row["window_features"], stored_window_count(self.cfg, row)) if stores_windows(self.cfg) else None
         labels = self.labeller.label([grids[i] for i in self.scale_order], self.cfg.model.vit.patch_size, hw,
                                      windows=None if packed is None else unpack_windows(self.cfg, packed, hw))
         (train_ids, panoptic, _), cluster_map = labels.variants[0], labels.cluster_maps[0]

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.geometry import extracted_scales, extracted_short_sides, feature_dim, pack_windows, stores_windows, window_spec
+from actors.geometry import (extra_seed_layouts, extracted_scales, extracted_short_sides, feature_dim, pack_windows,
+                             stored_window_count, stores_windows, window_spec)
 from actors.rows import failure_message, run_on_image
 from configs.schema import parse_config
 from core.windows import ScaleLayout, cause_view, cut_windows, stitch_windows
 from core.labels import IGNORE, NUM_CLASSES
 from core.metrics import patch_majority_labels, patch_nearest_labels
 from core.presets import protocol_steps
+from core.seed_baseline import seed_scale_windows
 from storage.images import InputError, read_rgb, read_train_ids
 from storage.parts import complete_shard, read_shard_parts, write_part
 from storage.shards import feature_path, patch_schema, patch_table, shard_records, window_path, write_parquet_atomic, cause_path
@@ -35,6 +37,9 @@ def image_windows(shard_row: dict, config: dict):
         try:
             image = read_rgb(record.image_path)  # a path or an object-store URI
             windows, layouts = cut_windows(image, spec, patch, short_sides)
+            extra = extra_seed_layouts(cfg, image.shape[:2])  # the seed baseline's other scales follow the base scale's
+            if extra:
+                windows = np.concatenate([windows, seed_scale_windows(image, extra, spec.crop)])
             if protocol_steps(cfg.protocol).cause_crop:  # CAUSE's one test window goes last
                 windows = np.concatenate([windows, cause_view(image, spec.short_side, spec.crop)[None]])
             row.update(windows=windows, layouts=json.dumps([lay.to_dict() for lay in layouts]),
@@ -48,7 +53,7 @@ def stitched_grids(row: dict, cfg) -> list[tuple[np.ndarray, tuple[int, int]]]:
     """A row's window features -> per extracted scale (features (D, gh, gw) float32, resized (h, w))."""
     spec = window_spec(cfg)
     layouts = [ScaleLayout.from_dict(d) for d in json.loads(row["layouts"])]
-    scale_windows = sum(len(layout.origins) for layout in layouts)  # a CAUSE crop window may follow them
+    scale_windows = sum(len(layout.origins) for layout in layouts)  # the seed's or CAUSE's windows may follow them
     grids = stitch_windows(row["window_features"][:scale_windows], layouts, spec.crop, spec.stride, cfg.model.vit.patch_size,
                            spec.merge)
     if not all(np.isfinite(f).all() for f, _ in grids):  # NaN/inf would poison k-means
@@ -77,7 +82,7 @@ def extra_view_arrays(cfg, row: dict, train_ids: np.ndarray | None) -> dict[str,
     """What a protocol keeps beside the patch grids: the seed's windows, CAUSE's crop (+ patch labels)."""
     arrays = {}
     if stores_windows(cfg):
-        arrays["windows"] = pack_windows(row["window_features"], base_window_count(row))
+        arrays["windows"] = pack_windows(row["window_features"], stored_window_count(cfg, row))
     if protocol_steps(cfg.protocol).cause_crop:
         crop = row["window_features"][-1].astype(np.float16)  # (D, g, g)
         arrays["cause"] = crop
@@ -85,11 +90,6 @@ def extra_view_arrays(cfg, row: dict, train_ids: np.ndarray | None) -> dict[str,
                                                         *crop.shape[1:], NUM_CLASSES)
                                   if train_ids is not None else np.full(crop.shape[1:], IGNORE, np.uint8))
     return arrays
-
-
-def base_window_count(row: dict) -> int:
-    """How many of a row's windows belong to the base scale (they come first)."""
-    return len(json.loads(row["layouts"])[0]["origins"])
 
 
 def write_features(row: dict, config: dict, stage_dir: str, plan_key: str) -> dict:

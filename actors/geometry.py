@@ -1,11 +1,13 @@
 """Config -> windows and scales: what the CPU steps need, without importing torch."""
 
+import json
 import numpy as np
 
 from configs.schema import RunConfig
 from core.errors import UserError
 from core.presets import protocol_steps
-from core.windows import WindowSpec, layout_axis_weights, scale_short_sides, window_layout
+from core.seed_baseline import seed_scale_layout
+from core.windows import ScaleLayout, StoredWindows, WindowSpec, layout_axis_weights, scale_short_sides, window_layout
 
 
 def window_spec(cfg: RunConfig) -> WindowSpec:
@@ -16,9 +18,15 @@ def window_spec(cfg: RunConfig) -> WindowSpec:
                       precision=steps.precision or inference.precision, merge=steps.merge)
 
 
+def feature_scales(cfg: RunConfig) -> list[float]:
+    """The scales whose patch grids the fits label. The seed labels its overclusters at one scale;
+    its multi-scale scheme is the baseline's (`seed_baseline_scales`)."""
+    return [1.0] if cfg.protocol == "seed" else cfg.inference.scales
+
+
 def extracted_scales(cfg: RunConfig) -> list[float]:
-    """The scales extract writes: 1.0 first (the grid the fit uses), then the other inference scales."""
-    return [1.0, *(s for s in cfg.inference.scales if s != 1.0)]
+    """The scales extract writes: 1.0 first (the grid the fit uses), then the other feature scales."""
+    return [1.0, *(s for s in feature_scales(cfg) if s != 1.0)]
 
 
 def extracted_short_sides(cfg: RunConfig) -> list[int]:
@@ -31,22 +39,58 @@ def stores_windows(cfg: RunConfig) -> bool:
     return protocol_steps(cfg.protocol).merge == "pixels"
 
 
+def seed_baseline_scales(cfg: RunConfig) -> list[float]:
+    """The scales of the seed's multi-scale baseline rows (protocol=seed with several
+    inference.scales; core.seed_baseline), else none."""
+    return list(cfg.inference.scales) if cfg.protocol == "seed" and len(cfg.inference.scales) > 1 else []
+
+
+def seed_scale_layouts(cfg: RunConfig, image_hw: tuple[int, int]) -> tuple[ScaleLayout, list[ScaleLayout | None]]:
+    """The base scale's layout, and per seed baseline scale its window layout, or None where it
+    equals the base scale's windows (1.0 on 1024x2048), which are then reused."""
+    spec, patch = window_spec(cfg), cfg.model.vit.patch_size
+    base = window_layout(*image_hw, spec.short_side, spec, patch)
+    layouts = [seed_scale_layout(*image_hw, s, spec.crop, patch) for s in seed_baseline_scales(cfg)]
+    return base, [None if (a.resized, a.padded, a.origins) == (base.resized, base.padded, base.origins) else a
+                  for a in layouts]
+
+
+def extra_seed_layouts(cfg: RunConfig, image_hw: tuple[int, int]) -> list[ScaleLayout]:
+    """The seed baseline scales whose windows extract cuts beside the base scale's, in order."""
+    return [layout for layout in seed_scale_layouts(cfg, image_hw)[1] if layout is not None]
+
+
+def stored_window_count(cfg: RunConfig, row: dict) -> int:
+    """How many of a row's windows the seed protocol stores: the base scale's, then the extra seed scales'."""
+    hw = (int(row["height"]), int(row["width"]))
+    base = len(json.loads(row["layouts"])[0]["origins"])
+    return base + sum(len(layout.origins) for layout in extra_seed_layouts(cfg, hw))
+
+
 def pack_windows(window_features: np.ndarray, num_windows: int) -> np.ndarray:
-    """The base scale's windows (N, D, g, g) side by side as one (D, g, N*g) float16 grid: how the
+    """The stored windows (N, D, g, g) side by side as one (D, g, N*g) float16 grid: how the
     seed protocol stores them (extract's `_windows/` Parquet) for the label pass."""
     return np.concatenate(list(window_features[:num_windows]), axis=2).astype(np.float16)
 
 
-def unpack_windows(cfg: RunConfig, packed: np.ndarray, image_hw: tuple[int, int]) -> tuple[np.ndarray, tuple]:
-    """`pack_windows`' grid -> (windows (N, D, g, g) float32, their `layout_axis_weights`)."""
+def unpack_windows(cfg: RunConfig, packed: np.ndarray, image_hw: tuple[int, int]) -> StoredWindows:
+    """`pack_windows`' grid -> the base scale's windows and those of each seed baseline scale."""
     spec, patch = window_spec(cfg), cfg.model.vit.patch_size
-    layout = window_layout(*image_hw, label_short_sides(cfg)[0], spec, patch)
+    layout, per_scale = seed_scale_layouts(cfg, image_hw)
     side = spec.crop // patch
     windows = packed.astype(np.float32).reshape(packed.shape[0], side, -1, side).transpose(2, 0, 1, 3)
-    if len(windows) != len(layout.origins):
-        raise UserError(f"{len(windows)} stored windows for a {image_hw[0]}x{image_hw[1]} image whose layout has "
-                        f"{len(layout.origins)}; re-run extract on a new output_dir")
-    return windows, layout_axis_weights(layout, spec.crop, patch)
+    expected = len(layout.origins) + sum(len(s.origins) for s in per_scale if s is not None)
+    if len(windows) != expected:
+        raise UserError(f"{len(windows)} stored windows for a {image_hw[0]}x{image_hw[1]} image whose layouts have "
+                        f"{expected}; re-run extract on a new output_dir")
+    start, scales = len(layout.origins), []
+    for scale_layout in per_scale:
+        if scale_layout is None:
+            scales.append((windows[:len(layout.origins)], layout))
+        else:
+            scales.append((windows[start:start + len(scale_layout.origins)], scale_layout))
+            start += len(scale_layout.origins)
+    return StoredWindows(windows[:len(layout.origins)], layout_axis_weights(layout, spec.crop, patch), layout, scales)
 
 
 HEAD_FEATURE_DIM = 90  # CAUSE Segment_TR output
@@ -59,7 +103,7 @@ def feature_dim(cfg: RunConfig) -> int:
 
 def label_scales(cfg: RunConfig) -> list[float]:
     """The scales the label pass averages, the one closest to 1 first (single-scale steps use it)."""
-    return sorted(cfg.inference.scales, key=lambda s: abs(s - 1.0))
+    return sorted(feature_scales(cfg), key=lambda s: abs(s - 1.0))
 
 
 def label_short_sides(cfg: RunConfig) -> list[int]:

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from actors.geometry import label_short_sides, unpack_windows
+from actors.geometry import label_scales, label_short_sides, seed_baseline_scales, unpack_windows
 from actors.model_setup import device_for
 from actors.rows import run_on_image
 from configs.schema import RunConfig, parse_config
 from core.cause_eval import cause_counts
 from core.labels import NUM_CLASSES_27
 from core.windows import cause_view, resized_size
-from core.label_image import ImageLabeller, LabelFit, image_scores, sensitivity_scores, shard_scores
+from core.label_image import ImageLabeller, LabelFit, baseline_labellings, image_scores, sensitivity_scores, shard_scores
 from core.presets import protocol_steps
 from core.labels import colorize_train_ids
 from core.sampling import image_fold
@@ -37,7 +37,11 @@ def label_fits(cfg: RunConfig, fits: list[dict]) -> list[LabelFit]:
 
 
 def label_variants(cfg: RunConfig, fits: list[dict]) -> list[str]:
-    return [*enabled_variants(cfg.refine, len(cfg.inference.scales) > 1), fits[-1]["name"]]
+    return [*enabled_variants(cfg.refine, len(label_scales(cfg)) > 1), fits[-1]["name"]]
+
+
+def extra_baseline_labellings(cfg: RunConfig) -> list[str]:
+    return baseline_labellings(cfg.protocol, bool(seed_baseline_scales(cfg)), cfg.refine.crf)
 
 
 class LabelImages:
@@ -51,10 +55,12 @@ class LabelImages:
         self.plan_key = plan_key
         self.labeller = ImageLabeller(self.fits, self.variants[:-1], self.cfg.refine, self.cfg.panoptic, baseline=True,
                                       device=device_for(self.cfg.label.workers),
-                                      labelling=protocol_steps(self.cfg.protocol).label_resolution)
-        # the steps that look at colour: the CRF, superpixels, CAUSE's crop (its CRF)
+                                      labelling=protocol_steps(self.cfg.protocol).label_resolution,
+                                      extra_baseline=extra_baseline_labellings(self.cfg))
+        # the steps that look at colour: the CRFs (also the seed baseline's), superpixels, CAUSE's crop (its CRF)
         self.cause_crop = protocol_steps(self.cfg.protocol).cause_crop
-        self.colour = self.cfg.refine.crf or self.cfg.refine.superpixels or self.cause_crop
+        self.colour = (self.cfg.refine.crf or self.cfg.refine.superpixels or self.cause_crop
+                       or any(name.endswith("+crf") for name in self.labeller.extra_baseline))
         self.short_sides = label_short_sides(self.cfg)
 
     def __call__(self, row: dict) -> dict:
@@ -117,7 +123,8 @@ def finish_scores(stage_dir: str, shard_row: dict, written: list[str], failed: l
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
     order, parts, written_at = read_shard_parts(stage_dir, shard_row, written, plan_key)
     arrays = shard_scores(order, [meta["fold"] for _, meta in parts], [a for a, _ in parts], label_fits(cfg, fits),
-                          label_variants(cfg, fits), cfg.fit.heldout_folds, cause=protocol_steps(cfg.protocol).cause_crop)
+                          label_variants(cfg, fits), cfg.fit.heldout_folds, cause=protocol_steps(cfg.protocol).cause_crop,
+                          extra_baseline=extra_baseline_labellings(cfg))
     outputs = [stage_dir / f"{shard}.npz", stage_dir / "_panoptic" / f"{shard}.json"]
     write_npz_atomic(arrays, outputs[0])
     write_json_atomic([meta["annotation"] for _, meta in parts if meta["annotation"]], outputs[1])

@@ -71,6 +71,7 @@ class InferenceConfig(Strict):
     crop: int = Field(default=322, ge=14)
     stride: int = Field(default=161, ge=1)
     flip: bool = True
+    # protocol=seed labels the fits at 1.0 and uses the scales for the baseline's multi-scale rows (its scheme)
     scales: list[float] = Field(default=[1.0], min_length=1)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp16/bf16 autocast applies on GPU only
     batch_size: int = Field(default=8, ge=1)  # windows per forward pass
@@ -237,10 +238,9 @@ class RunConfig(Strict):
         if self.inference.crop % self.model.vit.patch_size:
             raise ValueError(
                 f"inference.crop={self.inference.crop} must be a multiple of model.vit.patch_size={self.model.vit.patch_size}")
-        if self.protocol == "seed" and self.inference.scales != [1.0]:
-            raise ValueError(f"protocol=seed with inference.scales={self.inference.scales}: the seed's multi-scale scheme "
-                             "(its own sizes, log-softmax averaging) is not built yet; use inference.scales=[1.0] with "
-                             "protocol=seed, or protocol=official for multi-scale labels")
+        if self.protocol == "seed" and self.inference.short_side != self.inference.crop:
+            raise ValueError(f"protocol=seed resizes the short side to its window size, but inference.short_side="
+                             f"{self.inference.short_side} and inference.crop={self.inference.crop}: set them equal (322)")
         if self.protocol == "cause" and self.inference.crop > self.inference.short_side:
             raise ValueError(f"protocol=cause centre-crops inference.crop={self.inference.crop} px from the image resized to "
                              f"inference.short_side={self.inference.short_side}: the crop must not exceed the short side")

@@ -37,9 +37,12 @@ ours to the most frequent class. The seed's resize (short side to 322, each side
 to a multiple of 14, stretched) equals ours wherever that is exact, e.g. 1024x2048 -> 322x644.
 
 Under the seed preset `refine.crf` is the seed's CRF (softmax(5 * class logits) at 322x644,
-NEAREST up: core.variants). Not part of the seed preset yet: its multi-scale scheme (refused by
-the config). The refinements beyond the seed (em_*, superpixels) work on the full-resolution
-features under every preset.
+NEAREST up: core.variants). The seed labels its overclusters at one scale; its multi-scale scheme
+belongs to its CAUSE-baseline script, so under this preset the baseline is also labelled that way
+(core.seed_baseline: windows' log_softmax(3 * cosine) averaged, on one scale and on
+inference.scales at the seed's sizes, each without and with its CRF) while the fits use 1.0 only.
+The refinements beyond the seed (em_*, superpixels) work on the full-resolution features under
+every preset.
 
 Scoring is not part of a preset: every run scores its labels under each evaluator (official
 cityscapesscripts rules and the seed's 512x1024 evaluator) in the report's protocol sensitivity

@@ -101,13 +101,30 @@ def render_markdown(report: dict) -> str:
 
 
 LABELLING_TITLES = {"full": "full size", "resized": "resized, NEAREST up", "crop": "CAUSE's 322 centre crop",
-                    "crop+crf": "CAUSE's 322 centre crop + its CRF"}
+                    "crop+crf": "CAUSE's 322 centre crop + its CRF", "full+crf": "full size + CRF",
+                    "windows": "seed's CAUSE script, one scale", "windows+crf": "seed's CAUSE script, one scale + its CRF",
+                    "multiscale": "seed's CAUSE script, multi-scale", "multiscale+crf": "seed's CAUSE script, multi-scale + its CRF"}
 # the row each protocol preset reports as its own (cause: the baseline's crop row; the fits keep official)
 OWN_ROW = {"official": "full/official", "seed": "resized/seed", "cause": "crop+crf/cause"}
 
 
 def _delta(value, reference) -> str:
     return "—" if value is None or reference is None else f"{100 * (value - reference):+.1f}"
+
+
+def _baseline_rows_note(sensitivity: dict) -> str:
+    """What the baseline's extra rows are, where the run has them."""
+    labels = {row["labels"] for rows in sensitivity["fits"].values() for row in rows.values()}
+    note = ""
+    if "full+crf" in labels:
+        note += " *full size + CRF* (the baseline): this tool's CRF (refine.crf) on the baseline's class logits."
+    if "windows" in labels:
+        note += (" *seed's CAUSE script* (the baseline, protocol `seed`): `generate_semantic_pseudolabels_cause.py`, "
+                 "each window's log_softmax(3 x cosine) averaged per pixel at 322x644 (multi-scale: also at "
+                 "inference.scales, the seed's stretched sizes, resized to 322x644 and averaged), optionally its CRF on "
+                 "softmax(3 x that), NEAREST up; mapped with the baseline's own Hungarian matching (the seed's: 27 -> 27 "
+                 "on centre crops, then a fixed 27 -> 19 table).")
+    return note
 
 
 def _sensitivity_section(report: dict) -> list[str]:
@@ -126,7 +143,8 @@ def _sensitivity_section(report: dict) -> list[str]:
              "Hungarian matching of clusters to classes over all crops, without and with its 27-way CRF (the Δ compares "
              "27 classes with 19). Δ: against the fit's full size / "
              f"official row. **bold**: this run's own protocol ({own}). A fit scored at a pixel stride has its "
-             "full-size labels only at that stride: no PQ and no seed evaluator there.", "",
+             "full-size labels only at that stride: no PQ and no seed evaluator there."
+             + _baseline_rows_note(sensitivity), "",
              "| fit | labels | evaluator | mIoU | pixel acc | PQ | PQ stuff | PQ things | SQ | RQ | Δ mIoU | Δ PQ |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in sensitivity["fits"].items():

@@ -61,6 +61,17 @@ class ScaleLayout:
                    tuple(tuple(o) for o in d["origins"]))
 
 
+@dataclass
+class StoredWindows:
+    """An image's windows as the seed protocol keeps them: the base scale's (for the overclusters'
+    pixel labels) and each seed baseline scale's (for its multi-scale rows)."""
+
+    windows: np.ndarray  # (N, D, g, g) float32, the base scale's
+    axis_weights: tuple[list[np.ndarray], list[np.ndarray]]  # their `layout_axis_weights`
+    layout: ScaleLayout
+    scales: list[tuple[np.ndarray, ScaleLayout]]  # per `seed_baseline_scales` entry: its windows and layout
+
+
 def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     """Keep the aspect ratio; the short side becomes `short_side` (1024x2048 -> 322x644)."""
     scale = short_side / min(height, width)

@@ -32,18 +32,22 @@ def sum_scores(scores_dir: Path, markers: dict[str, dict], names: list[str]) -> 
     """Per-shard npz files (each checked against its marker) -> summed per-fit pixel counts
     (F, k, C) and wins (k,), and per label variant the confusion (C, C+1), panoptic statistics
     (C, 4) and seconds."""
-    total = {"pixel_counts": {}, "wins": {}, "num_images": 0, "variants": None,
-             "variant_confusion": 0, "variant_seconds": 0, "sens_confusion": 0, "sens_seed_confusion": 0}
-    pq_ids, pq_parts, sens_parts = [], [], []
+    total = {"pixel_counts": {}, "wins": {}, "num_images": 0, "variants": None, "baseline_labellings": [],
+             "variant_confusion": 0, "variant_seconds": 0, "sens_confusion": 0, "sens_seed_confusion": 0,
+             "base_confusion": 0, "base_seed_confusion": 0}
+    pq_ids, pq_parts, sens_parts, base_parts = [], [], [], []
     for shard, marker in markers.items():
         data = read_verified_npz(scores_dir.parent, marker, scores_dir / f"{shard}.npz", LABEL_FIX)
         total["num_images"] += len(data["image_ids"])
         total["variants"] = [str(v) for v in data["variants"]]
-        for key in ("variant_confusion", "variant_seconds", "sens_confusion", "sens_seed_confusion"):
+        total["baseline_labellings"] = [str(v) for v in data["baseline_labellings"]]
+        for key in ("variant_confusion", "variant_seconds", "sens_confusion", "sens_seed_confusion", "base_confusion",
+                    "base_seed_confusion"):
             total[key] = total[key] + data[key]
         pq_ids += [str(i) for i in data["image_ids"]]
         pq_parts.append(data["image_pq"])
         sens_parts.append(data["image_sens_pq"])
+        base_parts.append(data["image_base_pq"])
         if "cause_counts" in data:
             total["cause_counts"] = total.get("cause_counts", 0) + data["cause_counts"]
         for n in names:
@@ -53,6 +57,7 @@ def sum_scores(scores_dir: Path, markers: dict[str, dict], names: list[str]) -> 
     order = np.argsort(np.array(pq_ids, dtype=np.str_), kind="stable")
     total["variant_pq"] = np.concatenate(pq_parts)[order].sum(axis=0) if pq_parts else 0
     total["sens_pq"] = np.concatenate(sens_parts)[order].sum(axis=0) if sens_parts else 0
+    total["base_pq"] = np.concatenate(base_parts)[order].sum(axis=0) if base_parts else 0
     return total
 
 
@@ -75,6 +80,15 @@ def protocol_sensitivity(cfg: RunConfig, scores: dict, names: list[str], strides
                                              "pixel_accuracy": seed["pixel_accuracy"], "pixel_stride": 1,
                                              "panoptic": pq_summary(seed_pq_scores(scores["sens_pq"][f, l, 1]))}
         out[name] = rows
+    for b, labelling in enumerate(scores["baseline_labellings"]):  # the baseline's labels made in more ways
+        official = semantic_scores(scores["base_confusion"][b], CLASS_NAMES)
+        seed = seed_semantic_scores(scores["base_seed_confusion"][b])
+        out[names[-1]][f"{labelling}/official"] = {
+            "labels": labelling, "evaluator": "official", "miou": official["miou"], "pixel_accuracy": official["pixel_accuracy"],
+            "pixel_stride": 1, "panoptic": pq_summary(pq_scores(scores["base_pq"][b, 0]))}
+        out[names[-1]][f"{labelling}/seed"] = {
+            "labels": labelling, "evaluator": "seed", "miou": seed["miou"], "pixel_accuracy": seed["pixel_accuracy"],
+            "pixel_stride": 1, "panoptic": pq_summary(seed_pq_scores(scores["base_pq"][b, 1]))}
     if "cause_counts" in scores:  # the baseline under CAUSE's own test protocol
         for i, key in enumerate(("crop/cause", "crop+crf/cause")):
             cause = hungarian_scores(scores["cause_counts"][i])

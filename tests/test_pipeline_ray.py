@@ -136,7 +136,7 @@ def test_the_sensitivity_table_scores_the_same_fits_every_way(first_run):
 
 def test_seed_protocol_runs_the_seeds_steps_and_refuses_a_switch_of_protocol(ray_cluster, demo_root, tmp_path):
     data = tiny_config(demo_root, tmp_path / "out", lloyd_iterations=0).model_dump(mode="json") | {"protocol": "official"}
-    data["inference"]["scales"] = [1.0]
+    data["inference"]["scales"] = [0.75, 1.0, 1.5]  # the fits at 1.0; the baseline also by the seed's multi-scale scheme
     data["label"]["sweep_pixel_stride"] = 2  # the sweep's k8: resized labels subsampled, full-size ones at the stride
     cfg = parse_config({**data, "protocol": "seed"})
     Pipeline(cfg).run()
@@ -147,7 +147,8 @@ def test_seed_protocol_runs_the_seeds_steps_and_refuses_a_switch_of_protocol(ray
     assert main["resized/official"]["miou"] == report["variants"]["seed"]["semantic"]["miou"]
     assert main["resized/official"]["miou"] != main["full/official"]["miou"]
     windows = sorted((cfg.output_dir / "features" / "_windows").glob("shard-*.parquet"))
-    assert len(windows) == 3 and pq.read_table(windows[0]).num_rows == 4 * 8 * 3 * 8  # 4 images, 3 windows of 8x8
+    # 4 images, windows of 8x8 patches: 3 at 1.0 (112x224), 2 at 0.75 (112x168), 10 at 1.5 (168x336)
+    assert len(windows) == 3 and pq.read_table(windows[0]).num_rows == 4 * 8 * (3 + 2 + 10) * 8
     marker = json.loads((cfg.output_dir / "features" / "_done" / "shard-00000.json").read_text())
     assert "features/_windows/shard-00000.parquet" in marker["outputs"]
     meta = json.loads((cfg.output_dir / "fits" / "k24" / "meta.json").read_text())["meta"]
@@ -156,5 +157,14 @@ def test_seed_protocol_runs_the_seeds_steps_and_refuses_a_switch_of_protocol(ray
     k8 = report["protocol_sensitivity"]["fits"]["k8"]
     assert k8["full/official"]["pixel_stride"] == 2 and k8["full/official"]["panoptic"] is None and "full/seed" not in k8
     assert k8["resized/seed"]["panoptic"]["pq"] is not None
+    # the baseline as the seed's CAUSE script labels it: one scale and multi-scale, each without and with its CRF
+    baseline = report["protocol_sensitivity"]["fits"]["baseline_k19"]
+    extra = [f"{labels}/{evaluator}" for labels in ("windows", "windows+crf", "multiscale", "multiscale+crf")
+             for evaluator in ("official", "seed")]
+    assert list(baseline)[-8:] == extra
+    assert len({baseline[key]["miou"] for key in extra[::2]}) == 4 and all(baseline[key]["panoptic"]["pq"] > 0 for key in extra)
+    assert all(baseline[f"{key}/seed"]["panoptic"]["pq"] != baseline[f"{key}/official"]["panoptic"]["pq"]
+               for key in ("windows", "multiscale+crf"))
+    assert "seed's CAUSE script, multi-scale + its CRF" in (cfg.output_dir / "report.md").read_text()
     with pytest.raises(UserError, match='protocol: "seed" -> "official"'):
         Pipeline(parse_config({**data, "protocol": "official"})).run()

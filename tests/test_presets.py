@@ -15,7 +15,7 @@ from core.crf import dense_crf
 from core.seed_postprocess import denoise_by_prototypes, diffuse_by_neighbours
 from core.clustering import assign_euclidean, fit_seed_minibatch
 from core.label_image import ImageLabeller, LabelFit
-from core.windows import WindowSpec, cause_view, cut_windows, layout_axis_weights, stitch_windows
+from core.windows import StoredWindows, WindowSpec, cause_view, cut_windows, layout_axis_weights, stitch_windows
 from configs.schema import PanopticConfig, RefineConfig
 
 SPEC = WindowSpec(short_side=112, crop=112, stride=56)  # 128x256 -> 112x224: windows at x = 0, 56, 112
@@ -101,7 +101,7 @@ def test_seed_pixel_labels_come_from_the_windows_pixel_map_at_the_resized_size()
     labeller = ImageLabeller([fit, fit], ["seed"], RefineConfig(), PanopticConfig(), baseline=True, labelling="resized")
     (grid, resized), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
     labels = labeller.label([(grid, resized)], PATCH, (128, 256),
-                            windows=(feats, layout_axis_weights(layout, SPEC.crop, PATCH)))
+                            windows=StoredWindows(feats, layout_axis_weights(layout, SPEC.crop, PATCH), layout, []))
     pixel = F.normalize(seed_pixel_map(feats, layout.origins, layout.resized, SPEC.crop), dim=0)
     clusters = torch.einsum("kd,dyx->kyx", torch.tensor(centroids), pixel).argmax(dim=0).numpy()
     reference = np.asarray(Image.fromarray(mapping[clusters].astype(np.uint8)).resize((256, 128), Image.NEAREST))
@@ -111,9 +111,9 @@ def test_seed_pixel_labels_come_from_the_windows_pixel_map_at_the_resized_size()
     assert labels.labellings["full"][0].shape == (128, 256)
 
 
-def test_seed_protocol_refuses_what_it_does_not_do_yet():
-    with pytest.raises(ConfigError, match="multi-scale"):
-        config("seed", inference={"short_side": 112, "crop": 112, "stride": 56, "scales": [1.0, 0.75]})
+def test_protocols_refuse_settings_they_cannot_honour():
+    with pytest.raises(ConfigError, match="short_side=126 and inference.crop=112"):
+        config("seed", inference={"short_side": 126, "crop": 112, "stride": 56})
     with pytest.raises(ConfigError, match="lloyd_iterations"):
         config("seed", fit={"lloyd_iterations": 2})
     with pytest.raises(ConfigError, match="protocol"):
@@ -171,7 +171,7 @@ def test_seed_crf_is_softmax_of_five_times_the_class_logits_at_the_resized_size(
     labeller = ImageLabeller([fit, fit], ["seed", "crf"], RefineConfig(), PanopticConfig(), baseline=True, labelling="resized")
     (grid, resized), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
     labels = labeller.label([(grid, resized)], PATCH, (128, 256), image,
-                            windows=(feats, layout_axis_weights(layout, SPEC.crop, PATCH)))
+                            windows=StoredWindows(feats, layout_axis_weights(layout, SPEC.crop, PATCH), layout, []))
     cosine = torch.einsum("kd,dyx->kyx", torch.tensor(centroids),
                           F.normalize(seed_pixel_map(feats, layout.origins, layout.resized, SPEC.crop), dim=0)).numpy()
     logits = np.zeros((19, *resized), np.float32)
@@ -182,6 +182,22 @@ def test_seed_crf_is_softmax_of_five_times_the_class_logits_at_the_resized_size(
     expected = np.asarray(Image.fromarray(expected).resize((256, 128), Image.NEAREST))
     crf_labels = labels.variants[1][0]
     assert (crf_labels == expected).mean() > 0.999
+
+
+def test_the_baselines_full_size_crf_row_is_the_crf_variant_of_the_baseline_fit():
+    rng = np.random.default_rng(11)
+    grid = rng.normal(size=(5, 8, 16)).astype(np.float32)
+    main, base = (rng.normal(size=(k, 5)).astype(np.float32) for k in (9, 4))
+    main, base = (c / np.linalg.norm(c, axis=1, keepdims=True) for c in (main, base))
+    baseline = LabelFit("baseline_k4", base, np.array([0, 2, 255, 5]))
+    image = rng.integers(0, 255, size=(128, 256, 3), dtype=np.uint8)
+    grids = [(grid, (112, 224))]
+    labeller = ImageLabeller([LabelFit("k9", main, rng.integers(0, 19, 9)), baseline], ["seed"], RefineConfig(crf=True),
+                             PanopticConfig(), baseline=True, extra_baseline=["full+crf"])
+    extra = labeller.label(grids, PATCH, (128, 256), image).baseline_labellings["full+crf"]
+    alone = ImageLabeller([baseline], ["seed", "crf"], RefineConfig(crf=True), PanopticConfig(), baseline=False)
+    np.testing.assert_array_equal(extra, alone.label(grids, PATCH, (128, 256), image).variants[1][0])
+    assert (extra != labeller.label(grids, PATCH, (128, 256), image).variants[-1][0]).any()  # the CRF changed pixels
 
 
 def test_prototype_denoising_flips_only_patches_far_from_their_class_prototype():

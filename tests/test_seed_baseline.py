@@ -1,0 +1,117 @@
+"""The seed's CAUSE-baseline labelling (single- and multi-scale, with and without CRF) against a
+reference written here, loop by loop, from DESIGN.md's facts about
+generate_semantic_pseudolabels_cause.py: stretched sizes, window positions, per-window
+log_softmax(3 * cos) upsampled and averaged, scales resized to the 1.0 size and averaged."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from configs.schema import parse_config
+from core.crf import dense_crf
+from core.seed_baseline import (merged_log_probs, seed_baseline_labels, seed_common_size, seed_scale_layout,
+                                seed_scale_windows)
+
+CROP, PATCH, DIM = 112, 14, 5
+PROJECTION = np.random.default_rng(3).normal(size=(DIM, 3))
+
+
+def toy_model(window: np.ndarray) -> np.ndarray:
+    """(crop, crop, 3) uint8 -> (D, g, g): each patch's mean colour through a fixed random map."""
+    g = CROP // PATCH
+    means = window.reshape(g, PATCH, g, PATCH, 3).mean(axis=(1, 3)) / 255.0  # (g, g, 3)
+    return np.tanh(np.einsum("yxc,dc->dyx", means, PROJECTION) - 0.3).astype(np.float32)
+
+
+def reference_log_probs(image: np.ndarray, centroids: np.ndarray, scales: list[float]) -> torch.Tensor:
+    """The script, step by step, for an image whose short side is its height."""
+    height, width = image.shape[:2]
+    base = CROP / min(height, width)
+    common = (int(round(height * base)) // PATCH * PATCH, int(round(width * base)) // PATCH * PATCH)
+    units = F.normalize(torch.tensor(centroids, dtype=torch.float32), dim=1)
+    per_scale = []
+    for s in scales:
+        h = max(CROP, int(round(height * base * s)) // PATCH * PATCH)
+        w = max(CROP, int(round(width * base * s)) // PATCH * PATCH)
+        resized = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+        ys = [0] if h <= CROP else list(range(0, h - CROP, CROP // 2))
+        xs = [0] if w <= CROP else list(range(0, w - CROP, CROP // 2))
+        if h > CROP and ys[-1] + CROP < h:
+            ys.append(h - CROP)
+        if w > CROP and xs[-1] + CROP < w:
+            xs.append(w - CROP)
+        total, count = torch.zeros(len(units), h, w), torch.zeros(1, h, w)
+        for y in sorted(set(ys)):
+            for x in sorted(set(xs)):
+                feat = F.normalize(torch.tensor(toy_model(resized[y:y + CROP, x:x + CROP])), dim=0)
+                logits = torch.log_softmax(3 * torch.einsum("dyx,kd->kyx", feat, units), dim=0)
+                total[:, y:y + CROP, x:x + CROP] += F.interpolate(logits[None], size=(CROP, CROP), mode="bilinear",
+                                                                  align_corners=False)[0]
+                count[:, y:y + CROP, x:x + CROP] += 1
+        merged = total / count.clamp(min=1)
+        per_scale.append(F.interpolate(merged[None], size=common, mode="bilinear", align_corners=False)[0])
+    return torch.stack(per_scale).mean(dim=0)
+
+
+def ours(image: np.ndarray, centroids: np.ndarray, scales: list[float]) -> np.ndarray:
+    layouts = [seed_scale_layout(*image.shape[:2], s, CROP, PATCH) for s in scales]
+    windows = seed_scale_windows(image, layouts, CROP)
+    feats = np.stack([toy_model(w) for w in windows])
+    scale_windows, start = [], 0
+    for layout in layouts:
+        scale_windows.append((feats[start:start + len(layout.origins)], layout))
+        start += len(layout.origins)
+    units = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+    return merged_log_probs(scale_windows, units, CROP, PATCH, seed_common_size(*image.shape[:2], CROP, PATCH))
+
+
+@pytest.fixture(scope="module")
+def image():
+    """A smooth random image (so that patch colours vary), 128x256."""
+    coarse = np.random.default_rng(0).integers(0, 256, size=(8, 16, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(coarse).resize((256, 128), Image.BICUBIC))
+
+
+def test_the_seeds_sizes_and_windows():
+    """1024x2048 at the seed's 322 px windows: DESIGN.md's 322x476, 322x644, 476x966."""
+    sizes = {s: seed_scale_layout(1024, 2048, s, 322, 14) for s in (0.75, 1.0, 1.5)}
+    assert {s: lay.resized for s, lay in sizes.items()} == {0.75: (322, 476), 1.0: (322, 644), 1.5: (476, 966)}
+    assert sizes[1.0].origins == ((0, 0), (0, 161), (0, 322))
+    assert sizes[0.75].origins == ((0, 0), (0, 154))
+    assert [x for y, x in sizes[1.5].origins if y == 0] == [0, 161, 322, 483, 644] and {y for y, _ in sizes[1.5].origins} == {0, 154}
+    assert seed_common_size(1024, 2048, 322, 14) == (322, 644)
+
+
+@pytest.mark.parametrize("scales", [[1.0], [0.75, 1.0, 1.5]])
+def test_merged_log_probabilities_match_the_scripts_loops(image, scales):
+    centroids = np.random.default_rng(1).normal(size=(7, DIM))
+    reference = reference_log_probs(image, centroids, scales)
+    got = ours(image, centroids, scales)
+    assert got.shape == (7, 112, 224)
+    np.testing.assert_allclose(got, reference.numpy(), atol=2e-5)
+
+
+def test_labels_map_the_argmax_or_the_crf_and_upsample_nearest(image):
+    centroids = np.random.default_rng(2).normal(size=(6, DIM))
+    scales = [0.75, 1.0, 1.5]
+    log_probs = ours(image, centroids, scales)
+    mapping = np.array([0, 255, 2, 2, 5, 8], np.uint8)
+    labels = seed_baseline_labels(log_probs, mapping, (128, 256))
+    reference = np.asarray(Image.fromarray(mapping[reference_log_probs(image, centroids, scales).argmax(0).numpy()])
+                           .resize((256, 128), Image.NEAREST))
+    assert (labels == reference).mean() > 0.999  # float ties aside
+    # the CRF: softmax(3 x merged) with the image resized PIL-bilinear to 112x224, then mapped and NEAREST up
+    with_crf = seed_baseline_labels(log_probs, mapping, (128, 256), image)
+    small = np.asarray(Image.fromarray(image).resize((224, 112), Image.BILINEAR))
+    expected = mapping[dense_crf(small, log_probs, alpha=3.0).argmax(axis=0)]
+    np.testing.assert_array_equal(with_crf, np.asarray(Image.fromarray(expected).resize((256, 128), Image.NEAREST)))
+    assert (with_crf != labels).any()
+
+
+def test_config_keeps_the_seeds_short_side_at_its_window_size():
+    with pytest.raises(Exception, match="inference.short_side=224 and inference.crop=322"):
+        parse_config({"protocol": "seed", "inference": {"short_side": 224, "crop": 322, "stride": 161}})
+    cfg = parse_config({"protocol": "seed", "inference": {"scales": [0.75, 1.0, 1.5]}})
+    assert cfg.inference.scales == [0.75, 1.0, 1.5]
