@@ -23,7 +23,8 @@ from core.presets import protocol_steps
 from core.seed_baseline import seed_scale_windows
 from storage.images import InputError, read_rgb, read_train_ids
 from storage.parts import complete_shard, read_shard_parts, write_part
-from storage.shards import feature_path, patch_schema, patch_table, shard_records, window_path, write_parquet_atomic, cause_path
+from storage.shards import (backbone_path, cause_path, feature_path, patch_schema, patch_table, shard_records, window_path,
+                            write_parquet_atomic)
 
 
 def image_windows(shard_row: dict, config: dict):
@@ -49,12 +50,14 @@ def image_windows(shard_row: dict, config: dict):
         yield row
 
 
-def stitched_grids(row: dict, cfg) -> list[tuple[np.ndarray, tuple[int, int]]]:
-    """A row's window features -> per extracted scale (features (D, gh, gw) float32, resized (h, w))."""
+def stitched_grids(row: dict, cfg, column: str = "window_features") -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """A row's window features -> per extracted scale (features (D, gh, gw) float32, resized (h, w));
+    column "backbone_window_features": the backbone's, at the base scale only (model.compare_backbone)."""
     spec = window_spec(cfg)
     layouts = [ScaleLayout.from_dict(d) for d in json.loads(row["layouts"])]
+    layouts = layouts if column == "window_features" else layouts[:1]
     scale_windows = sum(len(layout.origins) for layout in layouts)  # the seed's or CAUSE's windows may follow them
-    grids = stitch_windows(row["window_features"][:scale_windows], layouts, spec.crop, spec.stride, cfg.model.vit.patch_size,
+    grids = stitch_windows(row[column][:scale_windows], layouts, spec.crop, spec.stride, cfg.model.vit.patch_size,
                            spec.merge)
     if not all(np.isfinite(f).all() for f, _ in grids):  # NaN/inf would poison k-means
         raise InputError(f"{row['image_id']}: the model produced NaN/inf features; check the checkpoint and inference.precision")
@@ -79,8 +82,11 @@ def feature_arrays(cfg, grids, train_ids: np.ndarray | None) -> dict[str, np.nda
 
 
 def extra_view_arrays(cfg, row: dict, train_ids: np.ndarray | None) -> dict[str, np.ndarray]:
-    """What a protocol keeps beside the patch grids: the seed's windows, CAUSE's crop (+ patch labels)."""
+    """What a protocol keeps beside the patch grids: the seed's windows, CAUSE's crop (+ patch labels);
+    and with model.compare_backbone the backbone's base-scale grid."""
     arrays = {}
+    if "backbone_window_features" in row:
+        arrays["backbone"] = stitched_grids(row, cfg, "backbone_window_features")[0][0].astype(np.float16)
     if stores_windows(cfg):
         arrays["windows"] = pack_windows(row["window_features"], stored_window_count(cfg, row))
     if protocol_steps(cfg.protocol).cause_crop:
@@ -130,6 +136,11 @@ def write_feature_shards(cfg, features_dir: Path, shard: str, order: list[str], 
         table = patch_table(order, [arrays["cause"] for arrays, _ in parts], [arrays["cause_labels"] for arrays, _ in parts],
                             patch_schema(feature_dim(cfg)), hws)
         paths.append(cause_path(features_dir, shard))
+        write_parquet_atomic(table, paths[-1])
+    if cfg.model.compare_backbone and all("backbone" in arrays for arrays, _ in parts):  # not in apply, which runs no backbone pass
+        table = patch_table(order, [arrays["backbone"] for arrays, _ in parts], [arrays["labels_1"] for arrays, _ in parts],
+                            patch_schema(cfg.model.vit.embed_dim), hws)
+        paths.append(backbone_path(features_dir, shard))
         write_parquet_atomic(table, paths[-1])
     return paths, {"num_patches": tables[0].num_rows, "feature_dim": feature_dim(cfg),
                    "model": parts[0][1]["model"] if parts else None}

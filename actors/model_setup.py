@@ -1,8 +1,10 @@
 """Config -> model on a device: the one place the actors build their model."""
 
+from dataclasses import replace
+
 import torch
 
-from actors.geometry import window_spec
+from actors.geometry import HEAD_FEATURE_DIM, window_spec
 from configs.schema import RunConfig, WorkersConfig
 from core.errors import UserError
 from core.dense import WindowModel
@@ -30,7 +32,12 @@ def device_for(workers: WorkersConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def build_window_model(cfg: RunConfig, workers: WorkersConfig) -> WindowModel:
+def build_window_model(cfg: RunConfig, workers: WorkersConfig, with_backbone: bool = False) -> WindowModel:
+    """with_backbone (model.compare_backbone): the backbone's tokens follow the head's features;
+    under the seed protocol they are not flip-averaged (its raw DINOv2 features are not)."""
     device = device_for(workers)
-    model = build_feature_model(model_spec(cfg)).to(device)
-    return WindowModel(model, window_spec(cfg), device)
+    model = build_feature_model(model_spec(cfg), with_backbone=with_backbone).to(device)
+    spec = window_spec(cfg)
+    if with_backbone and cfg.protocol == "seed":
+        spec = replace(spec, flip_dims=HEAD_FEATURE_DIM)
+    return WindowModel(model, spec, device)

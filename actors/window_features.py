@@ -4,6 +4,7 @@ import numpy as np
 
 from dataclasses import replace
 
+from actors.geometry import HEAD_FEATURE_DIM
 from actors.model_setup import build_window_model
 from configs.schema import parse_config
 from core.dense import WindowModel
@@ -13,9 +14,11 @@ from core.presets import protocol_steps
 class WindowFeatures:
     """Model actor: `__init__` builds the model once; a call runs the windows of a batch of images."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, backbone: bool = False):
+        """backbone: also return the backbone's tokens (model.compare_backbone), as `backbone_window_features`."""
         cfg = parse_config(config, "extract model config")
-        self.model = build_window_model(cfg, cfg.extract.model)  # (N, S, S, 3) uint8 -> (N, D, S/p, S/p)
+        self.model = build_window_model(cfg, cfg.extract.model, with_backbone=backbone)  # (N, S, S, 3) uint8 -> (N, D, S/p, S/p)
+        self.head_dim = HEAD_FEATURE_DIM if backbone else None
         self.description = self.model.model.description
         # CAUSE's crop (each image's last window under protocol=cause) runs as CAUSE tests it: fp16
         # autocast around the backbone only; the other windows keep inference.precision
@@ -27,13 +30,11 @@ class WindowFeatures:
         windows = list(batch.pop("windows"))
         counts = [len(w) for w in windows]
         features = self._features(windows, counts) if sum(counts) else None
-        if len(set(counts)) == 1 and counts[0]:  # the usual batch: one tensor column, which Ray Data moves without copies
-            out = features.reshape(len(counts), counts[0], *features.shape[1:]).astype(np.float16)
-        else:  # images of several sizes, or failed ones (a 4-d placeholder: a column holds one rank only)
-            out = np.empty(len(windows), dtype=object)
-            for i, start in enumerate(np.cumsum([0, *counts[:-1]])):
-                out[i] = features[start:start + counts[i]].astype(np.float16) if counts[i] else np.zeros((0, 1, 1, 1), np.float16)
-        return {**batch, "window_features": out, "model": np.array([self.description] * len(out))}
+        out = {"window_features": _per_image(features if self.head_dim is None or features is None
+                                             else features[:, :self.head_dim], counts)}
+        if self.head_dim is not None:
+            out["backbone_window_features"] = _per_image(None if features is None else features[:, self.head_dim:], counts)
+        return {**batch, **out, "model": np.array([self.description] * len(counts))}
 
     def _features(self, windows: list[np.ndarray], counts: list[int]) -> np.ndarray:
         """Every window of the batch through the model, in order; CAUSE's crops through `crop_model`."""
@@ -46,3 +47,13 @@ class WindowFeatures:
         out = np.empty((len(stacked), *crops.shape[1:]), crops.dtype)
         out[crop], out[~crop] = crops, rest
         return out
+
+
+def _per_image(features: np.ndarray | None, counts: list[int]) -> np.ndarray:
+    """The batch's window features (sum(counts), D, g, g) -> one float16 entry per image."""
+    if len(set(counts)) == 1 and counts[0]:  # the usual batch: one tensor column, which Ray Data moves without copies
+        return features.reshape(len(counts), counts[0], *features.shape[1:]).astype(np.float16)
+    out = np.empty(len(counts), dtype=object)  # images of several sizes, or failed ones (a 4-d placeholder: a column holds one rank only)
+    for i, start in enumerate(np.cumsum([0, *counts[:-1]])):
+        out[i] = features[start:start + counts[i]].astype(np.float16) if counts[i] else np.zeros((0, 1, 1, 1), np.float16)
+    return out

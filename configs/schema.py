@@ -62,6 +62,16 @@ class ModelConfig(Strict):
     head_checkpoint: Path | None = None
     codebook_path: Path | None = None
     cluster_probe_checkpoint: Path | None = None
+    # With feature_kind=head: also extract the raw DINOv2 tokens (base scale), fit them with the same
+    # k and settings, and compare both at patch level in one table (the seed's "DINOv2 raw k=300" row).
+    compare_backbone: bool = False
+
+    @model_validator(mode="after")
+    def _backbone_beside_head(self):
+        if self.compare_backbone and self.feature_kind != "head":
+            raise ValueError("model.compare_backbone=true compares the head's features with the backbone's, but "
+                             "model.feature_kind='backbone' already fits the backbone: set model.feature_kind=head")
+        return self
 
 
 class InferenceConfig(Strict):

@@ -226,7 +226,7 @@ def shard_scores(image_ids: list[str], folds: list[int], scores: list[dict[str, 
               "baseline_labellings": np.array(list(extra_baseline), dtype=np.str_),
               "base_confusion": sum((s["base_confusion"] for s in scores), np.zeros((n_base, NUM_CLASSES, NUM_CLASSES + 1), np.int64)),
               "base_seed_confusion": sum((s["base_seed_confusion"] for s in scores), np.zeros((n_base, NUM_CLASSES, NUM_CLASSES), np.int64)),
-              "image_base_pq": np.array([s["base_pq"] for s in scores], np.float64).reshape(-1, n_base, len(EVALUATORS), NUM_CLASSES, 4)}
+              "image_base_pq": np.array([s["base_pq"] for s in scores], np.float64).reshape(len(scores), n_base, len(EVALUATORS), NUM_CLASSES, 4)}
     if cause:  # the baseline on CAUSE's crops (the cause protocol)
         arrays["cause_counts"] = sum((s["cause_counts"] for s in scores), np.zeros((2, len(fits[-1].mapping), NUM_CLASSES_27), np.int64))
     for fit in fits:

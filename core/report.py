@@ -83,6 +83,7 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- {name}: recovers {', '.join(fits[name]['recovered']) or 'none'}; "
                      f"still missing {', '.join(missed_classes(fits[name]['pixel_level']['same_set']['per_class_iou'])) or 'none'}")
     lines += _sensitivity_section(report)
+    lines += _backbone_section(report)
     lines += _variants_section(report, names)
     lines += _absorption_section(report)
     lines += ["", "## Figures", ""]
@@ -161,6 +162,30 @@ def _sensitivity_section(report: dict) -> list[str]:
             if key == own_key:
                 cells = [f"**{c}**" for c in cells]
             lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+SEED_MISSING_CLASSES = ("fence", "pole", "traffic light", "traffic sign", "rider", "train", "motorcycle")
+
+
+def _backbone_section(report: dict) -> list[str]:
+    """The head's and the raw backbone's features fitted alike (model.compare_backbone): the seed's last row."""
+    comparison = report.get("backbone_comparison")
+    if not comparison:
+        return []
+    lines = ["", f"## Head vs backbone features (patch level, k = {comparison['k']})", "",
+             f"Both fitted in this run with {comparison['engine']} on the same patches (base scale, the protocol's "
+             "window merge and patch labels), each mapped by majority vote over the labelled patches "
+             "(same set; held out: per fold, mapped on the other folds). Per-class columns: the 7 classes the "
+             "CAUSE-27 baseline misses in the seed's table (%).", "",
+             "| features | dim | patch mIoU | held-out mIoU | patch acc | " + " | ".join(SEED_MISSING_CLASSES) + " |",
+             "|---|---|---|---|---|" + "---|" * len(SEED_MISSING_CLASSES)]
+    for kind in ("head", "backbone"):
+        level = comparison[kind]["patch_level"]
+        same = level["same_set"]
+        lines.append(f"| {kind} | {comparison[kind]['feature_dim']} | {_pct(same['miou'])} | {_pct(level.get('held_out', {}).get('miou'))} | "
+                     f"{_pct(same['pixel_accuracy'])} | " + " | ".join(_pct(same["per_class_iou"].get(c)) for c in SEED_MISSING_CLASSES)
+                     + " |")
     return lines
 
 

@@ -39,6 +39,7 @@ class WindowSpec:
     batch_size: int = 8  # windows per forward pass
     precision: str = "fp32"  # fp16 / bf16 autocast on CUDA only
     merge: str = "cells"  # how `stitch_windows` merges overlapping windows: "cells" | "pixels" (the seed's)
+    flip_dims: int | None = None  # flip-average only the first this many feature channels (None: all)
 
 
 @dataclass(frozen=True)

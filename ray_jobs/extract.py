@@ -13,14 +13,14 @@ from storage.datasets import ImageRecord
 from storage.shards import plan_shards
 
 
-def windows_to_features(ds: Dataset, cfg: RunConfig, model_actor=WindowFeatures) -> Dataset:
+def windows_to_features(ds: Dataset, cfg: RunConfig, model_actor=WindowFeatures, backbone: bool = False) -> Dataset:
     """shard rows -> image rows with the model's window features (extract and apply share it;
-    the benchmark swaps in a stand-in `model_actor`)."""
+    the benchmark swaps in a stand-in `model_actor`); backbone: also the backbone's (model.compare_backbone)."""
     config, pool = cfg.model_dump(mode="json"), cfg.extract.model
     ds = ds.flat_map(image_windows, fn_kwargs={"config": config}, **task_args(cfg.extract.read))
     # Rows are images: the model actor gets the windows of batch_images images per call.
     return ds.map_batches(guarded(model_actor, per_row=False), batch_size=pool.batch_images, batch_format="numpy",
-                          fn_constructor_kwargs={"config": config}, **actor_args(pool))
+                          fn_constructor_kwargs={"config": config, **({"backbone": True} if backbone else {})}, **actor_args(pool))
 
 
 def run_extract(cfg: RunConfig, records: list[ImageRecord], plan: Plan, model_actor=WindowFeatures) -> dict[str, dict]:
@@ -29,7 +29,7 @@ def run_extract(cfg: RunConfig, records: list[ImageRecord], plan: Plan, model_ac
     config = cfg.model_dump(mode="json")
 
     def build(ds: Dataset) -> Dataset:
-        ds = windows_to_features(ds, cfg, model_actor)
+        ds = windows_to_features(ds, cfg, model_actor, backbone=cfg.model.compare_backbone)
         return ds.map(write_features, fn_kwargs={"config": config, "stage_dir": str(layout.features), "plan_key": plan.key},
                       **task_args(cfg.extract.write))
 

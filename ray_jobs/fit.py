@@ -17,6 +17,7 @@ import scipy.sparse
 from tqdm import tqdm
 
 from configs.schema import RunConfig
+from actors.geometry import HEAD_FEATURE_DIM
 from actors.model_setup import model_spec
 from core.clustering import (SEED_MINIBATCH, assign_clusters, assign_euclidean, check_features, fit_kmeans,
                              fit_seed_minibatch, l2_normalize)
@@ -32,7 +33,7 @@ from core.sampling import BoundedSample, image_fold, patch_priorities, per_image
 from ray_jobs.distributed_lloyd import distributed_lloyd
 from ray_jobs.layout import Layout
 from ray_jobs.plans import Plan, StageIncomplete, check_plan, plan_conflict, refuse_conflicts, require_complete
-from storage.shards import (content_key, feature_path, features_from_table, marker_problems, output_records,
+from storage.shards import (backbone_path, content_key, feature_path, features_from_table, marker_problems, output_records,
                             read_verified_parquet, write_json_atomic)
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,13 @@ def baseline_centroids(cfg: RunConfig, sample: np.ndarray) -> tuple[np.ndarray, 
 
 
 class FeatureShards:
-    """The scale-1 Parquet files of a complete extract stage, read whole and checked against
-    their markers (a file changed since extract wrote it is an error naming it)."""
+    """The scale-1 Parquet files of a complete extract stage (or, with path_of=backbone_path, the
+    backbone's beside them), read whole and checked against their markers (a file changed since
+    extract wrote it is an error naming it)."""
 
-    def __init__(self, features_dir: Path, markers: dict[str, dict]):
+    def __init__(self, features_dir: Path, markers: dict[str, dict], path_of=feature_path):
         self.root, self.markers = Path(features_dir).parent, markers
-        self.paths = [feature_path(features_dir, shard) for shard in markers]
+        self.paths = [path_of(features_dir, shard) for shard in markers]
         self.fix = "run `python submit.py extract` with this config: it redoes that shard"
 
     def tables(self, columns: list[str], desc: str):
@@ -257,6 +259,8 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
                          "patch_level": protocol_scores(fold_counts[name], fold_mapping_counts[name], mapping, label_free, CLASS_NAMES),
                          "clusters_without_labelled_patches": int((counts[name].sum(axis=1) == 0).sum()),
                          "fit_seconds": round(seconds[name], 3)}
+    if cfg.model.compare_backbone:
+        summary[BACKBONE_COMPARISON] = backbone_comparison(cfg, layout, markers, summary[names[0]])
     for name, fit in fits.items():
         fit.save(layout.fits / name)
     write_json_atomic(summary, layout.fits / "fit_summary.json")
@@ -264,6 +268,29 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
     write_json_atomic({"plan_key": plan.key, "inputs": inputs, "outputs": output_records(layout.root, files)},
                       layout.fits / FITS_MARKER)
     return fits
+
+
+BACKBONE_COMPARISON = "_backbone_comparison"  # the fit summary's entry for model.compare_backbone
+
+
+def backbone_comparison(cfg: RunConfig, layout: Layout, markers: dict[str, dict], head: dict) -> dict:
+    """The raw backbone's patch features fitted as the main fit was (same k, engine or the seed's
+    MiniBatchKMeans, same sample rule), mapped by majority, scored at patch level beside it."""
+    shards = FeatureShards(layout.features, markers, path_of=backbone_path)
+    sample = gather_sample(shards, cfg)
+    check_features(sample, f"backbone patch features in {layout.features / '_backbone'}")
+    name = f"backbone_k{cfg.fit.k}"
+    start = time.perf_counter()
+    centroids, raw = fit_centroids(cfg, sample, cfg.fit.k)
+    seconds = time.perf_counter() - start
+    fold_counts, fold_mapping_counts, _, _ = count_cluster_classes(shards, {name: centroids}, {name: raw} if raw is not None else {},
+                                                                   name, cfg)
+    mapping = majority_mapping(fold_mapping_counts[name].sum(axis=0))
+    log.info("fit: %s on %d backbone patch features of dimension %d in %.1f s", name, *sample.shape, seconds)
+    return {"k": cfg.fit.k, "engine": fit_engine(cfg), "n_samples": int(sample.shape[0]),
+            "head": {"feature_dim": HEAD_FEATURE_DIM, "patch_level": head["patch_level"]},
+            "backbone": {"feature_dim": int(sample.shape[1]), "fit_seconds": round(seconds, 3),
+                         "patch_level": protocol_scores(fold_counts[name], fold_mapping_counts[name], mapping, None, CLASS_NAMES)}}
 
 
 FITS_MARKER = "_done.json"  # the fit stage's one marker: its plan, its inputs and every file it wrote

@@ -71,6 +71,7 @@ def model_identity(cfg: RunConfig, recorded: dict | None = None) -> dict:
     random_weights = len(loaded) < len(files)
     known = (recorded or {}).get("weights_sha256")
     return {"vit": cfg.model.vit.model_dump(mode="json"), "feature_kind": cfg.model.feature_kind,
+            "compare_backbone": cfg.model.compare_backbone,
             "init_seed": cfg.model.init_seed if random_weights else None,
             "weights_sha256": {key: _weights_sha256(path, key, known) for key, path in loaded.items()},
             "inference": cfg.inference.model_dump(mode="json", exclude={"batch_size"}),

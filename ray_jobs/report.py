@@ -22,7 +22,7 @@ from core.seed_eval import seed_pq_scores, seed_semantic_scores
 from core.plots import plot_confusion, plot_miou_vs_k, plot_overlay_grid, plot_per_class_iou
 from core.protocols import protocol_scores
 from core.report import PROTOCOL_TITLES, missed_classes, render_markdown
-from ray_jobs.fit import fit_names
+from ray_jobs.fit import BACKBONE_COMPARISON, fit_names
 from ray_jobs.layout import Layout
 from storage.cityscapes_outputs import write_panoptic_json
 from storage.shards import read_verified, read_verified_npz, write_json_atomic, write_text_atomic
@@ -172,6 +172,7 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
                     "num_images": scores["num_images"], "num_failed": len(failed_ids), "fingerprint": meta["fingerprint"]},
         "protocol": cfg.protocol, "timing": timing, "fits": fits, "baseline_missed": baseline_missed,
         "variants": variants, "protocol_sensitivity": sensitivity,
+        "backbone_comparison": fit_summary.get(BACKBONE_COMPARISON),
         "written_variant": cfg.refine.write_variant, "absorption": absorption, "figures": figures,
         "outputs": {"labels": str(layout.labels.relative_to(cfg.output_dir)),
                     "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir))},

@@ -136,6 +136,11 @@ def window_path(features_dir: Path, shard: str) -> Path:
     return Path(features_dir) / "_windows" / f"{shard}.parquet"
 
 
+def backbone_path(features_dir: Path, shard: str) -> Path:
+    """A shard's raw backbone patch features beside the head's (model.compare_backbone), base scale."""
+    return Path(features_dir) / "_backbone" / f"{shard}.parquet"
+
+
 def cause_path(features_dir: Path, shard: str) -> Path:
     """A shard's features of CAUSE's one 322 centre-crop window per image (the cause protocol's)."""
     return Path(features_dir) / "_cause" / f"{shard}.parquet"

@@ -2,12 +2,13 @@
 ops, cosine nearest-codebook quantisation, and the head inside the dense extractor."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from core.dense import DenseFeatureExtractor
+from core.dense import DenseFeatureExtractor, WindowModel
 from core.windows import WindowSpec
 from core.models import ModelSpec, ViTSpec, build_feature_model
 from core.models.segment_tr import SegmentTR, codebook_index, quantize
@@ -154,3 +155,22 @@ def test_head_model_in_the_dense_extractor():
         DenseFeatureExtractor(model, WindowSpec(short_side=224, crop=224, stride=112), "cpu")
     with pytest.raises(ValueError, match="322"):
         model(torch.zeros(1, 3, 224, 224))
+
+
+def test_head_model_with_backbone_gives_both_and_the_seed_keeps_the_tokens_unflipped():
+    """model.compare_backbone: the head's 90 channels, then exactly the backbone model's tokens (same
+    seeded weights); flip_dims=90 flip-averages the head only, as the seed's raw DINOv2 rows are not."""
+    vit = ViTSpec(embed_dim=32, depth=1, num_heads=2)
+    both = build_feature_model(ModelSpec(vit=vit, feature_kind="head", init_seed=5), with_backbone=True)
+    head = build_feature_model(ModelSpec(vit=vit, feature_kind="head", init_seed=5))
+    tokens = build_feature_model(ModelSpec(vit=vit, feature_kind="backbone", init_seed=5))
+    windows = np.random.default_rng(1).integers(0, 255, (2, 322, 322, 3), dtype=np.uint8)
+    spec = WindowSpec(short_side=322, crop=322, stride=161)
+    out = WindowModel(both, spec)(windows)
+    assert out.shape == (2, 90 + 32, 23, 23)
+    np.testing.assert_allclose(out[:, :90], WindowModel(head, spec)(windows), atol=1e-5)
+    np.testing.assert_allclose(out[:, 90:], WindowModel(tokens, spec)(windows), atol=1e-5)
+    seed = WindowModel(both, replace(spec, flip_dims=90))(windows)
+    np.testing.assert_allclose(seed[:, :90], out[:, :90], atol=1e-6)
+    np.testing.assert_allclose(seed[:, 90:], WindowModel(tokens, replace(spec, flip=False))(windows), atol=1e-5)
+    assert np.abs(seed[:, 90:] - out[:, 90:]).max() > 1e-3

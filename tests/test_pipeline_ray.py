@@ -8,8 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs.schema import parse_config
+from core.dense import DenseFeatureExtractor
 from core.errors import UserError
+from core.models import ModelSpec, ViTSpec, build_feature_model
+from core.windows import WindowSpec
 from ray_jobs.pipeline import Pipeline
+from storage.images import read_rgb
 from tests.official import official_panoptic, official_pixel_level
 from tests.tiny_runs import NUM_IMAGES
 
@@ -168,3 +172,30 @@ def test_seed_protocol_runs_the_seeds_steps_and_refuses_a_switch_of_protocol(ray
     assert "seed's CAUSE script, multi-scale + its CRF" in (cfg.output_dir / "report.md").read_text()
     with pytest.raises(UserError, match='protocol: "seed" -> "official"'):
         Pipeline(parse_config({**data, "protocol": "official"})).run()
+
+
+def test_head_and_backbone_features_are_fitted_in_one_run_and_compared(ray_cluster, demo_root, tmp_path):
+    """model.compare_backbone: extract stores the backbone's tokens beside the head's features (the
+    same as a backbone model's), fit fits both alike, the report compares them."""
+    data = tiny_config(demo_root, tmp_path / "out", lloyd_iterations=0).model_dump(mode="json") | {"protocol": "official"}
+    data["model"] |= {"feature_kind": "head", "compare_backbone": True}
+    data["inference"] |= {"short_side": 322, "crop": 322, "stride": 161, "scales": [1.0]}
+    data["refine"] = {}
+    cfg = parse_config(data)
+    Pipeline(cfg).run()
+    report = json.loads((cfg.output_dir / "report.json").read_text())
+    comparison = report["backbone_comparison"]
+    assert comparison["head"]["patch_level"] == report["fits"]["k24"]["patch_level"]
+    assert (comparison["head"]["feature_dim"], comparison["backbone"]["feature_dim"]) == (90, 32)
+    assert 0 < comparison["backbone"]["patch_level"]["same_set"]["miou"] < 1
+    assert "## Head vs backbone features (patch level, k = 24)" in (cfg.output_dir / "report.md").read_text()
+    table = pq.read_table(cfg.output_dir / "features" / "_backbone" / "shard-00000.parquet")
+    head = pq.read_table(cfg.output_dir / "features" / "shard-00000.parquet")
+    assert table.column("image_id").to_pylist() == head.column("image_id").to_pylist()
+    assert table.column("label").to_pylist() == head.column("label").to_pylist()
+    # the stored tokens are what a backbone model with the same seeded weights extracts
+    model = build_feature_model(ModelSpec(vit=ViTSpec(patch_size=14, embed_dim=32, depth=1, num_heads=2)))
+    first = sorted(demo_root.glob("leftImg8bit/val/*/*.png"))[0]
+    (expected,) = DenseFeatureExtractor(model, WindowSpec(short_side=322, crop=322, stride=161))([read_rgb(first)])
+    stored = np.stack(table.column("feature").to_numpy(zero_copy_only=False)[:23 * 46])
+    np.testing.assert_allclose(stored, expected.reshape(32, -1).T, atol=2e-2)

@@ -58,10 +58,11 @@ class ModelSpec:
 class PatchFeatureModel(nn.Module):
     """(B, 3, S, S) normalised image -> (B, feature_dim, S/p, S/p) float features."""
 
-    def __init__(self, backbone: VisionTransformer, head: SegmentTR | None, description: str):
+    def __init__(self, backbone: VisionTransformer, head: SegmentTR | None, description: str, with_backbone: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.with_backbone = with_backbone  # the head's features, then the backbone's tokens: (B, 90 + embed_dim, h, w)
         self.patch_size = backbone.patch_size
         self.feature_dim = head.reduced_dim if head is not None else backbone.embed_dim
         # the head's query_pos fixes its window: 529 queries = 23 x 23 patches = 322 px for patch 14
@@ -81,7 +82,10 @@ class PatchFeatureModel(nn.Module):
             return tokens.transpose(1, 2).reshape(b, -1, h, w)  # (B, D, h, w)
         if self.required_crop not in (None, height) or height != width:
             raise ValueError(f"the Segment_TR head runs on {self.required_crop}x{self.required_crop} windows, got {height}x{width}")
-        return self.head(tokens)  # (B, 90, h, w), float32
+        features = self.head(tokens)  # (B, 90, h, w), float32
+        if self.with_backbone:
+            return torch.cat([features, tokens.float().transpose(1, 2).reshape(b, -1, h, w)], dim=1)
+        return features
 
 
 def _vit(spec: ViTSpec) -> VisionTransformer:
@@ -113,9 +117,9 @@ HEAD_FIX = ("use CAUSE's segment_tr.pth trained on DINOv2 ViT-B/14 features "
             "(CAUSE/cityscapes/dinov2_vit_base_14/2048/segment_tr.pth, 56 tensors, query_pos 529 x 768)")
 
 
-def build_feature_model(spec: ModelSpec) -> PatchFeatureModel:
+def build_feature_model(spec: ModelSpec, with_backbone: bool = False) -> PatchFeatureModel:
     """The frozen eval-mode feature model of `spec`; CheckpointError when a needed file is unset, missing
-    or does not match."""
+    or does not match. with_backbone (head models): the backbone's tokens follow the head's features."""
     if spec.feature_kind not in ("backbone", "head"):
         raise ValueError(f"model.feature_kind must be 'backbone' or 'head', not {spec.feature_kind!r}")
     generator = torch.Generator().manual_seed(int(spec.init_seed))
@@ -155,6 +159,6 @@ def build_feature_model(spec: ModelSpec) -> PatchFeatureModel:
     else:
         parts.append(f"features: backbone ({spec.vit.embed_dim}-d patch tokens)")
 
-    model = PatchFeatureModel(backbone, head, "; ".join(parts))
+    model = PatchFeatureModel(backbone, head, "; ".join(parts), with_backbone=with_backbone and head is not None)
     model.requires_grad_(False)
     return model.eval()
