@@ -41,8 +41,8 @@ def image_windows(shard_row: dict, config: dict):
             extra = extra_seed_layouts(cfg, image.shape[:2])  # the seed baseline's other scales follow the base scale's
             if extra:
                 windows = np.concatenate([windows, seed_scale_windows(image, extra, spec.crop)])
-            if protocol_steps(cfg.protocol).cause_crop:  # CAUSE's one test window goes last
-                windows = np.concatenate([windows, cause_view(image, spec.short_side, spec.crop)[None]])
+            if protocol_steps(cfg.protocol).cause_crop:  # CAUSE's test window goes last, twice (its two test passes)
+                windows = np.concatenate([windows, np.repeat(cause_view(image, spec.short_side, spec.crop)[None], 2, axis=0)])
             row.update(windows=windows, layouts=json.dumps([lay.to_dict() for lay in layouts]),
                        height=image.shape[0], width=image.shape[1])
         except Exception as err:  # noqa: BLE001 - one image's failure must not end the stage
@@ -89,12 +89,13 @@ def extra_view_arrays(cfg, row: dict, train_ids: np.ndarray | None) -> dict[str,
         arrays["backbone"] = stitched_grids(row, cfg, "backbone_window_features")[0][0].astype(np.float16)
     if stores_windows(cfg):
         arrays["windows"] = pack_windows(row["window_features"], stored_window_count(cfg, row))
-    if protocol_steps(cfg.protocol).cause_crop:
-        crop = row["window_features"][-1].astype(np.float16)  # (D, g, g)
-        arrays["cause"] = crop
-        arrays["cause_labels"] = (patch_majority_labels(cause_view(train_ids, cfg.inference.short_side, cfg.inference.crop),
-                                                        *crop.shape[1:], NUM_CLASSES)
-                                  if train_ids is not None else np.full(crop.shape[1:], IGNORE, np.uint8))
+    if protocol_steps(cfg.protocol).cause_crop:  # its plain pass, then its flip-averaged one, side by side: (D, g, 2g)
+        crops = row["window_features"][-2:].astype(np.float16)
+        arrays["cause"] = np.concatenate(list(crops), axis=2)
+        labels = (patch_majority_labels(cause_view(train_ids, cfg.inference.short_side, cfg.inference.crop),
+                                        *crops.shape[2:], NUM_CLASSES)
+                  if train_ids is not None else np.full(crops.shape[2:], IGNORE, np.uint8))
+        arrays["cause_labels"] = np.concatenate([labels, labels], axis=1)
     return arrays
 
 

@@ -101,7 +101,8 @@ class LabelImages:
             return np.zeros((2, len(baseline.mapping), NUM_CLASSES_27), np.int64)
         crop_ids = cause_view(read_label_ids(Path(row["label_ids_path"]), hw), inference.short_side, inference.crop)
         crop_rgb = cause_view(image, inference.short_side, inference.crop)
-        return cause_counts(row["grid_cause"].astype(np.float32), baseline.centroids, crop_ids, crop_rgb)
+        plain, flipped = np.split(row["grid_cause"].astype(np.float32), 2, axis=2)  # extract's two passes, side by side
+        return cause_counts(plain, flipped, baseline.centroids, crop_ids, crop_rgb)
 
     def _write_overlay_panels(self, group: str, image_id: str, image: np.ndarray, gt: np.ndarray | None,
                               labels: np.ndarray, baseline: np.ndarray) -> None:

@@ -20,10 +20,13 @@ class WindowFeatures:
         self.model = build_window_model(cfg, cfg.extract.model, with_backbone=backbone)  # (N, S, S, 3) uint8 -> (N, D, S/p, S/p)
         self.head_dim = HEAD_FEATURE_DIM if backbone else None
         self.description = self.model.model.description
-        # CAUSE's crop (each image's last window under protocol=cause) runs as CAUSE tests it: fp16
-        # autocast around the backbone only; the other windows keep inference.precision
-        self.crop_model = (WindowModel(self.model.model, replace(self.model.spec, precision="fp16_backbone", flip=True), self.model.device)
-                           if protocol_steps(cfg.protocol).cause_crop else None)
+        # CAUSE's crop (each image's last two windows under protocol=cause) runs as CAUSE's two test
+        # passes do: test_without_crf unflipped with the whole model under fp16 autocast; test (its CRF)
+        # flip-averaged with autocast around the backbone only. The other windows keep inference.precision.
+        spec, model, device = self.model.spec, self.model.model, self.model.device
+        self.crop_models = ((WindowModel(model, replace(spec, precision="fp16", flip=False), device),
+                             WindowModel(model, replace(spec, precision="fp16_backbone", flip=True), device))
+                            if protocol_steps(cfg.protocol).cause_crop else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Window features as float16: it halves the bytes moved, and features are stored so anyway."""
@@ -37,15 +40,17 @@ class WindowFeatures:
         return {**batch, **out, "model": np.array([self.description] * len(counts))}
 
     def _features(self, windows: list[np.ndarray], counts: list[int]) -> np.ndarray:
-        """Every window of the batch through the model, in order; CAUSE's crops through `crop_model`."""
+        """Every window of the batch through the model, in order; CAUSE's crops through `crop_models`."""
         stacked = np.concatenate(windows)
-        if self.crop_model is None:
+        if self.crop_models is None:
             return self.model(stacked)
-        crop = np.zeros(len(stacked), bool)
-        crop[np.cumsum(counts)[np.array(counts) > 0] - 1] = True
-        crops, rest = self.crop_model(stacked[crop]), self.model(stacked[~crop])
-        out = np.empty((len(stacked), *crops.shape[1:]), crops.dtype)
-        out[crop], out[~crop] = crops, rest
+        ends = np.cumsum(counts)[np.array(counts) > 0]
+        which = np.zeros(len(stacked), np.int64)  # 0: the model, 1: CAUSE's plain pass, 2: its flip-averaged pass
+        which[ends - 2], which[ends - 1] = 1, 2
+        parts = [self.model(stacked[which == 0]), *(m(stacked[which == i + 1]) for i, m in enumerate(self.crop_models))]
+        out = np.empty((len(stacked), *parts[1].shape[1:]), parts[1].dtype)
+        for i, part in enumerate(parts):
+            out[which == i] = part
         return out
 
 

@@ -3,7 +3,9 @@ ByungKwanLee/Causal-Unsupervised-Segmentation), on the one 322x322 centre crop o
 
 Labelling: the crop's patch features are upsampled bilinearly (align_corners=False) to the
 crop, each pixel L2-normalised, and compared by cosine with the L2-normalised centroids; the
-pixel takes the best one. With CRF: unary from the k-way log_softmax(3 * cosine), CAUSE's
+pixel takes the best one. Without CRF (test_without_crf) the features come from one unflipped pass
+with the whole model under fp16 autocast; with CRF (test) from the flip-averaged pass with
+autocast around the backbone only (actors.window_features). With CRF: unary from the k-way log_softmax(3 * cosine), CAUSE's
 kernels, the image rebuilt from the normalised tensor as `VF.to_pil_image(invTrans(img))` does
 (its `mul(255).byte()` truncates), then argmax.
 Scoring (STEGO's NiceTool): ground truth = labelIds 7..33 as classes 0..26 (the rest ignored),
@@ -45,18 +47,19 @@ def rebuilt_image(crop_rgb: np.ndarray) -> np.ndarray:
     return x.mul(255).byte().permute(1, 2, 0).numpy()
 
 
-def cause_counts(grid: np.ndarray, centroids: np.ndarray, crop_label_ids: np.ndarray, crop_rgb: np.ndarray | None) -> np.ndarray:
-    """One crop -> (2, k, 27) int64 (cluster, class) pixel counts: without and with CAUSE's CRF
-    (the second is zero when no image is given)."""
+def cause_counts(grid: np.ndarray, crf_grid: np.ndarray, centroids: np.ndarray, crop_label_ids: np.ndarray,
+                 crop_rgb: np.ndarray | None) -> np.ndarray:
+    """One crop -> (2, k, 27) int64 (cluster, class) pixel counts: without CAUSE's CRF from `grid`
+    (test_without_crf's unflipped pass) and with it from `crf_grid` (test's flip-averaged pass;
+    zero when no image is given). Both (D, g, g)."""
     crop = crop_label_ids.shape[0]
-    cos = crop_cosines(grid, centroids, crop)
     gt = LABEL_ID_TO_CLASS_27[crop_label_ids].astype(np.int64).ravel()
     valid = gt != IGNORE
     k = len(centroids)
     out = np.zeros((2, k, NUM_CLASSES_27), np.int64)
-    predictions = [cos.argmax(dim=0).numpy()]
+    predictions = [crop_cosines(grid, centroids, crop).argmax(dim=0).numpy()]
     if crop_rgb is not None:
-        logits = torch.log_softmax(COSINE_SCALE * cos, dim=0).numpy()
+        logits = torch.log_softmax(COSINE_SCALE * crop_cosines(crf_grid, centroids, crop), dim=0).numpy()
         predictions.append(dense_crf(rebuilt_image(crop_rgb), logits, alpha=1.0).argmax(axis=0))
     for i, pred in enumerate(predictions):
         flat = pred.astype(np.int64).ravel()[valid] * NUM_CLASSES_27 + gt[valid]

@@ -19,13 +19,15 @@ every step that differs; each variant is one small function or an option of one,
                                                          windows' pixel map, NEAREST up
 
 `cause` adds CAUSE's test protocol (test_tr.py) for the baseline and changes nothing else: each
-image is also resized NEAREST (short side 322) and centre-cropped to one 322x322 window, run with
-flip averaging (that window alone: the backbone under fp16 autocast on CUDA, the head in fp32,
-actors.window_features), and the baseline's
-centroids label that crop by cosine (bilinear upsampling, per-pixel normalisation). It is scored
+image is also resized NEAREST (short side 322) and centre-cropped to one 322x322 window, run as
+CAUSE's two test passes run it (actors.window_features; autocast only on CUDA): test_without_crf's
+unflipped, the whole model under fp16 autocast, and test's flip-averaged, the backbone under fp16
+autocast and the head in fp32. The baseline's centroids label that crop by cosine (bilinear
+upsampling, per-pixel normalisation). It is scored
 as CAUSE scores: 27 classes (labelIds 7..33), one Hungarian matching over the whole
-(cluster x class) pixel table of the crops, mIoU over the 27; and again after CAUSE's CRF
-(27-way log_softmax(3 * cosine), the image rebuilt from the normalised tensor) (core.cause_eval).
+(cluster x class) pixel table of the crops, mIoU over the 27 (the unflipped pass); and again
+after CAUSE's CRF (27-way log_softmax(3 * cosine) of the flip-averaged pass, the image rebuilt from
+the normalised tensor) (core.cause_eval).
 
 The seed preset follows generate_overclustered_semantics.py, the script that makes the seed's
 pixel labels. Its patch-level sweep (overclustering_cause.py) subsamples the same rows to 500,000

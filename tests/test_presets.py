@@ -1,6 +1,8 @@
 """The `seed` protocol preset against references written here from DESIGN.md's facts about the
 seed's scripts (not from the code under test): window merge, patch labels, k-means, pixel labels."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from core.cause_eval import cause_counts, hungarian_scores
 from core.crf import dense_crf
 from core.seed_postprocess import denoise_by_prototypes, diffuse_by_neighbours
 from core.clustering import assign_euclidean, fit_seed_minibatch
+from core.dense import WindowModel
 from core.label_image import ImageLabeller, LabelFit
 from core.windows import StoredWindows, WindowSpec, cause_view, cut_windows, layout_axis_weights, stitch_windows
 from configs.schema import PanopticConfig, RefineConfig
@@ -153,7 +156,7 @@ def test_cause_counts_label_the_crop_by_cosine_after_bilinear_upsampling():
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     label_ids = np.full((8, 8), 7, np.uint8)
     label_ids[:, 4:] = 0  # labelId 0 (unlabeled) is outside the 27 classes
-    counts = cause_counts(grid, centroids, label_ids, None)
+    counts = cause_counts(grid, grid[:, :, ::-1], centroids, label_ids, None)
     pixels = F.interpolate(torch.tensor(grid)[None], size=(8, 8), mode="bilinear", align_corners=False)[0]
     nearest = torch.einsum("kd,dyx->kyx", torch.tensor(centroids), F.normalize(pixels, dim=0)).argmax(dim=0).numpy()
     assert counts.shape == (2, 3, 27) and counts[1].sum() == 0  # no image: no CRF counts
@@ -224,17 +227,25 @@ def test_knn_diffusion_spreads_labels_over_the_most_similar_patches():
 
 
 def test_the_cause_crop_runs_apart_and_comes_back_in_place():
+    """Each image's last two windows are CAUSE's crop: the plain pass (whole model under fp16
+    autocast, no flip) and the CRF pass (flip-averaged, autocast on the backbone only)."""
     from actors.window_features import WindowFeatures
 
     cfg = parse_config({"protocol": "cause", "model": {"vit": {"embed_dim": 32, "depth": 1, "num_heads": 2}},
                         "inference": {"short_side": 112, "crop": 112, "stride": 56}})
     actor = WindowFeatures(cfg.model_dump(mode="json"))
-    assert actor.crop_model.spec.precision == "fp16_backbone" and actor.model.spec.precision == "fp32"
+    plain, flipped = actor.crop_models
+    assert (plain.spec.precision, plain.spec.flip, flipped.spec.precision, flipped.spec.flip) == ("fp16", False, "fp16_backbone", True)
+    assert actor.model.spec.precision == "fp32"
     rng = np.random.default_rng(11)
     windows = [rng.integers(0, 255, size=(n, 112, 112, 3), dtype=np.uint8) for n in (4, 0, 3)]  # the middle image failed
     out = actor({"windows": np.array(windows, dtype=object), "image_id": np.array(["a", "b", "c"])})["window_features"]
-    everything = actor.model(np.concatenate(windows))  # on the CPU autocast does nothing: the same numbers
-    np.testing.assert_allclose(np.concatenate([out[0], out[2]]).astype(np.float32), everything, atol=1e-2)
+    # on the CPU autocast does nothing: each pass gives the numbers of the plain model with its flip setting
+    unflipped = WindowModel(actor.model.model, replace(actor.model.spec, flip=False))
+    for got, w in ((out[0], windows[0]), (out[2], windows[2])):
+        np.testing.assert_allclose(got[:-2].astype(np.float32), actor.model(w[:-2]), atol=1e-2)
+        np.testing.assert_allclose(got[-2].astype(np.float32), unflipped(w[-2:-1])[0], atol=1e-2)
+        np.testing.assert_allclose(got[-1].astype(np.float32), actor.model(w[-1:])[0], atol=1e-2)
     assert out[1].shape[0] == 0
 
 
