@@ -40,9 +40,9 @@ def stores_windows(cfg: RunConfig) -> bool:
 
 
 def seed_baseline_scales(cfg: RunConfig) -> list[float]:
-    """The scales of the seed's multi-scale baseline rows (protocol=seed with several
-    inference.scales; core.seed_baseline), else none."""
-    return list(cfg.inference.scales) if cfg.protocol == "seed" and len(cfg.inference.scales) > 1 else []
+    """The scales of the seed's multi-scale baseline rows (protocol=seed with inference.scales other
+    than [1.0]; core.seed_baseline), else none. As the seed's --scales: a single 0.75 is multi-scale."""
+    return list(cfg.inference.scales) if cfg.protocol == "seed" and cfg.inference.scales != [1.0] else []
 
 
 def seed_scale_layouts(cfg: RunConfig, image_hw: tuple[int, int]) -> tuple[ScaleLayout, list[ScaleLayout | None]]:

@@ -32,7 +32,7 @@ EVALUATORS = ("official", "seed")  # cityscapesscripts' rules (core.metrics, cor
 def baseline_labellings(protocol: str, multi_scale: bool, crf: bool) -> list[str]:
     """The baseline's labels made in more ways, each scored by both evaluators beside its
     LABELLINGS rows. Under the seed protocol, the seed's CAUSE script (core.seed_baseline): on
-    the base scale's windows and, with several inference.scales, on the seed's scales, each
+    the base scale's windows and, with inference.scales other than [1.0], on the seed's scales, each
     without and with its CRF. Otherwise, with refine.crf, this tool's CRF at full size."""
     if protocol == "seed":
         return ["windows", "windows+crf", *(["multiscale", "multiscale+crf"] if multi_scale else [])]

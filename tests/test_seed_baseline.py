@@ -115,3 +115,16 @@ def test_config_keeps_the_seeds_short_side_at_its_window_size():
         parse_config({"protocol": "seed", "inference": {"short_side": 224, "crop": 322, "stride": 161}})
     cfg = parse_config({"protocol": "seed", "inference": {"scales": [0.75, 1.0, 1.5]}})
     assert cfg.inference.scales == [0.75, 1.0, 1.5]
+
+
+def test_extract_cuts_only_the_seed_scales_whose_windows_differ_from_the_base_scale():
+    from actors.geometry import extra_seed_layouts, seed_baseline_scales, seed_scale_layouts
+
+    cfg = parse_config({"protocol": "seed", "inference": {"scales": [0.75, 1.0, 1.5]}})
+    base, per_scale = seed_scale_layouts(cfg, (1024, 2048))
+    assert base.resized == (322, 644) and per_scale[1] is None  # 1.0 reuses the base scale's 3 windows
+    assert [len(layout.origins) for layout in extra_seed_layouts(cfg, (1024, 2048))] == [2, 10]
+    # as the seed's --scales: one scale other than 1.0 is its multi-scale path; 1.0 alone is not; other protocols never
+    assert seed_baseline_scales(parse_config({"protocol": "seed", "inference": {"scales": [0.75]}})) == [0.75]
+    assert seed_baseline_scales(parse_config({"protocol": "seed"})) == []
+    assert seed_baseline_scales(parse_config({"inference": {"scales": [0.75, 1.0]}})) == []
