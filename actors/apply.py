@@ -54,9 +54,11 @@ class PseudoLabelImages:
         # rounded as stored, so a saved fit labels an image here exactly as the label stage does
         grids = [(f.astype(np.float16).astype(np.float32), r) for f, r in stitched_grids(row, self.cfg)]
         hw = (int(row["height"]), int(row["width"]))
-        packed = pack_windows(row["window_features"], stored_window_count(self.cfg, row)) if stores_windows(self.cfg) else None
+        extra = self.cfg.apply.write_features  # the seed baseline's windows are cut only to be written
+        packed = (pack_windows(row["window_features"], stored_window_count(self.cfg, row, seed_scales=extra))
+                  if stores_windows(self.cfg) else None)
         labels = self.labeller.label([grids[i] for i in self.scale_order], self.cfg.model.vit.patch_size, hw,
-                                     windows=None if packed is None else unpack_windows(self.cfg, packed, hw))
+                                     windows=None if packed is None else unpack_windows(self.cfg, packed, hw, seed_scales=extra))
         (train_ids, panoptic, _), cluster_map = labels.variants[0], labels.cluster_maps[0]
         annotation = write_image_predictions(self.labels_dir, group, image_id, train_ids, panoptic, split=self.cfg.dataset.split)
         arrays = {"cluster_pixels": np.bincount(cluster_map.ravel(), minlength=len(self.fit.mapping))}

@@ -27,8 +27,9 @@ from storage.shards import (backbone_path, cause_path, feature_path, patch_schem
                             write_parquet_atomic)
 
 
-def image_windows(shard_row: dict, config: dict):
-    """One shard row -> one row per image to do: uint8 windows of every extracted scale."""
+def image_windows(shard_row: dict, config: dict, extra_views: bool = True):
+    """One shard row -> one row per image to do: uint8 windows of every extracted scale, then (with
+    extra_views: extract, or apply writing features) the seed's baseline windows or CAUSE's crop."""
     cfg = parse_config(config, "extract read config")
     spec, patch, short_sides = window_spec(cfg), cfg.model.vit.patch_size, extracted_short_sides(cfg)
     for record in shard_records(shard_row):
@@ -38,10 +39,10 @@ def image_windows(shard_row: dict, config: dict):
         try:
             image = read_rgb(record.image_path)  # a path or an object-store URI
             windows, layouts = cut_windows(image, spec, patch, short_sides)
-            extra = extra_seed_layouts(cfg, image.shape[:2])  # the seed baseline's other scales follow the base scale's
-            if extra:
+            extra = extra_seed_layouts(cfg, image.shape[:2]) if extra_views else []
+            if extra:  # the seed baseline's windows follow the base scale's
                 windows = np.concatenate([windows, seed_scale_windows(image, extra, spec.crop)])
-            if protocol_steps(cfg.protocol).cause_crop:  # CAUSE's test window goes last, twice (its two test passes)
+            if protocol_steps(cfg.protocol).cause_crop and extra_views:  # CAUSE's test window goes last, twice (its two test passes)
                 windows = np.concatenate([windows, np.repeat(cause_view(image, spec.short_side, spec.crop)[None], 2, axis=0)])
             row.update(windows=windows, layouts=json.dumps([lay.to_dict() for lay in layouts]),
                        height=image.shape[0], width=image.shape[1])

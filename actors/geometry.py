@@ -45,26 +45,33 @@ def seed_baseline_scales(cfg: RunConfig) -> list[float]:
     return list(cfg.inference.scales) if cfg.protocol == "seed" and cfg.inference.scales != [1.0] else []
 
 
-def seed_scale_layouts(cfg: RunConfig, image_hw: tuple[int, int]) -> tuple[ScaleLayout, list[ScaleLayout | None]]:
-    """The base scale's layout, and per seed baseline scale its window layout, or None where it
-    equals the base scale's windows (1.0 on 1024x2048), which are then reused."""
+def seed_window_scales(cfg: RunConfig) -> list[float]:
+    """The scales whose seed windows the baseline's seed rows use (protocol=seed): 1.0 for its
+    one-scale rows and each of `seed_baseline_scales`, ascending."""
+    return sorted({1.0, *seed_baseline_scales(cfg)}) if cfg.protocol == "seed" else []
+
+
+def seed_scale_layouts(cfg: RunConfig, image_hw: tuple[int, int]) -> tuple[ScaleLayout, dict[float, ScaleLayout | None]]:
+    """The base scale's layout, and per `seed_window_scales` entry the seed's window layout, or
+    None where it equals the base scale's windows (1.0 on 1024x2048), which are then reused."""
     spec, patch = window_spec(cfg), cfg.model.vit.patch_size
     base = window_layout(*image_hw, spec.short_side, spec, patch)
-    layouts = [seed_scale_layout(*image_hw, s, spec.crop, patch) for s in seed_baseline_scales(cfg)]
-    return base, [None if (a.resized, a.padded, a.origins) == (base.resized, base.padded, base.origins) else a
-                  for a in layouts]
+    layouts = {s: seed_scale_layout(*image_hw, s, spec.crop, patch) for s in seed_window_scales(cfg)}
+    return base, {s: None if (a.resized, a.padded, a.origins) == (base.resized, base.padded, base.origins) else a
+                  for s, a in layouts.items()}
 
 
 def extra_seed_layouts(cfg: RunConfig, image_hw: tuple[int, int]) -> list[ScaleLayout]:
-    """The seed baseline scales whose windows extract cuts beside the base scale's, in order."""
-    return [layout for layout in seed_scale_layouts(cfg, image_hw)[1] if layout is not None]
+    """The seed scales whose windows extract cuts beside the base scale's, in `seed_window_scales` order."""
+    return [layout for layout in seed_scale_layouts(cfg, image_hw)[1].values() if layout is not None]
 
 
-def stored_window_count(cfg: RunConfig, row: dict) -> int:
-    """How many of a row's windows the seed protocol stores: the base scale's, then the extra seed scales'."""
+def stored_window_count(cfg: RunConfig, row: dict, seed_scales: bool = True) -> int:
+    """How many of a row's windows the seed protocol stores: the base scale's, then (seed_scales)
+    the extra seed scales'."""
     hw = (int(row["height"]), int(row["width"]))
     base = len(json.loads(row["layouts"])[0]["origins"])
-    return base + sum(len(layout.origins) for layout in extra_seed_layouts(cfg, hw))
+    return base + (sum(len(layout.origins) for layout in extra_seed_layouts(cfg, hw)) if seed_scales else 0)
 
 
 def pack_windows(window_features: np.ndarray, num_windows: int) -> np.ndarray:
@@ -73,24 +80,27 @@ def pack_windows(window_features: np.ndarray, num_windows: int) -> np.ndarray:
     return np.concatenate(list(window_features[:num_windows]), axis=2).astype(np.float16)
 
 
-def unpack_windows(cfg: RunConfig, packed: np.ndarray, image_hw: tuple[int, int]) -> StoredWindows:
-    """`pack_windows`' grid -> the base scale's windows and those of each seed baseline scale."""
+def unpack_windows(cfg: RunConfig, packed: np.ndarray, image_hw: tuple[int, int], seed_scales: bool = True) -> StoredWindows:
+    """`pack_windows`' grid -> the base scale's windows and, with seed_scales (what extract stores;
+    apply keeps the base scale's only unless it writes features), each seed scale's."""
     spec, patch = window_spec(cfg), cfg.model.vit.patch_size
     layout, per_scale = seed_scale_layouts(cfg, image_hw)
+    per_scale = per_scale if seed_scales else {}
     side = spec.crop // patch
     windows = packed.astype(np.float32).reshape(packed.shape[0], side, -1, side).transpose(2, 0, 1, 3)
-    expected = len(layout.origins) + sum(len(s.origins) for s in per_scale if s is not None)
+    expected = len(layout.origins) + sum(len(s.origins) for s in per_scale.values() if s is not None)
     if len(windows) != expected:
         raise UserError(f"{len(windows)} stored windows for a {image_hw[0]}x{image_hw[1]} image whose layouts have "
                         f"{expected}; re-run extract on a new output_dir")
-    start, scales = len(layout.origins), []
-    for scale_layout in per_scale:
+    start, by_scale = len(layout.origins), {}
+    for scale, scale_layout in per_scale.items():
         if scale_layout is None:
-            scales.append((windows[:len(layout.origins)], layout))
+            by_scale[scale] = (windows[:len(layout.origins)], layout)
         else:
-            scales.append((windows[start:start + len(scale_layout.origins)], scale_layout))
+            by_scale[scale] = (windows[start:start + len(scale_layout.origins)], scale_layout)
             start += len(scale_layout.origins)
-    return StoredWindows(windows[:len(layout.origins)], layout_axis_weights(layout, spec.crop, patch), layout, scales)
+    return StoredWindows(windows[:len(layout.origins)], layout_axis_weights(layout, spec.crop, patch), layout,
+                         single=by_scale.get(1.0), scales=[by_scale[s] for s in seed_baseline_scales(cfg)] if by_scale else [])
 
 
 HEAD_FEATURE_DIM = 90  # CAUSE Segment_TR output

@@ -1,8 +1,9 @@
 """The extract (and apply) model step: an actor that runs only the model, on windows of many images."""
 
-import numpy as np
-
+import json
 from dataclasses import replace
+
+import numpy as np
 
 from actors.geometry import HEAD_FEATURE_DIM
 from actors.model_setup import build_window_model
@@ -14,8 +15,9 @@ from core.presets import protocol_steps
 class WindowFeatures:
     """Model actor: `__init__` builds the model once; a call runs the windows of a batch of images."""
 
-    def __init__(self, config: dict, backbone: bool = False):
-        """backbone: also return the backbone's tokens (model.compare_backbone), as `backbone_window_features`."""
+    def __init__(self, config: dict, backbone: bool = False, extra_views: bool = True):
+        """backbone: also return the base scale's backbone tokens (model.compare_backbone), as
+        `backbone_window_features`; extra_views: the rows carry CAUSE's crops (`image_windows`)."""
         cfg = parse_config(config, "extract model config")
         self.model = build_window_model(cfg, cfg.extract.model, with_backbone=backbone)  # (N, S, S, 3) uint8 -> (N, D, S/p, S/p)
         self.head_dim = HEAD_FEATURE_DIM if backbone else None
@@ -26,7 +28,7 @@ class WindowFeatures:
         spec, model, device = self.model.spec, self.model.model, self.model.device
         self.crop_models = ((WindowModel(model, replace(spec, precision="fp16", flip=False), device),
                              WindowModel(model, replace(spec, precision="fp16_backbone", flip=True), device))
-                            if protocol_steps(cfg.protocol).cause_crop else None)
+                            if protocol_steps(cfg.protocol).cause_crop and extra_views else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Window features as float16: it halves the bytes moved, and features are stored so anyway."""
@@ -35,8 +37,10 @@ class WindowFeatures:
         features = self._features(windows, counts) if sum(counts) else None
         out = {"window_features": _per_image(features if self.head_dim is None or features is None
                                              else features[:, :self.head_dim], counts)}
-        if self.head_dim is not None:
-            out["backbone_window_features"] = _per_image(None if features is None else features[:, self.head_dim:], counts)
+        if self.head_dim is not None:  # the base scale's windows only (they come first): the fit uses nothing else
+            base = [len(json.loads(layouts)[0]["origins"]) if n else 0 for layouts, n in zip(batch["layouts"], counts)]
+            keep = np.concatenate([np.arange(n) < b for n, b in zip(counts, base)]) if sum(counts) else None
+            out["backbone_window_features"] = _per_image(None if features is None else features[keep, self.head_dim:], base)
         return {**batch, **out, "model": np.array([self.description] * len(counts))}
 
     def _features(self, windows: list[np.ndarray], counts: list[int]) -> np.ndarray:

@@ -77,6 +77,7 @@ def stand_in_actor(latency: float, log_dir: Path):
             cfg = parse_config(config)
             self.model = SleepModel(latency, cfg.inference.flip, log_dir)
             self.description = f"stand-in device, {latency * 1e3:g} ms per window"
+            self.crop_models, self.head_dim = None, None  # no CAUSE crop, no backbone tokens (protocol official, backbone kind)
 
     return StandInWindowFeatures
 
@@ -85,8 +86,8 @@ def old_design_actor(latency: float, log_dir: Path):
     """One actor per device doing every step of a shard's images in turn (the old design)."""
 
     class OldDesignExtractor:
-        def __init__(self, config: dict, stage_dir: str):
-            self.config, self.stage_dir = config, stage_dir
+        def __init__(self, config: dict, stage_dir: str, plan_key: str):
+            self.config, self.stage_dir, self.plan_key = config, stage_dir, plan_key
             self.model = stand_in_actor(latency, log_dir)(config)
 
         def __call__(self, batch: dict) -> dict:
@@ -95,9 +96,9 @@ def old_design_actor(latency: float, log_dir: Path):
                 written, failed = [], []
                 for row in image_windows(shard_row, self.config):
                     out = self.model({k: np.array([v]) for k, v in row.items()})
-                    status = write_features({k: v[0] for k, v in out.items()}, self.config, self.stage_dir)
+                    status = write_features({k: v[0] for k, v in out.items()}, self.config, self.stage_dir, self.plan_key)
                     (failed if status["error"] else written).append(status["image_id"])
-                finish_features(self.stage_dir, shard_row, written, [], self.config)
+                finish_features(self.stage_dir, shard_row, written, [], self.plan_key, self.config)
             return {"shard": batch["shard"]}
 
     return OldDesignExtractor
@@ -106,11 +107,14 @@ def old_design_actor(latency: float, log_dir: Path):
 def config(data: Path, out: Path, images_per_shard: int) -> dict:
     return {"run_name": "bench-pipeline", "output_dir": str(out),
             "dataset": {"root": str(data), "images_per_shard": images_per_shard},
-            "model": {"vit": {"embed_dim": 192, "depth": 1, "num_heads": 3}},
+            "model": {"vit": {"embed_dim": 192, "depth": 1, "num_heads": 3}, "feature_kind": "head"},  # 90-d, as the stand-in
             "inference": {"short_side": 322, "crop": 322, "stride": 161, "flip": True},
             "extract": {"read": {"num_cpus": (CPUS - MODEL_CPUS) / 4}, "write": {"num_cpus": (CPUS - MODEL_CPUS) / 4},
                         "model": {"num_actors": 1, "cpus_per_actor": MODEL_CPUS, "batch_images": 4}},
             "ray": {"local_num_cpus": CPUS}}
+
+
+PROBE_PLAN = "bench-cpu-probe"  # the plan key of the timing probe's parts (no stage plan there)
 
 
 def cpu_seconds_per_image(cfg_dict: dict, records, work: Path, images_per_shard: int) -> float:
@@ -131,10 +135,10 @@ def cpu_seconds_per_image(cfg_dict: dict, records, work: Path, images_per_shard:
                 seconds += time.process_time() - start
                 out = stand_in({k: np.array([v]) for k, v in row.items()})
                 start = time.process_time()
-                written.append(write_features({k: v[0] for k, v in out.items()}, cfg_dict, str(stage))["image_id"])
+                written.append(write_features({k: v[0] for k, v in out.items()}, cfg_dict, str(stage), PROBE_PLAN)["image_id"])
                 seconds += time.process_time() - start
             start = time.process_time()
-            finish_features(str(stage), shard_row, written, [], cfg_dict)
+            finish_features(str(stage), shard_row, written, [], PROBE_PLAN, cfg_dict)
             seconds += time.process_time() - start
     shutil.rmtree(stage)
     return seconds / len(records)
@@ -160,12 +164,13 @@ def run_design(design: str, latency: float, cfg_dict: dict, records, work: Path)
     cfg_dict = {**cfg_dict, "output_dir": str(out)}
     cfg = parse_config(cfg_dict)
     start = time.perf_counter()
+    plan = extract_plan(cfg, records, model_identity(cfg))
     if design == "new":
-        run_extract(cfg, records, extract_plan(cfg, records, model_identity(cfg)), model_actor=stand_in_actor(latency, logs))
+        run_extract(cfg, records, plan, model_actor=stand_in_actor(latency, logs))
     else:
         shards = plan_shards(records, cfg.dataset.images_per_shard)
         ds = ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
-            old_design_actor(latency, logs), batch_size=1, fn_constructor_kwargs={"config": cfg_dict, "stage_dir": str(out / "features")},
+            old_design_actor(latency, logs), batch_size=1, fn_constructor_kwargs={"config": cfg_dict, "stage_dir": str(out / "features"), "plan_key": plan.key},
             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
         ds.materialize()
     wall = time.perf_counter() - start

@@ -92,6 +92,8 @@ class InferenceConfig(Strict):
             raise ValueError(f"inference.stride={self.stride} is larger than inference.crop={self.crop}: windows would leave gaps")
         if any(s <= 0 for s in self.scales):
             raise ValueError(f"inference.scales={self.scales} must all be > 0")
+        if len(set(self.scales)) != len(self.scales):
+            raise ValueError(f"inference.scales={self.scales} lists a scale twice: each would be extracted and averaged twice")
         return self
 
 
@@ -251,6 +253,10 @@ class RunConfig(Strict):
         if self.protocol == "seed" and self.inference.short_side != self.inference.crop:
             raise ValueError(f"protocol=seed resizes the short side to its window size, but inference.short_side="
                              f"{self.inference.short_side} and inference.crop={self.inference.crop}: set them equal (322)")
+        if self.protocol == "seed" and (self.inference.stride != self.inference.crop // 2 or not self.inference.flip):
+            raise ValueError(f"protocol=seed slides its windows at half their size and flip-averages them, but inference.stride="
+                             f"{self.inference.stride} and inference.flip={self.inference.flip}: set inference.stride="
+                             f"{self.inference.crop // 2} and inference.flip=true")
         if self.protocol == "cause" and self.inference.crop > self.inference.short_side:
             raise ValueError(f"protocol=cause centre-crops inference.crop={self.inference.crop} px from the image resized to "
                              f"inference.short_side={self.inference.short_side}: the crop must not exceed the short side")

@@ -19,9 +19,10 @@ from core.labels import NUM_CLASSES, NUM_CLASSES_27
 from core.mapping import cluster_class_counts
 from core.metrics import confusion_matrix
 from core.panoptic import Panoptic, panoptic_from_train_ids, pq_stats
-from core.seed_baseline import merged_log_probs, seed_baseline_labels, seed_common_size
+from core.seed_baseline import is_one_window, merged_log_probs, seed_baseline_labels, seed_common_size
 from core.seed_eval import resize_nearest, seed_confusion, seed_pq_stats
 from core.variants import ImageEvidence, run_variant
+from core.windows import StoredWindows
 
 # How pixel labels are made: at the image's full size (bilinear features, official), or at the
 # resized size (322x644 for Cityscapes) and upsampled NEAREST (the seed's scripts).
@@ -32,10 +33,11 @@ EVALUATORS = ("official", "seed")  # cityscapesscripts' rules (core.metrics, cor
 def baseline_labellings(protocol: str, multi_scale: bool, crf: bool) -> list[str]:
     """The baseline's labels made in more ways, each scored by both evaluators beside its
     LABELLINGS rows. Under the seed protocol, the seed's CAUSE script (core.seed_baseline): on
-    the base scale's windows and, with inference.scales other than [1.0], on the seed's scales, each
-    without and with its CRF. Otherwise, with refine.crf, this tool's CRF at full size."""
+    its windows at 1.0 and, with inference.scales other than [1.0], on its scales; with refine.crf
+    each also with its CRF. Otherwise, with refine.crf, this tool's CRF at full size."""
     if protocol == "seed":
-        return ["windows", "windows+crf", *(["multiscale", "multiscale+crf"] if multi_scale else [])]
+        kinds = ["windows", *(["multiscale"] if multi_scale else [])]
+        return [name for kind in kinds for name in (kind, *([f"{kind}+crf"] if crf else []))]
     return ["full+crf"] if crf else []
 
 
@@ -90,10 +92,10 @@ class ImageLabeller:
         return [resize_nearest(m, image_hw) for m in maps], logits
 
     def label(self, grids: list[tuple[np.ndarray, tuple[int, int]]], patch_size: int, image_hw: tuple[int, int],
-              image: np.ndarray | None = None, windows: tuple | None = None) -> ImageLabels:
+              image: np.ndarray | None = None, windows: StoredWindows | None = None) -> ImageLabels:
         """grids: per scale (features (D, gh, gw), resized (h, w)), the base scale first. `image`
         (H, W, 3) uint8 is needed by the variants that look at colour (crf, superpixels).
-        windows: `actors.geometry.StoredWindows` where extract kept the windows (the seed protocol)."""
+        windows: `core.windows.StoredWindows` where extract kept the windows (the seed protocol)."""
         main = self.fits[0]
         start = time.perf_counter()
         # the full-size class logits feed this tool's CRF; the seed's takes them at the resized size from the windows
@@ -135,11 +137,13 @@ class ImageLabeller:
                                          seed_labels=clusters_to_train_ids(cluster_map, fit.mapping), class_logits=logits)
                 out[name] = run_variant("crf", evidence, fit.centroids, fit.mapping, self.refine)[0]
                 continue
-            if kind not in log_probs:  # the seed's CAUSE script, on the base scale's windows or on its scales
-                scale_windows = [(windows.windows, windows.layout)] if kind == "windows" else windows.scales
+            if kind not in log_probs:  # the seed's CAUSE script, on its windows at 1.0 or on its scales
+                scale_windows = [windows.single] if kind == "windows" else windows.scales
                 crop = windows.windows.shape[-1] * patch_size
-                log_probs[kind] = merged_log_probs(scale_windows, fit.centroids, crop, patch_size,
-                                                   seed_common_size(*image_hw, crop, patch_size))
+                common = seed_common_size(*image_hw, crop, patch_size)
+                if kind == "windows" and is_one_window(windows.single[1], crop):  # the script keeps the patch logits
+                    common = (crop // patch_size, crop // patch_size)
+                log_probs[kind] = merged_log_probs(scale_windows, fit.centroids, crop, patch_size, common)
             out[name] = seed_baseline_labels(log_probs[kind], fit.mapping, image_hw, image if crf else None)
         return out
 

@@ -42,7 +42,8 @@ Under the seed preset `refine.crf` is the seed's CRF (softmax(5 * class logits) 
 NEAREST up: core.variants). The seed labels its overclusters at one scale; its multi-scale scheme
 belongs to its CAUSE-baseline script, so under this preset the baseline is also labelled that way
 (core.seed_baseline: windows' log_softmax(3 * cosine) averaged, on one scale and on
-inference.scales at the seed's sizes, each without and with its CRF) while the fits use 1.0 only.
+inference.scales at the seed's sizes, each also with its CRF under refine.crf) while the fits
+use 1.0 only.
 The refinements beyond the seed (em_*, superpixels) work on the full-resolution features under
 every preset.
 

@@ -17,8 +17,13 @@ small matrices (core.windows.layout_axis_weights, then the resize to the common 
 The seed maps its 27 clusters with a Hungarian matching to the 27 CAUSE classes on 322 centre
 crops and then a fixed 27 -> 19 table; here the baseline keeps the mapping it has everywhere
 else (Hungarian to the 19 trainIds over the patch counts), so these rows differ from the
-baseline's other rows only in how the pixels are labelled. Square images (a single exact
-322x322 window, where the seed skips the upsampling) are not special-cased.
+baseline's other rows only in how the pixels are labelled.
+
+A scale stretched to exactly one 322x322 window takes the script's shortcut: its 23x23 patch
+logits are resized to the common size directly (one scale: kept at 23x23, argmax, NEAREST up).
+There the script's CRF would pair 23x23 logits with a 322x322 image; here the image is resized to
+23x23. The logits are computed in fp32 from fp16-stored features (CAUSE's test_without_crf runs
+the cosine under autocast too: at most ties differ).
 """
 
 import numpy as np
@@ -69,6 +74,11 @@ def seed_scale_windows(image: np.ndarray, layouts: list[ScaleLayout], crop: int)
     return np.ascontiguousarray(np.stack(windows)) if windows else np.zeros((0, crop, crop, 3), np.uint8)
 
 
+def is_one_window(layout: ScaleLayout, crop: int) -> bool:
+    """A scale stretched to exactly one crop x crop window: the script keeps its patch logits as they are."""
+    return layout.resized == (crop, crop)
+
+
 def merged_log_probs(scale_windows: list[tuple[np.ndarray, ScaleLayout]], centroids: np.ndarray, crop: int, patch: int,
                      common_hw: tuple[int, int]) -> np.ndarray:
     """Per scale (window features (N, D, g, g), its layout) + (k, D) unit centroids -> (k, h, w)
@@ -78,8 +88,13 @@ def merged_log_probs(scale_windows: list[tuple[np.ndarray, ScaleLayout]], centro
     for windows, layout in scale_windows:
         feats = torch.nn.functional.normalize(torch.from_numpy(np.asarray(windows, np.float32)), dim=1)
         log_probs = torch.log_softmax(LOG_SOFTMAX_SCALE * torch.einsum("ndyx,kd->nkyx", feats, units), dim=1)
-        to_common = [torch.from_numpy(bilinear_upsample_weights(c, n)).float() for c, n in zip(common_hw, layout.resized)]
-        rows, cols = layout_axis_weights(layout, crop, patch)
+        if is_one_window(layout, crop):  # the script's shortcut: the (g, g) patch logits, not upsampled to the window
+            rows = cols = [np.eye(crop // patch)]
+            size = (crop // patch, crop // patch)
+        else:
+            rows, cols = layout_axis_weights(layout, crop, patch)
+            size = layout.resized
+        to_common = [torch.from_numpy(bilinear_upsample_weights(c, n)).float() for c, n in zip(common_hw, size)]
         for lp, wy, wx in zip(log_probs, rows, cols):
             a, b = to_common[0] @ torch.from_numpy(wy).float(), to_common[1] @ torch.from_numpy(wx).float()
             merged += torch.einsum("yi,kij,xj->kyx", a, lp, b)

@@ -65,12 +65,14 @@ class ScaleLayout:
 @dataclass
 class StoredWindows:
     """An image's windows as the seed protocol keeps them: the base scale's (for the overclusters'
-    pixel labels) and each seed baseline scale's (for its multi-scale rows)."""
+    pixel labels) and the seed's own windows at 1.0 and at each baseline scale (for the baseline's
+    rows by its CAUSE script, core.seed_baseline)."""
 
     windows: np.ndarray  # (N, D, g, g) float32, the base scale's
     axis_weights: tuple[list[np.ndarray], list[np.ndarray]]  # their `layout_axis_weights`
     layout: ScaleLayout
-    scales: list[tuple[np.ndarray, ScaleLayout]]  # per `seed_baseline_scales` entry: its windows and layout
+    single: tuple[np.ndarray, ScaleLayout] | None = None  # the seed's windows at 1.0 and their layout
+    scales: list[tuple[np.ndarray, ScaleLayout]] = ()  # per `actors.geometry.seed_baseline_scales` entry
 
 
 def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:

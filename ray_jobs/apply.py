@@ -67,7 +67,7 @@ def run_apply(cfg: RunConfig, fit_dir: Path) -> dict:
         config = cfg.model_dump(mode="json")
 
         def build(ds: Dataset) -> Dataset:
-            return windows_to_features(ds, cfg).map(guarded(PseudoLabelImages, per_row=True), **actor_args(cfg.label.workers),
+            return windows_to_features(ds, cfg, extra_views=cfg.apply.write_features).map(guarded(PseudoLabelImages, per_row=True), **actor_args(cfg.label.workers),
                                                     fn_constructor_kwargs={"config": config, "fit": fit_ref,
                                                                            "stage_dir": str(layout.histograms),
                                                                            "labels_dir": str(layout.labels),

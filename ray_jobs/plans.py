@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from actors.geometry import feature_scales, seed_baseline_scales
 from actors.model_setup import model_spec
 from configs.schema import RunConfig
 from core.errors import UserError
@@ -70,17 +71,20 @@ def model_identity(cfg: RunConfig, recorded: dict | None = None) -> dict:
     loaded = {key: path for key, path in files.items() if path is not None}
     random_weights = len(loaded) < len(files)
     known = (recorded or {}).get("weights_sha256")
+    inference = cfg.inference.model_dump(mode="json", exclude={"batch_size"})
+    inference["scales"] = feature_scales(cfg)  # under protocol=seed the other scales are the baseline's rows only
     return {"vit": cfg.model.vit.model_dump(mode="json"), "feature_kind": cfg.model.feature_kind,
-            "compare_backbone": cfg.model.compare_backbone,
             "init_seed": cfg.model.init_seed if random_weights else None,
             "weights_sha256": {key: _weights_sha256(path, key, known) for key, path in loaded.items()},
-            "inference": cfg.inference.model_dump(mode="json", exclude={"batch_size"}),
+            "inference": inference,
             "protocol": cfg.protocol}  # the window merge, patch labels and precision (core.presets)
 
 
 def extract_plan(cfg: RunConfig, records: list[ImageRecord], model: dict) -> Plan:
+    """`model`: what decides the features a fit uses; `stored`: what extract keeps beside them."""
+    stored = {"compare_backbone": cfg.model.compare_backbone, "seed_baseline_scales": seed_baseline_scales(cfg)}
     return Plan("extract", {"format": PATCH_FORMAT, "dataset": dataset_fingerprint(records),
-                            "images_per_shard": cfg.dataset.images_per_shard, "model": model})
+                            "images_per_shard": cfg.dataset.images_per_shard, "model": model, "stored": stored})
 
 
 def fit_plan(cfg: RunConfig, extract: Plan, recorded: dict | None = None) -> Plan:

@@ -132,7 +132,8 @@ def feature_path(features_dir: Path, shard: str, scale: float = 1.0) -> Path:
 
 
 def window_path(features_dir: Path, shard: str) -> Path:
-    """A shard's window features (the seed protocol's: each image's base-scale windows side by side)."""
+    """A shard's window features (the seed protocol's: each image's base-scale windows side by side,
+    then the seed baseline's own windows where they differ from them)."""
     return Path(features_dir) / "_windows" / f"{shard}.parquet"
 
 
@@ -142,7 +143,8 @@ def backbone_path(features_dir: Path, shard: str) -> Path:
 
 
 def cause_path(features_dir: Path, shard: str) -> Path:
-    """A shard's features of CAUSE's one 322 centre-crop window per image (the cause protocol's)."""
+    """A shard's features of CAUSE's one 322 centre-crop window per image (the cause protocol's):
+    its unflipped pass and its flip-averaged pass side by side, (D, g, 2g) per image."""
     return Path(features_dir) / "_cause" / f"{shard}.parquet"
 
 

@@ -142,6 +142,7 @@ def test_seed_protocol_runs_the_seeds_steps_and_refuses_a_switch_of_protocol(ray
     data = tiny_config(demo_root, tmp_path / "out", lloyd_iterations=0).model_dump(mode="json") | {"protocol": "official"}
     data["inference"]["scales"] = [0.75, 1.0, 1.5]  # the fits at 1.0; the baseline also by the seed's multi-scale scheme
     data["label"]["sweep_pixel_stride"] = 2  # the sweep's k8: resized labels subsampled, full-size ones at the stride
+    data["refine"]["crf"] = True  # the seed's CRF rows, of the main fit and of the baseline
     cfg = parse_config({**data, "protocol": "seed"})
     Pipeline(cfg).run()
     report = json.loads((cfg.output_dir / "report.json").read_text())

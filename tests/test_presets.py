@@ -104,7 +104,7 @@ def test_seed_pixel_labels_come_from_the_windows_pixel_map_at_the_resized_size()
     labeller = ImageLabeller([fit, fit], ["seed"], RefineConfig(), PanopticConfig(), baseline=True, labelling="resized")
     (grid, resized), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
     labels = labeller.label([(grid, resized)], PATCH, (128, 256),
-                            windows=StoredWindows(feats, layout_axis_weights(layout, SPEC.crop, PATCH), layout, []))
+                            windows=StoredWindows(feats, layout_axis_weights(layout, SPEC.crop, PATCH), layout))
     pixel = F.normalize(seed_pixel_map(feats, layout.origins, layout.resized, SPEC.crop), dim=0)
     clusters = torch.einsum("kd,dyx->kyx", torch.tensor(centroids), pixel).argmax(dim=0).numpy()
     reference = np.asarray(Image.fromarray(mapping[clusters].astype(np.uint8)).resize((256, 128), Image.NEAREST))
@@ -174,7 +174,7 @@ def test_seed_crf_is_softmax_of_five_times_the_class_logits_at_the_resized_size(
     labeller = ImageLabeller([fit, fit], ["seed", "crf"], RefineConfig(), PanopticConfig(), baseline=True, labelling="resized")
     (grid, resized), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
     labels = labeller.label([(grid, resized)], PATCH, (128, 256), image,
-                            windows=StoredWindows(feats, layout_axis_weights(layout, SPEC.crop, PATCH), layout, []))
+                            windows=StoredWindows(feats, layout_axis_weights(layout, SPEC.crop, PATCH), layout))
     cosine = torch.einsum("kd,dyx->kyx", torch.tensor(centroids),
                           F.normalize(seed_pixel_map(feats, layout.origins, layout.resized, SPEC.crop), dim=0)).numpy()
     logits = np.zeros((19, *resized), np.float32)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from configs.schema import parse_config
 from core.crf import dense_crf
-from core.seed_baseline import (merged_log_probs, seed_baseline_labels, seed_common_size, seed_scale_layout,
+from core.seed_baseline import (is_one_window, merged_log_probs, seed_baseline_labels, seed_common_size, seed_scale_layout,
                                 seed_scale_windows)
 
 CROP, PATCH, DIM = 112, 14, 5
@@ -42,6 +42,13 @@ def reference_log_probs(image: np.ndarray, centroids: np.ndarray, scales: list[f
             ys.append(h - CROP)
         if w > CROP and xs[-1] + CROP < w:
             xs.append(w - CROP)
+        if (h, w) == (CROP, CROP):  # the script's single-crop shortcut: the patch logits as they are
+            feat = F.normalize(torch.tensor(toy_model(resized)), dim=0)
+            logits = torch.log_softmax(3 * torch.einsum("dyx,kd->kyx", feat, units), dim=0)
+            if scales == [1.0]:  # single-scale: no resize to the common size
+                return logits
+            per_scale.append(F.interpolate(logits[None], size=common, mode="bilinear", align_corners=False)[0])
+            continue
         total, count = torch.zeros(len(units), h, w), torch.zeros(1, h, w)
         for y in sorted(set(ys)):
             for x in sorted(set(xs)):
@@ -64,7 +71,10 @@ def ours(image: np.ndarray, centroids: np.ndarray, scales: list[float]) -> np.nd
         scale_windows.append((feats[start:start + len(layout.origins)], layout))
         start += len(layout.origins)
     units = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
-    return merged_log_probs(scale_windows, units, CROP, PATCH, seed_common_size(*image.shape[:2], CROP, PATCH))
+    common = seed_common_size(*image.shape[:2], CROP, PATCH)
+    if scales == [1.0] and is_one_window(layouts[0], CROP):
+        common = (CROP // PATCH, CROP // PATCH)
+    return merged_log_probs(scale_windows, units, CROP, PATCH, common)
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +94,21 @@ def test_the_seeds_sizes_and_windows():
     assert seed_common_size(1024, 2048, 322, 14) == (322, 644)
 
 
-@pytest.mark.parametrize("scales", [[1.0], [0.75, 1.0, 1.5]])
+@pytest.mark.parametrize("scales", [[1.0], [0.75, 1.0, 1.5], [0.5, 1.0]])  # 0.5: one exact 112x112 window
 def test_merged_log_probabilities_match_the_scripts_loops(image, scales):
     centroids = np.random.default_rng(1).normal(size=(7, DIM))
     reference = reference_log_probs(image, centroids, scales)
     got = ours(image, centroids, scales)
     assert got.shape == (7, 112, 224)
     np.testing.assert_allclose(got, reference.numpy(), atol=2e-5)
+
+
+@pytest.mark.parametrize("hw", [(130, 250), (128, 128)])  # sides not multiples of 14; a square image (one window)
+def test_other_aspect_ratios_and_the_single_window_shortcut(image, hw):
+    other = np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BILINEAR))
+    centroids = np.random.default_rng(4).normal(size=(5, DIM))
+    for scales in ([1.0], [0.75, 1.0, 1.5]):
+        np.testing.assert_allclose(ours(other, centroids, scales), reference_log_probs(other, centroids, scales).numpy(), atol=2e-5)
 
 
 def test_labels_map_the_argmax_or_the_crf_and_upsample_nearest(image):
@@ -124,6 +142,9 @@ def test_extract_cuts_only_the_seed_scales_whose_windows_differ_from_the_base_sc
     base, per_scale = seed_scale_layouts(cfg, (1024, 2048))
     assert base.resized == (322, 644) and per_scale[1] is None  # 1.0 reuses the base scale's 3 windows
     assert [len(layout.origins) for layout in extra_seed_layouts(cfg, (1024, 2048))] == [2, 10]
+    # 1080x1920: the seed stretches to 322x560 with windows at 0, 161, 238, not the base scale's 322x572: cut apart
+    single = seed_scale_layouts(parse_config({"protocol": "seed"}), (1080, 1920))[1][1.0]
+    assert single.resized == (322, 560) and [x for _, x in single.origins] == [0, 161, 238]
     # as the seed's --scales: one scale other than 1.0 is its multi-scale path; 1.0 alone is not; other protocols never
     assert seed_baseline_scales(parse_config({"protocol": "seed", "inference": {"scales": [0.75]}})) == [0.75]
     assert seed_baseline_scales(parse_config({"protocol": "seed"})) == []
