@@ -149,3 +149,21 @@ def test_extract_cuts_only_the_seed_scales_whose_windows_differ_from_the_base_sc
     assert seed_baseline_scales(parse_config({"protocol": "seed", "inference": {"scales": [0.75]}})) == [0.75]
     assert seed_baseline_scales(parse_config({"protocol": "seed"})) == []
     assert seed_baseline_scales(parse_config({"inference": {"scales": [0.75, 1.0]}})) == []
+
+
+def test_stored_windows_unpack_with_and_without_the_seed_scales():
+    from actors.geometry import pack_windows, stored_window_count, unpack_windows
+
+    cfg = parse_config({"protocol": "seed", "model": {"vit": {"embed_dim": 32, "num_heads": 2}},
+                        "inference": {"short_side": 112, "crop": 112, "stride": 56, "scales": [0.75, 1.0, 1.5]}})
+    row = {"height": 128, "width": 256, "layouts": '[{"origins": [[0, 0], [0, 56], [0, 112]]}]'}
+    assert stored_window_count(cfg, row) == 3 + 2 + 10 and stored_window_count(cfg, row, seed_scales=False) == 3
+    feats = np.random.default_rng(5).normal(size=(15, 4, 8, 8)).astype(np.float32)
+    stored = unpack_windows(cfg, pack_windows(feats, 15), (128, 256))
+    assert stored.single[0] is not None and np.allclose(stored.single[0], feats[:3], atol=1e-2)  # 1.0: the base windows
+    assert [len(w) for w, _ in stored.scales] == [2, 3, 10]
+    np.testing.assert_allclose(stored.scales[2][0], feats[5:], atol=1e-2)
+    base_only = unpack_windows(cfg, pack_windows(feats, 3), (128, 256), seed_scales=False)  # apply, not writing features
+    assert base_only.single is None and list(base_only.scales) == [] and len(base_only.windows) == 3
+    with pytest.raises(Exception, match="re-run extract"):
+        unpack_windows(cfg, pack_windows(feats, 3), (128, 256))
