@@ -116,7 +116,7 @@ def child(args) -> None:
     out["peak_rss_before_lloyd_mib"] = _peak_rss_mib()
     out["peak_rss_reset"] = _reset_peak_rss()
     out["rss_at_lloyd_start_mib"] = _peak_rss_mib()
-    _, history = distributed_lloyd(files, init, max_iter=args.iters, tol=0.0, batch_rows=args.batch_rows)
+    _, history = distributed_lloyd(files, {"k": init}, max_iter=args.iters, tol=0.0, batch_rows=args.batch_rows)["k"]
     out["peak_rss_during_lloyd_mib"] = _peak_rss_mib()
     out["iteration_s"] = [h["seconds"] for h in history]
     out["inertia"] = [h["inertia"] for h in history]

@@ -244,23 +244,36 @@ def run_lloyd(partial: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, floa
     the centroids after the last update and one record per pass: the inertia of the centroids that
     pass started from, its relative change, the number of empty clusters and the seconds it took.
     """
+    return run_lloyd_many(lambda cs: {"fit": partial(cs["fit"])}, {"fit": init_centroids}, max_iter, tol)["fit"]
+
+
+def run_lloyd_many(partial: Callable[[dict[str, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray, float]]],
+                   inits: dict[str, np.ndarray], max_iter: int, tol: float) -> dict[str, tuple[np.ndarray, list[dict]]]:
+    """`run_lloyd` for several fits (a k sweep) with one pass per iteration: `partial` takes the
+    centroids of every fit still iterating and returns each one's E-step. Each fit keeps its own
+    stopping rule and leaves the passes once it stops, so every result equals its own `run_lloyd`."""
     if max_iter < 1 or tol < 0:
         raise ValueError(f"max_iter={max_iter} must be >= 1 and tol={tol} >= 0")
-    centroids = l2_normalize(init_centroids)
-    history: list[dict] = []
-    previous = None
+    centroids = {name: l2_normalize(c) for name, c in inits.items()}
+    history: dict[str, list[dict]] = {name: [] for name in inits}
+    active = list(inits)
     for iteration in range(max_iter):
-        start = time.perf_counter()
-        sums, counts, total = partial(centroids)
-        centroids = lloyd_update(centroids, sums, counts)
-        change = None if previous is None else abs(previous - total) / max(previous, 1e-300)
-        history.append({"iteration": iteration, "inertia": total, "relative_change": change,
-                        "rows": int(counts.sum()), "empty_clusters": int((counts == 0).sum()),
-                        "seconds": time.perf_counter() - start})
-        previous = total
-        if change is not None and change < tol:
+        if not active:
             break
-    return centroids, history
+        start = time.perf_counter()
+        partials = partial({name: centroids[name] for name in active})
+        seconds = time.perf_counter() - start  # the shared pass, recorded for each fit in it
+        for name in list(active):
+            sums, counts, total = partials[name]
+            centroids[name] = lloyd_update(centroids[name], sums, counts)
+            previous = history[name][-1]["inertia"] if history[name] else None
+            change = None if previous is None else abs(previous - total) / max(previous, 1e-300)
+            history[name].append({"iteration": iteration, "inertia": total, "relative_change": change,
+                                  "rows": int(counts.sum()), "empty_clusters": int((counts == 0).sum()),
+                                  "seconds": seconds, "fits_in_pass": len(partials)})
+            if change is not None and change < tol:
+                active.remove(name)
+    return {name: (centroids[name], history[name]) for name in inits}
 
 
 def lloyd(features: np.ndarray, init_centroids: np.ndarray, max_iter: int = 20, tol: float = 1e-4,

@@ -1,23 +1,22 @@
-"""Spherical Lloyd iterations over Parquet feature shards as Ray Data maps, for data beyond one machine.
+"""Spherical Lloyd iterations over Parquet feature shards as Ray tasks, for data beyond one machine,
+every k of a sweep in the same pass.
 
-Every iteration is one Ray Data pass: `from_items` over the shards' Parquet row groups ->
-`map_batches` in which each task streams its row groups (the feature column only, `batch_rows`
-rows at a time) through `core.clustering.lloyd_partial` against the current centroids (sent once
-per iteration through the object store with `ray.put`) -> one tiny row per row group
-(sums (k, D) float64, counts (k,), inertia) -> the driver adds them up as they stream in and does
-the update (`lloyd_update`). The driver holds the centroids, one running (k, D) sum and the list of
-row groups, never the features, so its memory does not grow with the number of rows. Warm-start it
-from a sampled fit (`fit_kmeans`); the stopping rule and the history records are
-`core.clustering.run_lloyd`'s.
+Every iteration is one pass: one Ray task per Parquet row group streams its rows (the feature
+column only, `batch_rows` rows at a time) through `core.clustering.lloyd_partial` against the
+current centroids of *every* fit still iterating (sent once per iteration through the object
+store with `ray.put`), so a row is read and decoded once for the whole sweep. The per-row-group
+partials (sums (k, D) float64, counts (k,), inertia, per fit) are tree-reduced by Ray tasks,
+`fan_in` at a time: the driver holds object references, the centroids and in the end one reduced
+partial per fit, never the features or the per-group partials, so its memory does not grow with the
+number of rows or row groups. The tree is fixed by the row-group order, so the float sums (and the
+result) do not depend on scheduling. Warm-start it from sampled fits (`fit_kmeans`); the stopping
+rule and the history records are `core.clustering.run_lloyd_many`'s.
 
 Parallelism is one task per row group: `write_parquet_atomic` writes a shard of up to 1Mi rows as
 one row group, and the extract stage's shards (16-25 images of 23 x 46 patches) are ~17-26k rows.
-
-Why not `ray.data.read_parquet`: on this project's 2-core machine (under load from other jobs) a
-`read_parquet` + `map_batches` pass over 24k rows in 3 files took 6-16 s against 0.1-0.2 s for
-`from_items` of the row groups + the same UDF in the same Ray session; the difference is Ray Data's
-Parquet datasource set-up on every execution (file listing, metadata, read planning), and Lloyd runs
-its plan once per iteration.
+Plain tasks rather than a Ray Data plan: Lloyd runs its pass once per iteration, and Ray Data's
+per-execution set-up (a `read_parquet` + `map_batches` pass over 24k rows took 6-16 s against
+0.1-0.2 s for the same work as tasks on this project's 2-core machine) would dominate small passes.
 """
 
 from pathlib import Path
@@ -27,8 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from core.clustering import lloyd_partial, run_lloyd
+from core.clustering import lloyd_partial, run_lloyd_many
 from storage.shards import features_from_table
+
+Partials = dict[str, tuple[np.ndarray, np.ndarray, float]]  # per fit: sums (k, D), counts (k,), inertia
 
 
 def row_groups(paths: list[str]) -> list[dict]:
@@ -36,76 +37,73 @@ def row_groups(paths: list[str]) -> list[dict]:
     return [{"path": p, "row_group": g} for p in paths for g in range(pq.ParquetFile(p).num_row_groups)]
 
 
-def _partials(items: dict[str, np.ndarray], centroids, column: str, batch_rows: int) -> dict[str, np.ndarray]:
-    """Row groups -> one Lloyd partial per row group, streamed from Parquet batch_rows rows at a time."""
-    # fn_kwargs reach the UDF inside a closure, so an ObjectRef arrives as a ref (Ray Data #49207).
-    c = ray.get(centroids) if isinstance(centroids, ray.ObjectRef) else centroids
-    k, d = c.shape
-    out_sums, out_counts, out_inertia = [], [], []
-    for path, group in zip(items["path"], items["row_group"]):
-        sums, counts, inertia = np.zeros((k, d)), np.zeros(k, np.int64), 0.0
-        for record_batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, row_groups=[int(group)],
-                                                              columns=[column]):
-            part = lloyd_partial(features_from_table(pa.Table.from_batches([record_batch])), c, batch_rows)
-            sums += part[0]
-            counts += part[1]
-            inertia += part[2]
-        out_sums.append(sums)
-        out_counts.append(counts)
-        out_inertia.append(inertia)
-    return {"sums": np.stack(out_sums), "counts": np.stack(out_counts), "inertia": np.array(out_inertia)}
+@ray.remote
+def _row_group_partials(item: dict, centroids: dict[str, np.ndarray], column: str, batch_rows: int) -> Partials:
+    """One row group's E-step against every fit's centroids, the rows read once."""
+    out = {name: (np.zeros(c.shape), np.zeros(len(c), np.int64), 0.0) for name, c in centroids.items()}
+    for batch in pq.ParquetFile(item["path"]).iter_batches(batch_size=batch_rows, row_groups=[int(item["row_group"])],
+                                                            columns=[column]):
+        x = features_from_table(pa.Table.from_batches([batch]))
+        for name, c in centroids.items():
+            sums, counts, inertia = lloyd_partial(x, c, batch_rows)
+            total = out[name]
+            out[name] = (total[0] + sums, total[1] + counts, total[2] + inertia)
+    return out
 
 
-def lloyd_pass(paths: list[str], centroids: np.ndarray, *, column: str = "feature", batch_rows: int = 65536,
-               num_cpus: float = 1.0, items: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """One E-step over every row of the shards -> (sums, counts, inertia), reduced on the driver as it streams."""
-    k, d = centroids.shape
+@ray.remote
+def _add_partials(*parts: Partials) -> Partials:
+    """A node of the reduction tree: the sum of its children, fit by fit, in their order."""
+    first, *rest = parts
+    out = dict(first)
+    for part in rest:
+        out = {name: (s + part[name][0], c + part[name][1], i + part[name][2]) for name, (s, c, i) in out.items()}
+    return out
+
+
+def lloyd_pass(paths: list[str], centroids: dict[str, np.ndarray], *, column: str = "feature", batch_rows: int = 65536,
+               num_cpus: float = 1.0, fan_in: int = 8, items: list[dict] | None = None) -> Partials:
+    """One E-step over every row of the shards for every fit -> per fit (sums, counts, inertia)."""
     items = row_groups(paths) if items is None else items
     if not items:  # shards without row groups hold no rows
-        return np.zeros((k, d)), np.zeros(k, np.int64), 0.0
-    ref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
+        return {name: (np.zeros(c.shape), np.zeros(len(c), np.int64), 0.0) for name, c in centroids.items()}
+    ref = ray.put({name: np.ascontiguousarray(c, dtype=np.float32) for name, c in centroids.items()})
     try:
-        ds = ray.data.from_items(items).map_batches(
-            _partials, fn_kwargs={"centroids": ref, "column": column, "batch_rows": batch_rows},
-            batch_size=1, batch_format="numpy", num_cpus=num_cpus)
-        sums = np.zeros((k, d), np.float64)
-        counts = np.zeros(k, np.int64)
-        inertia = 0.0
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            sums += batch["sums"].sum(axis=0)
-            counts += batch["counts"].sum(axis=0)
-            inertia += float(batch["inertia"].sum())
+        level = [_row_group_partials.options(num_cpus=num_cpus).remote(item, ref, column, batch_rows) for item in items]
+        while len(level) > 1:  # each node is submitted as soon as its children are: the driver keeps only refs
+            level = [_add_partials.options(num_cpus=0.1).remote(*level[i:i + fan_in]) for i in range(0, len(level), fan_in)]
+        return ray.get(level[0])
     finally:
         del ref  # the centroids of this pass leave the object store
-    return sums, counts, inertia
 
 
-def distributed_lloyd(shard_files: list[Path], init_centroids: np.ndarray, max_iter: int = 20, tol: float = 1e-4, *,
-                      column: str = "feature", batch_rows: int = 65536,
-                      num_cpus: float = 1.0) -> tuple[np.ndarray, list[dict]]:
-    """Spherical Lloyd over all rows of the Parquet shards, starting from init_centroids (k, D).
+def distributed_lloyd(shard_files: list[Path], inits: dict[str, np.ndarray], max_iter: int = 20, tol: float = 1e-4, *,
+                      column: str = "feature", batch_rows: int = 65536, num_cpus: float = 1.0,
+                      fan_in: int = 8) -> dict[str, tuple[np.ndarray, list[dict]]]:
+    """Spherical Lloyd over all rows of the Parquet shards for every fit in `inits` (name -> (k, D)),
+    one pass per iteration for all of them.
 
-    Returns (k, D) float32 unit centroids and one record per pass (see `run_lloyd`): it stops after
-    max_iter passes or when the inertia changes by less than tol (relative). `batch_rows` bounds a
-    worker's memory (batch_rows x k cosines); `num_cpus` is what each map task reserves (leave the
-    default 1 or less: fractions let more tasks share a core). A task's unit of work is one row group. Needs a
-    running Ray (`ray_jobs.session.init_ray`). The result equals single-process
-    `core.clustering.lloyd` on the same rows up to float64 summation order.
+    Returns per fit (k, D) float32 unit centroids and one record per pass it took part in (see
+    `run_lloyd_many`): a fit stops after max_iter passes or when its inertia changes by less than
+    tol (relative), and later passes leave it out. `batch_rows` bounds a task's memory (batch_rows
+    x k cosines); `num_cpus` is what each row-group task reserves. Needs a running Ray
+    (`ray_jobs.session.init_ray`). Each result equals single-process `core.clustering.lloyd` of
+    that fit on the same rows up to float64 summation order.
     """
     paths = [str(p) for p in shard_files]
     if not paths:
         raise ValueError("distributed Lloyd: no feature shards given; run the extract stage first")
-    init = np.asarray(init_centroids, dtype=np.float32)
-    if init.ndim != 2 or init.shape[0] < 2:
-        raise ValueError(f"distributed Lloyd: init_centroids of shape {init.shape}; (k >= 2, D) needed")
-
+    inits = {name: np.asarray(c, dtype=np.float32) for name, c in inits.items()}
+    for name, c in inits.items():
+        if c.ndim != 2 or c.shape[0] < 2:
+            raise ValueError(f"distributed Lloyd: {name}'s initial centroids have shape {c.shape}; (k >= 2, D) needed")
     items = row_groups(paths)
 
-    def partial(centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        sums, counts, inertia = lloyd_pass(paths, centroids, column=column, batch_rows=batch_rows,
-                                           num_cpus=num_cpus, items=items)
-        if counts.sum() == 0:
+    def partial(centroids: dict[str, np.ndarray]) -> Partials:
+        partials = lloyd_pass(paths, centroids, column=column, batch_rows=batch_rows, num_cpus=num_cpus, fan_in=fan_in,
+                              items=items)
+        if any(counts.sum() == 0 for _, counts, _ in partials.values()):
             raise ValueError(f"distributed Lloyd: the {len(paths)} shards hold no feature rows")
-        return sums, counts, inertia
+        return partials
 
-    return run_lloyd(partial, init, max_iter, tol)
+    return run_lloyd_many(partial, inits, max_iter, tol)

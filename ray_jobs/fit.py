@@ -213,13 +213,16 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
                 centroids[name], raw = baseline_centroids(cfg, sample)
             else:
                 centroids[name], raw = fit_centroids(cfg, sample, int(name[1:]))
-                if cfg.fit.lloyd_iterations:  # refine on every patch of every shard, warm-started from the sample
-                    centroids[name], history[name] = distributed_lloyd(shard_files, centroids[name],
-                                                                       cfg.fit.lloyd_iterations, cfg.fit.lloyd_tol)
             if raw is not None:
                 raw_centres[name] = raw
             seconds[name] = time.perf_counter() - start
             log.info("fit: %s in %.1f s", name, seconds[name])
+        if cfg.fit.lloyd_iterations:  # refine every k on every patch of every shard, one pass per iteration for all
+            refined = distributed_lloyd(shard_files, {name: centroids[name] for name in names[:-1]},
+                                        cfg.fit.lloyd_iterations, cfg.fit.lloyd_tol)
+            for name, (centroids[name], history[name]) in refined.items():
+                seconds[name] += sum(h["seconds"] / h["fits_in_pass"] for h in history[name])  # its share of the passes
+                log.info("fit: %s refined by %d Lloyd passes", name, len(history[name]))
     except ValueError as err:
         raise FitError(str(err)) from None
     baseline = names[-1]

@@ -1,4 +1,5 @@
-"""Distributed Lloyd (Ray Data map over Parquet shards + driver reduce) against single-process Lloyd."""
+"""Distributed Lloyd (Ray tasks over Parquet row groups + a tree reduce, every k in one pass)
+against single-process Lloyd."""
 
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def shards(tmp_path_factory):
 def test_one_pass_equals_the_single_process_partial(ray_cluster, shards):
     files, x = shards
     init = fit_kmeans(x[::10], K, seed=0, n_iter=2)
-    sums, counts, inertia = lloyd_pass([str(f) for f in files], init, batch_rows=4096)  # 2-3 batches per shard
+    (sums, counts, inertia), = lloyd_pass([str(f) for f in files], {"k": init}, batch_rows=4096, fan_in=2).values()
     ref_sums, ref_counts, ref_inertia = lloyd_partial(x, init)
     assert counts.sum() == len(x) == 23040
     assert np.array_equal(counts, ref_counts)
@@ -64,7 +65,7 @@ def test_one_pass_equals_the_single_process_partial(ray_cluster, shards):
 def test_distributed_lloyd_equals_single_process_lloyd(ray_cluster, shards):
     files, x = shards
     init = fit_kmeans(x[::20], K, seed=1, n_iter=1)  # a rough warm start, so Lloyd has work to do
-    centroids, history = distributed_lloyd(files, init, max_iter=8, tol=1e-7, batch_rows=5000)
+    centroids, history = distributed_lloyd(files, {"k": init}, max_iter=8, tol=1e-7, batch_rows=5000)["k"]
     ref_centroids, ref_history = lloyd(x, init, max_iter=8, tol=1e-7)
     assert centroids.shape == (K, DIM) and centroids.dtype == np.float32
     assert np.abs(ref_centroids - init).max() > 0.05  # the passes did move the centroids
@@ -79,10 +80,36 @@ def test_distributed_lloyd_equals_single_process_lloyd(ray_cluster, shards):
 def test_stops_on_relative_inertia_change(ray_cluster, shards):
     files, x = shards
     init, _ = lloyd(x, fit_kmeans(x, K, seed=0), max_iter=50, tol=0)  # converged: the second pass changes ~nothing
-    _, history = distributed_lloyd(files, init, max_iter=10, tol=1e-6)
+    _, history = distributed_lloyd(files, {"k": init}, max_iter=10, tol=1e-6)["k"]
     assert len(history) == 2 and history[0]["relative_change"] is None and history[1]["relative_change"] < 1e-6
 
 
 def test_no_shards_is_an_error(ray_cluster):
     with pytest.raises(ValueError, match="no feature shards"):
-        distributed_lloyd([], np.eye(2, DIM, dtype=np.float32), max_iter=1)
+        distributed_lloyd([], {"k": np.eye(2, DIM, dtype=np.float32)}, max_iter=1)
+
+
+def test_one_pass_for_the_whole_sweep_equals_separate_lloyd_per_k(ray_cluster, shards):
+    """Every k in one pass per iteration: each fit's centroids and history equal its own Lloyd,
+    including a fit that stops early (and leaves the later passes) while the others go on."""
+    files, x = shards
+    inits = {f"k{k}": fit_kmeans(x[::20], k, seed=k, n_iter=1) for k in (4, 12, 30)}
+    inits["k12_converged"], _ = lloyd(x, fit_kmeans(x, K, seed=0), max_iter=50, tol=0)
+    together = distributed_lloyd(files, inits, max_iter=6, tol=1e-6, batch_rows=5000, fan_in=2)
+    for name, init in inits.items():
+        centroids, history = together[name]
+        alone, alone_history = distributed_lloyd(files, {name: init}, max_iter=6, tol=1e-6, batch_rows=5000)[name]
+        reference, ref_history = lloyd(x, init, max_iter=6, tol=1e-6)
+        np.testing.assert_allclose(centroids, alone, atol=1e-6)
+        np.testing.assert_allclose(centroids, reference, atol=1e-5)
+        assert len(history) == len(alone_history) == len(ref_history)
+        np.testing.assert_allclose([h["inertia"] for h in history], [h["inertia"] for h in ref_history], rtol=1e-7)
+    assert len(together["k12_converged"][1]) == 2 and len(together["k30"][1]) > 2
+    assert [h["fits_in_pass"] for h in together["k30"][1]][:3] == [4, 4, 3]  # the converged fit left after pass 2
+
+
+def test_the_tree_reduce_does_not_depend_on_scheduling(ray_cluster, shards):
+    files, x = shards
+    init = fit_kmeans(x[::10], K, seed=2, n_iter=1)
+    runs = [lloyd_pass([str(f) for f in files], {"k": init}, batch_rows=3000, fan_in=2)["k"] for _ in range(2)]
+    assert np.array_equal(runs[0][0], runs[1][0]) and runs[0][2] == runs[1][2]  # bit for bit
