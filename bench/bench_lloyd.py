@@ -147,12 +147,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/overclust_bench_lloyd"))
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_lloyd.json")
+    parser.add_argument("--write-only", action="store_true", help="write (or check) the shards of every --rows, time nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--sequential", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
 
+    if args.write_only:
+        for rows in args.rows:
+            start = time.perf_counter()
+            files = write_shards(args.workdir / f"rows{rows}", rows, args.images_per_shard, args.k, args.dim, args.seed)
+            print(f"rows={rows:,}: {len(files)} shards in {time.perf_counter() - start:.0f} s", flush=True)
+        return
     results = []
     for i, rows in enumerate(args.rows):
         directory = args.workdir / f"rows{rows}"

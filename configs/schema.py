@@ -128,6 +128,18 @@ class ExtractConfig(Strict):
     write: TaskConfig = TaskConfig()
 
 
+class FeatureSourceConfig(Strict):
+    """One feature set the centroids are fitted on (fit.features)."""
+
+    # A run's output_dir or its features/ folder, written by `submit.py extract` or by `submit.py
+    # apply --set apply.write_features=true` (with this run's model settings); None: this run's own.
+    path: str | None = None
+    # Its share of the fit: of the fit.max_samples sampled rows, weight / (sum of weights) come from
+    # it; in fit.lloyd_iterations its rows weigh as much in total. max_samples caps its sampled rows.
+    weight: float = Field(default=1.0, gt=0)
+    max_samples: int | None = Field(default=None, ge=1)
+
+
 class FitConfig(Strict):
     k: int = Field(default=300, ge=2)
     k_sweep: list[int] = [19, 50, 100, 200, 300]
@@ -144,13 +156,31 @@ class FitConfig(Strict):
     # Held-out mapping protocol: images split into this many folds by a hash of their id; each
     # fold is scored with a mapping made from the other folds only. 1 turns the protocol off.
     heldout_folds: int = Field(default=5, ge=1)
+    # What the centroids are fitted on: one or more feature sets (their union, by weight); the
+    # default is this run's own features. A large unlabelled set's features go here.
+    features: list[FeatureSourceConfig] = Field(default_factory=lambda: [FeatureSourceConfig()], min_length=1)
+    # The labelled feature set whose patches map clusters to classes (a run's output_dir or its
+    # features/); None: this run's own. Its images are not this run's, so fit.heldout_folds must be 1.
+    mapping_from: str | None = None
 
     @model_validator(mode="after")
     def _sweep_values(self):
         bad = [k for k in self.k_sweep if k < 2]
         if bad:
             raise ValueError(f"fit.k_sweep has values < 2: {bad}")
+        paths = [source.path for source in self.features]
+        if len(set(paths)) < len(paths):
+            raise ValueError(f"fit.features names a feature set twice ({paths}): list each once, with its weight")
+        if self.mapping_from is not None and self.heldout_folds != 1:
+            raise ValueError(f"fit.mapping_from={self.mapping_from!r} maps on another image set than this run's, so this "
+                             f"run's images are held out from the mapping already: set fit.heldout_folds=1 (got "
+                             f"{self.heldout_folds})")
         return self
+
+    @property
+    def own_features_only(self) -> bool:
+        """Fitted and mapped on this run's features alone (the default)."""
+        return [source.path for source in self.features] == [None] and self.mapping_from is None
 
 
 class LabelConfig(Strict):
@@ -260,6 +290,12 @@ class RunConfig(Strict):
         if self.protocol == "cause" and self.inference.crop > self.inference.short_side:
             raise ValueError(f"protocol=cause centre-crops inference.crop={self.inference.crop} px from the image resized to "
                              f"inference.short_side={self.inference.short_side}: the crop must not exceed the short side")
+        if self.model.compare_backbone and not self.fit.own_features_only:
+            raise ValueError("model.compare_backbone fits this run's own backbone features beside the main fit: leave "
+                             "fit.features and fit.mapping_from unset with it")
+        if self.protocol == "seed" and not self.fit.own_features_only:
+            raise ValueError("protocol=seed fits and maps on the labelled patches of this run's images, as the seed's scripts "
+                             "do: leave fit.features and fit.mapping_from unset, or use protocol=official")
         if self.protocol == "seed" and self.fit.lloyd_iterations:
             raise ValueError("protocol=seed fits the seed's MiniBatchKMeans; fit.lloyd_iterations refines the official fit: "
                              "set fit.lloyd_iterations=0 with protocol=seed")

@@ -32,15 +32,21 @@ from storage.shards import features_from_table
 Partials = dict[str, tuple[np.ndarray, np.ndarray, float]]  # per fit: sums (k, D), counts (k,), inertia
 
 
-def row_groups(paths: list[str]) -> list[dict]:
-    """The work items of a pass: one per Parquet row group (read from the footers only)."""
-    return [{"path": p, "row_group": g} for p in paths for g in range(pq.ParquetFile(p).num_row_groups)]
+def row_groups(paths: list[str], row_weights: list[float] | None = None) -> list[dict]:
+    """The work items of a pass: one per Parquet row group (read from the footers only), with the
+    weight of its file's rows."""
+    weights = [1.0] * len(paths) if row_weights is None else row_weights
+    return [{"path": p, "row_group": g, "weight": float(w)}
+            for p, w in zip(paths, weights, strict=True) for g in range(pq.ParquetFile(p).num_row_groups)]
 
 
 @ray.remote
 def _row_group_partials(item: dict, centroids: dict[str, np.ndarray], column: str, batch_rows: int) -> Partials:
-    """One row group's E-step against every fit's centroids, the rows read once."""
+    """One row group's E-step against every fit's centroids, the rows read once. A weight other
+    than 1 scales the sums and the inertia (the objective); counts stay rows, as the M-step only
+    asks whether a cluster got any."""
     out = {name: (np.zeros(c.shape), np.zeros(len(c), np.int64), 0.0) for name, c in centroids.items()}
+    weight = item.get("weight", 1.0)
     for batch in pq.ParquetFile(item["path"]).iter_batches(batch_size=batch_rows, row_groups=[int(item["row_group"])],
                                                             columns=[column]):
         x = features_from_table(pa.Table.from_batches([batch]))
@@ -48,6 +54,8 @@ def _row_group_partials(item: dict, centroids: dict[str, np.ndarray], column: st
             sums, counts, inertia = lloyd_partial(x, c, batch_rows)
             total = out[name]
             out[name] = (total[0] + sums, total[1] + counts, total[2] + inertia)
+    if weight != 1.0:
+        out = {name: (sums * weight, counts, inertia * weight) for name, (sums, counts, inertia) in out.items()}
     return out
 
 
@@ -79,7 +87,7 @@ def lloyd_pass(paths: list[str], centroids: dict[str, np.ndarray], *, column: st
 
 def distributed_lloyd(shard_files: list[Path], inits: dict[str, np.ndarray], max_iter: int = 20, tol: float = 1e-4, *,
                       column: str = "feature", batch_rows: int = 65536, num_cpus: float = 1.0,
-                      fan_in: int = 8) -> dict[str, tuple[np.ndarray, list[dict]]]:
+                      fan_in: int = 8, row_weights: list[float] | None = None) -> dict[str, tuple[np.ndarray, list[dict]]]:
     """Spherical Lloyd over all rows of the Parquet shards for every fit in `inits` (name -> (k, D)),
     one pass per iteration for all of them.
 
@@ -88,7 +96,8 @@ def distributed_lloyd(shard_files: list[Path], inits: dict[str, np.ndarray], max
     tol (relative), and later passes leave it out. `batch_rows` bounds a task's memory (batch_rows
     x k cosines); `num_cpus` is what each row-group task reserves. Needs a running Ray
     (`ray_jobs.session.init_ray`). Each result equals single-process `core.clustering.lloyd` of
-    that fit on the same rows up to float64 summation order.
+    that fit on the same rows up to float64 summation order. `row_weights` (one per shard file):
+    the weight of each of its rows, for a union of feature sets fitted by share (`fit.features`).
     """
     paths = [str(p) for p in shard_files]
     if not paths:
@@ -97,7 +106,7 @@ def distributed_lloyd(shard_files: list[Path], inits: dict[str, np.ndarray], max
     for name, c in inits.items():
         if c.ndim != 2 or c.shape[0] < 2:
             raise ValueError(f"distributed Lloyd: {name}'s initial centroids have shape {c.shape}; (k >= 2, D) needed")
-    items = row_groups(paths)
+    items = row_groups(paths, row_weights)
 
     def partial(centroids: dict[str, np.ndarray]) -> Partials:
         partials = lloyd_pass(paths, centroids, column=column, batch_rows=batch_rows, num_cpus=num_cpus, fan_in=fan_in,

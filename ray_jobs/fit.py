@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse
-from tqdm import tqdm
 
-from configs.schema import RunConfig
+from configs.schema import FeatureSourceConfig, RunConfig
 from actors.geometry import HEAD_FEATURE_DIM
 from actors.model_setup import model_spec
 from core.clustering import (SEED_MINIBATCH, assign_clusters, assign_euclidean, check_features, fit_kmeans,
@@ -31,10 +30,10 @@ from core.presets import protocol_steps
 from core.seed_postprocess import class_prototypes, normalized_rows
 from core.sampling import BoundedSample, image_fold, patch_priorities, per_image_lowest
 from ray_jobs.distributed_lloyd import distributed_lloyd
-from ray_jobs.layout import Layout
+from ray_jobs.feature_sets import FeatureSet, FeatureSetError, FeatureShards, open_feature_set, own_feature_set
+from ray_jobs.layout import Layout, settings_key
 from ray_jobs.plans import Plan, StageIncomplete, check_plan, plan_conflict, refuse_conflicts, require_complete
-from storage.shards import (backbone_path, content_key, feature_path, features_from_table, marker_problems, output_records,
-                            read_verified_parquet, write_json_atomic)
+from storage.shards import backbone_path, features_from_table, marker_problems, output_records, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -59,27 +58,64 @@ def baseline_centroids(cfg: RunConfig, sample: np.ndarray) -> tuple[np.ndarray, 
     return fit_centroids(cfg, sample, NUM_CLASSES)
 
 
-class FeatureShards:
-    """The scale-1 Parquet files of a complete extract stage (or, with path_of=backbone_path, the
-    backbone's beside them), read whole and checked against their markers (a file changed since
-    extract wrote it is an error naming it)."""
-
-    def __init__(self, features_dir: Path, markers: dict[str, dict], path_of=feature_path):
-        self.root, self.markers = Path(features_dir).parent, markers
-        self.paths = [path_of(features_dir, shard) for shard in markers]
-        self.fix = "run `python submit.py extract` with this config: it redoes that shard"
-
-    def tables(self, columns: list[str], desc: str):
-        for marker, path in tqdm(zip(self.markers.values(), self.paths), total=len(self.paths), desc=desc, unit="shard"):
-            yield read_verified_parquet(self.root, marker, path, self.fix, columns)
+Sources = list[tuple[FeatureSet, FeatureSourceConfig]]  # what the centroids are fitted on, with each set's share
 
 
-def gather_sample(shards: FeatureShards, cfg: RunConfig) -> np.ndarray:
-    """(n, D) float32: at most max_patches_per_image rows per image, at most max_samples overall,
-    in one pass holding at most max_samples rows plus one shard's."""
+def fit_feature_sets(cfg: RunConfig, extract: Plan, markers: dict[str, dict], dataset_fingerprint: str) -> tuple[Sources, FeatureSet]:
+    """The feature sets of `fit.features` (the fit's union) and of `fit.mapping_from` (the mapping),
+    each complete and made by this run's model; this run's own where the config names none."""
+    layout = Layout(cfg.output_dir)
+    own = own_feature_set(layout.features, markers, dataset_fingerprint)
+    model = extract.settings["model"]
+
+    def named(path: str | None, role: str) -> FeatureSet:
+        if path is None:
+            return own
+        found = open_feature_set(path, model, role)
+        if found.features_dir.resolve() == layout.features.resolve():
+            raise FeatureSetError(f"{role}={path!r} is this run's own features: leave its path out (null) instead")
+        return found
+
+    return [(named(s.path, "fit.features"), s) for s in cfg.fit.features], named(cfg.fit.mapping_from, "fit.mapping_from")
+
+
+def fit_inputs(sources: Sources, mapping: FeatureSet) -> str:
+    """What the fits are made from: the content of every feature set they read."""
+    return settings_key({"fitted_on": [fs.content_key for fs, _ in sources], "mapped_on": mapping.content_key})
+
+
+def source_quotas(cfg: RunConfig) -> list[int]:
+    """Each source's rows in the fit sample: its weight's share of fit.max_samples, capped by its max_samples."""
+    total = sum(s.weight for s in cfg.fit.features)
+    return [max(1, min(int(cfg.fit.max_samples * s.weight / total), s.max_samples or cfg.fit.max_samples))
+            for s in cfg.fit.features]
+
+
+def gather_union_sample(cfg: RunConfig, sources: Sources) -> tuple[np.ndarray, list[int]]:
+    """The fit sample over every source (its quota from each, in source order) and each one's rows in it."""
+    parts = [gather_sample(fs.shards(), cfg, quota) for (fs, _), quota in zip(sources, source_quotas(cfg))]
+    taken = [len(p) if p.size else 0 for p in parts]
+    filled = [p for p in parts if p.size]
+    if len({p.shape[1] for p in filled}) > 1:
+        raise FitError(f"the feature sets of fit.features have different widths ({[p.shape[1] for p in filled]})")
+    return (np.concatenate(filled) if filled else np.zeros((0, 0), np.float32)), taken
+
+
+def lloyd_row_weights(cfg: RunConfig, sources: Sources) -> list[float]:
+    """Per source, the weight of each of its rows in fit.lloyd_iterations: its rows weigh
+    weight / (sum of weights) of the total (1.0 each for a single source)."""
+    rows = [fs.num_patches for fs, _ in sources]
+    total_weight = sum(s.weight for s in cfg.fit.features)
+    return [s.weight / total_weight * sum(rows) / n if n else 0.0 for n, (_, s) in zip(rows, sources)]
+
+
+def gather_sample(shards: FeatureShards, cfg: RunConfig, max_rows: int | None = None) -> np.ndarray:
+    """(n, D) float32: at most max_patches_per_image rows per image, at most max_rows (default
+    fit.max_samples) overall, in one pass holding at most max_rows rows plus one shard's."""
+    max_rows = cfg.fit.max_samples if max_rows is None else max_rows
     if protocol_steps(cfg.protocol).kmeans == "seed":
-        return labelled_patches(shards, cfg.fit.max_samples)
-    sample = BoundedSample(cfg.fit.max_samples)
+        return labelled_patches(shards, max_rows)
+    sample = BoundedSample(max_rows)
     for table in shards.tables(["image_id", "feature"], "fit: sampling patches"):
         priorities, image_index = patch_priorities(table.column("image_id").to_numpy(zero_copy_only=False), cfg.seed)
         rows = per_image_lowest(priorities, image_index, cfg.fit.max_patches_per_image)
@@ -189,7 +225,8 @@ def extracted_model(markers: dict[str, dict]) -> str:
 def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], dataset_fingerprint: str) -> dict[str, FitArtifact]:
     layout = Layout(cfg.output_dir)
     markers = require_complete(layout.features, extract, shard_names, "the fit stage")
-    inputs = content_key(markers)
+    sources, mapping_set = fit_feature_sets(cfg, extract, markers, dataset_fingerprint)
+    inputs = fit_inputs(sources, mapping_set)
     check_plan(layout.fits, plan, inputs)
     names = fit_names(cfg)
     existing = _load_existing(layout.fits, names, plan, inputs)
@@ -197,15 +234,14 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
         log.info("fit: all %d fits exist for these settings and features; reusing them", len(existing))
         return existing
 
-    shards = FeatureShards(layout.features, markers)
-    shard_files = shards.paths
-    sample = gather_sample(shards, cfg)
+    sample, sampled_rows = gather_union_sample(cfg, sources)
     centroids, raw_centres, seconds, history = {}, {}, {}, {}
+    fitted_on = ", ".join(str(fs.features_dir) for fs, _ in sources)
     if sample.size == 0:
-        raise FitError(f"no patch features in {layout.features}: every image failed in extract (reasons in "
-                       f"{layout.features / '_done'} and failed_items.json) or the extract stage has not run")
+        raise FitError(f"no patch features in {fitted_on}: every image failed in extract (reasons in the stage's _done/ "
+                       "markers and failed_items.json) or the extract stage has not run")
     try:
-        check_features(sample, f"patch features in {layout.features}")
+        check_features(sample, f"patch features in {fitted_on}")
         log.info("fit: %d sampled patch features of dimension %d", *sample.shape)
         for name in names:
             start = time.perf_counter()
@@ -218,8 +254,10 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
             seconds[name] = time.perf_counter() - start
             log.info("fit: %s in %.1f s", name, seconds[name])
         if cfg.fit.lloyd_iterations:  # refine every k on every patch of every shard, one pass per iteration for all
-            refined = distributed_lloyd(shard_files, {name: centroids[name] for name in names[:-1]},
-                                        cfg.fit.lloyd_iterations, cfg.fit.lloyd_tol)
+            files = [(path, weight) for (fs, _), weight in zip(sources, lloyd_row_weights(cfg, sources))
+                     for path in fs.shards().paths]
+            refined = distributed_lloyd([path for path, _ in files], {name: centroids[name] for name in names[:-1]},
+                                        cfg.fit.lloyd_iterations, cfg.fit.lloyd_tol, row_weights=[w for _, w in files])
             for name, (centroids[name], history[name]) in refined.items():
                 seconds[name] += sum(h["seconds"] / h["fits_in_pass"] for h in history[name])  # its share of the passes
                 log.info("fit: %s refined by %d Lloyd passes", name, len(history[name]))
@@ -227,14 +265,19 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
         raise FitError(str(err)) from None
     baseline = names[-1]
     fold_counts, fold_mapping_counts, co_assignment, (cluster_sums, cluster_sizes) = count_cluster_classes(
-        shards, centroids, raw_centres, baseline, cfg)
+        mapping_set.shards(), centroids, raw_centres, baseline, cfg)
     counts = {name: c.sum(axis=0) for name, c in fold_mapping_counts.items()}
     try:
         baseline_mapping = hungarian_mapping(counts[baseline])
         mappings = {name: baseline_mapping if name == baseline else majority_mapping(counts[name]) for name in names}
     except ValueError as err:
-        raise FitError(f"{err}: the dataset at {cfg.dataset.root} has no ground truth; label it with a fit saved "
-                       "from a labelled run instead") from None
+        where = cfg.dataset.root if cfg.fit.mapping_from is None else cfg.fit.mapping_from
+        raise FitError(f"{err}: the patches that map clusters to classes ({where}) have no ground truth. Map on a labelled "
+                       "run's features (fit.mapping_from=<its output_dir>, fit.heldout_folds=1), or label these images "
+                       "with a fit saved from a labelled run (`python submit.py apply --fit ...`)") from None
+    fitted_records = [fs.record() | {"weight": s.weight, "max_samples": s.max_samples, "sampled_rows": n}
+                      for (fs, s), n in zip(sources, sampled_rows)]
+    mapped_record = mapping_set.record() | {"labelled_patches": int(counts[baseline].sum())}
 
     fits, summary = {}, {}
     for name in names:
@@ -255,13 +298,12 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
                   "feature_dim": int(sample.shape[1]), "model": extracted_model(markers), "dataset_fingerprint": dataset_fingerprint,
                   "seed": cfg.seed, "engine": fit_engine(cfg), "protocol": cfg.protocol, "n_samples": int(sample.shape[0]),
                   "fit_seconds": round(seconds[name], 3), "lloyd_history": history.get(name, []),
-                  "mapped_on": f"majority over the labelled patches of the fitted images ({cfg.dataset.split}, "
-                               f"dataset fingerprint {dataset_fingerprint})"},
+                  "fitted_on": fitted_records, "mapped_on": mapped_record},
         )
         summary[name] = {"k": len(mapping), "mapping_kind": fits[name].mapping_kind,
                          "patch_level": protocol_scores(fold_counts[name], fold_mapping_counts[name], mapping, label_free, CLASS_NAMES),
                          "clusters_without_labelled_patches": int((counts[name].sum(axis=1) == 0).sum()),
-                         "fit_seconds": round(seconds[name], 3)}
+                         "fit_seconds": round(seconds[name], 3), "fitted_on": fitted_records, "mapped_on": mapped_record}
     if cfg.model.compare_backbone:
         summary[BACKBONE_COMPARISON] = backbone_comparison(cfg, layout, markers, summary[names[0]])
     for name, fit in fits.items():

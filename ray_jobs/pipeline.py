@@ -12,7 +12,7 @@ import yaml
 
 from configs.schema import RunConfig
 from ray_jobs.extract import run_extract
-from ray_jobs.fit import extracted_model, fit_names, require_fits, run_fit
+from ray_jobs.fit import extracted_model, fit_feature_sets, fit_inputs, fit_names, require_fits, run_fit
 from ray_jobs.label import label_inputs, label_shards, run_label
 from ray_jobs.layout import Layout
 from ray_jobs.plans import (StageIncomplete, extract_plan, fit_plan, label_plan, model_identity, plan_conflict,
@@ -21,7 +21,7 @@ from ray_jobs.report import run_report
 from ray_jobs.session import check_schedulable, init_ray
 from storage.datasets import ImageRecord, list_dataset
 from storage.lock import OutputLock, command_line
-from storage.shards import content_key, dataset_fingerprint, plan_shards, write_json_atomic, write_text_atomic
+from storage.shards import dataset_fingerprint, plan_shards, write_json_atomic, write_text_atomic
 from storage.synth import generate_demo_dataset
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ class Pipeline:
         return require_complete(self.layout.features, self.plans["extract"], self.shard_names, needed_by)
 
     def _fits(self, features: dict[str, dict], needed_by: str) -> tuple[dict, dict]:
-        return require_fits(self.cfg, self.plans["fit"], content_key(features), needed_by)
+        inputs = fit_inputs(*fit_feature_sets(self.cfg, self.plans["extract"], features, self.fingerprint))
+        return require_fits(self.cfg, self.plans["fit"], inputs, needed_by)
 
     def _timing(self) -> dict:
         path = self.cfg.output_dir / "timing.json"

@@ -30,7 +30,7 @@ from core.models.checkpoints import require_file
 from ray_jobs.layout import settings_key
 from storage.datasets import ImageRecord
 from storage.parts import PARTS_DIR
-from storage.shards import (DONE_DIR, PATCH_FORMAT, dataset_fingerprint, file_sha256, marker_problems, read_done,
+from storage.shards import (DONE_DIR, PATCH_FORMAT, STAGE_COMPLETE, dataset_fingerprint, file_sha256, marker_problems, read_done,
                             write_json_atomic)
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ def check_plan(stage_dir: Path, plan: Plan, inputs: str | None = None) -> None:
                     stage_dir, plan.stage, old.get("inputs"), inputs)
         for folder in (DONE_DIR, PARTS_DIR):
             shutil.rmtree(stage_dir / folder, ignore_errors=True)
+        (stage_dir / STAGE_COMPLETE).unlink(missing_ok=True)
         old = None
     if old is None:
         write_json_atomic({"stage": plan.stage, "plan_key": plan.key, "inputs": inputs, "settings": plan.settings},

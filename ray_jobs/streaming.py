@@ -42,7 +42,7 @@ from core.errors import UserError
 from core.models import CheckpointError
 from ray_jobs.plans import Plan, StageIncomplete, check_plan
 from storage.parts import PARTS_DIR, clear_parts, staged_ids
-from storage.shards import marker_path, marker_problems, read_done, shard_records
+from storage.shards import STAGE_COMPLETE, marker_path, marker_problems, read_done, shard_records, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,8 @@ def run_image_stream(name: str, stage_dir: Path, plan: Plan, shards: list[dict],
     if missing:
         raise StageIncomplete(f"{name}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} did not finish; "
                               "run the stage again to resume")
+    # what another run's fit checks before it reads these shards (`ray_jobs.feature_sets`)
+    write_json_atomic({"plan_key": plan.key, "shards": [s["shard"] for s in shards]}, Path(stage_dir) / STAGE_COMPLETE)
     return {s["shard"]: done[s["shard"]] for s in shards}
 
 

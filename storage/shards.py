@@ -25,6 +25,7 @@ from core.errors import UserError
 from storage.datasets import ImageRecord
 
 DONE_DIR = "_done"
+STAGE_COMPLETE = "_complete.json"  # a stage folder's record that every shard it planned is done: {"plan_key", "shards"}
 log = logging.getLogger(__name__)
 
 
@@ -266,6 +267,14 @@ def marker_path(stage_dir: Path, shard: str) -> Path:
 
 def mark_done(stage_dir: Path, shard: str, summary: dict) -> None:
     write_json_atomic(summary, marker_path(stage_dir, shard))
+
+
+def read_json(path: Path):
+    """A small JSON record, or None where it is missing or damaged (it is written whole, so it was damaged since)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def read_done(stage_dir: Path) -> dict[str, dict]:

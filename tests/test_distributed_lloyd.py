@@ -113,3 +113,19 @@ def test_the_tree_reduce_does_not_depend_on_scheduling(ray_cluster, shards):
     init = fit_kmeans(x[::10], K, seed=2, n_iter=1)
     runs = [lloyd_pass([str(f) for f in files], {"k": init}, batch_rows=3000, fan_in=2)["k"] for _ in range(2)]
     assert np.array_equal(runs[0][0], runs[1][0]) and runs[0][2] == runs[1][2]  # bit for bit
+
+
+def test_row_weights_fit_a_union_by_share(ray_cluster, shards):
+    """A file's row weight scales its pull on the centroids: weight 0 leaves Lloyd on the other
+    files' rows alone, and scaling every weight alike changes the inertia only."""
+    files, x = shards
+    init = fit_kmeans(x[::20], K, seed=3, n_iter=1)
+    first_rows = SHARD_IMAGES[0] * 24 * 48
+    weighted, history = distributed_lloyd(files, {"k": init}, max_iter=3, tol=0, row_weights=[1.0, 0.0, 0.0])["k"]
+    alone, alone_history = lloyd(x[:first_rows], init, max_iter=3, tol=0)
+    np.testing.assert_allclose(weighted, alone, atol=1e-5)
+    np.testing.assert_allclose([h["inertia"] for h in history], [h["inertia"] for h in alone_history], rtol=1e-6)
+    doubled, doubled_history = distributed_lloyd(files, {"k": init}, max_iter=3, tol=0, row_weights=[2.0] * 3)["k"]
+    plain, plain_history = distributed_lloyd(files, {"k": init}, max_iter=3, tol=0)["k"]
+    np.testing.assert_allclose(doubled, plain, atol=1e-6)
+    np.testing.assert_allclose([h["inertia"] for h in doubled_history], [2 * h["inertia"] for h in plain_history], rtol=1e-9)

@@ -127,3 +127,84 @@ def test_seed_protocol_without_ground_truth_says_so(tmp_path):
                         patch_schema(D, "float32"), [(56, 56)])
     with pytest.raises(FitError, match="no ground truth"):
         run_fit(cfg, *write_extracted(cfg, [table]))
+
+
+def write_unlabelled(out, num_images=10, seed=1):
+    """The same six blobs, no ground truth (labels 255): a finished extract stage in `out`."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, D)) * 5  # write_shards' centres (same generator, drawn first)
+    rng = np.random.default_rng(seed)
+    ids, feats = [f"frame{i:03d}" for i in range(num_images)], []
+    for _ in ids:
+        feats.append((centres[rng.integers(0, 6, size=(4, 4))] + rng.normal(size=(4, 4, D)) * 0.1).transpose(2, 0, 1))
+    table = patch_table(ids, feats, [np.full((4, 4), 255, np.uint8)] * len(ids), patch_schema(D, "float32"), [(56, 56)] * len(ids))
+    cfg = config(out, heldout_folds=1)
+    return cfg, write_extracted(cfg, [table])
+
+
+def test_fit_on_an_unlabelled_set_map_on_the_labelled_run(tmp_path):
+    unlabelled, _ = write_unlabelled(tmp_path / "frames")
+    cfg = config(tmp_path / "run", features=[{"path": str(tmp_path / "frames")}])
+    fits = run_fit(cfg, *write_shards(cfg))
+    meta = fits["k6"].meta
+    (fitted,) = meta["fitted_on"]
+    assert fitted["features"] == str(tmp_path / "frames") and fitted["stage"] == "extract"
+    assert fitted["sampled_rows"] == meta["n_samples"] == 10 * 16 and fitted["num_patches"] == 160
+    assert meta["mapped_on"]["features"] == "this run" and meta["mapped_on"]["labelled_patches"] == 6 * 16
+    summary = json.loads((tmp_path / "run" / "fits" / "fit_summary.json").read_text())
+    assert summary["k6"]["patch_level"]["same_set"]["pixel_accuracy"] == 1.0  # the unlabelled blobs are the labelled ones
+
+
+def test_both_sets_by_weight_and_cap(tmp_path):
+    write_unlabelled(tmp_path / "frames")
+    cfg = config(tmp_path / "run", max_samples=60, features=[{}, {"path": str(tmp_path / "frames"), "weight": 2.0}])
+    fits = run_fit(cfg, *write_shards(cfg))
+    assert [f["sampled_rows"] for f in fits["k6"].meta["fitted_on"]] == [20, 40]  # 60 rows, 1 : 2
+    capped = config(tmp_path / "capped", max_samples=60,
+                    features=[{}, {"path": str(tmp_path / "frames"), "weight": 2.0, "max_samples": 25}])
+    fits = run_fit(capped, *write_shards(capped))
+    assert [f["sampled_rows"] for f in fits["k6"].meta["fitted_on"]] == [20, 25]
+
+
+def test_fit_on_the_unlabelled_run_map_on_a_labelled_one(tmp_path):
+    labelled = config(tmp_path / "run")
+    write_shards(labelled)
+    _, args = write_unlabelled(tmp_path / "frames")
+    with pytest.raises(FitError, match="have no ground truth. Map on a labelled run's features"):
+        run_fit(config(tmp_path / "frames", heldout_folds=1), *args)
+    cfg = config(tmp_path / "frames", heldout_folds=1, mapping_from=str(tmp_path / "run"))
+    fits = run_fit(cfg, *args)
+    assert fits["k6"].meta["mapped_on"]["features"] == str(tmp_path / "run")
+    assert fits["k6"].meta["fitted_on"][0]["features"] == "this run"
+    assert sorted(set(fits["k6"].mapping.tolist())) == [0, 1, 2]
+
+
+def test_a_feature_set_that_is_not_usable_is_refused_with_the_fix(tmp_path):
+    from ray_jobs.feature_sets import FeatureSetError
+    write_unlabelled(tmp_path / "frames")
+    cfg = config(tmp_path / "run", features=[{"path": str(tmp_path / "frames")}])
+    args = write_shards(cfg)
+    with pytest.raises(FeatureSetError, match="no extracted features there"):
+        run_fit(config(tmp_path / "run", features=[{"path": str(tmp_path / "nowhere")}]), *args)
+    with pytest.raises(FeatureSetError, match="this run's own features"):
+        run_fit(config(tmp_path / "run", features=[{"path": str(tmp_path / "run")}]), *args)
+    other = parse_config({"output_dir": str(tmp_path / "other"), "model": {"init_seed": 7},
+                          "fit": {"k": 6, "k_sweep": [3], "heldout_folds": 1}}, "test")
+    write_extracted(other, [patch_table(["a"], [np.zeros((D, 4, 4))], [np.zeros((4, 4), np.uint8)], patch_schema(D, "float32"),
+                                        [(56, 56)])])
+    with pytest.raises(FeatureSetError, match=r"made by another model than this run's: init_seed: 7 -> 0"):
+        run_fit(config(tmp_path / "run", features=[{"path": str(tmp_path / "other")}]), *args)
+    shard = tmp_path / "frames" / "features" / "shard-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(FeatureSetError, match=r"shard-00000.*bytes.*when written.*run the `python submit.py extract`"):
+        run_fit(cfg, *args)
+    (tmp_path / "frames" / "features" / "_complete.json").unlink()
+    with pytest.raises(FeatureSetError, match="has not recorded that it finished"):
+        run_fit(cfg, *args)
+
+
+def test_the_config_refuses_a_mapping_set_with_heldout_folds():
+    with pytest.raises(ValueError, match="set fit.heldout_folds=1"):
+        parse_config({"fit": {"mapping_from": "outputs/labelled"}}, "test")
+    with pytest.raises(ValueError, match="names a feature set twice"):
+        parse_config({"fit": {"features": [{}, {"path": None, "weight": 2}]}}, "test")

@@ -22,7 +22,8 @@ from PIL import Image
 import submit
 from configs.schema import ConfigError, parse_config
 from ray_jobs.apply import ApplyError, run_apply
-from ray_jobs.fit import FeatureShards, gather_sample
+from ray_jobs.feature_sets import FeatureShards
+from ray_jobs.fit import gather_sample
 from ray_jobs.pipeline import Pipeline
 from ray_jobs.session import ClusterTooSmall
 from storage.datasets import list_image_folder

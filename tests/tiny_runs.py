@@ -86,7 +86,8 @@ def write_extracted(cfg, tables) -> tuple:
     markers and the stage's plan. Returns `run_fit`'s arguments after cfg."""
     from ray_jobs.layout import Layout
     from storage.datasets import ImageRecord
-    from storage.shards import dataset_fingerprint, feature_path, mark_done, output_records, write_parquet_atomic
+    from storage.shards import (STAGE_COMPLETE, dataset_fingerprint, feature_path, mark_done, output_records,
+                                write_json_atomic, write_parquet_atomic)
 
     features = Layout(cfg.output_dir).features
     shard_ids = [list(dict.fromkeys(t.column("image_id").to_pylist())) for t in tables]
@@ -97,5 +98,6 @@ def write_extracted(cfg, tables) -> tuple:
         path = feature_path(features, name)
         write_parquet_atomic(table, path)
         mark_done(features, name, {"plan_key": extract.key, "num_images": len(ids), "image_ids": ids, "failed": [],
-                                   "outputs": output_records(Path(cfg.output_dir), [path])})
+                                   "num_patches": table.num_rows, "outputs": output_records(Path(cfg.output_dir), [path])})
+    write_json_atomic({"plan_key": extract.key, "shards": names}, features / STAGE_COMPLETE)
     return fit, extract, names, dataset_fingerprint(records)

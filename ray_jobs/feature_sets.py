@@ -1,0 +1,112 @@
+"""The feature sets a fit reads: this run's own `features/`, or another run's, or the features an
+apply wrote (`apply.write_features`), each a complete stage made by this run's model.
+
+A fit may be made on a large unlabelled set and mapped on a small labelled one (`fit.features`,
+`fit.mapping_from`). A set is used only when it is what its own stage says it is: its plan
+(`_plan.json`), the record that every planned shard finished (`_complete.json`, written by
+`ray_jobs.streaming.run_image_stream`), every shard's marker and every file the markers list.
+Features of another model (architecture, weights, inference settings, protocol) are refused.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from core.errors import UserError
+from ray_jobs.layout import Layout
+from ray_jobs.plans import PLAN_FILE, differences, recorded_plan
+from storage.shards import (STAGE_COMPLETE, content_key, feature_path, marker_problems, read_done, read_json,
+                            read_verified_parquet)
+
+
+class FeatureSetError(UserError, ValueError):
+    """A feature set named in the config cannot be used; the message names it and the fix."""
+
+
+class FeatureShards:
+    """The scale-1 Parquet files of a complete stage (or, with path_of=backbone_path, the backbone's
+    beside them), read whole and checked against their markers (a file changed since the stage
+    wrote it is an error naming it)."""
+
+    def __init__(self, features_dir: Path, markers: dict[str, dict], path_of=feature_path,
+                 fix: str = "run `python submit.py extract` with this config: it redoes that shard"):
+        self.root, self.markers = Path(features_dir).parent, markers
+        self.paths = [path_of(features_dir, shard) for shard in markers]
+        self.fix = fix
+
+    def tables(self, columns: list[str], desc: str):
+        for marker, path in tqdm(zip(self.markers.values(), self.paths), total=len(self.paths), desc=desc, unit="shard"):
+            yield read_verified_parquet(self.root, marker, path, self.fix, columns)
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    name: str  # "this run" or the path as the config gives it
+    features_dir: Path
+    stage: str  # the stage that wrote it: extract | apply
+    markers: dict[str, dict]  # shard -> its marker, in shard order
+    dataset_fingerprint: str
+    rerun: str  # the command that repairs it
+
+    @property
+    def content_key(self) -> str:
+        return content_key(self.markers)
+
+    @property
+    def num_patches(self) -> int:
+        return sum(int(m.get("num_patches", 0)) for m in self.markers.values())
+
+    def shards(self, path_of=feature_path) -> FeatureShards:
+        return FeatureShards(self.features_dir, self.markers, path_of, f"{self.rerun}: it redoes that shard")
+
+    def record(self) -> dict:
+        """What a fit records of the set it was made from (`fitted_on`, `mapped_on`)."""
+        return {"features": self.name, "stage": self.stage, "content_key": self.content_key,
+                "dataset_fingerprint": self.dataset_fingerprint, "num_shards": len(self.markers),
+                "num_patches": self.num_patches}
+
+
+def own_feature_set(features_dir: Path, markers: dict[str, dict], dataset_fingerprint: str) -> FeatureSet:
+    """This run's extract stage (checked complete by the caller: `plans.require_complete`)."""
+    return FeatureSet("this run", Path(features_dir), "extract", markers, dataset_fingerprint,
+                      "run `python submit.py extract` with this config")
+
+
+def open_feature_set(path: str, model: dict, role: str) -> FeatureSet:
+    """Another run's features (an output_dir or its features/ folder), complete and made by `model`
+    (this run's `plans.model_identity`); `role` names the config key in every message."""
+    given = Path(path)
+    features_dir = given / "features" if (given / "features" / PLAN_FILE).is_file() else given
+    plan = recorded_plan(features_dir)
+    if plan is None:
+        raise FeatureSetError(f"{role}={path!r}: no extracted features there ({features_dir / PLAN_FILE} is missing). Name a "
+                              "run's output_dir or its features/ folder, written by `python submit.py extract` or by "
+                              "`python submit.py apply --set apply.write_features=true`")
+    stage = plan.get("stage")
+    if stage not in ("extract", "apply"):
+        raise FeatureSetError(f"{role}={path!r}: {features_dir} holds {stage} results, not patch features")
+    rerun = f"run the `python submit.py {stage}` that wrote {features_dir} again, with its config"
+    settings = plan.get("settings", {})
+    if settings.get("model") != model:
+        diff = differences(settings.get("model") or {}, model)
+        raise FeatureSetError(f"{role}={path!r}: its features were made by another model than this run's: "
+                              f"{'; '.join(diff[:8])}. Extract them with this run's model and inference settings (or "
+                              "fit with the config that made them)")
+    markers_dir = features_dir if stage == "extract" else Layout(features_dir.parent).histograms
+    complete = read_json(markers_dir / STAGE_COMPLETE)
+    if complete is None or complete.get("plan_key") != plan.get("plan_key"):
+        raise FeatureSetError(f"{role}={path!r}: the {stage} stage that writes {features_dir} has not recorded that it "
+                              f"finished ({markers_dir / STAGE_COMPLETE} is {'missing' if complete is None else 'of another plan'}): "
+                              f"{rerun}; it resumes and records it")
+    done = read_done(markers_dir)
+    markers = {}
+    for shard in complete["shards"]:
+        if shard not in done:
+            raise FeatureSetError(f"{role}={path!r}: shard {shard} of {features_dir} is not done any more: {rerun}")
+        if problems := marker_problems(features_dir.parent, done[shard], plan["plan_key"]):
+            raise FeatureSetError(f"{role}={path!r}: {stage} {shard}: {'; '.join(problems[:3])} since it was written: {rerun}")
+        markers[shard] = done[shard]
+    if not markers:
+        raise FeatureSetError(f"{role}={path!r}: {features_dir} holds no shards (the dataset was empty)")
+    return FeatureSet(str(path), features_dir, stage, markers, settings.get("dataset", ""), rerun)
