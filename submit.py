@@ -43,12 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     apply.add_argument("--fit", type=Path, required=True, help="a fit folder, e.g. outputs/demo/fits/k200")
     apply.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     synth = sub.add_parser("synth", help="write the generated Cityscapes-format demo set")
-    synth.add_argument("--root", type=Path, default=Path("data/demo_cityscapes"))
+    synth.add_argument("--root", type=Path, default=None, help="default data/demo_cityscapes (data/demo_unlabelled with --unlabelled)")
     synth.add_argument("--split", default="val")
     synth.add_argument("--num-images", type=positive_int, default=100)
     synth.add_argument("--height", type=positive_int, default=256)
     synth.add_argument("--width", type=positive_int, default=512)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=int, default=None, help="default 0 (1 with --unlabelled)")
+    synth.add_argument("--unlabelled", action="store_true",
+                       help="write a folder of unlabelled frames instead (other seeds and camera colours, no ground truth; "
+                            "dataset.kind: folder)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -83,10 +86,17 @@ def compare(args) -> int:
 
 
 def synth(args) -> int:
-    from storage.synth import generate_demo_dataset
-    ids = generate_demo_dataset(args.root, split=args.split, num_images=args.num_images,
-                                height=args.height, width=args.width, seed=args.seed)
-    print(f"wrote {len(ids)} demo images to {args.root}")
+    from storage.synth import generate_demo_dataset, generate_unlabelled_frames
+    if args.unlabelled:
+        root = args.root or Path("data/demo_unlabelled")
+        names = generate_unlabelled_frames(root, num_images=args.num_images, height=args.height, width=args.width,
+                                           seed=1 if args.seed is None else args.seed)
+        print(f"wrote {len(names)} unlabelled frames to {root}")
+        return 0
+    root = args.root or Path("data/demo_cityscapes")
+    ids = generate_demo_dataset(root, split=args.split, num_images=args.num_images,
+                                height=args.height, width=args.width, seed=0 if args.seed is None else args.seed)
+    print(f"wrote {len(ids)} demo images to {root}")
     return 0
 
 

@@ -227,7 +227,9 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
     markers = require_complete(layout.features, extract, shard_names, "the fit stage")
     sources, mapping_set = fit_feature_sets(cfg, extract, markers, dataset_fingerprint)
     inputs = fit_inputs(sources, mapping_set)
-    check_plan(layout.fits, plan, inputs)
+    # the plan is recorded once the fits are made: a fit that failed (no ground truth, k too large)
+    # leaves nothing that would refuse the corrected settings
+    refuse_conflicts([c] if (c := plan_conflict(layout.fits, plan)) else [])
     names = fit_names(cfg)
     existing = _load_existing(layout.fits, names, plan, inputs)
     if existing:
@@ -306,6 +308,7 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
                          "fit_seconds": round(seconds[name], 3), "fitted_on": fitted_records, "mapped_on": mapped_record}
     if cfg.model.compare_backbone:
         summary[BACKBONE_COMPARISON] = backbone_comparison(cfg, layout, markers, summary[names[0]])
+    check_plan(layout.fits, plan, inputs)
     for name, fit in fits.items():
         fit.save(layout.fits / name)
     write_json_atomic(summary, layout.fits / "fit_summary.json")
