@@ -40,7 +40,9 @@ def centroid_bytes(output_dir: Path) -> dict[str, str]:
 
 def _without_timings(obj):
     if isinstance(obj, dict):
-        return {k: _without_timings(v) for k, v in obj.items() if "seconds" not in k and k != "timing"}
+        # fitted_on / mapped_on: provenance (content keys and shard counts differ with the shard layout)
+        return {k: _without_timings(v) for k, v in obj.items()
+                if "seconds" not in k and k not in ("timing", "fitted_on", "mapped_on")}
     if isinstance(obj, list):
         return [_without_timings(v) for v in obj]
     return obj
