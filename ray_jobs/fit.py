@@ -84,29 +84,32 @@ def fit_inputs(sources: Sources, mapping: FeatureSet) -> str:
     return settings_key({"fitted_on": [fs.content_key for fs, _ in sources], "mapped_on": mapping.content_key})
 
 
-def source_quotas(cfg: RunConfig) -> list[int]:
-    """Each source's rows in the fit sample: its weight's share of fit.max_samples, capped by its max_samples."""
-    total = sum(s.weight for s in cfg.fit.features)
-    return [max(1, min(int(cfg.fit.max_samples * s.weight / total), s.max_samples or cfg.fit.max_samples))
-            for s in cfg.fit.features]
+def weight_shares(sources: Sources) -> list[float]:
+    """Each source's share of the fit: weight / (sum of weights)."""
+    total = sum(s.weight for _, s in sources)
+    return [s.weight / total for _, s in sources]
+
+
+def source_quotas(cfg: RunConfig, sources: Sources) -> list[int]:
+    """Each source's rows in the fit sample: its share of fit.max_samples, capped by its max_samples."""
+    return [max(1, min(int(cfg.fit.max_samples * share), s.max_samples or cfg.fit.max_samples))
+            for share, (_, s) in zip(weight_shares(sources), sources)]
 
 
 def gather_union_sample(cfg: RunConfig, sources: Sources) -> tuple[np.ndarray, list[int]]:
     """The fit sample over every source (its quota from each, in source order) and each one's rows in it."""
-    parts = [gather_sample(fs.shards(), cfg, quota) for (fs, _), quota in zip(sources, source_quotas(cfg))]
-    taken = [len(p) if p.size else 0 for p in parts]
+    parts = [gather_sample(fs.shards(), cfg, quota) for (fs, _), quota in zip(sources, source_quotas(cfg, sources))]
     filled = [p for p in parts if p.size]
     if len({p.shape[1] for p in filled}) > 1:
         raise FitError(f"the feature sets of fit.features have different widths ({[p.shape[1] for p in filled]})")
-    return (np.concatenate(filled) if filled else np.zeros((0, 0), np.float32)), taken
+    return (np.concatenate(filled) if filled else np.zeros((0, 0), np.float32)), [len(p) for p in parts]
 
 
-def lloyd_row_weights(cfg: RunConfig, sources: Sources) -> list[float]:
-    """Per source, the weight of each of its rows in fit.lloyd_iterations: its rows weigh
-    weight / (sum of weights) of the total (1.0 each for a single source)."""
+def lloyd_row_weights(sources: Sources) -> list[float]:
+    """Per source, the weight of each of its rows in fit.lloyd_iterations: its rows weigh its share
+    of the total (1.0 each for a single source)."""
     rows = [fs.num_patches for fs, _ in sources]
-    total_weight = sum(s.weight for s in cfg.fit.features)
-    return [s.weight / total_weight * sum(rows) / n if n else 0.0 for n, (_, s) in zip(rows, sources)]
+    return [share * sum(rows) / n if n else 0.0 for share, n in zip(weight_shares(sources), rows)]
 
 
 def gather_sample(shards: FeatureShards, cfg: RunConfig, max_rows: int | None = None) -> np.ndarray:
@@ -256,7 +259,7 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
             seconds[name] = time.perf_counter() - start
             log.info("fit: %s in %.1f s", name, seconds[name])
         if cfg.fit.lloyd_iterations:  # refine every k on every patch of every shard, one pass per iteration for all
-            files = [(path, weight) for (fs, _), weight in zip(sources, lloyd_row_weights(cfg, sources))
+            files = [(path, weight) for (fs, _), weight in zip(sources, lloyd_row_weights(sources))
                      for path in fs.shards().paths]
             refined = distributed_lloyd([path for path, _ in files], {name: centroids[name] for name in names[:-1]},
                                         cfg.fit.lloyd_iterations, cfg.fit.lloyd_tol, row_weights=[w for _, w in files])
