@@ -149,10 +149,14 @@ class FitConfig(Strict):
     max_patches_per_image: int = Field(default=400, ge=1)
     max_samples: int = Field(default=2_000_000, ge=1)
     max_points_per_centroid: int = Field(default=256, ge=1)  # faiss Lloyd runs on at most k x this many sampled rows
-    # Lloyd iterations over every patch of every shard (Ray Data map + driver reduce), warm-started
+    # Lloyd iterations over every patch of every shard (Ray tasks, tree-reduced), warm-started
     # from the sampled fit; 0 keeps the sampled fit. Stops early when inertia changes less than lloyd_tol.
     lloyd_iterations: int = Field(default=0, ge=0)
     lloyd_tol: float = Field(default=1e-4, ge=0)
+    # The assignment step of those iterations: numpy BLAS, torch matmuls or a faiss flat index, on
+    # the GPU when each row-group task reserves lloyd_gpus_per_task > 0 (torch, or a faiss with CUDA).
+    lloyd_assign: Literal["numpy", "torch", "faiss"] = "numpy"
+    lloyd_gpus_per_task: float = Field(default=0.0, ge=0, le=1)
     # Held-out mapping protocol: images split into this many folds by a hash of their id; each
     # fold is scored with a mapping made from the other folds only. 1 turns the protocol off.
     heldout_folds: int = Field(default=5, ge=1)
@@ -168,6 +172,9 @@ class FitConfig(Strict):
         bad = [k for k in self.k_sweep if k < 2]
         if bad:
             raise ValueError(f"fit.k_sweep has values < 2: {bad}")
+        if self.lloyd_gpus_per_task > 0 and self.lloyd_assign == "numpy":
+            raise ValueError("fit.lloyd_assign=numpy runs on the CPU: set fit.lloyd_assign=torch (or faiss, with a CUDA "
+                             "build) to use fit.lloyd_gpus_per_task, or set it to 0")
         paths = [source.path for source in self.features]
         if len(set(paths)) < len(paths):
             raise ValueError(f"fit.features names a feature set twice ({paths}): list each once, with its weight")

@@ -173,24 +173,67 @@ def assign_euclidean(x: np.ndarray, centres: np.ndarray, block_rows: int = 65536
 _TIE_MARGIN = 1e-4
 
 
-def _best_cosine(xn: np.ndarray, c: np.ndarray, c64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unit rows (b, d) float32 and unit centroids -> (best index int64, its cosine float64)."""
-    cos = xn @ c.T  # (b, k)
-    rows = np.arange(len(xn))
-    best = cos.argmax(axis=1)
-    top = cos[rows, best].astype(np.float64)
-    if c.shape[0] > 1:
+ASSIGNERS = ("numpy", "torch", "faiss")  # how Lloyd's assignment step finds each row's two best cosines
+
+
+class TopTwo:
+    """Each row's best and second-best cosine to the unit centroids (b, k) -> ((b,) index, (b,) best,
+    (b,) second), by numpy BLAS, torch matmuls (on `device`: "cpu" or "cuda") or a faiss flat
+    inner-product index (on the GPU where faiss has one). Built once per pass: the centroids are
+    copied to the device once."""
+
+    def __init__(self, centroids: np.ndarray, assign: str = "numpy", device: str = "cpu"):
+        if assign not in ASSIGNERS:
+            raise ValueError(f"assign={assign!r}: one of {ASSIGNERS}")
+        if assign == "numpy" and device != "cpu":
+            raise ValueError(f"assign=numpy runs on the CPU, not {device}: use torch or faiss on a GPU")
+        self.c, self.assign, self.device = centroids, assign, device
+        if assign == "torch":
+            import torch
+            self.torch, self.ct = torch, torch.from_numpy(centroids).to(device)
+        elif assign == "faiss":
+            import faiss
+            index = faiss.IndexFlatIP(centroids.shape[1])
+            index.add(centroids)
+            if device != "cpu":
+                if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+                    raise ValueError("this faiss has no GPU support (faiss-cpu): assign with torch on the GPU, "
+                                     "or install a faiss build with CUDA")
+                index = faiss.index_cpu_to_all_gpus(index)
+            self.index = index
+
+    def __call__(self, xn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.assign == "torch":
+            top, best = self.torch.topk(self.torch.from_numpy(xn).to(self.device) @ self.ct.T, 2, dim=1)
+            top, best = top.cpu().numpy(), best.cpu().numpy()
+            return best[:, 0].astype(np.int64), top[:, 0], top[:, 1]
+        if self.assign == "faiss":
+            top, best = self.index.search(xn, 2)
+            return best[:, 0].astype(np.int64), top[:, 0], top[:, 1]
+        cos = xn @ self.c.T  # (b, k)
+        rows = np.arange(len(xn))
+        best = cos.argmax(axis=1)
+        top = cos[rows, best]
         cos[rows, best] = -np.inf
-        near = top - cos.max(axis=1) < _TIE_MARGIN
-        if near.any():
-            exact = xn[near].astype(np.float64) @ c64.T
-            best[near] = exact.argmax(axis=1)
-            top[near] = exact.max(axis=1)
+        return best, top, cos.max(axis=1)
+
+
+def _best_cosine(xn: np.ndarray, top_two: TopTwo, c64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unit rows (b, d) float32 -> (best index int64, its cosine float64); near ties re-scored in float64."""
+    if c64.shape[0] == 1:
+        return np.zeros(len(xn), np.int64), (xn.astype(np.float64) @ c64.T)[:, 0]
+    best, top, second = top_two(xn)
+    top = top.astype(np.float64)
+    near = top - second < _TIE_MARGIN
+    if near.any():
+        exact = xn[near].astype(np.float64) @ c64.T
+        best[near] = exact.argmax(axis=1)
+        top[near] = exact.max(axis=1)
     return best, top
 
 
-def lloyd_partial(features: np.ndarray, centroids: np.ndarray,
-                  block_rows: int = 65536) -> tuple[np.ndarray, np.ndarray, float]:
+def lloyd_partial(features: np.ndarray, centroids: np.ndarray, block_rows: int = 65536, assign: str = "numpy",
+                  device: str = "cpu") -> tuple[np.ndarray, np.ndarray, float]:
     """One spherical Lloyd E-step over (n, d) raw features -> (sums (k, d) float64, counts (k,) int64, inertia).
 
     Each row is L2-normalised and assigned to its most cosine-similar centroid; `sums` adds up the
@@ -198,20 +241,24 @@ def lloyd_partial(features: np.ndarray, centroids: np.ndarray,
     assigned centroid, all against the given centroids. Partials of disjoint row sets add up, which
     is what lets `ray_jobs.distributed_lloyd` run this per block and reduce on the driver. Memory
     is bounded by block_rows x k (the cosine block) whatever n is. A row's assignment does not
-    depend on the block it is in (near ties are re-scored in float64).
+    depend on the block it is in, nor on `assign` / `device` (`TopTwo`: near ties are re-scored
+    in float64, so every assigner gives the same assignment, sums and counts; the inertia adds
+    float32 cosines, rounded as each kernel rounds them).
     """
     _check_dims(features, centroids)
     k, d = centroids.shape
     c = l2_normalize(centroids)
     c64 = c.astype(np.float64)
+    top_two = TopTwo(c, assign, device)
     sums = np.zeros((k, d), dtype=np.float64)
     counts = np.zeros(k, dtype=np.int64)
     total = 0.0
     for start in range(0, features.shape[0], block_rows):
         xn = l2_normalize(features[start:start + block_rows])
-        best, top = _best_cosine(xn, c, c64)
-        if not np.isfinite(top).all():
-            raise ValueError(f"{int((~np.isfinite(top)).sum())} feature rows contain NaN or inf")
+        bad = ~np.isfinite(xn).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{int(bad.sum())} feature rows contain NaN or inf")
+        best, top = _best_cosine(xn, top_two, c64)
         b = len(xn)
         # (k, b) one-hot assignment matrix times the (b, d) rows: per-cluster sums in one sparse product.
         onehot = scipy.sparse.csr_array((np.ones(b), (best, np.arange(b))), shape=(k, b))

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import ray
 
 from core.clustering import lloyd_partial, run_lloyd_many
+from ray_jobs.shard_tasks import add_arrays, tree_add
 from storage.shards import features_from_table
 
 Partials = dict[str, tuple[np.ndarray, np.ndarray, float]]  # per fit: sums (k, D), counts (k,), inertia
@@ -41,7 +42,8 @@ def row_groups(paths: list[str], row_weights: list[float] | None = None) -> list
 
 
 @ray.remote
-def _row_group_partials(item: dict, centroids: dict[str, np.ndarray], column: str, batch_rows: int) -> Partials:
+def _row_group_partials(item: dict, centroids: dict[str, np.ndarray], column: str, batch_rows: int, assign: str,
+                        device: str) -> Partials:
     """One row group's E-step against every fit's centroids, the rows read once. A weight other
     than 1 scales the sums and the inertia (the objective); counts stay rows, as the M-step only
     asks whether a cluster got any."""
@@ -51,7 +53,7 @@ def _row_group_partials(item: dict, centroids: dict[str, np.ndarray], column: st
                                                             columns=[column]):
         x = features_from_table(pa.Table.from_batches([batch]))
         for name, c in centroids.items():
-            sums, counts, inertia = lloyd_partial(x, c, batch_rows)
+            sums, counts, inertia = lloyd_partial(x, c, batch_rows, assign, device)
             total = out[name]
             out[name] = (total[0] + sums, total[1] + counts, total[2] + inertia)
     if weight != 1.0:
@@ -59,42 +61,36 @@ def _row_group_partials(item: dict, centroids: dict[str, np.ndarray], column: st
     return out
 
 
-@ray.remote
-def _add_partials(*parts: Partials) -> Partials:
-    """A node of the reduction tree: the sum of its children, fit by fit, in their order."""
-    first, *rest = parts
-    out = dict(first)
-    for part in rest:
-        out = {name: (s + part[name][0], c + part[name][1], i + part[name][2]) for name, (s, c, i) in out.items()}
-    return out
-
-
 def lloyd_pass(paths: list[str], centroids: dict[str, np.ndarray], *, column: str = "feature", batch_rows: int = 65536,
-               num_cpus: float = 1.0, fan_in: int = 8, items: list[dict] | None = None) -> Partials:
+               num_cpus: float = 1.0, num_gpus: float = 0.0, assign: str = "numpy", fan_in: int = 8,
+               items: list[dict] | None = None) -> Partials:
     """One E-step over every row of the shards for every fit -> per fit (sums, counts, inertia)."""
     items = row_groups(paths) if items is None else items
     if not items:  # shards without row groups hold no rows
         return {name: (np.zeros(c.shape), np.zeros(len(c), np.int64), 0.0) for name, c in centroids.items()}
     ref = ray.put({name: np.ascontiguousarray(c, dtype=np.float32) for name, c in centroids.items()})
     try:
-        level = [_row_group_partials.options(num_cpus=num_cpus).remote(item, ref, column, batch_rows) for item in items]
-        while len(level) > 1:  # each node is submitted as soon as its children are: the driver keeps only refs
-            level = [_add_partials.options(num_cpus=0.1).remote(*level[i:i + fan_in]) for i in range(0, len(level), fan_in)]
-        return ray.get(level[0])
+        device = "cuda" if num_gpus > 0 else "cpu"
+        level = [_row_group_partials.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(item, ref, column, batch_rows,
+                                                                                          assign, device)
+                 for item in items]
+        return ray.get(tree_add(level, add_arrays, fan_in))
     finally:
         del ref  # the centroids of this pass leave the object store
 
 
 def distributed_lloyd(shard_files: list[Path], inits: dict[str, np.ndarray], max_iter: int = 20, tol: float = 1e-4, *,
-                      column: str = "feature", batch_rows: int = 65536, num_cpus: float = 1.0,
-                      fan_in: int = 8, row_weights: list[float] | None = None) -> dict[str, tuple[np.ndarray, list[dict]]]:
+                      column: str = "feature", batch_rows: int = 65536, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                      assign: str = "numpy", fan_in: int = 8, row_weights: list[float] | None = None) -> dict[str, tuple[np.ndarray, list[dict]]]:
     """Spherical Lloyd over all rows of the Parquet shards for every fit in `inits` (name -> (k, D)),
     one pass per iteration for all of them.
 
     Returns per fit (k, D) float32 unit centroids and one record per pass it took part in (see
     `run_lloyd_many`): a fit stops after max_iter passes or when its inertia changes by less than
     tol (relative), and later passes leave it out. `batch_rows` bounds a task's memory (batch_rows
-    x k cosines); `num_cpus` is what each row-group task reserves. Needs a running Ray
+    x k cosines); `num_cpus` / `num_gpus` is what each row-group task reserves; `assign` is the
+    assignment step's engine (`core.clustering.TopTwo`: numpy, torch or faiss), on the GPU where
+    num_gpus > 0. Needs a running Ray
     (`ray_jobs.session.init_ray`). Each result equals single-process `core.clustering.lloyd` of
     that fit on the same rows up to float64 summation order. `row_weights` (one per shard file):
     the weight of each of its rows, for a union of feature sets fitted by share (`fit.features`).
@@ -109,8 +105,8 @@ def distributed_lloyd(shard_files: list[Path], inits: dict[str, np.ndarray], max
     items = row_groups(paths, row_weights)
 
     def partial(centroids: dict[str, np.ndarray]) -> Partials:
-        partials = lloyd_pass(paths, centroids, column=column, batch_rows=batch_rows, num_cpus=num_cpus, fan_in=fan_in,
-                              items=items)
+        partials = lloyd_pass(paths, centroids, column=column, batch_rows=batch_rows, num_cpus=num_cpus, num_gpus=num_gpus,
+                              assign=assign, fan_in=fan_in, items=items)
         if any(counts.sum() == 0 for _, counts, _ in partials.values()):
             raise ValueError(f"distributed Lloyd: the {len(paths)} shards hold no feature rows")
         return partials

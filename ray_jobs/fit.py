@@ -1,10 +1,11 @@
-"""Fit stage (driver): sample patch features, fit k-means for every k, map clusters to classes.
+"""Fit stage: sample patch features, fit k-means for every k, map clusters to classes.
 
 It reads the features of a complete extract stage only (its plan, every planned shard, every
-file checked against its marker's checksum). Memory in the driver is bounded by the sample
-(fit.max_samples rows, drawn in one streaming pass: `core.sampling`) and by one Parquet shard at a
-time: the cluster x class counts that drive the mapping are accumulated shard by shard over all
-patches, not only the sample.
+file checked against its marker's checksum). The passes over every shard are Ray tasks, their
+results tree-reduced (`ray_jobs.shard_tasks`): the fit sample (fit.max_samples rows, chosen by
+priority: `core.sampling`), the cluster x class counts that drive the mapping (over all patches,
+not only the sample) and `fit.lloyd_iterations` (`ray_jobs.distributed_lloyd`). The driver holds
+the sample, the centroids and the reduced counts; k-means++ and the sampled faiss fit run there.
 """
 
 import json
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import scipy.sparse
 
 from configs.schema import FeatureSourceConfig, RunConfig
@@ -28,10 +30,11 @@ from core.protocols import label_free_mapping, protocol_scores
 from core.models import load_cluster_probe
 from core.presets import protocol_steps
 from core.seed_postprocess import class_prototypes, normalized_rows
-from core.sampling import BoundedSample, image_fold, patch_priorities, per_image_lowest
+from core.sampling import image_fold
 from ray_jobs.distributed_lloyd import distributed_lloyd
 from ray_jobs.feature_sets import FeatureSet, FeatureSetError, FeatureShards, open_feature_set, own_feature_set
 from ray_jobs.layout import Layout, settings_key
+from ray_jobs.shard_tasks import add_arrays, map_reduce_shards, sample_patches
 from ray_jobs.plans import Plan, StageIncomplete, check_plan, plan_conflict, refuse_conflicts, require_complete
 from storage.shards import backbone_path, features_from_table, marker_problems, output_records, write_json_atomic
 
@@ -114,16 +117,12 @@ def lloyd_row_weights(sources: Sources) -> list[float]:
 
 def gather_sample(shards: FeatureShards, cfg: RunConfig, max_rows: int | None = None) -> np.ndarray:
     """(n, D) float32: at most max_patches_per_image rows per image, at most max_rows (default
-    fit.max_samples) overall, in one pass holding at most max_rows rows plus one shard's."""
+    fit.max_samples) overall, drawn by Ray tasks (`shard_tasks.sample_patches`): the same rows
+    whatever the shard layout or worker count."""
     max_rows = cfg.fit.max_samples if max_rows is None else max_rows
     if protocol_steps(cfg.protocol).kmeans == "seed":
         return labelled_patches(shards, max_rows)
-    sample = BoundedSample(max_rows)
-    for table in shards.tables(["image_id", "feature"], "fit: sampling patches"):
-        priorities, image_index = patch_priorities(table.column("image_id").to_numpy(zero_copy_only=False), cfg.seed)
-        rows = per_image_lowest(priorities, image_index, cfg.fit.max_patches_per_image)
-        sample.add(priorities[rows], features_from_table(table.take(rows)))
-    return sample.result()
+    return sample_patches(shards, cfg.seed, cfg.fit.max_patches_per_image, max_rows, "fit: sampling patches")
 
 
 SEED_PATCHES_PER_IMAGE = 2000  # generate_overclustered_semantics.py's max_per_image (a 23x46 grid has 1058)
@@ -176,47 +175,64 @@ def fit_centroids(cfg: RunConfig, sample: np.ndarray, k: int) -> tuple[np.ndarra
                       max_points_per_centroid=cfg.fit.max_points_per_centroid), None
 
 
-def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray], raw_centres: dict[str, np.ndarray],
-                          baseline: str, cfg: RunConfig) -> tuple[dict, dict, dict, tuple[np.ndarray, np.ndarray]]:
-    """Over every patch of every shard, streamed: per fit, (F, k, C) labelled-patch counts per
-    held-out fold by cosine to the unit centroids (what labelling does), the same counts that the
-    mapping is made from (the seed's: Euclidean to its raw centres, where `raw_centres` has the
-    fit; else the cosine counts), (k, k_base) co-assignment counts to the baseline's clusters
-    (all patches, labelled or not: the label-free mapping uses no ground truth), and for the main
-    fit (the first) per cluster the sum and count of its normalised patch features (all patches:
-    the class prototypes of prototype denoising come from the pseudo-labels, not ground truth)."""
-    folds = cfg.fit.heldout_folds
-    counts = {name: np.zeros((folds, len(c), NUM_CLASSES), np.int64) for name, c in centroids.items()}
-    mapping_counts = {name: np.zeros_like(counts[name]) for name in raw_centres}
-    k_base = len(centroids[baseline])
-    main = next(iter(centroids))
-    main_sums, main_counts = 0.0, np.zeros(len(centroids[main]), np.int64)  # sums become (k, D) with the first shard
-    co_assignment = {name: np.zeros((len(c), k_base), np.int64) for name, c in centroids.items() if name != baseline}
-    for table in shards.tables(["image_id", "feature", "label"], "fit: mapping clusters"):
-        labels = table.column("label").to_numpy().astype(np.int64)
-        image_ids = table.column("image_id").to_numpy(zero_copy_only=False)
-        fold_of = {i: image_fold(i, folds, cfg.seed) for i in np.unique(image_ids)}
-        fold = np.array([fold_of[i] for i in image_ids], np.int64)
-        keep = labels != IGNORE
-        x = features_from_table(table)
-        assigned = {name: assign_clusters(x, c).astype(np.int64) for name, c in centroids.items()}
+def _shard_cluster_counts(table, _index: int, centroids: dict[str, np.ndarray], raw_centres: dict[str, np.ndarray],
+                          co_assign_to: str | None, folds: int, seed: int) -> dict:
+    """One shard's share of `count_cluster_classes` (a Ray task)."""
+    labels = table.column("label").to_numpy().astype(np.int64)
+    image_ids = table.column("image_id").to_numpy(zero_copy_only=False)
+    fold_of = {i: image_fold(i, folds, seed) for i in np.unique(image_ids)}
+    fold = np.array([fold_of[i] for i in image_ids], np.int64)
+    keep = labels != IGNORE
+    x = features_from_table(table)
+    assigned = {name: assign_clusters(x, c).astype(np.int64) for name, c in centroids.items()}
+
+    def labelled_counts(ids: np.ndarray, k: int) -> np.ndarray:
+        flat = (fold[keep] * k + ids[keep]) * NUM_CLASSES + labels[keep]
+        return np.bincount(flat, minlength=folds * k * NUM_CLASSES).reshape(folds, k, NUM_CLASSES)
+
+    out = {"counts": {name: labelled_counts(ids, len(centroids[name])) for name, ids in assigned.items()},
+           "mapping_counts": {name: labelled_counts(assign_euclidean(x, raw).astype(np.int64), len(raw))
+                              for name, raw in raw_centres.items()}}
+    if co_assign_to is not None:
+        main = next(iter(centroids))
+        k_base, base = len(centroids[co_assign_to]), assigned[co_assign_to]
         unit = normalized_rows(x)
-        main_sums = main_sums + scipy.sparse.csr_matrix((np.ones(len(unit)), (assigned[main], np.arange(len(unit)))),
-                                                        shape=(len(centroids[main]), len(unit))) @ unit
-        main_counts += np.bincount(assigned[main], minlength=len(centroids[main]))
+        out["co_assignment"] = {name: np.bincount(ids * k_base + base, minlength=len(centroids[name]) * k_base)
+                                for name, ids in assigned.items() if name != co_assign_to}
+        out["main_sums"] = scipy.sparse.csr_matrix((np.ones(len(unit)), (assigned[main], np.arange(len(unit)))),
+                                                   shape=(len(centroids[main]), len(unit))) @ unit
+        out["main_sizes"] = np.bincount(assigned[main], minlength=len(centroids[main]))
+    return out
 
-        def labelled_counts(ids: np.ndarray, k: int) -> np.ndarray:
-            flat = (fold[keep] * k + ids[keep]) * NUM_CLASSES + labels[keep]
-            return np.bincount(flat, minlength=folds * k * NUM_CLASSES).reshape(folds, k, NUM_CLASSES)
 
-        for name, ids in assigned.items():
-            k = len(centroids[name])
-            counts[name] += labelled_counts(ids, k)
-            if name in raw_centres:
-                mapping_counts[name] += labelled_counts(assign_euclidean(x, raw_centres[name]).astype(np.int64), k)
-            if name != baseline:
-                co_assignment[name] += np.bincount(ids * k_base + assigned[baseline], minlength=k * k_base).reshape(k, k_base)
-    return counts, {name: mapping_counts.get(name, c) for name, c in counts.items()}, co_assignment, (main_sums, main_counts)
+def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray], raw_centres: dict[str, np.ndarray],
+                          cfg: RunConfig, co_assign_to: str | None = None) -> dict:
+    """Over every patch of every shard, by Ray tasks (`shard_tasks.map_reduce_shards`): per fit,
+    "counts": (F, k, C) labelled-patch counts per held-out fold by cosine to the unit centroids
+    (what labelling does); "mapping_counts": the counts the mapping is made from (the seed's:
+    Euclidean to its raw centres, where `raw_centres` has the fit; else the cosine counts). With
+    `co_assign_to` (the baseline): "co_assignment", per other fit (k, k_base) co-assignment counts
+    to it (all patches, labelled or not: the label-free mapping uses no ground truth), and for the
+    main fit (the first) per cluster "main_sums" and "main_sizes" of its normalised patch features
+    (all patches: prototype denoising's class prototypes come from the pseudo-labels)."""
+    total = map_reduce_shards(shards, ["image_id", "feature", "label"], _shard_cluster_counts, add_arrays,
+                              (centroids, raw_centres, co_assign_to, cfg.fit.heldout_folds, cfg.seed),
+                              desc="fit: mapping clusters")
+    if total is None:
+        raise FitError("no feature shards to map clusters on: the extract stage has none")
+    total["mapping_counts"] = {name: total["mapping_counts"].get(name, c) for name, c in total["counts"].items()}
+    if co_assign_to is not None:
+        k_base = len(centroids[co_assign_to])
+        total["co_assignment"] = {name: c.reshape(-1, k_base) for name, c in total["co_assignment"].items()}
+    return total
+
+
+def refuse_missing_gpus(cfg: RunConfig) -> None:
+    """Lloyd's tasks would wait forever for a GPU that no node has."""
+    need = cfg.fit.lloyd_gpus_per_task
+    if need > 0 and not any(n["Resources"].get("GPU", 0) >= need for n in ray.nodes() if n.get("Alive")):
+        raise FitError(f"fit.lloyd_gpus_per_task={need:g}, but no node of this Ray cluster has a GPU: set it to 0 "
+                       "(fit.lloyd_assign then runs on the CPU)")
 
 
 def extracted_model(markers: dict[str, dict]) -> str:
@@ -259,18 +275,21 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
             seconds[name] = time.perf_counter() - start
             log.info("fit: %s in %.1f s", name, seconds[name])
         if cfg.fit.lloyd_iterations:  # refine every k on every patch of every shard, one pass per iteration for all
+            refuse_missing_gpus(cfg)
             files = [(path, weight) for (fs, _), weight in zip(sources, lloyd_row_weights(sources))
                      for path in fs.shards().paths]
             refined = distributed_lloyd([path for path, _ in files], {name: centroids[name] for name in names[:-1]},
-                                        cfg.fit.lloyd_iterations, cfg.fit.lloyd_tol, row_weights=[w for _, w in files])
+                                        cfg.fit.lloyd_iterations, cfg.fit.lloyd_tol, row_weights=[w for _, w in files],
+                                        num_gpus=cfg.fit.lloyd_gpus_per_task, assign=cfg.fit.lloyd_assign)
             for name, (centroids[name], history[name]) in refined.items():
                 seconds[name] += sum(h["seconds"] / h["fits_in_pass"] for h in history[name])  # its share of the passes
                 log.info("fit: %s refined by %d Lloyd passes", name, len(history[name]))
     except ValueError as err:
         raise FitError(str(err)) from None
     baseline = names[-1]
-    fold_counts, fold_mapping_counts, co_assignment, (cluster_sums, cluster_sizes) = count_cluster_classes(
-        mapping_set.shards(), centroids, raw_centres, baseline, cfg)
+    counted = count_cluster_classes(mapping_set.shards(), centroids, raw_centres, cfg, co_assign_to=baseline)
+    fold_counts, fold_mapping_counts, co_assignment = counted["counts"], counted["mapping_counts"], counted["co_assignment"]
+    cluster_sums, cluster_sizes = counted["main_sums"], counted["main_sizes"]
     counts = {name: c.sum(axis=0) for name, c in fold_mapping_counts.items()}
     try:
         baseline_mapping = hungarian_mapping(counts[baseline])
@@ -334,8 +353,8 @@ def backbone_comparison(cfg: RunConfig, layout: Layout, markers: dict[str, dict]
     start = time.perf_counter()
     centroids, raw = fit_centroids(cfg, sample, cfg.fit.k)
     seconds = time.perf_counter() - start
-    fold_counts, fold_mapping_counts, _, _ = count_cluster_classes(shards, {name: centroids}, {name: raw} if raw is not None else {},
-                                                                   name, cfg)
+    counted = count_cluster_classes(shards, {name: centroids}, {name: raw} if raw is not None else {}, cfg)
+    fold_counts, fold_mapping_counts = counted["counts"], counted["mapping_counts"]
     mapping = majority_mapping(fold_mapping_counts[name].sum(axis=0))
     log.info("fit: %s on %d backbone patch features of dimension %d in %.1f s", name, *sample.shape, seconds)
     return {"k": cfg.fit.k, "engine": fit_engine(cfg), "n_samples": int(sample.shape[0]),

@@ -87,12 +87,17 @@ def extract_plan(cfg: RunConfig, records: list[ImageRecord], model: dict) -> Pla
                             "images_per_shard": cfg.dataset.images_per_shard, "model": model, "stored": stored})
 
 
+# How Lloyd's assignment step runs, not what it computes: every assigner gives the same assignment
+# (near ties re-scored in float64) and so the same fits.
+FIT_RESOURCES = {"lloyd_assign", "lloyd_gpus_per_task"}
+
+
 def fit_plan(cfg: RunConfig, extract: Plan, recorded: dict | None = None) -> Plan:
     probe = None
     if cfg.fit.baseline == "cluster_probe":
         known = {"cluster_probe_checkpoint": recorded["cluster_probe_sha256"]} if recorded else None
         probe = _weights_sha256(model_spec(cfg).cluster_probe_checkpoint, "cluster_probe_checkpoint", known)
-    return Plan("fit", {"format": FIT_FORMAT, "extract": extract.key, "seed": cfg.seed, "fit": cfg.fit.model_dump(mode="json"),
+    return Plan("fit", {"format": FIT_FORMAT, "extract": extract.key, "seed": cfg.seed, "fit": cfg.fit.model_dump(mode="json", exclude=FIT_RESOURCES),
                         "cluster_probe_sha256": probe})
 
 

@@ -181,3 +181,31 @@ def test_lloyd_never_increases_inertia_and_stops_on_tol():
     _, short = lloyd(x, init, max_iter=30, tol=0.01)
     changes = [h["relative_change"] for h in short[1:]]
     assert changes[-1] < 0.01 and all(c >= 0.01 for c in changes[:-1])  # stops at the first small change
+
+
+@pytest.mark.parametrize("assign", ["torch", "faiss"])
+def test_every_assigner_gives_the_numpy_partial_bit_for_bit(assign):
+    """torch matmuls and a faiss flat index find the same best centroid as numpy BLAS (near ties
+    are re-scored in float64 whatever found them), so the sums and counts are the same bit for bit;
+    the inertia sums float32 cosines, which each kernel rounds its own way."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5000, 24)).astype(np.float32)
+    c = l2_normalize(x[:40])
+    x[100] = x[3]  # rows on a centroid and exact ties between two centroids
+    c[7] = c[8]
+    reference = lloyd_partial(x, c, block_rows=1000)
+    other = lloyd_partial(x, c, block_rows=1000, assign=assign)
+    assert np.array_equal(other[1], reference[1]) and np.array_equal(other[0], reference[0])
+    assert other[2] == pytest.approx(reference[2], rel=1e-7)
+    with pytest.raises(ValueError, match="1 feature rows contain NaN"):
+        lloyd_partial(np.array([[1, 0], [np.nan, 0]], np.float32), np.eye(2, dtype=np.float32), assign=assign)
+
+
+def test_an_assigner_that_cannot_run_on_the_gpu_says_so():
+    c = np.eye(3, dtype=np.float32)
+    with pytest.raises(ValueError, match="numpy runs on the CPU"):
+        lloyd_partial(c, c, device="cuda")
+    with pytest.raises(ValueError, match="no GPU support"):
+        lloyd_partial(c, c, assign="faiss", device="cuda")
+    with pytest.raises(ValueError, match="one of"):
+        lloyd_partial(c, c, assign="cupy")

@@ -129,3 +129,12 @@ def test_row_weights_fit_a_union_by_share(ray_cluster, shards):
     plain, plain_history = distributed_lloyd(files, {"k": init}, max_iter=3, tol=0)["k"]
     np.testing.assert_allclose(doubled, plain, atol=1e-6)
     np.testing.assert_allclose([h["inertia"] for h in doubled_history], [2 * h["inertia"] for h in plain_history], rtol=1e-9)
+
+
+def test_the_torch_assigner_in_the_tasks_gives_the_same_fit(ray_cluster, shards):
+    files, x = shards
+    init = fit_kmeans(x[::20], K, seed=4, n_iter=1)
+    numpy_fit, numpy_history = distributed_lloyd(files, {"k": init}, max_iter=2, tol=0)["k"]
+    torch_fit, torch_history = distributed_lloyd(files, {"k": init}, max_iter=2, tol=0, assign="torch")["k"]
+    assert np.array_equal(numpy_fit, torch_fit)
+    np.testing.assert_allclose([h["inertia"] for h in torch_history], [h["inertia"] for h in numpy_history], rtol=1e-7)

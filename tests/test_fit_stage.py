@@ -1,4 +1,4 @@
-"""The fit stage is driver code without Ray: tested on hand-made feature shards."""
+"""The fit stage on hand-made feature shards, its passes over the shards as Ray tasks on one local Ray."""
 
 import json
 
@@ -8,9 +8,13 @@ import torch
 
 from configs.schema import parse_config
 from core.fit_artifact import FitArtifact
-from ray_jobs.fit import FitError, baseline_centroids, run_fit
-from storage.shards import patch_schema, patch_table
+from core.sampling import BoundedSample, image_fold, patch_priorities, per_image_lowest
+from ray_jobs.feature_sets import FeatureShards
+from ray_jobs.fit import FitError, baseline_centroids, count_cluster_classes, gather_sample, run_fit
+from storage.shards import features_from_table, patch_schema, patch_table, read_done
 from tests.tiny_runs import write_extracted
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
 D = 8
 
@@ -208,3 +212,60 @@ def test_the_config_refuses_a_mapping_set_with_heldout_folds():
         parse_config({"fit": {"mapping_from": "outputs/labelled"}}, "test")
     with pytest.raises(ValueError, match="names a feature set twice"):
         parse_config({"fit": {"features": [{}, {"path": None, "weight": 2}]}}, "test")
+
+
+def relaid(tables, num_shards):
+    """The same patch rows cut into `num_shards` shards at image boundaries."""
+    import pyarrow as pa
+    whole = pa.concat_tables(tables)
+    ids = whole.column("image_id").to_numpy(zero_copy_only=False)
+    images = list(dict.fromkeys(ids.tolist()))
+    groups = np.array_split(np.arange(len(images)), num_shards)
+    return [whole.filter(pa.array(np.isin(ids, [images[i] for i in g]))) for g in groups]
+
+
+def test_the_ray_task_passes_equal_a_single_process_pass_for_any_shard_layout(tmp_path):
+    """The sample (priority order) and the cluster x class counts made by Ray tasks over 1, 3 and 7
+    shards are those of one in-process pass over the rows, fold by fold."""
+    rng = np.random.default_rng(3)
+    tables = [patch_table([f"s{s}_i{i}" for i in range(3)], [rng.normal(size=(D, 4, 4)) for _ in range(3)],
+                          [rng.integers(0, 4, size=(4, 4)).astype(np.uint8) for _ in range(3)],
+                          patch_schema(D, "float32"), [(56, 56)] * 3) for s in range(7)]
+    cfg = config(tmp_path / "ref", max_patches_per_image=5, max_samples=40)
+    whole = relaid(tables, 1)[0]
+    priorities, index = patch_priorities(whole.column("image_id").to_numpy(zero_copy_only=False), cfg.seed)
+    rows = per_image_lowest(priorities, index, 5)
+    reference = BoundedSample(40)
+    reference.add(priorities[rows], features_from_table(whole.take(rows)))
+    centroids = {"a": rng.normal(size=(5, D)).astype(np.float32), "b": rng.normal(size=(3, D)).astype(np.float32)}
+    x, labels = features_from_table(whole), whole.column("label").to_numpy().astype(np.int64)
+    fold = np.array([image_fold(i, 3, cfg.seed) for i in whole.column("image_id").to_pylist()])
+    assigned = np.argmax(x @ (centroids["a"] / np.linalg.norm(centroids["a"], axis=1, keepdims=True)).T, axis=1)
+    expected = np.zeros((3, 5, 19), np.int64)
+    np.add.at(expected, (fold, assigned, labels), 1)
+    for num_shards in (1, 3, 7):
+        cfg = config(tmp_path / f"s{num_shards}", max_patches_per_image=5, max_samples=40)
+        write_extracted(cfg, relaid(tables, num_shards))
+        shards = FeatureShards(cfg.output_dir / "features", read_done(cfg.output_dir / "features"))
+        assert np.array_equal(gather_sample(shards, cfg), reference.result())
+        counted = count_cluster_classes(shards, centroids, {}, cfg, co_assign_to="b")
+        assert np.array_equal(counted["counts"]["a"], expected)
+        assert counted["co_assignment"]["a"].shape == (5, 3) and counted["co_assignment"]["a"].sum() == len(x)
+        assert np.array_equal(counted["main_sizes"], np.bincount(assigned, minlength=5))
+
+
+def test_a_shard_changed_on_disk_is_named_by_the_ray_task_pass(tmp_path):
+    cfg = config(tmp_path)
+    write_shards(cfg)
+    shards = FeatureShards(cfg.output_dir / "features", read_done(cfg.output_dir / "features"))
+    shards.paths[1].write_bytes(shards.paths[1].read_bytes()[:-10])
+    with pytest.raises(Exception, match="shard-00001.parquet"):
+        gather_sample(shards, cfg)
+
+
+def test_lloyd_on_gpus_the_cluster_lacks_is_refused_before_it_waits(tmp_path):
+    with pytest.raises(ValueError, match="fit.lloyd_assign=numpy runs on the CPU"):
+        config(tmp_path, lloyd_iterations=1, lloyd_gpus_per_task=0.5)
+    cfg = config(tmp_path, lloyd_iterations=1, lloyd_assign="torch", lloyd_gpus_per_task=0.5)
+    with pytest.raises(FitError, match="no node of this Ray cluster has a GPU: set it to 0"):
+        run_fit(cfg, *write_shards(cfg))

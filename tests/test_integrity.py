@@ -336,7 +336,7 @@ def test_10_user_errors_exit_2_without_a_traceback(finished, tmp_path, capsys):
 
 # 11. The fit's driver memory does not grow with the number of shards; files without a marker are never read.
 
-def test_11_fit_sampling_memory_is_bounded_by_the_sample_not_the_shards(tmp_path):
+def test_11_fit_sampling_memory_is_bounded_by_the_sample_not_the_shards(ray_cluster, tmp_path):
     rng = np.random.default_rng(0)
 
     def peak(num_shards: int) -> tuple[int, np.ndarray]:
