@@ -245,27 +245,34 @@ def lloyd_partial(features: np.ndarray, centroids: np.ndarray, block_rows: int =
     in float64, so every assigner gives the same assignment, sums and counts; the inertia adds
     float32 cosines, rounded as each kernel rounds them).
     """
-    _check_dims(features, centroids)
-    k, d = centroids.shape
-    c = l2_normalize(centroids)
-    c64 = c.astype(np.float64)
-    top_two = TopTwo(c, assign, device)
-    sums = np.zeros((k, d), dtype=np.float64)
-    counts = np.zeros(k, dtype=np.int64)
-    total = 0.0
+    return lloyd_partials(features, {"fit": centroids}, block_rows, assign, device)["fit"]
+
+
+def lloyd_partials(features: np.ndarray, centroids: dict[str, np.ndarray], block_rows: int = 65536,
+                   assign: str = "numpy", device: str = "cpu") -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """`lloyd_partial` for several fits (a k sweep) at once: each block of rows is normalised and
+    checked once for all of them, then assigned to each fit's centroids."""
+    fits = {}
+    for name, c in centroids.items():
+        _check_dims(features, c)
+        unit = l2_normalize(c)
+        fits[name] = (TopTwo(unit, assign, device), unit.astype(np.float64))
+    out = {name: (np.zeros(c64.shape), np.zeros(len(c64), np.int64), 0.0) for name, (_, c64) in fits.items()}
     for start in range(0, features.shape[0], block_rows):
         xn = l2_normalize(features[start:start + block_rows])
         bad = ~np.isfinite(xn).all(axis=1)
         if bad.any():
             raise ValueError(f"{int(bad.sum())} feature rows contain NaN or inf")
-        best, top = _best_cosine(xn, top_two, c64)
-        b = len(xn)
-        # (k, b) one-hot assignment matrix times the (b, d) rows: per-cluster sums in one sparse product.
-        onehot = scipy.sparse.csr_array((np.ones(b), (best, np.arange(b))), shape=(k, b))
-        sums += onehot @ xn.astype(np.float64)
-        counts += np.bincount(best, minlength=k)
-        total += float((1.0 - top).sum())
-    return sums, counts, total
+        x64, b = xn.astype(np.float64), len(xn)
+        for name, (top_two, c64) in fits.items():
+            best, top = _best_cosine(xn, top_two, c64)
+            k = len(c64)
+            sums, counts, total = out[name]
+            # (k, b) one-hot assignment matrix times the (b, d) rows: per-cluster sums in one sparse product.
+            sums += scipy.sparse.csr_array((np.ones(b), (best, np.arange(b))), shape=(k, b)) @ x64
+            counts += np.bincount(best, minlength=k)
+            out[name] = (sums, counts, total + float((1.0 - top).sum()))
+    return out
 
 
 def lloyd_update(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:

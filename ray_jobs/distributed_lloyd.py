@@ -2,7 +2,7 @@
 every k of a sweep in the same pass.
 
 Every iteration is one pass: one Ray task per Parquet row group streams its rows (the feature
-column only, `batch_rows` rows at a time) through `core.clustering.lloyd_partial` against the
+column only, `batch_rows` rows at a time) through `core.clustering.lloyd_partials` against the
 current centroids of *every* fit still iterating (sent once per iteration through the object
 store with `ray.put`), so a row is read and decoded once for the whole sweep. The per-row-group
 partials (sums (k, D) float64, counts (k,), inertia, per fit) are tree-reduced by Ray tasks,
@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from core.clustering import lloyd_partial, run_lloyd_many
+from core.clustering import lloyd_partials, run_lloyd_many
 from ray_jobs.shard_tasks import add_arrays, tree_add
 from storage.shards import features_from_table
 
@@ -51,11 +51,8 @@ def _row_group_partials(item: dict, centroids: dict[str, np.ndarray], column: st
     weight = item.get("weight", 1.0)
     for batch in pq.ParquetFile(item["path"]).iter_batches(batch_size=batch_rows, row_groups=[int(item["row_group"])],
                                                             columns=[column]):
-        x = features_from_table(pa.Table.from_batches([batch]))
-        for name, c in centroids.items():
-            sums, counts, inertia = lloyd_partial(x, c, batch_rows, assign, device)
-            total = out[name]
-            out[name] = (total[0] + sums, total[1] + counts, total[2] + inertia)
+        out = add_arrays(out, lloyd_partials(features_from_table(pa.Table.from_batches([batch])), centroids, batch_rows,
+                                             assign, device))
     if weight != 1.0:
         out = {name: (sums * weight, counts, inertia * weight) for name, (sums, counts, inertia) in out.items()}
     return out

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from core.errors import UserError
 from ray_jobs.layout import Layout
-from ray_jobs.plans import PLAN_FILE, differences, recorded_plan
-from storage.shards import (STAGE_COMPLETE, content_key, feature_path, marker_problems, read_done, read_json,
+from ray_jobs.plans import PLAN_FILE, differences, recorded_plan, shards_problem
+from storage.shards import (STAGE_COMPLETE, content_key, feature_path, read_done, read_json,
                             read_verified_parquet)
 
 
@@ -100,13 +100,9 @@ def open_feature_set(path: str, model: dict, role: str) -> FeatureSet:
                               f"finished ({markers_dir / STAGE_COMPLETE} is {'missing' if complete is None else 'of another plan'}): "
                               f"{rerun}; it resumes and records it")
     done = read_done(markers_dir)
-    markers = {}
-    for shard in complete["shards"]:
-        if shard not in done:
-            raise FeatureSetError(f"{role}={path!r}: shard {shard} of {features_dir} is not done any more: {rerun}")
-        if problems := marker_problems(features_dir.parent, done[shard], plan["plan_key"]):
-            raise FeatureSetError(f"{role}={path!r}: {stage} {shard}: {'; '.join(problems[:3])} since it was written: {rerun}")
-        markers[shard] = done[shard]
+    if problem := shards_problem(features_dir.parent, done, complete["shards"], plan["plan_key"]):
+        raise FeatureSetError(f"{role}={path!r}: {stage} in {features_dir}: {problem}: {rerun}")
+    markers = {shard: done[shard] for shard in complete["shards"]}
     if not markers:
         raise FeatureSetError(f"{role}={path!r}: {features_dir} holds no shards (the dataset was empty)")
     return FeatureSet(str(path), features_dir, stage, markers, settings.get("dataset", ""), rerun)

@@ -165,6 +165,19 @@ def check_plan(stage_dir: Path, plan: Plan, inputs: str | None = None) -> None:
                           stage_dir / PLAN_FILE)
 
 
+def shards_problem(root: Path, done: dict[str, dict], shards: list[str], plan_key: str) -> str | None:
+    """Why the done markers of a stage's `shards` (relative to output_dir `root`) cannot be used:
+    shards not done, or a marker of another plan or whose files changed; None when all can."""
+    missing = [s for s in shards if s not in done]
+    if missing:
+        return (f"{len(missing)} of {len(shards)} shards are not done ({', '.join(missing[:3])}"
+                f"{' ...' if len(missing) > 3 else ''})")
+    for shard in shards:
+        if problems := marker_problems(root, done[shard], plan_key):
+            return f"shard {shard}: {'; '.join(problems[:3])} since it was done"
+    return None
+
+
 def require_complete(stage_dir: Path, plan: Plan, shards: list[str], needed_by: str) -> dict[str, dict]:
     """The markers of a finished stage whose results this plan describes; else StageIncomplete
     saying what is missing and which stage to run (it repairs what it finds damaged)."""
@@ -175,12 +188,7 @@ def require_complete(stage_dir: Path, plan: Plan, shards: list[str], needed_by: 
         raise StageIncomplete(f"{needed_by} needs the {plan.stage} stage's results in {stage_dir}, and there are none: {fix}")
     refuse_conflicts([c] if (c := plan_conflict(stage_dir, plan)) else [])
     done = read_done(stage_dir)
-    missing = [s for s in shards if s not in done]
-    if missing:
-        raise StageIncomplete(f"{needed_by} needs the whole {plan.stage} stage, but {len(missing)} of {len(shards)} shards "
-                              f"are not done ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): {fix}")
-    for shard in shards:
-        if problems := marker_problems(stage_dir.parent, done[shard], plan.key):
-            raise StageIncomplete(f"{plan.stage} {shard}: {'; '.join(problems[:3])} since the shard was done: {fix} "
-                                  "(it redoes that shard)")
+    if problem := shards_problem(stage_dir.parent, done, shards, plan.key):
+        raise StageIncomplete(f"{needed_by} needs the whole {plan.stage} stage, but {problem}: {fix}"
+                              f"{' (it redoes that shard)' if problem.startswith('shard ') else ''}")
     return {s: done[s] for s in shards}
