@@ -8,6 +8,7 @@
                                                              # label unlabelled images with a saved fit
     python submit.py run --config ... --set fit.k=200        # override any config key
     python submit.py compare outputs/head outputs/backbone --out compare.md   # k sweeps side by side
+    python submit.py atlas --fit outputs/demo/fits/k300 [--out DIR]            # the cluster atlas of a fit
 """
 
 import argparse
@@ -41,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     apply = sub.add_parser("apply", help="label a folder or object-store URI of unlabelled images with a saved fit")
     apply.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     apply.add_argument("--fit", type=Path, required=True, help="a fit folder, e.g. outputs/demo/fits/k200")
+    apply.add_argument("--mapping", type=Path, help="a person's cluster -> class mapping.json for that fit (cluster atlas)")
     apply.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    atlas = sub.add_parser("atlas", help="write the cluster atlas of a fit: a static page to look at and name every cluster")
+    atlas.add_argument("--fit", type=Path, required=True, help="a fit folder of a run, e.g. outputs/demo/fits/k300")
+    atlas.add_argument("--out", type=Path, default=None, help="default <run>/atlas for the main fit, <run>/atlas_<fit> for others")
+    atlas.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     synth = sub.add_parser("synth", help="write the generated Cityscapes-format demo set")
     synth.add_argument("--root", type=Path, default=None, help="default data/demo_cityscapes (data/demo_unlabelled with --unlabelled)")
     synth.add_argument("--split", default="val")
@@ -108,13 +114,34 @@ def run_stages(args) -> int:
     from ray_jobs.session import init_ray
     if args.command == "apply":
         init_ray(cfg)
-        run_apply(cfg, args.fit)
+        run_apply(cfg, args.fit, args.mapping)
     else:
         Pipeline(cfg).run(STAGES if args.command == "run" else (args.command,))
     return 0
 
 
-COMMANDS = {"compare": compare, "synth": synth}
+def atlas(args) -> int:
+    from core.errors import UserError
+    run_dir = args.fit.resolve().parent.parent
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise UserError(f"{args.fit} is not a fit folder of a run (no {config}): name one like outputs/demo/fits/k300")
+    cfg = load_config(config, [f"output_dir={run_dir}", *args.overrides])  # the run where the fit is, wherever we are
+    from ray_jobs.fit import fit_names
+    from ray_jobs.pipeline import Pipeline
+    from ray_jobs.session import init_ray
+    from storage.lock import OutputLock, command_line
+    name = args.fit.resolve().name
+    out = args.out or run_dir / ("atlas" if name == fit_names(cfg)[0] else f"atlas_{name}")
+    pipeline = Pipeline(cfg)
+    with OutputLock(cfg.output_dir, command_line()):
+        init_ray(cfg)
+        page = pipeline.atlas(name, out)
+    print(f"wrote {page}")
+    return 0
+
+
+COMMANDS = {"atlas": atlas, "compare": compare, "synth": synth}
 
 
 if __name__ == "__main__":

@@ -199,6 +199,9 @@ class LabelConfig(Strict):
     # The k sweep's extra fits are scored on every s-th pixel in each direction (the main fit and the
     # baseline always on every pixel): their full-resolution labels are never written or read.
     sweep_pixel_stride: int = Field(default=1, ge=1)
+    # A person's mapping of the main fit's clusters (mapping.json from the cluster atlas): the written
+    # pseudo-labels use it, and the report scores it as the "human" protocol.
+    human_mapping: str | None = None
     read: TaskConfig = TaskConfig(num_cpus=0.25)
     workers: WorkersConfig = WorkersConfig()
 
@@ -240,6 +243,19 @@ class RefineConfig(Strict):
         return self
 
 
+class ReportConfig(Strict):
+    # The few-shot mapping protocol: each cluster takes the majority class of m labelled patches
+    # drawn from the other folds, for every m here, averaged over few_shot_draws seeded draws.
+    few_shot: list[int] = [1, 3, 9, 27]
+    few_shot_draws: int = Field(default=10, ge=1)
+
+    @model_validator(mode="after")
+    def _shots(self):
+        if any(m < 1 for m in self.few_shot) or len(set(self.few_shot)) < len(self.few_shot):
+            raise ValueError(f"report.few_shot={self.few_shot}: each m must be >= 1 and listed once")
+        return self
+
+
 class ApplyConfig(Strict):
     write_features: bool = False  # also write the images' patch features (extract's schema) to output_dir/features
 
@@ -270,6 +286,7 @@ class RunConfig(Strict):
     refine: RefineConfig = RefineConfig()
     fit: FitConfig = FitConfig()
     apply: ApplyConfig = ApplyConfig()
+    report: ReportConfig = ReportConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")

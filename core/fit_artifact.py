@@ -66,6 +66,10 @@ class FitArtifact:
     def feature_dim(self) -> int:
         return self.centroids.shape[1]
 
+    def centroids_key(self) -> str:
+        """A short hash of the centroids alone: which clusters these are, whatever they are mapped to."""
+        return hashlib.sha256(self.centroids.tobytes()).hexdigest()[:16]
+
     def content_key(self) -> str:
         """A short hash of the centroids and the mapping: what labels made with this fit depend on."""
         digest = hashlib.sha256(self.centroids.tobytes())

@@ -152,3 +152,28 @@ def plot_overlay_grid(rows: list[tuple[np.ndarray, ...]], path: Path,
                             ha="right", va="center", fontsize=8)
     fig.tight_layout(pad=0.3)
     _save_atomic(fig, path, dpi=100)
+
+
+def plot_few_shot(curves: dict[str, dict[int, tuple[float, float]]], lines: dict[str, float | None], path: Path) -> None:
+    """mIoU (%) against m, the labelled patches drawn per cluster (log scale), one curve per fit
+    with its spread over draws as error bars; other protocols as dashed horizontal lines."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    shots = sorted({m for curve in curves.values() for m in curve})
+    for i, (label, curve) in enumerate(curves.items()):
+        ms = sorted(curve)
+        ax.errorbar(ms, [100 * curve[m][0] for m in ms], yerr=[100 * curve[m][1] for m in ms], marker="o", capsize=3,
+                    color=colors[i % len(colors)], label=label)
+    for i, (label, value) in enumerate(lines.items()):
+        if value is not None:
+            ax.axhline(100 * value, linestyle="--", color=colors[(len(curves) + i) % len(colors)], alpha=0.8, label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(shots)
+    ax.set_xticklabels([str(m) for m in shots])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("m: labelled patches looked at per cluster")
+    ax.set_ylabel("pixel mIoU (%), held-out folds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_atomic(fig, path)

@@ -6,7 +6,9 @@ scores ("same-set"); as k grows this approaches an oracle. Two honest alternativ
   (n-fold cross-validation over images); scores are pooled over folds, and given per fold;
 - label-free: each cluster takes the class of the baseline cluster (CAUSE's 27-centroid probe,
   or a k = C fit) that most of its patches are nearest to; ground truth enters only through the
-  baseline's standard one-to-one Hungarian match, as CAUSE and STEGO evaluate.
+  baseline's standard one-to-one Hungarian match, as CAUSE and STEGO evaluate;
+- few-shot: each cluster takes the majority class of m labelled patches drawn at random from the
+  other folds (what a person naming a cluster from m thumbnails would do), averaged over draws.
 
 Every protocol is a (k,) mapping, and a (k, C) table of (cluster, class) pixel counts scores any
 mapping, so images are labelled once and scored under all protocols.
@@ -62,4 +64,36 @@ def protocol_scores(pixel_counts: np.ndarray, mapping_counts: np.ndarray, same_s
                            "fold_miou_mean": float(np.mean(fold_miou)), "fold_miou_std": float(np.std(fold_miou))}
     if label_free is not None:
         out["label_free"] = semantic_scores(confusion_from_cluster_counts(total, label_free), class_names)
+    return out
+
+
+def few_shot_scores(pixel_counts: np.ndarray, mapping_counts: np.ndarray, shots: list[int], draws: int, seed: int,
+                    class_names: list[str]) -> dict:
+    """Per m in `shots`: the pooled-over-folds mIoU and pixel accuracy (mean and std over `draws`
+    seeded draws) when fold f's clusters take the majority class of m labelled patches drawn
+    without replacement from the other folds (all of a cluster's patches where it has fewer; ties
+    -> lowest class id, as `majority_mapping`). A cluster without labelled patches there keeps
+    `majority_mapping`'s guess. Needs two labelled folds, as held-out does; else {}."""
+    if len(pixel_counts) < 2 or int((mapping_counts.sum(axis=(1, 2)) > 0).sum()) < 2:
+        return {}
+    total = mapping_counts.sum(axis=0)
+    pools = [total - mapping_counts[f] for f in range(len(mapping_counts))]
+    fallbacks = [majority_mapping(pool) for pool in pools]
+    out = {}
+    for m in shots:
+        mious, accuracies = [], []
+        for draw in range(draws):
+            rng = np.random.default_rng([seed, m, draw])
+            confusion = 0
+            for f, (pool, fallback) in enumerate(zip(pools, fallbacks)):
+                mapping = fallback.copy()
+                for cluster in np.flatnonzero(pool.sum(axis=1)):
+                    drawn = rng.multivariate_hypergeometric(pool[cluster], min(m, int(pool[cluster].sum())))
+                    mapping[cluster] = int(drawn.argmax())
+                confusion = confusion + confusion_from_cluster_counts(pixel_counts[f], mapping)
+            scores = semantic_scores(confusion, class_names)
+            mious.append(np.nan if scores["miou"] is None else scores["miou"])
+            accuracies.append(np.nan if scores["pixel_accuracy"] is None else scores["pixel_accuracy"])
+        out[str(m)] = {"miou_mean": float(np.mean(mious)), "miou_std": float(np.std(mious)),
+                       "pixel_accuracy_mean": float(np.mean(accuracies)), "draws": draws}
     return out

@@ -2,7 +2,7 @@
 
 
 PROTOCOL_TITLES = {"same_set": "same-set majority (seed)", "held_out": "held-out majority (CV)",
-                   "label_free": "label-free (via baseline)"}
+                   "label_free": "label-free (via baseline)", "human": "human (atlas mapping.json)"}
 
 
 def _pixels_scored(stride: int) -> str:
@@ -65,11 +65,12 @@ def render_markdown(report: dict) -> str:
         level = fits[name]["pixel_level"]
         cells = []
         for p in protocols:
-            cell = _pct(level[p]["miou"])
-            if p == "held_out":
+            cell = _pct(level[p]["miou"]) if p in level else "—"  # human: the main fit's alone
+            if p == "held_out" and p in level:
                 cell += f" (folds {_pct(level[p]['fold_miou_mean'])} ± {_pct(level[p]['fold_miou_std'])})"
             cells.append(cell)
         lines.append(f"| {name} | {fits[name]['k']} | " + " | ".join(cells) + " |")
+    lines += _few_shot_section(fits, names)
     class_names = list(fits[names[0]]["pixel_level"]["same_set"]["per_class_iou"])
     lines += ["", "## Per-class IoU (pixel level, same-set mapping, %)", "",
               "| fit | " + " | ".join(class_names) + " |", "|---|" + "---|" * len(class_names)]
@@ -95,10 +96,38 @@ def render_markdown(report: dict) -> str:
                   f"Cityscapes-format pseudo-labels of {names[0]} ({report.get('written_variant', 'seed')}) under "
                   f"`{outputs['labels']}/` (labelIds, trainIds, instanceIds, panoptic PNGs"
                   + (f", COCO panoptic JSON `{outputs['panoptic_json']}`" if outputs.get("panoptic_json") else "") + ")."]
+        if outputs.get("atlas"):
+            lines += ["", f"Cluster atlas of {names[0]}: [{outputs['atlas']}]({outputs['atlas']}), every cluster with example "
+                      "patches, to look at and name (the atlas stage; `python submit.py atlas --fit <run>/fits/<fit>` for "
+                      "any other fit). Its exported `mapping.json` goes to `label.human_mapping` or `apply --mapping`."]
     if report["failed_items"]:
         lines += ["", "## Failed items", "", "| stage | image | error |", "|---|---|---|"]
         lines += [f"| {f['stage']} | {f['image_id']} | {f['error']} |" for f in report["failed_items"]]
     return "\n".join(lines) + "\n"
+
+
+def _few_shot_section(fits: dict, names: list[str]) -> list[str]:
+    """mIoU when each cluster is named from m labelled patches: what a person looking at m
+    thumbnails per cluster can expect."""
+    shots = sorted({int(m) for n in names[:-1] for m in fits[n]["pixel_level"].get("few_shot", {})})
+    if not shots:
+        return []
+    first = fits[names[0]]["pixel_level"]["few_shot"]
+    draws = next(iter(first.values()))["draws"] if first else 0
+    lines = ["", "## How many looks a mapping needs: few-shot mapping, pixel mIoU (%)", "",
+             f"Each cluster of fold f's images takes the majority class of m labelled patches drawn at random from the "
+             f"other folds (all of them where a cluster has fewer), mean ± std over {draws} seeded draws, pooled over "
+             "folds, every pixel at full resolution. *all* is the held-out majority mapping.", "",
+             "| fit | k | " + " | ".join(f"m = {m}" for m in shots) + " | all (held-out) | label-free |",
+             "|---|---|" + "---|" * (len(shots) + 2)]
+    for name in names[:-1]:
+        level = fits[name]["pixel_level"]
+        few = level.get("few_shot", {})
+        cells = [f"{_pct(few[str(m)]['miou_mean'])} ± {_pct(few[str(m)]['miou_std'])}" if str(m) in few else "—"
+                 for m in shots]
+        lines.append(f"| {name} | {fits[name]['k']} | " + " | ".join(cells) + f" | {_pct(level.get('held_out', {}).get('miou'))} | "
+                     f"{_pct(level.get('label_free', {}).get('miou'))} |")
+    return lines
 
 
 LABELLING_TITLES = {"full": "full size", "resized": "resized, NEAREST up", "crop": "CAUSE's 322 centre crop",

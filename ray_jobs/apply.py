@@ -6,6 +6,7 @@ folder or an object-store URI. The fit goes into the object store once; the driv
 shard plan and the images' status rows.
 """
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -18,6 +19,7 @@ from actors.apply import PseudoLabelImages, finish_apply
 from configs.schema import RunConfig
 from core.errors import UserError
 from core.fit_artifact import FitArtifact
+from core.human_mapping import load_human_mapping
 from ray_jobs.extract import windows_to_features
 from ray_jobs.layout import Layout
 from ray_jobs.plans import Plan, check_plan, differences, model_identity, plan_conflict, refuse_conflicts
@@ -47,10 +49,14 @@ def check_fit_matches_model(fit: FitArtifact, model: dict, fit_dir: Path) -> Non
                          "use the config the fit was made with")
 
 
-def run_apply(cfg: RunConfig, fit_dir: Path) -> dict:
+def run_apply(cfg: RunConfig, fit_dir: Path, human_mapping: Path | None = None) -> dict:
+    """Label `cfg.dataset` with the fit in `fit_dir`, its clusters mapped by `human_mapping` (a
+    mapping.json from the cluster atlas) where one is given."""
     fit = FitArtifact.load(fit_dir)
     model = model_identity(cfg)
     check_fit_matches_model(fit, model, fit_dir)
+    if human_mapping is not None:
+        fit = dataclasses.replace(fit, mapping=load_human_mapping(human_mapping, fit, fit_dir), mapping_kind="human")
     with OutputLock(cfg.output_dir, command_line()):
         layout = Layout(cfg.output_dir)
         records = list_dataset(cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split, cfg.dataset.max_images)
@@ -83,6 +89,7 @@ def run_apply(cfg: RunConfig, fit_dir: Path) -> dict:
         panoptic_json = merge_panoptic_annotations(layout.histograms, done, layout.labels, cfg.dataset.split,
                                                    "run the same apply command again: it redoes that shard")
         summary = {"fit": str(fit_dir), "fit_meta": fit.meta, "mapping_kind": fit.mapping_kind, "k": fit.k,
+                   "human_mapping": None if human_mapping is None else str(human_mapping),
                    "source": cfg.dataset.root, "num_images": sum(d["num_images"] for d in done.values()),
                    "num_failed": len(failed), "histograms": str(layout.histograms.relative_to(cfg.output_dir)),
                    "labels": str(layout.labels.relative_to(cfg.output_dir)),

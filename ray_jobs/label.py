@@ -1,6 +1,9 @@
 """Label-and-score stage: read the features extract wrote (no model) -> label and score every
 image on an actor pool; the fits go into the object store once."""
 
+import hashlib
+
+import numpy as np
 import ray
 from ray.data import Dataset
 
@@ -16,9 +19,13 @@ from storage.datasets import ImageRecord
 from storage.shards import content_key, plan_shards, restrict_shards
 
 
-def label_inputs(features: dict[str, dict], fits: dict[str, FitArtifact]) -> str:
-    """What the label stage is made from: the features' and the fits' content."""
-    return settings_key(content_key(features), {n: f.content_key() for n, f in sorted(fits.items())})
+def label_inputs(features: dict[str, dict], fits: dict[str, FitArtifact], human: np.ndarray | None = None) -> str:
+    """What the label stage is made from: the features' and the fits' content, and the human
+    mapping of the main fit where there is one (`label.human_mapping`)."""
+    keys = [content_key(features), {n: f.content_key() for n, f in sorted(fits.items())}]
+    if human is not None:
+        keys.append(hashlib.sha256(np.asarray(human, np.int64).tobytes()).hexdigest()[:16])
+    return settings_key(*keys)
 
 
 def label_shards(cfg: RunConfig, records: list[ImageRecord], features: dict[str, dict]) -> list[dict]:
@@ -28,11 +35,13 @@ def label_shards(cfg: RunConfig, records: list[ImageRecord], features: dict[str,
 
 
 def run_label(cfg: RunConfig, records: list[ImageRecord], plan: Plan, features: dict[str, dict],
-              fits: dict[str, FitArtifact]) -> dict[str, dict]:
-    """`features`: the complete extract stage's markers; `fits`: the fit stage's (`require_fits`)."""
+              fits: dict[str, FitArtifact], human: np.ndarray | None = None) -> dict[str, dict]:
+    """`features`: the complete extract stage's markers; `fits`: the fit stage's (`require_fits`);
+    `human`: a person's mapping of the main fit, which its written labels then use."""
     layout = Layout(cfg.output_dir)
     names = fit_names(cfg)
-    fits_ref = ray.put([{"name": n, "centroids": fits[n].centroids, "mapping": fits[n].mapping,
+    mappings = {n: fits[n].mapping for n in names} | ({} if human is None else {names[0]: human})
+    fits_ref = ray.put([{"name": n, "centroids": fits[n].centroids, "mapping": mappings[n],
                          "prototypes": fits[n].extra_arrays.get("class_prototypes")} for n in names])
     config = cfg.model_dump(mode="json")
     shards = label_shards(cfg, records, features)
@@ -46,4 +55,4 @@ def run_label(cfg: RunConfig, records: list[ImageRecord], plan: Plan, features: 
 
     return run_image_stream("label", layout.scores, plan, shards, build,
                             finisher(finish_scores, layout.scores, plan.key, config=config, fits=fits_ref, labels_dir=str(layout.labels)),
-                            inputs=label_inputs(features, fits))
+                            inputs=label_inputs(features, fits, human))

@@ -8,10 +8,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from configs.schema import RunConfig
+from core.human_mapping import load_human_mapping
+from ray_jobs.atlas import run_atlas
 from ray_jobs.extract import run_extract
+from ray_jobs.feature_sets import FeatureShards
 from ray_jobs.fit import extracted_model, fit_feature_sets, fit_inputs, fit_names, require_fits, run_fit
 from ray_jobs.label import label_inputs, label_shards, run_label
 from ray_jobs.layout import Layout
@@ -25,7 +29,7 @@ from storage.shards import dataset_fingerprint, plan_shards, write_json_atomic, 
 from storage.synth import generate_demo_dataset
 
 log = logging.getLogger(__name__)
-STAGES = ("extract", "fit", "label", "report")
+STAGES = ("extract", "fit", "label", "report", "atlas")
 
 
 def ensure_demo_set(cfg: RunConfig) -> None:
@@ -84,22 +88,37 @@ class Pipeline:
 
     def stage_label(self) -> None:
         features = self._features("the label stage")
-        run_label(self.cfg, self.records, self.plans["label"], features, self._fits(features, "the label stage")[0])
+        fits = self._fits(features, "the label stage")[0]
+        run_label(self.cfg, self.records, self.plans["label"], features, fits, self._human_mapping(fits))
 
     def stage_report(self) -> None:
         features = self._features("the report stage")
         fits, fit_summary = self._fits(features, "the report stage")
         scores = require_complete(self.layout.scores, self.plans["label"],
                                   [s["shard"] for s in label_shards(self.cfg, self.records, features)], "the report stage")
-        if (recorded_plan(self.layout.scores) or {}).get("inputs") != label_inputs(features, fits):
+        human = self._human_mapping(fits)
+        if (recorded_plan(self.layout.scores) or {}).get("inputs") != label_inputs(features, fits, human):
             raise StageIncomplete(f"the label results in {self.layout.scores} were made from other features or fits than "
                                   "those there now: run `python submit.py label` with this config, then report again")
         report = run_report(self.cfg, features, scores, fits, fit_summary,
-                            {"model": extracted_model(features), "fingerprint": self.fingerprint}, self._timing())
+                            {"model": extracted_model(features), "fingerprint": self.fingerprint}, self._timing(), human)
         log.info("report written to %s", self.cfg.output_dir / "report.md")
         main = report["fits"][fit_names(self.cfg)[0]]
         print(f"\nk={main['k']}: pixel mIoU {_percent(main['pixel_level']['same_set']['miou'])}, "
               f"patch mIoU {_percent(main['patch_level']['same_set']['miou'])} -> {self.cfg.output_dir / 'report.md'}")
+
+    def stage_atlas(self) -> None:
+        self.atlas(fit_names(self.cfg)[0], self.layout.root / "atlas")
+
+    def atlas(self, fit_name: str, out_dir: Path) -> Path:
+        """The cluster atlas of one of this run's fits (current with its features), in out_dir."""
+        features = self._features("the atlas")
+        names = fit_names(self.cfg)
+        if fit_name not in names:
+            raise StageIncomplete(f"{self.layout.fits / fit_name} is not one of this run's fits ({', '.join(names)})")
+        self._fits(features, "the atlas")
+        return run_atlas(self.cfg, self.layout.fits / fit_name, self.layout.fits / names[-1],
+                         FeatureShards(self.layout.features, features), self.records, out_dir)
 
     def _features(self, needed_by: str) -> dict[str, dict]:
         return require_complete(self.layout.features, self.plans["extract"], self.shard_names, needed_by)
@@ -107,6 +126,13 @@ class Pipeline:
     def _fits(self, features: dict[str, dict], needed_by: str) -> tuple[dict, dict]:
         inputs = fit_inputs(*fit_feature_sets(self.cfg, self.plans["extract"], features, self.fingerprint))
         return require_fits(self.cfg, self.plans["fit"], inputs, needed_by)
+
+    def _human_mapping(self, fits: dict) -> np.ndarray | None:
+        """label.human_mapping for the main fit, checked against it (None where unset)."""
+        if self.cfg.label.human_mapping is None:
+            return None
+        main = fit_names(self.cfg)[0]
+        return load_human_mapping(Path(self.cfg.label.human_mapping), fits[main], self.layout.fits / main)
 
     def _timing(self) -> dict:
         path = self.cfg.output_dir / "timing.json"

@@ -102,7 +102,9 @@ def fit_plan(cfg: RunConfig, extract: Plan, recorded: dict | None = None) -> Pla
 
 
 def label_plan(cfg: RunConfig, fit: Plan) -> Plan:
-    return Plan("label", {"fit": fit.key, "label": cfg.label.model_dump(mode="json", exclude={"read", "workers"}),
+    # a human mapping is an input, as the fits are (`label.label_inputs`): a new one relabels
+    label = cfg.label.model_dump(mode="json", exclude={"read", "workers", "human_mapping"})
+    return Plan("label", {"fit": fit.key, "label": label,
                           "refine": cfg.refine.model_dump(mode="json"), "panoptic": cfg.panoptic.model_dump(mode="json")})
 
 

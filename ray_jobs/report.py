@@ -19,8 +19,8 @@ from core.cause_eval import hungarian_scores
 from core.label_image import LABELLINGS
 from core.panoptic import pq_scores
 from core.seed_eval import seed_pq_scores, seed_semantic_scores
-from core.plots import plot_confusion, plot_miou_vs_k, plot_overlay_grid, plot_per_class_iou
-from core.protocols import protocol_scores
+from core.plots import plot_confusion, plot_few_shot, plot_miou_vs_k, plot_overlay_grid, plot_per_class_iou
+from core.protocols import confusion_from_cluster_counts, few_shot_scores, protocol_scores
 from core.report import PROTOCOL_TITLES, missed_classes, render_markdown
 from ray_jobs.fit import BACKBONE_COMPARISON, fit_names
 from ray_jobs.layout import Layout
@@ -126,7 +126,8 @@ def overlay_rows(labels_dir: Path, overlay_ids: list[str]) -> tuple[list[tuple],
 
 
 def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifacts: dict[str, FitArtifact],
-               fit_summary: dict, meta: dict, timing: dict) -> dict:
+               fit_summary: dict, meta: dict, timing: dict, human: np.ndarray | None = None) -> dict:
+    """`human`: a person's mapping of the main fit (`label.human_mapping`), scored as its own protocol."""
     layout = Layout(cfg.output_dir)
     names = fit_names(cfg)
     main, baseline = names[0], names[-1]
@@ -148,6 +149,13 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
                       "pixel_stride": 1 if name in (main, baseline) else cfg.label.sweep_pixel_stride,
                       "dead_centroids": dead_centroid_summary(scores["wins"][name])["dead"],
                       "weighted_purity": None if np.isnan(purity["weighted_purity"]) else float(purity["weighted_purity"])}
+        if name == main and human is not None:
+            fits[name]["pixel_level"]["human"] = semantic_scores(confusion_from_cluster_counts(counts.sum(axis=0), human),
+                                                                 CLASS_NAMES)
+        if name != baseline:
+            fits[name]["pixel_level"]["few_shot"] = few_shot_scores(counts, art.extra_arrays["mapping_counts"],
+                                                                    cfg.report.few_shot, cfg.report.few_shot_draws,
+                                                                    cfg.seed, CLASS_NAMES)
     baseline_missed = missed_classes(fits[baseline]["pixel_level"]["same_set"]["per_class_iou"])
     for name in names:
         per_class = fits[name]["pixel_level"]["same_set"]["per_class_iou"]
@@ -175,7 +183,8 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
         "backbone_comparison": fit_summary.get(BACKBONE_COMPARISON),
         "written_variant": cfg.refine.write_variant, "absorption": absorption, "figures": figures,
         "outputs": {"labels": str(layout.labels.relative_to(cfg.output_dir)),
-                    "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir))},
+                    "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir)),
+                    "atlas": "atlas/index.html"},  # the atlas stage writes it after the report
         "failed_items": failed,
     }
     write_json_atomic(report, cfg.output_dir / "report.json")
@@ -192,11 +201,19 @@ def _figures(cfg: RunConfig, layout: Layout, fits: dict, names: list[str], varia
 
     sweep = sorted((n for n in names if n != baseline), key=lambda n: fits[n]["k"])
     series = {f"pixel, {PROTOCOL_TITLES[p]}": [fits[n]["pixel_level"][p]["miou"] for n in sweep]
-              for p in PROTOCOL_TITLES if p in fits[sweep[0]]["pixel_level"]}
+              for p in PROTOCOL_TITLES if all(p in fits[n]["pixel_level"] for n in sweep)}
     path = layout.figures / "miou_vs_k.png"
     plot_miou_vs_k([fits[n]["k"] for n in sweep], series,
                    {f"baseline k={fits[baseline]['k']}, Hungarian": fits[baseline]["pixel_level"]["same_set"]["miou"]}, path)
     figures["miou_vs_k"] = rel(path)
+    curves = {f"{n} (k={fits[n]['k']})": {int(m): (v["miou_mean"], v["miou_std"])
+                                          for m, v in fits[n]["pixel_level"]["few_shot"].items()}
+              for n in sweep if fits[n]["pixel_level"]["few_shot"]}
+    if curves:
+        path = layout.figures / "few_shot.png"
+        level = fits[main]["pixel_level"]
+        plot_few_shot(curves, {f"{main}: {PROTOCOL_TITLES[p]}": level[p]["miou"] for p in PROTOCOL_TITLES if p in level}, path)
+        figures["few_shot"] = rel(path)
     if main_conf is not None and main_conf.sum() > 0:
         path = layout.figures / "confusion.png"
         plot_confusion(main_conf, CLASS_NAMES, path, title=f"{main}: row-normalised confusion (pixels)")

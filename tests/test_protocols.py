@@ -1,6 +1,7 @@
 import numpy as np
 
-from core.protocols import confusion_from_cluster_counts, heldout_mappings, label_free_mapping, protocol_scores
+from core.protocols import (confusion_from_cluster_counts, few_shot_scores, heldout_mappings, label_free_mapping,
+                            protocol_scores)
 
 NAMES = ["a", "b"]
 
@@ -35,3 +36,21 @@ def test_one_cluster_per_patch_is_an_oracle_same_set_but_not_held_out():
     # majority class elsewhere and is right only by chance.
     assert scores["held_out"]["miou"] < 0.6
     assert scores["held_out"]["folds"] == 4
+
+
+def test_few_shot_with_every_patch_is_the_held_out_mapping_and_one_look_costs_on_mixed_clusters():
+    """Cluster 0 is pure class a; cluster 1 holds class b 3 : 1 over a in every fold. Looking at
+    enough patches is the held-out majority (no spread over draws); one look at cluster 1 picks
+    a in about a quarter of the draws, which lowers the mean and spreads it."""
+    fold_counts = np.tile(np.array([[[6, 0], [1, 3]]]), (3, 1, 1))  # (F=3, k=2, C=2)
+    pixels = fold_counts * 10
+    held_out = protocol_scores(pixels, fold_counts, np.array([0, 1]), None, NAMES)["held_out"]["miou"]
+    few = few_shot_scores(pixels, fold_counts, [1, 1000], draws=200, seed=0, class_names=NAMES)
+    assert few["1000"]["miou_mean"] == held_out and few["1000"]["miou_std"] == 0.0
+    assert few["1"]["miou_mean"] < held_out and few["1"]["miou_std"] > 0
+    assert few_shot_scores(pixels, fold_counts, [1], draws=200, seed=0, class_names=NAMES) == {"1": few["1"]}  # seeded
+    pure = np.tile(np.array([[[6, 0], [0, 4]]]), (3, 1, 1))
+    assert few_shot_scores(pure, pure, [1], 5, 0, NAMES)["1"]["miou_mean"] == 1.0
+    one_fold = fold_counts.copy()
+    one_fold[1:] = 0
+    assert few_shot_scores(pixels, one_fold, [1], 5, 0, NAMES) == {}  # held out needs two labelled folds

@@ -1,0 +1,181 @@
+"""The cluster atlas, a person's mapping from it, and the page in a real browser (headless
+Chromium from Debian's packages, driven by Selenium; `.ci/run` installs it)."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.atlas import EXAMPLES, THUMB, patch_box, render_html, thumbnail
+from core.fit_artifact import FitArtifact
+from core.human_mapping import HumanMappingError, load_human_mapping, mapping_document
+from ray_jobs.apply import run_apply
+from ray_jobs.pipeline import Pipeline
+from tests.tiny_runs import tiny_config
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def small_fit(k=4, seed=0) -> FitArtifact:
+    c = np.random.default_rng(seed).normal(size=(k, 8)).astype(np.float32)
+    return FitArtifact(c / np.linalg.norm(c, axis=1, keepdims=True), np.arange(k) % 3, "majority", {},
+                       {"mapping_counts": np.ones((2, k, 19), np.int64)})
+
+
+def test_a_thumbnail_outlines_its_patch_with_context_and_pads_the_edge():
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[10:20, 20:30] = 200  # patch (1, 2) of a 4 x 8 grid of 10 px patches
+    box = patch_box(1, 2, (4, 8), (40, 80))
+    assert box == (10.0, 20.0, 20.0, 30.0)
+    thumb = thumbnail(image, box)
+    assert thumb.shape == (THUMB, THUMB, 3) and thumb.dtype == np.uint8
+    assert (thumb[THUMB // 2, THUMB // 2] == 200).all()  # the patch in the middle
+    outlined = (thumb == [255, 230, 0]).all(axis=2)
+    assert outlined[THUMB // 2].sum() == 2 and outlined.any(axis=1).sum() > THUMB / 2 * 0.3
+    corner = thumbnail(image, patch_box(0, 0, (4, 8), (40, 80)))
+    assert (corner[0, 0] == 96).all()  # beyond the image edge: grey
+
+
+def test_a_mapping_is_refused_unless_made_for_this_very_fit(tmp_path):
+    fit = small_fit()
+    doc = mapping_document(fit, np.array([1, 1, 2, 255]), [0, 3])
+    path = tmp_path / "mapping.json"
+    path.write_text(json.dumps(doc))
+    assert load_human_mapping(path, fit, tmp_path).tolist() == [1, 1, 2, 255]
+    cases = {
+        "another fit": (mapping_document(small_fit(seed=1), fit.mapping, []), "made for another fit"),
+        "another k": ({**doc, "k": 5}, "made for another fit"),
+        "a cluster left out": ({**doc, "mapping": {"0": 1, "1": 1, "2": 2}}, r"missing \['3'\]"),
+        "not a trainId": ({**doc, "mapping": {**doc["mapping"], "2": 19}}, "cluster 2 -> 19"),
+        "not a mapping": ({"k": 4}, "is not a cluster mapping"),
+    }
+    for name, (bad, message) in cases.items():
+        path.write_text(json.dumps(bad))
+        with pytest.raises(HumanMappingError, match=message):
+            load_human_mapping(path, fit, tmp_path)
+    path.write_text("{not json")
+    with pytest.raises(HumanMappingError, match="not readable JSON"):
+        load_human_mapping(path, fit, tmp_path)
+    with pytest.raises(HumanMappingError, match="does not exist"):
+        load_human_mapping(tmp_path / "none.json", fit, tmp_path)
+
+
+def test_the_page_data_cannot_close_its_script_element():
+    page = render_html([], small_fit(), {"fit": "k4</script><script>alert(1)</script>"})
+    assert page.count("</script>") == 2  # the data's own is escaped
+
+
+@pytest.fixture(scope="module")
+def atlas_run(ray_cluster, demo_root, tmp_path_factory):
+    """A tiny run with every stage, the atlas of its main fit among them."""
+    out = tmp_path_factory.mktemp("atlas_run")
+    cfg = tiny_config(demo_root, out)
+    Pipeline(cfg).run()
+    return cfg, out
+
+
+def test_the_run_writes_an_atlas_of_every_cluster_linked_from_the_report(atlas_run):
+    cfg, out = atlas_run
+    fit = FitArtifact.load(out / "fits" / "k16")
+    data = json.loads((out / "atlas" / "atlas.json").read_text())
+    cards = data["cards"]
+    assert [c["cluster"] for c in cards] == list(range(fit.k))
+    assert sum(c["patches"] for c in cards) == 12 * 8 * 16  # every patch of every image, once
+    assert all(c["examples"] == min(EXAMPLES, c["patches"]) for c in cards)
+    assert all(c["class"] == fit.mapping[c["cluster"]] for c in cards)
+    sprite = Image.open(out / "atlas" / "sprites" / "sprite-000.jpg")
+    assert sprite.size == (EXAMPLES * THUMB, fit.k * THUMB)
+    assert "atlas/index.html" in (out / "report.md").read_text()
+    few = json.loads((out / "report.json").read_text())["fits"]["k16"]["pixel_level"]["few_shot"]
+    assert set(few) == {"1", "3", "9", "27"} and all(0 <= v["miou_mean"] <= 1 for v in few.values())
+    assert (out / "figures" / "few_shot.png").is_file()
+
+
+def test_a_human_mapping_labels_and_is_scored_as_its_own_protocol_and_another_fits_is_refused(atlas_run, demo_root, tmp_path):
+    cfg, out = atlas_run
+    fit = FitArtifact.load(out / "fits" / "k16")
+    everything_road = mapping_document(fit, np.zeros(fit.k, np.int64), list(range(fit.k)))
+    path = tmp_path / "mapping.json"
+    path.write_text(json.dumps(everything_road))
+    run = tmp_path / "human"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("scores", "labels", "report.*", "atlas", ".lock*"))
+    Pipeline(tiny_config(demo_root, run, label={"human_mapping": str(path)})).run(("label", "report"))
+    level = json.loads((run / "report.json").read_text())["fits"]["k16"]["pixel_level"]
+    road = level["human"]["per_class_iou"]
+    assert road["road"] is not None and all(v in (None, 0.0) for name, v in road.items() if name != "road")
+    assert level["same_set"] == json.loads((out / "report.json").read_text())["fits"]["k16"]["pixel_level"]["same_set"]
+    train_ids = np.asarray(Image.open(next((run / "labels").rglob("*_trainIds.png"))))
+    assert set(np.unique(train_ids)) <= {0, 255}  # the written labels use the person's mapping
+
+    applied = run_apply(tiny_config(demo_root, tmp_path / "applied", dataset={"max_images": 2}), out / "fits" / "k16", path)
+    assert applied["mapping_kind"] == "human" and applied["human_mapping"] == str(path)
+    other = mapping_document(FitArtifact.load(out / "fits" / "k8"), np.zeros(8, np.int64), [])
+    path.write_text(json.dumps(other))
+    with pytest.raises(HumanMappingError, match="made for another fit"):
+        run_apply(tiny_config(demo_root, tmp_path / "refused", dataset={"max_images": 2}), out / "fits" / "k16", path)
+
+
+@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+def test_the_atlas_in_a_real_browser_renders_every_card_and_exports_the_names_chosen(atlas_run, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    cfg, out = atlas_run
+    fit = FitArtifact.load(out / "fits" / "k16")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1300,900", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False})
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        driver.get((out / "atlas" / "index.html").as_uri())
+        cards = driver.find_elements(By.CSS_SELECTOR, ".card")
+        assert len(cards) == fit.k
+        thumbs = driver.find_elements(By.CSS_SELECTOR, ".thumb")
+        assert len(thumbs) == sum(min(EXAMPLES, c["patches"]) for c in json.loads((out / "atlas" / "atlas.json").read_text())["cards"])
+        sprites = driver.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            const urls = [...new Set([...document.querySelectorAll('.thumb')].map(
+                t => getComputedStyle(t).backgroundImage.slice(5, -2)))];
+            Promise.all(urls.map(u => new Promise(ok => { const i = new Image(); i.onload = () => ok(i.naturalWidth);
+                                                          i.onerror = () => ok(0); i.src = u; }))).then(done);""")
+        assert sprites and all(width == EXAMPLES * THUMB for width in sprites)
+        shot = out / "atlas" / "screenshot.png"
+        driver.save_screenshot(str(shot))
+        chosen = {2: 11, 5: 255}  # cluster 2 -> person, cluster 5 -> ignore
+        for cluster, train_id in chosen.items():
+            card = driver.find_element(By.CSS_SELECTOR, f'.card[data-cluster="{cluster}"]')
+            Select(card.find_element(By.CSS_SELECTOR, ".picker")).select_by_value(str(train_id))
+        assert "2 named by you" in driver.find_element(By.ID, "status").text
+        driver.find_element(By.ID, "unnamed").click()
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#cards .card")) == fit.k - 2
+        driver.refresh()  # the names persist in localStorage
+        assert "2 named by you" in driver.find_element(By.ID, "status").text
+        driver.find_element(By.ID, "export").click()
+        exported = downloads / "mapping.json"
+        for _ in range(100):
+            if exported.exists():
+                break
+            time.sleep(0.1)
+        doc = json.loads(exported.read_text())
+    finally:
+        driver.quit()
+    changed = {int(c): t for c, t in doc["mapping"].items() if t != fit.mapping[int(c)]}
+    assert changed == {c: t for c, t in chosen.items() if t != fit.mapping[c]} and doc["named"] == sorted(chosen)
+    path = tmp_path / "mapping.json"
+    path.write_text(exported.read_text())
+    mapping = load_human_mapping(path, fit, out / "fits" / "k16")
+    assert [mapping[c] for c in chosen] == list(chosen.values())
+    assert shot.stat().st_size > 10_000
