@@ -134,8 +134,10 @@ class FeatureSourceConfig(Strict):
     # A run's output_dir or its features/ folder, written by `submit.py extract` or by `submit.py
     # apply --set apply.write_features=true` (with this run's model settings); None: this run's own.
     path: str | None = None
-    # Its share of the fit: of the fit.max_samples sampled rows, weight / (sum of weights) come from
-    # it; in fit.lloyd_iterations its rows weigh as much in total. max_samples caps its sampled rows.
+    # Its share of the fit: of the fit.max_samples sampled rows, at most weight / (sum of weights)
+    # come from it (a set with fewer sampled rows than that is taken whole, so the weight then makes
+    # no difference to the sampled fit); in fit.lloyd_iterations its rows weigh that share of the
+    # total, whatever its size. max_samples caps its sampled rows.
     weight: float = Field(default=1.0, gt=0)
     max_samples: int | None = Field(default=None, ge=1)
 
@@ -258,6 +260,10 @@ class ReportConfig(Strict):
 
 class ApplyConfig(Strict):
     write_features: bool = False  # also write the images' patch features (extract's schema) to output_dir/features
+    # apply runs the model pool and the labelling pool at once (extract and label run one after the
+    # other): the actors of each while it does; None keeps extract.model / label.workers.num_actors.
+    model_actors: int | None = Field(default=None, ge=1)
+    label_actors: int | None = Field(default=None, ge=1)
 
 
 class RayConfig(Strict):

@@ -49,9 +49,19 @@ def check_fit_matches_model(fit: FitArtifact, model: dict, fit_dir: Path) -> Non
                          "use the config the fit was made with")
 
 
+def with_apply_pools(cfg: RunConfig) -> RunConfig:
+    """The config with the pools' sizes apply runs them at (apply.model_actors / label_actors),
+    both pools at once."""
+    model = cfg.extract.model.model_copy(update={"num_actors": cfg.apply.model_actors or cfg.extract.model.num_actors})
+    workers = cfg.label.workers.model_copy(update={"num_actors": cfg.apply.label_actors or cfg.label.workers.num_actors})
+    return cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"model": model}),
+                                  "label": cfg.label.model_copy(update={"workers": workers})})
+
+
 def run_apply(cfg: RunConfig, fit_dir: Path, human_mapping: Path | None = None) -> dict:
     """Label `cfg.dataset` with the fit in `fit_dir`, its clusters mapped by `human_mapping` (a
     mapping.json from the cluster atlas) where one is given."""
+    cfg = with_apply_pools(cfg)
     fit = FitArtifact.load(fit_dir)
     model = model_identity(cfg)
     check_fit_matches_model(fit, model, fit_dir)
@@ -64,7 +74,8 @@ def run_apply(cfg: RunConfig, fit_dir: Path, human_mapping: Path | None = None) 
         plan = Plan("apply", {"format": PATCH_FORMAT, "dataset": dataset_fingerprint(records),
                               "images_per_shard": cfg.dataset.images_per_shard, "model": model,
                               "fit": {"plan_key": fit.meta.get("plan_key"), "content": fit.content_key()},
-                              "panoptic": cfg.panoptic.model_dump(mode="json"), "apply": cfg.apply.model_dump(mode="json")})
+                              "panoptic": cfg.panoptic.model_dump(mode="json"),
+                              "apply": cfg.apply.model_dump(mode="json", exclude={"model_actors", "label_actors"})})
         # apply writes features/ and labels/ too: an output_dir holding another job's results is refused
         refuse_conflicts([c for d in (layout.histograms, layout.features, layout.scores) if (c := plan_conflict(d, plan))])
         if cfg.apply.write_features:
