@@ -57,3 +57,14 @@ def test_missing_config_file_says_where_examples_are(tmp_path):
 def test_cluster_probe_baseline_needs_head_features(tmp_path):
     with pytest.raises(ConfigError, match="feature_kind=head"):
         parse_config({"fit": {"baseline": "cluster_probe"}, "model": {"cluster_probe_checkpoint": str(tmp_path / "c.pth")}}, "test")
+
+
+def test_the_demo_config_applies_on_its_own_two_cpus():
+    """apply runs the model and the labelling pools at once: their actors and one read task must
+    fit the demo's local_num_cpus, as `session.check_schedulable` asks."""
+    from ray_jobs.apply import with_apply_pools
+    demo = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", [])
+    cfg = with_apply_pools(demo)
+    pools = cfg.extract.model.num_actors * cfg.extract.model.cpus_per_actor + cfg.label.workers.num_actors * cfg.label.workers.cpus_per_actor
+    assert pools + cfg.extract.read.num_cpus <= cfg.ray.local_num_cpus
+    assert demo.extract.model.num_actors == 2 and cfg.extract.model.num_actors == 1  # extract alone keeps two
