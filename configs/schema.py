@@ -138,7 +138,7 @@ class FeatureSourceConfig(Strict):
     # come from it (a set with fewer sampled rows than that is taken whole, so the weight then makes
     # no difference to the sampled fit); in fit.lloyd_iterations its rows weigh that share of the
     # total, whatever its size. max_samples caps its sampled rows.
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0, le=1e6, allow_inf_nan=False)
     max_samples: int | None = Field(default=None, ge=1)
 
 

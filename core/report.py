@@ -38,6 +38,7 @@ def render_markdown(report: dict) -> str:
         f"protocol, an oracle as k grows); *held-out* maps each fold of images with the other folds only; "
         f"*label-free* maps each cluster to the baseline cluster most of its patches are nearest to. "
         f"The baseline is k = {fits[names[-1]]['k']} with one-to-one Hungarian matching.",
+        *_sources_lines(fits[names[0]]),
         "- **Wall time:** " + ", ".join(f"{stage} {sec:.1f} s" for stage, sec in report["timing"].items()),
         "",
         "## k sweep (seed protocol: same-set majority mapping)",
@@ -104,6 +105,23 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Failed items", "", "| stage | image | error |", "|---|---|---|"]
         lines += [f"| {f['stage']} | {f['image_id']} | {f['error']} |" for f in report["failed_items"]]
     return "\n".join(lines) + "\n"
+
+
+def _sources_lines(main: dict) -> list[str]:
+    """Which feature sets the centroids were fitted on and the clusters mapped on (fit.features,
+    fit.mapping_from), where that is not simply this run's own images."""
+    fitted, mapped = main.get("fitted_on") or [], main.get("mapped_on") or {}
+    own = "this run"
+    lines = []
+    if any(f["features"] != own for f in fitted):
+        lines.append("- **Fitted on:** " + "; ".join(f"{f['features']} ({f['sampled_rows']} sampled patches, weight "
+                                                   f"{f['weight']:g}, content `{f['content_key']}`)" for f in fitted))
+    if mapped and mapped.get("features") != own:
+        lines.append(f"- **Mapped on:** {mapped['features']} ({mapped['labelled_patches']} labelled patches, content "
+                     f"`{mapped['content_key']}`), not the images scored here: every *majority* number below "
+                     "(\"same-set\" included) maps with that set's labels and scores these images, a cross-set score; "
+                     "patch-level numbers are that set's own patches")
+    return lines
 
 
 def _few_shot_section(fits: dict, names: list[str]) -> list[str]:

@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 import ray
 
 from core.clustering import lloyd_partials, run_lloyd_many
-from ray_jobs.shard_tasks import add_arrays, tree_add
+from ray_jobs.shard_tasks import ShardDataError, add_arrays, tree_add
+from ray_jobs.streaming import user_errors_raised_as_themselves
 from storage.shards import features_from_table
 
 Partials = dict[str, tuple[np.ndarray, np.ndarray, float]]  # per fit: sums (k, D), counts (k,), inertia
@@ -51,8 +52,11 @@ def _row_group_partials(item: dict, centroids: dict[str, np.ndarray], column: st
     weight = item.get("weight", 1.0)
     for batch in pq.ParquetFile(item["path"]).iter_batches(batch_size=batch_rows, row_groups=[int(item["row_group"])],
                                                             columns=[column]):
-        out = add_arrays(out, lloyd_partials(features_from_table(pa.Table.from_batches([batch])), centroids, batch_rows,
-                                             assign, device))
+        try:
+            out = add_arrays(out, lloyd_partials(features_from_table(pa.Table.from_batches([batch])), centroids,
+                                                 batch_rows, assign, device))
+        except ValueError as err:  # NaN rows, an assigner that cannot run here: the file and the reason
+            raise ShardDataError(f"{item['path']} (row group {item['row_group']}): {err}") from None
     if weight != 1.0:
         out = {name: (sums * weight, counts, inertia * weight) for name, (sums, counts, inertia) in out.items()}
     return out
@@ -71,7 +75,8 @@ def lloyd_pass(paths: list[str], centroids: dict[str, np.ndarray], *, column: st
         level = [_row_group_partials.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(item, ref, column, batch_rows,
                                                                                           assign, device)
                  for item in items]
-        return ray.get(tree_add(level, add_arrays, fan_in))
+        with user_errors_raised_as_themselves():
+            return ray.get(tree_add(level, add_arrays, fan_in))
     finally:
         del ref  # the centroids of this pass leave the object store
 

@@ -84,8 +84,11 @@ def open_feature_set(path: str, model: dict, role: str) -> FeatureSet:
                               "run's output_dir or its features/ folder, written by `python submit.py extract` or by "
                               "`python submit.py apply --set apply.write_features=true`")
     stage = plan.get("stage")
-    if stage not in ("extract", "apply"):
-        raise FeatureSetError(f"{role}={path!r}: {features_dir} holds {stage} results, not patch features")
+    if stage not in ("extract", "apply") or features_dir.name != "features":
+        what = "cluster histograms" if stage == "apply" else f"{stage} results"
+        raise FeatureSetError(f"{role}={path!r}: {features_dir} holds {what}, not patch features. Name a run's output_dir "
+                              "or its features/ folder (kept under that name: its markers name the files from the folder "
+                              "above it); an apply writes features only with `--set apply.write_features=true`")
     rerun = f"run the `python submit.py {stage}` that wrote {features_dir} again, with its config"
     settings = plan.get("settings", {})
     if settings.get("model") != model:

@@ -36,7 +36,7 @@ from ray_jobs.feature_sets import FeatureSet, FeatureSetError, FeatureShards, op
 from ray_jobs.layout import Layout, settings_key
 from ray_jobs.shard_tasks import add_arrays, map_reduce_shards, sample_patches
 from ray_jobs.plans import Plan, StageIncomplete, check_plan, plan_conflict, refuse_conflicts, require_complete
-from storage.shards import backbone_path, features_from_table, marker_problems, output_records, write_json_atomic
+from storage.shards import backbone_path, features_from_table, marker_problems, output_records, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,38 @@ def fit_feature_sets(cfg: RunConfig, extract: Plan, markers: dict[str, dict], da
             raise FeatureSetError(f"{role}={path!r} is this run's own features: leave its path out (null) instead")
         return found
 
-    return [(named(s.path, "fit.features"), s) for s in cfg.fit.features], named(cfg.fit.mapping_from, "fit.mapping_from")
+    sources = [(named(s.path, "fit.features"), s) for s in cfg.fit.features]
+    for i, (fs, _) in enumerate(sources):
+        for other, _ in sources[:i]:
+            if fs.features_dir.resolve() == other.features_dir.resolve() or fs.content_key == other.content_key:
+                raise FeatureSetError(f"fit.features names the same features twice ({other.name!r} and {fs.name!r}: "
+                                      f"{'one folder' if fs.features_dir.resolve() == other.features_dir.resolve() else 'copies with the same content'}): "
+                                      "list each set once, with its weight")
+    return sources, named(cfg.fit.mapping_from, "fit.mapping_from")
 
 
 def fit_inputs(sources: Sources, mapping: FeatureSet) -> str:
     """What the fits are made from: the content of every feature set they read."""
-    return settings_key({"fitted_on": [fs.content_key for fs, _ in sources], "mapped_on": mapping.content_key})
+    return _inputs_key([fs.content_key for fs, _ in sources], mapping.content_key)
+
+
+def _inputs_key(fitted_on: list[str | None], mapped_on: str | None) -> str:
+    return settings_key({"fitted_on": fitted_on, "mapped_on": mapped_on})
+
+
+def recorded_fit_inputs(cfg: RunConfig, own: FeatureSet) -> str:
+    """`fit_inputs` as the label and report stages check the fits: this run's own features as they
+    are now, the other sets as the fits recorded them (`fitted_on`, `mapped_on`). The fits stand
+    for those sets, which are not read again: a large set may have moved on (or away) since; the
+    fit stage compares them again (and refits) when it runs."""
+    header = read_json(Layout(cfg.output_dir).fits / fit_names(cfg)[0] / "meta.json") or {}
+    meta = header.get("meta") if isinstance(header, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
+    fitted = meta.get("fitted_on") or []
+    keys = [own.content_key if s.path is None else (fitted[i].get("content_key") if i < len(fitted) else None)
+            for i, s in enumerate(cfg.fit.features)]
+    mapped = own.content_key if cfg.fit.mapping_from is None else (meta.get("mapped_on") or {}).get("content_key")
+    return _inputs_key(keys, mapped)
 
 
 def weight_shares(sources: Sources) -> list[float]:
@@ -184,6 +210,8 @@ def _shard_cluster_counts(table, _index: int, centroids: dict[str, np.ndarray], 
     fold = np.array([fold_of[i] for i in image_ids], np.int64)
     keep = labels != IGNORE
     x = features_from_table(table)
+    if len(x):  # a shard whose images all failed has no rows
+        check_features(x, "patch features")
     assigned = {name: assign_clusters(x, c).astype(np.int64) for name, c in centroids.items()}
 
     def labelled_counts(ids: np.ndarray, k: int) -> np.ndarray:
@@ -228,11 +256,24 @@ def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray
 
 
 def refuse_missing_gpus(cfg: RunConfig) -> None:
-    """Lloyd's tasks would wait forever for a GPU that no node has."""
+    """Before any fit is made: Lloyd's tasks would wait forever for a GPU that no node has, or fail
+    on one with a library built without CUDA."""
     need = cfg.fit.lloyd_gpus_per_task
-    if need > 0 and not any(n["Resources"].get("GPU", 0) >= need for n in ray.nodes() if n.get("Alive")):
+    if need == 0 or not cfg.fit.lloyd_iterations:
+        return
+    if not any(n["Resources"].get("GPU", 0) >= need for n in ray.nodes() if n.get("Alive")):
         raise FitError(f"fit.lloyd_gpus_per_task={need:g}, but no node of this Ray cluster has a GPU: set it to 0 "
                        "(fit.lloyd_assign then runs on the CPU)")
+    if cfg.fit.lloyd_assign == "faiss":
+        import faiss
+        if not hasattr(faiss, "StandardGpuResources"):
+            raise FitError("fit.lloyd_assign=faiss on GPUs needs a faiss built with CUDA, and this one is faiss-cpu: "
+                           "use fit.lloyd_assign=torch, or install a faiss GPU build on every node")
+    if cfg.fit.lloyd_assign == "torch":
+        import torch
+        if torch.version.cuda is None:
+            raise FitError(f"fit.lloyd_assign=torch on GPUs needs a CUDA build of torch, and this one ({torch.__version__}) "
+                           "has none: install one on every node, or set fit.lloyd_gpus_per_task=0")
 
 
 def extracted_model(markers: dict[str, dict]) -> str:
@@ -255,6 +296,7 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
         log.info("fit: all %d fits exist for these settings and features; reusing them", len(existing))
         return existing
 
+    refuse_missing_gpus(cfg)
     sample, sampled_rows = gather_union_sample(cfg, sources)
     centroids, raw_centres, seconds, history = {}, {}, {}, {}
     fitted_on = ", ".join(str(fs.features_dir) for fs, _ in sources)
@@ -275,7 +317,6 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
             seconds[name] = time.perf_counter() - start
             log.info("fit: %s in %.1f s", name, seconds[name])
         if cfg.fit.lloyd_iterations:  # refine every k on every patch of every shard, one pass per iteration for all
-            refuse_missing_gpus(cfg)
             files = [(path, weight) for (fs, _), weight in zip(sources, lloyd_row_weights(sources))
                      for path in fs.shards().paths]
             refined = distributed_lloyd([path for path, _ in files], {name: centroids[name] for name in names[:-1]},

@@ -15,8 +15,8 @@ from configs.schema import RunConfig
 from core.human_mapping import load_human_mapping
 from ray_jobs.atlas import run_atlas
 from ray_jobs.extract import run_extract
-from ray_jobs.feature_sets import FeatureShards
-from ray_jobs.fit import extracted_model, fit_feature_sets, fit_inputs, fit_names, require_fits, run_fit
+from ray_jobs.feature_sets import FeatureShards, own_feature_set
+from ray_jobs.fit import extracted_model, fit_names, recorded_fit_inputs, require_fits, run_fit
 from ray_jobs.label import label_inputs, label_shards, run_label
 from ray_jobs.layout import Layout
 from ray_jobs.plans import (StageIncomplete, extract_plan, fit_plan, label_plan, model_identity, plan_conflict,
@@ -124,7 +124,7 @@ class Pipeline:
         return require_complete(self.layout.features, self.plans["extract"], self.shard_names, needed_by)
 
     def _fits(self, features: dict[str, dict], needed_by: str) -> tuple[dict, dict]:
-        inputs = fit_inputs(*fit_feature_sets(self.cfg, self.plans["extract"], features, self.fingerprint))
+        inputs = recorded_fit_inputs(self.cfg, own_feature_set(self.layout.features, features, self.fingerprint))
         return require_fits(self.cfg, self.plans["fit"], inputs, needed_by)
 
     def _human_mapping(self, fits: dict) -> np.ndarray | None:

@@ -90,6 +90,7 @@ def extract_plan(cfg: RunConfig, records: list[ImageRecord], model: dict) -> Pla
 # How Lloyd's assignment step runs, not what it computes: every assigner gives the same assignment
 # (near ties re-scored in float64) and so the same fits.
 FIT_RESOURCES = {"lloyd_assign", "lloyd_gpus_per_task"}
+OTHER_SET = "(another run's features)"
 
 
 def fit_plan(cfg: RunConfig, extract: Plan, recorded: dict | None = None) -> Plan:
@@ -97,7 +98,12 @@ def fit_plan(cfg: RunConfig, extract: Plan, recorded: dict | None = None) -> Pla
     if cfg.fit.baseline == "cluster_probe":
         known = {"cluster_probe_checkpoint": recorded["cluster_probe_sha256"]} if recorded else None
         probe = _weights_sha256(model_spec(cfg).cluster_probe_checkpoint, "cluster_probe_checkpoint", known)
-    return Plan("fit", {"format": FIT_FORMAT, "extract": extract.key, "seed": cfg.seed, "fit": cfg.fit.model_dump(mode="json", exclude=FIT_RESOURCES),
+    fit = cfg.fit.model_dump(mode="json", exclude=FIT_RESOURCES)
+    # Another run's sets enter by their content (the fit's inputs: `fit.fit_inputs`), not by how
+    # their path is spelt: the same set named another way, or moved, is the same plan.
+    fit["features"] = [{**s, "path": None if s["path"] is None else OTHER_SET} for s in fit["features"]]
+    fit["mapping_from"] = None if fit["mapping_from"] is None else OTHER_SET
+    return Plan("fit", {"format": FIT_FORMAT, "extract": extract.key, "seed": cfg.seed, "fit": fit,
                         "cluster_probe_sha256": probe})
 
 

@@ -10,15 +10,16 @@ The shards must be readable from every node (shared storage), as the label stage
 """
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from functools import reduce
 
 import numpy as np
 import ray
 from tqdm import tqdm
 
+from core.errors import UserError
 from core.sampling import BoundedSample, patch_priorities, per_image_lowest
 from ray_jobs.feature_sets import FeatureShards
+from ray_jobs.streaming import user_errors_raised_as_themselves
 from storage.shards import features_from_table, read_verified_parquet
 
 REDUCE_CPUS = 0.1  # a reduction node only adds arrays: it must not queue behind the readers for a whole CPU
@@ -35,22 +36,22 @@ def tree_add(level: list, add: Callable, fan_in: int = 8):
     return level[0]
 
 
+class ShardDataError(UserError, ValueError):
+    """A shard whose contents cannot be used (NaN features, say); the message names the file."""
+
+
 @ray.remote
 def _shard_result(root, marker: dict, path, fix: str, columns: list[str], index: int, fn: Callable, *args):
-    return fn(read_verified_parquet(root, marker, path, fix, columns), index, *args)
+    table = read_verified_parquet(root, marker, path, fix, columns)
+    try:
+        return fn(table, index, *args)
+    except ValueError as err:
+        raise ShardDataError(f"{path}: {err}") from None
 
 
 @ray.remote
 def _add_results(add: Callable, *parts):
     return reduce(add, parts)
-
-
-@contextmanager
-def _raised_as_themselves():
-    try:
-        yield
-    except ray.exceptions.RayTaskError as err:  # the shard's own error: a changed file names itself and the fix
-        raise err.cause from None
 
 
 def _submit(shards: FeatureShards, columns: list[str], fn: Callable, args: tuple, num_cpus: float,
@@ -71,7 +72,7 @@ def map_reduce_shards(shards: FeatureShards, columns: list[str], fn: Callable, a
     leaves = _submit(shards, columns, fn, args, num_cpus, None)
     if not leaves:
         return None
-    with _raised_as_themselves():
+    with user_errors_raised_as_themselves():  # a changed file names itself and the fix
         root = tree_add(leaves, add, fan_in)
         pending = leaves
         with tqdm(total=len(leaves), desc=desc, unit="shard") as bar:
@@ -87,7 +88,7 @@ def map_shards(shards: FeatureShards, columns: list[str], fn: Callable, args: tu
     """fn(table_i, i, *args) for every shard i (or every i in `only`), yielded in that order, one
     result fetched at a time."""
     leaves = _submit(shards, columns, fn, args, num_cpus, only)
-    with _raised_as_themselves():
+    with user_errors_raised_as_themselves():
         for ref in tqdm(leaves, desc=desc, unit="shard"):
             yield ray.get(ref)
 

@@ -212,6 +212,34 @@ def test_the_config_refuses_a_mapping_set_with_heldout_folds():
         parse_config({"fit": {"mapping_from": "outputs/labelled"}}, "test")
     with pytest.raises(ValueError, match="names a feature set twice"):
         parse_config({"fit": {"features": [{}, {"path": None, "weight": 2}]}}, "test")
+    for weight in (float("inf"), 1e308):
+        with pytest.raises(ValueError, match="weight"):
+            parse_config({"fit": {"features": [{}, {"path": "outputs/frames", "weight": weight}]}}, "test")
+
+
+def test_one_set_named_twice_a_histograms_folder_and_nan_features_are_refused(tmp_path):
+    from ray_jobs.feature_sets import FeatureSetError
+    write_unlabelled(tmp_path / "frames")
+    frames = str(tmp_path / "frames")
+    cfg = config(tmp_path / "run")
+    args = write_shards(cfg)
+    for spelling in (frames + "/", frames + "/features"):
+        with pytest.raises(FeatureSetError, match="names the same features twice"):
+            run_fit(config(tmp_path / "run", features=[{"path": frames}, {"path": spelling}]), *args)
+    import shutil
+    shutil.copytree(tmp_path / "frames", tmp_path / "copy")
+    with pytest.raises(FeatureSetError, match="copies with the same content"):
+        run_fit(config(tmp_path / "run", features=[{"path": frames}, {"path": str(tmp_path / "copy")}]), *args)
+    (tmp_path / "copy" / "features").rename(tmp_path / "copy" / "histograms")  # e.g. an apply's histograms/
+    with pytest.raises(FeatureSetError, match="not patch features.*kept under that name"):
+        run_fit(config(tmp_path / "run", features=[{"path": str(tmp_path / "copy" / "histograms")}]), *args)
+    bad = config(tmp_path / "nan")
+    feats = np.ones((D, 4, 4))
+    feats[:, 3, 3] = np.nan
+    write_extracted(bad, [patch_table(["j"], [feats], [np.zeros((4, 4), np.uint8)], patch_schema(D, "float32"), [(56, 56)])])
+    shards = FeatureShards(bad.output_dir / "features", read_done(bad.output_dir / "features"))
+    with pytest.raises(Exception, match=r"shard-00000.parquet: .*1 of 16 .*NaN or inf"):
+        count_cluster_classes(shards, {"k2": np.eye(2, D, dtype=np.float32)}, {}, bad)
 
 
 def relaid(tables, num_shards):

@@ -42,6 +42,19 @@ def test_fit_on_the_frames_map_on_the_labelled_set_and_label_the_frames(frames, 
     assert fitted["num_patches"] == NUM_FRAMES * 8 * 16 and fit.meta["n_samples"] == fitted["sampled_rows"] == NUM_FRAMES * 64
     assert fit.meta["mapped_on"]["features"] == "this run" and fit.meta["mapped_on"]["labelled_patches"] > 0
 
+    # label and report check the fits against what they recorded of the frames, not the frames
+    # themselves (a large set may have moved on); fit checks them again
+    shard = frames_run / "features" / "shard-00001.parquet"
+    shard.rename(shard.with_suffix(".away"))
+    try:
+        Pipeline(cfg).run(("label", "report"))
+        report = (tmp_path / "labelled" / "report.md").read_text()
+        assert f"**Fitted on:** {frames_run} ({NUM_FRAMES * 64} sampled patches" in report
+        with pytest.raises(FeatureSetError, match="shard-00001.parquet is missing"):
+            Pipeline(cfg).run(("fit",))
+    finally:
+        shard.with_suffix(".away").rename(shard)
+
     summary = run_apply(frames_config(root, tmp_path / "applied"), tmp_path / "labelled" / "fits" / "k16")
     assert summary["num_images"] == NUM_FRAMES and summary["num_failed"] == 0
     assert len(list((tmp_path / "applied" / "labels").rglob("*_trainIds.png"))) == NUM_FRAMES
