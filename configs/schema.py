@@ -258,6 +258,11 @@ class ReportConfig(Strict):
         return self
 
 
+class AtlasConfig(Strict):
+    # `submit.py run` writes the main fit's cluster atlas (output_dir/atlas) after the report
+    enabled: bool = True
+
+
 class ApplyConfig(Strict):
     write_features: bool = False  # also write the images' patch features (extract's schema) to output_dir/features
     # apply runs the model pool and the labelling pool at once (extract and label run one after the
@@ -293,6 +298,7 @@ class RunConfig(Strict):
     fit: FitConfig = FitConfig()
     apply: ApplyConfig = ApplyConfig()
     report: ReportConfig = ReportConfig()
+    atlas: AtlasConfig = AtlasConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")

@@ -108,7 +108,8 @@ class Pipeline:
               f"patch mIoU {_percent(main['patch_level']['same_set']['miou'])} -> {self.cfg.output_dir / 'report.md'}")
 
     def stage_atlas(self) -> None:
-        self.atlas(fit_names(self.cfg)[0], self.layout.root / "atlas")
+        if self.cfg.atlas.enabled:
+            self.atlas(fit_names(self.cfg)[0], self.layout.root / "atlas")
 
     def atlas(self, fit_name: str, out_dir: Path) -> Path:
         """The cluster atlas of one of this run's fits (current with its features), in out_dir."""

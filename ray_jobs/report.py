@@ -184,7 +184,7 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
         "written_variant": cfg.refine.write_variant, "absorption": absorption, "figures": figures,
         "outputs": {"labels": str(layout.labels.relative_to(cfg.output_dir)),
                     "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir)),
-                    "atlas": "atlas/index.html"},  # the atlas stage writes it after the report
+                    "atlas": "atlas/index.html" if cfg.atlas.enabled else None},  # the atlas stage writes it next
         "failed_items": failed,
     }
     write_json_atomic(report, cfg.output_dir / "report.json")

@@ -73,7 +73,7 @@ def test_the_page_data_cannot_close_its_script_element():
 def atlas_run(ray_cluster, demo_root, tmp_path_factory):
     """A tiny run with every stage, the atlas of its main fit among them."""
     out = tmp_path_factory.mktemp("atlas_run")
-    cfg = tiny_config(demo_root, out)
+    cfg = tiny_config(demo_root, out, atlas={"enabled": True})
     Pipeline(cfg).run()
     return cfg, out
 

@@ -51,7 +51,10 @@ def test_report_has_every_fit_with_sane_metrics(first_run):
             assert 0.0 < fit[level]["same_set"]["miou"] < 1.0
     for name in ("k24", "k8"):
         protocols = report["fits"][name]["pixel_level"]
-        assert set(protocols) == {"same_set", "held_out", "label_free"}
+        assert set(protocols) == {"same_set", "held_out", "label_free", "few_shot"}
+        # a look at 27 patches per cluster is nearer the held-out majority than one look
+        few = protocols["few_shot"]
+        assert abs(few["27"]["miou_mean"] - protocols["held_out"]["miou"]) <= abs(few["1"]["miou_mean"] - protocols["held_out"]["miou"]) + 0.02
         # The same-set mapping saw the scored images: it cannot lose to the pooled held-out one by much.
         assert protocols["held_out"]["miou"] <= protocols["same_set"]["miou"] + 0.05
         assert 0 <= fit["dead_centroids"] < fit["k"]
@@ -61,7 +64,7 @@ def test_report_has_every_fit_with_sane_metrics(first_run):
     assert 1 <= len(meta["lloyd_history"]) <= 2 and meta["lloyd_history"][0]["rows"] == NUM_IMAGES * 8 * 16
     assert "RANDOMLY INITIALISED" in report["model"]
     assert (first_run.output_dir / "report.md").read_text().startswith("# Overclustering report")
-    for figure in ("miou_vs_k", "confusion", "per_class_iou", "overlays"):
+    for figure in ("miou_vs_k", "confusion", "per_class_iou", "overlays", "few_shot"):
         assert (first_run.output_dir / report["figures"][figure]).stat().st_size > 0
     assert list(report["variants"]) == ["seed", "single_scale", "em_semantic", "em_things", "superpixels", "baseline_k19"]
     for variant in report["variants"].values():

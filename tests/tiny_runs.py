@@ -26,6 +26,7 @@ def tiny_config(data_root, output_dir, images_per_shard=4, num_actors=1, **secti
         "label": {"num_overlays": 0, "read": {"num_cpus": 0.25}, "workers": {"num_actors": num_actors, "cpus_per_actor": 0.5}},
         "fit": {"k": 16, "k_sweep": [8], "n_iter": 10, "max_patches_per_image": 64},
         "ray": {"local_num_cpus": 2},
+        "atlas": {"enabled": False},  # tests/test_atlas.py turns it on
     }
     for section, values in sections.items():
         data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
