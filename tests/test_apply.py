@@ -16,6 +16,7 @@ from ray_jobs.apply import ApplyError, run_apply
 from ray_jobs.plans import model_identity
 from ray_jobs.session import init_ray
 from storage.synth import generate_demo_dataset
+from tests.tiny_runs import own_ray_cluster
 
 NUM_GOOD = 5
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
@@ -58,6 +59,7 @@ def s3_frames(tmp_path_factory):
         s3.upload_file(str(path), "frames", f"drive1/{path.name}")
     s3.put_object(Bucket="frames", Key="drive1/zz_truncated.png", Body=images[0].read_bytes()[:200])
     s3.put_object(Bucket="frames", Key="drive1/notes.txt", Body=b"not an image")
+    own_ray_cluster()  # its workers must start with the S3 settings above
     init_ray(apply_config("unused", tmp_path_factory.mktemp("unused")))
     yield f"s3://frames/drive1?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
     ray.shutdown()

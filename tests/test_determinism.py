@@ -7,28 +7,18 @@ import math
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from ray_jobs.pipeline import Pipeline
-from ray_jobs.session import init_ray
-from storage.synth import generate_demo_dataset
 from tests.tiny_runs import NUM_IMAGES, centroid_bytes, feature_ids, report_metrics, tiny_config
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("determinism")
-    root = tmp / "data"
-    generate_demo_dataset(root, split="val", num_images=NUM_IMAGES, height=128, width=256, seed=0)
-    one = tiny_config(root, tmp / "one_actor", images_per_shard=4, num_actors=1)
-    two = tiny_config(root, tmp / "two_actors", images_per_shard=5, num_actors=2)
-    init_ray(one)
-    try:
-        for cfg in (one, two):
-            Pipeline(cfg).run()
-    finally:
-        ray.shutdown()
-    return one.output_dir, two.output_dir
+def runs(ray_cluster, tiny_run, demo_root, tmp_path_factory):
+    """The session's tiny run (one actor, 4 images per shard) and the same config on two actors, 5 per shard."""
+    assert tiny_run.dataset.images_per_shard == 4 and tiny_run.extract.model.num_actors == 1
+    two = tiny_config(demo_root, tmp_path_factory.mktemp("determinism") / "two_actors", images_per_shard=5, num_actors=2)
+    Pipeline(two).run()
+    return tiny_run.output_dir, two.output_dir
 
 
 def _sorted_features(output_dir):

@@ -10,6 +10,7 @@ import ray
 from core.clustering import fit_kmeans, lloyd, lloyd_partial
 from ray_jobs.distributed_lloyd import distributed_lloyd, lloyd_pass
 from storage.shards import patch_schema, patch_table, write_parquet_atomic
+from tests.tiny_runs import own_ray_cluster
 
 DIM, K = 16, 12
 SHARD_IMAGES = [7, 5, 8]  # images per shard; 24 x 48 patches each -> 23,040 rows in three uneven shards
@@ -18,6 +19,7 @@ SHARD_IMAGES = [7, 5, 8]  # images per shard; 24 x 48 patches each -> 23,040 row
 @pytest.fixture(scope="module")
 def ray_cluster():
     repo_root = str(Path(__file__).resolve().parent.parent)
+    own_ray_cluster()
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
              runtime_env={"env_vars": {"PYTHONPATH": repo_root}}, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -2,7 +2,7 @@
 (partial, stale or mismatched inputs; bad images; bad settings); the README's reliability table
 lists them with what the tool does.
 
-Most tests damage a copy of one finished tiny run (`finished`) and run a stage on it.
+Most tests damage a copy of the session's finished tiny run (`tiny_run`, tests/conftest.py) and run a stage on it.
 """
 
 import json
@@ -30,25 +30,7 @@ from storage.datasets import list_image_folder
 from storage.images import InputError, read_ground_truth, safe_path
 from storage.shards import patch_schema, patch_table, read_done, write_parquet_atomic
 from storage.synth import generate_demo_dataset
-from tests.tiny_runs import report_metrics, tiny_config, write_extracted
-
-
-@pytest.fixture(scope="module")
-def finished(ray_cluster, demo_root, tmp_path_factory):
-    cfg = tiny_config(demo_root, tmp_path_factory.mktemp("finished") / "out")
-    Pipeline(cfg).run()
-    return cfg
-
-
-def copy_of(cfg, tmp_path, **sections):
-    """The finished run copied to tmp_path, and its config pointing there (with `sections` changed)."""
-    out = tmp_path / "out"
-    shutil.copytree(cfg.output_dir, out)
-    data = cfg.model_dump(mode="json")
-    data["output_dir"] = str(out)
-    for section, values in sections.items():
-        data[section] = {**data[section], **values}
-    return parse_config(data)
+from tests.tiny_runs import copy_run, report_metrics, tiny_config, write_extracted
 
 
 def cli(cfg, capsys, *args: str) -> tuple[int, str]:
@@ -82,8 +64,8 @@ def flip_a_byte(path: Path) -> None:
 
 # 1. Stages run alone read only complete upstream work.
 
-def test_1_stages_run_alone_refuse_partial_upstream_and_run_repairs(finished, tmp_path, capsys):
-    cfg = copy_of(finished, tmp_path)
+def test_1_stages_run_alone_refuse_partial_upstream_and_run_repairs(tiny_run, tmp_path, capsys):
+    cfg = copy_run(tiny_run, tmp_path)
     (cfg.output_dir / "features" / "_done" / "shard-00002.json").unlink()  # extract killed before its last shard
     code, err = cli(cfg, capsys, "fit")
     assert_user_error(code, err, "the fit stage needs the whole extract stage", "1 of 3 shards are not done (shard-00002)",
@@ -91,11 +73,11 @@ def test_1_stages_run_alone_refuse_partial_upstream_and_run_repairs(finished, tm
     code, err = cli(cfg, capsys, "label")
     assert_user_error(code, err, "the label stage needs the whole extract stage")
     Pipeline(cfg).run()  # redoes the shard (same bytes: the fits are reused), then labels and reports
-    assert report_metrics(cfg.output_dir) == report_metrics(finished.output_dir)
+    assert report_metrics(cfg.output_dir) == report_metrics(tiny_run.output_dir)
 
 
-def test_1_report_after_a_killed_label_refuses(finished, tmp_path, capsys):
-    cfg = copy_of(finished, tmp_path)
+def test_1_report_after_a_killed_label_refuses(tiny_run, tmp_path, capsys):
+    cfg = copy_run(tiny_run, tmp_path)
     (cfg.output_dir / "scores" / "_done" / "shard-00001.json").unlink()
     code, err = cli(cfg, capsys, "report")
     assert_user_error(code, err, "the report stage needs the whole label stage", "(shard-00001)", "python submit.py label")
@@ -103,18 +85,18 @@ def test_1_report_after_a_killed_label_refuses(finished, tmp_path, capsys):
 
 # 2. Markers record what their shard wrote; readers verify it.
 
-def test_2_a_deleted_features_file_is_refused_downstream_and_redone_upstream(finished, tmp_path, capsys):
-    cfg = copy_of(finished, tmp_path)
+def test_2_a_deleted_features_file_is_refused_downstream_and_redone_upstream(tiny_run, tmp_path, capsys):
+    cfg = copy_run(tiny_run, tmp_path)
     gone = cfg.output_dir / "features" / "shard-00001.parquet"
     gone.unlink()
     code, err = cli(cfg, capsys, "fit")
     assert_user_error(code, err, f"{gone} is missing", "python submit.py extract", "redoes that shard")
     Pipeline(cfg).run()
-    assert gone.is_file() and report_metrics(cfg.output_dir) == report_metrics(finished.output_dir)
+    assert gone.is_file() and report_metrics(cfg.output_dir) == report_metrics(tiny_run.output_dir)
 
 
-def test_2_a_deleted_scores_file_or_label_png_is_refused_by_report_and_redone_by_label(finished, tmp_path, capsys):
-    cfg = copy_of(finished, tmp_path)
+def test_2_a_deleted_scores_file_or_label_png_is_refused_by_report_and_redone_by_label(tiny_run, tmp_path, capsys):
+    cfg = copy_run(tiny_run, tmp_path)
     npz = cfg.output_dir / "scores" / "shard-00000.npz"
     npz.unlink()
     png = sorted(cfg.output_dir.glob("labels/labelIds/*/*_labelIds.png"))[-1]  # in the last shard
@@ -123,36 +105,36 @@ def test_2_a_deleted_scores_file_or_label_png_is_refused_by_report_and_redone_by
     assert_user_error(code, err, f"{npz} is missing", "python submit.py label")
     Pipeline(cfg).run(("label", "report"))
     assert npz.is_file() and png.is_file()
-    assert report_metrics(cfg.output_dir) == report_metrics(finished.output_dir)
+    assert report_metrics(cfg.output_dir) == report_metrics(tiny_run.output_dir)
 
 
-def test_2_truncated_or_altered_files_name_the_file(finished, tmp_path, capsys):
-    cfg = copy_of(finished, tmp_path)
+def test_2_truncated_or_altered_files_name_the_file(tiny_run, tmp_path, capsys):
+    cfg = copy_run(tiny_run, tmp_path)
     parquet = cfg.output_dir / "features" / "shard-00000.parquet"
     parquet.write_bytes(parquet.read_bytes()[:300])
     code, err = cli(cfg, capsys, "fit")
     assert_user_error(code, err, f"{parquet} is 300 bytes", "when written", "python submit.py extract")
 
-    cfg = copy_of(finished, tmp_path / "b")
+    cfg = copy_run(tiny_run, tmp_path / "b")
     npz = cfg.output_dir / "scores" / "shard-00002.npz"
     flip_a_byte(npz)
     code, err = cli(cfg, capsys, "report")
     assert_user_error(code, err, str(npz), "other content than when written", "python submit.py label")
 
 
-def test_2_same_size_changes_are_redone_by_the_stage_that_wrote_them(finished, tmp_path, capsys):
-    cfg = copy_of(finished, tmp_path)
+def test_2_same_size_changes_are_redone_by_the_stage_that_wrote_them(tiny_run, tmp_path, capsys):
+    cfg = copy_run(tiny_run, tmp_path)
     flip_a_byte(cfg.output_dir / "features" / "shard-00001.parquet")
     png = sorted(cfg.output_dir.glob("labels/labelIds/*/*_labelIds.png"))[0]
     original = png.read_bytes()
     flip_a_byte(png)
     Pipeline(cfg).run()  # extract redoes shard 1 (same bytes: the fits stand), label redoes the PNG's shard
     assert png.read_bytes() == original
-    assert report_metrics(cfg.output_dir) == report_metrics(finished.output_dir)
+    assert report_metrics(cfg.output_dir) == report_metrics(tiny_run.output_dir)
 
 
-def test_2_altered_fits_are_refused_by_later_stages_and_refitted_by_run(finished, tmp_path, capsys):
-    cfg = copy_of(finished, tmp_path)
+def test_2_altered_fits_are_refused_by_later_stages_and_refitted_by_run(tiny_run, tmp_path, capsys):
+    cfg = copy_run(tiny_run, tmp_path)
     centroids = cfg.output_dir / "fits" / "k16" / "centroids.npy"
     np.save(centroids, np.load(centroids)[::-1].copy())  # still a valid fit, but not the one the labels came from
     code, err = cli(cfg, capsys, "report")
@@ -160,11 +142,11 @@ def test_2_altered_fits_are_refused_by_later_stages_and_refitted_by_run(finished
     summary = cfg.output_dir / "fits" / "fit_summary.json"
     summary.write_text(summary.read_text().replace('"miou": 0.', '"miou": 0.9', 1))
     Pipeline(cfg).run()
-    assert report_metrics(cfg.output_dir) == report_metrics(finished.output_dir)
+    assert report_metrics(cfg.output_dir) == report_metrics(tiny_run.output_dir)
 
 
-def test_2_markers_of_another_plan_are_not_adopted(finished, tmp_path, capsys):
-    cfg = copy_of(finished, tmp_path)
+def test_2_markers_of_another_plan_are_not_adopted(tiny_run, tmp_path, capsys):
+    cfg = copy_run(tiny_run, tmp_path)
     for folder in ("fits", "scores"):
         shutil.rmtree(cfg.output_dir / folder)
     (cfg.output_dir / "features" / "_plan.json").unlink()  # the plan gone, its markers left
@@ -177,8 +159,8 @@ def test_2_markers_of_another_plan_are_not_adopted(finished, tmp_path, capsys):
 
 # 3. report checks that what it reads was made with the settings it is given.
 
-def test_3_report_with_other_settings_is_refused_and_changes_nothing(finished, tmp_path, capsys):
-    cfg = copy_of(finished, tmp_path)
+def test_3_report_with_other_settings_is_refused_and_changes_nothing(tiny_run, tmp_path, capsys):
+    cfg = copy_run(tiny_run, tmp_path)
     before = snapshot(cfg.output_dir)
     code, err = cli(cfg, capsys, "report", "--set", "fit.k=12")
     assert_user_error(code, err, "fits holds fit results made with other settings: fit.k: 16 -> 12", "nothing was changed")
@@ -187,16 +169,16 @@ def test_3_report_with_other_settings_is_refused_and_changes_nothing(finished, t
 
 # 4. apply compares the model's identity, not only the feature size.
 
-def test_4_apply_refuses_a_fit_of_another_model_of_the_same_feature_size(finished, tmp_path):
-    other = parse_config({**finished.model_dump(mode="json"), "output_dir": str(tmp_path / "apply"),
+def test_4_apply_refuses_a_fit_of_another_model_of_the_same_feature_size(tiny_run, tmp_path):
+    other = parse_config({**tiny_run.model_dump(mode="json"), "output_dir": str(tmp_path / "apply"),
                           "dataset": {"kind": "folder", "root": str(tmp_path / "frames")},
-                          "model": {**finished.model.model_dump(mode="json"), "init_seed": 1}})
+                          "model": {**tiny_run.model.model_dump(mode="json"), "init_seed": 1}})
     with pytest.raises(ApplyError, match=r"another model: init_seed: 0 -> 1; use the config the fit was made with"):
-        run_apply(other, finished.output_dir / "fits" / "k16")
-    flipped = parse_config({**other.model_dump(mode="json"), "model": finished.model.model_dump(mode="json"),
-                            "inference": {**finished.inference.model_dump(mode="json"), "flip": False}})
+        run_apply(other, tiny_run.output_dir / "fits" / "k16")
+    flipped = parse_config({**other.model_dump(mode="json"), "model": tiny_run.model.model_dump(mode="json"),
+                            "inference": {**tiny_run.inference.model_dump(mode="json"), "flip": False}})
     with pytest.raises(ApplyError, match=r"inference.flip: true -> false"):
-        run_apply(flipped, finished.output_dir / "fits" / "k16")
+        run_apply(flipped, tiny_run.output_dir / "fits" / "k16")
     assert not (tmp_path / "apply").exists()
 
 
@@ -250,8 +232,8 @@ def test_6_a_single_labelled_image_is_a_complete_run(ray_cluster, demo_root, tmp
 
 # 7. A run changes nothing before it has decided to run; one job per output folder.
 
-def test_7_a_refused_run_changes_nothing(finished, tmp_path, capsys):
-    cfg = copy_of(finished, tmp_path)
+def test_7_a_refused_run_changes_nothing(tiny_run, tmp_path, capsys):
+    cfg = copy_run(tiny_run, tmp_path)
     before = snapshot(cfg.output_dir)
     code, err = cli(cfg, capsys, "run", "--set", "inference.flip=false")
     assert_user_error(code, err, "features holds extract results made with other settings: model.inference.flip: true -> false")
@@ -267,8 +249,8 @@ with OutputLock(sys.argv[1], "submit.py run (the first job)"):
 """
 
 
-def test_7_a_second_job_on_the_same_folder_is_refused_naming_the_first(finished, tmp_path, capsys):
-    cfg = copy_of(finished, tmp_path)
+def test_7_a_second_job_on_the_same_folder_is_refused_naming_the_first(tiny_run, tmp_path, capsys):
+    cfg = copy_run(tiny_run, tmp_path)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(cfg.output_dir)], stdout=subprocess.PIPE,
                               text=True, cwd=Path(submit.__file__).parent)
     try:
@@ -315,8 +297,8 @@ def test_9_wrong_ground_truth_is_refused(demo_root, tmp_path):
 
 # 10. Every user error ends in one `error:` line with exit 2.
 
-def test_10_user_errors_exit_2_without_a_traceback(finished, tmp_path, capsys):
-    cfg = copy_of(finished, tmp_path)
+def test_10_user_errors_exit_2_without_a_traceback(tiny_run, tmp_path, capsys):
+    cfg = copy_run(tiny_run, tmp_path)
     assert_user_error(*cli(cfg, capsys, "report", "--set", "fit.k=[1,"), "override 'fit.k=[1,'", "not valid YAML")
     assert_user_error(*cli(cfg, capsys, "report", "--set", "run_name=!!python/object/apply:os.system [echo]"),
                       "not valid YAML")

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.tiny_runs import own_ray_cluster
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
@@ -50,6 +52,7 @@ def _cli(*args, timeout=120) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def head():
     """(dashboard address, temp dir) of a head node started for this module and always stopped."""
+    own_ray_cluster()  # the tests' shared in-process cluster would hold memory beside this head
     temp_dir = Path(tempfile.mkdtemp(prefix="rayjob", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
     gcs, dash, client, agent_listen, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = _free_ports(9)
     log = open(temp_dir / "head.log", "w")
@@ -81,7 +84,7 @@ def head():
 
 def _stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM to the head's process group (the processes this fixture started), SIGKILL to what is left."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:

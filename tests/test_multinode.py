@@ -17,11 +17,12 @@ from ray.cluster_utils import Cluster
 from core.labels import IGNORE
 from ray_jobs.pipeline import Pipeline
 from storage.images import read_train_ids
-from tests.tiny_runs import NUM_IMAGES, PATCHES_PER_IMAGE, feature_ids, scored_ids, tiny_config
+from tests.tiny_runs import NUM_IMAGES, PATCHES_PER_IMAGE, feature_ids, own_ray_cluster, scored_ids, tiny_config
 
 
 @pytest.fixture(scope="module")
 def three_nodes():
+    own_ray_cluster()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.add_node(num_cpus=1)

@@ -21,9 +21,8 @@ def _lose_shard(stage_dir, shard):
     (stage_dir / f".{shard}.parquet.tmp-99999").write_bytes(b"PAR1 partial write")
 
 
-def test_interrupted_run_resumes_to_the_same_result(ray_cluster, demo_root, tmp_path):
-    reference = tiny_config(demo_root, tmp_path / "uninterrupted")
-    Pipeline(reference).run()
+def test_interrupted_run_resumes_to_the_same_result(ray_cluster, tiny_run, demo_root, tmp_path):
+    reference = tiny_run  # uninterrupted, same config
 
     cfg = tiny_config(demo_root, tmp_path / "interrupted")
     features, scores = cfg.output_dir / "features", cfg.output_dir / "scores"

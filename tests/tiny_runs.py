@@ -3,10 +3,12 @@ parts of a run that must not depend on how it was scheduled."""
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import ray
 
 from configs.schema import parse_config
 
@@ -30,6 +32,24 @@ def tiny_config(data_root, output_dir, images_per_shard=4, num_actors=1, **secti
     }
     for section, values in sections.items():
         data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
+    return parse_config(data)
+
+
+def own_ray_cluster() -> None:
+    """Called by a module fixture before it starts a cluster of its own settings: the shared one
+    (`tests/conftest.py`'s ray_cluster) may still run."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def copy_run(cfg, tmp_path: Path, **sections):
+    """A finished run copied to tmp_path/out, and its config pointing there (with `sections` changed)."""
+    out = Path(tmp_path) / "out"
+    shutil.copytree(cfg.output_dir, out)
+    data = cfg.model_dump(mode="json")
+    data["output_dir"] = str(out)
+    for section, values in sections.items():
+        data[section] = {**data[section], **values}
     return parse_config(data)
 
 
@@ -87,6 +107,8 @@ def extract_stage_plan(cfg, records):
 def write_extracted(cfg, tables) -> tuple:
     """Hand-made patch tables (one per shard) as a finished extract stage: Parquet shards, their
     markers and the stage's plan. Returns `run_fit`'s arguments after cfg."""
+    import pyarrow.compute as pc
+
     from ray_jobs.layout import Layout
     from storage.datasets import ImageRecord
     from storage.shards import (STAGE_COMPLETE, dataset_fingerprint, feature_path, mark_done, output_records,
@@ -101,6 +123,7 @@ def write_extracted(cfg, tables) -> tuple:
         path = feature_path(features, name)
         write_parquet_atomic(table, path)
         mark_done(features, name, {"plan_key": extract.key, "num_images": len(ids), "image_ids": ids, "failed": [],
-                                   "num_patches": table.num_rows, "outputs": output_records(Path(cfg.output_dir), [path])})
+                                   "num_patches": table.num_rows,
+                                   "labelled_patches": int(pc.sum(pc.not_equal(table["label"], 255)).as_py() or 0), "outputs": output_records(Path(cfg.output_dir), [path])})
     write_json_atomic({"plan_key": extract.key, "shards": names}, features / STAGE_COMPLETE)
     return fit, extract, names, dataset_fingerprint(records)
