@@ -144,8 +144,9 @@ def write_feature_shards(cfg, features_dir: Path, shard: str, order: list[str], 
                             patch_schema(cfg.model.vit.embed_dim), hws)
         paths.append(backbone_path(features_dir, shard))
         write_parquet_atomic(table, paths[-1])
-    return paths, {"num_patches": tables[0].num_rows, "feature_dim": feature_dim(cfg),
-                   "model": parts[0][1]["model"] if parts else None}
+    labels = tables[0].column("label").to_numpy()
+    return paths, {"num_patches": tables[0].num_rows, "labelled_patches": int((labels != IGNORE).sum()),
+                   "feature_dim": feature_dim(cfg), "model": parts[0][1]["model"] if parts else None}
 
 
 def finish_features(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], plan_key: str, config: dict) -> None:

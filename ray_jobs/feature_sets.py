@@ -57,6 +57,13 @@ class FeatureSet:
     def num_patches(self) -> int:
         return sum(int(m.get("num_patches", 0)) for m in self.markers.values())
 
+    @property
+    def num_labelled_patches(self) -> int | None:
+        """Patches with a ground-truth class; None where a marker predates the count."""
+        if any("labelled_patches" not in m for m in self.markers.values()):
+            return None
+        return sum(int(m["labelled_patches"]) for m in self.markers.values())
+
     def shards(self, path_of=feature_path) -> FeatureShards:
         return FeatureShards(self.features_dir, self.markers, path_of, f"{self.rerun}: it redoes that shard")
 

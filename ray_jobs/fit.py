@@ -86,7 +86,13 @@ def fit_feature_sets(cfg: RunConfig, extract: Plan, markers: dict[str, dict], da
                 raise FeatureSetError(f"fit.features names the same features twice ({other.name!r} and {fs.name!r}: "
                                       f"{'one folder' if fs.features_dir.resolve() == other.features_dir.resolve() else 'copies with the same content'}): "
                                       "list each set once, with its weight")
-    return sources, named(cfg.fit.mapping_from, "fit.mapping_from")
+    mapping = named(cfg.fit.mapping_from, "fit.mapping_from")
+    if mapping.num_labelled_patches == 0:  # refused before k-means, not after it
+        where = "this run's own features" if cfg.fit.mapping_from is None else f"fit.mapping_from={cfg.fit.mapping_from!r}"
+        raise FeatureSetError(f"{where}: its patches have no ground truth, so no cluster can be mapped to a class. "
+                              "Map on a labelled run's features (fit.mapping_from=<its output_dir>, fit.heldout_folds=1), or label "
+                              "these images with a fit saved from a labelled run (`python submit.py apply --fit ...`)")
+    return sources, mapping
 
 
 def fit_inputs(sources: Sources, mapping: FeatureSet) -> str:

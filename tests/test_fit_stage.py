@@ -9,7 +9,7 @@ import torch
 from configs.schema import parse_config
 from core.fit_artifact import FitArtifact
 from core.sampling import BoundedSample, image_fold, patch_priorities, per_image_lowest
-from ray_jobs.feature_sets import FeatureShards
+from ray_jobs.feature_sets import FeatureSetError, FeatureShards
 from ray_jobs.fit import FitError, baseline_centroids, count_cluster_classes, gather_sample, run_fit
 from storage.shards import features_from_table, patch_schema, patch_table, read_done
 from tests.tiny_runs import write_extracted
@@ -129,7 +129,7 @@ def test_seed_protocol_without_ground_truth_says_so(tmp_path):
                         "fit": {"k": 6, "k_sweep": [3]}}, "test")
     table = patch_table(["x"], [np.random.default_rng(0).normal(size=(D, 4, 4))], [np.full((4, 4), 255, np.uint8)],
                         patch_schema(D, "float32"), [(56, 56)])
-    with pytest.raises(FitError, match="no ground truth"):
+    with pytest.raises(FeatureSetError, match="have no ground truth"):
         run_fit(cfg, *write_extracted(cfg, [table]))
 
 
@@ -174,8 +174,13 @@ def test_fit_on_the_unlabelled_run_map_on_a_labelled_one(tmp_path):
     labelled = config(tmp_path / "run")
     write_shards(labelled)
     _, args = write_unlabelled(tmp_path / "frames")
+    with pytest.raises(FeatureSetError, match="have no ground truth, so no cluster can be mapped to a class. Map on a labelled"):
+        run_fit(config(tmp_path / "frames", heldout_folds=1), *args)  # refused from the markers' counts, before k-means
+    assert not (tmp_path / "frames" / "fits").exists()
+    for marker in (tmp_path / "frames" / "features" / "_done").glob("*.json"):  # a set extracted before the count
+        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "labelled_patches"}))
     with pytest.raises(FitError, match="have no ground truth. Map on a labelled run's features"):
-        run_fit(config(tmp_path / "frames", heldout_folds=1), *args)
+        run_fit(config(tmp_path / "frames", heldout_folds=1), *args)  # found when the clusters are counted
     cfg = config(tmp_path / "frames", heldout_folds=1, mapping_from=str(tmp_path / "run"))
     fits = run_fit(cfg, *args)
     assert fits["k6"].meta["mapped_on"]["features"] == str(tmp_path / "run")

@@ -65,7 +65,7 @@ def test_the_frames_run_fits_itself_and_maps_on_the_labelled_run(frames, demo_ro
     root, frames_run = frames
     labelled = tiny_config(demo_root, tmp_path / "labelled", dataset=LABELLED)
     Pipeline(labelled).run(("extract",))
-    with pytest.raises(Exception, match="have no ground truth. Map on a labelled run's features"):
+    with pytest.raises(FeatureSetError, match="have no ground truth, so no cluster can be mapped to a class. Map on a labelled"):
         Pipeline(frames_config(root, frames_run, heldout_folds=1)).run(("fit",))
     # a mapping set made by another model is refused before anything is fitted
     other = tiny_config(demo_root, tmp_path / "other", dataset=LABELLED, model={"init_seed": 9})
