@@ -133,6 +133,8 @@ def atlas(args) -> int:
     from storage.lock import OutputLock, command_line
     name = args.fit.resolve().name
     out = args.out or run_dir / ("atlas" if name == fit_names(cfg)[0] else f"atlas_{name}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: name a folder for the atlas (it is made if missing)")
     pipeline = Pipeline(cfg)
     with OutputLock(cfg.output_dir, command_line()):
         init_ray(cfg)

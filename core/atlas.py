@@ -145,7 +145,8 @@ function card(c) {
     thumbs.push(`<div class="thumb" style="background-image:url(sprites/sprite-${String(c.sprite).padStart(3, "0")}.jpg);` +
                 `background-position:${-i * data.thumb}px ${-c.row * data.thumb}px"></div>`);
   }
-  const options = data.classes.map(k => `<option value="${k.id}">${k.name}</option>`).join("");
+  // "not named" first: picking the fitted class is then a choice too (a confirmed cluster leaves "unnamed only")
+  const options = `<option value="">not named</option>` + data.classes.map(k => `<option value="${k.id}">${k.name}</option>`).join("");
   el.innerHTML = `<h2><span>cluster ${c.cluster}</span><span class="current"></span></h2>
     <div class="thumbs">${thumbs.join("")}</div>
     <div class="stats">patch share ${pct(c.share)} (${c.patches} patches)<br>
@@ -153,10 +154,9 @@ function card(c) {
       nearest baseline cluster ${c.baseline} (${swatch(c.baseline_class)})</div>
     <label>name <select class="picker">${options}</select></label>`;
   const picker = el.querySelector(".picker");
-  picker.value = current(c);
+  picker.value = String(c.cluster) in names ? names[c.cluster] : "";
   picker.addEventListener("change", () => {
-    const id = Number(picker.value);
-    if (id === c.class) delete names[c.cluster]; else names[c.cluster] = id;
+    if (picker.value === "") delete names[c.cluster]; else names[c.cluster] = Number(picker.value);
     localStorage.setItem(storageKey, JSON.stringify(names));
     refresh(el, c);
     render();
@@ -192,7 +192,7 @@ for (const id of ["sort", "filter", "unnamed"]) document.getElementById(id).addE
 document.getElementById("reset").addEventListener("click", () => {
   for (const key of Object.keys(names)) delete names[key];
   localStorage.removeItem(storageKey);
-  for (const c of data.cards) { elements.get(c.cluster).querySelector(".picker").value = c.class; refresh(elements.get(c.cluster), c); }
+  for (const c of data.cards) { elements.get(c.cluster).querySelector(".picker").value = ""; refresh(elements.get(c.cluster), c); }
   render();
 });
 document.getElementById("export").addEventListener("click", () => {

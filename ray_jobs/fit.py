@@ -87,7 +87,7 @@ def fit_feature_sets(cfg: RunConfig, extract: Plan, markers: dict[str, dict], da
                                       f"{'one folder' if fs.features_dir.resolve() == other.features_dir.resolve() else 'copies with the same content'}): "
                                       "list each set once, with its weight")
     mapping = named(cfg.fit.mapping_from, "fit.mapping_from")
-    if mapping.num_labelled_patches == 0:  # refused before k-means, not after it
+    if mapping.num_patches and mapping.num_labelled_patches == 0:  # refused before k-means, not after it
         where = "this run's own features" if cfg.fit.mapping_from is None else f"fit.mapping_from={cfg.fit.mapping_from!r}"
         raise FeatureSetError(f"{where}: its patches have no ground truth, so no cluster can be mapped to a class. "
                               "Map on a labelled run's features (fit.mapping_from=<its output_dir>, fit.heldout_folds=1), or label "

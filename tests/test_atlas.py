@@ -15,7 +15,7 @@ from core.fit_artifact import FitArtifact
 from core.human_mapping import HumanMappingError, load_human_mapping, mapping_document
 from ray_jobs.apply import run_apply
 from ray_jobs.pipeline import Pipeline
-from tests.tiny_runs import tiny_config
+from tests.tiny_runs import copy_run, tiny_config
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -70,12 +70,12 @@ def test_the_page_data_cannot_close_its_script_element():
 
 
 @pytest.fixture(scope="module")
-def atlas_run(ray_cluster, demo_root, tmp_path_factory):
-    """A tiny run with every stage, the atlas of its main fit among them."""
-    out = tmp_path_factory.mktemp("atlas_run")
-    cfg = tiny_config(demo_root, out, atlas={"enabled": True})
+def atlas_run(tiny_run, tmp_path_factory):
+    """The shared tiny run, copied, with every stage again: only the atlas of its main fit (and the
+    report that links it) is new."""
+    cfg = copy_run(tiny_run, tmp_path_factory.mktemp("atlas_run"), atlas={"enabled": True})
     Pipeline(cfg).run()
-    return cfg, out
+    return cfg, cfg.output_dir
 
 
 def test_the_run_writes_an_atlas_of_every_cluster_linked_from_the_report(atlas_run):
@@ -93,6 +93,22 @@ def test_the_run_writes_an_atlas_of_every_cluster_linked_from_the_report(atlas_r
     few = json.loads((out / "report.json").read_text())["fits"]["k16"]["pixel_level"]["few_shot"]
     assert set(few) == {"1", "3", "9", "27"} and all(0 <= v["miou_mean"] <= 1 for v in few.values())
     assert (out / "figures" / "few_shot.png").is_file()
+
+
+def test_the_atlas_command_writes_another_fits_atlas_beside_the_run_and_refuses_bad_paths(atlas_run, tmp_path, capsys):
+    import submit
+
+    cfg, out = atlas_run
+    assert submit.main(["atlas", "--fit", str(out / "fits" / "k8")]) == 0
+    cards = json.loads((out / "atlas_k8" / "atlas.json").read_text())["cards"]
+    assert len(cards) == 8 and (out / "atlas_k8" / "index.html").is_file()
+    (tmp_path / "a_file").write_text("")
+    assert submit.main(["atlas", "--fit", str(out / "fits" / "k8"), "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert submit.main(["atlas", "--fit", str(out / "fits")]) == 2
+    assert "is not a fit folder of a run" in capsys.readouterr().err
+    assert submit.main(["atlas", "--fit", str(out / "fits" / "k99")]) == 2
+    assert "is not one of this run's fits" in capsys.readouterr().err
 
 
 def test_a_human_mapping_labels_and_is_scored_as_its_own_protocol_and_another_fits_is_refused(atlas_run, demo_root, tmp_path):
@@ -154,15 +170,21 @@ def test_the_atlas_in_a_real_browser_renders_every_card_and_exports_the_names_ch
         assert sprites and all(width == EXAMPLES * THUMB for width in sprites)
         shot = out / "atlas" / "screenshot.png"
         driver.save_screenshot(str(shot))
-        chosen = {2: 11, 5: 255}  # cluster 2 -> person, cluster 5 -> ignore
-        for cluster, train_id in chosen.items():
+        def pick(cluster, value):
             card = driver.find_element(By.CSS_SELECTOR, f'.card[data-cluster="{cluster}"]')
-            Select(card.find_element(By.CSS_SELECTOR, ".picker")).select_by_value(str(train_id))
-        assert "2 named by you" in driver.find_element(By.ID, "status").text
+            Select(card.find_element(By.CSS_SELECTOR, ".picker")).select_by_value(value)
+
+        # cluster 2 -> person, cluster 5 -> ignore, cluster 7 keeps its fitted class (confirmed: named, unchanged)
+        chosen = {2: 11, 5: 255, 7: int(fit.mapping[7])}
+        for cluster, train_id in chosen.items():
+            pick(cluster, str(train_id))
+        pick(9, "0")
+        pick(9, "")  # named, then "not named" again
+        assert "3 named by you" in driver.find_element(By.ID, "status").text
         driver.find_element(By.ID, "unnamed").click()
-        assert len(driver.find_elements(By.CSS_SELECTOR, "#cards .card")) == fit.k - 2
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#cards .card")) == fit.k - 3
         driver.refresh()  # the names persist in localStorage
-        assert "2 named by you" in driver.find_element(By.ID, "status").text
+        assert "3 named by you" in driver.find_element(By.ID, "status").text
         driver.find_element(By.ID, "export").click()
         exported = downloads / "mapping.json"
         for _ in range(100):
