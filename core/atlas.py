@@ -1,7 +1,7 @@
 """The cluster atlas: one card per cluster of a fit, to look at every cluster and name it.
 
 A card shows crops around sampled member patches (with context, the patch outlined), the
-cluster's share of the patches, its mapped class, its purity where ground truth exists, and the
+cluster's share of the image area (its patches' pixels), its mapped class, its purity where ground truth exists, and the
 nearest cluster of the baseline fit. The page is one static `index.html` (data, style and script
 inline) beside JPEG sprite sheets (`sprites/`, one per SPRITE_CLUSTERS clusters, a row of
 thumbnails per cluster), so it opens from disk or any static server and loads fast at k = 300+.
@@ -63,17 +63,18 @@ def sprite_sheet(rows: list[list[np.ndarray]], size: int = THUMB) -> np.ndarray:
     return sheet
 
 
-def cluster_cards(fit: FitArtifact, baseline: FitArtifact, patches: np.ndarray, examples: list[int]) -> list[dict]:
-    """Per cluster: its patch share, mapped class, purity (labelled patches of its majority class,
+def cluster_cards(fit: FitArtifact, baseline: FitArtifact, patches: np.ndarray, pixels: np.ndarray,
+                  examples: list[int]) -> list[dict]:
+    """Per cluster: its patches, its pixel share (the image pixels its patches cover, of all), mapped class, purity (labelled patches of its majority class,
     None without ground truth), nearest baseline cluster (cosine) and its class, and where its
     thumbnails are (sprite sheet and row)."""
     labelled = fit.extra_arrays["mapping_counts"].sum(axis=0) if "mapping_counts" in fit.extra_arrays else None
     nearest = (fit.centroids @ baseline.centroids.T).argmax(axis=1)
-    total = max(int(patches.sum()), 1)
+    total = max(float(pixels.sum()), 1.0)
     cards = []
     for c in range(fit.k):
         n_labelled = 0 if labelled is None else int(labelled[c].sum())
-        cards.append({"cluster": c, "patches": int(patches[c]), "share": float(patches[c]) / total,
+        cards.append({"cluster": c, "patches": int(patches[c]), "share": float(pixels[c]) / total,
                       "class": int(fit.mapping[c]),
                       "purity": float(labelled[c].max() / n_labelled) if n_labelled else None,
                       "baseline": int(nearest[c]), "baseline_class": int(baseline.mapping[nearest[c]]),
@@ -149,7 +150,7 @@ function card(c) {
   const options = `<option value="">not named</option>` + data.classes.map(k => `<option value="${k.id}">${k.name}</option>`).join("");
   el.innerHTML = `<h2><span>cluster ${c.cluster}</span><span class="current"></span></h2>
     <div class="thumbs">${thumbs.join("")}</div>
-    <div class="stats">patch share ${pct(c.share)} (${c.patches} patches)<br>
+    <div class="stats">pixel share ${pct(c.share)} (${c.patches} patches)<br>
       fitted class ${swatch(c.class)}, purity ${pct(c.purity)}<br>
       nearest baseline cluster ${c.baseline} (${swatch(c.baseline_class)})</div>
     <label>name <select class="picker">${options}</select></label>`;
@@ -173,7 +174,7 @@ function refresh(el, c) {
 const elements = new Map(data.cards.map(c => [c.cluster, card(c)]));
 const order = {
   cluster: (a, b) => a.cluster - b.cluster,
-  size: (a, b) => b.patches - a.patches || a.cluster - b.cluster,
+  size: (a, b) => b.share - a.share || a.cluster - b.cluster,
   purity: (a, b) => (a.purity ?? 2) - (b.purity ?? 2) || a.cluster - b.cluster,
   class: (a, b) => current(a) - current(b) || a.cluster - b.cluster,
 };

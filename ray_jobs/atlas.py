@@ -50,6 +50,7 @@ def _lowest_per_cluster(members: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 def _shard_members(table, _index: int, centroids: np.ndarray, seed: int) -> dict:
     image_ids = table.column("image_id").to_numpy(zero_copy_only=False)
     rows, cols = table.column("row").to_numpy().astype(np.int64), table.column("col").to_numpy().astype(np.int64)
+    image_area = table.column("height").to_numpy().astype(np.float64) * table.column("width").to_numpy()
     assigned = assign_clusters(features_from_table(table), centroids).astype(np.int64)
     priorities, image_index = patch_priorities(image_ids, seed)
     grid_h = np.zeros(image_index.max(initial=-1) + 1, np.int64)
@@ -58,11 +59,13 @@ def _shard_members(table, _index: int, centroids: np.ndarray, seed: int) -> dict
     np.maximum.at(grid_w, image_index, cols + 1)
     members = {"priority": priorities, "cluster": assigned, "image_id": image_ids.astype(object), "row": rows, "col": cols,
                "grid_h": grid_h[image_index], "grid_w": grid_w[image_index]}
-    return {"patches": np.bincount(assigned, minlength=len(centroids)), "members": _lowest_per_cluster(members)}
+    patch_area = image_area / (members["grid_h"] * members["grid_w"])  # the pixels of its image one patch stands for
+    return {"patches": np.bincount(assigned, minlength=len(centroids)),
+            "pixels": np.bincount(assigned, patch_area, minlength=len(centroids)), "members": _lowest_per_cluster(members)}
 
 
 def _merge_members(a: dict, b: dict) -> dict:
-    return {"patches": a["patches"] + b["patches"],
+    return {"patches": a["patches"] + b["patches"], "pixels": a["pixels"] + b["pixels"],
             "members": _lowest_per_cluster({k: np.concatenate([a["members"][k], b["members"][k]]) for k in a["members"]})}
 
 
@@ -95,7 +98,7 @@ def run_atlas(cfg: RunConfig, fit_dir: Path, baseline_dir: Path, shards: Feature
     """Write the atlas of the fit in `fit_dir` (its run's features `shards`, images `records`) to
     `out_dir`; returns the page's path."""
     fit, baseline = FitArtifact.load(fit_dir), FitArtifact.load(baseline_dir)
-    found = map_reduce_shards(shards, ["image_id", "row", "col", "feature"], _shard_members, _merge_members,
+    found = map_reduce_shards(shards, ["image_id", "row", "col", "height", "width", "feature"], _shard_members, _merge_members,
                               (fit.centroids, cfg.seed), desc="atlas: choosing examples")
     if found is None:
         raise AtlasError(f"no feature shards to make the atlas of {fit_dir} from: run the extract stage first")
@@ -126,7 +129,7 @@ def run_atlas(cfg: RunConfig, fit_dir: Path, baseline_dir: Path, shards: Feature
     sprites.mkdir(parents=True, exist_ok=True)
     for sheet, first in enumerate(range(0, fit.k, SPRITE_CLUSTERS)):
         _write_jpeg_atomic(sprite_sheet(rows[first:first + SPRITE_CLUSTERS]), sprites / f"sprite-{sheet:03d}.jpg")
-    cards = cluster_cards(fit, baseline, found["patches"], examples.tolist())
+    cards = cluster_cards(fit, baseline, found["patches"], found["pixels"], examples.tolist())
     info = {"fit": Path(fit_dir).name, "run": str(cfg.output_dir), "examples": f"up to {EXAMPLES} member patches per "
             f"cluster, drawn by a seeded hash (seed {cfg.seed})", "baseline": Path(baseline_dir).name}
     write_json_atomic(failed, out_dir / "failed_items.json")

@@ -64,6 +64,18 @@ def test_a_mapping_is_refused_unless_made_for_this_very_fit(tmp_path):
         load_human_mapping(tmp_path / "none.json", fit, tmp_path)
 
 
+def test_a_clusters_share_counts_the_pixels_its_patches_cover():
+    from ray_jobs.atlas import _shard_members
+    from storage.shards import patch_schema, patch_table
+
+    small, large = np.zeros((2, 4, 4)), np.zeros((2, 4, 4))
+    small[0], large[1] = 1, 1  # the small image's patches go to cluster 0, the large one's to cluster 1
+    table = patch_table(["small", "large"], [small, large], [np.zeros((4, 4), np.uint8)] * 2, patch_schema(2, "float32"),
+                        [(56, 56), (112, 112)])
+    found = _shard_members(table, 0, np.eye(2, dtype=np.float32), 0)
+    assert found["patches"].tolist() == [16, 16] and found["pixels"].tolist() == [56 * 56, 112 * 112]
+
+
 def test_the_page_data_cannot_close_its_script_element():
     page = render_html([], small_fit(), {"fit": "k4</script><script>alert(1)</script>"})
     assert page.count("</script>") == 2  # the data's own is escaped
@@ -85,6 +97,7 @@ def test_the_run_writes_an_atlas_of_every_cluster_linked_from_the_report(atlas_r
     cards = data["cards"]
     assert [c["cluster"] for c in cards] == list(range(fit.k))
     assert sum(c["patches"] for c in cards) == 12 * 8 * 16  # every patch of every image, once
+    assert all(np.isclose(c["share"], c["patches"] / (12 * 8 * 16)) for c in cards)  # images of one size
     assert all(c["examples"] == min(EXAMPLES, c["patches"]) for c in cards)
     assert all(c["class"] == fit.mapping[c["cluster"]] for c in cards)
     sprite = Image.open(out / "atlas" / "sprites" / "sprite-000.jpg")
