@@ -128,6 +128,7 @@ def atlas(args) -> int:
         raise UserError(f"{args.fit} is not a fit folder of a run (no {config}): name one like outputs/demo/fits/k300")
     cfg = load_config(config, [f"output_dir={run_dir}", *args.overrides])  # the run where the fit is, wherever we are
     from ray_jobs.fit import fit_names
+    from ray_jobs.layout import Layout
     from ray_jobs.pipeline import Pipeline
     from ray_jobs.session import init_ray
     from storage.lock import OutputLock, command_line
@@ -135,6 +136,11 @@ def atlas(args) -> int:
     out = args.out or run_dir / ("atlas" if name == fit_names(cfg)[0] else f"atlas_{name}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder: name a folder for the atlas (it is made if missing)")
+    layout, target = Layout(run_dir), out.resolve()
+    stage_dirs = (layout.features, layout.fits, layout.scores, layout.labels, layout.histograms, layout.figures)
+    if target == run_dir or any(target.is_relative_to(d) for d in stage_dirs):
+        raise UserError(f"--out {out} is the run's own folder or one of its stages' folders, where the atlas would mix with "
+                        f"the run's results: name a folder of its own (default {run_dir / 'atlas'})")
     pipeline = Pipeline(cfg)
     with OutputLock(cfg.output_dir, command_line()):
         init_ray(cfg)

@@ -67,7 +67,7 @@ def fit(num_shards: int, out: Path) -> None:
     from storage.shards import dataset_fingerprint
     cfg, records, ids, extract, fit_plan_ = stage(num_shards, out)
     start = time.perf_counter()
-    run_fit(cfg, fit_plan_, extract, list(ids), dataset_fingerprint(records))
+    run_fit(cfg, fit_plan_, extract, list(ids), dataset_fingerprint(records, "/synthetic"))
     print(json.dumps({"shards": num_shards, "rows": num_shards * IMAGES * GRID[0] * GRID[1],
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "fit_seconds": round(time.perf_counter() - start, 2)}))

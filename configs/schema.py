@@ -403,3 +403,22 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConf
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); "
                               "quote it, e.g. --set 'key=\"text\"'") from None
     return parse_config(data, str(path))
+
+
+def recorded_config(cfg: RunConfig) -> dict:
+    """The config as a run records it (`<output_dir>/config.yaml`): every local path made absolute,
+    so the record describes the run from any working directory (`submit.py atlas` reads it)."""
+    data = cfg.model_dump(mode="json")
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or "://" in path else str(Path(path).resolve())
+
+    data["output_dir"] = absolute(data["output_dir"])
+    data["dataset"]["root"] = absolute(data["dataset"]["root"])
+    for key in ("cause_root", "backbone_checkpoint", "head_checkpoint", "codebook_path", "cluster_probe_checkpoint"):
+        data["model"][key] = absolute(data["model"][key])
+    data["label"]["human_mapping"] = absolute(data["label"]["human_mapping"])
+    data["fit"]["mapping_from"] = absolute(data["fit"]["mapping_from"])
+    for source in data["fit"]["features"]:
+        source["path"] = absolute(source["path"])
+    return data

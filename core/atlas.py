@@ -88,7 +88,7 @@ def render_html(cards: list[dict], fit: FitArtifact, info: dict) -> str:
     classes.append({"id": IGNORE, "name": "ignore", "color": "#000000"})
     data = {"cards": cards, "classes": classes, "info": info, "thumb": THUMB, "examples": EXAMPLES,
             "document": mapping_document(fit, fit.mapping, [])}
-    payload = json.dumps(data).replace("</", "<\\/")  # a string in the data cannot close the script element
+    payload = json.dumps(data).replace("<", "\\u003c")  # no string in the data can end the script element (nor open a comment)
     title = html.escape(f"Cluster atlas: {info['fit']} (k={fit.k})")
     return _PAGE.replace("__TITLE__", title).replace("__DATA__", payload)
 

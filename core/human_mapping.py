@@ -29,16 +29,25 @@ def mapping_document(fit: FitArtifact, mapping: np.ndarray, named: list[int]) ->
             "classes": {str(i): name for i, name in enumerate(CLASS_NAMES)} | {str(IGNORE): "ignore"}}
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object whose keys are all different: a cluster given twice is a mistake, not the last one."""
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        twice = sorted({key for key in keys if keys.count(key) > 1})
+        raise ValueError(f"key {twice[0]!r} appears more than once in one object")
+    return dict(pairs)
+
+
 def load_human_mapping(path: Path, fit: FitArtifact, fit_dir: Path) -> np.ndarray:
     """(k,) int64 trainIds from `path`, refused unless it was made for this very fit."""
     path = Path(path)
     fix = f"export a mapping from the atlas of {fit_dir} (`python submit.py atlas --fit {fit_dir}`)"
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
     except FileNotFoundError:
         raise HumanMappingError(f"mapping file {path} does not exist: {fix}") from None
-    except (OSError, ValueError) as err:
-        raise HumanMappingError(f"mapping file {path} is not readable JSON ({err}): {fix}") from None
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deep to be a mapping
+        raise HumanMappingError(f"mapping file {path} is not readable JSON ({type(err).__name__}: {err}): {fix}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("mapping"), dict):
         raise HumanMappingError(f"{path} is not a cluster mapping (format {FORMAT!r} with a 'mapping' object): {fix}")
     if doc.get("k") != fit.k or doc.get("fingerprint") != fit.centroids_key():

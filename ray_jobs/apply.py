@@ -71,7 +71,7 @@ def run_apply(cfg: RunConfig, fit_dir: Path, human_mapping: Path | None = None) 
         layout = Layout(cfg.output_dir)
         records = list_dataset(cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split, cfg.dataset.max_images)
         shards = plan_shards(records, cfg.dataset.images_per_shard)
-        plan = Plan("apply", {"format": PATCH_FORMAT, "dataset": dataset_fingerprint(records),
+        plan = Plan("apply", {"format": PATCH_FORMAT, "dataset": dataset_fingerprint(records, cfg.dataset.root),
                               "images_per_shard": cfg.dataset.images_per_shard, "model": model,
                               "fit": {"plan_key": fit.meta.get("plan_key"), "content": fit.content_key()},
                               "panoptic": cfg.panoptic.model_dump(mode="json"),

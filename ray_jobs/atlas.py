@@ -136,5 +136,8 @@ def run_atlas(cfg: RunConfig, fit_dir: Path, baseline_dir: Path, shards: Feature
     write_json_atomic({"info": info, "cards": cards}, out_dir / "atlas.json")
     page = out_dir / "index.html"
     write_text_atomic(render_html(cards, fit, info), page)
+    if failed:
+        log.warning("atlas: %d images could not be read (their thumbnails are black): see %s", len(failed),
+                    out_dir / "failed_items.json")
     log.info("atlas of %s: %d clusters -> %s", fit_dir, fit.k, page)
     return page

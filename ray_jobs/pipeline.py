@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from configs.schema import RunConfig
+from configs.schema import RunConfig, recorded_config
 from core.human_mapping import load_human_mapping
 from ray_jobs.atlas import run_atlas
 from ray_jobs.extract import run_extract
@@ -59,7 +59,7 @@ class Pipeline:
         self.layout = Layout(cfg.output_dir)
         ensure_demo_set(cfg)
         self.records: list[ImageRecord] = list_dataset(cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split, cfg.dataset.max_images)
-        self.fingerprint = dataset_fingerprint(self.records)
+        self.fingerprint = dataset_fingerprint(self.records, cfg.dataset.root)
         self.shard_names = [s["shard"] for s in plan_shards(self.records, cfg.dataset.images_per_shard)]
         self.stage_dirs = {"extract": self.layout.features, "fit": self.layout.fits, "label": self.layout.scores}
         recorded = {stage: (recorded_plan(d) or {}).get("settings") for stage, d in self.stage_dirs.items()}
@@ -76,7 +76,7 @@ class Pipeline:
             for stage in stages:
                 check_schedulable(stage_steps(self.cfg, stage), self.cfg.ray)
             # only now, when the run goes ahead: config.yaml describes the results in output_dir
-            write_text_atomic(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False), self.cfg.output_dir / "config.yaml")
+            write_text_atomic(yaml.safe_dump(recorded_config(self.cfg), sort_keys=False), self.cfg.output_dir / "config.yaml")
             for stage in stages:
                 self._timed(stage, getattr(self, f"stage_{stage}"))
 

@@ -83,7 +83,7 @@ def model_identity(cfg: RunConfig, recorded: dict | None = None) -> dict:
 def extract_plan(cfg: RunConfig, records: list[ImageRecord], model: dict) -> Plan:
     """`model`: what decides the features a fit uses; `stored`: what extract keeps beside them."""
     stored = {"compare_backbone": cfg.model.compare_backbone, "seed_baseline_scales": seed_baseline_scales(cfg)}
-    return Plan("extract", {"format": PATCH_FORMAT, "dataset": dataset_fingerprint(records),
+    return Plan("extract", {"format": PATCH_FORMAT, "dataset": dataset_fingerprint(records, cfg.dataset.root),
                             "images_per_shard": cfg.dataset.images_per_shard, "model": model, "stored": stored})
 
 

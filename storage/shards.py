@@ -48,18 +48,25 @@ def shard_records(shard_row: dict) -> list[ImageRecord]:
     return [ImageRecord(**d) for d in json.loads(shard_row["records"])]
 
 
-def dataset_fingerprint(records: list[ImageRecord]) -> str:
-    """Identifies the image set: ids, files, and their sizes and modification times (`stamp`), so
-    an image replaced under the same name is a different dataset."""
+def dataset_fingerprint(records: list[ImageRecord], root: Path | str) -> str:
+    """Identifies the image set: ids, files (relative to the dataset's root), and their sizes and
+    modification times (`stamp`), so an image replaced under the same name is a different dataset,
+    while the same folder spelt another way (relative, absolute, mounted elsewhere) is the same."""
+    prefix = (str(root) if "://" in str(root) else str(Path(root))).rstrip("/") + "/"  # as the listing spells it
+
+    def within(path: str | None) -> str | None:
+        return path[len(prefix):] if path is not None and path.startswith(prefix) else path
+
     digest = hashlib.sha256()
     for r in records:
-        digest.update(f"{r.image_id}\t{r.image_path}\t{r.label_ids_path}\t{r.instance_ids_path}\t{r.stamp}\n".encode())
+        digest.update(f"{r.image_id}\t{within(r.image_path)}\t{within(r.label_ids_path)}\t{within(r.instance_ids_path)}"
+                      f"\t{r.stamp}\n".encode())
     return digest.hexdigest()[:16]
 
 
-# Bumped when the patch rows or their markers change (2: image height and width, other scales in _scales/): a
-# features folder of another format is then refused by the plan check rather than misread.
-PATCH_FORMAT = 3  # 3: markers list their files with sizes and checksums
+# Bumped when the patch rows, their markers or their plan change (2: image height and width, other scales in
+# _scales/): a features folder of another format is then refused by the plan check rather than misread.
+PATCH_FORMAT = 4  # 3: markers list their files with sizes and checksums; 4: the dataset fingerprint is root-relative
 
 
 def patch_schema(feature_dim: int, feature_dtype: str = "float16") -> pa.Schema:

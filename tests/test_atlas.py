@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from core.atlas import EXAMPLES, THUMB, patch_box, render_html, thumbnail
@@ -57,9 +58,16 @@ def test_a_mapping_is_refused_unless_made_for_this_very_fit(tmp_path):
         path.write_text(json.dumps(bad))
         with pytest.raises(HumanMappingError, match=message):
             load_human_mapping(path, fit, tmp_path)
-    path.write_text("{not json")
-    with pytest.raises(HumanMappingError, match="not readable JSON"):
+    for text in ("{not json", "[" * 100_000 + "]" * 100_000):  # the second nests deeper than the parser recurses
+        path.write_text(text)
+        with pytest.raises(HumanMappingError, match="not readable JSON"):
+            load_human_mapping(path, fit, tmp_path)
+    twice = json.dumps(doc).replace('"mapping": {"0": 1,', '"mapping": {"0": 255, "0": 1,')
+    path.write_text(twice)
+    with pytest.raises(HumanMappingError, match="key '0' appears more than once"):
         load_human_mapping(path, fit, tmp_path)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(doc).encode())  # a byte-order mark, as some editors save
+    assert load_human_mapping(path, fit, tmp_path).tolist() == [1, 1, 2, 255]
     with pytest.raises(HumanMappingError, match="does not exist"):
         load_human_mapping(tmp_path / "none.json", fit, tmp_path)
 
@@ -77,8 +85,8 @@ def test_a_clusters_share_counts_the_pixels_its_patches_cover():
 
 
 def test_the_page_data_cannot_close_its_script_element():
-    page = render_html([], small_fit(), {"fit": "k4</script><script>alert(1)</script>"})
-    assert page.count("</script>") == 2  # the data's own is escaped
+    page = render_html([], small_fit(), {"fit": "k4</script><script>alert(1)</script>", "run": "/tmp/run<!--<script>"})
+    assert page.count("</script>") == 2 and page.count("<script") == 2 and "<!--" not in page  # the data's own are escaped
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +126,29 @@ def test_the_atlas_command_writes_another_fits_atlas_beside_the_run_and_refuses_
     (tmp_path / "a_file").write_text("")
     assert submit.main(["atlas", "--fit", str(out / "fits" / "k8"), "--out", str(tmp_path / "a_file")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    for inside in (out, out / "features", out / "fits" / "k16"):
+        assert submit.main(["atlas", "--fit", str(out / "fits" / "k8"), "--out", str(inside)]) == 2
+        assert "is the run's own folder or one of its stages' folders" in capsys.readouterr().err
     assert submit.main(["atlas", "--fit", str(out / "fits")]) == 2
     assert "is not a fit folder of a run" in capsys.readouterr().err
     assert submit.main(["atlas", "--fit", str(out / "fits" / "k99")]) == 2
     assert "is not one of this run's fits" in capsys.readouterr().err
+
+
+def test_the_atlas_command_runs_from_any_directory_and_takes_the_dataset_under_another_path(atlas_run, tmp_path,
+                                                                                              monkeypatch):
+    import submit
+
+    cfg, out = atlas_run
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert all(Path(p).is_absolute() for p in (recorded["output_dir"], recorded["dataset"]["root"]))
+    mounted = tmp_path / "mounted"  # the same images under another path: the same dataset
+    mounted.symlink_to(recorded["dataset"]["root"])
+    monkeypatch.chdir(tmp_path)
+    assert submit.main(["atlas", "--fit", str(out / "fits" / "k16"), "--out", "elsewhere", "--set", f"dataset.root={mounted}"]) == 0
+    assert json.loads((tmp_path / "elsewhere" / "failed_items.json").read_text()) == []
+    assert (tmp_path / "elsewhere" / "sprites" / "sprite-000.jpg").read_bytes() == \
+        (out / "atlas" / "sprites" / "sprite-000.jpg").read_bytes()  # the run's own atlas, byte for byte
 
 
 def test_a_human_mapping_labels_and_is_scored_as_its_own_protocol_and_another_fits_is_refused(atlas_run, demo_root, tmp_path):

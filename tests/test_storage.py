@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -7,7 +8,7 @@ from PIL import Image
 
 from storage.datasets import DatasetError, ImageRecord, list_cityscapes, list_image_folder
 from storage.images import InputError, read_rgb, read_train_ids, safe_path, write_png_atomic
-from storage.shards import (features_from_table, mark_done, patch_schema, patch_table, plan_shards, read_done,
+from storage.shards import (dataset_fingerprint, features_from_table, mark_done, patch_schema, patch_table, plan_shards, read_done,
                             shard_records, write_parquet_atomic)
 
 
@@ -90,6 +91,21 @@ def test_list_cityscapes_sorted_with_gt_paths(tmp_path):
     assert [r.image_id for r in records] == ["lindau_000000_000019", "munster_000000_000019", "munster_000001_000019"]
     assert records[0].label_ids_path.endswith("gtFine/val/lindau/lindau_000000_000019_gtFine_labelIds.png")
     assert len(list_cityscapes(tmp_path, "val", max_images=2)) == 2
+
+
+def test_the_dataset_fingerprint_is_the_images_not_the_spelling_of_their_folder(tmp_path, monkeypatch):
+    root = tmp_path / "data" / "set"
+    _cityscapes(root, "val", {"lindau": ["000000_000019", "000001_000019"]})
+    fingerprint = dataset_fingerprint(list_cityscapes(root, "val"), root)
+    monkeypatch.chdir(tmp_path)
+    for spelling in ("data/set", "./data/set/", str(root) + "/"):
+        assert dataset_fingerprint(list_cityscapes(Path(spelling), "val"), spelling) == fingerprint
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "data").rename(tmp_path / "moved" / "data")
+    assert dataset_fingerprint(list_cityscapes(Path("moved/data/set"), "val"), "moved/data/set") == fingerprint
+    image = tmp_path / "moved" / "data" / "set" / "leftImg8bit" / "val" / "lindau" / "lindau_000001_000019_leftImg8bit.png"
+    image.write_bytes(image.read_bytes() + b"\0")  # the same name, other bytes
+    assert dataset_fingerprint(list_cityscapes(Path("moved/data/set"), "val"), "moved/data/set") != fingerprint
 
 
 def test_split_without_gtfine_is_unlabelled(tmp_path):

@@ -126,4 +126,4 @@ def write_extracted(cfg, tables) -> tuple:
                                    "num_patches": table.num_rows,
                                    "labelled_patches": int(pc.sum(pc.not_equal(table["label"], 255)).as_py() or 0), "outputs": output_records(Path(cfg.output_dir), [path])})
     write_json_atomic({"plan_key": extract.key, "shards": names}, features / STAGE_COMPLETE)
-    return fit, extract, names, dataset_fingerprint(records)
+    return fit, extract, names, dataset_fingerprint(records, "/hand-made")
