@@ -20,7 +20,7 @@ from core.mapping import cluster_class_counts
 from core.metrics import confusion_matrix
 from core.panoptic import Panoptic, panoptic_from_train_ids, pq_stats
 from core.seed_baseline import is_one_window, merged_log_probs, seed_baseline_labels, seed_common_size
-from core.seed_eval import resize_nearest, seed_confusion, seed_pq_stats
+from core.seed_eval import resize_nearest, seed_confusion, seed_ground_truth, seed_pq_stats
 from core.variants import ImageEvidence, run_variant
 from core.windows import StoredWindows
 
@@ -168,12 +168,13 @@ def sensitivity_scores(labeller: ImageLabeller, labels: ImageLabels, gt: np.ndar
            "base_pq": np.zeros((n_base, len(EVALUATORS), NUM_CLASSES, 4), np.float64)}
     if gt is None:
         return out
+    seed_gt = seed_ground_truth(gt, gt_instances)  # resized and segmented once for every labelling below
     for b, name in enumerate(labeller.extra_baseline):  # the baseline's labels made in more ways
         train_ids = labels.baseline_labellings[name]
         out["base_confusion"][b] = confusion_matrix(gt, train_ids, NUM_CLASSES)
-        out["base_seed_confusion"][b] = seed_confusion(gt, train_ids)
+        out["base_seed_confusion"][b] = seed_confusion(seed_gt, train_ids)
         out["base_pq"][b, 0] = pq_stats(gt_pan, labeller.panoptic_of(train_ids, None))
-        out["base_pq"][b, 1] = seed_pq_stats(gt, gt_instances, train_ids)
+        out["base_pq"][b, 1] = seed_pq_stats(seed_gt, train_ids)
     # the main fit's and the baseline's own labels already have their panoptic segments (variants)
     own = LABELLINGS.index(labeller.labelling)
     segmented = {(0, own): labels.variants[0][1]} | ({(n_fit - 1, own): labels.variants[-1][1]} if labeller.baseline else {})
@@ -187,8 +188,8 @@ def sensitivity_scores(labeller: ImageLabeller, labels: ImageLabels, gt: np.ndar
             out["sens_confusion"][f, l] = confusion_matrix(gt, train_ids, NUM_CLASSES)
             panoptic = segmented[(f, l)] if (f, l) in segmented else labeller.panoptic_of(train_ids, None)
             out["sens_pq"][f, l, 0] = pq_stats(gt_pan, panoptic)
-            out["sens_seed_confusion"][f, l] = seed_confusion(gt, train_ids)
-            out["sens_pq"][f, l, 1] = seed_pq_stats(gt, gt_instances, train_ids)
+            out["sens_seed_confusion"][f, l] = seed_confusion(seed_gt, train_ids)
+            out["sens_pq"][f, l, 1] = seed_pq_stats(seed_gt, train_ids)
     return out
 
 

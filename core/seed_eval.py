@@ -29,6 +29,8 @@ The script's 1e-8 guards against division by zero are left out (they move result
 relative); where it reports 0 for an empty average we report None, like `core.metrics`.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image
 from scipy import ndimage
@@ -50,11 +52,25 @@ def resize_nearest(array: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(src).resize((hw[1], hw[0]), Image.NEAREST)).astype(array.dtype)
 
 
-def seed_confusion(gt_train_ids: np.ndarray, pred_train_ids: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class SeedGroundTruth:
+    """One image's ground truth as the script scores it, made once for all the predictions scored
+    against it (`seed_ground_truth`): trainIds at SEED_EVAL_HW and its panoptic segments."""
+    train_ids: np.ndarray  # (512 * 1024,) int64
+    segments: np.ndarray  # (512, 1024) int32 segment ids, 0 = none
+    classes: np.ndarray  # (n,) int64 class of segments 1..n
+
+
+def seed_ground_truth(gt_train_ids: np.ndarray, gt_instance_ids: np.ndarray) -> SeedGroundTruth:
+    sem = resize_nearest(gt_train_ids, SEED_EVAL_HW)
+    segments, classes = _gt_segments(sem, resize_nearest(gt_instance_ids, SEED_EVAL_HW))
+    return SeedGroundTruth(sem.ravel().astype(np.int64), segments, np.array(classes, np.int64))
+
+
+def seed_confusion(gt: SeedGroundTruth, pred_train_ids: np.ndarray) -> np.ndarray:
     """(19, 19) int64 pixel counts, rows ground truth, columns prediction (the script's transpose,
     our `core.metrics` orientation), at SEED_EVAL_HW; pixels with either side >= 19 are dropped."""
-    g = resize_nearest(gt_train_ids, SEED_EVAL_HW).ravel().astype(np.int64)
-    p = resize_nearest(pred_train_ids, SEED_EVAL_HW).ravel().astype(np.int64)
+    g, p = gt.train_ids, resize_nearest(pred_train_ids, SEED_EVAL_HW).ravel().astype(np.int64)
     keep = (g < NUM_CLASSES) & (p < NUM_CLASSES)
     return np.bincount(g[keep] * NUM_CLASSES + p[keep], minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
 
@@ -77,49 +93,62 @@ def seed_semantic_scores(conf: np.ndarray) -> dict:
 
 def _stuff_segments(semantic: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """One segment per stuff class of at least STUFF_MIN_AREA px: segment-id map (0 = none) and classes."""
-    pan, cats = np.zeros(semantic.shape, np.int32), []
-    for c in STUFF_TRAIN_IDS:
-        mask = semantic == c
-        if mask.sum() >= STUFF_MIN_AREA:
-            cats.append(c)
-            pan[mask] = len(cats)
-    return pan, cats
+    counts = np.bincount(semantic.ravel(), minlength=256)
+    cats = [c for c in STUFF_TRAIN_IDS if counts[c] >= STUFF_MIN_AREA]
+    ids = np.zeros(len(counts), np.int32)  # class -> its segment id
+    ids[cats] = np.arange(1, len(cats) + 1)
+    return ids[semantic], cats
+
+
+def _paint(pan: np.ndarray, ids: np.ndarray) -> None:
+    """Segments `ids` (0 = none) painted over `pan`."""
+    on = ids > 0
+    pan[on] = ids[on]
 
 
 def _pred_segments(pred: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """Segment-id map (0 = none) and the class of segments 1..n of the prediction."""
     pan, cats = _stuff_segments(pred)
+    present = np.bincount(pred.ravel(), minlength=256)
     for c in THING_TRAIN_IDS:
+        if present[c] < THING_MIN_AREA:  # no component of it can be kept
+            continue
         comps, n = ndimage.label(pred == c)  # default structure: 4-connectivity, as in the script
-        for k in np.flatnonzero(np.bincount(comps.ravel(), minlength=n + 1)[1:] >= THING_MIN_AREA) + 1:
-            cats.append(c)
-            pan[comps == k] = len(cats)
+        kept = np.flatnonzero(np.bincount(comps.ravel(), minlength=n + 1)[1:] >= THING_MIN_AREA) + 1
+        ids = np.zeros(n + 1, np.int32)  # component -> its segment id, in the script's order
+        ids[kept] = len(cats) + 1 + np.arange(len(kept))
+        cats += [c] * len(kept)
+        _paint(pan, ids[comps])
     return pan, cats
 
 
 def _gt_segments(gt_sem: np.ndarray, gt_inst: np.ndarray) -> tuple[np.ndarray, list[int]]:
     pan, cats = _stuff_segments(gt_sem)
-    ids, counts = np.unique(gt_inst, return_counts=True)
-    for uid, count in zip(ids, counts):
+    uids = np.unique(gt_inst)
+    inverse = np.searchsorted(uids, gt_inst)  # each pixel's index in uids (faster than unique's own inverse)
+    counts = np.bincount(inverse.ravel(), minlength=len(uids))
+    ids = np.zeros(len(uids), np.int32)  # instance -> its segment id
+    for i, (uid, count) in enumerate(zip(uids, counts)):
         label_id = uid // 1000
         if uid < 1000 or label_id > 255 or count < THING_MIN_AREA:  # < 1000: crowd, no segment at all
             continue
         c = int(LABEL_ID_TO_TRAIN_ID[label_id])
         if c < NUM_CLASSES and _IS_THING[c]:
             cats.append(c)
-            pan[gt_inst == uid] = len(cats)  # painted after stuff: an instance wins over stuff
+            ids[i] = len(cats)
+    _paint(pan, ids[inverse])  # painted after stuff: an instance wins over stuff
     return pan, cats
 
 
-def seed_pq_stats(gt_train_ids: np.ndarray, gt_instance_ids: np.ndarray, pred_train_ids: np.ndarray) -> np.ndarray:
+def seed_pq_stats(gt: SeedGroundTruth, pred_train_ids: np.ndarray) -> np.ndarray:
     """(19, 4) float64 per-class (tp, fp, fn, iou_sum) of one image at SEED_EVAL_HW; sums over images."""
-    gp, gc = _gt_segments(resize_nearest(gt_train_ids, SEED_EVAL_HW), resize_nearest(gt_instance_ids, SEED_EVAL_HW))
+    gp, gc = gt.segments, gt.classes
     pp, pc = _pred_segments(resize_nearest(pred_train_ids, SEED_EVAL_HW))
     ng, npr = len(gc) + 1, len(pc) + 1
     inter = np.bincount(gp.ravel().astype(np.int64) * npr + pp.ravel(), minlength=ng * npr).reshape(ng, npr)
     union = inter.sum(1, keepdims=True) + inter.sum(0, keepdims=True) - inter
     iou = np.divide(inter, union, out=np.zeros(inter.shape), where=union > 0)[1:, 1:]
-    gc, pc = np.array(gc, np.int64), np.array(pc, np.int64)
+    pc = np.array(pc, np.int64)
     # The script matches greedily (best unmatched prediction per ground truth); with IoU > 0.5 and
     # non-overlapping segments every match is unique, so thresholding gives the same pairs.
     gi, pi = np.nonzero((iou > 0.5) & (gc[:, None] == pc[None, :]))

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from core.labels import CLASS_NAMES
-from core.seed_eval import (SEED_EVAL_HW, resize_nearest, seed_confusion, seed_pq_scores, seed_pq_stats,
-                            seed_semantic_scores)
+from core.seed_eval import (SEED_EVAL_HW, resize_nearest, seed_confusion, seed_ground_truth, seed_pq_scores,
+                            seed_pq_stats, seed_semantic_scores)
 
 V = 255
 ROAD, SIDEWALK, BUILDING, PERSON, RIDER, CAR = 0, 1, 2, 11, 12, 13  # trainIds
@@ -22,7 +22,7 @@ def test_miou_drops_unassigned_predictions_and_skips_absent_classes():
                      [0, 0, 0, 0, 1, 1, 1, 1],
                      [2, 2, 2, 2, 20, 20, 0, 0],
                      [2, 2, 2, 2, 2, 0, 1, 1]], np.uint8)
-    conf = seed_confusion(gt, pred)
+    conf = seed_confusion(seed_ground_truth(gt, np.zeros(gt.shape, np.int32)), pred)
     # gt 0 (8 px): 7 -> 0, 1 -> 1.  gt 1 (8 px): 6 -> 1, 2 -> 255 dropped.
     # gt 2 (12 px): 9 -> 2, 2 -> 20 dropped, 1 -> 0.  gt 255 (4 px): skipped, whatever predicted.
     expected = np.zeros((19, 19), np.int64)
@@ -71,7 +71,7 @@ def test_pq_without_void_or_crowd_exclusion():
     pred[100:110, 100:110] = pred[110:120, 110:120] = CAR
     # car: a crowd region (instanceId 26 < 1000) is no gt segment; a car predicted on it -> FP.
     gt[200:210, 0:10], inst[200:210, 0:10], pred[200:210, 0:10] = CAR, 26, CAR
-    stats = seed_pq_stats(gt, inst, pred)
+    stats = seed_pq_stats(seed_ground_truth(gt, inst), pred)
     expected = np.zeros((19, 4))
     expected[ROAD] = [1, 0, 0, 1.0]
     expected[PERSON] = [1, 1, 0, 100 / 199]
@@ -102,7 +102,7 @@ def test_pq_stats_resize_small_inputs():
     gt[0, 0:4] = ROAD
     pred = gt.copy()
     pred[0, 3] = V
-    stats = seed_pq_stats(gt, np.zeros((4, 8), np.int32), pred)
+    stats = seed_pq_stats(seed_ground_truth(gt, np.zeros((4, 8), np.int32)), pred)
     np.testing.assert_allclose(stats[ROAD], [1, 0, 0, 3 / 4])
 
 
