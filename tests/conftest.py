@@ -43,6 +43,12 @@ def tiny_run(demo_root, tmp_path_factory):
     return cfg
 
 
+def pytest_collection_modifyitems(items):
+    """The modules that start a cluster of their own (`OWN_RAY_CLUSTER = True`) run after the others,
+    so the shared cluster starts once a session."""
+    items.sort(key=lambda item: getattr(getattr(item, "module", None), "OWN_RAY_CLUSTER", False))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_cluster_left_behind():
     yield

@@ -18,6 +18,8 @@ from ray_jobs.session import init_ray
 from storage.synth import generate_demo_dataset
 from tests.tiny_runs import own_ray_cluster
 
+OWN_RAY_CLUSTER = True  # starts a cluster of its own settings: runs after the shared-cluster modules
+
 NUM_GOOD = 5
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_EC2_METADATA_DISABLED": "true"}

@@ -12,6 +12,8 @@ from ray_jobs.distributed_lloyd import distributed_lloyd, lloyd_pass
 from storage.shards import patch_schema, patch_table, write_parquet_atomic
 from tests.tiny_runs import own_ray_cluster
 
+OWN_RAY_CLUSTER = True  # starts a cluster of its own settings: runs after the shared-cluster modules
+
 DIM, K = 16, 12
 SHARD_IMAGES = [7, 5, 8]  # images per shard; 24 x 48 patches each -> 23,040 rows in three uneven shards
 

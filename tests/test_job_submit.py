@@ -21,6 +21,8 @@ import yaml
 
 from tests.tiny_runs import own_ray_cluster
 
+OWN_RAY_CLUSTER = True  # starts a cluster of its own settings: runs after the shared-cluster modules
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")

@@ -19,6 +19,8 @@ from ray_jobs.pipeline import Pipeline
 from storage.images import read_train_ids
 from tests.tiny_runs import NUM_IMAGES, PATCHES_PER_IMAGE, feature_ids, own_ray_cluster, scored_ids, tiny_config
 
+OWN_RAY_CLUSTER = True  # starts a cluster of its own settings: runs after the shared-cluster modules
+
 
 @pytest.fixture(scope="module")
 def three_nodes():
