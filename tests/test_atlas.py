@@ -151,6 +151,27 @@ def test_the_atlas_command_runs_from_any_directory_and_takes_the_dataset_under_a
         (out / "atlas" / "sprites" / "sprite-000.jpg").read_bytes()  # the run's own atlas, byte for byte
 
 
+def test_an_image_unreadable_at_atlas_time_is_listed_and_the_rest_is_written(atlas_run, tmp_path):
+    import dataclasses
+
+    from ray_jobs.atlas import run_atlas
+    from ray_jobs.feature_sets import FeatureShards
+    from storage.shards import read_done
+
+    cfg, out = atlas_run
+    records = Pipeline(cfg).records
+    bad = tmp_path / "truncated.png"
+    bad.write_bytes(Path(records[0].image_path).read_bytes()[:100])
+    records = [dataclasses.replace(records[0], image_path=str(bad)), *records[1:]]
+    run_atlas(cfg, out / "fits" / "k16", out / "fits" / "baseline_k19", FeatureShards(out / "features", read_done(out / "features")),
+              records, tmp_path / "atlas")
+    (failed,) = json.loads((tmp_path / "atlas" / "failed_items.json").read_text())
+    assert failed["image_id"] == records[0].image_id and "truncated.png" in failed["error"]
+    cards = json.loads((tmp_path / "atlas" / "atlas.json").read_text())["cards"]
+    assert [c["patches"] for c in cards] == [c["patches"] for c in json.loads((out / "atlas" / "atlas.json").read_text())["cards"]]
+    assert (tmp_path / "atlas" / "index.html").is_file()
+
+
 def test_a_human_mapping_labels_and_is_scored_as_its_own_protocol_and_another_fits_is_refused(atlas_run, demo_root, tmp_path):
     cfg, out = atlas_run
     fit = FitArtifact.load(out / "fits" / "k16")
