@@ -1,8 +1,8 @@
 """The cluster atlas: one card per cluster of a fit, to look at every cluster and name it.
 
 A card shows crops around sampled member patches (with context, the patch outlined), the
-cluster's share of the image area (its patches' pixels), its mapped class, its purity where ground truth exists, and the
-nearest cluster of the baseline fit. The page is one static `index.html` (data, style and script
+cluster's share of the image area (its patches' pixels), its mapped class, its purity where
+ground truth exists, and the nearest cluster of the baseline fit. The page is one static `index.html` (data, style and script
 inline) beside JPEG sprite sheets (`sprites/`, one per SPRITE_CLUSTERS clusters, a row of
 thumbnails per cluster), so it opens from disk or any static server and loads fast at k = 300+.
 A class picker per card keeps the person's choices in the browser's localStorage, and "Export
@@ -65,9 +65,10 @@ def sprite_sheet(rows: list[list[np.ndarray]], size: int = THUMB) -> np.ndarray:
 
 def cluster_cards(fit: FitArtifact, baseline: FitArtifact, patches: np.ndarray, pixels: np.ndarray,
                   examples: list[int]) -> list[dict]:
-    """Per cluster: its patches, its pixel share (the image pixels its patches cover, of all), mapped class, purity (labelled patches of its majority class,
-    None without ground truth), nearest baseline cluster (cosine) and its class, and where its
-    thumbnails are (sprite sheet and row)."""
+    """Per cluster: its patches, its pixel share (the image pixels its patches cover, of all),
+    mapped class, purity (labelled patches of its majority class, None without ground truth),
+    nearest baseline cluster (cosine) and its class, and where its thumbnails are (sprite sheet
+    and row)."""
     labelled = fit.extra_arrays["mapping_counts"].sum(axis=0) if "mapping_counts" in fit.extra_arrays else None
     nearest = (fit.centroids @ baseline.centroids.T).argmax(axis=1)
     total = max(float(pixels.sum()), 1.0)

@@ -7,6 +7,7 @@ stay unlabelled). `named` lists the clusters the person chose; the others keep t
 """
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,8 @@ def mapping_document(fit: FitArtifact, mapping: np.ndarray, named: list[int]) ->
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     """A JSON object whose keys are all different: a cluster given twice is a mistake, not the last one."""
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) < len(keys):
-        twice = sorted({key for key in keys if keys.count(key) > 1})
+    twice = sorted(key for key, n in Counter(key for key, _ in pairs).items() if n > 1)
+    if twice:
         raise ValueError(f"key {twice[0]!r} appears more than once in one object")
     return dict(pairs)
 

@@ -91,9 +91,13 @@ def seed_semantic_scores(conf: np.ndarray) -> dict:
     }
 
 
-def _stuff_segments(semantic: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """One segment per stuff class of at least STUFF_MIN_AREA px: segment-id map (0 = none) and classes."""
-    counts = np.bincount(semantic.ravel(), minlength=256)
+def _class_pixels(semantic: np.ndarray) -> np.ndarray:
+    return np.bincount(semantic.ravel(), minlength=256)
+
+
+def _stuff_segments(semantic: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """One segment per stuff class of at least STUFF_MIN_AREA px (`counts`: `_class_pixels`):
+    segment-id map (0 = none) and classes."""
     cats = [c for c in STUFF_TRAIN_IDS if counts[c] >= STUFF_MIN_AREA]
     ids = np.zeros(len(counts), np.int32)  # class -> its segment id
     ids[cats] = np.arange(1, len(cats) + 1)
@@ -108,8 +112,8 @@ def _paint(pan: np.ndarray, ids: np.ndarray) -> None:
 
 def _pred_segments(pred: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """Segment-id map (0 = none) and the class of segments 1..n of the prediction."""
-    pan, cats = _stuff_segments(pred)
-    present = np.bincount(pred.ravel(), minlength=256)
+    present = _class_pixels(pred)
+    pan, cats = _stuff_segments(pred, present)
     for c in THING_TRAIN_IDS:
         if present[c] < THING_MIN_AREA:  # no component of it can be kept
             continue
@@ -123,7 +127,7 @@ def _pred_segments(pred: np.ndarray) -> tuple[np.ndarray, list[int]]:
 
 
 def _gt_segments(gt_sem: np.ndarray, gt_inst: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    pan, cats = _stuff_segments(gt_sem)
+    pan, cats = _stuff_segments(gt_sem, _class_pixels(gt_sem))
     uids = np.unique(gt_inst)
     inverse = np.searchsorted(uids, gt_inst)  # each pixel's index in uids (faster than unique's own inverse)
     counts = np.bincount(inverse.ravel(), minlength=len(uids))

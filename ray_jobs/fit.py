@@ -61,6 +61,11 @@ def baseline_centroids(cfg: RunConfig, sample: np.ndarray) -> tuple[np.ndarray, 
     return fit_centroids(cfg, sample, NUM_CLASSES)
 
 
+# The fix for a mapping set without ground truth, refused from its markers (`fit_feature_sets`) or, for
+# sets extracted before the markers counted labelled patches, once its clusters are counted.
+MAP_ON_LABELLED = ("Map on a labelled run's features (fit.mapping_from=<its output_dir>, fit.heldout_folds=1), or label these "
+                   "images with a fit saved from a labelled run (`python submit.py apply --fit ...`)")
+
 Sources = list[tuple[FeatureSet, FeatureSourceConfig]]  # what the centroids are fitted on, with each set's share
 
 
@@ -89,9 +94,7 @@ def fit_feature_sets(cfg: RunConfig, extract: Plan, markers: dict[str, dict], da
     mapping = named(cfg.fit.mapping_from, "fit.mapping_from")
     if mapping.num_patches and mapping.num_labelled_patches == 0:  # refused before k-means, not after it
         where = "this run's own features" if cfg.fit.mapping_from is None else f"fit.mapping_from={cfg.fit.mapping_from!r}"
-        raise FeatureSetError(f"{where}: its patches have no ground truth, so no cluster can be mapped to a class. "
-                              "Map on a labelled run's features (fit.mapping_from=<its output_dir>, fit.heldout_folds=1), or label "
-                              "these images with a fit saved from a labelled run (`python submit.py apply --fit ...`)")
+        raise FeatureSetError(f"{where}: its patches have no ground truth, so no cluster can be mapped to a class. {MAP_ON_LABELLED}")
     return sources, mapping
 
 
@@ -343,9 +346,7 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
         mappings = {name: baseline_mapping if name == baseline else majority_mapping(counts[name]) for name in names}
     except ValueError as err:
         where = cfg.dataset.root if cfg.fit.mapping_from is None else cfg.fit.mapping_from
-        raise FitError(f"{err}: the patches that map clusters to classes ({where}) have no ground truth. Map on a labelled "
-                       "run's features (fit.mapping_from=<its output_dir>, fit.heldout_folds=1), or label these images "
-                       "with a fit saved from a labelled run (`python submit.py apply --fit ...`)") from None
+        raise FitError(f"{err}: the patches that map clusters to classes ({where}) have no ground truth. {MAP_ON_LABELLED}") from None
     fitted_records = [fs.record() | {"weight": s.weight, "max_samples": s.max_samples, "sampled_rows": n}
                       for (fs, s), n in zip(sources, sampled_rows)]
     mapped_record = mapping_set.record() | {"labelled_patches": int(counts[baseline].sum())}
