@@ -14,10 +14,12 @@ import pyarrow as pa
 import ray
 
 from actors.extract import extra_view_arrays, feature_arrays, stitched_grids, write_feature_shards
+from actors.label import panoptic_rules
 from actors.geometry import extracted_scales, label_scales, pack_windows, stored_window_count, stores_windows, unpack_windows
 from actors.model_setup import device_for
 from actors.rows import run_on_image
 from configs.schema import RefineConfig, parse_config
+from core.evaluation.base import Segmenter
 from core.label_image import ImageLabeller, LabelFit
 from core.presets import protocol_steps
 from storage.cityscapes_outputs import label_pngs, prediction_paths, write_image_predictions
@@ -39,9 +41,9 @@ class PseudoLabelImages:
         fit = ray.get(fit) if isinstance(fit, ray.ObjectRef) else fit
         self.fit = LabelFit(fit["name"], fit["centroids"], fit["mapping"])
         self.stage_dir, self.labels_dir, self.plan_key = Path(stage_dir), Path(labels_dir), plan_key
-        self.labeller = ImageLabeller([self.fit], ["seed"], RefineConfig(), self.cfg.panoptic, baseline=False,
-                                      device=device_for(self.cfg.label.workers),
+        self.labeller = ImageLabeller([self.fit], ["seed"], RefineConfig(), device=device_for(self.cfg.label.workers),
                                       labelling=protocol_steps(self.cfg.protocol).label_resolution)
+        self.rules = panoptic_rules(self.cfg)
         order = extracted_scales(self.cfg)
         self.scale_order = [order.index(s) for s in label_scales(self.cfg)]
 
@@ -59,8 +61,9 @@ class PseudoLabelImages:
                   if stores_windows(self.cfg) else None)
         labels = self.labeller.label([grids[i] for i in self.scale_order], self.cfg.model.vit.patch_size, hw,
                                      windows=None if packed is None else unpack_windows(self.cfg, packed, hw, seed_scales=extra))
-        (train_ids, panoptic, _), cluster_map = labels.variants[0], labels.cluster_maps[0]
-        annotation = write_image_predictions(self.labels_dir, group, image_id, train_ids, panoptic, split=self.cfg.dataset.split)
+        written, cluster_map = labels.variant("seed"), labels.clusters[self.fit.name]
+        annotation = write_image_predictions(self.labels_dir, group, image_id, written.train_ids, Segmenter(self.rules)(written),
+                                             split=self.cfg.dataset.split)
         arrays = {"cluster_pixels": np.bincount(cluster_map.ravel(), minlength=len(self.fit.mapping))}
         if self.cfg.apply.write_features:
             arrays |= feature_arrays(self.cfg, grids, None) | extra_view_arrays(self.cfg, row, None)

@@ -206,6 +206,8 @@ class LabelConfig(Strict):
     human_mapping: str | None = None
     read: TaskConfig = TaskConfig(num_cpus=0.25)
     workers: WorkersConfig = WorkersConfig()
+    # the scoring step beside the labelling actors: CPU tasks that run the evaluators (report.evaluators)
+    score: TaskConfig = TaskConfig(num_cpus=0.25)
 
 
 class PanopticConfig(Strict):
@@ -246,6 +248,15 @@ class RefineConfig(Strict):
 
 
 class ReportConfig(Strict):
+    # What scores the labels (core/evaluation): "official" (cityscapesscripts' rules; the k sweep and
+    # every mapping protocol are its counts, so it is always one of them), "seed" (the seed paper's
+    # evaluate_cascade_pseudolabels.py) and "cause" (CAUSE's centre crop, protocol=cause only).
+    # None: the protocol's own (official: official; seed: official + seed; cause: official + cause).
+    evaluators: list[Literal["official", "seed", "cause"]] | None = Field(default=None, min_length=1)
+    # The protocol sensitivity table: every fit labelled both ways (full size, resized) and scored by
+    # the official and the seed evaluator, and the baseline's labels made in more ways. It labels and
+    # scores every image several times over, so it is off unless asked for.
+    sensitivity: bool = False
     # The few-shot mapping protocol: each cluster takes the majority class of m labelled patches
     # drawn from the other folds, for every m here, averaged over few_shot_draws seeded draws.
     few_shot: list[int] = [1, 3, 9, 27]
@@ -255,6 +266,10 @@ class ReportConfig(Strict):
     def _shots(self):
         if any(m < 1 for m in self.few_shot) or len(set(self.few_shot)) < len(self.few_shot):
             raise ValueError(f"report.few_shot={self.few_shot}: each m must be >= 1 and listed once")
+        if self.evaluators is not None and (len(set(self.evaluators)) < len(self.evaluators)
+                                            or "official" not in self.evaluators):
+            raise ValueError(f"report.evaluators={self.evaluators}: list each evaluator once, official among them (the k "
+                             "sweep and every mapping protocol are its counts)")
         return self
 
 
@@ -277,6 +292,9 @@ class RayConfig(Strict):
     # Refuse, before a stage starts, steps that the cluster's nodes cannot host (a hang otherwise).
     # Set false on an autoscaling cluster whose nodes join once the job asks for them.
     check_resources: bool = True
+
+
+PROTOCOL_EVALUATORS = {"official": ("official",), "seed": ("official", "seed"), "cause": ("official", "cause")}
 
 
 class RunConfig(Strict):
@@ -335,12 +353,20 @@ class RunConfig(Strict):
         if self.protocol == "seed" and self.fit.lloyd_iterations:
             raise ValueError("protocol=seed fits the seed's MiniBatchKMeans; fit.lloyd_iterations refines the official fit: "
                              "set fit.lloyd_iterations=0 with protocol=seed")
+        if "cause" in (self.report.evaluators or ()) and self.protocol != "cause":
+            raise ValueError(f"report.evaluators names cause, but CAUSE's centre crop is extracted only under protocol=cause "
+                             f"(this run: {self.protocol}): set protocol=cause or leave cause out")
         if self.fit.baseline == "cluster_probe" and self.model.cluster_probe_checkpoint is None and self.model.cause_root is None:
             raise ValueError("fit.baseline='cluster_probe' needs model.cluster_probe_checkpoint or model.cause_root")
         if self.fit.baseline == "cluster_probe" and self.model.feature_kind != "head":
             raise ValueError("fit.baseline='cluster_probe' compares with CAUSE's 27 probe centroids of 90-d head features: "
                              "set model.feature_kind=head, or fit.baseline=kmeans_hungarian for backbone features")
         return self
+
+    @property
+    def evaluators(self) -> tuple[str, ...]:
+        """The evaluators the run scores with: report.evaluators, else its protocol's own."""
+        return tuple(self.report.evaluators or PROTOCOL_EVALUATORS[self.protocol])
 
     @property
     def all_k(self) -> list[int]:

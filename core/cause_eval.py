@@ -47,24 +47,22 @@ def rebuilt_image(crop_rgb: np.ndarray) -> np.ndarray:
     return x.mul(255).byte().permute(1, 2, 0).numpy()
 
 
-def cause_counts(grid: np.ndarray, crf_grid: np.ndarray, centroids: np.ndarray, crop_label_ids: np.ndarray,
-                 crop_rgb: np.ndarray | None) -> np.ndarray:
-    """One crop -> (2, k, 27) int64 (cluster, class) pixel counts: without CAUSE's CRF from `grid`
-    (test_without_crf's unflipped pass) and with it from `crf_grid` (test's flip-averaged pass;
-    zero when no image is given). Both (D, g, g)."""
-    crop = crop_label_ids.shape[0]
+def crop_clusters(grid: np.ndarray, crf_grid: np.ndarray, centroids: np.ndarray, crop_rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """One crop's cluster maps, (crop, crop) each: "crop" without CAUSE's CRF, from `grid`
+    (test_without_crf's unflipped pass), and "crop+crf" with it, from `crf_grid` (test's
+    flip-averaged pass). Both grids (D, g, g); `crop_rgb` (crop, crop, 3) uint8."""
+    crop = crop_rgb.shape[0]
+    logits = torch.log_softmax(COSINE_SCALE * crop_cosines(crf_grid, centroids, crop), dim=0).numpy()
+    return {"crop": crop_cosines(grid, centroids, crop).argmax(dim=0).numpy(),
+            "crop+crf": dense_crf(rebuilt_image(crop_rgb), logits, alpha=1.0).argmax(axis=0)}
+
+
+def crop_counts(clusters: np.ndarray, crop_label_ids: np.ndarray, k: int) -> np.ndarray:
+    """(k, 27) int64 (cluster, class) pixel counts of one crop; classes are labelIds 7..33, the rest ignored."""
     gt = LABEL_ID_TO_CLASS_27[crop_label_ids].astype(np.int64).ravel()
     valid = gt != IGNORE
-    k = len(centroids)
-    out = np.zeros((2, k, NUM_CLASSES_27), np.int64)
-    predictions = [crop_cosines(grid, centroids, crop).argmax(dim=0).numpy()]
-    if crop_rgb is not None:
-        logits = torch.log_softmax(COSINE_SCALE * crop_cosines(crf_grid, centroids, crop), dim=0).numpy()
-        predictions.append(dense_crf(rebuilt_image(crop_rgb), logits, alpha=1.0).argmax(axis=0))
-    for i, pred in enumerate(predictions):
-        flat = pred.astype(np.int64).ravel()[valid] * NUM_CLASSES_27 + gt[valid]
-        out[i] = np.bincount(flat, minlength=k * NUM_CLASSES_27).reshape(k, NUM_CLASSES_27)
-    return out
+    flat = clusters.astype(np.int64).ravel()[valid] * NUM_CLASSES_27 + gt[valid]
+    return np.bincount(flat, minlength=k * NUM_CLASSES_27).reshape(k, NUM_CLASSES_27)
 
 
 def hungarian_scores(counts: np.ndarray) -> dict:

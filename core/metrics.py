@@ -15,6 +15,10 @@ def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore:
     """(C, C+1) int64 pixel counts; pixels with gt == ignore or gt outside [0, C) are skipped."""
     if gt.shape != pred.shape:
         raise ValueError(f"ground truth shape {gt.shape} and prediction shape {pred.shape} differ")
+    if gt.dtype == pred.dtype == np.uint8 and num_classes < 255 and ignore >= num_classes:
+        # label maps: one count over the 256 x 256 (gt, pred) pairs, folded into (C, C+1)
+        pairs = np.bincount((gt.astype(np.uint16) << 8 | pred).ravel(), minlength=1 << 16).reshape(256, 256)
+        return np.concatenate([pairs[:num_classes, :num_classes], pairs[:num_classes, num_classes:].sum(1, keepdims=True)], 1)
     g = gt.ravel().astype(np.int64)
     p = pred.ravel().astype(np.int64)
     valid = (g >= 0) & (g < num_classes) & (g != ignore)

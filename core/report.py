@@ -29,8 +29,11 @@ def render_markdown(report: dict) -> str:
         "",
         f"- **Model:** {report['model']}",
         f"- **Feature kind:** {report['feature_kind']}",
-        f"- **Protocol:** `{report.get('protocol', 'official')}` (the steps around the model: `core/presets.py`; "
-        "the protocol sensitivity table below scores the same fits every other way)",
+        f"- **Protocol:** `{report.get('protocol', 'official')}` (the steps around the model: `core/presets.py`)",
+        "- **Evaluators:** " + ", ".join(EVALUATOR_TITLES[e] for e in report.get("evaluators", ["official"]))
+        + ("; protocol sensitivity: every fit also labelled the other way and scored by the official and the seed "
+           "evaluator (below)" if report.get("protocol_sensitivity") else
+           "; protocol sensitivity off (`report.sensitivity`)"),
         f"- **Dataset:** {report['dataset']['kind']} `{report['dataset']['root']}` split `{report['dataset']['split']}`: "
         f"{report['dataset']['num_images']} images scored, {report['dataset']['num_failed']} failed "
         f"(listed in `failed_items.json`), fingerprint `{report['dataset']['fingerprint']}`",
@@ -85,6 +88,7 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- {name}: recovers {', '.join(fits[name]['recovered']) or 'none'}; "
                      f"still missing {', '.join(missed_classes(fits[name]['pixel_level']['same_set']['per_class_iou'])) or 'none'}")
     lines += _sensitivity_section(report)
+    lines += _cause_section(report)
     lines += _backbone_section(report)
     lines += _variants_section(report, names)
     lines += _absorption_section(report)
@@ -148,6 +152,9 @@ def _few_shot_section(fits: dict, names: list[str]) -> list[str]:
     return lines
 
 
+EVALUATOR_TITLES = {"official": "*official* (cityscapesscripts' rules, full resolution)",
+                    "seed": "*seed* (the seed's evaluate_cascade_pseudolabels.py: 512x1024, no void or crowd rules)",
+                    "cause": "*cause* (CAUSE's test_tr.py on the 322 centre crop, 27 classes, the baseline only)"}
 LABELLING_TITLES = {"full": "full size", "resized": "resized, NEAREST up", "crop": "CAUSE's 322 centre crop",
                     "crop+crf": "CAUSE's 322 centre crop + its CRF", "full+crf": "full size + CRF",
                     "windows": "seed's CAUSE script, one scale", "windows+crf": "seed's CAUSE script, one scale + its CRF",
@@ -212,6 +219,19 @@ def _sensitivity_section(report: dict) -> list[str]:
     return lines
 
 
+def _cause_section(report: dict) -> list[str]:
+    """The baseline under CAUSE's test protocol, where it ran without the sensitivity table (which holds it otherwise)."""
+    rows = report.get("cause_protocol")
+    if not rows:
+        return []
+    lines = ["", "## The baseline under CAUSE's test protocol", "",
+             "CAUSE's test_tr.py: 27 classes (labelIds 7..33) on NEAREST-resized 322 centre crops, one Hungarian matching "
+             "of clusters to classes over all crops, without and with its 27-way CRF.", "",
+             "| labels | mIoU (27 classes) | pixel acc |", "|---|---|---|"]
+    lines += [f"| {LABELLING_TITLES[row['labels']]} | {_pct(row['miou'])} | {_pct(row['pixel_accuracy'])} |" for row in rows.values()]
+    return lines
+
+
 SEED_MISSING_CLASSES = ("fence", "pole", "traffic light", "traffic sign", "rider", "train", "motorcycle")
 
 
@@ -251,6 +271,14 @@ def _variants_section(report: dict, names: list[str]) -> list[str]:
         lines.append(f"| {name} | {_pct(v['semantic']['miou'])} | {_pct(v['semantic']['pixel_accuracy'])} | "
                      f"{_pct(pan['all']['pq'])} | {_pct(pan['all']['sq'])} | {_pct(pan['all']['rq'])} | "
                      f"{_pct(pan['stuff']['pq'])} | {_pct(pan['things']['pq'])} | {v['seconds_per_image']:.2f} |")
+    if all("seed_evaluator" in v for v in variants.values()):
+        lines += ["", "The same under the seed's evaluator (512x1024, unassigned pixels not counted, no void or crowd rules):", "",
+                  "| variant | mIoU | pixel acc | PQ | SQ | RQ | PQ stuff | PQ things |", "|---|---|---|---|---|---|---|---|"]
+        for name, v in variants.items():
+            sem, pan = v["seed_evaluator"]["semantic"], v["seed_evaluator"]["panoptic"]
+            lines.append(f"| {name} | {_pct(sem['miou'])} | {_pct(sem['pixel_accuracy'])} | {_pct(pan['all']['pq'])} | "
+                         f"{_pct(pan['all']['sq'])} | {_pct(pan['all']['rq'])} | {_pct(pan['stuff']['pq'])} | "
+                         f"{_pct(pan['things']['pq'])} |")
     first = next(iter(variants.values()))["panoptic"]["per_class"]
     lines += ["", "Per-class PQ (%):", "", "| variant | " + " | ".join(first) + " |", "|---|" + "---|" * len(first)]
     for name, v in variants.items():

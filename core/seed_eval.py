@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
+from core.panoptic import connected_components
 from core.labels import CLASS_NAMES, LABEL_ID_TO_TRAIN_ID, NUM_CLASSES, STUFF_TRAIN_IDS, THING_TRAIN_IDS
 
 SEED_EVAL_HW = (512, 1024)
@@ -117,7 +117,7 @@ def _pred_segments(pred: np.ndarray) -> tuple[np.ndarray, list[int]]:
     for c in THING_TRAIN_IDS:
         if present[c] < THING_MIN_AREA:  # no component of it can be kept
             continue
-        comps, n = ndimage.label(pred == c)  # default structure: 4-connectivity, as in the script
+        comps, n = connected_components(pred == c, 4)  # scipy's default 4-connectivity, as in the script
         kept = np.flatnonzero(np.bincount(comps.ravel(), minlength=n + 1)[1:] >= THING_MIN_AREA) + 1
         ids = np.zeros(n + 1, np.int32)  # component -> its segment id, in the script's order
         ids[kept] = len(cats) + 1 + np.arange(len(kept))

@@ -1,5 +1,6 @@
-"""Label-and-score stage: read the features extract wrote (no model) -> label and score every
-image on an actor pool; the fits go into the object store once."""
+"""Label stage: read the features extract wrote (no model) -> label every image on an actor pool
+(the fits go into the object store once) -> score its label maps with the run's evaluators in CPU
+tasks beside it -> per shard, the scores npz."""
 
 import hashlib
 
@@ -8,7 +9,8 @@ import ray
 from ray.data import Dataset
 
 from actors.feature_reader import image_features
-from actors.label import LabelImages, finish_scores
+from actors.label import LabelImages, label_fits, panoptic_rules
+from actors.score import ScoreSpec, finish_scores, score_image
 from configs.schema import RunConfig
 from core.fit_artifact import FitArtifact
 from ray_jobs.fit import fit_names
@@ -45,14 +47,28 @@ def run_label(cfg: RunConfig, records: list[ImageRecord], plan: Plan, features: 
                          "prototypes": fits[n].extra_arrays.get("class_prototypes")} for n in names])
     config = cfg.model_dump(mode="json")
     shards = label_shards(cfg, records, features)
+    spec = score_spec(cfg, [{"name": n, "centroids": fits[n].centroids, "mapping": mappings[n]} for n in names])
 
     def build(ds: Dataset) -> Dataset:
         ds = ds.flat_map(image_features, fn_kwargs={"config": config, "features_dir": str(layout.features)},
                          **task_args(cfg.label.read))
-        return ds.map(guarded(LabelImages, per_row=True), **actor_args(cfg.label.workers), fn_constructor_kwargs={
-            "config": config, "fits": fits_ref, "stage_dir": str(layout.scores), "labels_dir": str(layout.labels),
-            "overlay_ids": [r.image_id for r in records[: cfg.label.num_overlays]], "plan_key": plan.key})
+        ds = ds.map(guarded(LabelImages, per_row=True), **actor_args(cfg.label.workers), fn_constructor_kwargs={
+            "config": config, "fits": fits_ref, "labels_dir": str(layout.labels),
+            "overlay_ids": [r.image_id for r in records[: cfg.label.num_overlays]]})
+        return ds.map(score_image, fn_kwargs={"spec": spec, "stage_dir": str(layout.scores), "plan_key": plan.key},
+                      **task_args(cfg.label.score))
 
     return run_image_stream("label", layout.scores, plan, shards, build,
-                            finisher(finish_scores, layout.scores, plan.key, config=config, fits=fits_ref, labels_dir=str(layout.labels)),
+                            finisher(finish_scores, layout.scores, plan.key, num_folds=cfg.fit.heldout_folds,
+                                     labels_dir=str(layout.labels), split=cfg.dataset.split,
+                                     write_label_pngs=cfg.label.write_label_pngs),
                             inputs=label_inputs(features, fits, human))
+
+
+def score_spec(cfg: RunConfig, fits: list[dict]) -> ScoreSpec:
+    """The scoring step's parameters: the run's evaluators and each fit's k and pixel stride."""
+    inference = cfg.inference
+    return ScoreSpec(evaluators=cfg.evaluators, sensitivity=cfg.report.sensitivity,
+                     fits=tuple((f.name, len(f.mapping), f.stride) for f in label_fits(cfg, fits)),
+                     num_folds=cfg.fit.heldout_folds, fold_seed=cfg.seed, rules=panoptic_rules(cfg),
+                     cause_view=(inference.short_side, inference.crop))

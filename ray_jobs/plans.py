@@ -109,8 +109,10 @@ def fit_plan(cfg: RunConfig, extract: Plan, recorded: dict | None = None) -> Pla
 
 def label_plan(cfg: RunConfig, fit: Plan) -> Plan:
     # a human mapping is an input, as the fits are (`label.label_inputs`): a new one relabels
-    label = cfg.label.model_dump(mode="json", exclude={"read", "workers", "human_mapping"})
-    return Plan("label", {"fit": fit.key, "label": label,
+    label = cfg.label.model_dump(mode="json", exclude={"read", "workers", "score", "human_mapping"})
+    # what is labelled and scored: the evaluators and the sensitivity (report's other keys are the report's)
+    scoring = {"evaluators": list(cfg.evaluators), "sensitivity": cfg.report.sensitivity}
+    return Plan("label", {"fit": fit.key, "label": label, "scoring": scoring,
                           "refine": cfg.refine.model_dump(mode="json"), "panoptic": cfg.panoptic.model_dump(mode="json")})
 
 

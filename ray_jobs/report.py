@@ -14,88 +14,65 @@ from configs.schema import RunConfig
 from core.analysis import absorption_table, cluster_purity, dead_centroid_summary
 from core.fit_artifact import FitArtifact
 from core.labels import CLASS_NAMES
-from core.metrics import semantic_scores
-from core.cause_eval import hungarian_scores
+from core.evaluation.base import FOLD_SUFFIX, add_totals
 from core.label_image import LABELLINGS
-from core.panoptic import pq_scores
-from core.seed_eval import seed_pq_scores, seed_semantic_scores
+from core.metrics import semantic_scores
 from core.plots import plot_confusion, plot_few_shot, plot_miou_vs_k, plot_overlay_grid, plot_per_class_iou
 from core.protocols import confusion_from_cluster_counts, few_shot_scores, protocol_scores
 from core.report import PROTOCOL_TITLES, missed_classes, render_markdown
+from actors.label import label_request, label_variants
+from actors.score import build_evaluators
 from ray_jobs.fit import BACKBONE_COMPARISON, fit_names
+from ray_jobs.label import score_spec
 from ray_jobs.layout import Layout
 from storage.cityscapes_outputs import write_panoptic_json
 from storage.shards import read_verified, read_verified_npz, write_json_atomic, write_text_atomic
 
 
-def sum_scores(scores_dir: Path, markers: dict[str, dict], names: list[str]) -> dict:
-    """Per-shard npz files (each checked against its marker) -> summed per-fit pixel counts
-    (F, k, C) and wins (k,), and per label variant the confusion (C, C+1), panoptic statistics
-    (C, 4) and seconds."""
-    total = {"pixel_counts": {}, "wins": {}, "num_images": 0, "variants": None, "baseline_labellings": [],
-             "variant_confusion": 0, "variant_seconds": 0, "sens_confusion": 0, "sens_seed_confusion": 0,
-             "base_confusion": 0, "base_seed_confusion": 0}
-    pq_ids, pq_parts, sens_parts, base_parts = [], [], [], []
+def sum_scores(scores_dir: Path, markers: dict[str, dict]) -> tuple[dict[str, np.ndarray], int]:
+    """Per-shard npz files (each checked against its marker) -> the run's totals
+    (`core.evaluation.base.add_totals`) and the number of images scored."""
+    shards = []
     for shard, marker in markers.items():
         data = read_verified_npz(scores_dir.parent, marker, scores_dir / f"{shard}.npz", LABEL_FIX)
-        total["num_images"] += len(data["image_ids"])
-        total["variants"] = [str(v) for v in data["variants"]]
-        total["baseline_labellings"] = [str(v) for v in data["baseline_labellings"]]
-        for key in ("variant_confusion", "variant_seconds", "sens_confusion", "sens_seed_confusion", "base_confusion",
-                    "base_seed_confusion"):
-            total[key] = total[key] + data[key]
-        pq_ids += [str(i) for i in data["image_ids"]]
-        pq_parts.append(data["image_pq"])
-        sens_parts.append(data["image_sens_pq"])
-        base_parts.append(data["image_base_pq"])
-        if "cause_counts" in data:
-            total["cause_counts"] = total.get("cause_counts", 0) + data["cause_counts"]
-        for n in names:
-            total["pixel_counts"][n] = total["pixel_counts"].get(n, 0) + data[f"pixel_counts_{n}"]
-            total["wins"][n] = total["wins"].get(n, 0) + data[f"wins_{n}"]
-    # float sums in image-id order: the same result however the images were sharded
-    order = np.argsort(np.array(pq_ids, dtype=np.str_), kind="stable")
-    total["variant_pq"] = np.concatenate(pq_parts)[order].sum(axis=0) if pq_parts else 0
-    total["sens_pq"] = np.concatenate(sens_parts)[order].sum(axis=0) if sens_parts else 0
-    total["base_pq"] = np.concatenate(base_parts)[order].sum(axis=0) if base_parts else 0
-    return total
+        shards.append(([str(i) for i in data["image_ids"]], {k: v for k, v in data.items() if k != "image_ids"}))
+    return add_totals(shards), sum(len(ids) for ids, _ in shards)
 
 
-def protocol_sensitivity(cfg: RunConfig, scores: dict, names: list[str], strides: dict[str, int]) -> dict:
+def protocol_sensitivity(cfg: RunConfig, results: dict[str, dict], names: list[str], strides: dict[str, int]) -> dict:
     """Per fit, its labels made both ways and each scored by both evaluators: what each protocol
     choice is worth on the same fits. None where a labelling exists only at a stride."""
+    official, seed = results["official"], results["seed"]
+
+    def row(labels: str, evaluator: str, scores: dict, stride: int = 1) -> dict:
+        panoptic = scores["panoptic"]
+        return {"labels": labels, "evaluator": evaluator, "miou": scores["semantic"]["miou"],
+                "pixel_accuracy": scores["semantic"]["pixel_accuracy"], "pixel_stride": stride,
+                "panoptic": None if panoptic is None else pq_summary(panoptic)}
+
     out = {}
-    for f, name in enumerate(names):
+    for name in names:
         rows = {}
-        for l, labelling in enumerate(LABELLINGS):
+        for labelling in LABELLINGS:
+            target = f"fit/{name}/{labelling}"
             full_size = labelling == "resized" or strides[name] == 1
-            official = semantic_scores(scores["sens_confusion"][f, l], CLASS_NAMES)
-            rows[f"{labelling}/official"] = {
-                "labels": labelling, "evaluator": "official", "miou": official["miou"],
-                "pixel_accuracy": official["pixel_accuracy"], "pixel_stride": 1 if full_size else strides[name],
-                "panoptic": pq_summary(pq_scores(scores["sens_pq"][f, l, 0])) if full_size else None}
+            rows[f"{labelling}/official"] = row(labelling, "official", official[target], 1 if full_size else strides[name])
             if full_size:
-                seed = seed_semantic_scores(scores["sens_seed_confusion"][f, l])
-                rows[f"{labelling}/seed"] = {"labels": labelling, "evaluator": "seed", "miou": seed["miou"],
-                                             "pixel_accuracy": seed["pixel_accuracy"], "pixel_stride": 1,
-                                             "panoptic": pq_summary(seed_pq_scores(scores["sens_pq"][f, l, 1]))}
+                rows[f"{labelling}/seed"] = row(labelling, "seed", seed[target])
         out[name] = rows
-    for b, labelling in enumerate(scores["baseline_labellings"]):  # the baseline's labels made in more ways
-        official = semantic_scores(scores["base_confusion"][b], CLASS_NAMES)
-        seed = seed_semantic_scores(scores["base_seed_confusion"][b])
-        out[names[-1]][f"{labelling}/official"] = {
-            "labels": labelling, "evaluator": "official", "miou": official["miou"], "pixel_accuracy": official["pixel_accuracy"],
-            "pixel_stride": 1, "panoptic": pq_summary(pq_scores(scores["base_pq"][b, 0]))}
-        out[names[-1]][f"{labelling}/seed"] = {
-            "labels": labelling, "evaluator": "seed", "miou": seed["miou"], "pixel_accuracy": seed["pixel_accuracy"],
-            "pixel_stride": 1, "panoptic": pq_summary(seed_pq_scores(scores["base_pq"][b, 1]))}
-    if "cause_counts" in scores:  # the baseline under CAUSE's own test protocol
-        for i, key in enumerate(("crop/cause", "crop+crf/cause")):
-            cause = hungarian_scores(scores["cause_counts"][i])
-            out[names[-1]][key] = {"labels": key.split("/")[0], "evaluator": "cause", "miou": cause["miou"],
-                                   "pixel_accuracy": cause["pixel_accuracy"], "pixel_stride": 1, "panoptic": None,
-                                   "per_class_iou": cause["per_class_iou"]}
+    for labelling in label_request(cfg).baseline_labellings:  # the baseline's labels made in more ways
+        out[names[-1]][f"{labelling}/official"] = row(labelling, "official", official[f"baseline/{labelling}"])
+        out[names[-1]][f"{labelling}/seed"] = row(labelling, "seed", seed[f"baseline/{labelling}"])
+    out[names[-1]] |= cause_rows(results)
     return {"protocol": cfg.protocol, "fits": out}
+
+
+def cause_rows(results: dict[str, dict]) -> dict:
+    """The baseline under CAUSE's own test protocol, where the cause evaluator ran."""
+    return {f"{crop}/cause": {"labels": crop, "evaluator": "cause", "miou": scores["miou"],
+                              "pixel_accuracy": scores["pixel_accuracy"], "pixel_stride": 1, "panoptic": None,
+                              "per_class_iou": scores["per_class_iou"]}
+            for crop, scores in results.get("cause", {}).items()}
 
 
 def pq_summary(scores: dict) -> dict:
@@ -131,7 +108,10 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
     layout = Layout(cfg.output_dir)
     names = fit_names(cfg)
     main, baseline = names[0], names[-1]
-    scores = sum_scores(layout.scores, label_done, names)
+    totals, num_images = sum_scores(layout.scores, label_done)
+    spec = score_spec(cfg, [{"name": n, "centroids": fit_artifacts[n].centroids, "mapping": fit_artifacts[n].mapping}
+                            for n in names])
+    results = {e.name: e.evaluate(totals) for e in build_evaluators(spec)}
     failed = [f for done in (extract_done, label_done) for s in sorted(done) for f in done[s]["failed"]]
     # an image that failed in extract usually fails again in label: count each image once
     failed_ids = sorted({f["image_id"] for f in failed})
@@ -140,14 +120,15 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
     fits = {}
     for name in names:
         art = fit_artifacts[name]
-        counts = scores["pixel_counts"][name]
+        counts = totals.get(f"official/clusters/{name}{FOLD_SUFFIX}",  # none where no image was labelled
+                            np.zeros((cfg.fit.heldout_folds, art.k, len(CLASS_NAMES)), np.int64))
         purity = cluster_purity(counts.sum(axis=0))
         fits[name] = {**fit_summary[name],
                       "pixel_level": protocol_scores(counts, art.extra_arrays["mapping_counts"], art.mapping,
                                                      art.extra_arrays.get("label_free_mapping"), CLASS_NAMES),
                       # which pixels its pixel-level numbers count (label.sweep_pixel_stride for the sweep's extra fits)
                       "pixel_stride": 1 if name in (main, baseline) else cfg.label.sweep_pixel_stride,
-                      "dead_centroids": dead_centroid_summary(scores["wins"][name])["dead"],
+                      "dead_centroids": dead_centroid_summary(totals.get(f"label/wins/{name}", np.zeros(art.k, np.int64)))["dead"],
                       "weighted_purity": None if np.isnan(purity["weighted_purity"]) else float(purity["weighted_purity"])}
         if name == main and human is not None:
             fits[name]["pixel_level"]["human"] = semantic_scores(confusion_from_cluster_counts(counts.sum(axis=0), human),
@@ -162,24 +143,28 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
         fits[name]["recovered"] = [c for c in baseline_missed if c not in missed_classes(per_class)]
 
     variants = {}
-    n_images = max(1, scores["num_images"])
-    for v, name in enumerate(scores["variants"] or []):
-        variants[name] = {"semantic": semantic_scores(scores["variant_confusion"][v], CLASS_NAMES),
-                          "panoptic": pq_scores(scores["variant_pq"][v]),
-                          "seconds_per_image": float(scores["variant_seconds"][v]) / n_images}
-    main_conf = scores["variant_confusion"][0] if variants else None
+    for name in [*label_variants(cfg), baseline] if num_images else []:
+        official = results["official"][f"variant/{name}"]
+        variants[name] = {"semantic": official["semantic"], "panoptic": official["panoptic"],
+                          "seconds_per_image": float(totals[f"label/seconds/{name}"]) / max(1, num_images)}
+        if "seed" in cfg.evaluators:
+            seed = results["seed"][f"variant/{name}"]
+            variants[name]["seed_evaluator"] = {"semantic": seed["semantic"], "panoptic": seed["panoptic"]}
+    main_conf = totals.get("official/confusion/variant/seed")
     absorption = {main: absorption_table(main_conf, CLASS_NAMES),
-                  baseline: absorption_table(scores["variant_confusion"][-1], CLASS_NAMES)} if variants else {}
-
-    sensitivity = protocol_sensitivity(cfg, scores, names, {n: fits[n]["pixel_stride"] for n in names})
+                  baseline: absorption_table(totals[f"official/confusion/variant/{baseline}"], CLASS_NAMES)} if variants else {}
+    sensitivity = (protocol_sensitivity(cfg, results, names, {n: fits[n]["pixel_stride"] for n in names})
+                   if cfg.report.sensitivity and num_images else None)
     figures = _figures(cfg, layout, fits, names, variants, main_conf)
     panoptic_json = merge_panoptic_annotations(layout.scores, label_done, layout.labels, cfg.dataset.split, LABEL_FIX)
     report = {
         "run_name": cfg.run_name, "model": meta["model"], "feature_kind": cfg.model.feature_kind,
         "dataset": {"kind": cfg.dataset.kind, "root": str(cfg.dataset.root), "split": cfg.dataset.split,
-                    "num_images": scores["num_images"], "num_failed": len(failed_ids), "fingerprint": meta["fingerprint"]},
-        "protocol": cfg.protocol, "timing": timing, "fits": fits, "baseline_missed": baseline_missed,
+                    "num_images": num_images, "num_failed": len(failed_ids), "fingerprint": meta["fingerprint"]},
+        "protocol": cfg.protocol, "evaluators": list(cfg.evaluators), "timing": timing, "fits": fits,
+        "baseline_missed": baseline_missed,
         "variants": variants, "protocol_sensitivity": sensitivity,
+        "cause_protocol": cause_rows(results) if not cfg.report.sensitivity else None,
         "backbone_comparison": fit_summary.get(BACKBONE_COMPARISON),
         "written_variant": cfg.refine.write_variant, "absorption": absorption, "figures": figures,
         "outputs": {"labels": str(layout.labels.relative_to(cfg.output_dir)),

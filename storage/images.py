@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from core.errors import UserError
+from core.evaluation.base import GroundTruth
 from core.labels import LABEL_ID_TO_TRAIN_ID, MAX_LABEL_ID
 from core.panoptic import gt_panoptic
 from storage import uris
@@ -93,9 +94,9 @@ def read_instance_ids(instance_ids_path: Path, expected_hw: tuple[int, int]) -> 
     return ids.astype(np.int32)
 
 
-def read_ground_truth(label_ids_path: Path, instance_ids_path: Path, expected_hw: tuple[int, int]):
-    """Both ground-truth maps of an image -> (trainIds (H, W) uint8, panoptic ground truth, instanceIds
-    (H, W)), after checking that they agree (every pixel's instanceId names its labelId)."""
+def read_ground_truth(label_ids_path: Path, instance_ids_path: Path, expected_hw: tuple[int, int]) -> GroundTruth:
+    """Both ground-truth maps of an image, after checking that they agree (every pixel's instanceId
+    names its labelId)."""
     label_ids = read_label_ids(label_ids_path, expected_hw)
     instance_ids = read_instance_ids(instance_ids_path, expected_hw)
     try:
@@ -103,7 +104,7 @@ def read_ground_truth(label_ids_path: Path, instance_ids_path: Path, expected_hw
     except ValueError as err:
         raise InputError(f"{instance_ids_path}: {err} (against {label_ids_path}); the two files must come from the same "
                          "Cityscapes image") from None
-    return LABEL_ID_TO_TRAIN_ID[label_ids], panoptic, instance_ids
+    return GroundTruth(label_ids, LABEL_ID_TO_TRAIN_ID[label_ids], instance_ids, panoptic)
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -283,7 +283,7 @@ def test_8_unschedulable_steps_fail_fast_with_the_numbers(ray_cluster, demo_root
 def test_9_wrong_ground_truth_is_refused(demo_root, tmp_path):
     label_path = sorted(demo_root.glob("gtFine/val/*/*_labelIds.png"))[0]
     instance_path = Path(str(label_path).replace("labelIds", "instanceIds"))
-    train_ids, panoptic, _ = read_ground_truth(label_path, instance_path, (128, 256))  # the real pair is fine
+    read_ground_truth(label_path, instance_path, (128, 256))  # the real pair is fine
     eight_bit = tmp_path / "inst8.png"
     Image.fromarray((np.asarray(Image.open(instance_path)) % 256).astype(np.uint8)).save(eight_bit)
     with pytest.raises(InputError, match="instanceIds must be a 16-bit PNG"):

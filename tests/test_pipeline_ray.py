@@ -29,6 +29,7 @@ def tiny_config(data_root, output_dir, **fit):
         "label": {"num_overlays": 2, "read": {"num_cpus": 0.25}, "workers": {"num_actors": 2, "cpus_per_actor": 0.5}},
         "refine": {"em_semantic": True, "em_things": True, "superpixels": True, "superpixel_step": 8},
         "fit": {"k": 24, "k_sweep": [8, 24], "n_iter": 10, "max_patches_per_image": 64, "lloyd_iterations": 2, **fit},
+        "report": {"sensitivity": True},
         "ray": {"local_num_cpus": 2},
     })
 

@@ -12,14 +12,14 @@ from sklearn.cluster import MiniBatchKMeans
 
 from actors.extract import patch_labels
 from configs.schema import ConfigError, parse_config
-from core.cause_eval import cause_counts, hungarian_scores
+from core.cause_eval import crop_clusters, crop_counts, hungarian_scores
 from core.crf import dense_crf
 from core.seed_postprocess import denoise_by_prototypes, diffuse_by_neighbours
 from core.clustering import assign_euclidean, fit_seed_minibatch
 from core.dense import WindowModel
-from core.label_image import ImageLabeller, LabelFit
+from core.label_image import ImageLabeller, LabelFit, LabelRequest
 from core.windows import StoredWindows, WindowSpec, cause_view, cut_windows, layout_axis_weights, stitch_windows
-from configs.schema import PanopticConfig, RefineConfig
+from configs.schema import RefineConfig
 
 SPEC = WindowSpec(short_side=112, crop=112, stride=56)  # 128x256 -> 112x224: windows at x = 0, 56, 112
 PATCH = 14
@@ -101,17 +101,19 @@ def test_seed_pixel_labels_come_from_the_windows_pixel_map_at_the_resized_size()
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     mapping = rng.integers(0, 19, 9)
     fit = LabelFit("k9", centroids, mapping)
-    labeller = ImageLabeller([fit, fit], ["seed"], RefineConfig(), PanopticConfig(), baseline=True, labelling="resized")
+    labeller = ImageLabeller([fit, LabelFit("baseline_k9", centroids, mapping)], ["seed"], RefineConfig(), labelling="resized",
+                             request=LabelRequest(baseline=True, both_labellings=True))
     (grid, resized), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
     labels = labeller.label([(grid, resized)], PATCH, (128, 256),
                             windows=StoredWindows(feats, layout_axis_weights(layout, SPEC.crop, PATCH), layout))
     pixel = F.normalize(seed_pixel_map(feats, layout.origins, layout.resized, SPEC.crop), dim=0)
     clusters = torch.einsum("kd,dyx->kyx", torch.tensor(centroids), pixel).argmax(dim=0).numpy()
     reference = np.asarray(Image.fromarray(mapping[clusters].astype(np.uint8)).resize((256, 128), Image.NEAREST))
-    assert labels.variants[0][0].shape == (128, 256)
-    assert (labels.variants[0][0] == reference).mean() > 0.999  # float rounding may flip a near-tie pixel
-    # the full-size labelling is made too (for the sensitivity table), from the grid
-    assert labels.labellings["full"][0].shape == (128, 256)
+    assert labels.variant("seed").train_ids.shape == (128, 256)
+    assert (labels.variant("seed").train_ids == reference).mean() > 0.999  # float rounding may flip a near-tie pixel
+    # asked for (the sensitivity table), the full-size labelling is made too, from the grid; the own one is the variant
+    assert labels.targets["fit/k9/full"].train_ids.shape == (128, 256)
+    assert labels.targets["fit/k9/resized"] is labels.variant("seed")
 
 
 def test_protocols_refuse_settings_they_cannot_honour():
@@ -156,11 +158,13 @@ def test_cause_counts_label_the_crop_by_cosine_after_bilinear_upsampling():
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     label_ids = np.full((8, 8), 7, np.uint8)
     label_ids[:, 4:] = 0  # labelId 0 (unlabeled) is outside the 27 classes
-    counts = cause_counts(grid, grid[:, :, ::-1], centroids, label_ids, None)
+    crops = crop_clusters(grid, grid[:, :, ::-1].copy(), centroids, rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8))
+    counts = crop_counts(crops["crop"], label_ids, 3)
     pixels = F.interpolate(torch.tensor(grid)[None], size=(8, 8), mode="bilinear", align_corners=False)[0]
     nearest = torch.einsum("kd,dyx->kyx", torch.tensor(centroids), F.normalize(pixels, dim=0)).argmax(dim=0).numpy()
-    assert counts.shape == (2, 3, 27) and counts[1].sum() == 0  # no image: no CRF counts
-    assert np.array_equal(counts[0][:, 0], np.bincount(nearest[:, :4].ravel(), minlength=3)) and counts[0].sum() == 32
+    assert np.array_equal(crops["crop"], nearest) and crops["crop+crf"].shape == (8, 8)
+    assert counts.shape == (3, 27) and np.array_equal(counts[:, 0], np.bincount(nearest[:, :4].ravel(), minlength=3))
+    assert counts.sum() == 32
 
 
 def test_seed_crf_is_softmax_of_five_times_the_class_logits_at_the_resized_size():
@@ -171,7 +175,7 @@ def test_seed_crf_is_softmax_of_five_times_the_class_logits_at_the_resized_size(
     mapping = np.array([0, 0, 2, 5, 2, 11])  # classes 0, 2, 5, 11 have clusters; the other 15 score 0
     image = rng.integers(0, 255, size=(128, 256, 3), dtype=np.uint8)
     fit = LabelFit("k6", centroids, mapping)
-    labeller = ImageLabeller([fit, fit], ["seed", "crf"], RefineConfig(), PanopticConfig(), baseline=True, labelling="resized")
+    labeller = ImageLabeller([fit, fit], ["seed", "crf"], RefineConfig(), labelling="resized", request=LabelRequest(baseline=True))
     (grid, resized), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
     labels = labeller.label([(grid, resized)], PATCH, (128, 256), image,
                             windows=StoredWindows(feats, layout_axis_weights(layout, SPEC.crop, PATCH), layout))
@@ -183,7 +187,7 @@ def test_seed_crf_is_softmax_of_five_times_the_class_logits_at_the_resized_size(
     small = np.asarray(Image.fromarray(image).resize((resized[1], resized[0]), Image.BILINEAR))
     expected = dense_crf(small, logits, alpha=5.0).argmax(axis=0).astype(np.uint8)
     expected = np.asarray(Image.fromarray(expected).resize((256, 128), Image.NEAREST))
-    crf_labels = labels.variants[1][0]
+    crf_labels = labels.variant("crf").train_ids
     assert (crf_labels == expected).mean() > 0.999
 
 
@@ -196,11 +200,12 @@ def test_the_baselines_full_size_crf_row_is_the_crf_variant_of_the_baseline_fit(
     image = rng.integers(0, 255, size=(128, 256, 3), dtype=np.uint8)
     grids = [(grid, (112, 224))]
     labeller = ImageLabeller([LabelFit("k9", main, rng.integers(0, 19, 9)), baseline], ["seed"], RefineConfig(crf=True),
-                             PanopticConfig(), baseline=True, extra_baseline=["full+crf"])
-    extra = labeller.label(grids, PATCH, (128, 256), image).baseline_labellings["full+crf"]
-    alone = ImageLabeller([baseline], ["seed", "crf"], RefineConfig(crf=True), PanopticConfig(), baseline=False)
-    np.testing.assert_array_equal(extra, alone.label(grids, PATCH, (128, 256), image).variants[1][0])
-    assert (extra != labeller.label(grids, PATCH, (128, 256), image).variants[-1][0]).any()  # the CRF changed pixels
+                             request=LabelRequest(baseline=True, baseline_labellings=("full+crf",)))
+    labels = labeller.label(grids, PATCH, (128, 256), image)
+    extra = labels.targets["baseline/full+crf"].train_ids
+    alone = ImageLabeller([baseline], ["seed", "crf"], RefineConfig(crf=True))
+    np.testing.assert_array_equal(extra, alone.label(grids, PATCH, (128, 256), image).variant("crf").train_ids)
+    assert (extra != labels.variant("baseline_k4").train_ids).any()  # the CRF changed pixels
 
 
 def test_prototype_denoising_flips_only_patches_far_from_their_class_prototype():

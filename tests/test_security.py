@@ -102,8 +102,8 @@ def _label_actor(cfg, tmp_path):
     for name, k in (("k16", 16), ("k8", 8), ("baseline_k19", 19)):
         c = rng.normal(size=(k, 32)).astype(np.float32)
         fits.append({"name": name, "centroids": c / np.linalg.norm(c, axis=1, keepdims=True), "mapping": np.arange(k) % 19})
-    actor = LabelImages(config=cfg.model_dump(mode="json"), fits=fits, stage_dir=str(tmp_path / "out" / "scores"),
-                        labels_dir=str(tmp_path / "out" / "labels"), overlay_ids=[], plan_key="test-plan")
+    actor = LabelImages(config=cfg.model_dump(mode="json"), fits=fits, labels_dir=str(tmp_path / "out" / "labels"),
+                        overlay_ids=[])
     return actor, fits
 
 
@@ -130,11 +130,16 @@ def _files_outside(tmp_path: Path) -> list[Path]:
 
 
 def _label(cfg, tmp_path, rows):
+    """The label step, then the score step, on each row (as the stage's Ray Data plan runs them)."""
     import torch
+
+    from actors.score import score_image
+    from ray_jobs.label import score_spec
     threads = torch.get_num_threads()
     try:
         actor, fits = _label_actor(cfg, tmp_path)
-        return [actor(row) for row in rows], fits
+        spec = score_spec(cfg, fits)
+        return [score_image(actor(row), spec, str(tmp_path / "out" / "scores"), "test-plan") for row in rows], fits
     finally:
         torch.set_num_threads(threads)
 
@@ -148,13 +153,13 @@ def test_a_hostile_image_id_writes_nothing_outside(tmp_path, hostile_rows):
 
 
 def test_a_hostile_image_id_is_a_failed_item_and_the_shard_completes(tmp_path, hostile_rows):
-    from actors.label import finish_scores
+    from actors.score import finish_scores
     from storage.shards import read_done
     cfg, rows, shard_row = hostile_rows
     (good, bad), fits = _label(cfg, tmp_path, rows)
     failed = [{"image_id": bad["image_id"], "path": bad["path"], "stage": "label", "error": bad["error"]}]
-    finish_scores(str(tmp_path / "out" / "scores"), shard_row, [good["image_id"]], failed, "test-plan", cfg.model_dump(mode="json"),
-                  fits, str(tmp_path / "out" / "labels"))
+    finish_scores(str(tmp_path / "out" / "scores"), shard_row, [good["image_id"]], failed, "test-plan",
+                  cfg.fit.heldout_folds, str(tmp_path / "out" / "labels"), cfg.dataset.split, True)
     (done,) = read_done(tmp_path / "out" / "scores").values()
     assert done["num_images"] == 1 and [f["image_id"] for f in done["failed"]] == ["../../../escaped"]
     assert "unsafe name" in done["failed"][0]["error"]

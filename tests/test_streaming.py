@@ -36,7 +36,7 @@ def test_label_builds_no_model_even_with_several_scales(ray_cluster, demo_root, 
     # the sweep's extra fit (k8) is scored on every 2nd pixel each way, the main fit and the baseline on all
     report = json.loads((cfg.output_dir / "report.json").read_text())
     assert {n: f["pixel_stride"] for n, f in report["fits"].items()} == {"k16": 1, "k8": 2, "baseline_k19": 1}
-    counted = {n: sum(int(np.load(p)[f"pixel_counts_{n}"].sum()) for p in (cfg.output_dir / "scores").glob("shard-*.npz"))
+    counted = {n: sum(int(np.load(p)[f"official/clusters/{n}@fold"].sum()) for p in (cfg.output_dir / "scores").glob("shard-*.npz"))
                for n in ("k16", "k8", "baseline_k19")}
     assert counted["k16"] == counted["baseline_k19"] and abs(counted["k8"] / counted["k16"] - 0.25) < 0.02
     assert "every 2nd" in (cfg.output_dir / "report.md").read_text()

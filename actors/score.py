@@ -1,0 +1,87 @@
+"""The label stage's scoring step, beside the labelling and not inside it:
+
+  score_image    CPU task per image: its ground truth read once, the run's evaluators
+                 (`core.evaluation`) on the label maps the label step made, the image's part
+  finish_scores  per shard, when every image is out: parts -> scores npz (+ the panoptic JSON of
+                 the written labels) + marker
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from actors.rows import run_on_image
+from core.evaluation.base import Evaluator, ImageToScore, PanopticRules, Segmenter, add_images
+from core.evaluation.cause import CauseEvaluator
+from core.evaluation.official import OfficialEvaluator
+from core.evaluation.seed import SeedEvaluator
+from core.label_image import ImageLabels
+from core.sampling import image_fold
+from storage.cityscapes_outputs import label_pngs
+from storage.images import read_ground_truth
+from storage.parts import complete_shard, read_shard_parts, write_part
+from storage.shards import write_json_atomic, write_npz_atomic
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """The scoring step's parameters, made once by the driver."""
+
+    evaluators: tuple[str, ...]  # names (`actors.label.evaluator_names`)
+    sensitivity: bool  # report.sensitivity: also the seed evaluator on every fit's both labellings
+    fits: tuple[tuple[str, int, int], ...]  # (name, k, pixel stride of its labels), main first, baseline last
+    num_folds: int  # fit.heldout_folds
+    fold_seed: int  # the run's seed: which images fall in which fold
+    rules: PanopticRules
+    cause_view: tuple[int, int]  # CAUSE's (short side, crop): inference.short_side, inference.crop
+
+
+def build_evaluators(spec: ScoreSpec) -> list[Evaluator]:
+    """official on every target; seed on every full-size target where named, on the protocol
+    sensitivity's targets (every fit both ways, the baseline's extra labellings) with sensitivity;
+    cause on the baseline's crops where named."""
+    evaluators: list[Evaluator] = [OfficialEvaluator()]
+    if "seed" in spec.evaluators:
+        evaluators.append(SeedEvaluator())
+    elif spec.sensitivity:
+        evaluators.append(SeedEvaluator(scores=lambda target: not target.startswith("variant/")))
+    if "cause" in spec.evaluators:
+        evaluators.append(CauseEvaluator(spec.fits[-1][1], *spec.cause_view))
+    return evaluators
+
+
+def score_image(row: dict, spec: ScoreSpec, stage_dir: str, plan_key: str) -> dict:
+    return run_on_image("label", row, lambda: _score(row, spec, Path(stage_dir), plan_key))
+
+
+def _score(row: dict, spec: ScoreSpec, stage_dir: Path, plan_key: str) -> None:
+    labels = ImageLabels.from_bytes(row["labels"])
+    hw = (int(row["height"]), int(row["width"]))
+    truth = read_ground_truth(Path(row["label_ids_path"]), Path(row["instance_ids_path"]), hw) if row["label_ids_path"] else None
+    known = {id(labels.targets[name]): (labels.targets[name], panoptic) for name, panoptic in labels.segments.items()}
+    fold = image_fold(row["image_id"], spec.num_folds, spec.fold_seed)
+    image = ImageToScore(targets=labels.targets, clusters={n: (labels.clusters[n], stride) for n, _, stride in spec.fits},
+                         cluster_counts={n: k for n, k, _ in spec.fits}, crops=labels.crops, truth=truth, fold=fold,
+                         segment=Segmenter(spec.rules, known))
+    counts = {f"label/wins/{n}": np.bincount(labels.clusters[n].ravel(), minlength=k) for n, k, _ in spec.fits}
+    counts |= {f"label/seconds/{name}": np.float64(seconds) for name, seconds in labels.seconds.items()}
+    for evaluator in build_evaluators(spec):
+        counts |= evaluator.process(image)
+    write_part(stage_dir, row["shard"], row["image_id"], counts, {"fold": fold, "annotation": json.loads(row["annotation"])}, plan_key)
+
+
+def finish_scores(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], plan_key: str, num_folds: int,
+                  labels_dir: str, split: str, write_label_pngs: bool) -> None:
+    """The parts of a shard (in shard order) -> its scores npz and COCO annotations, the marker
+    (listing these and the images' label PNGs), no parts."""
+    stage_dir, shard = Path(stage_dir), shard_row["shard"]
+    order, parts, written_at = read_shard_parts(stage_dir, shard_row, written, plan_key)
+    arrays = add_images([a for a, _ in parts], [meta["fold"] for _, meta in parts], num_folds)
+    outputs = [stage_dir / f"{shard}.npz", stage_dir / "_panoptic" / f"{shard}.json"]
+    write_npz_atomic({"image_ids": np.array(order, dtype=np.str_), **arrays}, outputs[0])
+    write_json_atomic([meta["annotation"] for _, meta in parts if meta["annotation"]], outputs[1])
+    if write_label_pngs:
+        outputs += label_pngs(Path(labels_dir), shard_row, order, split)
+    complete_shard(stage_dir, shard, order, written_at, failed, outputs, plan_key)
