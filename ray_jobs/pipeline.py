@@ -47,7 +47,7 @@ def ensure_demo_set(cfg: RunConfig) -> None:
 def stage_steps(cfg: RunConfig, stage: str) -> dict:
     """The Ray Data steps a stage schedules, by config key (`session.check_schedulable`)."""
     return {"extract": {"extract.read": cfg.extract.read, "extract.model": cfg.extract.model, "extract.write": cfg.extract.write},
-            "label": {"label.read": cfg.label.read, "label.workers": cfg.label.workers}}.get(stage, {})
+            "label": {"label.read": cfg.label.read, "label.workers": cfg.label.workers, "label.score": cfg.label.score}}.get(stage, {})
 
 
 class Pipeline:

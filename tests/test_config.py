@@ -68,3 +68,13 @@ def test_the_demo_config_applies_on_its_own_two_cpus():
     pools = cfg.extract.model.num_actors * cfg.extract.model.cpus_per_actor + cfg.label.workers.num_actors * cfg.label.workers.cpus_per_actor
     assert pools + cfg.extract.read.num_cpus <= cfg.ray.local_num_cpus
     assert demo.extract.model.num_actors == 2 and cfg.extract.model.num_actors == 1  # extract alone keeps two
+
+
+def test_the_demo_config_labels_and_scores_on_its_own_two_cpus():
+    """The labelling pool holds its CPUs for the stage; one read task and one score task must still fit."""
+    from ray_jobs.pipeline import stage_steps
+    demo = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", [])
+    steps = stage_steps(demo, "label")
+    assert set(steps) == {"label.read", "label.workers", "label.score"}
+    pool = demo.label.workers.num_actors * demo.label.workers.cpus_per_actor
+    assert pool + max(demo.label.read.num_cpus, demo.label.score.num_cpus) <= demo.ray.local_num_cpus
