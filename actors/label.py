@@ -6,12 +6,13 @@
   finish_scores   per shard, when every image is out: parts -> scores npz + panoptic JSON + marker
 """
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import ray
 
-from actors.geometry import label_scales, label_short_sides, seed_baseline_scales, unpack_windows
+from actors.geometry import image_limits, label_scales, label_short_sides, seed_baseline_scales, unpack_windows
 from actors.model_setup import device_for
 from actors.rows import run_on_image
 from configs.schema import RunConfig, parse_config
@@ -24,7 +25,7 @@ from core.labels import colorize_train_ids
 from core.sampling import image_fold
 from core.variants import enabled_variants
 from storage.cityscapes_outputs import label_pngs, prediction_paths, write_image_predictions
-from storage.images import InputError, read_ground_truth, read_label_ids, read_rgb, safe_path, write_png_atomic
+from storage.images import read_ground_truth, read_label_ids, read_rgb, safe_path, write_png_atomic
 from storage.parts import complete_shard, read_shard_parts, write_part
 from storage.shards import write_json_atomic, write_npz_atomic
 
@@ -62,6 +63,7 @@ class LabelImages:
         self.colour = (self.cfg.refine.crf or self.cfg.refine.superpixels or self.cause_crop
                        or any(name.endswith("+crf") for name in self.labeller.extra_baseline))
         self.short_sides = label_short_sides(self.cfg)
+        self.limits = image_limits(self.cfg)
 
     def __call__(self, row: dict) -> dict:
         return run_on_image("label", row, lambda: self._label(row))
@@ -72,10 +74,10 @@ class LabelImages:
         hw = (int(row["height"]), int(row["width"]))
         image = None
         if self.colour or image_id in self.overlay_ids:
-            image = read_rgb(row["path"])
-            if image.shape[:2] != hw:
-                raise InputError(f"{row['path']}: the image is now {image.shape[0]}x{image.shape[1]} but its features were "
-                                 f"extracted at {hw[0]}x{hw[1]}; re-run extract on a new output_dir")
+            def changed(h: int, w: int) -> str | None:
+                return None if (h, w) == hw else (f"the image is now {h}x{w} but its features were extracted at "
+                                                  f"{hw[0]}x{hw[1]}; re-run extract on a new output_dir")
+            image = read_rgb(row["path"], dataclasses.replace(self.limits, size_problem=changed))
         gt = gt_pan = gt_instances = None
         if row["label_ids_path"]:
             gt, gt_pan, gt_instances = read_ground_truth(Path(row["label_ids_path"]), Path(row["instance_ids_path"]), hw)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scipy import ndimage  # noqa: E402
 
-from actors.geometry import window_spec  # noqa: E402
+from actors.geometry import image_limits, window_spec  # noqa: E402
 from actors.model_setup import model_spec  # noqa: E402
 from configs.schema import load_config  # noqa: E402
 from core.clustering import assign_clusters, fit_kmeans  # noqa: E402
@@ -98,7 +98,7 @@ def label_pass(work: Path) -> dict:
     dense = DenseFeatureExtractor(build_feature_model(model_spec(cfg)), window_spec(cfg))
     images = []
     for r in list_cityscapes(data, "val"):
-        image = read_rgb(r.image_path)
+        image = read_rgb(r.image_path, image_limits(cfg))
         gt = read_train_ids(Path(r.label_ids_path), image.shape[:2])
         images.append((dense([image])[0], gt, gt_panoptic(read_instance_ids(Path(r.instance_ids_path), image.shape[:2]))))
     x = np.concatenate([f.reshape(f.shape[0], -1).T for f, _, _ in images])
