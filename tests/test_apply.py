@@ -12,6 +12,7 @@ from moto.server import ThreadedMotoServer
 
 from configs.schema import parse_config
 from core.fit_artifact import FitArtifact
+from core.errors import UserError
 from ray_jobs.apply import ApplyError, run_apply
 from ray_jobs.plans import model_identity
 from ray_jobs.session import init_ray
@@ -103,7 +104,7 @@ def test_apply_labels_every_object_store_image_and_records_the_bad_one(s3_frames
 def test_apply_writes_the_features_when_asked_and_they_equal_extract(s3_frames, fit_dir, tmp_path):
     """apply.write_features: one streaming pass labels the images and keeps their patch features, in
     the extract schema (labels 255: unlabelled), the same features extract would write."""
-    from actors.geometry import window_spec
+    from actors.geometry import image_limits, window_spec
     from actors.model_setup import model_spec
     from core.dense import DenseFeatureExtractor
     from core.models import build_feature_model
@@ -117,7 +118,8 @@ def test_apply_writes_the_features_when_asked_and_they_equal_extract(s3_frames, 
     assert len(grids) == summary["num_images"] == NUM_GOOD and set(table.column("label").to_pylist()) == {255}
     hist = pq.read_table(cfg.output_dir / "histograms").to_pydict()
     image_id, source = hist["image_id"][0], hist["source"][0]
-    (expected,) = DenseFeatureExtractor(build_feature_model(model_spec(cfg)), window_spec(cfg))([read_rgb(source)])
+    dense = DenseFeatureExtractor(build_feature_model(model_spec(cfg)), window_spec(cfg))
+    (expected,) = dense([read_rgb(source, image_limits(cfg))])
     features, hw = grids[image_id]
     assert hw == (128, 256)
     np.testing.assert_allclose(features, expected, atol=2e-3 * np.abs(expected).max())
@@ -126,3 +128,20 @@ def test_apply_writes_the_features_when_asked_and_they_equal_extract(s3_frames, 
 def test_a_fit_of_other_features_is_refused_with_the_fix(s3_frames, fit_dir, tmp_path):
     with pytest.raises(ApplyError, match="another model: vit.embed_dim: 32 -> 64.*config the fit was made with"):
         run_apply(apply_config(s3_frames, tmp_path / "out", embed_dim=64), fit_dir)
+
+
+def test_apply_refuses_an_output_dir_in_what_it_reads_the_fit_and_its_runs_dataset(fit_dir, tmp_path):
+    """Refused before the fit is loaded or Ray is used (no cluster here): inside --fit, holding it,
+    inside the dataset of the fit's run (its config.yaml records it), and the config's own dataset."""
+    from configs.schema import ConfigError
+    run_data = tmp_path / "run_data"
+    (tmp_path / "config.yaml").write_text(f"dataset: {{kind: folder, root: {run_data}}}\n")  # the run around fits/k12
+    run_dataset = f"{tmp_path / 'config.yaml'}'s dataset.root={run_data}"
+    for output_dir, phrase in [(fit_dir / "out", f"lies inside --fit={fit_dir}"), (tmp_path, f"holds --fit={fit_dir}"),
+                               (run_data / "labelled", f"lies inside {run_dataset}")]:
+        with pytest.raises(UserError) as err:
+            run_apply(apply_config("s3://frames/drive1", output_dir), fit_dir)  # a URI holds no local folder
+        assert f"output_dir={output_dir} {phrase}, which this command reads" in str(err.value)
+    assert not (fit_dir / "out").exists() and not run_data.exists()
+    with pytest.raises(ConfigError, match="lies inside dataset.root"):
+        apply_config(str(tmp_path / "frames"), tmp_path / "frames" / "labelled")
