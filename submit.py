@@ -95,10 +95,12 @@ def compare(args) -> int:
     from core.errors import UserError
     from core.report import render_comparison
     from storage.shards import write_text_atomic
+    from configs.schema import recorded_dataset_root
     from storage.placement import refuse_output_in_input
     reports = {}
-    for run in args.runs:
-        refuse_output_in_input(args.out, "--out", {"a compared run": run})
+    for run in args.runs:  # nor into the datasets the runs describe: a folder dataset takes any .png or .jpg
+        refuse_output_in_input(args.out, "--out", {"a compared run": run,
+                                                   f"{run / 'config.yaml'}'s dataset.root": recorded_dataset_root(run)})
         path = run / "report.json"
         try:
             reports[str(run)] = json.loads(path.read_text())

@@ -419,6 +419,16 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConf
     return parse_config(data, str(path))
 
 
+def recorded_dataset_root(run_dir: Path | str) -> str | None:
+    """The dataset.root a run recorded (absolute) in its config.yaml, or None where there is no
+    readable record: what an output of a later command must keep out of."""
+    try:
+        root = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("dataset", {}).get("root")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    return root if isinstance(root, str) else None
+
+
 def recorded_config(cfg: RunConfig) -> dict:
     """The config as a run records it (`<output_dir>/config.yaml`): every local path made absolute,
     so the record describes the run from any working directory (`submit.py atlas` reads it)."""

@@ -12,12 +12,11 @@ import logging
 from pathlib import Path
 
 import ray
-import yaml
 from ray.data import Dataset
 
 from actors.apply import PseudoLabelImages, finish_apply
 from actors.geometry import image_limit_settings, refuse_limits_no_image_meets
-from configs.schema import RunConfig
+from configs.schema import RunConfig, recorded_dataset_root
 from core.errors import UserError
 from core.fit_artifact import FitArtifact
 from core.human_mapping import load_human_mapping
@@ -60,15 +59,11 @@ def with_apply_pools(cfg: RunConfig) -> RunConfig:
                                   "label": cfg.label.model_copy(update={"workers": workers})})
 
 
-def fit_run_inputs(fit_dir: Path) -> dict[str, str]:
+def fit_run_inputs(fit_dir: Path) -> dict[str, str | None]:
     """The folders a fit was made from, which an apply with it must not write into: the fit itself
-    and the dataset of the run it belongs to (recorded, absolute, in that run's config.yaml)."""
-    config = Path(fit_dir).resolve().parent.parent / "config.yaml"
-    try:
-        root = (yaml.safe_load(config.read_text()) or {}).get("dataset", {}).get("root")
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):  # no run around the fit (or not one we can read)
-        root = None
-    return {"--fit": str(fit_dir), f"{config}'s dataset.root": root if isinstance(root, str) else None}
+    and the dataset of the run it belongs to (None where the fit has no run around it)."""
+    run_dir = Path(fit_dir).resolve().parent.parent
+    return {"--fit": str(fit_dir), f"{run_dir / 'config.yaml'}'s dataset.root": recorded_dataset_root(run_dir)}
 
 
 def run_apply(cfg: RunConfig, fit_dir: Path, human_mapping: Path | None = None) -> dict:

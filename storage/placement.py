@@ -63,9 +63,10 @@ def refuse_output_in_input(output: Path | str, output_key: str, inputs: dict[str
         root = _resolved(location, key)
         if _within(out, root):
             where = "is" if out == root else "lies inside"
-            raise PlacementError(f"{spelt(output_key, output, out)} {where} {spelt(key, location, root)}, which this command "
-                                 f"reads: what it writes there would be read as input. {fix or f'Put {output_key} outside {root}'}")
+            raise PlacementError(f"{spelt(output_key, output, out)} {where} {spelt(key, location, root)}: what is "
+                                 "written there would be read as input. "
+                                 + (fix or f"Put {output_key} outside {root}"))
         if _within(root, out):
-            raise PlacementError(f"{spelt(output_key, output, out)} holds {spelt(key, location, root)}, which this command "
-                                 f"reads: what it writes could land among its files. "
-                                 f"{fix or f'Put {output_key} beside {root}, not above it'}")
+            raise PlacementError(f"{spelt(output_key, output, out)} holds {spelt(key, location, root)}: what is "
+                                 "written there could land among its files. "
+                                 + (fix or f"Put {output_key} beside {root}, not above it"))

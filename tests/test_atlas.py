@@ -136,7 +136,7 @@ def test_the_atlas_command_writes_another_fits_atlas_beside_the_run_and_refuses_
     for inside in (tmp_path / "data_link" / "atlas", Path(cfg.dataset.root) / "leftImg8bit" / ".." / "atlas"):
         assert submit.main(["atlas", "--fit", str(out / "fits" / "k8"), "--out", str(inside)]) == 2
         err = capsys.readouterr().err
-        assert f"lies inside dataset.root={cfg.dataset.root}, which this command reads" in err
+        assert f"lies inside dataset.root={cfg.dataset.root}: what is written there would be read as input" in err
         assert "Put --out outside" in err
     assert not (Path(cfg.dataset.root) / "atlas").exists()
     assert submit.main(["atlas", "--fit", str(out / "fits" / "k99")]) == 2

@@ -263,6 +263,7 @@ def test_compare_refuses_to_write_into_a_run_it_reads(tmp_path, capsys):
     for run in ("head", "backbone"):
         (tmp_path / run).mkdir()
         (tmp_path / run / "report.json").write_text("{}")
+        (tmp_path / run / "config.yaml").write_text(f"dataset: {{root: {tmp_path / 'frames'}}}\n")
     for out in (tmp_path / "head" / "report.json", tmp_path / "head" / "compare.md", tmp_path / "link" / "compare.md"):
         (tmp_path / "link").unlink(missing_ok=True)
         (tmp_path / "link").symlink_to(tmp_path / "head")
@@ -271,6 +272,11 @@ def test_compare_refuses_to_write_into_a_run_it_reads(tmp_path, capsys):
         assert err.startswith(f"error: --out={out}") and f"lies inside a compared run={tmp_path / 'head'}" in err, err
         assert len(err.strip().splitlines()) == 1
     assert (tmp_path / "head" / "report.json").read_text() == "{}" and not (tmp_path / "head" / "compare.md").exists()
+    out = tmp_path / "frames" / "compare.png"  # into the dataset the runs were made on
+    assert submit.main(["compare", str(tmp_path / "head"), str(tmp_path / "backbone"), "--out", str(out)]) == 2
+    recorded = f"{tmp_path / 'head' / 'config.yaml'}'s dataset.root={tmp_path / 'frames'}"
+    assert f"lies inside {recorded}" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_ctrl_c_on_a_stage_says_what_is_kept_and_exits_130(tmp_path, monkeypatch, capsys):

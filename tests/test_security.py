@@ -224,7 +224,7 @@ def test_an_output_dir_inside_a_feature_set_it_fits_on_or_holding_one_is_refused
                                (tmp_path, {"features": [{"path": str(tmp_path / "frames")}]}),
                                (tmp_path / "frames" / "features" / "x", {"mapping_from": str(tmp_path / "frames"),
                                                                           "heldout_folds": 1})]:
-        with pytest.raises(ConfigError, match="which this command reads.*This run's own features need no path"):
+        with pytest.raises(ConfigError, match="what is written there .*This run's own features need no path"):
             parse_config({"output_dir": str(output_dir), "fit": source}, "test")
     beside = {"output_dir": str(tmp_path / "run"), "fit": {"features": [{}, {"path": str(tmp_path / "frames")}]}}
     parse_config(beside, "test")
