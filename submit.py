@@ -68,7 +68,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
     except OSError as err:  # a path that cannot be read or written: the user's to fix, not a bug
         print(f"error: {err.strerror or err}{f': {err.filename}' if err.filename else ''}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: what was kept and how to go on, not a traceback
+        print(f"interrupted: {interrupted_note(args)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     return 2
+
+
+def interrupted_note(args) -> str:
+    """What an interrupted command leaves behind, and how to go on."""
+    if args.command == "compare":
+        return f"{args.out} is written whole or not at all; run the same command again"
+    if args.command == "synth":
+        return "the demo set may be partly written; run the same command again to write it whole"
+    if args.command == "atlas":
+        return "the atlas may be partly written (its page comes last); run the same command again"
+    try:
+        where = load_config(args.config, args.overrides).output_dir
+    except Exception:  # noqa: BLE001 - interrupted while the config was read: say it in words
+        where = "the config's output_dir"
+    return f"finished shards and images are kept in {where}; run the same command again to resume"
 
 
 def compare(args) -> int:
@@ -77,8 +95,12 @@ def compare(args) -> int:
     from core.errors import UserError
     from core.report import render_comparison
     from storage.shards import write_text_atomic
+    from configs.schema import recorded_dataset_root
+    from storage.placement import refuse_output_in_input
     reports = {}
-    for run in args.runs:
+    for run in args.runs:  # nor into the datasets the runs describe: a folder dataset takes any .png or .jpg
+        refuse_output_in_input(args.out, "--out", {"a compared run": run,
+                                                   f"{run / 'config.yaml'}'s dataset.root": recorded_dataset_root(run)})
         path = run / "report.json"
         try:
             reports[str(run)] = json.loads(path.read_text())
@@ -127,11 +149,13 @@ def atlas(args) -> int:
     if not config.is_file():
         raise UserError(f"{args.fit} is not a fit folder of a run (no {config}): name one like outputs/demo/fits/k300")
     cfg = load_config(config, [f"output_dir={run_dir}", *args.overrides])  # the run where the fit is, wherever we are
+    from ray_jobs.apply import fit_run_inputs
     from ray_jobs.fit import fit_names
     from ray_jobs.layout import Layout
     from ray_jobs.pipeline import Pipeline
     from ray_jobs.session import init_ray
     from storage.lock import OutputLock, command_line
+    from storage.placement import refuse_output_in_input
     name = args.fit.resolve().name
     out = args.out or run_dir / ("atlas" if name == fit_names(cfg)[0] else f"atlas_{name}")
     if out.exists() and not out.is_dir():
@@ -141,6 +165,8 @@ def atlas(args) -> int:
     if target == run_dir or any(target.is_relative_to(d) for d in stage_dirs):
         raise UserError(f"--out {out} is the run's own folder or one of its stages' folders, where the atlas would mix with "
                         f"the run's results: name a folder of its own (default {run_dir / 'atlas'})")
+    # its sprite JPEGs would become images: nor in the run's recorded dataset, where --set dataset.root names a copy
+    refuse_output_in_input(out, "--out", {"dataset.root": cfg.dataset.root, **fit_run_inputs(args.fit)})
     pipeline = Pipeline(cfg)
     with OutputLock(cfg.output_dir, command_line()):
         init_ray(cfg)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.geometry import (extra_seed_layouts, extracted_scales, extracted_short_sides, feature_dim, pack_windows,
-                             stored_window_count, stores_windows, window_spec)
+from actors.geometry import (extra_seed_layouts, extracted_scales, extracted_short_sides, feature_dim, image_limits,
+                             pack_windows, stored_window_count, stores_windows, window_spec)
 from actors.rows import failure_message, run_on_image
 from configs.schema import parse_config
 from core.windows import ScaleLayout, cause_view, cut_windows, stitch_windows
@@ -27,17 +27,20 @@ from storage.shards import (backbone_path, cause_path, feature_path, patch_schem
                             write_parquet_atomic)
 
 
-def image_windows(shard_row: dict, config: dict, extra_views: bool = True):
+def image_windows(shard_row: dict, config: dict, extra_views: bool = True, stage: str = "extract"):
     """One shard row -> one row per image to do: uint8 windows of every extracted scale, then (with
-    extra_views: extract, or apply writing features) the seed's baseline windows or CAUSE's crop."""
-    cfg = parse_config(config, "extract read config")
+    extra_views: extract, or apply writing features) the seed's baseline windows or CAUSE's crop.
+    Each image's size is checked (`actors.geometry.image_limits`) before it is decoded; `stage`
+    names the stage in what a failure logs."""
+    cfg = parse_config(config, f"{stage} read config")
     spec, patch, short_sides = window_spec(cfg), cfg.model.vit.patch_size, extracted_short_sides(cfg)
+    limits = image_limits(cfg, extra_views)
     for record in shard_records(shard_row):
         row = {"shard": shard_row["shard"], "image_id": record.image_id, "path": record.image_path, "group": record.group,
                "label_ids_path": record.label_ids_path or "", "error": "", "setup_error": "",
                "windows": np.zeros((0, spec.crop, spec.crop, 3), np.uint8), "layouts": "[]", "height": 0, "width": 0}
         try:
-            image = read_rgb(record.image_path)  # a path or an object-store URI
+            image = read_rgb(record.image_path, limits)  # a path or an object-store URI
             windows, layouts = cut_windows(image, spec, patch, short_sides)
             extra = extra_seed_layouts(cfg, image.shape[:2]) if extra_views else []
             if extra:  # the seed baseline's windows follow the base scale's
@@ -47,7 +50,7 @@ def image_windows(shard_row: dict, config: dict, extra_views: bool = True):
             row.update(windows=windows, layouts=json.dumps([lay.to_dict() for lay in layouts]),
                        height=image.shape[0], width=image.shape[1])
         except Exception as err:  # noqa: BLE001 - one image's failure must not end the stage
-            row["error"] = failure_message("extract", record.image_id, err)
+            row["error"] = failure_message(stage, record.image_id, err)
         yield row
 
 
@@ -108,11 +111,7 @@ def write_features(row: dict, config: dict, stage_dir: str, plan_key: str) -> di
 
 def _write_features(row: dict, cfg, stage_dir: Path, plan_key: str) -> None:
     grids = stitched_grids(row, cfg)
-    hw = (int(row["height"]), int(row["width"]))
-    grid = grids[0][0].shape[1:]
-    if hw[0] < grid[0] or hw[1] < grid[1]:
-        raise InputError(f"{row['path']}: the image is {hw[0]}x{hw[1]} px, fewer pixels than its {grid[0]}x{grid[1]} patch "
-                         "grid, so no patch gets a label; use images of at least the patch grid's size, or remove it")
+    hw = (int(row["height"]), int(row["width"]))  # checked against the patch grid as it was read (`image_windows`)
     train_ids = read_train_ids(Path(row["label_ids_path"]), hw) if row["label_ids_path"] else None
     arrays = feature_arrays(cfg, grids, train_ids) | extra_view_arrays(cfg, row, train_ids)
     write_part(stage_dir, row["shard"], row["image_id"], arrays, {"hw": hw, "model": str(row["model"])}, plan_key)

@@ -1,13 +1,18 @@
 """Config -> windows and scales: what the CPU steps need, without importing torch."""
 
 import json
+import math
+from functools import partial
+
 import numpy as np
 
-from configs.schema import RunConfig
+from configs.schema import ConfigError, RunConfig
 from core.errors import UserError
 from core.presets import protocol_steps
 from core.seed_baseline import seed_scale_layout
-from core.windows import ScaleLayout, StoredWindows, WindowSpec, layout_axis_weights, scale_short_sides, window_layout
+from core.windows import (ScaleLayout, StoredWindows, WindowSpec, layout_axis_weights, patch_grid, scale_short_sides,
+                          window_count, window_layout)
+from storage.images import ImageLimits
 
 
 def window_spec(cfg: RunConfig) -> WindowSpec:
@@ -118,3 +123,60 @@ def label_scales(cfg: RunConfig) -> list[float]:
 
 def label_short_sides(cfg: RunConfig) -> list[int]:
     return scale_short_sides(window_spec(cfg), label_scales(cfg), cfg.model.vit.patch_size)
+
+
+def image_window_count(cfg: RunConfig, image_hw: tuple[int, int], extra_views: bool = True) -> int:
+    """The windows an image of this size is cut into (`actors.extract.image_windows`): every
+    extracted scale's and, with extra_views, the seed baseline's and CAUSE's crop (twice)."""
+    spec, patch = window_spec(cfg), cfg.model.vit.patch_size
+    count = sum(window_count(*image_hw, short, spec, patch) for short in extracted_short_sides(cfg))
+    # the extra views are listed window by window: only for an image whose scales are within the limit
+    if extra_views and count <= cfg.inference.max_windows_per_image:
+        count += sum(len(layout.origins) for layout in extra_seed_layouts(cfg, image_hw))
+        count += 2 if protocol_steps(cfg.protocol).cause_crop else 0
+    return count
+
+
+def _size_problem(cfg: RunConfig, extra_views: bool, height: int, width: int) -> str | None:
+    """What the config makes of an image of this size that it cannot use: no pixel for a patch of
+    its grid, or more windows than inference.max_windows_per_image."""
+    grid = patch_grid(height, width, cfg.inference.short_side, cfg.model.vit.patch_size)
+    if height < grid[0] or width < grid[1]:
+        return (f"the image is {height}x{width} px, fewer pixels than its {grid[0]}x{grid[1]} patch grid, so no "
+                "patch gets a label; use images of at least the patch grid's size, or lower inference.short_side")
+    windows, limit = image_window_count(cfg, (height, width), extra_views), cfg.inference.max_windows_per_image
+    if windows > limit:
+        return (f"a {height}x{width} px image is cut into {windows} windows at "
+                f"inference.scales={cfg.inference.scales}, more than inference.max_windows_per_image={limit}; "
+                "downscale or crop it, or raise inference.max_windows_per_image (each window is one model pass and "
+                "its features)")
+    return None
+
+
+def image_limits(cfg: RunConfig, extra_views: bool = True) -> ImageLimits:
+    """The checks every image passes, from its header before it is decoded: its pixels, its aspect
+    ratio, one pixel per patch, and the windows it is cut into (extra_views: as `image_window_count`)."""
+    return ImageLimits(cfg.dataset.max_image_pixels, cfg.dataset.max_aspect_ratio,
+                       partial(_size_problem, cfg, extra_views))
+
+
+def image_limit_settings(cfg: RunConfig) -> dict:
+    """The limits that decide which images a stage takes (a stage's plan records them): raised,
+    they let in images that failed, so the stage's results are not those of the lower limits."""
+    return {"max_image_pixels": cfg.dataset.max_image_pixels, "max_aspect_ratio": cfg.dataset.max_aspect_ratio,
+            "max_windows_per_image": cfg.inference.max_windows_per_image}
+
+
+def refuse_limits_no_image_meets(cfg: RunConfig) -> None:
+    """Refuse, before any image is read, limits under which every image would fail: a square image
+    needs the fewest pixels (one per patch of its grid) and is cut into the fewest windows."""
+    side = math.ceil(cfg.inference.short_side / cfg.model.vit.patch_size)  # the smallest square that passes the grid
+    if side * side > cfg.dataset.max_image_pixels:
+        raise ConfigError(f"dataset.max_image_pixels={cfg.dataset.max_image_pixels} is fewer than the smallest usable "
+                          f"image ({side}x{side} px: one pixel per patch of its grid at inference.short_side="
+                          f"{cfg.inference.short_side}): raise dataset.max_image_pixels")
+    windows, limit = image_window_count(cfg, (side, side)), cfg.inference.max_windows_per_image
+    if windows > limit:
+        raise ConfigError(f"inference.scales={cfg.inference.scales} cut even a square image into {windows} windows, "
+                          f"more than inference.max_windows_per_image={limit}, so every image would fail: lower the "
+                          "scales (or inference.short_side), or raise inference.max_windows_per_image")

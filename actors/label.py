@@ -8,13 +8,14 @@
   finish_scores   (actors.score) per shard, when every image is out: parts -> scores npz + marker
 """
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 import ray
 
-from actors.geometry import label_scales, label_short_sides, seed_baseline_scales, unpack_windows
+from actors.geometry import image_limits, label_scales, label_short_sides, seed_baseline_scales, unpack_windows
 from actors.model_setup import device_for
 from actors.rows import run_on_image
 from configs.schema import RunConfig, parse_config
@@ -25,7 +26,7 @@ from core.presets import protocol_steps
 from core.variants import enabled_variants
 from core.windows import cause_view, resized_size
 from storage.cityscapes_outputs import prediction_paths, write_image_predictions
-from storage.images import InputError, read_rgb, read_train_ids, safe_path, write_png_atomic
+from storage.images import read_rgb, read_train_ids, safe_path, write_png_atomic
 
 def label_fits(cfg: RunConfig, fits: list[dict]) -> list[LabelFit]:
     """The broadcast fits (main first, baseline last): the sweep's extra fits at the sweep stride."""
@@ -69,6 +70,7 @@ class LabelImages:
         self.colour = (self.cfg.refine.crf or self.cfg.refine.superpixels or self.request.cause_crop
                        or any(name.endswith("+crf") for name in self.request.baseline_labellings))
         self.short_sides = label_short_sides(self.cfg)
+        self.limits = image_limits(self.cfg)
 
     def __call__(self, row: dict) -> dict:
         out = {}
@@ -83,10 +85,10 @@ class LabelImages:
         hw = (int(row["height"]), int(row["width"]))
         image = None
         if self.colour or image_id in self.overlay_ids:
-            image = read_rgb(row["path"])
-            if image.shape[:2] != hw:
-                raise InputError(f"{row['path']}: the image is now {image.shape[0]}x{image.shape[1]} but its features were "
-                                 f"extracted at {hw[0]}x{hw[1]}; re-run extract on a new output_dir")
+            def changed(h: int, w: int) -> str | None:
+                return None if (h, w) == hw else (f"the image is now {h}x{w} but its features were extracted at "
+                                                  f"{hw[0]}x{hw[1]}; re-run extract on a new output_dir")
+            image = read_rgb(row["path"], dataclasses.replace(self.limits, size_problem=changed))
         grids = [(row[f"grid_{i}"].astype(np.float32), resized_size(*hw, s)) for i, s in enumerate(self.short_sides)]
         windows = unpack_windows(self.cfg, row["grid_windows"], hw) if "grid_windows" in row else None
         cause = {}

@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     import torch
 
+    from actors.geometry import image_limits
     from configs.schema import load_config
     from ray_jobs.apply import run_apply
     from ray_jobs.pipeline import Pipeline
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
                             [*overrides, f"output_dir={applied}", "apply.write_features=false"])
     fit_dir = run / "fits" / f"k{cfg.fit.k}"
     rows.append(timed_stage("apply", n, lambda: run_apply(apply_cfg, fit_dir)))
-    sample = [read_rgb(p) for p in sorted(data.glob("leftImg8bit/*/*/*.png"))[: min(n, 32)]]
+    sample = [read_rgb(p, image_limits(cfg)) for p in sorted(data.glob("leftImg8bit/*/*/*.png"))[: min(n, 32)]]
     rows.append(model_alone(cfg, sample, cuda))
     rows.append(assignment_agreement(cfg, fit_dir, cuda))
     report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "cpu_cores": cores, "cpu_smoke": args.cpu_smoke,

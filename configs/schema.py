@@ -5,12 +5,13 @@ with a message that names the key, the value and what is allowed.
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import UserError
+from storage.placement import refuse_output_in_input
 
 
 class Strict(BaseModel):
@@ -23,6 +24,14 @@ class DatasetConfig(Strict):
     split: str = "val"
     max_images: int | None = Field(default=None, ge=1)
     images_per_shard: int = Field(default=16, ge=1)
+    # Every image is checked from its header before it is decoded; a larger or more elongated one
+    # is a failed item naming the limit. 100 Mpx (300 MB decoded) passes any camera frame (a
+    # Cityscapes frame is 2.1 Mpx, an 8000x8000 one 64 Mpx) and stays below PIL's own refusal of
+    # decompression bombs (2 x Image.MAX_IMAGE_PIXELS = 179 Mpx), which follows this limit.
+    max_image_pixels: int = Field(default=100_000_000, ge=1)
+    # long side / short side: 16 passes panoramas (a 360-degree one is 2:1) and refuses a strip such
+    # as 1x100000 px, which the short-side resize would cut into hundreds of thousands of windows.
+    max_aspect_ratio: float = Field(default=16.0, ge=1, allow_inf_nan=False)
 
 
 class DemoSetConfig(Strict):
@@ -82,16 +91,20 @@ class InferenceConfig(Strict):
     stride: int = Field(default=161, ge=1)
     flip: bool = True
     # protocol=seed labels the fits at 1.0 and uses the scales for the baseline's multi-scale rows (its scheme)
-    scales: list[float] = Field(default=[1.0], min_length=1)
+    scales: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(default=[1.0], min_length=1)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp16/bf16 autocast applies on GPU only
     batch_size: int = Field(default=8, ge=1)  # windows per forward pass
+    # The windows one image is cut into, over every scale (and the protocol's extra views): an image
+    # cut into more is a failed item naming this key. Each window is crop^2 x 3 bytes in and
+    # (feature dim x (crop / patch)^2) floats out (1.6 MB at 768-d, 322 px). 512 passes a Cityscapes
+    # frame at the 7 scales 0.5..2.0 (74 windows at 322 px) and any image within
+    # dataset.max_aspect_ratio at scale 1.0 (31); settings that exceed it for every image are refused.
+    max_windows_per_image: int = Field(default=512, ge=1)
 
     @model_validator(mode="after")
     def _stride_within_crop(self):
         if self.stride > self.crop:
             raise ValueError(f"inference.stride={self.stride} is larger than inference.crop={self.crop}: windows would leave gaps")
-        if any(s <= 0 for s in self.scales):
-            raise ValueError(f"inference.scales={self.scales} must all be > 0")
         if len(set(self.scales)) != len(self.scales):
             raise ValueError(f"inference.scales={self.scales} lists a scale twice: each would be extracted and averaged twice")
         return self
@@ -323,10 +336,11 @@ class RunConfig(Strict):
     def _consistent(self):
         if str(self.output_dir) in ("", "."):
             raise ValueError("output_dir must name a folder of its own (e.g. outputs/run), not the current folder")
-        root = self.dataset.root
-        if self.dataset.kind == "folder" and "://" not in root and Path(self.output_dir).resolve().is_relative_to(Path(root).resolve()):
-            raise ValueError(f"output_dir={self.output_dir} lies inside dataset.root={root}: its label PNGs would be read as "
-                             "images on the next run; put output_dir outside the image folder")
+        refuse_output_in_input(self.output_dir, "output_dir", {"dataset.root": self.dataset.root})
+        refuse_output_in_input(self.output_dir, "output_dir", {
+            "fit.mapping_from": self.fit.mapping_from,
+            **{f"fit.features[{i}].path": source.path for i, source in enumerate(self.fit.features)}},
+            fix="This run's own features need no path (leave it null); another run's folder goes beside output_dir")
         if self.model.feature_kind == "head" and self.inference.crop != 322:
             raise ValueError(
                 f"inference.crop={self.inference.crop} but model.feature_kind='head' needs 322: "
@@ -429,6 +443,16 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConf
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); "
                               "quote it, e.g. --set 'key=\"text\"'") from None
     return parse_config(data, str(path))
+
+
+def recorded_dataset_root(run_dir: Path | str) -> str | None:
+    """The dataset.root a run recorded (absolute) in its config.yaml, or None where there is no
+    readable record: what an output of a later command must keep out of."""
+    try:
+        root = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("dataset", {}).get("root")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    return root if isinstance(root, str) else None
 
 
 def recorded_config(cfg: RunConfig) -> dict:

@@ -98,6 +98,12 @@ def scale_short_sides(spec: WindowSpec, scales: list[float], patch_size: int) ->
     return [max(patch_size, round(spec.short_side * s)) for s in scales]
 
 
+def window_count(height: int, width: int, short_side: int, spec: WindowSpec, patch_size: int) -> int:
+    """How many windows `window_layout` cuts, without listing them."""
+    gh, gw = patch_grid(height, width, short_side, patch_size)
+    return math.prod(len(window_starts(g * patch_size, spec.crop, spec.stride)) for g in (gh, gw))
+
+
 def window_layout(height: int, width: int, short_side: int, spec: WindowSpec, patch_size: int) -> ScaleLayout:
     h, w = resized_size(height, width, short_side)
     gh, gw = math.ceil(h / patch_size), math.ceil(w / patch_size)

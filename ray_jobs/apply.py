@@ -12,11 +12,11 @@ import logging
 from pathlib import Path
 
 import ray
-
 from ray.data import Dataset
 
 from actors.apply import PseudoLabelImages, finish_apply
-from configs.schema import RunConfig
+from actors.geometry import image_limit_settings, refuse_limits_no_image_meets
+from configs.schema import RunConfig, recorded_dataset_root
 from core.errors import UserError
 from core.fit_artifact import FitArtifact
 from core.human_mapping import load_human_mapping
@@ -24,10 +24,11 @@ from ray_jobs.extract import windows_to_features
 from ray_jobs.layout import Layout
 from ray_jobs.plans import Plan, check_plan, differences, model_identity, plan_conflict, refuse_conflicts
 from ray_jobs.session import check_schedulable
-from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream
+from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, write_failed_items
 from ray_jobs.report import merge_panoptic_annotations
 from storage.datasets import list_dataset
 from storage.lock import OutputLock, command_line
+from storage.placement import refuse_output_in_input
 from storage.shards import PATCH_FORMAT, dataset_fingerprint, plan_shards, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,18 @@ def with_apply_pools(cfg: RunConfig) -> RunConfig:
                                   "label": cfg.label.model_copy(update={"workers": workers})})
 
 
+def fit_run_inputs(fit_dir: Path) -> dict[str, str | None]:
+    """The folders a fit was made from, which an apply with it must not write into: the fit itself
+    and the dataset of the run it belongs to (None where the fit has no run around it)."""
+    run_dir = Path(fit_dir).resolve().parent.parent
+    return {"--fit": str(fit_dir), f"{run_dir / 'config.yaml'}'s dataset.root": recorded_dataset_root(run_dir)}
+
+
 def run_apply(cfg: RunConfig, fit_dir: Path, human_mapping: Path | None = None) -> dict:
     """Label `cfg.dataset` with the fit in `fit_dir`, its clusters mapped by `human_mapping` (a
     mapping.json from the cluster atlas) where one is given."""
+    refuse_output_in_input(cfg.output_dir, "output_dir", fit_run_inputs(fit_dir))  # dataset.root: the config checks it
+    refuse_limits_no_image_meets(cfg)
     cfg = with_apply_pools(cfg)
     fit = FitArtifact.load(fit_dir)
     model = model_identity(cfg)
@@ -72,7 +82,8 @@ def run_apply(cfg: RunConfig, fit_dir: Path, human_mapping: Path | None = None) 
         records = list_dataset(cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split, cfg.dataset.max_images)
         shards = plan_shards(records, cfg.dataset.images_per_shard)
         plan = Plan("apply", {"format": PATCH_FORMAT, "dataset": dataset_fingerprint(records, cfg.dataset.root),
-                              "images_per_shard": cfg.dataset.images_per_shard, "model": model,
+                              "images_per_shard": cfg.dataset.images_per_shard,
+                              "image_limits": image_limit_settings(cfg), "model": model,
                               "fit": {"plan_key": fit.meta.get("plan_key"), "content": fit.content_key()},
                               "panoptic": cfg.panoptic.model_dump(mode="json"),
                               "apply": cfg.apply.model_dump(mode="json", exclude={"model_actors", "label_actors"})})
@@ -84,19 +95,18 @@ def run_apply(cfg: RunConfig, fit_dir: Path, human_mapping: Path | None = None) 
         config = cfg.model_dump(mode="json")
 
         def build(ds: Dataset) -> Dataset:
-            return windows_to_features(ds, cfg, extra_views=cfg.apply.write_features).map(guarded(PseudoLabelImages, per_row=True), **actor_args(cfg.label.workers),
-                                                    fn_constructor_kwargs={"config": config, "fit": fit_ref,
-                                                                           "stage_dir": str(layout.histograms),
-                                                                           "labels_dir": str(layout.labels),
-                                                                           "plan_key": plan.key})
+            windows = windows_to_features(ds, cfg, extra_views=cfg.apply.write_features, stage="apply")
+            return windows.map(guarded(PseudoLabelImages, per_row=True), **actor_args(cfg.label.workers),
+                               fn_constructor_kwargs={"config": config, "fit": fit_ref, "plan_key": plan.key,
+                                                      "stage_dir": str(layout.histograms),
+                                                      "labels_dir": str(layout.labels)})
 
         check_schedulable({"extract.read": cfg.extract.read, "extract.model": cfg.extract.model, "label.workers": cfg.label.workers},
                           cfg.ray)
         done = run_image_stream("apply", layout.histograms, plan, shards, build,
                                 finisher(finish_apply, layout.histograms, plan.key, config=config, k=fit.k,
                                          features_dir=str(layout.features), labels_dir=str(layout.labels)))
-        failed = [f for s in sorted(done) for f in done[s]["failed"]]
-        write_json_atomic(failed, cfg.output_dir / "failed_items.json")
+        failed = write_failed_items(cfg.output_dir, done)
         panoptic_json = merge_panoptic_annotations(layout.histograms, done, layout.labels, cfg.dataset.split,
                                                    "run the same apply command again: it redoes that shard")
         summary = {"fit": str(fit_dir), "fit_meta": fit.meta, "mapping_kind": fit.mapping_kind, "k": fit.k,

@@ -18,6 +18,7 @@ import ray
 from PIL import Image
 from tqdm import tqdm
 
+from actors.geometry import image_limits
 from configs.schema import RunConfig
 from core.atlas import EXAMPLES, SPRITE_CLUSTERS, cluster_cards, patch_box, render_html, sprite_sheet, thumbnail
 from core.clustering import assign_clusters
@@ -27,7 +28,7 @@ from core.sampling import patch_priorities
 from ray_jobs.feature_sets import FeatureShards
 from ray_jobs.shard_tasks import map_reduce_shards
 from storage.datasets import ImageRecord
-from storage.images import read_rgb
+from storage.images import ImageLimits, read_rgb
 from storage.shards import features_from_table, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -70,13 +71,14 @@ def _merge_members(a: dict, b: dict) -> dict:
 
 
 @ray.remote
-def _image_thumbnails(jobs: list[tuple[str, str, list[tuple[int, int, int, int, int, int]]]]) -> tuple[list, list]:
+def _image_thumbnails(jobs: list[tuple[str, str, list[tuple[int, int, int, int, int, int]]]],
+                      limits: ImageLimits) -> tuple[list, list]:
     """(image_id, path, [(cluster, slot, row, col, grid_h, grid_w)]) per image -> the thumbnails
     [(cluster, slot, (T, T, 3) uint8)] and the images that could not be read."""
     thumbs, failed = [], []
     for image_id, path, wanted in jobs:
         try:
-            image = read_rgb(path)
+            image = read_rgb(path, limits)
         except UserError as err:
             failed.append({"stage": "atlas", "image_id": image_id, "error": str(err)})
             continue
@@ -117,7 +119,8 @@ def run_atlas(cfg: RunConfig, fit_dir: Path, baseline_dir: Path, shards: Feature
         raise AtlasError(f"the features of {fit_dir}'s run name images its dataset does not list ({missing[:3]}): the "
                          "dataset changed since extract; run the stages again")
     jobs = [(image_id, paths[image_id], wanted) for image_id, wanted in sorted(by_image.items())]
-    refs = [_image_thumbnails.remote(jobs[i:i + IMAGES_PER_TASK]) for i in range(0, len(jobs), IMAGES_PER_TASK)]
+    limits = image_limits(cfg)  # as extract read them
+    refs = [_image_thumbnails.remote(jobs[i:i + IMAGES_PER_TASK], limits) for i in range(0, len(jobs), IMAGES_PER_TASK)]
     grid, failed = {}, []
     for ref in tqdm(refs, desc="atlas: thumbnails", unit="task"):
         thumbs, bad = ray.get(ref)

@@ -14,12 +14,14 @@ from storage.shards import plan_shards
 
 
 def windows_to_features(ds: Dataset, cfg: RunConfig, model_actor=WindowFeatures, backbone: bool = False,
-                        extra_views: bool = True) -> Dataset:
+                        extra_views: bool = True, stage: str = "extract") -> Dataset:
     """shard rows -> image rows with the model's window features (extract and apply share it;
     the benchmark swaps in a stand-in `model_actor`); backbone: also the backbone's (model.compare_backbone);
-    extra_views: also the protocol's other windows (the seed baseline's, CAUSE's crop), which apply skips."""
+    extra_views: also the protocol's other windows (the seed baseline's, CAUSE's crop), which apply skips;
+    stage: the stage whose images these are, in what a failure logs."""
     config, pool = cfg.model_dump(mode="json"), cfg.extract.model
-    ds = ds.flat_map(image_windows, fn_kwargs={"config": config, "extra_views": extra_views}, **task_args(cfg.extract.read))
+    ds = ds.flat_map(image_windows, fn_kwargs={"config": config, "extra_views": extra_views, "stage": stage},
+                     **task_args(cfg.extract.read))
     flags = ({"backbone": True} if backbone else {}) | ({} if extra_views else {"extra_views": False})
     # Rows are images: the model actor gets the windows of batch_images images per call.
     return ds.map_batches(guarded(model_actor, per_row=False), batch_size=pool.batch_images, batch_format="numpy",

@@ -76,13 +76,8 @@ def fit_feature_sets(cfg: RunConfig, extract: Plan, markers: dict[str, dict], da
     own = own_feature_set(layout.features, markers, dataset_fingerprint)
     model = extract.settings["model"]
 
-    def named(path: str | None, role: str) -> FeatureSet:
-        if path is None:
-            return own
-        found = open_feature_set(path, model, role)
-        if found.features_dir.resolve() == layout.features.resolve():
-            raise FeatureSetError(f"{role}={path!r} is this run's own features: leave its path out (null) instead")
-        return found
+    def named(path: str | None, role: str) -> FeatureSet:  # this run's own folder is refused by the config (output_dir)
+        return own if path is None else open_feature_set(path, model, role)
 
     sources = [(named(s.path, "fit.features"), s) for s in cfg.fit.features]
     for i, (fs, _) in enumerate(sources):

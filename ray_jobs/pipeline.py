@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from actors.geometry import refuse_limits_no_image_meets
 from configs.schema import RunConfig, recorded_config
 from core.human_mapping import load_human_mapping
 from ray_jobs.atlas import run_atlas
@@ -23,6 +24,7 @@ from ray_jobs.plans import (StageIncomplete, extract_plan, fit_plan, label_plan,
                             recorded_plan, refuse_conflicts, require_complete)
 from ray_jobs.report import run_report
 from ray_jobs.session import check_schedulable, init_ray
+from ray_jobs.streaming import stage_summary, write_failed_items
 from storage.datasets import ImageRecord, list_dataset
 from storage.lock import OutputLock, command_line
 from storage.shards import dataset_fingerprint, plan_shards, write_json_atomic, write_text_atomic
@@ -55,6 +57,7 @@ class Pipeline:
     settings or data) is refused before it changes anything there."""
 
     def __init__(self, cfg: RunConfig):
+        refuse_limits_no_image_meets(cfg)
         self.cfg = cfg
         self.layout = Layout(cfg.output_dir)
         ensure_demo_set(cfg)
@@ -81,7 +84,9 @@ class Pipeline:
                 self._timed(stage, getattr(self, f"stage_{stage}"))
 
     def stage_extract(self) -> None:
-        run_extract(self.cfg, self.records, self.plans["extract"])
+        done = run_extract(self.cfg, self.records, self.plans["extract"])
+        write_failed_items(self.cfg.output_dir, done)
+        print(stage_summary("extract", done, self.cfg.output_dir))
 
     def stage_fit(self) -> None:
         run_fit(self.cfg, self.plans["fit"], self.plans["extract"], self.shard_names, self.fingerprint)
@@ -89,7 +94,9 @@ class Pipeline:
     def stage_label(self) -> None:
         features = self._features("the label stage")
         fits = self._fits(features, "the label stage")[0]
-        run_label(self.cfg, self.records, self.plans["label"], features, fits, self._human_mapping(fits))
+        done = run_label(self.cfg, self.records, self.plans["label"], features, fits, self._human_mapping(fits))
+        write_failed_items(self.cfg.output_dir, features, done)
+        print(stage_summary("label", done, self.cfg.output_dir))
 
     def stage_report(self) -> None:
         features = self._features("the report stage")

@@ -22,7 +22,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.geometry import feature_scales, seed_baseline_scales
+from actors.geometry import feature_scales, image_limit_settings, seed_baseline_scales
 from actors.model_setup import model_spec
 from configs.schema import RunConfig
 from core.errors import UserError
@@ -71,7 +71,8 @@ def model_identity(cfg: RunConfig, recorded: dict | None = None) -> dict:
     loaded = {key: path for key, path in files.items() if path is not None}
     random_weights = len(loaded) < len(files)
     known = (recorded or {}).get("weights_sha256")
-    inference = cfg.inference.model_dump(mode="json", exclude={"batch_size"})
+    # which images pass inference.max_windows_per_image is a stage's plan (`image_limit_settings`), not the features
+    inference = cfg.inference.model_dump(mode="json", exclude={"batch_size", "max_windows_per_image"})
     inference["scales"] = feature_scales(cfg)  # under protocol=seed the other scales are the baseline's rows only
     return {"vit": cfg.model.vit.model_dump(mode="json"), "feature_kind": cfg.model.feature_kind,
             "init_seed": cfg.model.init_seed if random_weights else None,
@@ -84,7 +85,8 @@ def extract_plan(cfg: RunConfig, records: list[ImageRecord], model: dict) -> Pla
     """`model`: what decides the features a fit uses; `stored`: what extract keeps beside them."""
     stored = {"compare_backbone": cfg.model.compare_backbone, "seed_baseline_scales": seed_baseline_scales(cfg)}
     return Plan("extract", {"format": PATCH_FORMAT, "dataset": dataset_fingerprint(records, cfg.dataset.root),
-                            "images_per_shard": cfg.dataset.images_per_shard, "model": model, "stored": stored})
+                            "images_per_shard": cfg.dataset.images_per_shard, "image_limits": image_limit_settings(cfg),
+                            "model": model, "stored": stored})
 
 
 # How Lloyd's assignment step runs, not what it computes: every assigner gives the same assignment

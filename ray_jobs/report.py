@@ -25,6 +25,7 @@ from actors.score import build_evaluators
 from ray_jobs.fit import BACKBONE_COMPARISON, fit_names
 from ray_jobs.label import score_spec
 from ray_jobs.layout import Layout
+from ray_jobs.streaming import write_failed_items
 from storage.cityscapes_outputs import write_panoptic_json
 from storage.shards import read_verified, read_verified_npz, write_json_atomic, write_text_atomic
 
@@ -112,10 +113,9 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
     spec = score_spec(cfg, [{"name": n, "centroids": fit_artifacts[n].centroids, "mapping": fit_artifacts[n].mapping}
                             for n in names])
     results = {e.name: e.evaluate(totals) for e in build_evaluators(spec)}
-    failed = [f for done in (extract_done, label_done) for s in sorted(done) for f in done[s]["failed"]]
+    failed = write_failed_items(cfg.output_dir, extract_done, label_done)
     # an image that failed in extract usually fails again in label: count each image once
     failed_ids = sorted({f["image_id"] for f in failed})
-    write_json_atomic(failed, cfg.output_dir / "failed_items.json")
 
     fits = {}
     for name in names:

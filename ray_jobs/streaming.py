@@ -172,6 +172,21 @@ def run_image_stream(name: str, stage_dir: Path, plan: Plan, shards: list[dict],
     return {s["shard"]: done[s["shard"]] for s in shards}
 
 
+def write_failed_items(output_dir: Path, *stages: dict[str, dict]) -> list[dict]:
+    """The images that failed in the given stages (their shards' markers, in stage then shard
+    order) -> `output_dir/failed_items.json`, each with its stage, file and reason."""
+    failed = [f for done in stages for shard in sorted(done) for f in done[shard]["failed"]]
+    write_json_atomic(failed, Path(output_dir) / "failed_items.json")
+    return failed
+
+
+def stage_summary(name: str, done: dict[str, dict], output_dir: Path) -> str:
+    """One line: how many images the stage did and how many failed, and where they are listed."""
+    num_done, num_failed = sum(m["num_images"] for m in done.values()), sum(len(m["failed"]) for m in done.values())
+    manifest = Path(output_dir) / "failed_items.json"
+    return f"{name}: {num_done} images done, {num_failed} failed (failed-items manifest: {manifest})"
+
+
 def task_args(tasks) -> dict:
     """Ray Data arguments of a CPU step (`configs.schema.TaskConfig`)."""
     return {"num_cpus": tasks.num_cpus, **({"concurrency": tasks.concurrency} if tasks.concurrency else {})}

@@ -3,6 +3,9 @@
 import io
 import os
 import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +22,56 @@ class InputError(UserError):
     """One input item cannot be used. The message names the file and what to do about it."""
 
 
-def read_rgb(path: Path | str) -> np.ndarray:
-    """(H, W, 3) uint8 from a local path or an object-store URI. Opaque RGBA is accepted (alpha
-    dropped); grayscale, translucent and corrupt images are not."""
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an image may be, checked from its header before it is decoded (`read_rgb`)."""
+
+    max_pixels: int  # dataset.max_image_pixels
+    max_aspect_ratio: float  # dataset.max_aspect_ratio
+    # (height, width) -> what else is wrong with that size (the config's patch grid and windows:
+    # `actors.geometry.image_limits`), naming the limit and its key; None: nothing
+    size_problem: Callable[[int, int], str | None] | None = None
+
+    def too_large(self, pixels: str) -> str:
+        return (f"image too large: {pixels} pixels, more than dataset.max_image_pixels={self.max_pixels:,}; downscale "
+                "it, or raise dataset.max_image_pixels (each image is decoded whole: 3 bytes a pixel)")
+
+    def problem(self, height: int, width: int) -> str | None:
+        """What is wrong with an image of this size, or None."""
+        if height * width > self.max_pixels:
+            return self.too_large(f"{height}x{width} px = {height * width:,}")
+        ratio = max(height, width) / max(1, min(height, width))
+        if ratio > self.max_aspect_ratio:
+            return (f"extreme aspect ratio: {height}x{width} px is {ratio:,.1f}:1, more than "
+                    f"dataset.max_aspect_ratio={self.max_aspect_ratio:g}; crop it into pieces of a usual shape, or "
+                    "raise dataset.max_aspect_ratio")
+        return self.size_problem(height, width) if self.size_problem else None
+
+
+def _open_image(source, limits: ImageLimits) -> Image.Image:
+    """Image.open (the header only) with PIL's decompression-bomb check following our limit: PIL
+    warns above its Image.MAX_IMAGE_PIXELS and raises DecompressionBombError above twice it, as the
+    file opens. With it set to dataset.max_image_pixels while the file opens, our check
+    (`ImageLimits.problem`, right after) decides, and PIL's error, above twice our limit, is
+    reported as the same input problem. (PIL's limit is a module global: the readers here run one
+    image at a time per worker process.)"""
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limits.max_pixels
     try:
-        with Image.open(io.BytesIO(uris.read_bytes(str(path))) if uris.is_uri(path) else path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused next, before decoding
+            return Image.open(source)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
+
+
+def read_rgb(path: Path | str, limits: ImageLimits) -> np.ndarray:
+    """(H, W, 3) uint8 from a local path or an object-store URI, its size checked against `limits`
+    before it is decoded. Opaque RGBA is accepted (alpha dropped); grayscale, translucent and
+    corrupt images are not."""
+    try:
+        with _open_image(io.BytesIO(uris.read_bytes(str(path))) if uris.is_uri(path) else path, limits) as img:
+            if problem := limits.problem(img.height, img.width):
+                raise InputError(f"{path}: {problem}")
             img.load()  # decodes now, so a truncated file fails here and not later
             mode = img.mode
             if mode == "RGBA":
@@ -40,38 +88,43 @@ def read_rgb(path: Path | str) -> np.ndarray:
         raise InputError(f"{path}: image file is missing; check dataset.root and the split") from None
     except InputError:
         raise
+    except Image.DecompressionBombError:
+        raise InputError(f"{path}: {limits.too_large(f'over {2 * limits.max_pixels:,}')}") from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for corrupt / truncated / unknown files
         raise InputError(f"{path}: cannot decode image ({err}); the file is corrupt or truncated: re-copy it or remove it") from None
 
 
-def _decode_ground_truth(path: Path, what: str, missing_fix: str) -> tuple[np.ndarray, str]:
-    """A ground-truth PNG -> (its array, its PIL mode); a missing or undecodable file raises
-    InputError naming the file, `what` it is and the fix."""
+def _decode_ground_truth(path: Path, what: str, missing_fix: str,
+                         expected_hw: tuple[int, int]) -> tuple[np.ndarray, str]:
+    """A ground-truth PNG of its image's size -> (its array, its PIL mode). A missing, undecodable
+    or other-sized file raises InputError naming the file, `what` it is and the fix; the size is
+    checked from the header, before it is decoded."""
+    def other_size(size: str) -> InputError:
+        return InputError(f"{path}: {what} is {size} but its image is {expected_hw[0]}x{expected_hw[1]}; they must be "
+                          "the same size (is it the right file?)")
+
     try:
         with Image.open(path) as img:
+            if (img.height, img.width) != tuple(expected_hw):
+                raise other_size(f"{img.height}x{img.width}")
             img.load()
             return np.asarray(img), img.mode
     except FileNotFoundError:
         raise InputError(f"{path}: {what} is missing; {missing_fix}") from None
+    except Image.DecompressionBombError as err:  # PIL refused it as it opened: far larger than its image
+        raise other_size(f"too large ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{path}: cannot decode {what} ({err}); the file is corrupt or truncated") from None
-
-
-def _check_same_size(array: np.ndarray, path: Path, what: str, expected_hw: tuple[int, int]) -> None:
-    if array.shape != tuple(expected_hw):
-        raise InputError(f"{path}: {what} is {'x'.join(map(str, array.shape))} but its image is "
-                         f"{expected_hw[0]}x{expected_hw[1]}; they must be the same size (is it the right file?)")
 
 
 def read_label_ids(label_ids_path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
     """Cityscapes `*_gtFine_labelIds.png` -> (H, W) uint8 labelIds."""
     label_ids, mode = _decode_ground_truth(label_ids_path, "ground truth",
-                                           "add it, or run on unlabelled data with dataset.kind=folder")
+                                           "add it, or run on unlabelled data with dataset.kind=folder", expected_hw)
     if mode not in ("L", "P"):
         raise InputError(f"{label_ids_path}: labelIds must be a single-channel 8-bit PNG, found mode {mode}; "
                          "use the gtFine *_labelIds.png files, not the *_color.png ones")
     label_ids = label_ids.astype(np.uint8)
-    _check_same_size(label_ids, label_ids_path, "ground truth", expected_hw)
     if label_ids.max() > MAX_LABEL_ID:
         raise InputError(f"{label_ids_path}: unknown labelId {int(label_ids.max())} (Cityscapes labelIds are 0..{MAX_LABEL_ID}); "
                          "is this a trainIds or colour map instead of *_labelIds.png?")
@@ -86,11 +139,11 @@ def read_train_ids(label_ids_path: Path, expected_hw: tuple[int, int]) -> np.nda
 def read_instance_ids(instance_ids_path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
     """Cityscapes `*_gtFine_instanceIds.png` -> (H, W) int32 (labelId * 1000 + n on instances, else labelId)."""
     ids, mode = _decode_ground_truth(instance_ids_path, "instance ground truth",
-                                     "panoptic scores need the gtFine *_instanceIds.png beside *_labelIds.png")
+                                     "panoptic scores need the gtFine *_instanceIds.png beside *_labelIds.png",
+                                     expected_hw)
     if mode not in ("I;16", "I;16B", "I"):
         raise InputError(f"{instance_ids_path}: instanceIds must be a 16-bit PNG (ids are labelId * 1000 + n), found mode "
                          f"{mode}; use the gtFine *_instanceIds.png files as Cityscapes ships them")
-    _check_same_size(ids, instance_ids_path, "instance ground truth", expected_hw)
     return ids.astype(np.int32)
 
 

@@ -131,6 +131,14 @@ def test_the_atlas_command_writes_another_fits_atlas_beside_the_run_and_refuses_
         assert "is the run's own folder or one of its stages' folders" in capsys.readouterr().err
     assert submit.main(["atlas", "--fit", str(out / "fits")]) == 2
     assert "is not a fit folder of a run" in capsys.readouterr().err
+    # inside the run's dataset, however spelt: its sprite JPEGs would become images of the dataset
+    (tmp_path / "data_link").symlink_to(cfg.dataset.root)
+    for inside in (tmp_path / "data_link" / "atlas", Path(cfg.dataset.root) / "leftImg8bit" / ".." / "atlas"):
+        assert submit.main(["atlas", "--fit", str(out / "fits" / "k8"), "--out", str(inside)]) == 2
+        err = capsys.readouterr().err
+        assert f"lies inside dataset.root={cfg.dataset.root}: what is written there would be read as input" in err
+        assert "Put --out outside" in err
+    assert not (Path(cfg.dataset.root) / "atlas").exists()
     assert submit.main(["atlas", "--fit", str(out / "fits" / "k99")]) == 2
     assert "is not one of this run's fits" in capsys.readouterr().err
 

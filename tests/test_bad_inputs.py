@@ -25,7 +25,7 @@ from ray_jobs.fit import FitError, run_fit
 from ray_jobs.pipeline import Pipeline
 from storage.datasets import DatasetError, list_cityscapes, list_image_folder
 from storage.shards import patch_schema, patch_table, plan_shards, read_done
-from tests.tiny_runs import NUM_IMAGES, extract_stage_plan, feature_ids, tiny_config, write_extracted
+from tests.tiny_runs import NUM_IMAGES, extract_stage_plan, feature_ids, one_colour_png, tiny_config, write_extracted
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_VIT = ViTSpec(patch_size=14, embed_dim=32, depth=1, num_heads=2)
@@ -36,7 +36,7 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 
 def _break(root: Path) -> dict[str, tuple[Path, str]]:
-    """Damage 8 of the 12 images / ground truths in a different way each, and make one image opaque
+    """Damage 10 of the 12 images / ground truths in a different way each, and make one image opaque
     RGBA (accepted). image id -> (the file the message must name, a phrase it must contain)."""
     records = list_cityscapes(root, "val")
     r = {i: rec for i, rec in enumerate(records)}
@@ -65,20 +65,32 @@ def _break(root: Path) -> dict[str, tuple[Path, str]]:
     expect[r[7].image_id] = (r[7].label_ids_path, "unknown labelId 40 (Cityscapes labelIds are 0..33)")
     Path(r[8].instance_ids_path).unlink()  # only the label stage needs it: extracted, then failed
     expect[r[8].image_id] = (r[8].instance_ids_path, "instance ground truth is missing; panoptic scores need")
+    Path(r[9].image_path).write_bytes(one_colour_png(14000, 14000))  # a decompression bomb: 196 Mpx in 24 kB
+    expect[r[9].image_id] = (r[9].image_path, "image too large: 14000x14000 px = 196,000,000 pixels, more than "
+                                              "dataset.max_image_pixels=100,000,000; downscale it, or raise")
+    Path(r[10].image_path).write_bytes(one_colour_png(100_000, 1))  # 107 bytes, 200,000 windows at short side 112
+    expect[r[10].image_id] = (r[10].image_path, "extreme aspect ratio: 1x100000 px is 100,000.0:1, more than "
+                                                "dataset.max_aspect_ratio=16; crop it into pieces")
     return expect
 
 
-def test_several_bad_files_in_one_dataset(ray_cluster, demo_root, tmp_path):
+def test_several_bad_files_in_one_dataset(ray_cluster, demo_root, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(demo_root, root)
     expect = _break(root)
     records = list_cityscapes(root, "val")
     cfg = tiny_config(root, tmp_path / "out", images_per_shard=6)
+    Pipeline(cfg).run(("extract",))  # `submit.py extract` alone: its failed items listed, and a summary
+    manifest = cfg.output_dir / "failed_items.json"
+    assert f"extract: 3 images done, 9 failed (failed-items manifest: {manifest})" in capsys.readouterr().out
+    extract_failed = json.loads(manifest.read_text())
+    assert {f["image_id"] for f in extract_failed} == set(expect) - {records[8].image_id}
+    assert {f["stage"] for f in extract_failed} == {"extract"} and "internal error" not in manifest.read_text()
     Pipeline(cfg).run()
 
     report = json.loads((cfg.output_dir / "report.json").read_text())
-    assert report["dataset"]["num_failed"] == len(expect) == 8
-    assert report["dataset"]["num_images"] == NUM_IMAGES - len(expect) == 4  # scored: 9, 10, 11 and the opaque RGBA
+    assert report["dataset"]["num_failed"] == len(expect) == 10
+    assert report["dataset"]["num_images"] == NUM_IMAGES - len(expect) == 2  # scored: 11 and the opaque RGBA
     failed = json.loads((cfg.output_dir / "failed_items.json").read_text())
     assert failed == report["failed_items"]
     assert {f["image_id"] for f in failed} == set(expect)
@@ -86,15 +98,15 @@ def test_several_bad_files_in_one_dataset(ray_cluster, demo_root, tmp_path):
         path, phrase = expect[f["image_id"]]
         assert str(path) in f["error"] and phrase in f["error"], f
         assert f["path"] == next(r.image_path for r in records if r.image_id == f["image_id"])
-    # extract dropped the 7 it could not read (label never sees them); the one without instance
+    # extract dropped the 9 it could not read (label never sees them); the one without instance
     # ids failed in label only
     stages = {i: {f["stage"] for f in failed if f["image_id"] == i} for i in expect}
     assert stages.pop(records[8].image_id) == {"label"}
     assert all(s == {"extract"} for s in stages.values())
-    assert set(feature_ids(cfg.output_dir)) == {records[i].image_id for i in (4, 8, 9, 10, 11)}
+    assert set(feature_ids(cfg.output_dir)) == {records[i].image_id for i in (4, 8, 11)}
     written = {p.name.removesuffix("_gtFine_labelIds.png").removesuffix("_labelIds.png")
                for p in cfg.output_dir.glob("labels/labelIds/*/*.png")}
-    assert len(written) == 4
+    assert len(written) == 2
 
 
 def _checkpoint_config(demo_root, out, path):
@@ -244,3 +256,58 @@ def test_missing_checkpoint_exits_2_without_a_traceback(demo_root, tmp_path):
     assert last == (f"error: DINOv2 backbone checkpoint not found: {absent} does not exist (or is not a file); "
                     "set model.backbone_checkpoint to the file, or model.cause_root to a folder in the CAUSE layout "
                     "(<cause_root>/checkpoint/dinov2_vit_base_14.pth)")
+
+
+def test_compare_refuses_to_write_into_a_run_it_reads(tmp_path, capsys):
+    import submit
+    for run in ("head", "backbone"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "report.json").write_text("{}")
+        (tmp_path / run / "config.yaml").write_text(f"dataset: {{root: {tmp_path / 'frames'}}}\n")
+    for out in (tmp_path / "head" / "report.json", tmp_path / "head" / "compare.md", tmp_path / "link" / "compare.md"):
+        (tmp_path / "link").unlink(missing_ok=True)
+        (tmp_path / "link").symlink_to(tmp_path / "head")
+        assert submit.main(["compare", str(tmp_path / "head"), str(tmp_path / "backbone"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out={out}") and f"lies inside a compared run={tmp_path / 'head'}" in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert (tmp_path / "head" / "report.json").read_text() == "{}" and not (tmp_path / "head" / "compare.md").exists()
+    out = tmp_path / "frames" / "compare.png"  # into the dataset the runs were made on
+    assert submit.main(["compare", str(tmp_path / "head"), str(tmp_path / "backbone"), "--out", str(out)]) == 2
+    recorded = f"{tmp_path / 'head' / 'config.yaml'}'s dataset.root={tmp_path / 'frames'}"
+    assert f"lies inside {recorded}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_ctrl_c_on_a_stage_says_what_is_kept_and_exits_130(tmp_path, monkeypatch, capsys):
+    import submit
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(submit, "run_stages", interrupted)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out")}))
+    for command in ("run", "extract", "apply"):
+        args = [command, "--config", str(config)] + (["--fit", str(tmp_path / "fit")] if command == "apply" else [])
+        assert submit.main(args) == 130
+        assert capsys.readouterr().err == (f"interrupted: finished shards and images are kept in {tmp_path / 'out'}; "
+                                           "run the same command again to resume\n")
+
+
+def test_ctrl_c_ends_a_real_command_with_one_line_and_exit_130(tmp_path):
+    import signal
+    import time
+    root = tmp_path / "data"
+    command = [sys.executable, str(REPO / "submit.py"), "synth", "--root", str(root), "--num-images", "100000"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal
+    try:
+        deadline = time.monotonic() + 60
+        while not list(root.glob("leftImg8bit/val/*/*.png")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err == "interrupted: the demo set may be partly written; run the same command again to write it whole\n"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs.schema import parse_config
+from configs.schema import ConfigError, parse_config
 from core.fit_artifact import FitArtifact
 from core.sampling import BoundedSample, image_fold, patch_priorities, per_image_lowest
 from ray_jobs.feature_sets import FeatureSetError, FeatureShards
@@ -195,8 +195,9 @@ def test_a_feature_set_that_is_not_usable_is_refused_with_the_fix(tmp_path):
     args = write_shards(cfg)
     with pytest.raises(FeatureSetError, match="no extracted features there"):
         run_fit(config(tmp_path / "run", features=[{"path": str(tmp_path / "nowhere")}]), *args)
-    with pytest.raises(FeatureSetError, match="this run's own features"):
-        run_fit(config(tmp_path / "run", features=[{"path": str(tmp_path / "run")}]), *args)
+    for own in (tmp_path / "run", tmp_path / "run" / "features"):  # refused by the config: this run writes there
+        with pytest.raises(ConfigError, match=r"fit.features\[0\].path=.*This run's own features need no path"):
+            config(tmp_path / "run", features=[{"path": str(own)}])
     other = parse_config({"output_dir": str(tmp_path / "other"), "model": {"init_seed": 7},
                           "fit": {"k": 6, "k_sweep": [3], "heldout_folds": 1}}, "test")
     write_extracted(other, [patch_table(["a"], [np.zeros((D, 4, 4))], [np.zeros((4, 4), np.uint8)], patch_schema(D, "float32"),

@@ -304,7 +304,9 @@ def test_10_user_errors_exit_2_without_a_traceback(tiny_run, tmp_path, capsys):
                       "not valid YAML")
     fit = cfg.output_dir / "fits" / "k16"
     (fit / "meta.json").write_text("{")
-    assert_user_error(*cli(cfg, capsys, "apply", "--fit", str(fit)), f"{fit / 'meta.json'} is corrupt")
+    assert_user_error(*cli(cfg, capsys, "apply", "--fit", str(fit)), f"output_dir={cfg.output_dir} holds --fit={fit}")
+    applied = f"output_dir={tmp_path / 'applied'}"  # beside the run, not in it
+    assert_user_error(*cli(cfg, capsys, "apply", "--fit", str(fit), "--set", applied), f"{fit / 'meta.json'} is corrupt")
     assert_user_error(*cli(cfg, capsys, "report"), f"{fit / 'meta.json'} is 1 bytes", "python submit.py fit")
     assert_user_error(submit.main(["run", "--config", sys.executable]), capsys.readouterr().err, "is not a text file")
     blocker = tmp_path / "a_file"

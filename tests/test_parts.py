@@ -67,6 +67,7 @@ def test_an_image_smaller_than_its_patch_grid_is_an_input_error(tmp_path):
     cfg = tiny_config(root, tmp_path / "out")
     (status,) = _extract_by_hand(cfg, {"shard": "shard-00000", "records": json.dumps([record.to_dict()])})
     assert "is 1x1 px, fewer pixels than its 8x8 patch grid" in status["error"] and "internal error" not in status["error"]
+    assert "or lower inference.short_side" in status["error"]  # the key that lowers the grid
 
 
 @pytest.mark.parametrize("scale", [1e-3, 1e3])

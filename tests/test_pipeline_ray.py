@@ -12,7 +12,7 @@ from core.errors import UserError
 from core.models import ModelSpec, ViTSpec, build_feature_model
 from core.windows import WindowSpec
 from ray_jobs.pipeline import Pipeline
-from storage.images import read_rgb
+from storage.images import ImageLimits, read_rgb
 from tests.official import official_panoptic, official_pixel_level
 from tests.tiny_runs import NUM_IMAGES
 
@@ -186,6 +186,7 @@ def test_head_and_backbone_features_are_fitted_in_one_run_and_compared(ray_clust
     # the stored tokens are what a backbone model with the same seeded weights extracts
     model = build_feature_model(ModelSpec(vit=ViTSpec(patch_size=14, embed_dim=32, depth=1, num_heads=2)))
     first = sorted(demo_root.glob("leftImg8bit/val/*/*.png"))[0]
-    (expected,) = DenseFeatureExtractor(model, WindowSpec(short_side=322, crop=322, stride=161))([read_rgb(first)])
+    image = read_rgb(first, ImageLimits(max_pixels=10**8, max_aspect_ratio=16))
+    (expected,) = DenseFeatureExtractor(model, WindowSpec(short_side=322, crop=322, stride=161))([image])
     stored = np.stack(table.column("feature").to_numpy(zero_copy_only=False)[:23 * 46])
     np.testing.assert_allclose(stored, expected.reshape(32, -1).T, atol=2e-2)

@@ -189,3 +189,55 @@ def test_under_ray_job_submit_the_driver_joins_the_cluster(monkeypatch):
     assert not {"num_cpus", "dashboard_host", "include_dashboard", "runtime_env"} & set(kwargs)
     monkeypatch.delenv("RAY_ADDRESS")
     assert session.ray_init_kwargs(parse_config({"ray": {"address": "10.0.0.5:6379"}}))["address"] == "10.0.0.5:6379"
+
+
+def _frames(root: Path) -> Path:
+    from PIL import Image
+    root.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "frame.png")
+    return root
+
+
+def test_an_output_dir_inside_the_dataset_or_holding_it_is_refused_however_it_is_spelt(tmp_path, monkeypatch):
+    """Both dataset kinds; relative, '..', symlinked spellings of either folder."""
+    from configs.schema import ConfigError
+    data = _frames(tmp_path / "data")
+    (tmp_path / "link").symlink_to(data)
+    (tmp_path / "data_link").symlink_to(tmp_path)  # a link to the folder above the dataset
+    monkeypatch.chdir(tmp_path)
+    inside = [("data/out", "data"), (data / "out", data), ("data", "data"), ("link/out", data),
+              (tmp_path / "x/../data/o", "data"), ("out", "data_link/data/.."), ("data_link/data/sub/out", data)]
+    holding = [(tmp_path, data), (f"../{tmp_path.name}", "link"), ("..", data), ("data_link", "data")]
+    for kind in ("folder", "cityscapes"):
+        for output_dir, root in inside + holding:
+            with pytest.raises(ConfigError) as err:
+                parse_config({"output_dir": str(output_dir), "dataset": {"kind": kind, "root": str(root)}}, "test")
+            message = str(err.value)
+            assert f"output_dir={output_dir}" in message and f"dataset.root={root}" in message, message
+            assert any(f" {relation} dataset.root" in message for relation in ("lies inside", "is", "holds"))
+            assert "Put output_dir" in message
+            assert "\n" not in message
+    for output_dir, root in [("out", "data"), ("data_out", "data"), (tmp_path / "data2", data),
+                             ("out", "s3://bucket/data/out")]:
+        parse_config({"output_dir": str(output_dir), "dataset": {"kind": "folder", "root": str(root)}}, "test")
+    assert not (data / "out").exists()
+
+
+def test_an_output_dir_inside_a_feature_set_it_fits_on_or_holding_one_is_refused(tmp_path):
+    from configs.schema import ConfigError
+    for output_dir, source in [(tmp_path / "frames" / "sub", {"features": [{}, {"path": str(tmp_path / "frames")}]}),
+                               (tmp_path, {"features": [{"path": str(tmp_path / "frames")}]}),
+                               (tmp_path / "frames" / "features" / "x", {"mapping_from": str(tmp_path / "frames"),
+                                                                          "heldout_folds": 1})]:
+        with pytest.raises(ConfigError, match="what is written there .*This run's own features need no path"):
+            parse_config({"output_dir": str(output_dir), "fit": source}, "test")
+    beside = {"output_dir": str(tmp_path / "run"), "fit": {"features": [{}, {"path": str(tmp_path / "frames")}]}}
+    parse_config(beside, "test")
+
+
+def test_a_symlink_loop_as_output_dir_is_refused_with_its_name(tmp_path):
+    from configs.schema import ConfigError
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"output_dir=.*/a/out cannot be resolved .*symlink loop"):
+        parse_config({"output_dir": str(tmp_path / "a" / "out"), "dataset": {"root": str(tmp_path / "data")}}, "test")

@@ -7,9 +7,13 @@ import pytest
 from PIL import Image
 
 from storage.datasets import DatasetError, ImageRecord, list_cityscapes, list_image_folder
-from storage.images import InputError, read_rgb, read_train_ids, safe_path, write_png_atomic
+from storage.images import ImageLimits, InputError, read_rgb, read_train_ids, safe_path, write_png_atomic
 from storage.shards import (dataset_fingerprint, features_from_table, mark_done, patch_schema, patch_table, plan_shards, read_done,
                             shard_records, write_parquet_atomic)
+from tests.tiny_runs import one_colour_png
+
+
+LIMITS = ImageLimits(max_pixels=10_000, max_aspect_ratio=16)
 
 
 def _png(path, array):
@@ -20,9 +24,9 @@ def _png(path, array):
 
 def test_read_rgb_accepts_rgb_and_opaque_rgba(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 255, (6, 8, 3), dtype=np.uint8)
-    assert np.array_equal(read_rgb(_png(tmp_path / "a.png", rgb)), rgb)
+    assert np.array_equal(read_rgb(_png(tmp_path / "a.png", rgb), LIMITS), rgb)
     rgba = np.dstack([rgb, np.full((6, 8), 255, np.uint8)])
-    assert np.array_equal(read_rgb(_png(tmp_path / "b.png", rgba)), rgb)
+    assert np.array_equal(read_rgb(_png(tmp_path / "b.png", rgba), LIMITS), rgb)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -44,8 +48,82 @@ def test_read_rgb_errors_name_the_file_and_fix(tmp_path, case, message):
     elif case == "garbage":
         path.write_bytes(b"not a png at all")
     with pytest.raises(InputError, match=message) as err:
-        read_rgb(path)
+        read_rgb(path, LIMITS)
     assert str(path) in str(err.value)
+
+
+class Decoded(Exception):
+    """Raised where PIL would decode pixels: the checks before it have passed."""
+
+
+@pytest.fixture
+def never_decoded(monkeypatch):
+    from PIL import ImageFile
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+
+    def load(self):
+        raise Decoded(self.size)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+def test_a_decompression_bomb_is_too_large_before_it_is_decoded_and_our_limit_decides(tmp_path, never_decoded):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(one_colour_png(14000, 14000))  # 196 Mpx of one colour in 24 kB
+    assert bomb.stat().st_size < 100_000
+    fix = "downscale it, or raise dataset.max_image_pixels"
+    # over our limit, under twice it (PIL only warns there): ours refuses it from the header
+    with pytest.raises(InputError) as err:
+        read_rgb(bomb, ImageLimits(max_pixels=100_000_000, max_aspect_ratio=16))
+    assert str(err.value).startswith(f"{bomb}: image too large: 14000x14000 px = 196,000,000 pixels, more than "
+                                     "dataset.max_image_pixels=100,000,000; " + fix)
+    # over twice our limit PIL refuses it as the file opens (DecompressionBombError): the same input problem
+    with pytest.raises(InputError) as err:
+        read_rgb(bomb, ImageLimits(max_pixels=10_000_000, max_aspect_ratio=16))
+    assert str(err.value).startswith(f"{bomb}: image too large: over 20,000,000 pixels, more than "
+                                     "dataset.max_image_pixels=10,000,000; " + fix)
+    # raised above PIL's own refusal (2 x 89 Mpx by default), ours still decides: the image goes on to be decoded
+    with pytest.raises(Decoded):
+        read_rgb(bomb, ImageLimits(max_pixels=200_000_000, max_aspect_ratio=16))
+    assert Image.MAX_IMAGE_PIXELS == 1024 * 1024 * 1024 // 4 // 3  # PIL's own limit is left as it was
+
+
+@pytest.mark.parametrize("width, height", [(100_000, 1), (1, 100_000), (1700, 100)])
+def test_an_image_of_extreme_aspect_ratio_is_refused_before_it_is_decoded(tmp_path, never_decoded, width, height):
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(one_colour_png(width, height))
+    with pytest.raises(InputError) as err:
+        read_rgb(strip, ImageLimits(max_pixels=100_000_000, max_aspect_ratio=16))
+    ratio = max(width, height) / min(width, height)
+    assert str(err.value) == (f"{strip}: extreme aspect ratio: {height}x{width} px is {ratio:,.1f}:1, more than "
+                              "dataset.max_aspect_ratio=16; crop it into pieces of a usual shape, or raise "
+                              "dataset.max_aspect_ratio")
+    with pytest.raises(Decoded):  # within a raised limit it is read
+        read_rgb(strip, ImageLimits(max_pixels=100_000_000, max_aspect_ratio=ratio))
+
+
+def test_the_configs_size_checks_run_on_the_header_after_pixels_and_aspect(tmp_path, never_decoded):
+    path = tmp_path / "a.png"
+    path.write_bytes(one_colour_png(20, 10))
+    seen = []
+    limits = ImageLimits(max_pixels=200, max_aspect_ratio=2,
+                         size_problem=lambda h, w: seen.append((h, w)) or "too few windows")
+    with pytest.raises(InputError, match=f"^{path}: too few windows$"):
+        read_rgb(path, limits)
+    assert seen == [(10, 20)]
+    with pytest.raises(InputError, match="image too large: 10x20 px = 200 pixels"):
+        read_rgb(path, ImageLimits(max_pixels=199, max_aspect_ratio=2, size_problem=lambda h, w: seen.append((h, w))))
+    assert seen == [(10, 20)]  # not asked: the pixel limit came first
+
+
+def test_ground_truth_of_another_size_or_a_bomb_is_refused_before_it_is_decoded(tmp_path, never_decoded):
+    bomb = tmp_path / "x_gtFine_labelIds.png"
+    bomb.write_bytes(one_colour_png(14000, 14000))
+    # PIL refuses it as it opens (over twice its default limit): the same problem, not an internal error
+    with pytest.raises(InputError, match=rf"^{bomb}: ground truth is too large \(Image size \(196000000 pixels\) "):
+        read_train_ids(bomb, (128, 256))
+    Image.MAX_IMAGE_PIXELS = None  # without PIL's check, the header's size is compared with the image's
+    with pytest.raises(InputError, match=f"^{bomb}: ground truth is 14000x14000 but its image is 128x256; they must"):
+        read_train_ids(bomb, (128, 256))
 
 
 def test_read_train_ids_maps_label_ids(tmp_path):

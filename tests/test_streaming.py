@@ -69,7 +69,7 @@ def test_a_failed_finish_keeps_the_parts_and_the_rerun_uses_them(ray_cluster, de
 def test_streamed_features_equal_the_one_process_extractor(ray_cluster, demo_root, tmp_path):
     """What the stream wrote (decode and windows in one task, the model in an actor, stitching in a
     third) is what DenseFeatureExtractor computes in one process, up to float16 storage."""
-    from actors.geometry import window_spec
+    from actors.geometry import image_limits, window_spec
     from actors.model_setup import model_spec
     from core.dense import DenseFeatureExtractor
     from storage.datasets import list_cityscapes
@@ -81,7 +81,7 @@ def test_streamed_features_equal_the_one_process_extractor(ray_cluster, demo_roo
     grids = image_grids(pq.read_table(cfg.output_dir / "features"))
     dense = DenseFeatureExtractor(build_feature_model(model_spec(cfg)), window_spec(cfg))
     for record in list_cityscapes(demo_root, "val")[:3]:
-        (expected,) = dense([read_rgb(record.image_path)])
+        (expected,) = dense([read_rgb(record.image_path, image_limits(cfg))])
         features, hw = grids[record.image_id]
         assert hw == (128, 256) and features.shape == expected.shape
         np.testing.assert_allclose(features, expected, atol=2e-3 * np.abs(expected).max())

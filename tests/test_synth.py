@@ -5,7 +5,7 @@ from PIL import Image
 
 from core.labels import LABEL_ID_TO_TRAIN_ID, NUM_CLASSES, THING_TRAIN_IDS, TRAIN_ID_TO_LABEL_ID
 from storage.datasets import list_cityscapes
-from storage.images import read_rgb, read_train_ids
+from storage.images import ImageLimits, read_rgb, read_train_ids
 from storage.synth import generate_demo_dataset, render_scene
 
 
@@ -16,7 +16,7 @@ def test_layout_and_files_follow_cityscapes(tmp_path):
     assert [r.image_id for r in records] == sorted(ids)
     r = records[0]
     assert Path(r.image_path).name == f"{r.image_id}_leftImg8bit.png"
-    assert read_rgb(r.image_path).shape == (128, 256, 3)
+    assert read_rgb(r.image_path, ImageLimits(max_pixels=10**8, max_aspect_ratio=16)).shape == (128, 256, 3)
     assert read_train_ids(r.label_ids_path, (128, 256)).shape == (128, 256)
     inst = np.array(Image.open(r.instance_ids_path))
     assert inst.dtype == np.uint16 or inst.dtype == np.int32

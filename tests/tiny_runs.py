@@ -127,3 +127,19 @@ def write_extracted(cfg, tables) -> tuple:
                                    "labelled_patches": int(pc.sum(pc.not_equal(table["label"], 255)).as_py() or 0), "outputs": output_records(Path(cfg.output_dir), [path])})
     write_json_atomic({"plan_key": extract.key, "shards": names}, features / STAGE_COMPLETE)
     return fit, extract, names, dataset_fingerprint(records, "/hand-made")
+
+
+def one_colour_png(width: int, height: int) -> bytes:
+    """A valid PNG of one colour (1-bit palette), written chunk by chunk: a 14000x14000 one is a few
+    tens of kB, a 1x100000 one a few hundred bytes, and neither is ever held decoded here."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the row's bits: palette entry 0
+    deflate = zlib.compressobj(9)
+    idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 3, 0, 0, 0))
+            + chunk(b"PLTE", bytes([90, 140, 60])) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
