@@ -19,7 +19,7 @@ from core.evaluation.official import OfficialEvaluator
 from core.evaluation.seed import SeedEvaluator
 from core.label_image import ImageLabels
 from core.sampling import image_fold
-from storage.cityscapes_outputs import label_pngs
+from storage.cityscapes_outputs import label_pngs, remove_image_predictions
 from storage.images import read_ground_truth
 from storage.parts import complete_shard, read_shard_parts, write_part
 from storage.shards import write_json_atomic, write_npz_atomic
@@ -52,8 +52,11 @@ def build_evaluators(spec: ScoreSpec) -> list[Evaluator]:
     return evaluators
 
 
-def score_image(row: dict, spec: ScoreSpec, stage_dir: str, plan_key: str) -> dict:
-    return run_on_image("label", row, lambda: _score(row, spec, Path(stage_dir), plan_key))
+def score_image(row: dict, spec: ScoreSpec, stage_dir: str, plan_key: str, labels_dir: str, split: str) -> dict:
+    status = run_on_image("label", row, lambda: _score(row, spec, Path(stage_dir), plan_key))
+    if status["error"] and not row["error"]:  # labelled, then its ground truth failed: its pseudo-labels go too
+        remove_image_predictions(Path(labels_dir), row["group"], row["image_id"], split)
+    return status
 
 
 def _score(row: dict, spec: ScoreSpec, stage_dir: Path, plan_key: str) -> None:

@@ -70,7 +70,7 @@ def label_seconds(cfg, images: int) -> float:
 
         def one(row):
             labelled = actor(row)
-            return [labelled, score_image(labelled, spec, str(tmp / "scores"), "bench")]
+            return [labelled, score_image(labelled, spec, str(tmp / "scores"), "bench", str(tmp / "labels"), cfg.dataset.split)]
     one(rows[0])  # warms up (first calls compile and cache)
     start = time.process_time()
     for row in rows[1:images + 1]:

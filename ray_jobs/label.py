@@ -55,7 +55,8 @@ def run_label(cfg: RunConfig, records: list[ImageRecord], plan: Plan, features: 
         ds = ds.map(guarded(LabelImages, per_row=True), **actor_args(cfg.label.workers), fn_constructor_kwargs={
             "config": config, "fits": fits_ref, "labels_dir": str(layout.labels),
             "overlay_ids": [r.image_id for r in records[: cfg.label.num_overlays]]})
-        return ds.map(score_image, fn_kwargs={"spec": spec, "stage_dir": str(layout.scores), "plan_key": plan.key},
+        return ds.map(score_image, fn_kwargs={"spec": spec, "stage_dir": str(layout.scores), "plan_key": plan.key,
+                                              "labels_dir": str(layout.labels), "split": cfg.dataset.split},
                       **task_args(cfg.label.score))
 
     return run_image_stream("label", layout.scores, plan, shards, build,

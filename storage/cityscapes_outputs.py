@@ -77,6 +77,15 @@ def prediction_paths(root: Path, group: str, image_id: str, split: str = "val") 
     }
 
 
+def remove_image_predictions(root: Path, group: str, image_id: str, split: str = "val") -> None:
+    """Removes what the label step wrote of one image (its prediction PNGs and overlay panels), for
+    an image that failed after them: a failed image leaves no pseudo-labels behind."""
+    for path in prediction_paths(root, group, image_id, split).values():
+        path.unlink(missing_ok=True)
+    for path in safe_path(Path(root), "overlays", group).glob(f"{image_id}_*.png"):
+        path.unlink()
+
+
 def label_pngs(root: Path, shard_row: dict, image_ids: list[str], split: str) -> list[Path]:
     """The prediction PNGs of a shard's written images, for its marker."""
     groups = {r.image_id: r.group for r in shard_records(shard_row)}

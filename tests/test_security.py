@@ -139,7 +139,7 @@ def _label(cfg, tmp_path, rows):
     try:
         actor, fits = _label_actor(cfg, tmp_path)
         spec = score_spec(cfg, fits)
-        return [score_image(actor(row), spec, str(tmp_path / "out" / "scores"), "test-plan") for row in rows], fits
+        return [score_image(actor(row), spec, str(tmp_path / "out" / "scores"), "test-plan", str(tmp_path / "out" / "labels"), "val") for row in rows], fits
     finally:
         torch.set_num_threads(threads)
 
