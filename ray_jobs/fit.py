@@ -32,7 +32,8 @@ from core.presets import protocol_steps
 from core.seed_postprocess import class_prototypes, normalized_rows
 from core.sampling import image_fold
 from ray_jobs.distributed_lloyd import distributed_lloyd
-from ray_jobs.feature_sets import FeatureSet, FeatureSetError, FeatureShards, open_feature_set, own_feature_set
+from ray_jobs.feature_sets import (FeatureSet, FeatureSetError, FeatureShards, open_feature_set, own_feature_set,
+                                  refuse_repeated_content)
 from ray_jobs.layout import Layout, settings_key
 from ray_jobs.shard_tasks import add_arrays, map_reduce_shards, sample_patches
 from ray_jobs.plans import Plan, StageIncomplete, check_plan, plan_conflict, refuse_conflicts, require_complete
@@ -85,12 +86,7 @@ def fit_feature_sets(cfg: RunConfig, extract: Plan, markers: dict[str, dict], da
         return found
 
     sources = [(named(s.path, "fit.features"), s) for s in cfg.fit.features]
-    for i, (fs, _) in enumerate(sources):
-        for other, _ in sources[:i]:
-            if fs.features_dir.resolve() == other.features_dir.resolve() or fs.content_key == other.content_key:
-                raise FeatureSetError(f"fit.features names the same features twice ({other.name!r} and {fs.name!r}: "
-                                      f"{'one folder' if fs.features_dir.resolve() == other.features_dir.resolve() else 'copies with the same content'}): "
-                                      "list each set once, with its weight")
+    refuse_repeated_content([fs for fs, _ in sources])
     mapping = named(cfg.fit.mapping_from, "fit.mapping_from")
     if mapping.num_patches and mapping.num_labelled_patches == 0:  # refused before k-means, not after it
         where = "this run's own features" if cfg.fit.mapping_from is None else f"fit.mapping_from={cfg.fit.mapping_from!r}"

@@ -22,6 +22,11 @@ D = 8
 def write_shards(cfg, num_images=6, seed=0):
     """Two well-separated feature blobs per class (3 classes) on a 4x4 patch grid per image, as a
     finished extract stage -> run_fit's arguments."""
+    return write_extracted(cfg, labelled_tables(num_images, seed))
+
+
+def labelled_tables(num_images=6, seed=0):
+    """`write_shards`' two shards of patch rows."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(6, D)) * 5
     tables = []
@@ -33,7 +38,7 @@ def write_shards(cfg, num_images=6, seed=0):
             labels.append((which // 2).astype(np.uint8))
             ids.append(f"img{shard}_{i}")
         tables.append(patch_table(ids, feats, labels, patch_schema(D, "float32"), [(56, 56)] * len(ids)))
-    return write_extracted(cfg, tables)
+    return tables
 
 
 def config(out, **fit):
@@ -135,15 +140,19 @@ def test_seed_protocol_without_ground_truth_says_so(tmp_path):
 
 def write_unlabelled(out, num_images=10, seed=1):
     """The same six blobs, no ground truth (labels 255): a finished extract stage in `out`."""
+    cfg = config(out, heldout_folds=1)
+    return cfg, write_extracted(cfg, [unlabelled_table(num_images, seed)])
+
+
+def unlabelled_table(num_images=10, seed=1):
+    """`write_unlabelled`'s one shard of patch rows."""
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(6, D)) * 5  # write_shards' centres (same generator, drawn first)
     rng = np.random.default_rng(seed)
     ids, feats = [f"frame{i:03d}" for i in range(num_images)], []
     for _ in ids:
         feats.append((centres[rng.integers(0, 6, size=(4, 4))] + rng.normal(size=(4, 4, D)) * 0.1).transpose(2, 0, 1))
-    table = patch_table(ids, feats, [np.full((4, 4), 255, np.uint8)] * len(ids), patch_schema(D, "float32"), [(56, 56)] * len(ids))
-    cfg = config(out, heldout_folds=1)
-    return cfg, write_extracted(cfg, [table])
+    return patch_table(ids, feats, [np.full((4, 4), 255, np.uint8)] * len(ids), patch_schema(D, "float32"), [(56, 56)] * len(ids))
 
 
 def test_fit_on_an_unlabelled_set_map_on_the_labelled_run(tmp_path):
@@ -233,7 +242,7 @@ def test_one_set_named_twice_a_histograms_folder_and_nan_features_are_refused(tm
             run_fit(config(tmp_path / "run", features=[{"path": frames}, {"path": spelling}]), *args)
     import shutil
     shutil.copytree(tmp_path / "frames", tmp_path / "copy")
-    with pytest.raises(FeatureSetError, match="copies with the same content"):
+    with pytest.raises(FeatureSetError, match=f"{tmp_path}/frames/features and {tmp_path}/copy/features have the same content"):
         run_fit(config(tmp_path / "run", features=[{"path": frames}, {"path": str(tmp_path / "copy")}]), *args)
     (tmp_path / "copy" / "features").rename(tmp_path / "copy" / "histograms")  # e.g. an apply's histograms/
     with pytest.raises(FeatureSetError, match="not patch features.*kept under that name"):
@@ -302,3 +311,39 @@ def test_lloyd_on_gpus_the_cluster_lacks_is_refused_before_it_waits(tmp_path):
     cfg = config(tmp_path, lloyd_iterations=1, lloyd_assign="torch", lloyd_gpus_per_task=0.5)
     with pytest.raises(FitError, match="no node of this Ray cluster has a GPU: set it to 0"):
         run_fit(cfg, *write_shards(cfg))
+
+
+def test_content_keys_come_from_content_not_from_when_it_was_written(tmp_path):
+    """Features written again with the same bytes (new markers, new modification times) are the same
+    content: the fits stay current, and a re-extracted copy listed beside its original is refused
+    naming both; other bytes make the fits stale, and they are refitted."""
+    cfg = config(tmp_path / "run")
+    run_fit(cfg, *write_shards(cfg))
+    fits_marker = tmp_path / "run" / "fits" / "_done.json"
+    written = fits_marker.read_bytes()
+    before = read_done(tmp_path / "run" / "features")
+    for path in (tmp_path / "run" / "features").glob("shard-*.parquet"):
+        path.unlink()
+    args = write_shards(cfg)  # extracted again: the same bytes, every marker rewritten with new mtimes
+    after = read_done(tmp_path / "run" / "features")
+    assert [m["outputs"] for m in after.values()] != [m["outputs"] for m in before.values()]
+    run_fit(cfg, *args)
+    assert fits_marker.read_bytes() == written  # reused, not refitted
+
+    write_unlabelled(tmp_path / "frames")
+    write_unlabelled(tmp_path / "again")  # the same frames extracted again into another output_dir
+    both = config(tmp_path / "run", features=[{"path": str(tmp_path / "frames")}, {"path": str(tmp_path / "again")}])
+    with pytest.raises(FeatureSetError, match=f"names the same features twice: {tmp_path}/frames/features and "
+                                              f"{tmp_path}/again/features have the same content"):
+        run_fit(both, *args)
+    # a set sharing one shard's patches with another (a partial copy) is refused naming both files
+    write_extracted(config(tmp_path / "more", heldout_folds=1), [unlabelled_table(seed=5), labelled_tables()[1]])
+    overlap = config(tmp_path / "run", features=[{"path": None}, {"path": str(tmp_path / "more")}])
+    with pytest.raises(FeatureSetError, match=f"{tmp_path}/run/features/shard-00001.parquet and "
+                                              f"{tmp_path}/more/features/shard-00001.parquet have the same content"):
+        run_fit(overlap, *args)
+
+    for path in (tmp_path / "run" / "features").glob("shard-*.parquet"):
+        path.unlink()
+    run_fit(cfg, *write_shards(cfg, seed=1))  # the same images, other features
+    assert fits_marker.read_bytes() != written  # refitted
