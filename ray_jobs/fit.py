@@ -347,6 +347,7 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
                       for (fs, s), n in zip(sources, sampled_rows)]
     mapped_record = mapping_set.record() | {"labelled_patches": int(counts[baseline].sum())}
 
+    patch_miou = protocol_steps(cfg.protocol).patch_miou  # how the patch-level mIoUs average the classes
     fits, summary = {}, {}
     for name in names:
         mapping = mappings[name]
@@ -369,7 +370,8 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
                   "fitted_on": fitted_records, "mapped_on": mapped_record},
         )
         summary[name] = {"k": len(mapping), "mapping_kind": fits[name].mapping_kind,
-                         "patch_level": protocol_scores(fold_counts[name], fold_mapping_counts[name], mapping, label_free, CLASS_NAMES),
+                         "patch_level": protocol_scores(fold_counts[name], fold_mapping_counts[name], mapping,
+                                                        label_free, CLASS_NAMES, patch_miou),
                          "clusters_without_labelled_patches": int((counts[name].sum(axis=1) == 0).sum()),
                          "fit_seconds": round(seconds[name], 3), "fitted_on": fitted_records, "mapped_on": mapped_record}
     if cfg.model.compare_backbone:
@@ -399,12 +401,16 @@ def backbone_comparison(cfg: RunConfig, layout: Layout, markers: dict[str, dict]
     seconds = time.perf_counter() - start
     counted = count_cluster_classes(shards, {name: centroids}, {name: raw} if raw is not None else {}, cfg)
     fold_counts, fold_mapping_counts = counted["counts"], counted["mapping_counts"]
+    if not fold_mapping_counts[name].any():  # the head's fits may be mapped on another set (fit.mapping_from)
+        raise FitError(f"model.compare_backbone scores the backbone's features on this run's labelled patches, and "
+                       f"{layout.features} has none (no ground truth): set model.compare_backbone=false")
     mapping = majority_mapping(fold_mapping_counts[name].sum(axis=0))
     log.info("fit: %s on %d backbone patch features of dimension %d in %.1f s", name, *sample.shape, seconds)
     return {"k": cfg.fit.k, "engine": fit_engine(cfg), "n_samples": int(sample.shape[0]),
             "head": {"feature_dim": HEAD_FEATURE_DIM, "patch_level": head["patch_level"]},
             "backbone": {"feature_dim": int(sample.shape[1]), "fit_seconds": round(seconds, 3),
-                         "patch_level": protocol_scores(fold_counts[name], fold_mapping_counts[name], mapping, None, CLASS_NAMES)}}
+                         "patch_level": protocol_scores(fold_counts[name], fold_mapping_counts[name], mapping, None,
+                                                        CLASS_NAMES, protocol_steps(cfg.protocol).patch_miou)}}
 
 
 FITS_MARKER = "_done.json"  # the fit stage's one marker: its plan, its inputs and every file it wrote

@@ -347,3 +347,37 @@ def test_content_keys_come_from_content_not_from_when_it_was_written(tmp_path):
         path.unlink()
     run_fit(cfg, *write_shards(cfg, seed=1))  # the same images, other features
     assert fits_marker.read_bytes() != written  # refitted
+
+
+@pytest.mark.parametrize("protocol, rule", [("official", "present"), ("seed", "all")])
+def test_patch_level_miou_follows_the_protocols_rule(tmp_path, protocol, rule):
+    """Under protocol=seed the patch-level mIoU is the seed's: all 19 classes, an absent one counting 0
+    (its overclustering_cause.py); otherwise the classes present. The summary records the rule."""
+    cfg = parse_config({"output_dir": str(tmp_path), "seed": 0, "protocol": protocol,
+                        "fit": {"k": 6, "k_sweep": [3], "n_iter": 10, "max_patches_per_image": 16, "heldout_folds": 3}},
+                       "test")
+    run_fit(cfg, *write_shards(cfg))
+    summary = json.loads((tmp_path / "fits" / "fit_summary.json").read_text())
+    assert sum(v is not None for v in summary["k6"]["patch_level"]["same_set"]["per_class_iou"].values()) == 3
+    for name in ("k6", "k3", "baseline_k19"):  # (the baseline maps a cluster to each of the 19: all present)
+        for protocol_name, scores in summary[name]["patch_level"].items():
+            present = [v for v in scores["per_class_iou"].values() if v is not None]
+            assert scores["miou_rule"] == rule, (name, protocol_name)
+            assert scores["miou"] == pytest.approx(sum(present) / (len(present) if rule == "present" else 19))
+
+
+def test_compare_backbone_on_features_without_ground_truth_is_refused_with_the_fix(tmp_path):
+    """The backbone comparison maps on this run's own patches; the run's fits may be mapped on another set."""
+    import shutil
+    from ray_jobs.fit import backbone_comparison
+    from ray_jobs.layout import Layout
+    from storage.shards import backbone_path, mark_done, output_records
+    cfg, _ = write_unlabelled(tmp_path)
+    features = tmp_path / "features"
+    marker = read_done(features)["shard-00000"]
+    backbone = backbone_path(features, "shard-00000")
+    backbone.parent.mkdir()
+    shutil.copy(features / "shard-00000.parquet", backbone)  # the backbone's tokens: as unlabelled as the head's
+    mark_done(features, "shard-00000", {**marker, "outputs": {**marker["outputs"], **output_records(tmp_path, [backbone])}})
+    with pytest.raises(FitError, match="has none \\(no ground truth\\): set model.compare_backbone=false"):
+        backbone_comparison(cfg, Layout(tmp_path), read_done(features), {"patch_level": {}})
