@@ -29,11 +29,9 @@ from storage.parts import complete_shard, read_shard_parts, write_part
 from storage.shards import write_json_atomic, write_npz_atomic
 
 
-def label_fits(cfg: RunConfig, fits: list[dict]) -> list[LabelFit]:
-    """The broadcast fits (main first, baseline last): the sweep's extra fits at the sweep stride."""
-    return [LabelFit(f["name"], f["centroids"], f["mapping"], 1 if i in (0, len(fits) - 1) else cfg.label.sweep_pixel_stride,
-                     f.get("prototypes"))
-            for i, f in enumerate(fits)]
+def label_fits(fits: list[dict]) -> list[LabelFit]:
+    """The broadcast fits (main first, baseline last), each at its pixel stride (`ray_jobs.fit.fit_pixel_stride`)."""
+    return [LabelFit(f["name"], f["centroids"], f["mapping"], f["stride"], f.get("prototypes")) for f in fits]
 
 
 def label_variants(cfg: RunConfig, fits: list[dict]) -> list[str]:
@@ -50,7 +48,7 @@ class LabelImages:
     def __init__(self, config: dict, fits, stage_dir: str, labels_dir: str, overlay_ids: list[str], plan_key: str):
         self.cfg = parse_config(config, "label actor config")
         fits = ray.get(fits) if isinstance(fits, ray.ObjectRef) else fits  # refs in constructor args arrive undereferenced
-        self.fits, self.variants = label_fits(self.cfg, fits), label_variants(self.cfg, fits)
+        self.fits, self.variants = label_fits(fits), label_variants(self.cfg, fits)
         self.stage_dir, self.labels_dir, self.overlay_ids = Path(stage_dir), Path(labels_dir), set(overlay_ids)
         self.plan_key = plan_key
         self.labeller = ImageLabeller(self.fits, self.variants[:-1], self.cfg.refine, self.cfg.panoptic, baseline=True,
@@ -123,7 +121,7 @@ def finish_scores(stage_dir: str, shard_row: dict, written: list[str], failed: l
     cfg = parse_config(config, "label finish config")
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
     order, parts, written_at = read_shard_parts(stage_dir, shard_row, written, plan_key)
-    arrays = shard_scores(order, [meta["fold"] for _, meta in parts], [a for a, _ in parts], label_fits(cfg, fits),
+    arrays = shard_scores(order, [meta["fold"] for _, meta in parts], [a for a, _ in parts], label_fits(fits),
                           label_variants(cfg, fits), cfg.fit.heldout_folds, cause=protocol_steps(cfg.protocol).cause_crop,
                           extra_baseline=extra_baseline_labellings(cfg))
     outputs = [stage_dir / f"{shard}.npz", stage_dir / "_panoptic" / f"{shard}.json"]

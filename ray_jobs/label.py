@@ -11,7 +11,7 @@ from actors.feature_reader import image_features
 from actors.label import LabelImages, finish_scores
 from configs.schema import RunConfig
 from core.fit_artifact import FitArtifact
-from ray_jobs.fit import fit_names
+from ray_jobs.fit import fit_pixel_stride
 from ray_jobs.layout import Layout, settings_key
 from ray_jobs.plans import Plan
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, task_args
@@ -36,13 +36,15 @@ def label_shards(cfg: RunConfig, records: list[ImageRecord], features: dict[str,
 
 def run_label(cfg: RunConfig, records: list[ImageRecord], plan: Plan, features: dict[str, dict],
               fits: dict[str, FitArtifact], human: np.ndarray | None = None) -> dict[str, dict]:
-    """`features`: the complete extract stage's markers; `fits`: the fit stage's (`require_fits`);
+    """`features`: the complete extract stage's markers; `fits`: the fit stage's and the imported ones, in
+    their order (`require_fits`);
     `human`: a person's mapping of the main fit, which its written labels then use."""
     layout = Layout(cfg.output_dir)
-    names = fit_names(cfg)
+    names = list(fits)  # main, sweep, imported, baseline (`fit.require_fits`)
     mappings = {n: fits[n].mapping for n in names} | ({} if human is None else {names[0]: human})
     fits_ref = ray.put([{"name": n, "centroids": fits[n].centroids, "mapping": mappings[n],
-                         "prototypes": fits[n].extra_arrays.get("class_prototypes")} for n in names])
+                         "stride": fit_pixel_stride(cfg, n), "prototypes": fits[n].extra_arrays.get("class_prototypes")}
+                        for n in names])
     config = cfg.model_dump(mode="json")
     shards = label_shards(cfg, records, features)
 

@@ -22,7 +22,7 @@ from core.seed_eval import seed_pq_scores, seed_semantic_scores
 from core.plots import plot_confusion, plot_few_shot, plot_miou_vs_k, plot_overlay_grid, plot_per_class_iou
 from core.protocols import confusion_from_cluster_counts, few_shot_scores, protocol_scores
 from core.report import PROTOCOL_TITLES, missed_classes, render_markdown
-from ray_jobs.fit import BACKBONE_COMPARISON, fit_names
+from ray_jobs.fit import BACKBONE_COMPARISON, IMPORTED, fit_pixel_stride
 from ray_jobs.layout import Layout
 from storage.cityscapes_outputs import write_panoptic_json
 from storage.shards import read_verified, read_verified_npz, write_json_atomic, write_text_atomic
@@ -127,11 +127,14 @@ def overlay_rows(labels_dir: Path, overlay_ids: list[str]) -> tuple[list[tuple],
 
 def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifacts: dict[str, FitArtifact],
                fit_summary: dict, meta: dict, timing: dict, human: np.ndarray | None = None) -> dict:
-    """`human`: a person's mapping of the main fit (`label.human_mapping`), scored as its own protocol."""
+    """`human`: a person's mapping of the main fit (`label.human_mapping`), scored as its own protocol.
+    `meta`: the model's description, the dataset's fingerprint and the ids of its images that have
+    ground truth ("ground_truth_ids")."""
     layout = Layout(cfg.output_dir)
-    names = fit_names(cfg)
+    names = list(fit_artifacts)  # main, sweep, imported, baseline (`fit.require_fits`)
     main, baseline = names[0], names[-1]
     scores = sum_scores(layout.scores, label_done, names)
+    labelled_ids = {i for marker in label_done.values() for i in marker["image_ids"]}
     failed = [f for done in (extract_done, label_done) for s in sorted(done) for f in done[s]["failed"]]
     # an image that failed in extract usually fails again in label: count each image once
     failed_ids = sorted({f["image_id"] for f in failed})
@@ -142,17 +145,21 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
         art = fit_artifacts[name]
         counts = scores["pixel_counts"][name]
         purity = cluster_purity(counts.sum(axis=0))
-        fits[name] = {**fit_summary[name],
-                      "pixel_level": protocol_scores(counts, art.extra_arrays["mapping_counts"], art.mapping,
-                                                     art.extra_arrays.get("label_free_mapping"), CLASS_NAMES),
+        if "mapping_counts" in art.extra_arrays:
+            pixel_level = protocol_scores(counts, art.extra_arrays["mapping_counts"], art.mapping,
+                                          art.extra_arrays.get("label_free_mapping"), CLASS_NAMES)
+        else:  # an imported fit: the mapping it came with, and no labelled patches to make another from
+            pixel_level = {"same_set": semantic_scores(confusion_from_cluster_counts(counts.sum(axis=0), art.mapping),
+                                                       CLASS_NAMES)}
+        fits[name] = {**fit_summary[name], "pixel_level": pixel_level,
                       # which pixels its pixel-level numbers count (label.sweep_pixel_stride for the sweep's extra fits)
-                      "pixel_stride": 1 if name in (main, baseline) else cfg.label.sweep_pixel_stride,
+                      "pixel_stride": fit_pixel_stride(cfg, name),
                       "dead_centroids": dead_centroid_summary(scores["wins"][name])["dead"],
                       "weighted_purity": None if np.isnan(purity["weighted_purity"]) else float(purity["weighted_purity"])}
         if name == main and human is not None:
             fits[name]["pixel_level"]["human"] = semantic_scores(confusion_from_cluster_counts(counts.sum(axis=0), human),
                                                                  CLASS_NAMES)
-        if name != baseline:
+        if name != baseline and "mapping_counts" in art.extra_arrays:
             fits[name]["pixel_level"]["few_shot"] = few_shot_scores(counts, art.extra_arrays["mapping_counts"],
                                                                     cfg.report.few_shot, cfg.report.few_shot_draws,
                                                                     cfg.seed, CLASS_NAMES)
@@ -172,17 +179,21 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
                   baseline: absorption_table(scores["variant_confusion"][-1], CLASS_NAMES)} if variants else {}
 
     sensitivity = protocol_sensitivity(cfg, scores, names, {n: fits[n]["pixel_stride"] for n in names})
-    figures = _figures(cfg, layout, fits, names, variants, main_conf)
+    # what was measured against ground truth: the pixels of a class under the main fit's labels
+    scored_pixels = int(scores["pixel_counts"][main].sum()) if scores["num_images"] else 0
+    figures = _figures(cfg, layout, fits, names, variants, main_conf, scored=scored_pixels > 0)
     panoptic_json = merge_panoptic_annotations(layout.scores, label_done, layout.labels, cfg.dataset.split, LABEL_FIX)
     report = {
         "run_name": cfg.run_name, "model": meta["model"], "feature_kind": cfg.model.feature_kind,
         "dataset": {"kind": cfg.dataset.kind, "root": str(cfg.dataset.root), "split": cfg.dataset.split,
-                    "num_images": scores["num_images"], "num_failed": len(failed_ids), "fingerprint": meta["fingerprint"]},
+                    "num_images": scores["num_images"], "num_failed": len(failed_ids),
+                    "fingerprint": meta["fingerprint"], "scored_pixels": scored_pixels,
+                    "num_with_ground_truth": len(labelled_ids & meta["ground_truth_ids"])},
         "protocol": cfg.protocol, "timing": timing, "fits": fits, "baseline_missed": baseline_missed,
         "variants": variants, "protocol_sensitivity": sensitivity,
         "backbone_comparison": fit_summary.get(BACKBONE_COMPARISON),
         "written_variant": cfg.refine.write_variant, "absorption": absorption, "figures": figures,
-        "outputs": {"labels": str(layout.labels.relative_to(cfg.output_dir)),
+        "outputs": {"labels": str(layout.labels.relative_to(cfg.output_dir)) if cfg.label.write_label_pngs else None,
                     "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir)),
                     "atlas": "atlas/index.html" if cfg.atlas.enabled else None},  # the atlas stage writes it next
         "failed_items": failed,
@@ -192,14 +203,20 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
     return report
 
 
-def _figures(cfg: RunConfig, layout: Layout, fits: dict, names: list[str], variants: dict, main_conf) -> dict[str, str]:
+def _figures(cfg: RunConfig, layout: Layout, fits: dict, names: list[str], variants: dict, main_conf,
+             scored: bool) -> dict[str, str]:
+    """The report's figures; those of scores (every one but the overlays) only where something was scored."""
     main, baseline = names[0], names[-1]
     figures = {}
 
     def rel(path: Path) -> str:
         return str(path.relative_to(cfg.output_dir))
 
-    sweep = sorted((n for n in names if n != baseline), key=lambda n: fits[n]["k"])
+    if not scored:
+        return figures
+
+    own = [n for n in names if n != baseline and fits[n]["mapping_kind"] != IMPORTED]  # with every mapping protocol
+    sweep = sorted(own, key=lambda n: fits[n]["k"])
     series = {f"pixel, {PROTOCOL_TITLES[p]}": [fits[n]["pixel_level"][p]["miou"] for n in sweep]
               for p in PROTOCOL_TITLES if all(p in fits[n]["pixel_level"] for n in sweep)}
     path = layout.figures / "miou_vs_k.png"
