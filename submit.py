@@ -9,6 +9,9 @@
     python submit.py run --config ... --set fit.k=200        # override any config key
     python submit.py compare outputs/head outputs/backbone --out compare.md   # k sweeps side by side
     python submit.py atlas --fit outputs/demo/fits/k300 [--out DIR]            # the cluster atlas of a fit
+    python submit.py import-fit kmeans_centroids.npz --run outputs/demo --name seed_k300
+                                                             # another tool's centres + cluster_to_class as a fit
+                                                             # of a run; then `label`/`run` label and score it
 """
 
 import argparse
@@ -48,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     atlas.add_argument("--fit", type=Path, required=True, help="a fit folder of a run, e.g. outputs/demo/fits/k300")
     atlas.add_argument("--out", type=Path, default=None, help="default <run>/atlas for the main fit, <run>/atlas_<fit> for others")
     atlas.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    imported = sub.add_parser("import-fit", help="write another tool's k-means centres and cluster -> class mapping "
+                                                 "(an .npz, e.g. the seed's kmeans_centroids.npz) as a fit of a run")
+    imported.add_argument("source", type=Path, help="the .npz: (k, D) float centres and (k,) integer trainIds")
+    imported.add_argument("--run", type=Path, required=True, help="the run's output_dir (extract and fit done)")
+    imported.add_argument("--name", required=True, help="the fit's name, its folder in <run>/fits/, e.g. seed_k300")
+    imported.add_argument("--centroids-key", default="centroids", help="the centres' array in the .npz (default: the "
+                                                                       "seed's)")
+    imported.add_argument("--mapping-key", default="cluster_to_class", help="the mapping's array (default: the seed's)")
     synth = sub.add_parser("synth", help="write the generated Cityscapes-format demo set")
     synth.add_argument("--root", type=Path, default=None, help="default data/demo_cityscapes (data/demo_unlabelled with --unlabelled)")
     synth.add_argument("--split", default="val")
@@ -142,6 +153,27 @@ def run_stages(args) -> int:
     return 0
 
 
+def import_fit(args) -> int:
+    from core.errors import UserError
+    run_dir = args.run.resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--run {args.run} is not the output_dir of a run (no {run_dir / 'config.yaml'}): name one "
+                        "like outputs/demo")
+    cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])  # the run, wherever we are
+    from core.fit_artifact import FitArtifact
+    from ray_jobs.pipeline import Pipeline
+    from storage.lock import OutputLock, command_line
+    with OutputLock(cfg.output_dir, command_line()):
+        fit = FitArtifact.load(Pipeline(cfg).import_fit(args.source, args.name, (args.centroids_key, args.mapping_key)))
+    origin = fit.meta["imported_from"]
+    low, high = origin["row_norms"]
+    print(f"{args.name}: imported {origin['file']} (sha256 {origin['sha256']}), k = {fit.k}, {fit.feature_dim}-d"
+          + (f"; its rows were not unit length (norms {low:.3g} to {high:.3g}) and were L2-normalised: pixels take the "
+             "nearest centre by cosine" if origin["rescaled_to_unit"] else "")
+          + f". Next: python submit.py label --config {run_dir / 'config.yaml'} (or run), then report")
+    return 0
+
+
 def atlas(args) -> int:
     from core.errors import UserError
     run_dir = args.fit.resolve().parent.parent
@@ -175,7 +207,7 @@ def atlas(args) -> int:
     return 0
 
 
-COMMANDS = {"atlas": atlas, "compare": compare, "synth": synth}
+COMMANDS = {"atlas": atlas, "compare": compare, "import-fit": import_fit, "synth": synth}
 
 
 if __name__ == "__main__":

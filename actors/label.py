@@ -28,11 +28,9 @@ from core.windows import cause_view, resized_size
 from storage.cityscapes_outputs import prediction_paths, write_image_predictions
 from storage.images import read_rgb, read_train_ids, safe_path, write_png_atomic
 
-def label_fits(cfg: RunConfig, fits: list[dict]) -> list[LabelFit]:
-    """The broadcast fits (main first, baseline last): the sweep's extra fits at the sweep stride."""
-    return [LabelFit(f["name"], f["centroids"], f["mapping"], 1 if i in (0, len(fits) - 1) else cfg.label.sweep_pixel_stride,
-                     f.get("prototypes"))
-            for i, f in enumerate(fits)]
+def label_fits(fits: list[dict]) -> list[LabelFit]:
+    """The broadcast fits (main first, baseline last), each at its pixel stride (`ray_jobs.fit.fit_pixel_stride`)."""
+    return [LabelFit(f["name"], f["centroids"], f["mapping"], f["stride"], f.get("prototypes")) for f in fits]
 
 
 def label_variants(cfg: RunConfig) -> list[str]:
@@ -60,7 +58,7 @@ class LabelImages:
     def __init__(self, config: dict, fits, labels_dir: str, overlay_ids: list[str]):
         self.cfg = parse_config(config, "label actor config")
         fits = ray.get(fits) if isinstance(fits, ray.ObjectRef) else fits  # refs in constructor args arrive undereferenced
-        self.fits, self.variants = label_fits(self.cfg, fits), label_variants(self.cfg)
+        self.fits, self.variants = label_fits(fits), label_variants(self.cfg)
         self.labels_dir, self.overlay_ids = Path(labels_dir), set(overlay_ids)
         self.request = label_request(self.cfg)
         self.labeller = ImageLabeller(self.fits, self.variants, self.cfg.refine, device=device_for(self.cfg.label.workers),

@@ -34,7 +34,7 @@ def run_once(config: Path, images: int, workers: int, work: Path) -> dict:
     total = time.perf_counter() - start
     ray.shutdown()
     timing = json.loads((out / "timing.json").read_text())
-    actor_seconds = timing["extract"] + timing["label"]
+    actor_seconds = timing["extract"]["seconds"] + timing["label"]["seconds"]
     return {"workers": workers, "images": images, "timing": timing, "total_seconds": total,
             "actor_stage_images_per_s": images / actor_seconds, "job_images_per_s": images / total}
 

@@ -46,9 +46,26 @@ def iou_per_class(conf: np.ndarray) -> np.ndarray:
     return iou
 
 
-def mean_iou(conf: np.ndarray) -> float:
-    """Mean IoU over the classes present in ground truth or prediction; NaN if there are none."""
+# How a mean IoU averages the classes. "present": the classes in ground truth or prediction (cityscapesscripts,
+# whose IoU of a class with no pixel on either side is NaN and left out). "all": every class, one absent from both
+# counting 0, as the seed's patch-level sweep averages (overclustering_cause.py in qbit-glitch/
+# unsupervised_panoptic_segmentation: `iou = tp / denom if denom > 0 else 0.0`, then `np.mean` over the 19).
+MIOU_RULES = {"present": "mean over the classes present in ground truth or prediction",
+              "all": "mean over all {num_classes} classes, an absent class counting 0 (the seed's rule)"}
+
+
+def miou_rule_text(rule: str, num_classes: int) -> str:
+    return MIOU_RULES[rule].format(num_classes=num_classes)
+
+
+def mean_iou(conf: np.ndarray, rule: str = "present") -> float:
+    """Mean IoU by `rule` (MIOU_RULES); NaN where no ground-truth pixel was scored (or, for
+    "present", no class is present)."""
     iou = iou_per_class(conf)
+    if rule == "all":
+        return float(np.nan_to_num(iou, nan=0.0).mean()) if conf.sum() > 0 else float("nan")
+    if rule != "present":
+        raise ValueError(f"unknown mIoU rule {rule!r}; allowed: {', '.join(MIOU_RULES)}")
     present = ~np.isnan(iou)
     return float(iou[present].mean()) if present.any() else float("nan")
 
@@ -64,13 +81,15 @@ def _json_float(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
-def semantic_scores(conf: np.ndarray, class_names: list[str]) -> dict:
-    """JSON-safe summary; values are fractions in [0, 1], None where undefined (NaN)."""
+def semantic_scores(conf: np.ndarray, class_names: list[str], miou_rule: str = "present") -> dict:
+    """JSON-safe summary; values are fractions in [0, 1], None where undefined (NaN); the mIoU
+    averaged by `miou_rule` (MIOU_RULES), which it records."""
     if len(class_names) != conf.shape[0]:
         raise ValueError(f"{len(class_names)} class names for a confusion matrix of {conf.shape[0]} classes")
     iou = iou_per_class(conf)
     return {
-        "miou": _json_float(mean_iou(conf)),
+        "miou": _json_float(mean_iou(conf, miou_rule)),
+        "miou_rule": miou_rule,
         "pixel_accuracy": _json_float(pixel_accuracy(conf)),
         "per_class_iou": {name: _json_float(v) for name, v in zip(class_names, iou)},
         "num_pixels": int(conf.sum()),

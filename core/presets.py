@@ -17,6 +17,8 @@ every step that differs; each variant is one small function or an option of one,
                                                          unnormalised centres
   pixel labels      at full resolution                   at the resized size (322x644) from the
                                                          windows' pixel map, NEAREST up
+  patch-level mIoU  mean over the classes present        mean over all 19 classes, an absent class
+                                                         counting 0 (overclustering_cause.py)
 
 `cause` adds CAUSE's test protocol (test_tr.py) for the baseline and changes nothing else: each
 image is also resized NEAREST (short side 322) and centre-cropped to one 322x322 window, run as
@@ -65,13 +67,14 @@ class ProtocolSteps:
     kmeans: str  # "config" (fit.engine and its sample) | "seed" (core.clustering.fit_seed_minibatch)
     label_resolution: str  # "full" | "resized" (core.label_image.LABELLINGS)
     cause_crop: bool = False  # also run CAUSE's test view (core.windows.cause_view) and score the baseline on it
+    patch_miou: str = "present"  # how the fit's patch-level mIoU averages the classes (core.metrics.MIOU_RULES)
 
 
 PRESETS = {
     "official": ProtocolSteps(merge="cells", patch_labels="majority", precision=None, kmeans="config",
                               label_resolution="full"),
     "seed": ProtocolSteps(merge="pixels", patch_labels="nearest", precision="fp32", kmeans="seed",
-                          label_resolution="resized"),
+                          label_resolution="resized", patch_miou="all"),
     "cause": ProtocolSteps(merge="cells", patch_labels="majority", precision=None, kmeans="config",
                            label_resolution="full", cause_crop=True),
 }

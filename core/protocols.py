@@ -45,25 +45,29 @@ def label_free_mapping(co_assignment: np.ndarray, baseline_mapping: np.ndarray) 
 
 
 def protocol_scores(pixel_counts: np.ndarray, mapping_counts: np.ndarray, same_set: np.ndarray,
-                    label_free: np.ndarray | None, class_names: list[str]) -> dict:
+                    label_free: np.ndarray | None, class_names: list[str], miou_rule: str = "present") -> dict:
     """Score one fit under every protocol.
 
     pixel_counts (F, k, C): (nearest cluster, GT class) pixel counts of the scored images per fold;
-    mapping_counts (F, k, C): the labelled-patch counts the mappings are made from, per fold.
+    mapping_counts (F, k, C): the labelled-patch counts the mappings are made from, per fold;
+    miou_rule: how each mIoU averages the classes (`core.metrics.MIOU_RULES`).
     """
+    def scores(conf: np.ndarray) -> dict:
+        return semantic_scores(conf, class_names, miou_rule)
+
     total = pixel_counts.sum(axis=0)
-    out = {"same_set": semantic_scores(confusion_from_cluster_counts(total, same_set), class_names)}
+    out = {"same_set": scores(confusion_from_cluster_counts(total, same_set))}
     # Held out needs labelled patches outside every scored fold: with one labelled image (or all
     # in one fold) it is undefined, and left out.
     labelled_folds = int((mapping_counts.sum(axis=(1, 2)) > 0).sum())
     if len(pixel_counts) > 1 and labelled_folds > 1:
         mappings = heldout_mappings(mapping_counts)
         per_fold = [confusion_from_cluster_counts(pixel_counts[f], mappings[f]) for f in range(len(mappings))]
-        fold_miou = [semantic_scores(c, class_names)["miou"] for c in per_fold if c.sum() > 0]
-        out["held_out"] = {**semantic_scores(sum(per_fold), class_names), "folds": len(mappings),
+        fold_miou = [scores(c)["miou"] for c in per_fold if c.sum() > 0]
+        out["held_out"] = {**scores(sum(per_fold)), "folds": len(mappings),
                            "fold_miou_mean": float(np.mean(fold_miou)), "fold_miou_std": float(np.std(fold_miou))}
     if label_free is not None:
-        out["label_free"] = semantic_scores(confusion_from_cluster_counts(total, label_free), class_names)
+        out["label_free"] = scores(confusion_from_cluster_counts(total, label_free))
     return out
 
 

@@ -1,5 +1,7 @@
 """The run report as Markdown, from the JSON-safe report dict (see ray_jobs/report.py)."""
 
+from core.labels import NUM_CLASSES
+from core.metrics import miou_rule_text
 
 PROTOCOL_TITLES = {"same_set": "same-set majority (seed)", "held_out": "held-out majority (CV)",
                    "label_free": "label-free (via baseline)", "human": "human (atlas mapping.json)"}
@@ -22,8 +24,14 @@ def missed_classes(per_class_iou: dict) -> list[str]:
 
 
 def render_markdown(report: dict) -> str:
+    """Every line says what was measured, or that nothing was: a run whose images have no ground
+    truth (e.g. fitted and mapped on other sets) scores nothing at pixel level, and its report says so
+    instead of showing empty tables; a stage a resumed run skipped says so instead of a time."""
     fits = report["fits"]
     names = list(fits)
+    main, baseline = names[0], names[-1]
+    dataset = report["dataset"]
+    scored = dataset["scored_pixels"] > 0
     lines = [
         f"# Overclustering report: {report['run_name']}",
         "",
@@ -34,38 +42,165 @@ def render_markdown(report: dict) -> str:
         + ("; protocol sensitivity: every fit also labelled the other way and scored by the official and the seed "
            "evaluator (below)" if report.get("protocol_sensitivity") else
            "; protocol sensitivity off (`report.sensitivity`)"),
-        f"- **Dataset:** {report['dataset']['kind']} `{report['dataset']['root']}` split `{report['dataset']['split']}`: "
-        f"{report['dataset']['num_images']} images scored, {report['dataset']['num_failed']} failed "
-        f"(listed in `failed_items.json`), fingerprint `{report['dataset']['fingerprint']}`",
-        f"- **Mapping protocols:** *same-set* maps clusters to classes on the images it scores (the seed's "
-        f"protocol, an oracle as k grows); *held-out* maps each fold of images with the other folds only; "
-        f"*label-free* maps each cluster to the baseline cluster most of its patches are nearest to. "
-        f"The baseline is k = {fits[names[-1]]['k']} with one-to-one Hungarian matching.",
-        *_sources_lines(fits[names[0]]),
-        "- **Wall time:** " + ", ".join(f"{stage} {sec:.1f} s" for stage, sec in report["timing"].items()),
+        f"- **Dataset:** {dataset['kind']} `{dataset['root']}` split `{dataset['split']}` (fingerprint "
+        f"`{dataset['fingerprint']}`): {_images_text(dataset)}",
+        _mapping_line(fits[main]["pixel_level"], fits[baseline]["k"], scored),
+        *_sources_lines(fits[main], scored),
+        *_imported_lines(fits),
+        "- **Wall time** (each stage's last run): "
+        + (", ".join(_stage_time(stage, entry) for stage, entry in report["timing"].items()) or "not recorded"),
         "",
-        "## k sweep (seed protocol: same-set majority mapping)",
-        "",
-        "Pixel-level numbers count every pixel at full resolution, or, where the last column says so, every "
-        "s-th pixel in each direction (`label.sweep_pixel_stride`: the sweep's extra fits, whose labels are not written).",
-        "",
-        "| fit | mapping | k | patch mIoU | pixel mIoU | pixel acc | classes with IoU ≥ 5 % | dead centroids | cluster purity | pixels scored |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    lines += _sweep_section(report, names, scored)
+    if scored:
+        lines += _protocols_section(fits, names)
+        lines += _few_shot_section(fits, names)
+        lines += _per_class_section(report, names)
+        lines += _sensitivity_section(report)
+        lines += _cause_section(report)
+    else:
+        lines += ["", "## Pixel-level scores", "",
+                  f"Not measured: none of the {dataset['num_images']} images labelled here has ground truth, so no "
+                  "mapping protocol, per-class IoU, missed or recovered class, protocol sensitivity, panoptic quality "
+                  "or absorption was scored."]
+    lines += _backbone_section(report)
+    lines += _variants_section(report, names, scored)
+    if scored:
+        lines += _absorption_section(report)
+    if report.get("figures"):
+        lines += ["", "## Figures", ""]
+        lines += [f"![{key}]({path})" for key, path in report["figures"].items()]
+    outputs = report.get("outputs", {})
+    if outputs.get("labels"):
+        lines += ["", "## Outputs", "",
+                  f"Cityscapes-format pseudo-labels of {main} ({report.get('written_variant', 'seed')}) under "
+                  f"`{outputs['labels']}/` (labelIds, trainIds, instanceIds, panoptic PNGs"
+                  + (f", COCO panoptic JSON `{outputs['panoptic_json']}`" if outputs.get("panoptic_json") else "")
+                  + ")."]
+    if outputs.get("atlas"):
+        lines += ["", f"Cluster atlas of {main}: [{outputs['atlas']}]({outputs['atlas']}), written by the atlas "
+                  "stage: every cluster with example patches, to look at and name (`python submit.py atlas --fit "
+                  "<run>/fits/<fit>` for any other fit). Its exported `mapping.json` goes to `label.human_mapping` or "
+                  "`apply --mapping`."]
+    if report["failed_items"]:
+        lines += ["", "## Failed items", "", "| stage | image | error |", "|---|---|---|"]
+        lines += [f"| {f['stage']} | {f['image_id']} | {f['error']} |" for f in report["failed_items"]]
+    return "\n".join(lines) + "\n"
+
+
+def _fit_cell(name: str, fit: dict) -> str:
+    """A fit's name as every table row gives it: an imported fit says where it came from."""
+    origin = fit.get("imported_from")
+    return name if origin is None else f"{name}, imported from `{origin['file']}` (sha256 `{origin['sha256'][:16]}`)"
+
+
+def _imported_lines(fits: dict) -> list[str]:
+    """Each imported fit: its file, its whole checksum, and what was done to its centres."""
+    lines = []
+    for name, fit in fits.items():
+        if origin := fit.get("imported_from"):
+            low, high = origin["row_norms"]
+            lines.append(f"- **Imported fit {name}:** `{origin['file']}` (sha256 `{origin['sha256']}`), arrays "
+                         f"`{origin['keys']['centroids']}` ({origin['dtypes']['centroids']}, k = {fit['k']}) and "
+                         f"`{origin['keys']['mapping']}` ({origin['dtypes']['mapping']}); "
+                         + (f"its rows were not unit length (norms {low:.3g} to {high:.3g}) and were L2-normalised: "
+                            "a pixel takes the nearest centre by cosine, which can differ from Euclidean distance to "
+                            "the raw centres" if origin["rescaled_to_unit"] else "unit rows, labelled by cosine")
+                         + "; its mapping came with it (no patch-level score, no other mapping protocol)")
+    return lines
+
+
+def _images_text(dataset: dict) -> str:
+    """How many images were labelled and how many of them scored against ground truth."""
+    n, with_gt = dataset["num_images"], dataset["num_with_ground_truth"]
+    text = f"{n} images labelled, {dataset['num_failed']} failed (listed in `failed_items.json`); "
+    if dataset["scored_pixels"]:
+        return text + (f"all {n} have ground truth and are scored" if with_gt == n else
+                       f"{with_gt} of {n} have ground truth and are scored")
+    if with_gt == 0:
+        return text + f"0 of {n} have ground truth: nothing was scored"
+    return text + f"{with_gt} of {n} have ground truth, but none of it is a class's pixel: nothing was scored"
+
+
+def _mapping_line(level: dict, baseline_k: int, scored: bool) -> str:
+    """The mapping protocols the pixel-level tables score (those the report has)."""
+    if not scored:
+        return (f"- **Mapping:** each cluster takes the majority class of the labelled patches it was mapped on; the "
+                f"baseline (k = {baseline_k}) is matched to the classes one-to-one (Hungarian). No pixel-level "
+                "protocol is scored here (no ground truth).")
+    described = {"same_set": "*same-set* maps clusters to classes on the images it scores (the seed's protocol, an "
+                             "oracle as k grows)",
+                 "held_out": "*held-out* maps each fold of images with the other folds only",
+                 "label_free": "*label-free* maps each cluster to the baseline cluster most of its patches are nearest "
+                               "to",
+                 "human": "*human* is a person's mapping.json (the cluster atlas)"}
+    return (f"- **Mapping protocols:** {'; '.join(text for p, text in described.items() if p in level)}. The baseline "
+            f"is k = {baseline_k} with one-to-one Hungarian matching.")
+
+
+def _stage_time(stage: str, entry: dict) -> str:
+    """A stage's last run: its time where it did work, else what it skipped."""
+    if not entry["did_work"]:
+        return f"{stage} skipped ({entry.get('skipped', 'done in an earlier run')})"
+    text = f"{stage} {entry['seconds']:.1f} s"
+    if "shards" in entry and entry["shards_done"] < entry["shards"]:
+        text += f" ({entry['shards_done']} of {entry['shards']} shards; the others done in an earlier run)"
+    return text
+
+
+def _patch_rule_line(levels: list[dict]) -> str:
+    """Which rule the patch-level mIoUs average the classes by (summaries made before the rule was
+    recorded averaged the classes present)."""
+    rules = sorted({level["same_set"].get("miou_rule", "present") for level in levels})
+    return "*patch mIoU*: " + "; ".join(miou_rule_text(r, NUM_CLASSES) for r in rules) + "."
+
+
+def _sweep_section(report: dict, names: list[str], scored: bool) -> list[str]:
+    fits = report["fits"]
+    mapped_here = (fits[names[0]].get("mapped_on") or {}).get("features", "this run") == "this run"
+    lines = ["## k sweep (" + ("seed protocol: same-set majority mapping" if mapped_here else
+                               "majority mapping made on the mapping set: see *Mapped on*") + ")", ""]
+    if scored:
+        lines += ["Pixel-level numbers count every pixel at full resolution, or, where the last column says so, every "
+                  "s-th pixel in each direction (`label.sweep_pixel_stride`: the sweep's extra fits, whose labels are "
+                  "not written).", "",
+                  "| fit | mapping | k | patch mIoU | pixel mIoU | pixel acc | classes with IoU ≥ 5 % | dead centroids "
+                  "| cluster purity | pixels scored |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+    else:
+        lines += ["| fit | mapping | k | patch mIoU | dead centroids |", "|---|---|---|---|---|"]
     for name in names:
         f = fits[name]
-        pixel = f["pixel_level"]["same_set"]
-        present = sum(1 for v in pixel["per_class_iou"].values() if v is not None)
-        found = present - len(missed_classes(pixel["per_class_iou"]))
-        lines.append(f"| {name} | {f['mapping_kind']} | {f['k']} | {_pct(f['patch_level']['same_set']['miou'])} | "
-                     f"{_pct(pixel['miou'])} | {_pct(pixel['pixel_accuracy'])} | "
-                     f"{found}/{present} | {f['dead_centroids']}/{f['k']} | {_pct(f.get('weighted_purity'))} | "
-                     f"{_pixels_scored(f['pixel_stride'])} |")
+        patch = "not measured" if f["patch_level"] is None else _pct(f["patch_level"]["same_set"]["miou"])
+        cells = [_fit_cell(name, f), f["mapping_kind"], str(f["k"]), patch]
+        dead = f"{f['dead_centroids']}/{f['k']}"
+        if scored:
+            pixel = f["pixel_level"]["same_set"]
+            present = sum(1 for v in pixel["per_class_iou"].values() if v is not None)
+            found = present - len(missed_classes(pixel["per_class_iou"]))
+            cells += [_pct(pixel["miou"]), _pct(pixel["pixel_accuracy"]), f"{found}/{present}" if present else "—",
+                      dead, _pct(f.get("weighted_purity")), _pixels_scored(f["pixel_stride"])]
+        else:
+            cells.append(dead)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", _patch_rule_line([fits[n]["patch_level"] for n in names if fits[n]["patch_level"] is not None])
+              + " *dead centroids*: clusters no pixel labelled here is nearest to (a sweep fit scored at a stride: "
+                "none of the pixels at that stride)."
+              + ("" if scored else " The pixel-level columns are left out: no image here has ground truth.")]
+    return lines
+
+
+def _own_sweep(fits: dict, names: list[str]) -> list[str]:
+    """The fits the run made, the baseline left out: those with every mapping protocol."""
+    return [n for n in names[:-1] if fits[n].get("imported_from") is None]
+
+
+def _protocols_section(fits: dict, names: list[str]) -> list[str]:
     protocols = [p for p in PROTOCOL_TITLES if p in fits[names[0]]["pixel_level"]]
-    lines += ["", "## Where the gain comes from: pixel mIoU (%) by mapping protocol", "",
-              "| fit | k | " + " | ".join(PROTOCOL_TITLES[p] for p in protocols) + " |",
-              "|---|---|" + "---|" * len(protocols)]
-    for name in names[:-1]:
+    lines = ["", "## Where the gain comes from: pixel mIoU (%) by mapping protocol", "",
+             "| fit | k | " + " | ".join(PROTOCOL_TITLES[p] for p in protocols) + " |",
+             "|---|---|" + "---|" * len(protocols)]
+    for name in _own_sweep(fits, names):
         level = fits[name]["pixel_level"]
         cells = []
         for p in protocols:
@@ -74,44 +209,30 @@ def render_markdown(report: dict) -> str:
                 cell += f" (folds {_pct(level[p]['fold_miou_mean'])} ± {_pct(level[p]['fold_miou_std'])})"
             cells.append(cell)
         lines.append(f"| {name} | {fits[name]['k']} | " + " | ".join(cells) + " |")
-    lines += _few_shot_section(fits, names)
+    if len(_own_sweep(fits, names)) < len(names) - 1:
+        lines += ["", "Imported fits are left out: they came with their own mapping (scored in the k sweep above)."]
+    return lines
+
+
+def _per_class_section(report: dict, names: list[str]) -> list[str]:
+    fits = report["fits"]
     class_names = list(fits[names[0]]["pixel_level"]["same_set"]["per_class_iou"])
-    lines += ["", "## Per-class IoU (pixel level, same-set mapping, %)", "",
-              "| fit | " + " | ".join(class_names) + " |", "|---|" + "---|" * len(class_names)]
+    lines = ["", "## Per-class IoU (pixel level, same-set mapping, %)", "",
+             "| fit | " + " | ".join(class_names) + " |", "|---|" + "---|" * len(class_names)]
     for name in names:
         per_class = fits[name]["pixel_level"]["same_set"]["per_class_iou"]
-        lines.append(f"| {name} | " + " | ".join(_pct(per_class[c]) for c in class_names) + " |")
-    lines += ["", "## Classes the baseline misses and overclustering recovers", ""]
+        lines.append(f"| {_fit_cell(name, fits[name])} | " + " | ".join(_pct(per_class[c]) for c in class_names) + " |")
+    lines += ["", "—: the class is in neither the ground truth nor the prediction.",
+              "", "## Classes the baseline misses and overclustering recovers", ""]
     lines.append(f"Baseline misses (IoU < {100 * MISSED_IOU:.0f} %): {', '.join(report['baseline_missed']) or 'none'}.")
     lines.append("")
     for name in names[:-1]:
-        lines.append(f"- {name}: recovers {', '.join(fits[name]['recovered']) or 'none'}; "
+        lines.append(f"- {_fit_cell(name, fits[name])}: recovers {', '.join(fits[name]['recovered']) or 'none'}; "
                      f"still missing {', '.join(missed_classes(fits[name]['pixel_level']['same_set']['per_class_iou'])) or 'none'}")
-    lines += _sensitivity_section(report)
-    lines += _cause_section(report)
-    lines += _backbone_section(report)
-    lines += _variants_section(report, names)
-    lines += _absorption_section(report)
-    lines += ["", "## Figures", ""]
-    for key, path in report.get("figures", {}).items():
-        lines.append(f"![{key}]({path})")
-    outputs = report.get("outputs", {})
-    if outputs:
-        lines += ["", "## Outputs", "",
-                  f"Cityscapes-format pseudo-labels of {names[0]} ({report.get('written_variant', 'seed')}) under "
-                  f"`{outputs['labels']}/` (labelIds, trainIds, instanceIds, panoptic PNGs"
-                  + (f", COCO panoptic JSON `{outputs['panoptic_json']}`" if outputs.get("panoptic_json") else "") + ")."]
-        if outputs.get("atlas"):
-            lines += ["", f"Cluster atlas of {names[0]}: [{outputs['atlas']}]({outputs['atlas']}), every cluster with example "
-                      "patches, to look at and name (the atlas stage; `python submit.py atlas --fit <run>/fits/<fit>` for "
-                      "any other fit). Its exported `mapping.json` goes to `label.human_mapping` or `apply --mapping`."]
-    if report["failed_items"]:
-        lines += ["", "## Failed items", "", "| stage | image | error |", "|---|---|---|"]
-        lines += [f"| {f['stage']} | {f['image_id']} | {f['error']} |" for f in report["failed_items"]]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def _sources_lines(main: dict) -> list[str]:
+def _sources_lines(main: dict, scored: bool) -> list[str]:
     """Which feature sets the centroids were fitted on and the clusters mapped on (fit.features,
     fit.mapping_from), where that is not simply this run's own images."""
     fitted, mapped = main.get("fitted_on") or [], main.get("mapped_on") or {}
@@ -122,16 +243,17 @@ def _sources_lines(main: dict) -> list[str]:
                                                    f"{f['weight']:g}, content `{f['content_key']}`)" for f in fitted))
     if mapped and mapped.get("features") != own:
         lines.append(f"- **Mapped on:** {mapped['features']} ({mapped['labelled_patches']} labelled patches, content "
-                     f"`{mapped['content_key']}`), not the images scored here: every *majority* number below "
-                     "(\"same-set\" included) maps with that set's labels and scores these images, a cross-set score; "
-                     "patch-level numbers are that set's own patches")
+                     f"`{mapped['content_key']}`), not the images labelled here: "
+                     + ("every *majority* number below (\"same-set\" included) maps with that set's labels and scores "
+                        "these images, a cross-set score; " if scored else "")
+                     + "patch-level numbers are that set's own patches")
     return lines
 
 
 def _few_shot_section(fits: dict, names: list[str]) -> list[str]:
     """mIoU when each cluster is named from m labelled patches: what a person looking at m
     thumbnails per cluster can expect."""
-    shots = sorted({int(m) for n in names[:-1] for m in fits[n]["pixel_level"].get("few_shot", {})})
+    shots = sorted({int(m) for n in _own_sweep(fits, names) for m in fits[n]["pixel_level"].get("few_shot", {})})
     if not shots:
         return []
     first = fits[names[0]]["pixel_level"]["few_shot"]
@@ -142,7 +264,7 @@ def _few_shot_section(fits: dict, names: list[str]) -> list[str]:
              "folds, every pixel at full resolution. *all* is the held-out majority mapping.", "",
              "| fit | k | " + " | ".join(f"m = {m}" for m in shots) + " | all (held-out) | label-free |",
              "|---|---|" + "---|" * (len(shots) + 2)]
-    for name in names[:-1]:
+    for name in _own_sweep(fits, names):
         level = fits[name]["pixel_level"]
         few = level.get("few_shot", {})
         cells = [f"{_pct(few[str(m)]['miou_mean'])} ± {_pct(few[str(m)]['miou_std'])}" if str(m) in few else "—"
@@ -208,9 +330,10 @@ def _sensitivity_section(report: dict) -> list[str]:
         own_key = own if own in rows else "full/official"
         for key, row in rows.items():
             pan = row["panoptic"] or {}
-            cells = [name, LABELLING_TITLES[row["labels"]], row["evaluator"], _pct(row["miou"]), _pct(row["pixel_accuracy"]),
-                     _pct(pan.get("pq")), _pct(pan.get("pq_stuff")), _pct(pan.get("pq_things")), _pct(pan.get("sq")),
-                     _pct(pan.get("rq")), _delta(row["miou"], reference["miou"]), _delta(pan.get("pq"), ref_pq)]
+            cells = [_fit_cell(name, report["fits"][name]), LABELLING_TITLES[row["labels"]], row["evaluator"],
+                     _pct(row["miou"]), _pct(row["pixel_accuracy"]), _pct(pan.get("pq")), _pct(pan.get("pq_stuff")),
+                     _pct(pan.get("pq_things")), _pct(pan.get("sq")), _pct(pan.get("rq")),
+                     _delta(row["miou"], reference["miou"]), _delta(pan.get("pq"), ref_pq)]
             if row["pixel_stride"] != 1:
                 cells[3] += f" (every {row['pixel_stride']}th px)"
             if key == own_key:
@@ -253,17 +376,28 @@ def _backbone_section(report: dict) -> list[str]:
         lines.append(f"| {kind} | {comparison[kind]['feature_dim']} | {_pct(same['miou'])} | {_pct(level.get('held_out', {}).get('miou'))} | "
                      f"{_pct(same['pixel_accuracy'])} | " + " | ".join(_pct(same["per_class_iou"].get(c)) for c in SEED_MISSING_CLASSES)
                      + " |")
-    return lines
+    return lines + ["", _patch_rule_line([comparison[kind]["patch_level"] for kind in ("head", "backbone")])]
 
 
-def _variants_section(report: dict, names: list[str]) -> list[str]:
+# what the baseline's seconds measure (core.label_image.ImageLabeller.label)
+BASELINE_SECONDS = ("the baseline's row: its trainIds and panoptic segments from its cluster map (its nearest-centroid "
+                    "assignment, made in one pass with the sweep's fits, is not timed).")
+
+
+def _variants_section(report: dict, names: list[str], scored: bool) -> list[str]:
     variants = report.get("variants") or {}
     if not variants:
         return []
+    if not scored:
+        return ["", f"## Time per image of {names[0]}'s label variants and the baseline", "",
+                "Seconds per image (one core): the main fit's nearest-centroid assignment, trainIds and panoptic "
+                f"segments, plus the variant's own work; {BASELINE_SECONDS} Not scored (no ground truth).", "",
+                "| variant | s / image |", "|---|---|"] + [f"| {name} | {v['seconds_per_image']:.2f} |"
+                                                      for name, v in variants.items()]
     lines = ["", f"## Semantic and panoptic quality of {names[0]}'s label variants and the baseline", "",
              "Things are connected components of the labels unless a variant makes instances (em_things). "
              "Seconds per image (one core): the main fit's nearest-centroid assignment, trainIds and panoptic segments, "
-             "plus the variant's own work; the baseline's row is its own labels.", "",
+             f"plus the variant's own work; {BASELINE_SECONDS}", "",
              "| variant | mIoU | pixel acc | PQ | SQ | RQ | PQ stuff | PQ things | s / image |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, v in variants.items():
@@ -321,9 +455,14 @@ def render_comparison(reports: dict[str, dict]) -> str:
         for name, fit in report["fits"].items():
             level = fit["pixel_level"]["same_set"]
             rows = sensitivity.get(name, {})
-            lines.append(f"| {run} | {report.get('protocol', 'official')} | {report['feature_kind']} | {name} | {fit['k']} | "
+            lines.append(f"| {run} | {report.get('protocol', 'official')} | {report['feature_kind']} | "
+                         f"{_fit_cell(name, fit)} | {fit['k']} | "
                          f"{_pct(level['miou'])} | {_pct(rows.get('full/official', {}).get('miou'))} | "
                          f"{_pct(rows.get('resized/seed', {}).get('miou'))} | "
                          + " | ".join(_pct(level["per_class_iou"][c]) for c in class_names) + " |")
+    # reports made before they recorded what was scored are taken as scored
+    unscored = [run for run, report in reports.items() if report["dataset"].get("scored_pixels", 1) == 0]
+    if unscored:
+        lines += ["", f"Nothing was scored in {', '.join(unscored)}: none of its images has ground truth (—)."]
     lines += ["", "Models: " + "; ".join(f"{run}: {report['model']}" for run, report in reports.items())]
     return "\n".join(lines) + "\n"

@@ -64,6 +64,16 @@ class FeatureSet:
             return None
         return sum(int(m["labelled_patches"]) for m in self.markers.values())
 
+    def patch_files(self) -> dict[str, Path]:
+        """SHA-256 -> path of each shard's patch file (scale 1) that holds patches, from the markers."""
+        files = {}
+        for shard, marker in self.markers.items():
+            path = feature_path(self.features_dir, shard)
+            record = (marker.get("outputs") or {}).get(str(path.relative_to(self.features_dir.parent)))
+            if record is not None and int(marker.get("num_patches", 0)):
+                files[record["sha256"]] = path
+        return files
+
     def shards(self, path_of=feature_path) -> FeatureShards:
         return FeatureShards(self.features_dir, self.markers, path_of, f"{self.rerun}: it redoes that shard")
 
@@ -72,6 +82,27 @@ class FeatureSet:
         return {"features": self.name, "stage": self.stage, "content_key": self.content_key,
                 "dataset_fingerprint": self.dataset_fingerprint, "num_shards": len(self.markers),
                 "num_patches": self.num_patches}
+
+
+def refuse_repeated_content(sets: list[FeatureSet], role: str = "fit.features") -> None:
+    """Each set once: one folder under two spellings, a copy, or the same images extracted again
+    elsewhere (byte-identical files, whenever they were written) would weigh their patches twice.
+    Sets overlap where their content keys are equal, or where a patch file of one has the content of
+    one of another's (a partial copy)."""
+    fix = "list each set once, with its weight (a re-extracted copy of a set is the same set)"
+    for i, fs in enumerate(sets):
+        for other in sets[:i]:
+            if fs.features_dir.resolve() == other.features_dir.resolve():
+                raise FeatureSetError(f"{role} names the same features twice: {other.features_dir} and {fs.features_dir} are "
+                                      f"one folder: {fix}")
+            if fs.content_key == other.content_key:
+                raise FeatureSetError(f"{role} names the same features twice: {other.features_dir} and {fs.features_dir} "
+                                      f"have the same content (content key {fs.content_key}): {fix}")
+            shared = sorted(set(fs.patch_files()) & set(other.patch_files()))
+            if shared:
+                raise FeatureSetError(f"{role} names the same features twice: {other.patch_files()[shared[0]]} and "
+                                      f"{fs.patch_files()[shared[0]]} have the same content ({len(shared)} such files "
+                                      f"in {other.features_dir} and {fs.features_dir}): {fix}")
 
 
 def own_feature_set(features_dir: Path, markers: dict[str, dict], dataset_fingerprint: str) -> FeatureSet:

@@ -10,6 +10,7 @@ the sample, the centroids and the reduced counts; k-means++ and the sampled fais
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from core.clustering import (SEED_MINIBATCH, assign_clusters, assign_euclidean, 
                              fit_seed_minibatch, l2_normalize)
 from core.errors import UserError
 from core.fit_artifact import FitArtifact
+from core.imported_fit import read_centre_file
 from core.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
 from core.mapping import hungarian_mapping, majority_mapping
 from core.protocols import label_free_mapping, protocol_scores
@@ -32,7 +34,8 @@ from core.presets import protocol_steps
 from core.seed_postprocess import class_prototypes, normalized_rows
 from core.sampling import image_fold
 from ray_jobs.distributed_lloyd import distributed_lloyd
-from ray_jobs.feature_sets import FeatureSet, FeatureSetError, FeatureShards, open_feature_set, own_feature_set
+from ray_jobs.feature_sets import (FeatureSet, FeatureSetError, FeatureShards, open_feature_set, own_feature_set,
+                                  refuse_repeated_content)
 from ray_jobs.layout import Layout, settings_key
 from ray_jobs.shard_tasks import add_arrays, map_reduce_shards, sample_patches
 from ray_jobs.plans import Plan, StageIncomplete, check_plan, plan_conflict, refuse_conflicts, require_complete
@@ -80,12 +83,7 @@ def fit_feature_sets(cfg: RunConfig, extract: Plan, markers: dict[str, dict], da
         return own if path is None else open_feature_set(path, model, role)
 
     sources = [(named(s.path, "fit.features"), s) for s in cfg.fit.features]
-    for i, (fs, _) in enumerate(sources):
-        for other, _ in sources[:i]:
-            if fs.features_dir.resolve() == other.features_dir.resolve() or fs.content_key == other.content_key:
-                raise FeatureSetError(f"fit.features names the same features twice ({other.name!r} and {fs.name!r}: "
-                                      f"{'one folder' if fs.features_dir.resolve() == other.features_dir.resolve() else 'copies with the same content'}): "
-                                      "list each set once, with its weight")
+    refuse_repeated_content([fs for fs, _ in sources])
     mapping = named(cfg.fit.mapping_from, "fit.mapping_from")
     if mapping.num_patches and mapping.num_labelled_patches == 0:  # refused before k-means, not after it
         where = "this run's own features" if cfg.fit.mapping_from is None else f"fit.mapping_from={cfg.fit.mapping_from!r}"
@@ -346,6 +344,7 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
                       for (fs, s), n in zip(sources, sampled_rows)]
     mapped_record = mapping_set.record() | {"labelled_patches": int(counts[baseline].sum())}
 
+    patch_miou = protocol_steps(cfg.protocol).patch_miou  # how the patch-level mIoUs average the classes
     fits, summary = {}, {}
     for name in names:
         mapping = mappings[name]
@@ -368,7 +367,8 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
                   "fitted_on": fitted_records, "mapped_on": mapped_record},
         )
         summary[name] = {"k": len(mapping), "mapping_kind": fits[name].mapping_kind,
-                         "patch_level": protocol_scores(fold_counts[name], fold_mapping_counts[name], mapping, label_free, CLASS_NAMES),
+                         "patch_level": protocol_scores(fold_counts[name], fold_mapping_counts[name], mapping,
+                                                        label_free, CLASS_NAMES, patch_miou),
                          "clusters_without_labelled_patches": int((counts[name].sum(axis=1) == 0).sum()),
                          "fit_seconds": round(seconds[name], 3), "fitted_on": fitted_records, "mapped_on": mapped_record}
     if cfg.model.compare_backbone:
@@ -398,12 +398,16 @@ def backbone_comparison(cfg: RunConfig, layout: Layout, markers: dict[str, dict]
     seconds = time.perf_counter() - start
     counted = count_cluster_classes(shards, {name: centroids}, {name: raw} if raw is not None else {}, cfg)
     fold_counts, fold_mapping_counts = counted["counts"], counted["mapping_counts"]
+    if not fold_mapping_counts[name].any():  # the head's fits may be mapped on another set (fit.mapping_from)
+        raise FitError(f"model.compare_backbone scores the backbone's features on this run's labelled patches, and "
+                       f"{layout.features} has none (no ground truth): set model.compare_backbone=false")
     mapping = majority_mapping(fold_mapping_counts[name].sum(axis=0))
     log.info("fit: %s on %d backbone patch features of dimension %d in %.1f s", name, *sample.shape, seconds)
     return {"k": cfg.fit.k, "engine": fit_engine(cfg), "n_samples": int(sample.shape[0]),
             "head": {"feature_dim": HEAD_FEATURE_DIM, "patch_level": head["patch_level"]},
             "backbone": {"feature_dim": int(sample.shape[1]), "fit_seconds": round(seconds, 3),
-                         "patch_level": protocol_scores(fold_counts[name], fold_mapping_counts[name], mapping, None, CLASS_NAMES)}}
+                         "patch_level": protocol_scores(fold_counts[name], fold_mapping_counts[name], mapping, None,
+                                                        CLASS_NAMES, protocol_steps(cfg.protocol).patch_miou)}}
 
 
 FITS_MARKER = "_done.json"  # the fit stage's one marker: its plan, its inputs and every file it wrote
@@ -432,13 +436,103 @@ def _load_existing(fits_dir: Path, names: list[str], plan: Plan, inputs: str) ->
     return {n: FitArtifact.load(fits_dir / n) for n in names}
 
 
-def require_fits(cfg: RunConfig, plan: Plan, inputs: str, needed_by: str) -> tuple[dict[str, FitArtifact], dict]:
-    """The fits of this plan made from these features, unchanged since, and the fit summary; else
-    StageIncomplete saying to run fit."""
+def require_fits(cfg: RunConfig, plan: Plan, inputs: str, needed_by: str,
+                 with_imported: bool = True) -> tuple[dict[str, FitArtifact], dict]:
+    """The fits of this plan made from these features, unchanged since, then (`with_imported`) the
+    fits imported into the run (`import_fit`), each unchanged since, in `scored_fit_names` order, and
+    the fit summary (an imported fit's entry says where it came from); else StageIncomplete saying
+    what to run."""
     fits_dir = Layout(cfg.output_dir).fits
     refuse_conflicts([c] if (c := plan_conflict(fits_dir, plan)) else [])
     if problems := fits_marker_problems(fits_dir, plan, inputs):
         raise StageIncomplete(f"{needed_by} needs the fits in {fits_dir}, but {'; '.join(problems[:3])}: run "
                               f"`python submit.py fit` with this config (or `run`), then {needed_by} again")
     summary = json.loads((fits_dir / "fit_summary.json").read_text())
-    return {n: FitArtifact.load(fits_dir / n) for n in fit_names(cfg)}, summary
+    imported = imported_fits(fits_dir) if with_imported else {}
+    for name, record in imported.items():
+        if problems := marker_problems(fits_dir.parent, record, plan.key):
+            source = record["imported_from"]["file"]
+            raise StageIncomplete(f"{needed_by} needs the fit {fits_dir / name} imported from {source}, but "
+                                  f"{'; '.join(problems[:3])}: import that file under that name again (`python "
+                                  f"submit.py import-fit {source} --run {cfg.output_dir} --name {name}`), which writes "
+                                  "it anew")
+        summary[name] = {"k": record["k"], "mapping_kind": IMPORTED, "patch_level": None,
+                         "imported_from": record["imported_from"]}
+    return {n: FitArtifact.load(fits_dir / n) for n in scored_fit_names(cfg, imported)}, summary
+
+
+IMPORTED = "imported"  # an imported fit's mapping kind: the mapping came with its centres
+IMPORTED_FITS = "_imported.json"  # in fits/: per imported fit, its source and its files with sizes and checksums
+FIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+OWN_NAMES = re.compile(r"k\d+|baseline_.*|backbone_.*")  # the fit stage's names for its fits, with any settings
+
+
+def imported_fits(fits_dir: Path) -> dict[str, dict]:
+    """The fits imported into a run (`import_fit`), by name, in the order they were imported."""
+    path = Path(fits_dir) / IMPORTED_FITS
+    if not path.is_file():
+        return {}
+    try:
+        imported = dict(json.loads(path.read_text()))
+        if all(FIT_NAME.fullmatch(name) and isinstance(record, dict) for name, record in imported.items()):
+            return imported
+    except (ValueError, TypeError):
+        pass
+    raise StageIncomplete(f"{path} is damaged: delete it and the fit folders it named, then import those fits again "
+                          "(`python submit.py import-fit`)")
+
+
+def scored_fit_names(cfg: RunConfig, imported: dict[str, dict]) -> list[str]:
+    """The fits the label stage labels and the report scores: the main fit, the sweep, the imported
+    fits, the baseline (last)."""
+    names = fit_names(cfg)
+    return [*names[:-1], *imported, names[-1]]
+
+
+def fit_pixel_stride(cfg: RunConfig, name: str) -> int:
+    """The pixel stride a fit's labels are scored at: `label.sweep_pixel_stride` for the sweep's extra
+    fits (their labels are never written), every pixel for the main fit, the baseline and imported fits."""
+    return cfg.label.sweep_pixel_stride if name in fit_names(cfg)[1:-1] else 1
+
+
+def import_fit(cfg: RunConfig, plan: Plan, extract: Plan, model: str, fits: dict[str, FitArtifact], source: Path,
+               name: str, keys: tuple[str, str]) -> Path:
+    """Write the centres and mapping of another tool's .npz (`core.imported_fit`) as the fit
+    `fits/<name>` of this run, whose fit stage is complete (`fits`: its own fits). The fit is this run's
+    model's (its identity, as the run's own fits record it: the dimension is what can be checked) and
+    of the fit stage's plan; `fits/_imported.json` records it with its source's SHA-256 and its files.
+    The same file imported under the same name again does nothing, or writes the fit anew where its
+    files changed since."""
+    fits_dir = Layout(cfg.output_dir).fits
+    imported = imported_fits(fits_dir)
+    if not FIT_NAME.fullmatch(name) or OWN_NAMES.fullmatch(name):
+        raise FitError(f"--name {name!r}: name the imported fit with letters, digits, '.', '_' or '-' (starting with a "
+                       "letter or digit, at most 64), other than the names the fit stage gives (k<k>, baseline_*, "
+                       "backbone_*), e.g. --name seed_k300")
+    main = fits[fit_names(cfg)[0]]
+    centres = read_centre_file(source, main.feature_dim, keys)
+    same = [n for n, r in imported.items() if n != name and (r["imported_from"]["sha256"], r["imported_from"]["keys"])
+            == (centres.record["sha256"], centres.record["keys"])]
+    if same:
+        raise FitError(f"{source} holds the same centres as the fit {fits_dir / same[0]}, imported from "
+                       f"{imported[same[0]]['imported_from']['file']}: use that fit")
+    if name in imported:
+        if imported[name]["imported_from"] != centres.record:
+            raise FitError(f"--name {name!r}: {fits_dir / name} exists already (imported from "
+                           f"{imported[name]['imported_from']['file']}): choose another --name")
+        if not marker_problems(fits_dir.parent, imported[name], plan.key):
+            log.info("import-fit: %s was imported from %s already (same SHA-256 and keys): nothing to do", name, source)
+            return fits_dir / name
+        log.warning("import-fit: the files of %s changed since it was imported; writing it anew", fits_dir / name)
+    elif name in fits or (fits_dir / name).exists():  # e.g. fit_summary.json, which the fit's folder would replace
+        raise FitError(f"--name {name!r}: {fits_dir / name} exists already "
+                       f"({'a fit of this run' if name in fits else 'not a fit'}): choose another --name")
+    artifact = FitArtifact(centroids=centres.centroids, mapping=centres.mapping, mapping_kind=IMPORTED, meta={
+        "name": name, "k": len(centres.mapping), "plan_key": plan.key, "model_identity": extract.settings["model"],
+        "feature_kind": cfg.model.feature_kind, "feature_dim": main.feature_dim, "model": model,
+        "protocol": cfg.protocol, "imported_from": centres.record})
+    artifact.save(fits_dir / name)
+    imported[name] = {"plan_key": plan.key, "k": artifact.k, "imported_from": centres.record,
+                      "outputs": output_records(fits_dir.parent, sorted((fits_dir / name).iterdir()))}
+    write_json_atomic(imported, fits_dir / IMPORTED_FITS)
+    return fits_dir / name

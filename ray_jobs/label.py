@@ -13,7 +13,7 @@ from actors.label import LabelImages, label_fits, panoptic_rules
 from actors.score import ScoreSpec, finish_scores, score_image
 from configs.schema import RunConfig
 from core.fit_artifact import FitArtifact
-from ray_jobs.fit import fit_names
+from ray_jobs.fit import fit_pixel_stride
 from ray_jobs.layout import Layout, settings_key
 from ray_jobs.plans import Plan
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, task_args
@@ -38,16 +38,15 @@ def label_shards(cfg: RunConfig, records: list[ImageRecord], features: dict[str,
 
 def run_label(cfg: RunConfig, records: list[ImageRecord], plan: Plan, features: dict[str, dict],
               fits: dict[str, FitArtifact], human: np.ndarray | None = None) -> dict[str, dict]:
-    """`features`: the complete extract stage's markers; `fits`: the fit stage's (`require_fits`);
+    """`features`: the complete extract stage's markers; `fits`: the fit stage's and the imported ones, in
+    their order (`require_fits`);
     `human`: a person's mapping of the main fit, which its written labels then use."""
     layout = Layout(cfg.output_dir)
-    names = fit_names(cfg)
-    mappings = {n: fits[n].mapping for n in names} | ({} if human is None else {names[0]: human})
-    fits_ref = ray.put([{"name": n, "centroids": fits[n].centroids, "mapping": mappings[n],
-                         "prototypes": fits[n].extra_arrays.get("class_prototypes")} for n in names])
+    broadcast = broadcast_fits(cfg, fits, human)
+    fits_ref = ray.put(broadcast)
     config = cfg.model_dump(mode="json")
     shards = label_shards(cfg, records, features)
-    spec = score_spec(cfg, [{"name": n, "centroids": fits[n].centroids, "mapping": mappings[n]} for n in names])
+    spec = score_spec(cfg, broadcast)
 
     def build(ds: Dataset) -> Dataset:
         ds = ds.flat_map(image_features, fn_kwargs={"config": config, "features_dir": str(layout.features)},
@@ -66,10 +65,19 @@ def run_label(cfg: RunConfig, records: list[ImageRecord], plan: Plan, features: 
                             inputs=label_inputs(features, fits, human))
 
 
+def broadcast_fits(cfg: RunConfig, fits: dict[str, FitArtifact], human: np.ndarray | None = None) -> list[dict]:
+    """What the label step gets of each fit, in `require_fits`' order (main, sweep, imported, baseline):
+    centroids, mapping (the main fit's by `human` where given), pixel stride, class prototypes."""
+    names = list(fits)
+    mappings = {n: fits[n].mapping for n in names} | ({} if human is None else {names[0]: human})
+    return [{"name": n, "centroids": fits[n].centroids, "mapping": mappings[n], "stride": fit_pixel_stride(cfg, n),
+             "prototypes": fits[n].extra_arrays.get("class_prototypes")} for n in names]
+
+
 def score_spec(cfg: RunConfig, fits: list[dict]) -> ScoreSpec:
     """The scoring step's parameters: the run's evaluators and each fit's k and pixel stride."""
     inference = cfg.inference
     return ScoreSpec(evaluators=cfg.evaluators, sensitivity=cfg.report.sensitivity,
-                     fits=tuple((f.name, len(f.mapping), f.stride) for f in label_fits(cfg, fits)),
+                     fits=tuple((f.name, len(f.mapping), f.stride) for f in label_fits(fits)),
                      num_folds=cfg.fit.heldout_folds, fold_seed=cfg.seed, rules=panoptic_rules(cfg),
                      cause_view=(inference.short_side, inference.crop))

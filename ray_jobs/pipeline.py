@@ -4,6 +4,7 @@ stages before it left in output_dir, only when that is complete and made with th
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,10 +15,13 @@ import yaml
 from actors.geometry import refuse_limits_no_image_meets
 from configs.schema import RunConfig, recorded_config
 from core.human_mapping import load_human_mapping
+from core.labels import NUM_CLASSES
+from core.metrics import miou_rule_text
 from ray_jobs.atlas import run_atlas
 from ray_jobs.extract import run_extract
 from ray_jobs.feature_sets import FeatureShards, own_feature_set
-from ray_jobs.fit import extracted_model, fit_names, recorded_fit_inputs, require_fits, run_fit
+from ray_jobs.fit import (FITS_MARKER, extracted_model, fit_names, import_fit, recorded_fit_inputs, require_fits,
+                          run_fit)
 from ray_jobs.label import label_inputs, label_shards, run_label
 from ray_jobs.layout import Layout
 from ray_jobs.plans import (StageIncomplete, extract_plan, fit_plan, label_plan, model_identity, plan_conflict,
@@ -27,7 +31,7 @@ from ray_jobs.session import check_schedulable, init_ray
 from ray_jobs.streaming import stage_summary, write_failed_items
 from storage.datasets import ImageRecord, list_dataset
 from storage.lock import OutputLock, command_line
-from storage.shards import dataset_fingerprint, plan_shards, write_json_atomic, write_text_atomic
+from storage.shards import DONE_DIR, dataset_fingerprint, plan_shards, write_json_atomic, write_text_atomic
 from storage.synth import generate_demo_dataset
 
 log = logging.getLogger(__name__)
@@ -107,33 +111,48 @@ class Pipeline:
         if (recorded_plan(self.layout.scores) or {}).get("inputs") != label_inputs(features, fits, human):
             raise StageIncomplete(f"the label results in {self.layout.scores} were made from other features or fits than "
                                   "those there now: run `python submit.py label` with this config, then report again")
+        ground_truth = {r.image_id for r in self.records if r.label_ids_path}
         report = run_report(self.cfg, features, scores, fits, fit_summary,
-                            {"model": extracted_model(features), "fingerprint": self.fingerprint}, self._timing(), human)
+                            {"model": extracted_model(features), "fingerprint": self.fingerprint,
+                             "ground_truth_ids": ground_truth}, self._timing(), human)
         log.info("report written to %s", self.cfg.output_dir / "report.md")
         main = report["fits"][fit_names(self.cfg)[0]]
-        print(f"\nk={main['k']}: pixel mIoU {_percent(main['pixel_level']['same_set']['miou'])}, "
-              f"patch mIoU {_percent(main['patch_level']['same_set']['miou'])} -> {self.cfg.output_dir / 'report.md'}")
+        pixel = (_percent(main["pixel_level"]["same_set"]["miou"]) if report["dataset"]["scored_pixels"]
+                 else "not measured (no image here has ground truth)")
+        patch = main["patch_level"]["same_set"]
+        print(f"\nk={main['k']}: pixel mIoU {pixel}, patch mIoU {_percent(patch['miou'])} "
+              f"({miou_rule_text(patch.get('miou_rule', 'present'), NUM_CLASSES)}) -> "
+              f"{self.cfg.output_dir / 'report.md'}")
 
-    def stage_atlas(self) -> None:
-        if self.cfg.atlas.enabled:
-            self.atlas(fit_names(self.cfg)[0], self.layout.root / "atlas")
+    def stage_atlas(self) -> str | None:
+        if not self.cfg.atlas.enabled:
+            return "atlas.enabled is false"
+        self.atlas(fit_names(self.cfg)[0], self.layout.root / "atlas")
+        return None
 
     def atlas(self, fit_name: str, out_dir: Path) -> Path:
         """The cluster atlas of one of this run's fits (current with its features), in out_dir."""
         features = self._features("the atlas")
-        names = fit_names(self.cfg)
-        if fit_name not in names:
-            raise StageIncomplete(f"{self.layout.fits / fit_name} is not one of this run's fits ({', '.join(names)})")
-        self._fits(features, "the atlas")
-        return run_atlas(self.cfg, self.layout.fits / fit_name, self.layout.fits / names[-1],
+        fits = self._fits(features, "the atlas")[0]
+        if fit_name not in fits:
+            raise StageIncomplete(f"{self.layout.fits / fit_name} is not one of this run's fits ({', '.join(fits)})")
+        return run_atlas(self.cfg, self.layout.fits / fit_name, self.layout.fits / fit_names(self.cfg)[-1],
                          FeatureShards(self.layout.features, features), self.records, out_dir)
+
+    def import_fit(self, source: Path, name: str, keys: tuple[str, str]) -> Path:
+        """Another tool's centres and mapping (an .npz) as the fit `fits/<name>` of this run, whose
+        extract and fit stages are complete (`fit.import_fit`); the label stage labels it next."""
+        features = self._features("import-fit")
+        fits = self._fits(features, "import-fit", with_imported=False)[0]
+        return import_fit(self.cfg, self.plans["fit"], self.plans["extract"], extracted_model(features), fits,
+                          source, name, keys)
 
     def _features(self, needed_by: str) -> dict[str, dict]:
         return require_complete(self.layout.features, self.plans["extract"], self.shard_names, needed_by)
 
-    def _fits(self, features: dict[str, dict], needed_by: str) -> tuple[dict, dict]:
+    def _fits(self, features: dict[str, dict], needed_by: str, with_imported: bool = True) -> tuple[dict, dict]:
         inputs = recorded_fit_inputs(self.cfg, own_feature_set(self.layout.features, features, self.fingerprint))
-        return require_fits(self.cfg, self.plans["fit"], inputs, needed_by)
+        return require_fits(self.cfg, self.plans["fit"], inputs, needed_by, with_imported)
 
     def _human_mapping(self, fits: dict) -> np.ndarray | None:
         """label.human_mapping for the main fit, checked against it (None where unset)."""
@@ -143,20 +162,58 @@ class Pipeline:
         return load_human_mapping(Path(self.cfg.label.human_mapping), fits[main], self.layout.fits / main)
 
     def _timing(self) -> dict:
+        """timing.json: per stage, its last run's {"seconds", "did_work", and for the shard stages
+        "shards_done" of "shards"}; a stage that did nothing says why ("skipped")."""
         path = self.cfg.output_dir / "timing.json"
         try:
-            return json.loads(path.read_text()) if path.exists() else {}
+            timing = json.loads(path.read_text()) if path.exists() else {}
         except ValueError:  # informational only: a damaged file is started afresh
             log.warning("%s is damaged; the stage timings start afresh", path)
             return {}
+        # entries of another form (an older version's bare seconds, damaged ones) say nothing of the work done: left out
+        return {stage: t for stage, t in (timing.items() if isinstance(timing, dict) else []) if _timing_entry(t)}
 
-    def _timed(self, stage: str, fn: Callable[[], None]) -> None:
+    def _written_markers(self, stage: str) -> dict[Path, tuple[int, int]]:
+        """The files a stage (re)writes when, and only when, it does work -> (inode, mtime): its
+        shard markers, the fit stage's one marker, the atlas page."""
+        paths = {"extract": sorted((self.layout.features / DONE_DIR).glob("shard-*.json")),
+                 "label": sorted((self.layout.scores / DONE_DIR).glob("shard-*.json")),
+                 "fit": [self.layout.fits / FITS_MARKER], "atlas": [self.layout.root / "atlas" / "index.html"]}[stage]
+        return {p: (st.st_ino, st.st_mtime_ns) for p in paths if (st := _stat(p)) is not None}
+
+    def _timed(self, stage: str, fn: Callable[[], str | None]) -> None:
+        """Run a stage and record in timing.json what it did (the report's wall-time line): the
+        seconds, whether it wrote anything (a resumed run skips done work), and how many shards."""
+        if stage == "report":  # the report is written by the stage itself, before it could be timed
+            fn()
+            return
+        before = self._written_markers(stage)
         start = time.perf_counter()
-        fn()
-        if stage != "report":
-            timing = self._timing()
-            timing[stage] = round(time.perf_counter() - start, 2)
-            write_json_atomic(timing, self.cfg.output_dir / "timing.json")
+        skipped = fn()
+        seconds = round(time.perf_counter() - start, 2)
+        written = {p for p, stamp in self._written_markers(stage).items() if before.get(p) != stamp}
+        entry = {"seconds": seconds, "did_work": bool(written)}
+        if stage in ("extract", "label"):
+            entry |= {"shards_done": len(written), "shards": len(self.shard_names)}
+        if not written:
+            entry["skipped"] = skipped or "done in an earlier run"
+        timing = self._timing()
+        timing[stage] = entry
+        write_json_atomic(timing, self.cfg.output_dir / "timing.json")
+
+
+def _timing_entry(entry) -> bool:
+    """Whether a timing.json entry has the form `Pipeline._timed` writes."""
+    return (isinstance(entry, dict) and isinstance(entry.get("did_work"), bool)
+            and isinstance(entry.get("seconds"), (int, float)) and isinstance(entry.get("skipped", ""), str)
+            and all(isinstance(entry.get(n, 0), int) for n in ("shards_done", "shards")))
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
 
 
 def _percent(value: float | None) -> str:

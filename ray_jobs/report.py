@@ -22,8 +22,8 @@ from core.protocols import confusion_from_cluster_counts, few_shot_scores, proto
 from core.report import PROTOCOL_TITLES, missed_classes, render_markdown
 from actors.label import label_request, label_variants
 from actors.score import build_evaluators
-from ray_jobs.fit import BACKBONE_COMPARISON, fit_names
-from ray_jobs.label import score_spec
+from ray_jobs.fit import BACKBONE_COMPARISON, IMPORTED, fit_pixel_stride
+from ray_jobs.label import broadcast_fits, score_spec
 from ray_jobs.layout import Layout
 from ray_jobs.streaming import write_failed_items
 from storage.cityscapes_outputs import write_panoptic_json
@@ -105,14 +105,15 @@ def overlay_rows(labels_dir: Path, overlay_ids: list[str]) -> tuple[list[tuple],
 
 def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifacts: dict[str, FitArtifact],
                fit_summary: dict, meta: dict, timing: dict, human: np.ndarray | None = None) -> dict:
-    """`human`: a person's mapping of the main fit (`label.human_mapping`), scored as its own protocol."""
+    """`human`: a person's mapping of the main fit (`label.human_mapping`), scored as its own protocol.
+    `meta`: the model's description, the dataset's fingerprint and the ids of its images that have
+    ground truth ("ground_truth_ids")."""
     layout = Layout(cfg.output_dir)
-    names = fit_names(cfg)
+    names = list(fit_artifacts)  # main, sweep, imported, baseline (`fit.require_fits`)
     main, baseline = names[0], names[-1]
     totals, num_images = sum_scores(layout.scores, label_done)
-    spec = score_spec(cfg, [{"name": n, "centroids": fit_artifacts[n].centroids, "mapping": fit_artifacts[n].mapping}
-                            for n in names])
-    results = {e.name: e.evaluate(totals) for e in build_evaluators(spec)}
+    results = {e.name: e.evaluate(totals) for e in build_evaluators(score_spec(cfg, broadcast_fits(cfg, fit_artifacts)))}
+    labelled_ids = {i for marker in label_done.values() for i in marker["image_ids"]}
     failed = write_failed_items(cfg.output_dir, extract_done, label_done)
     # an image that failed in extract usually fails again in label: count each image once
     failed_ids = sorted({f["image_id"] for f in failed})
@@ -123,17 +124,21 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
         counts = totals.get(f"official/clusters/{name}{FOLD_SUFFIX}",  # none where no image was labelled
                             np.zeros((cfg.fit.heldout_folds, art.k, len(CLASS_NAMES)), np.int64))
         purity = cluster_purity(counts.sum(axis=0))
-        fits[name] = {**fit_summary[name],
-                      "pixel_level": protocol_scores(counts, art.extra_arrays["mapping_counts"], art.mapping,
-                                                     art.extra_arrays.get("label_free_mapping"), CLASS_NAMES),
+        if "mapping_counts" in art.extra_arrays:
+            pixel_level = protocol_scores(counts, art.extra_arrays["mapping_counts"], art.mapping,
+                                          art.extra_arrays.get("label_free_mapping"), CLASS_NAMES)
+        else:  # an imported fit: the mapping it came with, and no labelled patches to make another from
+            pixel_level = {"same_set": semantic_scores(confusion_from_cluster_counts(counts.sum(axis=0), art.mapping),
+                                                       CLASS_NAMES)}
+        fits[name] = {**fit_summary[name], "pixel_level": pixel_level,
                       # which pixels its pixel-level numbers count (label.sweep_pixel_stride for the sweep's extra fits)
-                      "pixel_stride": 1 if name in (main, baseline) else cfg.label.sweep_pixel_stride,
+                      "pixel_stride": fit_pixel_stride(cfg, name),
                       "dead_centroids": dead_centroid_summary(totals.get(f"label/wins/{name}", np.zeros(art.k, np.int64)))["dead"],
                       "weighted_purity": None if np.isnan(purity["weighted_purity"]) else float(purity["weighted_purity"])}
         if name == main and human is not None:
             fits[name]["pixel_level"]["human"] = semantic_scores(confusion_from_cluster_counts(counts.sum(axis=0), human),
                                                                  CLASS_NAMES)
-        if name != baseline:
+        if name != baseline and "mapping_counts" in art.extra_arrays:
             fits[name]["pixel_level"]["few_shot"] = few_shot_scores(counts, art.extra_arrays["mapping_counts"],
                                                                     cfg.report.few_shot, cfg.report.few_shot_draws,
                                                                     cfg.seed, CLASS_NAMES)
@@ -155,19 +160,23 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
                   baseline: absorption_table(totals[f"official/confusion/variant/{baseline}"], CLASS_NAMES)} if variants else {}
     sensitivity = (protocol_sensitivity(cfg, results, names, {n: fits[n]["pixel_stride"] for n in names})
                    if cfg.report.sensitivity and num_images else None)
-    figures = _figures(cfg, layout, fits, names, variants, main_conf)
+    # what was measured against ground truth: the pixels of a class under the main fit's labels
+    scored_pixels = int(totals[f"official/clusters/{main}{FOLD_SUFFIX}"].sum()) if num_images else 0
+    figures = _figures(cfg, layout, fits, names, variants, main_conf, scored=scored_pixels > 0)
     panoptic_json = merge_panoptic_annotations(layout.scores, label_done, layout.labels, cfg.dataset.split, LABEL_FIX)
     report = {
         "run_name": cfg.run_name, "model": meta["model"], "feature_kind": cfg.model.feature_kind,
         "dataset": {"kind": cfg.dataset.kind, "root": str(cfg.dataset.root), "split": cfg.dataset.split,
-                    "num_images": num_images, "num_failed": len(failed_ids), "fingerprint": meta["fingerprint"]},
+                    "num_images": num_images, "num_failed": len(failed_ids),
+                    "fingerprint": meta["fingerprint"], "scored_pixels": scored_pixels,
+                    "num_with_ground_truth": len(labelled_ids & meta["ground_truth_ids"])},
         "protocol": cfg.protocol, "evaluators": list(cfg.evaluators), "timing": timing, "fits": fits,
         "baseline_missed": baseline_missed,
         "variants": variants, "protocol_sensitivity": sensitivity,
         "cause_protocol": cause_rows(results) if not cfg.report.sensitivity else None,
         "backbone_comparison": fit_summary.get(BACKBONE_COMPARISON),
         "written_variant": cfg.refine.write_variant, "absorption": absorption, "figures": figures,
-        "outputs": {"labels": str(layout.labels.relative_to(cfg.output_dir)),
+        "outputs": {"labels": str(layout.labels.relative_to(cfg.output_dir)) if cfg.label.write_label_pngs else None,
                     "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir)),
                     "atlas": "atlas/index.html" if cfg.atlas.enabled else None},  # the atlas stage writes it next
         "failed_items": failed,
@@ -177,14 +186,20 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
     return report
 
 
-def _figures(cfg: RunConfig, layout: Layout, fits: dict, names: list[str], variants: dict, main_conf) -> dict[str, str]:
+def _figures(cfg: RunConfig, layout: Layout, fits: dict, names: list[str], variants: dict, main_conf,
+             scored: bool) -> dict[str, str]:
+    """The report's figures; those of scores (every one but the overlays) only where something was scored."""
     main, baseline = names[0], names[-1]
     figures = {}
 
     def rel(path: Path) -> str:
         return str(path.relative_to(cfg.output_dir))
 
-    sweep = sorted((n for n in names if n != baseline), key=lambda n: fits[n]["k"])
+    if not scored:
+        return figures
+
+    own = [n for n in names if n != baseline and fits[n]["mapping_kind"] != IMPORTED]  # with every mapping protocol
+    sweep = sorted(own, key=lambda n: fits[n]["k"])
     series = {f"pixel, {PROTOCOL_TITLES[p]}": [fits[n]["pixel_level"][p]["miou"] for n in sweep]
               for p in PROTOCOL_TITLES if all(p in fits[n]["pixel_level"] for n in sweep)}
     path = layout.figures / "miou_vs_k.png"

@@ -263,9 +263,12 @@ def read_verified_npz(root: Path, marker: dict, path: Path, fix: str) -> dict[st
 
 
 def content_key(markers: dict[str, dict]) -> str:
-    """A stage's results as a short hash of its markers' file checksums: what a later stage was made from."""
-    return hashlib.sha256(json.dumps({s: m.get("outputs") for s, m in sorted(markers.items())}, sort_keys=True)
-                          .encode()).hexdigest()[:16]
+    """A stage's results as a short hash of their content: every file its markers list (path relative to
+    the output dir, size, SHA-256), never when it was written (`mtime_ns`, `images_written_at`), so
+    byte-identical results written again, or copied, have the same key. What a later stage was made from."""
+    files = {shard: {rel: [record["bytes"], record["sha256"]] for rel, record in (marker.get("outputs") or {}).items()}
+             for shard, marker in markers.items()}
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def marker_path(stage_dir: Path, shard: str) -> Path:

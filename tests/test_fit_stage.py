@@ -22,6 +22,11 @@ D = 8
 def write_shards(cfg, num_images=6, seed=0):
     """Two well-separated feature blobs per class (3 classes) on a 4x4 patch grid per image, as a
     finished extract stage -> run_fit's arguments."""
+    return write_extracted(cfg, labelled_tables(num_images, seed))
+
+
+def labelled_tables(num_images=6, seed=0):
+    """`write_shards`' two shards of patch rows."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(6, D)) * 5
     tables = []
@@ -33,7 +38,7 @@ def write_shards(cfg, num_images=6, seed=0):
             labels.append((which // 2).astype(np.uint8))
             ids.append(f"img{shard}_{i}")
         tables.append(patch_table(ids, feats, labels, patch_schema(D, "float32"), [(56, 56)] * len(ids)))
-    return write_extracted(cfg, tables)
+    return tables
 
 
 def config(out, **fit):
@@ -135,15 +140,19 @@ def test_seed_protocol_without_ground_truth_says_so(tmp_path):
 
 def write_unlabelled(out, num_images=10, seed=1):
     """The same six blobs, no ground truth (labels 255): a finished extract stage in `out`."""
+    cfg = config(out, heldout_folds=1)
+    return cfg, write_extracted(cfg, [unlabelled_table(num_images, seed)])
+
+
+def unlabelled_table(num_images=10, seed=1):
+    """`write_unlabelled`'s one shard of patch rows."""
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(6, D)) * 5  # write_shards' centres (same generator, drawn first)
     rng = np.random.default_rng(seed)
     ids, feats = [f"frame{i:03d}" for i in range(num_images)], []
     for _ in ids:
         feats.append((centres[rng.integers(0, 6, size=(4, 4))] + rng.normal(size=(4, 4, D)) * 0.1).transpose(2, 0, 1))
-    table = patch_table(ids, feats, [np.full((4, 4), 255, np.uint8)] * len(ids), patch_schema(D, "float32"), [(56, 56)] * len(ids))
-    cfg = config(out, heldout_folds=1)
-    return cfg, write_extracted(cfg, [table])
+    return patch_table(ids, feats, [np.full((4, 4), 255, np.uint8)] * len(ids), patch_schema(D, "float32"), [(56, 56)] * len(ids))
 
 
 def test_fit_on_an_unlabelled_set_map_on_the_labelled_run(tmp_path):
@@ -234,7 +243,7 @@ def test_one_set_named_twice_a_histograms_folder_and_nan_features_are_refused(tm
             run_fit(config(tmp_path / "run", features=[{"path": frames}, {"path": spelling}]), *args)
     import shutil
     shutil.copytree(tmp_path / "frames", tmp_path / "copy")
-    with pytest.raises(FeatureSetError, match="copies with the same content"):
+    with pytest.raises(FeatureSetError, match=f"{tmp_path}/frames/features and {tmp_path}/copy/features have the same content"):
         run_fit(config(tmp_path / "run", features=[{"path": frames}, {"path": str(tmp_path / "copy")}]), *args)
     (tmp_path / "copy" / "features").rename(tmp_path / "copy" / "histograms")  # e.g. an apply's histograms/
     with pytest.raises(FeatureSetError, match="not patch features.*kept under that name"):
@@ -303,3 +312,73 @@ def test_lloyd_on_gpus_the_cluster_lacks_is_refused_before_it_waits(tmp_path):
     cfg = config(tmp_path, lloyd_iterations=1, lloyd_assign="torch", lloyd_gpus_per_task=0.5)
     with pytest.raises(FitError, match="no node of this Ray cluster has a GPU: set it to 0"):
         run_fit(cfg, *write_shards(cfg))
+
+
+def test_content_keys_come_from_content_not_from_when_it_was_written(tmp_path):
+    """Features written again with the same bytes (new markers, new modification times) are the same
+    content: the fits stay current, and a re-extracted copy listed beside its original is refused
+    naming both; other bytes make the fits stale, and they are refitted."""
+    cfg = config(tmp_path / "run")
+    run_fit(cfg, *write_shards(cfg))
+    fits_marker = tmp_path / "run" / "fits" / "_done.json"
+    written = fits_marker.read_bytes()
+    before = read_done(tmp_path / "run" / "features")
+    for path in (tmp_path / "run" / "features").glob("shard-*.parquet"):
+        path.unlink()
+    args = write_shards(cfg)  # extracted again: the same bytes, every marker rewritten with new mtimes
+    after = read_done(tmp_path / "run" / "features")
+    assert [m["outputs"] for m in after.values()] != [m["outputs"] for m in before.values()]
+    run_fit(cfg, *args)
+    assert fits_marker.read_bytes() == written  # reused, not refitted
+
+    write_unlabelled(tmp_path / "frames")
+    write_unlabelled(tmp_path / "again")  # the same frames extracted again into another output_dir
+    both = config(tmp_path / "run", features=[{"path": str(tmp_path / "frames")}, {"path": str(tmp_path / "again")}])
+    with pytest.raises(FeatureSetError, match=f"names the same features twice: {tmp_path}/frames/features and "
+                                              f"{tmp_path}/again/features have the same content"):
+        run_fit(both, *args)
+    # a set sharing one shard's patches with another (a partial copy) is refused naming both files
+    write_extracted(config(tmp_path / "more", heldout_folds=1), [unlabelled_table(seed=5), labelled_tables()[1]])
+    overlap = config(tmp_path / "run", features=[{"path": None}, {"path": str(tmp_path / "more")}])
+    with pytest.raises(FeatureSetError, match=f"{tmp_path}/run/features/shard-00001.parquet and "
+                                              f"{tmp_path}/more/features/shard-00001.parquet have the same content"):
+        run_fit(overlap, *args)
+
+    for path in (tmp_path / "run" / "features").glob("shard-*.parquet"):
+        path.unlink()
+    run_fit(cfg, *write_shards(cfg, seed=1))  # the same images, other features
+    assert fits_marker.read_bytes() != written  # refitted
+
+
+@pytest.mark.parametrize("protocol, rule", [("official", "present"), ("seed", "all")])
+def test_patch_level_miou_follows_the_protocols_rule(tmp_path, protocol, rule):
+    """Under protocol=seed the patch-level mIoU is the seed's: all 19 classes, an absent one counting 0
+    (its overclustering_cause.py); otherwise the classes present. The summary records the rule."""
+    cfg = parse_config({"output_dir": str(tmp_path), "seed": 0, "protocol": protocol,
+                        "fit": {"k": 6, "k_sweep": [3], "n_iter": 10, "max_patches_per_image": 16, "heldout_folds": 3}},
+                       "test")
+    run_fit(cfg, *write_shards(cfg))
+    summary = json.loads((tmp_path / "fits" / "fit_summary.json").read_text())
+    assert sum(v is not None for v in summary["k6"]["patch_level"]["same_set"]["per_class_iou"].values()) == 3
+    for name in ("k6", "k3", "baseline_k19"):  # (the baseline maps a cluster to each of the 19: all present)
+        for protocol_name, scores in summary[name]["patch_level"].items():
+            present = [v for v in scores["per_class_iou"].values() if v is not None]
+            assert scores["miou_rule"] == rule, (name, protocol_name)
+            assert scores["miou"] == pytest.approx(sum(present) / (len(present) if rule == "present" else 19))
+
+
+def test_compare_backbone_on_features_without_ground_truth_is_refused_with_the_fix(tmp_path):
+    """The backbone comparison maps on this run's own patches; the run's fits may be mapped on another set."""
+    import shutil
+    from ray_jobs.fit import backbone_comparison
+    from ray_jobs.layout import Layout
+    from storage.shards import backbone_path, mark_done, output_records
+    cfg, _ = write_unlabelled(tmp_path)
+    features = tmp_path / "features"
+    marker = read_done(features)["shard-00000"]
+    backbone = backbone_path(features, "shard-00000")
+    backbone.parent.mkdir()
+    shutil.copy(features / "shard-00000.parquet", backbone)  # the backbone's tokens: as unlabelled as the head's
+    mark_done(features, "shard-00000", {**marker, "outputs": {**marker["outputs"], **output_records(tmp_path, [backbone])}})
+    with pytest.raises(FitError, match="has none \\(no ground truth\\): set model.compare_backbone=false"):
+        backbone_comparison(cfg, Layout(tmp_path), read_done(features), {"patch_level": {}})

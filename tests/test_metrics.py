@@ -50,8 +50,19 @@ def test_empty_confusion_is_nan_without_warnings_and_json_safe():
         warnings.simplefilter("error")
         assert np.isnan(mean_iou(empty)) and np.isnan(pixel_accuracy(empty))
         scores = semantic_scores(empty, ["a", "b", "c"])
-    assert scores == {"miou": None, "pixel_accuracy": None, "per_class_iou": {"a": None, "b": None, "c": None},
-                      "num_pixels": 0}
+    assert scores == {"miou": None, "miou_rule": "present", "pixel_accuracy": None,
+                      "per_class_iou": {"a": None, "b": None, "c": None}, "num_pixels": 0}
+    assert semantic_scores(empty, ["a", "b", "c"], "all")["miou"] is None  # nothing scored is not 0
+
+
+def test_the_seeds_rule_averages_every_class_an_absent_one_counting_zero():
+    # class 3 is in neither ground truth nor prediction: left out of "present", 0 in "all"
+    assert mean_iou(CONF, "all") == pytest.approx((0.5 + 0.5 + 2 / 3 + 0) / 4)
+    scores = semantic_scores(CONF, ["road", "sidewalk", "building", "wall"], "all")
+    assert scores["miou"] == pytest.approx(5 / 12) and scores["miou_rule"] == "all"
+    assert scores["per_class_iou"]["wall"] is None  # the class's own IoU stays undefined
+    with pytest.raises(ValueError, match="unknown mIoU rule 'any'"):
+        mean_iou(CONF, "any")
 
 
 def test_semantic_scores():

@@ -148,6 +148,10 @@ def test_seed_protocol_runs_the_seeds_steps_and_refuses_a_switch_of_protocol(ray
     meta = json.loads((cfg.output_dir / "fits" / "k24" / "meta.json").read_text())["meta"]
     assert meta["protocol"] == "seed" and "MiniBatchKMeans" in meta["engine"]
     assert "**resized, NEAREST up** | **seed**" in (cfg.output_dir / "report.md").read_text()
+    # the seed's patch-level mIoU: all 19 classes, an absent one 0; the k sweep says so under its table
+    assert report["fits"]["k24"]["patch_level"]["same_set"]["miou_rule"] == "all"
+    assert ("*patch mIoU*: mean over all 19 classes, an absent class counting 0 (the seed's rule)."
+            in (cfg.output_dir / "report.md").read_text())
     k8 = report["protocol_sensitivity"]["fits"]["k8"]
     assert k8["full/official"]["pixel_stride"] == 2 and k8["full/official"]["panoptic"] is None and "full/seed" not in k8
     assert k8["resized/seed"]["panoptic"]["pq"] is not None
@@ -178,7 +182,10 @@ def test_head_and_backbone_features_are_fitted_in_one_run_and_compared(ray_clust
     assert comparison["head"]["patch_level"] == report["fits"]["k24"]["patch_level"]
     assert (comparison["head"]["feature_dim"], comparison["backbone"]["feature_dim"]) == (90, 32)
     assert 0 < comparison["backbone"]["patch_level"]["same_set"]["miou"] < 1
-    assert "## Head vs backbone features (patch level, k = 24)" in (cfg.output_dir / "report.md").read_text()
+    text = (cfg.output_dir / "report.md").read_text()
+    assert "## Head vs backbone features (patch level, k = 24)" in text
+    assert text.count("*patch mIoU*: mean over the classes present in ground truth or "
+                      "prediction.") == 2  # sweep, backbone
     table = pq.read_table(cfg.output_dir / "features" / "_backbone" / "shard-00000.parquet")
     head = pq.read_table(cfg.output_dir / "features" / "shard-00000.parquet")
     assert table.column("image_id").to_pylist() == head.column("image_id").to_pylist()

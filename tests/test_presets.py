@@ -257,12 +257,15 @@ def test_the_cause_crop_runs_apart_and_comes_back_in_place():
 def test_compare_names_each_runs_protocol_and_scores_all_runs_the_same_ways():
     from core.report import render_comparison
 
-    def report(protocol, own, full):
+    def report(protocol, own, full, scored_pixels=100):
         level = {"miou": own, "per_class_iou": {"road": own}}
-        return {"protocol": protocol, "feature_kind": "head", "model": "m",
+        return {"protocol": protocol, "feature_kind": "head", "model": "m", "dataset": {"scored_pixels": scored_pixels},
                 "fits": {"k300": {"k": 300, "pixel_level": {"same_set": level}}},
                 "protocol_sensitivity": {"fits": {"k300": {"full/official": {"miou": full}, "resized/seed": {"miou": 0.5}}}}}
 
     text = render_comparison({"off": report("official", 0.4, 0.4), "seed": report("seed", 0.45, 0.42)})
     assert "| off | official | head | k300 | 300 | 40.0 | 40.0 | 50.0 |" in text
     assert "| seed | seed | head | k300 | 300 | 45.0 | 42.0 | 50.0 |" in text
+    assert "Nothing was scored" not in text
+    text = render_comparison({"off": report("official", 0.4, 0.4), "frames": report("official", None, None, 0)})
+    assert "Nothing was scored in frames: none of its images has ground truth" in text

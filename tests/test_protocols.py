@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from core.protocols import (confusion_from_cluster_counts, few_shot_scores, heldout_mappings, label_free_mapping,
                             protocol_scores)
@@ -32,6 +33,12 @@ def test_one_cluster_per_patch_is_an_oracle_same_set_but_not_held_out():
     same_set = fold_counts.sum(axis=0).argmax(axis=1)
     scores = protocol_scores(fold_counts, fold_counts, same_set, None, NAMES)
     assert scores["same_set"]["miou"] == 1.0
+    # the seed's rule: a class no patch has or is mapped to counts 0 in every protocol's mean
+    padded = np.concatenate([fold_counts, np.zeros((folds, k, 1), np.int64)], axis=2)  # class c: no patch
+    three = protocol_scores(padded, padded, same_set, same_set, NAMES + ["c"], "all")
+    assert three["same_set"]["miou"] == three["label_free"]["miou"] == 2 / 3
+    assert three["held_out"]["miou_rule"] == "all"
+    assert three["held_out"]["miou"] == pytest.approx(scores["held_out"]["miou"] * 2 / 3)
     # Held out, a cluster's only patch is in the scored fold: its mapping falls back to the
     # majority class elsewhere and is right only by chance.
     assert scores["held_out"]["miou"] < 0.6

@@ -77,3 +77,26 @@ def test_the_frames_run_fits_itself_and_maps_on_the_labelled_run(frames, demo_ro
     Pipeline(cfg).run(("fit",))
     meta = json.loads((frames_run / "fits" / "k16" / "meta.json").read_text())["meta"]
     assert meta["fitted_on"][0]["features"] == "this run" and meta["mapped_on"]["features"] == str(tmp_path / "labelled")
+
+    # the frames have no ground truth: the report says nothing was scored, rather than scores of nothing
+    Pipeline(cfg).run(("label", "report"))
+    report = json.loads((frames_run / "report.json").read_text())
+    assert report["dataset"]["num_images"] == NUM_FRAMES
+    assert report["dataset"]["num_with_ground_truth"] == report["dataset"]["scored_pixels"] == 0
+    assert report["figures"] == {}
+    text = (frames_run / "report.md").read_text()
+    assert (f"{NUM_FRAMES} images labelled, 0 failed (listed in `failed_items.json`); 0 of {NUM_FRAMES} have ground "
+            "truth: nothing was scored") in text
+    assert f"Not measured: none of the {NUM_FRAMES} images labelled here has ground truth" in text
+    assert "patch-level numbers are that set's own patches" in text and "a cross-set score" not in text
+    assert "| fit | mapping | k | patch mIoU | dead centroids |" in text
+    for unmeasured in ("images scored", "Baseline misses", "recovers", "pixel mIoU", "## Protocol sensitivity",
+                       "## Absorption", "## Figures", "PQ"):
+        assert unmeasured not in text, unmeasured
+    # run again: every stage finds its work done, and the report says so instead of a time
+    Pipeline(cfg).run()
+    timing = json.loads((frames_run / "timing.json").read_text())
+    assert [timing[s]["did_work"] for s in ("extract", "fit", "label", "atlas")] == [False] * 4
+    assert timing["atlas"]["skipped"] == "atlas.enabled is false"
+    assert ("**Wall time** (each stage's last run): extract skipped (done in an earlier run), fit skipped (done in an "
+            "earlier run), label skipped (done in an earlier run)\n" in (frames_run / "report.md").read_text())
