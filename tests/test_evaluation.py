@@ -155,12 +155,13 @@ def test_fast_paths_equal_the_general_ones():
 
 
 def test_evaluator_settings_are_checked(tmp_path):
+    data, out = tmp_path / "data", tmp_path / "out"
     with pytest.raises(ConfigError, match="official among them"):
-        tiny_config(tmp_path, tmp_path / "out", report={"evaluators": ["seed"]})
+        tiny_config(data, out, report={"evaluators": ["seed"]})
     with pytest.raises(ConfigError, match="protocol=cause"):
-        tiny_config(tmp_path, tmp_path / "out", report={"evaluators": ["official", "cause"]})
-    assert tiny_config(tmp_path, tmp_path / "out").evaluators == ("official",)
-    assert tiny_config(tmp_path, tmp_path / "out", protocol="seed").evaluators == ("official", "seed")
+        tiny_config(data, out, report={"evaluators": ["official", "cause"]})
+    assert tiny_config(data, out).evaluators == ("official",)
+    assert tiny_config(data, out, protocol="seed").evaluators == ("official", "seed")
 
 
 def _scores(cfg) -> dict[str, np.ndarray]:
