@@ -21,8 +21,9 @@ from tests.tiny_runs import NUM_IMAGES, PATCHES_PER_IMAGE, feature_ids, scored_i
 
 
 class ActorKiller(threading.Thread):
-    """For each (stage dir, UDF class): wait until the stage is under way (a part or a marker is
-    written), then SIGKILL the process of one live actor of that class in this test's own cluster."""
+    """For each (stage dir, UDF class, first output of the UDF): wait until the UDF is under way (its
+    first output is written), then SIGKILL the process of one live actor of that class in this test's
+    own cluster."""
 
     def __init__(self, plan: list[tuple[Path, str]], timeout: float = 120):
         super().__init__(daemon=True)
@@ -32,18 +33,17 @@ class ActorKiller(threading.Thread):
 
     def run(self):
         try:
-            for stage_dir, udf in self.plan:
-                self._kill_one(stage_dir, udf)
+            for stage_dir, udf, first_output in self.plan:
+                self._kill_one(stage_dir, udf, first_output)
         except Exception as err:  # reported by the test
             self.error = repr(err)
 
-    def _kill_one(self, stage_dir: Path, udf: str):
+    def _kill_one(self, stage_dir: Path, udf: str, first_output: str):
         deadline = time.monotonic() + self.timeout
         done = stage_dir / "_done"
-        # the first image through (its part) or the first shard finished: the stage is under way
-        while not (any(stage_dir.glob("_parts/*/*.npz")) or (done.is_dir() and any(done.glob("shard-*.json")))):
+        while not any(stage_dir.parent.glob(first_output)):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no marker in {done}")
+                raise TimeoutError(f"no {first_output} in {stage_dir.parent}")
             time.sleep(0.02)
         live = [a for a in actor_table().values()
                 if a["State"] == "ALIVE" and a["ActorClassName"].endswith(f"({udf}))") and a["Pid"]]
@@ -61,7 +61,10 @@ def test_killed_actors_are_restarted_and_every_image_is_done_exactly_once(ray_cl
     # One image per shard and two actors: many small tasks, so the kill lands while work is left.
     cfg = tiny_config(root, tmp_path / "out", images_per_shard=1, num_actors=2,
                       extract={"model": {"num_actors": 2, "cpus_per_actor": 0.5, "batch_images": 1}})
-    killer = ActorKiller([(cfg.output_dir / "features", "WindowFeatures"), (cfg.output_dir / "scores", "LabelImages")])
+    # extract: the first image's part; label: the first pseudo-label the labelling actors write (the
+    # score step behind them writes the parts)
+    killer = ActorKiller([(cfg.output_dir / "features", "WindowFeatures", "features/_parts/*/*.npz"),
+                          (cfg.output_dir / "scores", "LabelImages", "labels/labelIds/*/*.png")])
     killer.start()
     Pipeline(cfg).run()
     killer.join(timeout=10)

@@ -101,7 +101,8 @@ def _label_actor(cfg, tmp_path):
     fits = []
     for name, k in (("k16", 16), ("k8", 8), ("baseline_k19", 19)):
         c = rng.normal(size=(k, 32)).astype(np.float32)
-        fits.append({"name": name, "centroids": c / np.linalg.norm(c, axis=1, keepdims=True), "mapping": np.arange(k) % 19})
+        fits.append({"name": name, "centroids": c / np.linalg.norm(c, axis=1, keepdims=True), "mapping": np.arange(k) % 19,
+                     "stride": 1})
     actor = LabelImages(config=cfg.model_dump(mode="json"), fits=fits, labels_dir=str(tmp_path / "out" / "labels"),
                         overlay_ids=[])
     return actor, fits
