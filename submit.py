@@ -104,10 +104,10 @@ def compare(args) -> int:
     import json
 
     from core.errors import UserError
-    from core.report import render_comparison
-    from storage.shards import write_text_atomic
+    from core.reporting.markdown import render_comparison
+    from storage.run.atomic import write_text_atomic
     from configs.schema import recorded_dataset_root
-    from storage.placement import refuse_output_in_input
+    from storage.run.placement import refuse_output_in_input
     reports = {}
     for run in args.runs:  # nor into the datasets the runs describe: a folder dataset takes any .png or .jpg
         refuse_output_in_input(args.out, "--out", {"a compared run": run,
@@ -160,9 +160,9 @@ def import_fit(args) -> int:
         raise UserError(f"--run {args.run} is not the output_dir of a run (no {run_dir / 'config.yaml'}): name one "
                         "like outputs/demo")
     cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])  # the run, wherever we are
-    from core.fit_artifact import FitArtifact
+    from core.clustering.fit_artifact import FitArtifact
     from ray_jobs.pipeline import Pipeline
-    from storage.lock import OutputLock, command_line
+    from storage.run.lock import OutputLock, command_line
     with OutputLock(cfg.output_dir, command_line()):
         fit = FitArtifact.load(Pipeline(cfg).import_fit(args.source, args.name, (args.centroids_key, args.mapping_key)))
     origin = fit.meta["imported_from"]
@@ -182,12 +182,12 @@ def atlas(args) -> int:
         raise UserError(f"{args.fit} is not a fit folder of a run (no {config}): name one like outputs/demo/fits/k300")
     cfg = load_config(config, [f"output_dir={run_dir}", *args.overrides])  # the run where the fit is, wherever we are
     from ray_jobs.apply import fit_run_inputs
-    from ray_jobs.fit import fit_names
-    from ray_jobs.layout import Layout
+    from storage.run.fits import fit_names
+    from storage.run.layout import Layout
     from ray_jobs.pipeline import Pipeline
     from ray_jobs.session import init_ray
-    from storage.lock import OutputLock, command_line
-    from storage.placement import refuse_output_in_input
+    from storage.run.lock import OutputLock, command_line
+    from storage.run.placement import refuse_output_in_input
     name = args.fit.resolve().name
     out = args.out or run_dir / ("atlas" if name == fit_names(cfg)[0] else f"atlas_{name}")
     if out.exists() and not out.is_dir():

@@ -14,17 +14,17 @@ import pyarrow as pa
 import ray
 
 from actors.extract import extra_view_arrays, feature_arrays, stitched_grids, write_feature_shards
-from actors.label import panoptic_rules
-from actors.geometry import extracted_scales, label_scales, pack_windows, stored_window_count, stores_windows, unpack_windows
+from configs.specs import panoptic_rules
+from configs.geometry import extracted_scales, label_scales, pack_windows, stored_window_count, stores_windows, unpack_windows
 from actors.model_setup import device_for
 from actors.rows import run_on_image
 from configs.schema import RefineConfig, parse_config
 from core.evaluation.base import Segmenter
-from core.label_image import ImageLabeller, LabelFit
+from core.labelling.image import ImageLabeller, LabelFit
 from core.presets import protocol_steps
 from storage.cityscapes_outputs import label_pngs, prediction_paths, write_image_predictions
-from storage.parts import complete_shard, read_shard_parts, write_part
-from storage.shards import write_json_atomic, write_parquet_atomic
+from storage.run.parts import complete_shard, read_shard_parts, write_part
+from storage.run.atomic import write_json_atomic, write_parquet_atomic
 
 
 def histogram_schema(k: int) -> pa.Schema:

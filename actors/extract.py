@@ -12,25 +12,26 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.geometry import (extra_seed_layouts, extracted_scales, extracted_short_sides, feature_dim, image_limits,
+from configs.geometry import (extra_seed_layouts, extracted_scales, extracted_short_sides, feature_dim, image_limits,
                              pack_windows, stored_window_count, stores_windows, window_spec)
 from actors.rows import failure_message, run_on_image
 from configs.schema import parse_config
-from core.windows import ScaleLayout, cause_view, cut_windows, stitch_windows
-from core.labels import IGNORE, NUM_CLASSES
-from core.metrics import patch_majority_labels, patch_nearest_labels
+from core.inference.windows import ScaleLayout, cause_view, cut_windows, stitch_windows
+from core.classes import IGNORE, NUM_CLASSES
+from core.evaluation.metrics import patch_majority_labels, patch_nearest_labels
 from core.presets import protocol_steps
-from core.seed_baseline import seed_scale_windows
+from core.labelling.paper_baseline import seed_scale_windows
 from storage.images import InputError, read_rgb, read_train_ids
-from storage.parts import complete_shard, read_shard_parts, write_part
-from storage.shards import (backbone_path, cause_path, feature_path, patch_schema, patch_table, shard_records, window_path,
-                            write_parquet_atomic)
+from storage.run.parts import complete_shard, read_shard_parts, write_part
+from storage.features import backbone_path, cause_path, feature_path, patch_schema, patch_table, window_path
+from storage.run.shards import shard_records
+from storage.run.atomic import write_parquet_atomic
 
 
 def image_windows(shard_row: dict, config: dict, extra_views: bool = True, stage: str = "extract"):
     """One shard row -> one row per image to do: uint8 windows of every extracted scale, then (with
     extra_views: extract, or apply writing features) the seed's baseline windows or CAUSE's crop.
-    Each image's size is checked (`actors.geometry.image_limits`) before it is decoded; `stage`
+    Each image's size is checked (`configs.geometry.image_limits`) before it is decoded; `stage`
     names the stage in what a failure logs."""
     cfg = parse_config(config, f"{stage} read config")
     spec, patch, short_sides = window_spec(cfg), cfg.model.vit.patch_size, extracted_short_sides(cfg)

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.geometry import label_scales, stores_windows
+from configs.geometry import label_scales, stores_windows
 from configs.schema import parse_config
 from core.presets import protocol_steps
-from storage.shards import (cause_path, feature_path, image_grids, marker_path, read_verified_parquet, shard_records,
-                            window_path)
+from storage.features import cause_path, feature_path, image_grids, window_path
+from storage.run.markers import marker_path, read_verified_parquet
+from storage.run.shards import shard_records
 
 
 def image_features(shard_row: dict, config: dict, features_dir: str):

@@ -2,7 +2,7 @@
 
   image_features  (actors.feature_reader) CPU task per shard: its features -> one row per image
   LabelImages     actor (CPU, or the assignment on CUDA): every label map the run asks for
-                  (`core.label_image`); writes the Cityscapes-format pseudo-labels, passes the
+                  (`core.labelling.image`); writes the Cityscapes-format pseudo-labels, passes the
                   maps on; knows no evaluator
   score_image     (actors.score) CPU task per image: the run's evaluators, the image's part
   finish_scores   (actors.score) per shard, when every image is out: parts -> scores npz + marker
@@ -15,41 +15,19 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from actors.geometry import image_limits, label_scales, label_short_sides, seed_baseline_scales, unpack_windows
+from configs.geometry import image_limits, label_short_sides, unpack_windows
 from actors.model_setup import device_for
 from actors.rows import run_on_image
-from configs.schema import RunConfig, parse_config
-from core.evaluation.base import PanopticRules, Segmenter
-from core.label_image import ImageLabeller, LabelFit, LabelRequest, baseline_labellings
-from core.labels import colorize_train_ids
+from configs.schema import parse_config
+from core.evaluation.base import Segmenter
+from core.labelling.image import ImageLabeller
+from core.classes import colorize_train_ids
 from core.presets import protocol_steps
-from core.variants import enabled_variants
-from core.windows import cause_view, resized_size
+from core.inference.windows import cause_view, resized_size
 from storage.cityscapes_outputs import prediction_paths, write_image_predictions
 from storage.images import read_rgb, read_train_ids, safe_path, write_png_atomic
-
-def label_fits(fits: list[dict]) -> list[LabelFit]:
-    """The broadcast fits (main first, baseline last), each at its pixel stride (`ray_jobs.fit.fit_pixel_stride`)."""
-    return [LabelFit(f["name"], f["centroids"], f["mapping"], f["stride"], f.get("prototypes")) for f in fits]
-
-
-def label_variants(cfg: RunConfig) -> list[str]:
-    """The main fit's variants: 'seed' first, then the refinements the config switches on."""
-    return enabled_variants(cfg.refine, len(label_scales(cfg)) > 1)
-
-
-def label_request(cfg: RunConfig) -> LabelRequest:
-    """What the run's evaluators and report.sensitivity need labelled besides each fit's clusters."""
-    sensitivity = cfg.report.sensitivity
-    extra = baseline_labellings(cfg.protocol, bool(seed_baseline_scales(cfg)), cfg.refine.crf) if sensitivity else []
-    return LabelRequest(baseline=True, both_labellings=sensitivity, baseline_labellings=tuple(extra),
-                        cause_crop="cause" in cfg.evaluators)
-
-
-def panoptic_rules(cfg: RunConfig) -> PanopticRules:
-    p = cfg.panoptic
-    return PanopticRules(p.thing_min_area, p.stuff_min_area, p.connectivity)
-
+from core.labelling.image import label_fits
+from configs.specs import label_request, label_variants, panoptic_rules
 
 class LabelImages:
     """Actor: `__init__` takes the fits from the object store once; a call labels one image, writes

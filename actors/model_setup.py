@@ -4,21 +4,12 @@ from dataclasses import replace
 
 import torch
 
-from actors.geometry import HEAD_FEATURE_DIM, window_spec
+from configs.geometry import HEAD_FEATURE_DIM, window_spec
 from configs.schema import RunConfig, WorkersConfig
 from core.errors import UserError
-from core.dense import WindowModel
-from core.models import ModelSpec, ViTSpec, build_feature_model
-
-
-def model_spec(cfg: RunConfig) -> ModelSpec:
-    m = cfg.model
-    spec = ModelSpec(
-        vit=ViTSpec(**m.vit.model_dump()), feature_kind=m.feature_kind, init_seed=m.init_seed,
-        backbone_checkpoint=m.backbone_checkpoint, head_checkpoint=m.head_checkpoint, codebook_path=m.codebook_path,
-        cluster_probe_checkpoint=m.cluster_probe_checkpoint,
-    )
-    return spec.with_cause_root(m.cause_root) if m.cause_root is not None else spec
+from core.inference.dense import WindowModel
+from core.models import build_feature_model
+from configs.specs import model_spec
 
 
 def device_for(workers: WorkersConfig) -> torch.device:

@@ -7,59 +7,29 @@
 """
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from actors.rows import run_on_image
-from core.evaluation.base import Evaluator, ImageToScore, PanopticRules, Segmenter, add_images
-from core.evaluation.cause import CauseEvaluator
-from core.evaluation.official import OfficialEvaluator
-from core.evaluation.seed import SeedEvaluator
-from core.label_image import ImageLabels
-from core.sampling import image_fold
+from core.evaluation.base import ImageToScore, Segmenter, add_images
+from core.labelling.image import ImageLabels
+from core.clustering.sampling import image_fold
 from storage.cityscapes_outputs import label_pngs, remove_image_predictions
 from storage.images import read_ground_truth
-from storage.parts import complete_shard, read_shard_parts, write_part
-from storage.shards import write_json_atomic, write_npz_atomic
+from storage.run.parts import complete_shard, read_shard_parts, write_part
+from storage.run.atomic import write_json_atomic, write_npz_atomic
+from core.evaluation import EvaluationSpec, build_evaluators
 
 
-@dataclass(frozen=True)
-class ScoreSpec:
-    """The scoring step's parameters, made once by the driver."""
-
-    evaluators: tuple[str, ...]  # names (`actors.label.evaluator_names`)
-    sensitivity: bool  # report.sensitivity: also the seed evaluator on every fit's both labellings
-    fits: tuple[tuple[str, int, int], ...]  # (name, k, pixel stride of its labels), main first, baseline last
-    num_folds: int  # fit.heldout_folds
-    fold_seed: int  # the run's seed: which images fall in which fold
-    rules: PanopticRules
-    cause_view: tuple[int, int]  # CAUSE's (short side, crop): inference.short_side, inference.crop
-
-
-def build_evaluators(spec: ScoreSpec) -> list[Evaluator]:
-    """official on every target; seed on every full-size target where named, on the protocol
-    sensitivity's targets (every fit both ways, the baseline's extra labellings) with sensitivity;
-    cause on the baseline's crops where named."""
-    evaluators: list[Evaluator] = [OfficialEvaluator()]
-    if "seed" in spec.evaluators:
-        evaluators.append(SeedEvaluator())
-    elif spec.sensitivity:
-        evaluators.append(SeedEvaluator(scores=lambda target: not target.startswith("variant/")))
-    if "cause" in spec.evaluators:
-        evaluators.append(CauseEvaluator(spec.fits[-1][1], *spec.cause_view))
-    return evaluators
-
-
-def score_image(row: dict, spec: ScoreSpec, stage_dir: str, plan_key: str, labels_dir: str, split: str) -> dict:
+def score_image(row: dict, spec: EvaluationSpec, stage_dir: str, plan_key: str, labels_dir: str, split: str) -> dict:
     status = run_on_image("label", row, lambda: _score(row, spec, Path(stage_dir), plan_key))
     if status["error"] and not row["error"]:  # labelled, then its ground truth failed: its pseudo-labels go too
         remove_image_predictions(Path(labels_dir), row["group"], row["image_id"], split)
     return status
 
 
-def _score(row: dict, spec: ScoreSpec, stage_dir: Path, plan_key: str) -> None:
+def _score(row: dict, spec: EvaluationSpec, stage_dir: Path, plan_key: str) -> None:
     labels = ImageLabels.from_bytes(row["labels"])
     hw = (int(row["height"]), int(row["width"]))
     truth = read_ground_truth(Path(row["label_ids_path"]), Path(row["instance_ids_path"]), hw) if row["label_ids_path"] else None

@@ -5,10 +5,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from actors.geometry import HEAD_FEATURE_DIM
+from configs.geometry import HEAD_FEATURE_DIM
 from actors.model_setup import build_window_model
 from configs.schema import parse_config
-from core.dense import WindowModel
+from core.inference.dense import WindowModel
 from core.presets import protocol_steps
 
 

@@ -2,7 +2,7 @@
 
 Random weights with the official shapes (a fully random `head` model), Cityscapes geometry: each
 1024x2048 image is resized to 322x644 and covered by 322x322 windows at stride 161 (3 windows), each
-also run flipped (6 window forwards per image), through core.dense.DenseFeatureExtractor.
+also run flipped (6 window forwards per image), through core.inference.dense.DenseFeatureExtractor.
 
 FLOPs per window (multiply-add = 2 FLOPs), 530 tokens (1 CLS + 23x23 patches):
   ViT   2 * params * tokens                (every weight is used once per token: the usual estimate)
@@ -10,7 +10,7 @@ FLOPs per window (multiply-add = 2 FLOPs), 530 tokens (1 CLS + 23x23 patches):
   head  2 * head_ema params * 529 + 4 * 2 * 529^2 * 768   (one decoder layer: self- and cross-attention)
 Achieved TFLOP/s = windows/s * FLOPs per window; the fraction is of --peak-tflops (default 989, an
 H100 SXM's dense bf16 peak; pass the peak of your card and precision). On CPU only fp32 is run
-(core.dense uses autocast on CUDA only) and the fraction is against --cpu-peak-tflops if given.
+(core.inference.dense uses autocast on CUDA only) and the fraction is against --cpu-peak-tflops if given.
 
   nice python bench/bench_extract.py --images 2            # CPU
   python bench/bench_extract.py --device cuda --images 64  # + bf16/fp16 and a batch sweep
@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.dense import DenseFeatureExtractor  # noqa: E402
-from core.windows import WindowSpec, patch_grid, window_starts  # noqa: E402
+from core.inference.dense import DenseFeatureExtractor  # noqa: E402
+from core.inference.windows import WindowSpec, patch_grid, window_starts  # noqa: E402
 from core.models import ModelSpec, build_feature_model  # noqa: E402
 
 

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sklearn.cluster import MiniBatchKMeans  # noqa: E402
 
 from bench.synthetic import Mixture  # noqa: E402
-from core.clustering import FAISS_THREADS, fit_kmeans, l2_normalize, lloyd_partial  # noqa: E402
+from core.clustering.kmeans import FAISS_THREADS, fit_kmeans, l2_normalize  # noqa: E402
+from core.clustering.lloyd import lloyd_partial
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -33,7 +33,7 @@ def config(out: Path):
 
 def stage(num_shards: int, out: Path):
     """The records, shard names and plans of the synthetic extract stage."""
-    from ray_jobs.plans import extract_plan, fit_plan, model_identity
+    from storage.run.plans import extract_plan, fit_plan, model_identity
     from storage.datasets import ImageRecord
     cfg = config(out)
     names = [f"shard-{s:05d}" for s in range(num_shards)]
@@ -46,8 +46,10 @@ def stage(num_shards: int, out: Path):
 def write(num_shards: int, out: Path) -> None:
     import numpy as np
 
-    from ray_jobs.plans import check_plan
-    from storage.shards import feature_path, mark_done, output_records, patch_schema, patch_table, write_parquet_atomic
+    from storage.run.plans import check_plan
+    from storage.features import feature_path, patch_schema, patch_table
+    from storage.run.markers import mark_done, output_records
+    from storage.run.atomic import write_parquet_atomic
     cfg, _, ids, extract, _ = stage(num_shards, out)
     features = out / "features"
     check_plan(features, extract)
@@ -64,7 +66,7 @@ def write(num_shards: int, out: Path) -> None:
 
 def fit(num_shards: int, out: Path) -> None:
     from ray_jobs.fit import run_fit
-    from storage.shards import dataset_fingerprint
+    from storage.run.shards import dataset_fingerprint
     cfg, records, ids, extract, fit_plan_ = stage(num_shards, out)
     start = time.perf_counter()
     run_fit(cfg, fit_plan_, extract, list(ids), dataset_fingerprint(records, "/synthetic"))

@@ -3,7 +3,7 @@
 Part 1, the assignment. A (90, 23, 46) head-feature grid, k = 300 centroids (random; `--smooth`
 blurs the grid so that neighbouring patches are alike, as in images; 0 is the worst case).
 Three ways to give every pixel its nearest centroid (cosine of the bilinearly upsampled feature):
-  ours      core.labelling.PixelAssigner: patch-level dot products, columns interpolated as one
+  ours      core.labelling.assign.PixelAssigner: patch-level dot products, columns interpolated as one
             matrix product, the upper envelope of the k score lines down each column (exact,
             see `_envelope_rows`)
   upsample  what one writes first in torch: F.interpolate the features to full resolution, normalise,
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from core.labelling import PixelAssigner, bilinear_taps
+from core.labelling.assign import PixelAssigner, bilinear_taps
 from storage.synth import generate_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.synthetic import Mixture  # noqa: E402
-from storage.shards import patch_schema, patch_table, write_json_atomic, write_parquet_atomic  # noqa: E402
+from storage.features import patch_schema, patch_table  # noqa: E402
+from storage.run.atomic import write_json_atomic, write_parquet_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GRID = (23, 46)  # patches per Cityscapes image at 322 x 644, patch 14
@@ -128,9 +129,10 @@ def child(args) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from core.clustering import kmeans_plusplus, l2_normalize, lloyd_partial
+    from core.clustering.kmeans import kmeans_plusplus, l2_normalize
+    from core.clustering.lloyd import lloyd_partial
     from ray_jobs.distributed_lloyd import lloyd_pass, row_groups
-    from storage.shards import features_from_table
+    from storage.features import features_from_table
 
     files = sorted(Path(args.child).glob("shard-*.parquet"))
     first = next(pq.ParquetFile(files[0]).iter_batches(batch_size=max(args.sweep + [args.k]) * 64, columns=["feature"]))

@@ -44,8 +44,9 @@ from configs.schema import parse_config  # noqa: E402
 from ray_jobs.extract import run_extract  # noqa: E402
 from ray_jobs.session import init_ray  # noqa: E402
 from storage.datasets import ImageRecord, list_cityscapes  # noqa: E402
-from ray_jobs.plans import extract_plan, model_identity  # noqa: E402
-from storage.shards import plan_shards, read_done, shard_records  # noqa: E402
+from storage.run.plans import extract_plan, model_identity  # noqa: E402
+from storage.run.shards import plan_shards, shard_records  # noqa: E402
+from storage.run.markers import read_done
 from storage.synth import generate_demo_dataset  # noqa: E402
 
 FEATURE_DIM = 90

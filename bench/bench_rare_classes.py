@@ -28,7 +28,7 @@ A row's class is its component's class.
 
 Per seed: one scenario, a training draw of --rows rows (fitted on, and its class counts map each
 cluster to a class with `majority_mapping`) and a separate held-out draw of --test-rows rows
-(scored: per-class IoU, mIoU, pixel accuracy; `core.metrics`). "Recovered" = held-out IoU >=
+(scored: per-class IoU, mIoU, pixel accuracy; `core.evaluation.metrics`). "Recovered" = held-out IoU >=
 --recovered-iou; "with a cluster" = at least one cluster mapped to the class. Inertia = sum over
 the training rows of 1 - cosine to the most similar (normalised) centre, the same for every fit.
 Prints a markdown table of the means over the seeds and writes bench/results/bench_rare_classes.json
@@ -50,11 +50,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.synthetic import Mixture  # noqa: E402
-from core.clustering import (SEED_MINIBATCH, assign_clusters, assign_euclidean, fit_kmeans,  # noqa: E402
-                             fit_seed_minibatch, inertia, l2_normalize, lloyd)
-from core.labels import CLASS_NAMES, IGNORE, NUM_CLASSES  # noqa: E402
-from core.mapping import cluster_class_counts, majority_mapping, predict_classes  # noqa: E402
-from core.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy  # noqa: E402
+from core.clustering.kmeans import SEED_MINIBATCH, assign_clusters, assign_euclidean, fit_kmeans, fit_seed_minibatch, inertia, l2_normalize
+from core.clustering.lloyd import lloyd
+from core.classes import CLASS_NAMES, IGNORE, NUM_CLASSES  # noqa: E402
+from core.mapping.majority import cluster_class_counts, majority_mapping, predict_classes  # noqa: E402
+from core.evaluation.metrics import confusion_matrix, iou_per_class, mean_iou, pixel_accuracy  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # % of rows of the 19 evaluation classes in trainId order (roughly Cityscapes' pixel shares, rounded).

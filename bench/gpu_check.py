@@ -83,9 +83,9 @@ def model_alone(cfg, images: list[np.ndarray], cuda: bool) -> dict:
 
     from actors.model_setup import model_spec
     from bench.bench_extract import flops_per_window
-    from core.dense import DenseFeatureExtractor
+    from core.inference.dense import DenseFeatureExtractor
     from core.models import build_feature_model
-    from core.windows import WindowSpec, patch_grid, window_starts
+    from core.inference.windows import WindowSpec, patch_grid, window_starts
     device = torch.device("cuda" if cuda else "cpu")
     model = build_feature_model(model_spec(cfg)).to(device)
     i = cfg.inference
@@ -118,10 +118,10 @@ def assignment_agreement(cfg, fit_dir: Path, cuda: bool, images: int = 4) -> dic
         return {"stage": "assignment cuda vs cpu", "skipped": "no CUDA device"}
     import pyarrow.parquet as pq
 
-    from core.fit_artifact import FitArtifact
-    from core.labelling import PixelAssigner
-    from core.windows import resized_size
-    from storage.shards import image_grids
+    from core.clustering.fit_artifact import FitArtifact
+    from core.labelling.assign import PixelAssigner
+    from core.inference.windows import resized_size
+    from storage.features import image_grids
     fit = FitArtifact.load(fit_dir)
     table = pq.read_table(sorted((cfg.output_dir / "features").glob("shard-*.parquet"))[0])
     equal, pixels = [], 0
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     import torch
 
-    from actors.geometry import image_limits
+    from configs.geometry import image_limits
     from configs.schema import load_config
     from ray_jobs.apply import run_apply
     from ray_jobs.pipeline import Pipeline

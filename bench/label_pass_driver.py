@@ -44,10 +44,10 @@ def label_seconds(cfg, images: int) -> float:
     """Mean CPU seconds per image of the label step (+ the score step), over `images` images after one warm-up."""
     from actors.feature_reader import image_features
     from actors.label import LabelImages
-    from core.fit_artifact import FitArtifact
-    from ray_jobs.fit import fit_names
+    from core.clustering.fit_artifact import FitArtifact
+    from storage.run.fits import fit_names
     from storage.datasets import list_dataset
-    from storage.shards import plan_shards
+    from storage.run.shards import plan_shards
     fits = []
     for name in fit_names(cfg):
         art = FitArtifact.load(cfg.output_dir / "fits" / name)
@@ -65,8 +65,9 @@ def label_seconds(cfg, images: int) -> float:
             return [actor(row)]
     else:
         from actors.score import score_image
-        from ray_jobs.label import score_spec
-        actor, spec = LabelImages(config, fits, str(tmp / "labels"), []), score_spec(cfg, fits)
+        from configs.specs import evaluation_spec
+        from core.labelling.image import label_fits
+        actor, spec = LabelImages(config, fits, str(tmp / "labels"), []), evaluation_spec(cfg, label_fits(fits))
 
         def one(row):
             labelled = actor(row)

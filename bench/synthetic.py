@@ -10,7 +10,7 @@ own mean, 0.30 to the next best).
 
 import numpy as np
 
-from core.clustering import l2_normalize
+from core.clustering.kmeans import l2_normalize
 
 
 class Mixture:

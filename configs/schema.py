@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import UserError
-from storage.placement import refuse_output_in_input
+from storage.run.placement import refuse_output_in_input
 
 
 class Strict(BaseModel):

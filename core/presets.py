@@ -29,7 +29,7 @@ upsampling, per-pixel normalisation). It is scored
 as CAUSE scores: 27 classes (labelIds 7..33), one Hungarian matching over the whole
 (cluster x class) pixel table of the crops, mIoU over the 27 (the unflipped pass); and again
 after CAUSE's CRF (27-way log_softmax(3 * cosine) of the flip-averaged pass, the image rebuilt from
-the normalised tensor) (core.cause_eval).
+the normalised tensor) (core.evaluation.cause_rules).
 
 The seed preset follows generate_overclustered_semantics.py, the script that makes the seed's
 pixel labels. Its patch-level sweep (overclustering_cause.py) subsamples the same rows to 500,000
@@ -41,9 +41,9 @@ ours to the most frequent class. The seed's resize (short side to 322, each side
 to a multiple of 14, stretched) equals ours wherever that is exact, e.g. 1024x2048 -> 322x644.
 
 Under the seed preset `refine.crf` is the seed's CRF (softmax(5 * class logits) at 322x644,
-NEAREST up: core.variants). The seed labels its overclusters at one scale; its multi-scale scheme
+NEAREST up: core.labelling.variants). The seed labels its overclusters at one scale; its multi-scale scheme
 belongs to its CAUSE-baseline script, so under this preset the baseline is also labelled that way
-(core.seed_baseline: windows' log_softmax(3 * cosine) averaged, on one scale and on
+(core.labelling.paper_baseline: windows' log_softmax(3 * cosine) averaged, on one scale and on
 inference.scales at the seed's sizes, each also with its CRF under refine.crf) while the fits
 use 1.0 only.
 The refinements beyond the seed (em_*, superpixels) work on the full-resolution features under
@@ -61,13 +61,13 @@ PROTOCOLS = ("official", "seed", "cause")
 
 @dataclass(frozen=True)
 class ProtocolSteps:
-    merge: str  # "cells" | "pixels" (core.windows.stitch_windows)
-    patch_labels: str  # "majority" | "nearest" (core.metrics.patch_labels)
+    merge: str  # "cells" | "pixels" (core.inference.windows.stitch_windows)
+    patch_labels: str  # "majority" | "nearest" (core.evaluation.metrics.patch_labels)
     precision: str | None  # None: the config's inference.precision
     kmeans: str  # "config" (fit.engine and its sample) | "seed" (core.clustering.fit_seed_minibatch)
-    label_resolution: str  # "full" | "resized" (core.label_image.LABELLINGS)
-    cause_crop: bool = False  # also run CAUSE's test view (core.windows.cause_view) and score the baseline on it
-    patch_miou: str = "present"  # how the fit's patch-level mIoU averages the classes (core.metrics.MIOU_RULES)
+    label_resolution: str  # "full" | "resized" (core.labelling.image.LABELLINGS)
+    cause_crop: bool = False  # also run CAUSE's test view (core.inference.windows.cause_view) and score the baseline on it
+    patch_miou: str = "present"  # how the fit's patch-level mIoU averages the classes (core.evaluation.metrics.MIOU_RULES)
 
 
 PRESETS = {

@@ -15,21 +15,23 @@ import ray
 from ray.data import Dataset
 
 from actors.apply import PseudoLabelImages, finish_apply
-from actors.geometry import image_limit_settings, refuse_limits_no_image_meets
+from configs.geometry import image_limit_settings, refuse_limits_no_image_meets
 from configs.schema import RunConfig, recorded_dataset_root
 from core.errors import UserError
-from core.fit_artifact import FitArtifact
-from core.human_mapping import load_human_mapping
+from core.clustering.fit_artifact import FitArtifact
+from core.mapping.human import load_human_mapping
 from ray_jobs.extract import windows_to_features
-from ray_jobs.layout import Layout
-from ray_jobs.plans import Plan, check_plan, differences, model_identity, plan_conflict, refuse_conflicts
+from storage.run.layout import Layout
+from storage.run.plans import Plan, check_plan, differences, model_identity, plan_conflict, refuse_conflicts
 from ray_jobs.session import check_schedulable
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, write_failed_items
 from ray_jobs.report import merge_panoptic_annotations
 from storage.datasets import list_dataset
-from storage.lock import OutputLock, command_line
-from storage.placement import refuse_output_in_input
-from storage.shards import PATCH_FORMAT, dataset_fingerprint, plan_shards, write_json_atomic
+from storage.run.lock import OutputLock, command_line
+from storage.run.placement import refuse_output_in_input
+from storage.features import PATCH_FORMAT
+from storage.run.shards import dataset_fingerprint, plan_shards
+from storage.run.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 

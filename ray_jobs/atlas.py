@@ -1,7 +1,7 @@
-"""Atlas stage: the cluster atlas of a fit (`core.atlas`), from its run's features and images.
+"""Atlas stage: the cluster atlas of a fit (`core.reporting.atlas`), from its run's features and images.
 
 Two passes of Ray tasks. The first assigns every patch of every shard to the fit's clusters and
-keeps, per cluster, the EXAMPLES members of lowest priority (`core.sampling.patch_priorities`:
+keeps, per cluster, the EXAMPLES members of lowest priority (`core.clustering.sampling.patch_priorities`:
 seeded, independent of the shard layout) with their counts, tree-reduced. The second reads each
 chosen member's image and cuts its thumbnail, a task per group of images. The driver lays the
 thumbnails out in sprite sheets and writes the page. An image that cannot be read leaves its
@@ -18,18 +18,19 @@ import ray
 from PIL import Image
 from tqdm import tqdm
 
-from actors.geometry import image_limits
+from configs.geometry import image_limits
 from configs.schema import RunConfig
-from core.atlas import EXAMPLES, SPRITE_CLUSTERS, cluster_cards, patch_box, render_html, sprite_sheet, thumbnail
-from core.clustering import assign_clusters
+from core.reporting.atlas import EXAMPLES, SPRITE_CLUSTERS, cluster_cards, patch_box, render_html, sprite_sheet, thumbnail
+from core.clustering.kmeans import assign_clusters
 from core.errors import UserError
-from core.fit_artifact import FitArtifact
-from core.sampling import patch_priorities
-from ray_jobs.feature_sets import FeatureShards
+from core.clustering.fit_artifact import FitArtifact
+from core.clustering.sampling import patch_priorities
+from storage.run.feature_sets import FeatureShards
 from ray_jobs.shard_tasks import map_reduce_shards
 from storage.datasets import ImageRecord
 from storage.images import ImageLimits, read_rgb
-from storage.shards import features_from_table, write_json_atomic, write_text_atomic
+from storage.features import features_from_table
+from storage.run.atomic import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 

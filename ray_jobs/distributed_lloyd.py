@@ -26,10 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from core.clustering import lloyd_partials, run_lloyd_many
+from core.clustering.lloyd import lloyd_partials, run_lloyd_many
 from ray_jobs.shard_tasks import ShardDataError, add_arrays, tree_add
 from ray_jobs.streaming import user_errors_raised_as_themselves
-from storage.shards import features_from_table
+from storage.features import features_from_table
 
 Partials = dict[str, tuple[np.ndarray, np.ndarray, float]]  # per fit: sums (k, D), counts (k,), inertia
 

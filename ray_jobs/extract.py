@@ -6,11 +6,11 @@ from ray.data import Dataset
 from actors.extract import finish_features, image_windows, write_features
 from actors.window_features import WindowFeatures
 from configs.schema import RunConfig
-from ray_jobs.layout import Layout
-from ray_jobs.plans import Plan
+from storage.run.layout import Layout
+from storage.run.plans import Plan
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, task_args
 from storage.datasets import ImageRecord
-from storage.shards import plan_shards
+from storage.run.shards import plan_shards
 
 
 def windows_to_features(ds: Dataset, cfg: RunConfig, model_actor=WindowFeatures, backbone: bool = False,

@@ -3,59 +3,41 @@
 It reads the features of a complete extract stage only (its plan, every planned shard, every
 file checked against its marker's checksum). The passes over every shard are Ray tasks, their
 results tree-reduced (`ray_jobs.shard_tasks`): the fit sample (fit.max_samples rows, chosen by
-priority: `core.sampling`), the cluster x class counts that drive the mapping (over all patches,
+priority: `core.clustering.sampling`), the cluster x class counts that drive the mapping (over all patches,
 not only the sample) and `fit.lloyd_iterations` (`ray_jobs.distributed_lloyd`). The driver holds
 the sample, the centroids and the reduced counts; k-means++ and the sampled faiss fit run there.
 """
 
-import json
 import logging
-import re
 import time
-from pathlib import Path
-
 import numpy as np
 import ray
 import scipy.sparse
-
-from configs.schema import FeatureSourceConfig, RunConfig
-from actors.geometry import HEAD_FEATURE_DIM
+from configs.schema import RunConfig
+from configs.geometry import HEAD_FEATURE_DIM
 from actors.model_setup import model_spec
-from core.clustering import (SEED_MINIBATCH, assign_clusters, assign_euclidean, check_features, fit_kmeans,
-                             fit_seed_minibatch, l2_normalize)
-from core.errors import UserError
-from core.fit_artifact import FitArtifact
-from core.imported_fit import read_centre_file
-from core.labels import CLASS_NAMES, IGNORE, NUM_CLASSES
-from core.mapping import hungarian_mapping, majority_mapping
-from core.protocols import label_free_mapping, protocol_scores
+from core.clustering.kmeans import SEED_MINIBATCH, assign_clusters, assign_euclidean, check_features, fit_kmeans, fit_seed_minibatch, l2_normalize
+from core.clustering.fit_artifact import FitArtifact
+from core.classes import CLASS_NAMES, IGNORE, NUM_CLASSES
+from core.mapping.majority import hungarian_mapping, majority_mapping
+from core.mapping.protocols import label_free_mapping, protocol_scores
 from core.models import load_cluster_probe
 from core.presets import protocol_steps
-from core.seed_postprocess import class_prototypes, normalized_rows
-from core.sampling import image_fold
+from core.refine.paper_heuristics import class_prototypes, normalized_rows
+from core.clustering.sampling import image_fold
 from ray_jobs.distributed_lloyd import distributed_lloyd
-from ray_jobs.feature_sets import (FeatureSet, FeatureSetError, FeatureShards, open_feature_set, own_feature_set,
+from storage.run.feature_sets import (Sources, FeatureSet, FeatureSetError, FeatureShards, open_feature_set, own_feature_set,
                                   refuse_repeated_content)
-from ray_jobs.layout import Layout, settings_key
+from storage.run.layout import Layout
 from ray_jobs.shard_tasks import add_arrays, map_reduce_shards, sample_patches
-from ray_jobs.plans import Plan, StageIncomplete, check_plan, plan_conflict, refuse_conflicts, require_complete
-from storage.shards import backbone_path, features_from_table, marker_problems, output_records, read_json, write_json_atomic
+from storage.run.plans import Plan, check_plan, plan_conflict, refuse_conflicts, require_complete
+from storage.features import backbone_path, features_from_table
+from storage.run.markers import output_records
+from storage.run.atomic import write_json_atomic
+from storage.run.fits import BACKBONE_COMPARISON, FITS_MARKER, FitError, extracted_model, fit_inputs, fit_names, load_existing_fits
+
 
 log = logging.getLogger(__name__)
-
-class FitError(UserError, ValueError):
-    """The features cannot be fitted as configured; the message says what to change."""
-
-
-def baseline_name(cfg: RunConfig) -> str:
-    return "baseline_probe27" if cfg.fit.baseline == "cluster_probe" else f"baseline_k{NUM_CLASSES}"
-
-
-def fit_names(cfg: RunConfig) -> list[str]:
-    """The main fit first (its labels are the ones written), then the sweep, then the baseline."""
-    sweep = [f"k{k}" for k in cfg.all_k if k != cfg.fit.k]
-    return [f"k{cfg.fit.k}", *sweep, baseline_name(cfg)]
-
 
 def baseline_centroids(cfg: RunConfig, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """CAUSE's 27 cluster-probe centroids, or a k = 19 k-means fit where there is no probe."""
@@ -63,13 +45,10 @@ def baseline_centroids(cfg: RunConfig, sample: np.ndarray) -> tuple[np.ndarray, 
         return l2_normalize(load_cluster_probe(model_spec(cfg).cluster_probe_checkpoint)), None
     return fit_centroids(cfg, sample, NUM_CLASSES)
 
-
 # The fix for a mapping set without ground truth, refused from its markers (`fit_feature_sets`) or, for
 # sets extracted before the markers counted labelled patches, once its clusters are counted.
 MAP_ON_LABELLED = ("Map on a labelled run's features (fit.mapping_from=<its output_dir>, fit.heldout_folds=1), or label these "
                    "images with a fit saved from a labelled run (`python submit.py apply --fit ...`)")
-
-Sources = list[tuple[FeatureSet, FeatureSourceConfig]]  # what the centroids are fitted on, with each set's share
 
 
 def fit_feature_sets(cfg: RunConfig, extract: Plan, markers: dict[str, dict], dataset_fingerprint: str) -> tuple[Sources, FeatureSet]:
@@ -90,42 +69,15 @@ def fit_feature_sets(cfg: RunConfig, extract: Plan, markers: dict[str, dict], da
         raise FeatureSetError(f"{where}: its patches have no ground truth, so no cluster can be mapped to a class. {MAP_ON_LABELLED}")
     return sources, mapping
 
-
-def fit_inputs(sources: Sources, mapping: FeatureSet) -> str:
-    """What the fits are made from: the content of every feature set they read."""
-    return _inputs_key([fs.content_key for fs, _ in sources], mapping.content_key)
-
-
-def _inputs_key(fitted_on: list[str | None], mapped_on: str | None) -> str:
-    return settings_key({"fitted_on": fitted_on, "mapped_on": mapped_on})
-
-
-def recorded_fit_inputs(cfg: RunConfig, own: FeatureSet) -> str:
-    """`fit_inputs` as the label and report stages check the fits: this run's own features as they
-    are now, the other sets as the fits recorded them (`fitted_on`, `mapped_on`). The fits stand
-    for those sets, which are not read again: a large set may have moved on (or away) since; the
-    fit stage compares them again (and refits) when it runs."""
-    header = read_json(Layout(cfg.output_dir).fits / fit_names(cfg)[0] / "meta.json") or {}
-    meta = header.get("meta") if isinstance(header, dict) else None
-    meta = meta if isinstance(meta, dict) else {}
-    fitted = meta.get("fitted_on") or []
-    keys = [own.content_key if s.path is None else (fitted[i].get("content_key") if i < len(fitted) else None)
-            for i, s in enumerate(cfg.fit.features)]
-    mapped = own.content_key if cfg.fit.mapping_from is None else (meta.get("mapped_on") or {}).get("content_key")
-    return _inputs_key(keys, mapped)
-
-
 def weight_shares(sources: Sources) -> list[float]:
     """Each source's share of the fit: weight / (sum of weights)."""
     total = sum(s.weight for _, s in sources)
     return [s.weight / total for _, s in sources]
 
-
 def source_quotas(cfg: RunConfig, sources: Sources) -> list[int]:
     """Each source's rows in the fit sample: its share of fit.max_samples, capped by its max_samples."""
     return [max(1, min(int(cfg.fit.max_samples * share), s.max_samples or cfg.fit.max_samples))
             for share, (_, s) in zip(weight_shares(sources), sources)]
-
 
 def gather_union_sample(cfg: RunConfig, sources: Sources) -> tuple[np.ndarray, list[int]]:
     """The fit sample over every source (its quota from each, in source order) and each one's rows in it."""
@@ -135,13 +87,11 @@ def gather_union_sample(cfg: RunConfig, sources: Sources) -> tuple[np.ndarray, l
         raise FitError(f"the feature sets of fit.features have different widths ({[p.shape[1] for p in filled]})")
     return (np.concatenate(filled) if filled else np.zeros((0, 0), np.float32)), [len(p) for p in parts]
 
-
 def lloyd_row_weights(sources: Sources) -> list[float]:
     """Per source, the weight of each of its rows in fit.lloyd_iterations: its rows weigh its share
     of the total (1.0 each for a single source)."""
     rows = [fs.num_patches for fs, _ in sources]
     return [share * sum(rows) / n if n else 0.0 for share, n in zip(weight_shares(sources), rows)]
-
 
 def gather_sample(shards: FeatureShards, cfg: RunConfig, max_rows: int | None = None) -> np.ndarray:
     """(n, D) float32: at most max_patches_per_image rows per image, at most max_rows (default
@@ -152,9 +102,7 @@ def gather_sample(shards: FeatureShards, cfg: RunConfig, max_rows: int | None = 
         return labelled_patches(shards, max_rows)
     return sample_patches(shards, cfg.seed, cfg.fit.max_patches_per_image, max_rows, "fit: sampling patches")
 
-
 SEED_PATCHES_PER_IMAGE = 2000  # generate_overclustered_semantics.py's max_per_image (a 23x46 grid has 1058)
-
 
 def labelled_patches(shards: FeatureShards, max_rows: int) -> np.ndarray:
     """The seed's k-means input, in its order (MiniBatchKMeans' batches depend on it): image by
@@ -186,13 +134,11 @@ def labelled_patches(shards: FeatureShards, max_rows: int) -> np.ndarray:
                        "(`python submit.py apply --fit ...`)")
     return np.concatenate(parts)
 
-
 def fit_engine(cfg: RunConfig) -> str:
     """How the k-means fits were made, as the fit meta and the report say it."""
     if protocol_steps(cfg.protocol).kmeans == "seed":
         return "sklearn MiniBatchKMeans, the seed's settings " + ", ".join(f"{k}={v}" for k, v in SEED_MINIBATCH.items())
     return cfg.fit.engine
-
 
 def fit_centroids(cfg: RunConfig, sample: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
     """One k-means fit: unit centroids, and the seed's raw centres (None under the official protocol)."""
@@ -201,7 +147,6 @@ def fit_centroids(cfg: RunConfig, sample: np.ndarray, k: int) -> tuple[np.ndarra
         return l2_normalize(raw), raw
     return fit_kmeans(sample, k, seed=cfg.seed, engine=cfg.fit.engine, n_iter=cfg.fit.n_iter,
                       max_points_per_centroid=cfg.fit.max_points_per_centroid), None
-
 
 def _shard_cluster_counts(table, _index: int, centroids: dict[str, np.ndarray], raw_centres: dict[str, np.ndarray],
                           co_assign_to: str | None, folds: int, seed: int) -> dict:
@@ -234,7 +179,6 @@ def _shard_cluster_counts(table, _index: int, centroids: dict[str, np.ndarray], 
         out["main_sizes"] = np.bincount(assigned[main], minlength=len(centroids[main]))
     return out
 
-
 def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray], raw_centres: dict[str, np.ndarray],
                           cfg: RunConfig, co_assign_to: str | None = None) -> dict:
     """Over every patch of every shard, by Ray tasks (`shard_tasks.map_reduce_shards`): per fit,
@@ -256,7 +200,6 @@ def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray
         total["co_assignment"] = {name: c.reshape(-1, k_base) for name, c in total["co_assignment"].items()}
     return total
 
-
 def refuse_missing_gpus(cfg: RunConfig) -> None:
     """Before any fit is made: Lloyd's tasks would wait forever for a GPU that no node has, or fail
     on one with a library built without CUDA."""
@@ -277,13 +220,6 @@ def refuse_missing_gpus(cfg: RunConfig) -> None:
             raise FitError(f"fit.lloyd_assign=torch on GPUs needs a CUDA build of torch, and this one ({torch.__version__}) "
                            "has none: install one on every node, or set fit.lloyd_gpus_per_task=0")
 
-
-def extracted_model(markers: dict[str, dict]) -> str:
-    """The model description extract recorded (the first shard with an extracted image)."""
-    models = [m["model"] for m in markers.values() if m.get("model")]
-    return models[0] if models else "(no image was extracted)"
-
-
 def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], dataset_fingerprint: str) -> dict[str, FitArtifact]:
     layout = Layout(cfg.output_dir)
     markers = require_complete(layout.features, extract, shard_names, "the fit stage")
@@ -293,7 +229,7 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
     # leaves nothing that would refuse the corrected settings
     refuse_conflicts([c] if (c := plan_conflict(layout.fits, plan)) else [])
     names = fit_names(cfg)
-    existing = _load_existing(layout.fits, names, plan, inputs)
+    existing = load_existing_fits(layout.fits, names, plan, inputs)
     if existing:
         log.info("fit: all %d fits exist for these settings and features; reusing them", len(existing))
         return existing
@@ -382,10 +318,6 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
                       layout.fits / FITS_MARKER)
     return fits
 
-
-BACKBONE_COMPARISON = "_backbone_comparison"  # the fit summary's entry for model.compare_backbone
-
-
 def backbone_comparison(cfg: RunConfig, layout: Layout, markers: dict[str, dict], head: dict) -> dict:
     """The raw backbone's patch features fitted as the main fit was (same k, engine or the seed's
     MiniBatchKMeans, same sample rule), mapped by majority, scored at patch level beside it."""
@@ -408,131 +340,3 @@ def backbone_comparison(cfg: RunConfig, layout: Layout, markers: dict[str, dict]
             "backbone": {"feature_dim": int(sample.shape[1]), "fit_seconds": round(seconds, 3),
                          "patch_level": protocol_scores(fold_counts[name], fold_mapping_counts[name], mapping, None,
                                                         CLASS_NAMES, protocol_steps(cfg.protocol).patch_miou)}}
-
-
-FITS_MARKER = "_done.json"  # the fit stage's one marker: its plan, its inputs and every file it wrote
-
-
-def fits_marker_problems(fits_dir: Path, plan: Plan, inputs: str) -> list[str]:
-    """Why the fits in `fits_dir` are not this plan's fits of these features, unchanged; [] when they are."""
-    path = fits_dir / FITS_MARKER
-    if not path.is_file():
-        return [f"{path} is missing (the fit stage has not finished)"]
-    try:
-        marker = json.loads(path.read_text())
-    except ValueError:
-        return [f"{path} is damaged"]
-    if marker.get("inputs") != inputs:
-        return ["they were made from other features than extract's now"]
-    return marker_problems(fits_dir.parent, marker, plan.key)
-
-
-def _load_existing(fits_dir: Path, names: list[str], plan: Plan, inputs: str) -> dict[str, FitArtifact] | None:
-    problems = fits_marker_problems(fits_dir, plan, inputs)
-    if problems:
-        if (fits_dir / FITS_MARKER).is_file():
-            log.warning("fit: not reusing the fits in %s: %s; fitting again", fits_dir, "; ".join(problems[:3]))
-        return None
-    return {n: FitArtifact.load(fits_dir / n) for n in names}
-
-
-def require_fits(cfg: RunConfig, plan: Plan, inputs: str, needed_by: str,
-                 with_imported: bool = True) -> tuple[dict[str, FitArtifact], dict]:
-    """The fits of this plan made from these features, unchanged since, then (`with_imported`) the
-    fits imported into the run (`import_fit`), each unchanged since, in `scored_fit_names` order, and
-    the fit summary (an imported fit's entry says where it came from); else StageIncomplete saying
-    what to run."""
-    fits_dir = Layout(cfg.output_dir).fits
-    refuse_conflicts([c] if (c := plan_conflict(fits_dir, plan)) else [])
-    if problems := fits_marker_problems(fits_dir, plan, inputs):
-        raise StageIncomplete(f"{needed_by} needs the fits in {fits_dir}, but {'; '.join(problems[:3])}: run "
-                              f"`python submit.py fit` with this config (or `run`), then {needed_by} again")
-    summary = json.loads((fits_dir / "fit_summary.json").read_text())
-    imported = imported_fits(fits_dir) if with_imported else {}
-    for name, record in imported.items():
-        if problems := marker_problems(fits_dir.parent, record, plan.key):
-            source = record["imported_from"]["file"]
-            raise StageIncomplete(f"{needed_by} needs the fit {fits_dir / name} imported from {source}, but "
-                                  f"{'; '.join(problems[:3])}: import that file under that name again (`python "
-                                  f"submit.py import-fit {source} --run {cfg.output_dir} --name {name}`), which writes "
-                                  "it anew")
-        summary[name] = {"k": record["k"], "mapping_kind": IMPORTED, "patch_level": None,
-                         "imported_from": record["imported_from"]}
-    return {n: FitArtifact.load(fits_dir / n) for n in scored_fit_names(cfg, imported)}, summary
-
-
-IMPORTED = "imported"  # an imported fit's mapping kind: the mapping came with its centres
-IMPORTED_FITS = "_imported.json"  # in fits/: per imported fit, its source and its files with sizes and checksums
-FIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-OWN_NAMES = re.compile(r"k\d+|baseline_.*|backbone_.*")  # the fit stage's names for its fits, with any settings
-
-
-def imported_fits(fits_dir: Path) -> dict[str, dict]:
-    """The fits imported into a run (`import_fit`), by name, in the order they were imported."""
-    path = Path(fits_dir) / IMPORTED_FITS
-    if not path.is_file():
-        return {}
-    try:
-        imported = dict(json.loads(path.read_text()))
-        if all(FIT_NAME.fullmatch(name) and isinstance(record, dict) for name, record in imported.items()):
-            return imported
-    except (ValueError, TypeError):
-        pass
-    raise StageIncomplete(f"{path} is damaged: delete it and the fit folders it named, then import those fits again "
-                          "(`python submit.py import-fit`)")
-
-
-def scored_fit_names(cfg: RunConfig, imported: dict[str, dict]) -> list[str]:
-    """The fits the label stage labels and the report scores: the main fit, the sweep, the imported
-    fits, the baseline (last)."""
-    names = fit_names(cfg)
-    return [*names[:-1], *imported, names[-1]]
-
-
-def fit_pixel_stride(cfg: RunConfig, name: str) -> int:
-    """The pixel stride a fit's labels are scored at: `label.sweep_pixel_stride` for the sweep's extra
-    fits (their labels are never written), every pixel for the main fit, the baseline and imported fits."""
-    return cfg.label.sweep_pixel_stride if name in fit_names(cfg)[1:-1] else 1
-
-
-def import_fit(cfg: RunConfig, plan: Plan, extract: Plan, model: str, fits: dict[str, FitArtifact], source: Path,
-               name: str, keys: tuple[str, str]) -> Path:
-    """Write the centres and mapping of another tool's .npz (`core.imported_fit`) as the fit
-    `fits/<name>` of this run, whose fit stage is complete (`fits`: its own fits). The fit is this run's
-    model's (its identity, as the run's own fits record it: the dimension is what can be checked) and
-    of the fit stage's plan; `fits/_imported.json` records it with its source's SHA-256 and its files.
-    The same file imported under the same name again does nothing, or writes the fit anew where its
-    files changed since."""
-    fits_dir = Layout(cfg.output_dir).fits
-    imported = imported_fits(fits_dir)
-    if not FIT_NAME.fullmatch(name) or OWN_NAMES.fullmatch(name):
-        raise FitError(f"--name {name!r}: name the imported fit with letters, digits, '.', '_' or '-' (starting with a "
-                       "letter or digit, at most 64), other than the names the fit stage gives (k<k>, baseline_*, "
-                       "backbone_*), e.g. --name seed_k300")
-    main = fits[fit_names(cfg)[0]]
-    centres = read_centre_file(source, main.feature_dim, keys)
-    same = [n for n, r in imported.items() if n != name and (r["imported_from"]["sha256"], r["imported_from"]["keys"])
-            == (centres.record["sha256"], centres.record["keys"])]
-    if same:
-        raise FitError(f"{source} holds the same centres as the fit {fits_dir / same[0]}, imported from "
-                       f"{imported[same[0]]['imported_from']['file']}: use that fit")
-    if name in imported:
-        if imported[name]["imported_from"] != centres.record:
-            raise FitError(f"--name {name!r}: {fits_dir / name} exists already (imported from "
-                           f"{imported[name]['imported_from']['file']}): choose another --name")
-        if not marker_problems(fits_dir.parent, imported[name], plan.key):
-            log.info("import-fit: %s was imported from %s already (same SHA-256 and keys): nothing to do", name, source)
-            return fits_dir / name
-        log.warning("import-fit: the files of %s changed since it was imported; writing it anew", fits_dir / name)
-    elif name in fits or (fits_dir / name).exists():  # e.g. fit_summary.json, which the fit's folder would replace
-        raise FitError(f"--name {name!r}: {fits_dir / name} exists already "
-                       f"({'a fit of this run' if name in fits else 'not a fit'}): choose another --name")
-    artifact = FitArtifact(centroids=centres.centroids, mapping=centres.mapping, mapping_kind=IMPORTED, meta={
-        "name": name, "k": len(centres.mapping), "plan_key": plan.key, "model_identity": extract.settings["model"],
-        "feature_kind": cfg.model.feature_kind, "feature_dim": main.feature_dim, "model": model,
-        "protocol": cfg.protocol, "imported_from": centres.record})
-    artifact.save(fits_dir / name)
-    imported[name] = {"plan_key": plan.key, "k": artifact.k, "imported_from": centres.record,
-                      "outputs": output_records(fits_dir.parent, sorted((fits_dir / name).iterdir()))}
-    write_json_atomic(imported, fits_dir / IMPORTED_FITS)
-    return fits_dir / name

@@ -9,16 +9,18 @@ import ray
 from ray.data import Dataset
 
 from actors.feature_reader import image_features
-from actors.label import LabelImages, label_fits, panoptic_rules
-from actors.score import ScoreSpec, finish_scores, score_image
+from actors.label import LabelImages, label_fits
+from actors.score import finish_scores, score_image
 from configs.schema import RunConfig
-from core.fit_artifact import FitArtifact
-from ray_jobs.fit import fit_pixel_stride
-from ray_jobs.layout import Layout, settings_key
-from ray_jobs.plans import Plan
+from core.clustering.fit_artifact import FitArtifact
+from storage.run.fits import fit_pixel_stride
+from storage.run.layout import Layout, settings_key
+from storage.run.plans import Plan
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, task_args
 from storage.datasets import ImageRecord
-from storage.shards import content_key, plan_shards, restrict_shards
+from storage.run.markers import content_key
+from storage.run.shards import plan_shards, restrict_shards
+from configs.specs import evaluation_spec
 
 
 def label_inputs(features: dict[str, dict], fits: dict[str, FitArtifact], human: np.ndarray | None = None) -> str:
@@ -46,7 +48,7 @@ def run_label(cfg: RunConfig, records: list[ImageRecord], plan: Plan, features: 
     fits_ref = ray.put(broadcast)
     config = cfg.model_dump(mode="json")
     shards = label_shards(cfg, records, features)
-    spec = score_spec(cfg, broadcast)
+    spec = evaluation_spec(cfg, label_fits(broadcast))
 
     def build(ds: Dataset) -> Dataset:
         ds = ds.flat_map(image_features, fn_kwargs={"config": config, "features_dir": str(layout.features)},
@@ -72,12 +74,3 @@ def broadcast_fits(cfg: RunConfig, fits: dict[str, FitArtifact], human: np.ndarr
     mappings = {n: fits[n].mapping for n in names} | ({} if human is None else {names[0]: human})
     return [{"name": n, "centroids": fits[n].centroids, "mapping": mappings[n], "stride": fit_pixel_stride(cfg, n),
              "prototypes": fits[n].extra_arrays.get("class_prototypes")} for n in names]
-
-
-def score_spec(cfg: RunConfig, fits: list[dict]) -> ScoreSpec:
-    """The scoring step's parameters: the run's evaluators and each fit's k and pixel stride."""
-    inference = cfg.inference
-    return ScoreSpec(evaluators=cfg.evaluators, sensitivity=cfg.report.sensitivity,
-                     fits=tuple((f.name, len(f.mapping), f.stride) for f in label_fits(fits)),
-                     num_folds=cfg.fit.heldout_folds, fold_seed=cfg.seed, rules=panoptic_rules(cfg),
-                     cause_view=(inference.short_side, inference.crop))

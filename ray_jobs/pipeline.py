@@ -1,6 +1,6 @@
 """The whole job: extract -> fit -> label -> report. Every stage also runs alone, reading what the
 stages before it left in output_dir, only when that is complete and made with these settings
-(`ray_jobs.plans`); each skips the work it finds already done."""
+(`storage.run.plans`); each skips the work it finds already done."""
 
 import json
 import logging
@@ -12,26 +12,28 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from actors.geometry import refuse_limits_no_image_meets
+from configs.geometry import refuse_limits_no_image_meets
 from configs.schema import RunConfig, recorded_config
-from core.human_mapping import load_human_mapping
-from core.labels import NUM_CLASSES
-from core.metrics import miou_rule_text
+from core.mapping.human import load_human_mapping
+from core.classes import NUM_CLASSES
+from core.evaluation.metrics import miou_rule_text
 from ray_jobs.atlas import run_atlas
 from ray_jobs.extract import run_extract
-from ray_jobs.feature_sets import FeatureShards, own_feature_set
-from ray_jobs.fit import (FITS_MARKER, extracted_model, fit_names, import_fit, recorded_fit_inputs, require_fits,
-                          run_fit)
+from storage.run.feature_sets import FeatureShards, own_feature_set
+from storage.run.fits import FITS_MARKER, extracted_model, fit_names, import_fit, recorded_fit_inputs, require_fits
+from ray_jobs.fit import run_fit
 from ray_jobs.label import label_inputs, label_shards, run_label
-from ray_jobs.layout import Layout
-from ray_jobs.plans import (StageIncomplete, extract_plan, fit_plan, label_plan, model_identity, plan_conflict,
+from storage.run.layout import Layout
+from storage.run.plans import (StageIncomplete, extract_plan, fit_plan, label_plan, model_identity, plan_conflict,
                             recorded_plan, refuse_conflicts, require_complete)
 from ray_jobs.report import run_report
 from ray_jobs.session import check_schedulable, init_ray
 from ray_jobs.streaming import stage_summary, write_failed_items
 from storage.datasets import ImageRecord, list_dataset
-from storage.lock import OutputLock, command_line
-from storage.shards import DONE_DIR, dataset_fingerprint, plan_shards, write_json_atomic, write_text_atomic
+from storage.run.lock import OutputLock, command_line
+from storage.run.markers import DONE_DIR
+from storage.run.shards import dataset_fingerprint, plan_shards
+from storage.run.atomic import write_json_atomic, write_text_atomic
 from storage.synth import generate_demo_dataset
 
 log = logging.getLogger(__name__)

@@ -11,23 +11,26 @@ import numpy as np
 from PIL import Image
 
 from configs.schema import RunConfig
-from core.analysis import absorption_table, cluster_purity, dead_centroid_summary
-from core.fit_artifact import FitArtifact
-from core.labels import CLASS_NAMES
+from core.reporting.analysis import absorption_table, cluster_purity, dead_centroid_summary
+from core.clustering.fit_artifact import FitArtifact
+from core.classes import CLASS_NAMES
 from core.evaluation.base import FOLD_SUFFIX, add_totals
-from core.label_image import LABELLINGS
-from core.metrics import semantic_scores
-from core.plots import plot_confusion, plot_few_shot, plot_miou_vs_k, plot_overlay_grid, plot_per_class_iou
-from core.protocols import confusion_from_cluster_counts, few_shot_scores, protocol_scores
-from core.report import PROTOCOL_TITLES, missed_classes, render_markdown
-from actors.label import label_request, label_variants
-from actors.score import build_evaluators
-from ray_jobs.fit import BACKBONE_COMPARISON, IMPORTED, fit_pixel_stride
-from ray_jobs.label import broadcast_fits, score_spec
-from ray_jobs.layout import Layout
+from core.labelling.image import LABELLINGS
+from core.evaluation.metrics import semantic_scores
+from core.reporting.plots import plot_confusion, plot_few_shot, plot_miou_vs_k, plot_overlay_grid, plot_per_class_iou
+from core.mapping.protocols import confusion_from_cluster_counts, few_shot_scores, protocol_scores
+from core.reporting.markdown import PROTOCOL_TITLES, missed_classes, render_markdown
+from configs.specs import label_request, label_variants
+from core.evaluation import build_evaluators
+from storage.run.fits import BACKBONE_COMPARISON, IMPORTED, fit_pixel_stride
+from ray_jobs.label import broadcast_fits
+from configs.specs import evaluation_spec
+from core.labelling.image import label_fits
+from storage.run.layout import Layout
 from ray_jobs.streaming import write_failed_items
 from storage.cityscapes_outputs import write_panoptic_json
-from storage.shards import read_verified, read_verified_npz, write_json_atomic, write_text_atomic
+from storage.run.markers import read_verified, read_verified_npz
+from storage.run.atomic import write_json_atomic, write_text_atomic
 
 
 def sum_scores(scores_dir: Path, markers: dict[str, dict]) -> tuple[dict[str, np.ndarray], int]:
@@ -112,7 +115,7 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
     names = list(fit_artifacts)  # main, sweep, imported, baseline (`fit.require_fits`)
     main, baseline = names[0], names[-1]
     totals, num_images = sum_scores(layout.scores, label_done)
-    results = {e.name: e.evaluate(totals) for e in build_evaluators(score_spec(cfg, broadcast_fits(cfg, fit_artifacts)))}
+    results = {e.name: e.evaluate(totals) for e in build_evaluators(evaluation_spec(cfg, label_fits(broadcast_fits(cfg, fit_artifacts))))}
     labelled_ids = {i for marker in label_done.values() for i in marker["image_ids"]}
     failed = write_failed_items(cfg.output_dir, extract_done, label_done)
     # an image that failed in extract usually fails again in label: count each image once

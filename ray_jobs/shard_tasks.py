@@ -17,10 +17,11 @@ import ray
 from tqdm import tqdm
 
 from core.errors import UserError
-from core.sampling import BoundedSample, patch_priorities, per_image_lowest
-from ray_jobs.feature_sets import FeatureShards
+from core.clustering.sampling import BoundedSample, patch_priorities, per_image_lowest
+from storage.run.feature_sets import FeatureShards
 from ray_jobs.streaming import user_errors_raised_as_themselves
-from storage.shards import features_from_table, read_verified_parquet
+from storage.features import features_from_table
+from storage.run.markers import read_verified_parquet
 
 REDUCE_CPUS = 0.1  # a reduction node only adds arrays: it must not queue behind the readers for a whole CPU
 
@@ -102,7 +103,7 @@ def add_arrays(a, b):
     return a + b
 
 
-# The fit sample: the rows of lowest priority (`core.sampling`), as (shard << 32 | row) ids first.
+# The fit sample: the rows of lowest priority (`core.clustering.sampling`), as (shard << 32 | row) ids first.
 
 def _shard_candidates(table, index: int, seed: int, cap: int, max_rows: int) -> BoundedSample:
     priorities, image_index = patch_priorities(table.column("image_id").to_numpy(zero_copy_only=False), seed)

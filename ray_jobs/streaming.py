@@ -1,7 +1,7 @@
 """Runs one stage as a streaming Ray Data plan over images, and finishes its shards exactly once.
 
 The plan's rows are images, each carrying its id and its shard (the output partition). Its last
-step writes each image's part (`storage.parts`) and returns the image's status row
+step writes each image's part (`storage.run.parts`) and returns the image's status row
 (`actors.rows.STATUS`). The driver reads only those rows: when every image of a shard has come
 out, it starts the shard's finish task (parts -> shard files -> completion marker). Nothing big
 reaches the driver, and Ray Data's backpressure bounds what is in flight between the steps.
@@ -12,7 +12,7 @@ Fault tolerance:
   - a killed driver leaves parts and markers: a re-run skips marked shards and, in the others,
     every image whose part exists, then finishes the shards;
   - a run whose settings differ from the stage directory's `_plan.json` is refused, never mixed
-    (`ray_jobs.plans`);
+    (`storage.run.plans`);
   - a marker whose files vanished or changed size is dropped and its shard done again.
 
 Why not Ray Data's own checkpointing (`DataContext.checkpoint_config`, Ray 2.60): it records the
@@ -40,9 +40,11 @@ from tqdm import tqdm
 from actors.rows import STATUS
 from core.errors import UserError
 from core.models import CheckpointError
-from ray_jobs.plans import Plan, StageIncomplete, check_plan
-from storage.parts import PARTS_DIR, clear_parts, staged_ids
-from storage.shards import STAGE_COMPLETE, marker_path, marker_problems, read_done, shard_records, write_json_atomic
+from storage.run.plans import Plan, StageIncomplete, check_plan
+from storage.run.parts import PARTS_DIR, clear_parts, staged_ids
+from storage.run.markers import STAGE_COMPLETE, marker_path, marker_problems, read_done
+from storage.run.shards import shard_records
+from storage.run.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,7 @@ def run_image_stream(name: str, stage_dir: Path, plan: Plan, shards: list[dict],
     `shards`: [{"shard", "records"}] (`storage.shards.plan_shards`). `build` turns a dataset of
     shard rows (the images still to do) into the dataset of status rows. `finish(shard_row,
     written_ids, failed)` starts the shard's finish and returns its ObjectRef (`finisher`).
-    `inputs`: the content key of what the stage reads (`ray_jobs.plans.check_plan`).
+    `inputs`: the content key of what the stage reads (`storage.run.plans.check_plan`).
     Returns every shard's marker.
     """
     check_plan(stage_dir, plan, inputs)
@@ -167,7 +169,7 @@ def run_image_stream(name: str, stage_dir: Path, plan: Plan, shards: list[dict],
     if missing:
         raise StageIncomplete(f"{name}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} did not finish; "
                               "run the stage again to resume")
-    # what another run's fit checks before it reads these shards (`ray_jobs.feature_sets`)
+    # what another run's fit checks before it reads these shards (`storage.run.feature_sets`)
     write_json_atomic({"plan_key": plan.key, "shards": [s["shard"] for s in shards]}, Path(stage_dir) / STAGE_COMPLETE)
     return {s["shard"]: done[s["shard"]] for s in shards}
 

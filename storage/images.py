@@ -13,8 +13,8 @@ from PIL import Image
 
 from core.errors import UserError
 from core.evaluation.base import GroundTruth
-from core.labels import LABEL_ID_TO_TRAIN_ID, MAX_LABEL_ID
-from core.panoptic import gt_panoptic
+from core.classes import LABEL_ID_TO_TRAIN_ID, MAX_LABEL_ID
+from core.evaluation.panoptic import gt_panoptic
 from storage import uris
 
 
@@ -29,7 +29,7 @@ class ImageLimits:
     max_pixels: int  # dataset.max_image_pixels
     max_aspect_ratio: float  # dataset.max_aspect_ratio
     # (height, width) -> what else is wrong with that size (the config's patch grid and windows:
-    # `actors.geometry.image_limits`), naming the limit and its key; None: nothing
+    # `configs.geometry.image_limits`), naming the limit and its key; None: nothing
     size_problem: Callable[[int, int], str | None] | None = None
 
     def too_large(self, pixels: str) -> str:

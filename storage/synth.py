@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from core.labels import CLASS_NAMES, TRAIN_ID_TO_LABEL_ID
+from core.classes import CLASS_NAMES, TRAIN_ID_TO_LABEL_ID
 from storage.images import safe_path, write_png_atomic
-from storage.shards import write_text_atomic
+from storage.run.atomic import write_text_atomic
 
 DEMO_CITIES = ("frankfurt", "lindau", "munster")
 LABEL_ID = {name: int(TRAIN_ID_TO_LABEL_ID[t]) for t, name in enumerate(CLASS_NAMES)}

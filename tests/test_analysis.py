@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from core.analysis import absorption_table, cluster_purity, dead_centroid_summary, dead_centroids
+from core.reporting.analysis import absorption_table, cluster_purity, dead_centroid_summary, dead_centroids
 
 
 def test_dead_centroids():

@@ -13,10 +13,10 @@ import ray
 from moto.server import ThreadedMotoServer
 
 from configs.schema import parse_config
-from core.fit_artifact import FitArtifact
+from core.clustering.fit_artifact import FitArtifact
 from core.errors import UserError
 from ray_jobs.apply import ApplyError, run_apply
-from ray_jobs.plans import model_identity
+from storage.run.plans import model_identity
 from ray_jobs.session import init_ray
 from storage.synth import generate_demo_dataset
 from tests.tiny_runs import one_colour_png, own_ray_cluster
@@ -114,12 +114,12 @@ def test_apply_labels_every_object_store_image_and_records_the_bad_one(s3_frames
 def test_apply_writes_the_features_when_asked_and_they_equal_extract(s3_frames, fit_dir, tmp_path):
     """apply.write_features: one streaming pass labels the images and keeps their patch features, in
     the extract schema (labels 255: unlabelled), the same features extract would write."""
-    from actors.geometry import image_limits, window_spec
+    from configs.geometry import image_limits, window_spec
     from actors.model_setup import model_spec
-    from core.dense import DenseFeatureExtractor
+    from core.inference.dense import DenseFeatureExtractor
     from core.models import build_feature_model
     from storage.images import read_rgb
-    from storage.shards import image_grids
+    from storage.features import image_grids
 
     cfg = parse_config({**apply_config(s3_frames, tmp_path / "out").model_dump(mode="json"), "apply": {"write_features": True}})
     summary = run_apply(cfg, fit_dir)

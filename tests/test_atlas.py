@@ -11,9 +11,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from core.atlas import EXAMPLES, THUMB, patch_box, render_html, thumbnail
-from core.fit_artifact import FitArtifact
-from core.human_mapping import HumanMappingError, load_human_mapping, mapping_document
+from core.reporting.atlas import EXAMPLES, THUMB, patch_box, render_html, thumbnail
+from core.clustering.fit_artifact import FitArtifact
+from core.mapping.human import HumanMappingError, load_human_mapping, mapping_document
 from ray_jobs.apply import run_apply
 from ray_jobs.pipeline import Pipeline
 from tests.tiny_runs import copy_run, tiny_config
@@ -74,7 +74,7 @@ def test_a_mapping_is_refused_unless_made_for_this_very_fit(tmp_path):
 
 def test_a_clusters_share_counts_the_pixels_its_patches_cover():
     from ray_jobs.atlas import _shard_members
-    from storage.shards import patch_schema, patch_table
+    from storage.features import patch_schema, patch_table
 
     small, large = np.zeros((2, 4, 4)), np.zeros((2, 4, 4))
     small[0], large[1] = 1, 1  # the small image's patches go to cluster 0, the large one's to cluster 1
@@ -163,8 +163,8 @@ def test_an_image_unreadable_at_atlas_time_is_listed_and_the_rest_is_written(atl
     import dataclasses
 
     from ray_jobs.atlas import run_atlas
-    from ray_jobs.feature_sets import FeatureShards
-    from storage.shards import read_done
+    from storage.run.feature_sets import FeatureShards
+    from storage.run.markers import read_done
 
     cfg, out = atlas_run
     records = Pipeline(cfg).records

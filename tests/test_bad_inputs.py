@@ -21,10 +21,13 @@ from PIL import Image
 from actors.extract import finish_features, image_windows, write_features
 from actors.window_features import WindowFeatures
 from core.models import CheckpointError, ModelSpec, ViTSpec, build_feature_model
-from ray_jobs.fit import FitError, run_fit
+from storage.run.fits import FitError
+from ray_jobs.fit import run_fit
 from ray_jobs.pipeline import Pipeline
 from storage.datasets import DatasetError, list_cityscapes, list_image_folder
-from storage.shards import patch_schema, patch_table, plan_shards, read_done
+from storage.features import patch_schema, patch_table
+from storage.run.shards import plan_shards
+from storage.run.markers import read_done
 from tests.tiny_runs import NUM_IMAGES, extract_stage_plan, feature_ids, one_colour_png, tiny_config, write_extracted
 
 REPO = Path(__file__).resolve().parent.parent

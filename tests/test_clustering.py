@@ -2,8 +2,8 @@ import faiss
 import numpy as np
 import pytest
 
-from core.clustering import (assign_clusters, check_features, fit_kmeans, inertia, kmeans_plusplus, l2_normalize,
-                             lloyd, lloyd_partial, lloyd_update)
+from core.clustering.kmeans import assign_clusters, check_features, fit_kmeans, inertia, kmeans_plusplus, l2_normalize
+from core.clustering.lloyd import lloyd, lloyd_partial, lloyd_update
 
 S = np.sqrt(0.5)
 

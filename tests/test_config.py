@@ -84,7 +84,7 @@ CITYSCAPES_WINDOWS = {"short_side": 322, "crop": 322, "stride": 161}
 @pytest.mark.parametrize("protocol, scales", [("official", [1.0]), ("official", [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]),
                                               ("seed", [0.75, 1.0, 1.25, 1.5, 1.75, 2.0]), ("cause", [1.0])])
 def test_the_default_image_limits_pass_cityscapes_frames_at_scales_up_to_2_and_large_photos(protocol, scales):
-    from actors.geometry import image_limits, image_window_count
+    from configs.geometry import image_limits, image_window_count
     cfg = parse_config({"protocol": protocol, "inference": {**CITYSCAPES_WINDOWS, "scales": scales}})
     limits = image_limits(cfg)
     for hw in [(1024, 2048), (8000, 8000), (6000, 9000), (64, 128)]:
@@ -96,7 +96,7 @@ def test_the_default_image_limits_pass_cityscapes_frames_at_scales_up_to_2_and_l
 
 
 def test_an_image_cut_into_too_many_windows_names_the_key_that_raises_the_limit():
-    from actors.geometry import image_limits
+    from configs.geometry import image_limits
     cfg = parse_config({"inference": {**CITYSCAPES_WINDOWS, "scales": [1.0, 2.0], "max_windows_per_image": 20}})
     limits = image_limits(cfg)
     assert limits.problem(1024, 1500) is None  # 3 + 14 windows

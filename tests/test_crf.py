@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from core.crf import dense_crf, softmax
+from core.refine.crf import dense_crf, softmax
 
 
 def _scene(seed=0, h=40, w=60, flip=0.15):

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.dense import DenseFeatureExtractor, normalize
-from core.windows import WindowSpec, cut_windows, resized_size, stitch_windows, window_starts
+from core.inference.dense import DenseFeatureExtractor, normalize
+from core.inference.windows import WindowSpec, cut_windows, resized_size, stitch_windows, window_starts
 
 
 class PatchConv(nn.Module):

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import ray
 
-from core.clustering import fit_kmeans, lloyd, lloyd_partial
+from core.clustering.kmeans import fit_kmeans
+from core.clustering.lloyd import lloyd, lloyd_partial
 from ray_jobs.distributed_lloyd import distributed_lloyd, lloyd_pass
-from storage.shards import patch_schema, patch_table, write_parquet_atomic
+from storage.features import patch_schema, patch_table
+from storage.run.atomic import write_parquet_atomic
 from tests.tiny_runs import own_ray_cluster
 
 OWN_RAY_CLUSTER = True  # starts a cluster of its own settings: runs after the shared-cluster modules

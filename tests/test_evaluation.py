@@ -12,10 +12,10 @@ from configs.schema import ConfigError, RefineConfig
 from core.evaluation.base import (FOLD_SUFFIX, ImageToScore, LabelMap, PanopticRules, Segmenter, add_images,
                                   add_totals)
 from core.evaluation.official import OfficialEvaluator
-from core.evaluation.seed import SeedEvaluator
-from core.label_image import ImageLabeller, ImageLabels, LabelFit, LabelRequest
-from core.metrics import confusion_matrix
-from core.panoptic import _compact, connected_components, gt_panoptic, panoptic_from_train_ids, pq_stats
+from core.evaluation.paper import SeedEvaluator
+from core.labelling.image import ImageLabeller, ImageLabels, LabelFit, LabelRequest
+from core.evaluation.metrics import confusion_matrix
+from core.evaluation.panoptic import _compact, connected_components, gt_panoptic, panoptic_from_train_ids, pq_stats
 from storage.images import GroundTruth
 from ray_jobs.pipeline import Pipeline
 from tests.tiny_runs import copy_run, report_metrics, tiny_config
@@ -79,7 +79,7 @@ def test_a_label_map_shared_by_two_targets_is_segmented_and_scored_once():
 
 def test_a_strided_target_gets_a_confusion_on_its_pixels_and_no_segments():
     gt = blobs(seed=5)
-    pred = blobs(seed=6)[1::3, 1::3]  # core.labelling.subsample at stride 3 keeps pixels 1, 4, ...
+    pred = blobs(seed=6)[1::3, 1::3]  # core.labelling.assign.subsample at stride 3 keeps pixels 1, 4, ...
     counts = OfficialEvaluator().process(image_to_score({"fit/k50/full": LabelMap(pred, stride=3)}, truth_of(gt)))
     np.testing.assert_array_equal(counts["official/confusion/fit/k50/full"], confusion_matrix(gt[1::3, 1::3], pred, 19))
     assert "official/pq/fit/k50/full" not in counts

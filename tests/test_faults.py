@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from ray._private.state import actors as actor_table
 
-from core.labels import IGNORE
+from core.classes import IGNORE
 from ray_jobs.pipeline import Pipeline
 from storage.images import read_train_ids
 from storage.synth import generate_demo_dataset

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from core import fit_artifact
-from core.fit_artifact import FitArtifact, FitArtifactError
+from core.clustering import fit_artifact
+from core.clustering.fit_artifact import FitArtifact, FitArtifactError
 
 
 def _artifact(k=3, dim=4, kind="majority", seed=0):

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from configs.schema import ConfigError, parse_config
-from core.fit_artifact import FitArtifact
-from core.sampling import BoundedSample, image_fold, patch_priorities, per_image_lowest
-from ray_jobs.feature_sets import FeatureSetError, FeatureShards
-from ray_jobs.fit import FitError, baseline_centroids, count_cluster_classes, gather_sample, run_fit
-from storage.shards import features_from_table, patch_schema, patch_table, read_done
+from core.clustering.fit_artifact import FitArtifact
+from core.clustering.sampling import BoundedSample, image_fold, patch_priorities, per_image_lowest
+from storage.run.feature_sets import FeatureSetError, FeatureShards
+from storage.run.fits import FitError
+from ray_jobs.fit import baseline_centroids, count_cluster_classes, gather_sample, run_fit
+from storage.features import features_from_table, patch_schema, patch_table
+from storage.run.markers import read_done
 from tests.tiny_runs import write_extracted
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -198,7 +200,7 @@ def test_fit_on_the_unlabelled_run_map_on_a_labelled_one(tmp_path):
 
 
 def test_a_feature_set_that_is_not_usable_is_refused_with_the_fix(tmp_path):
-    from ray_jobs.feature_sets import FeatureSetError
+    from storage.run.feature_sets import FeatureSetError
     write_unlabelled(tmp_path / "frames")
     cfg = config(tmp_path / "run", features=[{"path": str(tmp_path / "frames")}])
     args = write_shards(cfg)
@@ -233,7 +235,7 @@ def test_the_config_refuses_a_mapping_set_with_heldout_folds():
 
 
 def test_one_set_named_twice_a_histograms_folder_and_nan_features_are_refused(tmp_path):
-    from ray_jobs.feature_sets import FeatureSetError
+    from storage.run.feature_sets import FeatureSetError
     write_unlabelled(tmp_path / "frames")
     frames = str(tmp_path / "frames")
     cfg = config(tmp_path / "run")
@@ -371,8 +373,9 @@ def test_compare_backbone_on_features_without_ground_truth_is_refused_with_the_f
     """The backbone comparison maps on this run's own patches; the run's fits may be mapped on another set."""
     import shutil
     from ray_jobs.fit import backbone_comparison
-    from ray_jobs.layout import Layout
-    from storage.shards import backbone_path, mark_done, output_records
+    from storage.run.layout import Layout
+    from storage.features import backbone_path
+    from storage.run.markers import mark_done, output_records
     cfg, _ = write_unlabelled(tmp_path)
     features = tmp_path / "features"
     marker = read_done(features)["shard-00000"]

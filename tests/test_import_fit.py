@@ -11,11 +11,11 @@ import pytest
 
 import submit
 from configs.schema import parse_config
-from core.fit_artifact import FitArtifact
-from core.imported_fit import MAX_VALUES, CentreFileError, read_centre_file
+from core.clustering.fit_artifact import FitArtifact
+from core.clustering.imported import MAX_VALUES, CentreFileError, read_centre_file
 from ray_jobs.apply import run_apply
 from ray_jobs.pipeline import Pipeline
-from ray_jobs.plans import StageIncomplete
+from storage.run.plans import StageIncomplete
 from tests.tiny_runs import copy_run
 
 D = 32  # the tiny run's feature dimension (a 32-d ViT's backbone tokens)

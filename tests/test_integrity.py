@@ -22,13 +22,15 @@ from PIL import Image
 import submit
 from configs.schema import ConfigError, parse_config
 from ray_jobs.apply import ApplyError, run_apply
-from ray_jobs.feature_sets import FeatureShards
+from storage.run.feature_sets import FeatureShards
 from ray_jobs.fit import gather_sample
 from ray_jobs.pipeline import Pipeline
 from ray_jobs.session import ClusterTooSmall
 from storage.datasets import list_image_folder
 from storage.images import InputError, read_ground_truth, safe_path
-from storage.shards import patch_schema, patch_table, read_done, write_parquet_atomic
+from storage.features import patch_schema, patch_table
+from storage.run.markers import read_done
+from storage.run.atomic import write_parquet_atomic
 from storage.synth import generate_demo_dataset
 from tests.tiny_runs import copy_run, report_metrics, tiny_config, write_extracted
 
@@ -242,7 +244,7 @@ def test_7_a_refused_run_changes_nothing(tiny_run, tmp_path, capsys):
 
 HOLD_THE_LOCK = """
 import sys, time
-from storage.lock import OutputLock
+from storage.run.lock import OutputLock
 with OutputLock(sys.argv[1], "submit.py run (the first job)"):
     print("held", flush=True)
     time.sleep(120)

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from core.labelling import PixelAssigner, bilinear_weights, clusters_to_train_ids, subsample
-from core.mapping import cluster_class_counts
+from core.labelling.assign import PixelAssigner, bilinear_weights, clusters_to_train_ids, subsample
+from core.mapping.majority import cluster_class_counts
 
 
 def test_bilinear_weights_match_torch_interpolate():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from core.mapping import cluster_class_counts, hungarian_mapping, majority_mapping, predict_classes
+from core.mapping.majority import cluster_class_counts, hungarian_mapping, majority_mapping, predict_classes
 
 # 5 clusters x 3 classes; column totals [11, 4, 8]
 COUNTS = np.array([[5, 1, 0],

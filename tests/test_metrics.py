@@ -4,7 +4,7 @@ import warnings
 import numpy as np
 import pytest
 
-from core.metrics import (confusion_matrix, iou_per_class, mean_iou, patch_majority_labels, pixel_accuracy,
+from core.evaluation.metrics import (confusion_matrix, iou_per_class, mean_iou, patch_majority_labels, pixel_accuracy,
                           semantic_scores)
 
 # 4 classes; class 3 appears only as a prediction on ignore pixels, so it is absent from both.

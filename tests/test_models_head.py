@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.dense import DenseFeatureExtractor, WindowModel
-from core.windows import WindowSpec
+from core.inference.dense import DenseFeatureExtractor, WindowModel
+from core.inference.windows import WindowSpec
 from core.models import ModelSpec, ViTSpec, build_feature_model
 from core.models.segment_tr import SegmentTR, codebook_index, quantize
 

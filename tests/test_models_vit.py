@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from core.dense import DenseFeatureExtractor
-from core.windows import WindowSpec
+from core.inference.dense import DenseFeatureExtractor
+from core.inference.windows import WindowSpec
 from core.models import ModelSpec, ViTSpec, build_feature_model
 from core.models.vit import VisionTransformer
 

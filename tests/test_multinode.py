@@ -14,7 +14,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from core.labels import IGNORE
+from core.classes import IGNORE
 from ray_jobs.pipeline import Pipeline
 from storage.images import read_train_ids
 from tests.tiny_runs import NUM_IMAGES, PATCHES_PER_IMAGE, feature_ids, own_ray_cluster, scored_ids, tiny_config

@@ -9,7 +9,7 @@ writers; the official pixel-level and panoptic evaluators read them back.
 Pixel level: the official script scores IoU per labelId as TP / (TP + FP + FN) with FP counted
 only on non-ignored ground truth and FN including predictions of non-evaluated ids, and leaves a
 class out of the mean (NaN) when TP + FP + FN = 0, i.e. when it is absent from both the ground
-truth and the prediction on valid pixels. `core.metrics` does the same (its column C is the
+truth and the prediction on valid pixels. `core.evaluation.metrics` does the same (its column C is the
 official "predicted a non-evaluated id"), so the two agree exactly; a class predicted on valid
 pixels but absent from the ground truth (truck, below) scores 0 and counts in both means.
 """
@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.labels import CLASS_NAMES, TRAIN_ID_TO_LABEL_ID, label_ids_to_train_ids
-from core.metrics import confusion_matrix, iou_per_class, mean_iou
-from core.panoptic import gt_panoptic, panoptic_from_train_ids, pq_scores, pq_stats
+from core.classes import CLASS_NAMES, TRAIN_ID_TO_LABEL_ID, label_ids_to_train_ids
+from core.evaluation.metrics import confusion_matrix, iou_per_class, mean_iou
+from core.evaluation.panoptic import gt_panoptic, panoptic_from_train_ids, pq_scores, pq_stats
 from storage.cityscapes_outputs import (convert_gt_panoptic, panoptic_json_path, rgb_to_panoptic, write_image_predictions,
                                         write_panoptic_json)
 

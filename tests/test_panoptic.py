@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from core.labels import CLASS_NAMES
-from core.panoptic import (FN, FP, IOU_SUM, TP, gt_panoptic, instance_ids_map, panoptic_from_train_ids, pq_scores,
+from core.classes import CLASS_NAMES
+from core.evaluation.panoptic import (FN, FP, IOU_SUM, TP, gt_panoptic, instance_ids_map, panoptic_from_train_ids, pq_scores,
                            pq_stats)
 
 ROAD, SKY, PERSON, CAR = 0, 10, 11, 13  # trainIds

@@ -10,8 +10,9 @@ import pytest
 from actors.extract import finish_features, image_windows, write_features
 from actors.window_features import WindowFeatures
 from storage.datasets import list_cityscapes
-from storage.parts import read_part, staged_ids, write_part
-from storage.shards import plan_shards, read_done
+from storage.run.parts import read_part, staged_ids, write_part
+from storage.run.shards import plan_shards
+from storage.run.markers import read_done
 from storage.synth import generate_demo_dataset
 from tests.tiny_runs import tiny_config
 
@@ -74,7 +75,7 @@ def test_an_image_smaller_than_its_patch_grid_is_an_input_error(tmp_path):
 def test_the_assignment_does_not_depend_on_the_feature_scale(scale):
     """Cosine argmax: features scaled by any factor give the same clusters (the kernel's tie
     tolerance is relative)."""
-    from core.labelling import PixelAssigner
+    from core.labelling.assign import PixelAssigner
     rng = np.random.default_rng(3)
     features = rng.normal(size=(8, 6, 11)).astype(np.float32)
     centroids = rng.normal(size=(200, 8))

@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs.schema import parse_config
-from core.dense import DenseFeatureExtractor
+from core.inference.dense import DenseFeatureExtractor
 from core.errors import UserError
 from core.models import ModelSpec, ViTSpec, build_feature_model
-from core.windows import WindowSpec
+from core.inference.windows import WindowSpec
 from ray_jobs.pipeline import Pipeline
 from storage.images import ImageLimits, read_rgb
 from tests.official import official_panoptic, official_pixel_level

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.labels import CLASS_NAMES, colorize_train_ids
-from core.plots import plot_confusion, plot_overlay_grid, plot_per_class_iou
+from core.classes import CLASS_NAMES, colorize_train_ids
+from core.reporting.plots import plot_confusion, plot_overlay_grid, plot_per_class_iou
 
 
 def _only_png(folder, name):

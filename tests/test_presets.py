@@ -12,13 +12,13 @@ from sklearn.cluster import MiniBatchKMeans
 
 from actors.extract import patch_labels
 from configs.schema import ConfigError, parse_config
-from core.cause_eval import crop_clusters, crop_counts, hungarian_scores
-from core.crf import dense_crf
-from core.seed_postprocess import denoise_by_prototypes, diffuse_by_neighbours
-from core.clustering import assign_euclidean, fit_seed_minibatch
-from core.dense import WindowModel
-from core.label_image import ImageLabeller, LabelFit, LabelRequest
-from core.windows import StoredWindows, WindowSpec, cause_view, cut_windows, layout_axis_weights, stitch_windows
+from core.evaluation.cause_rules import crop_clusters, crop_counts, hungarian_scores
+from core.refine.crf import dense_crf
+from core.refine.paper_heuristics import denoise_by_prototypes, diffuse_by_neighbours
+from core.clustering.kmeans import assign_euclidean, fit_seed_minibatch
+from core.inference.dense import WindowModel
+from core.labelling.image import ImageLabeller, LabelFit, LabelRequest
+from core.inference.windows import StoredWindows, WindowSpec, cause_view, cut_windows, layout_axis_weights, stitch_windows
 from configs.schema import RefineConfig
 
 SPEC = WindowSpec(short_side=112, crop=112, stride=56)  # 128x256 -> 112x224: windows at x = 0, 56, 112
@@ -255,7 +255,7 @@ def test_the_cause_crop_runs_apart_and_comes_back_in_place():
 
 
 def test_compare_names_each_runs_protocol_and_scores_all_runs_the_same_ways():
-    from core.report import render_comparison
+    from core.reporting.markdown import render_comparison
 
     def report(protocol, own, full, scored_pixels=100):
         level = {"miou": own, "per_class_iou": {"road": own}}

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from core.protocols import (confusion_from_cluster_counts, few_shot_scores, heldout_mappings, label_free_mapping,
+from core.mapping.protocols import (confusion_from_cluster_counts, few_shot_scores, heldout_mappings, label_free_mapping,
                             protocol_scores)
 
 NAMES = ["a", "b"]

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from core.labelling import PixelAssigner, bilinear_weights
-from core.labels import IGNORE
-from core.panoptic import panoptic_from_train_ids
-from core.refine import (_superpixel_em, _superpixel_input, em_refine, em_step, refine_labels_by_superpixels,
-                         refine_semantic, soft_kmeans_objective, split_things, superpixels)
+from core.labelling.assign import PixelAssigner, bilinear_weights
+from core.classes import IGNORE
+from core.evaluation.panoptic import panoptic_from_train_ids
+from core.refine.superpixels import _superpixel_em, _superpixel_input, refine_labels_by_superpixels, superpixels
+from core.refine.em import em_refine, em_step, refine_semantic, soft_kmeans_objective
+from core.refine.things import split_things
 
 # ---- one EM step by hand ---------------------------------------------------------------------
 # 3 points, 2 centres, tau = 0.5. The numbers below were computed separately with Python's math
@@ -265,7 +266,7 @@ def test_superpixel_em_objective_never_increases():
 
 
 def test_feature_sampling_matches_the_labelling_convention():
-    from core.refine import _grid_scale, _sample_features, _upsample_features
+    from core.refine.em import grid_scale as _grid_scale, sample_features as _sample_features, upsample_features as _upsample_features
     rng = np.random.default_rng(0)
     features = rng.standard_normal((5, 4, 6)).astype(np.float32)
     image_hw, resized_hw, patch = (30, 50), (20, 33), 6  # the grid overhangs the resized image

@@ -4,7 +4,7 @@ finishes with the same centroids (bytes) and report metrics as an uninterrupted 
 import json
 
 from ray_jobs.pipeline import Pipeline
-from storage.shards import marker_path
+from storage.run.markers import marker_path
 from tests.tiny_runs import NUM_IMAGES, centroid_bytes, feature_ids, report_metrics, scored_ids, tiny_config
 
 

@@ -1,6 +1,6 @@
 import numpy as np
 
-from core.sampling import BoundedSample, patch_priorities, per_image_lowest
+from core.clustering.sampling import BoundedSample, patch_priorities, per_image_lowest
 
 
 def _sample(image_ids: np.ndarray, cap: int, seed: int) -> set[tuple[str, int]]:

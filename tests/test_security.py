@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.schema import parse_config
-from core.panoptic import panoptic_from_train_ids
+from core.evaluation.panoptic import panoptic_from_train_ids
 from ray_jobs import session
 from storage.cityscapes_outputs import write_image_predictions
 from storage.datasets import ImageRecord, list_cityscapes
@@ -135,11 +135,12 @@ def _label(cfg, tmp_path, rows):
     import torch
 
     from actors.score import score_image
-    from ray_jobs.label import score_spec
+    from configs.specs import evaluation_spec
+    from core.labelling.image import label_fits
     threads = torch.get_num_threads()
     try:
         actor, fits = _label_actor(cfg, tmp_path)
-        spec = score_spec(cfg, fits)
+        spec = evaluation_spec(cfg, label_fits(fits))
         return [score_image(actor(row), spec, str(tmp_path / "out" / "scores"), "test-plan", str(tmp_path / "out" / "labels"), "val") for row in rows], fits
     finally:
         torch.set_num_threads(threads)
@@ -155,7 +156,7 @@ def test_a_hostile_image_id_writes_nothing_outside(tmp_path, hostile_rows):
 
 def test_a_hostile_image_id_is_a_failed_item_and_the_shard_completes(tmp_path, hostile_rows):
     from actors.score import finish_scores
-    from storage.shards import read_done
+    from storage.run.markers import read_done
     cfg, rows, shard_row = hostile_rows
     (good, bad), fits = _label(cfg, tmp_path, rows)
     failed = [{"image_id": bad["image_id"], "path": bad["path"], "stage": "label", "error": bad["error"]}]

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from configs.schema import parse_config
-from core.crf import dense_crf
-from core.seed_baseline import (is_one_window, merged_log_probs, seed_baseline_labels, seed_common_size, seed_scale_layout,
+from core.refine.crf import dense_crf
+from core.labelling.paper_baseline import (is_one_window, merged_log_probs, seed_baseline_labels, seed_common_size, seed_scale_layout,
                                 seed_scale_windows)
 
 CROP, PATCH, DIM = 112, 14, 5
@@ -136,7 +136,7 @@ def test_config_keeps_the_seeds_short_side_at_its_window_size():
 
 
 def test_extract_cuts_only_the_seed_scales_whose_windows_differ_from_the_base_scale():
-    from actors.geometry import extra_seed_layouts, seed_baseline_scales, seed_scale_layouts
+    from configs.geometry import extra_seed_layouts, seed_baseline_scales, seed_scale_layouts
 
     cfg = parse_config({"protocol": "seed", "inference": {"scales": [0.75, 1.0, 1.5]}})
     base, per_scale = seed_scale_layouts(cfg, (1024, 2048))
@@ -152,7 +152,7 @@ def test_extract_cuts_only_the_seed_scales_whose_windows_differ_from_the_base_sc
 
 
 def test_stored_windows_unpack_with_and_without_the_seed_scales():
-    from actors.geometry import pack_windows, stored_window_count, unpack_windows
+    from configs.geometry import pack_windows, stored_window_count, unpack_windows
 
     cfg = parse_config({"protocol": "seed", "model": {"vit": {"embed_dim": 32, "num_heads": 2}},
                         "inference": {"short_side": 112, "crop": 112, "stride": 56, "scales": [0.75, 1.0, 1.5]}})

@@ -1,11 +1,11 @@
-"""The seed paper's evaluator (core.seed_eval): exact answers worked out by hand on tiny arrays."""
+"""The seed paper's evaluator (core.evaluation.paper_rules): exact answers worked out by hand on tiny arrays."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from core.labels import CLASS_NAMES
-from core.seed_eval import (SEED_EVAL_HW, resize_nearest, seed_confusion, seed_ground_truth, seed_pq_scores,
+from core.classes import CLASS_NAMES
+from core.evaluation.paper_rules import (SEED_EVAL_HW, resize_nearest, seed_confusion, seed_ground_truth, seed_pq_scores,
                             seed_pq_stats, seed_semantic_scores)
 
 V = 255

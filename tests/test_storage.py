@@ -8,8 +8,10 @@ from PIL import Image
 
 from storage.datasets import DatasetError, ImageRecord, list_cityscapes, list_image_folder
 from storage.images import ImageLimits, InputError, read_rgb, read_train_ids, safe_path, write_png_atomic
-from storage.shards import (dataset_fingerprint, features_from_table, mark_done, patch_schema, patch_table, plan_shards, read_done,
-                            shard_records, write_parquet_atomic)
+from storage.run.shards import dataset_fingerprint, plan_shards, shard_records
+from storage.features import features_from_table, patch_schema, patch_table
+from storage.run.markers import mark_done, read_done
+from storage.run.atomic import write_parquet_atomic
 from tests.tiny_runs import one_colour_png
 
 

@@ -12,8 +12,8 @@ import torch
 import ray_jobs.extract
 from core.models import ModelSpec, ViTSpec, build_feature_model
 from ray_jobs.pipeline import Pipeline
-from storage.parts import staged_ids
-from storage.shards import read_done
+from storage.run.parts import staged_ids
+from storage.run.markers import read_done
 from tests.tiny_runs import NUM_IMAGES, PATCHES_PER_IMAGE, feature_ids, scored_ids, tiny_config
 
 
@@ -69,12 +69,12 @@ def test_a_failed_finish_keeps_the_parts_and_the_rerun_uses_them(ray_cluster, de
 def test_streamed_features_equal_the_one_process_extractor(ray_cluster, demo_root, tmp_path):
     """What the stream wrote (decode and windows in one task, the model in an actor, stitching in a
     third) is what DenseFeatureExtractor computes in one process, up to float16 storage."""
-    from actors.geometry import image_limits, window_spec
+    from configs.geometry import image_limits, window_spec
     from actors.model_setup import model_spec
-    from core.dense import DenseFeatureExtractor
+    from core.inference.dense import DenseFeatureExtractor
     from storage.datasets import list_cityscapes
     from storage.images import read_rgb
-    from storage.shards import image_grids
+    from storage.features import image_grids
 
     cfg = tiny_config(demo_root, tmp_path / "out")
     Pipeline(cfg).run(("extract",))

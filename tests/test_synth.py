@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.labels import LABEL_ID_TO_TRAIN_ID, NUM_CLASSES, THING_TRAIN_IDS, TRAIN_ID_TO_LABEL_ID
+from core.classes import LABEL_ID_TO_TRAIN_ID, NUM_CLASSES, THING_TRAIN_IDS, TRAIN_ID_TO_LABEL_ID
 from storage.datasets import list_cityscapes
 from storage.images import ImageLimits, read_rgb, read_train_ids
 from storage.synth import generate_demo_dataset, render_scene

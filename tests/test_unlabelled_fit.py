@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from core.fit_artifact import FitArtifact
+from core.clustering.fit_artifact import FitArtifact
 from ray_jobs.apply import run_apply
-from ray_jobs.feature_sets import FeatureSetError, open_feature_set
+from storage.run.feature_sets import FeatureSetError, open_feature_set
 from ray_jobs.pipeline import Pipeline
-from ray_jobs.plans import model_identity
+from storage.run.plans import model_identity
 from storage.synth import generate_unlabelled_frames
 from tests.tiny_runs import tiny_config
 

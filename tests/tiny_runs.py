@@ -96,8 +96,8 @@ def scored_ids(output_dir: Path) -> list[str]:
 
 def extract_stage_plan(cfg, records):
     """Record the extract plan of `records` in cfg's features/ (as the stage does) -> the fit's plan arguments."""
-    from ray_jobs.layout import Layout
-    from ray_jobs.plans import check_plan, extract_plan, fit_plan, model_identity
+    from storage.run.layout import Layout
+    from storage.run.plans import check_plan, extract_plan, fit_plan, model_identity
 
     extract = extract_plan(cfg, records, model_identity(cfg))
     check_plan(Layout(cfg.output_dir).features, extract)
@@ -109,10 +109,12 @@ def write_extracted(cfg, tables) -> tuple:
     markers and the stage's plan. Returns `run_fit`'s arguments after cfg."""
     import pyarrow.compute as pc
 
-    from ray_jobs.layout import Layout
+    from storage.run.layout import Layout
     from storage.datasets import ImageRecord
-    from storage.shards import (STAGE_COMPLETE, dataset_fingerprint, feature_path, mark_done, output_records,
-                                write_json_atomic, write_parquet_atomic)
+    from storage.run.markers import STAGE_COMPLETE, mark_done, output_records
+    from storage.run.shards import dataset_fingerprint
+    from storage.features import feature_path
+    from storage.run.atomic import write_json_atomic, write_parquet_atomic
 
     features = Layout(cfg.output_dir).features
     shard_ids = [list(dict.fromkeys(t.column("image_id").to_pylist())) for t in tables]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.panoptic import Panoptic, panoptic_from_train_ids
+from core.evaluation.panoptic import Panoptic, panoptic_from_train_ids
 
 FOLD_SUFFIX = "@fold"
 
@@ -29,7 +29,7 @@ FOLD_SUFFIX = "@fold"
 @dataclass(frozen=True)
 class LabelMap:
     """One labelling of one image, to be scored: trainIds (255 = none), at every pixel or, with
-    `stride` s, at every s-th pixel in each direction (`core.labelling.subsample` of the image)."""
+    `stride` s, at every s-th pixel in each direction (`core.labelling.assign.subsample` of the image)."""
 
     train_ids: np.ndarray  # (H, W) uint8, or its stride subsample
     instances: np.ndarray | None = None  # (H, W) int instance ids of thing pixels, where a variant makes them
@@ -70,7 +70,7 @@ class GroundTruth:
     label_ids: np.ndarray  # (H, W) uint8 Cityscapes labelIds
     train_ids: np.ndarray  # (H, W) uint8 trainIds, 255 = void
     instance_ids: np.ndarray  # (H, W) Cityscapes instanceIds
-    panoptic: Panoptic  # the official ground-truth segments (`core.panoptic.gt_panoptic`)
+    panoptic: Panoptic  # the official ground-truth segments (`core.evaluation.panoptic.gt_panoptic`)
 
 
 @dataclass

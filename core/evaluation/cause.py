@@ -1,13 +1,13 @@
-"""CAUSE's test protocol for the baseline (test_tr.py), as `core.cause_eval` implements it: the
+"""CAUSE's test protocol for the baseline (test_tr.py), as `core.evaluation.cause_rules` implements it: the
 baseline's clusters on the 322 centre crop (made by the label step, without and with CAUSE's CRF)
 against the crop's 27 classes, one Hungarian matching over the (cluster, class) table of all crops."""
 
 import numpy as np
 
-from core.cause_eval import crop_counts, hungarian_scores
+from core.evaluation.cause_rules import crop_counts, hungarian_scores
 from core.evaluation.base import Evaluator, ImageToScore
-from core.labels import NUM_CLASSES_27
-from core.windows import cause_view
+from core.classes import NUM_CLASSES_27
+from core.inference.windows import cause_view
 
 CROPS = ("crop", "crop+crf")
 

@@ -2,9 +2,9 @@
 
 Per fit: the (cluster, class) pixel counts of its labels on the image's valid pixels, by held-out
 fold: every mapping protocol's mIoU (same-set, held-out, label-free, few-shot, human) is computed
-from them in the report (`core.protocols`). Per target: the confusion matrix (`core.metrics`:
+from them in the report (`core.mapping.protocols`). Per target: the confusion matrix (`core.evaluation.metrics`:
 void pixels skipped, a pixel predicted 255 is a miss) and, at every pixel, the panoptic match
-statistics (`core.panoptic`: IoU > 0.5, void and crowd rules). tests/test_official_eval.py checks
+statistics (`core.evaluation.panoptic`: IoU > 0.5, void and crowd rules). tests/test_official_eval.py checks
 both against cityscapesscripts itself.
 """
 
@@ -13,11 +13,11 @@ from collections.abc import Callable
 import numpy as np
 
 from core.evaluation.base import FOLD_SUFFIX, Evaluator, ImageToScore
-from core.labelling import subsample
-from core.labels import CLASS_NAMES, NUM_CLASSES
-from core.mapping import cluster_class_counts
-from core.metrics import confusion_matrix, semantic_scores
-from core.panoptic import pq_scores, pq_stats, segment_index
+from core.labelling.assign import subsample
+from core.classes import CLASS_NAMES, NUM_CLASSES
+from core.mapping.majority import cluster_class_counts
+from core.evaluation.metrics import confusion_matrix, semantic_scores
+from core.evaluation.panoptic import pq_scores, pq_stats, segment_index
 
 
 class OfficialEvaluator(Evaluator):

@@ -23,7 +23,7 @@ buffer, so the state dict keeps exactly the 56 keys.
 Inference (test_tr.py `test`): `seg_feat = segment.head_ema(feat)` with feat = ViT tokens after the
 final norm, CLS dropped; the 90-d output of head_ema is the feature (projection heads and `linear` are
 training-only / linear-probe parts and are loaded but unused). head_ema runs outside `autocast` there,
-so this port runs the head in float32. Flip averaging is on the 90-d output (done by core.dense).
+so this port runs the head in float32. Flip averaging is on the 90-d output (done by core.inference.dense).
 
 TRDecoder (post-norm, DETR style; MultiheadAttention is sequence-first (P, B, D)):
   tgt = vqt(feat)  (each patch feature replaced by the codebook row of highest cosine similarity)

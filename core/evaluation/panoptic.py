@@ -1,0 +1,369 @@
+"""Panoptic segmentation from semantic maps, and panoptic quality (PQ) that streams over images.
+
+A segmentation is a `Panoptic`: an (H, W) map of segment ids (0 = void, no segment) and a table
+of its segments. Segment ids follow the Cityscapes convention, so the same ids serve the
+instanceIds PNG, the panoptic PNG and the COCO JSON:
+  - stuff class: id = labelId (one segment per class, all its pixels);
+  - thing instance: id = labelId * 1000 + n, n = 0, 1, ... per class;
+  - ground-truth crowd region of a thing class (instanceId < 1000): id = labelId, iscrowd.
+
+`pq_stats` scores one image as a (C, 4) float64 array of per-class [tp, fp, fn, iou_sum]; arrays
+of many images add up (`np.sum` / `+`), and `pq_scores` turns the sum into PQ / SQ / RQ. The
+rules are those of `cityscapesscripts/evaluation/evalPanopticSemanticLabeling.py` (COCO
+panopticapi `pq_compute`):
+  - a predicted and a ground-truth segment of the same class match when IoU > 0.5, where the
+    union leaves out the predicted segment's pixels on void (the intersection with crowd stays);
+  - crowd ground truth is never matched and never a false negative;
+  - an unmatched prediction is a false positive unless more than half of its pixels lie on void
+    or on a crowd region of its own class.
+Scores are fractions in [0, 1], like `core.evaluation.metrics.semantic_scores`.
+"""
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from core.classes import CLASS_NAMES, IGNORE, NUM_CLASSES, THING_TRAIN_IDS, TRAIN_ID_TO_LABEL_ID
+
+VOID = 0  # segment id of pixels that belong to no segment
+MAX_INSTANCES_PER_CLASS = 1000  # ids labelId*1000 + n need n < 1000
+LOOKUP_LIMIT = 1 << 20  # segment ids below this are indexed through a table (4-8 MB at most)
+PQ_STAT_FIELDS = ("tp", "fp", "fn", "iou_sum")  # columns of a pq_stats array
+TP, FP, FN, IOU_SUM = range(4)
+
+_IS_THING = np.zeros(256, dtype=bool)
+_IS_THING[THING_TRAIN_IDS] = True
+# trainId (uint8) -> itself for the 19 classes, IGNORE for anything else
+_SEMANTIC_OF = np.full(256, IGNORE, dtype=np.uint8)
+_SEMANTIC_OF[:NUM_CLASSES] = np.arange(NUM_CLASSES)
+
+
+def _semantic_of_any(train_ids: np.ndarray) -> np.ndarray:
+    """`_SEMANTIC_OF` for a map of any integer type: (H, W) uint8, every value outside 0..18 -> IGNORE."""
+    t = train_ids.astype(np.int64)
+    return np.where((t >= 0) & (t < NUM_CLASSES), t, IGNORE).astype(np.uint8)
+
+# labelId (0..999) -> trainId; every labelId outside the 19 evaluation classes is void.
+_LABEL_TO_TRAIN_1000 = np.full(MAX_INSTANCES_PER_CLASS, IGNORE, dtype=np.int64)
+_LABEL_TO_TRAIN_1000[TRAIN_ID_TO_LABEL_ID] = np.arange(NUM_CLASSES)
+
+
+@dataclass(frozen=True)
+class Panoptic:
+    """One image's panoptic segmentation.
+
+    ids: (H, W) int32 segment id per pixel, 0 = void.
+    segment_ids: (n,) int64, ascending, every id > 0 present in `ids` exactly once.
+    category: (n,) int64 trainId of each segment.
+    iscrowd: (n,) bool (ground-truth crowd regions; always False for predictions).
+    area: (n,) int64 pixel count of each segment.
+    """
+
+    ids: np.ndarray
+    segment_ids: np.ndarray
+    category: np.ndarray
+    iscrowd: np.ndarray
+    area: np.ndarray
+
+    @property
+    def label_id(self) -> np.ndarray:
+        """(n,) int64 Cityscapes labelId of each segment (the COCO `category_id`)."""
+        return TRAIN_ID_TO_LABEL_ID[self.category].astype(np.int64)
+
+    def bboxes(self) -> np.ndarray:
+        """(n, 4) int64 COCO boxes [x, y, width, height] of each segment."""
+        n = len(self.segment_ids)
+        boxes = np.zeros((n, 4), dtype=np.int64)
+        if n == 0:
+            return boxes
+        idx = _compact(self.ids, self.segment_ids)  # n = void
+        labels = np.where(idx < n, idx + 1, 0)
+        for i, sl in enumerate(ndimage.find_objects(labels, max_label=n)):
+            if sl is not None:
+                boxes[i] = (sl[1].start, sl[0].start, sl[1].stop - sl[1].start, sl[0].stop - sl[0].start)
+        return boxes
+
+
+def _compact(ids: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
+    """(H, W) int64 index of each pixel's segment in `segment_ids`; void and unknown ids -> n."""
+    n = len(segment_ids)
+    if n == 0:
+        return np.zeros(ids.shape, dtype=np.int64)
+    top = max(int(segment_ids[-1]), int(ids.max()))
+    if top < LOOKUP_LIMIT:  # Cityscapes ids (labelId * 1000 + n < 34000): one gather through a table
+        table = np.full(top + 1, n, np.int64)
+        table[segment_ids[segment_ids >= 0]] = np.flatnonzero(segment_ids >= 0)
+        return table[np.maximum(ids, 0)] if ids.min() < 0 else table[ids]
+    pos = np.minimum(np.searchsorted(segment_ids, ids), n - 1)
+    return np.where(segment_ids[pos] == ids, pos, n).astype(np.int64)
+
+
+def segment_index(panoptic: Panoptic) -> np.ndarray:
+    """(H, W) int64 index of each pixel's segment in `panoptic.segment_ids` (n = void): what
+    `pq_stats` derives from each side; a ground truth scored many times can pass its own once."""
+    return _compact(panoptic.ids, panoptic.segment_ids)
+
+
+def _from_id_map(ids: np.ndarray, category_of_id) -> Panoptic:
+    """Panoptic from an id map; `category_of_id(segment_ids) -> (trainIds, iscrowd)`."""
+    segment_ids, area = np.unique(ids, return_counts=True)
+    keep = segment_ids != VOID
+    segment_ids, area = segment_ids[keep].astype(np.int64), area[keep].astype(np.int64)
+    category, iscrowd = category_of_id(segment_ids)
+    return Panoptic(ids.astype(np.int32), segment_ids, category.astype(np.int64), iscrowd.astype(bool), area)
+
+
+def _semantic_label(segment_ids: np.ndarray) -> np.ndarray:
+    """labelId of Cityscapes-style ids (labelId, or labelId*1000 + n)."""
+    return np.where(segment_ids < 1000, segment_ids, segment_ids // 1000)
+
+
+def gt_panoptic(instance_ids: np.ndarray, label_ids: np.ndarray | None = None) -> Panoptic:
+    """Ground truth from a Cityscapes `*_gtFine_instanceIds.png` array, as `createPanopticImgs` does.
+
+    The segment id is the instanceId itself: labelId for stuff and for crowd regions of thing
+    classes (instanceId < 1000, iscrowd), labelId*1000 + n for thing instances. Pixels of
+    labelIds outside the 19 evaluation classes are void. `label_ids` (the `*_labelIds.png`
+    array), when given, must agree with the instance map's classes.
+    """
+    if instance_ids.ndim != 2:
+        raise ValueError(f"instanceIds must be 2-D (H, W), got shape {instance_ids.shape}")
+    inst = instance_ids.astype(np.int64)
+    if inst.size and (inst.min() < 0 or inst.max() >= 1000 * MAX_INSTANCES_PER_CLASS):
+        raise ValueError(f"instanceIds out of range [{inst.min()}, {inst.max()}]")
+    semantic = _semantic_label(inst)
+    if label_ids is not None:
+        if label_ids.shape != instance_ids.shape:
+            raise ValueError(f"labelIds shape {label_ids.shape} and instanceIds shape {instance_ids.shape} differ")
+        if not np.array_equal(semantic, label_ids.astype(np.int64)):
+            raise ValueError("labelIds and instanceIds disagree (instanceId < 1000 or instanceId // 1000 must be the labelId)")
+    train = _LABEL_TO_TRAIN_1000[semantic]
+    ids = np.where(train == IGNORE, VOID, inst)
+
+    def categories(segment_ids):
+        cat = _LABEL_TO_TRAIN_1000[_semantic_label(segment_ids)]
+        return cat, (segment_ids < 1000) & _IS_THING[cat]
+
+    return _from_id_map(ids, categories)
+
+
+def lookup(values: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """table[values] for an (H, W) uint8 map and a 256-entry table: OpenCV's LUT, 2-3x numpy's gather."""
+    if values.ndim != 2 or values.size == 0:
+        return table[values]
+    return cv2.LUT(np.ascontiguousarray(values), table).reshape(values.shape)
+
+
+def connected_components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
+    """(labels (H, W) int32, count) of a boolean mask's components, numbered 1.. in raster order of
+    each component's first pixel: what `scipy.ndimage.label` gives (with a 3 x 3 structure for 8).
+
+    OpenCV's SAUF scan (Wu et al.) is the one of its algorithms that numbers in raster order; its
+    block-based ones (BBDT, Spaghetti) number by 2 x 2 blocks and would renumber instances. 1.6x
+    faster than scipy per call here (bench/README.md); tests/test_panoptic.py checks it against scipy.
+    """
+    n, labels = cv2.connectedComponentsWithAlgorithm(mask.view(np.uint8), connectivity, cv2.CV_32S, cv2.CCL_SAUF)
+    return labels, n - 1
+
+
+def panoptic_from_train_ids(
+    train_ids: np.ndarray,
+    instances: np.ndarray | None = None,
+    min_area: int = 1,
+    stuff_min_area: int = 1,
+    connectivity: int = 8,
+) -> Panoptic:
+    """Predicted panoptic segmentation from an (H, W) trainId map (255 = ignore).
+
+    Stuff classes (trainId 0..10): one segment per class holding all its pixels (its connected
+    regions merged, as Cityscapes panoptic ground truth does), dropped to void when the class
+    covers fewer than `stuff_min_area` pixels.
+    Thing classes (11..18): instances are the connected components of each class
+    (`connectivity` 4 or 8), or, when `instances` is given, the distinct (instance, class)
+    pairs of an external (H, W) integer instance map (0 = no instance: such thing pixels are
+    void). Instances smaller than `min_area` pixels are void. Instance ids are
+    labelId*1000 + n with n numbered in raster order of each instance's first pixel (component
+    labelling) or in ascending instance id (external map); at most 1000 per class: if there are
+    more, the 1000 largest are kept and the rest become void.
+    """
+    if train_ids.ndim != 2:
+        raise ValueError(f"trainIds must be 2-D (H, W), got shape {train_ids.shape}")
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    if instances is not None and instances.shape != train_ids.shape:
+        raise ValueError(f"instance map shape {instances.shape} and trainIds shape {train_ids.shape} differ")
+    sem = lookup(train_ids, _SEMANTIC_OF) if train_ids.dtype == np.uint8 else _semantic_of_any(train_ids)  # (H, W) uint8
+
+    # Stuff: one segment per class.
+    class_area = np.bincount(sem.ravel(), minlength=256)[:NUM_CLASSES]
+    stuff_label = np.zeros(256, dtype=np.int32)
+    for t in range(NUM_CLASSES):
+        if not _IS_THING[t] and class_area[t] >= max(stuff_min_area, 1):
+            stuff_label[t] = TRAIN_ID_TO_LABEL_ID[t]
+    ids = lookup(sem, stuff_label)
+    stuff = [t for t in range(NUM_CLASSES) if stuff_label[t]]
+    segment_ids = [TRAIN_ID_TO_LABEL_ID[stuff].astype(np.int64)]
+    category, area = [np.array(stuff, np.int64)], [class_area[stuff]]
+    things = [t for t in THING_TRAIN_IDS if class_area[t]]
+    if things and instances is None:
+        # each thing class's components within its bounding box: raster order there is raster order here
+        boxes = ndimage.find_objects(sem, max_label=NUM_CLASSES)  # class t's box at index t - 1 (0 = road, a stuff class)
+        for t in things:
+            box = boxes[t - 1]
+            mask = sem[box] == t
+            labels, n = connected_components(mask, connectivity)
+            comp_area = np.bincount(labels.ravel(), minlength=n + 1)
+            members = np.flatnonzero(comp_area[1:] >= max(min_area, 1)) + 1
+            if members.size > MAX_INSTANCES_PER_CLASS:
+                members = np.sort(members[np.argsort(-comp_area[members], kind="stable")[:MAX_INSTANCES_PER_CLASS]])
+            seg_id = np.zeros(n + 1, np.int32)  # component -> segment id, 0 = void
+            seg_id[members] = int(TRAIN_ID_TO_LABEL_ID[t]) * 1000 + np.arange(members.size, dtype=np.int32)
+            ids[box] = np.where(mask, seg_id[labels], ids[box])
+            segment_ids.append(seg_id[members].astype(np.int64))
+            category.append(np.full(members.size, t, np.int64))
+            area.append(comp_area[members])
+    elif things:
+        inst = instances.astype(np.int64)
+        if inst.min() < 0:
+            raise ValueError("instance ids must be >= 0 (0 = no instance)")
+        thing_mask = _IS_THING[sem]
+        raw = np.where(thing_mask & (inst > 0), (sem.astype(np.int64) + 1) * (int(inst.max()) + 1) + inst, 0)
+        keys, first_pixel, key, key_area = np.unique(raw, return_index=True, return_inverse=True, return_counts=True)
+        key = key.reshape(raw.shape) if keys[0] == 0 else key.reshape(raw.shape) + 1  # key 0 = no instance
+        if keys[0] != 0:
+            key_area, first_pixel = np.r_[0, key_area], np.r_[0, first_pixel]
+        seg_class = sem.ravel()[first_pixel].astype(np.int64)  # one class per key by construction
+        valid = np.arange(len(key_area)) > 0
+        valid &= key_area >= max(min_area, 1)
+        n_id = np.full(len(key_area), -1, dtype=np.int64)
+        for t in THING_TRAIN_IDS:
+            members = np.flatnonzero(valid & (seg_class == t))
+            if members.size > MAX_INSTANCES_PER_CLASS:
+                members = np.sort(members[np.argsort(-key_area[members], kind="stable")[:MAX_INSTANCES_PER_CLASS]])
+            n_id[members] = np.arange(members.size)
+        kept = np.flatnonzero(n_id >= 0)  # in key order: by class, then n
+        seg_id = np.zeros(len(key_area), dtype=np.int64)
+        seg_id[kept] = TRAIN_ID_TO_LABEL_ID[seg_class[kept]].astype(np.int64) * 1000 + n_id[kept]
+        ids = np.where(thing_mask, seg_id[key], ids).astype(np.int32)
+        segment_ids.append(seg_id[kept])
+        category.append(seg_class[kept])
+        area.append(key_area[kept])
+    segment_ids = np.concatenate(segment_ids)
+    return Panoptic(ids.astype(np.int32, copy=False), segment_ids, np.concatenate(category),
+                    np.zeros(len(segment_ids), bool), np.concatenate(area).astype(np.int64))
+
+
+def instance_ids_map(panoptic: Panoptic, train_ids: np.ndarray) -> np.ndarray:
+    """(H, W) uint16 Cityscapes-format instanceIds: labelId*1000 + n on thing instances, the
+    labelId elsewhere (stuff, and thing pixels without an instance), 0 on ignore."""
+    if panoptic.ids.shape != train_ids.shape:
+        raise ValueError(f"panoptic shape {panoptic.ids.shape} and trainIds shape {train_ids.shape} differ")
+    label = np.zeros(256, dtype=np.int64)
+    label[:NUM_CLASSES] = TRAIN_ID_TO_LABEL_ID
+    out = np.where(panoptic.ids >= 1000, panoptic.ids, label[train_ids.astype(np.int64)])
+    return out.astype(np.uint16)
+
+
+def _pairs(gt_idx: np.ndarray, pred_idx: np.ndarray, n_gt: int, n_pred: int):
+    """Sparse intersections: (gt index, pred index, pixel count), indices n_gt / n_pred = void."""
+    cols = n_pred + 1
+    code = gt_idx.ravel() * cols + pred_idx.ravel()
+    size = (n_gt + 1) * cols
+    if size <= 2 * code.size + 1_000_000:  # dense counting is cheap enough
+        counts = np.bincount(code, minlength=size)
+        nz = np.flatnonzero(counts)
+        return nz // cols, nz % cols, counts[nz]
+    codes, counts = np.unique(code, return_counts=True)
+    return codes // cols, codes % cols, counts
+
+
+def pq_stats(gt: Panoptic, pred: Panoptic, num_classes: int = NUM_CLASSES, gt_index: np.ndarray | None = None) -> np.ndarray:
+    """(C, 4) float64 per-class [tp, fp, fn, iou_sum] of one image; sums over images add up.
+    `gt_index`: `segment_index(gt)`, where the caller scores several predictions against one gt."""
+    if gt.ids.shape != pred.ids.shape:
+        raise ValueError(f"ground truth shape {gt.ids.shape} and prediction shape {pred.ids.shape} differ")
+    stats = np.zeros((num_classes, 4), dtype=np.float64)
+    ng, npd = len(gt.segment_ids), len(pred.segment_ids)
+    gt_index = segment_index(gt) if gt_index is None else gt_index
+    gi, pi, inter = _pairs(gt_index, segment_index(pred), ng, npd)
+
+    void_inter = np.zeros(npd, dtype=np.int64)  # each prediction's pixels on void ground truth
+    on_void = (gi == ng) & (pi < npd)
+    void_inter[pi[on_void]] = inter[on_void]
+
+    # Matches: same class, non-crowd ground truth, IoU > 0.5 (unique by the > 0.5 rule).
+    both = (gi < ng) & (pi < npd)
+    gi_b, pi_b, in_b = gi[both], pi[both], inter[both]
+    same_class = gt.category[gi_b] == pred.category[pi_b]
+    cand = same_class & ~gt.iscrowd[gi_b]
+    gi_c, pi_c, in_c = gi_b[cand], pi_b[cand], in_b[cand]
+    union = pred.area[pi_c] + gt.area[gi_c] - in_c - void_inter[pi_c]
+    iou = in_c / union
+    match = iou > 0.5
+    cat_m = gt.category[gi_c[match]]
+    stats[:, TP] = np.bincount(cat_m, minlength=num_classes)
+    stats[:, IOU_SUM] = np.bincount(cat_m, weights=iou[match], minlength=num_classes)
+    gt_matched = np.zeros(ng, dtype=bool)
+    gt_matched[gi_c[match]] = True
+    pred_matched = np.zeros(npd, dtype=bool)
+    pred_matched[pi_c[match]] = True
+
+    # False negatives: unmatched non-crowd ground truth.
+    fn = ~gt_matched & ~gt.iscrowd
+    stats[:, FN] = np.bincount(gt.category[fn], minlength=num_classes)
+
+    # False positives: unmatched predictions not mostly (> 0.5) on void or same-class crowd.
+    crowd_inter = np.zeros(npd, dtype=np.int64)
+    on_crowd = same_class & gt.iscrowd[gi_b]
+    np.add.at(crowd_inter, pi_b[on_crowd], in_b[on_crowd])
+    ignored = (void_inter + crowd_inter) / np.maximum(pred.area, 1) > 0.5
+    fp = ~pred_matched & ~ignored
+    stats[:, FP] = np.bincount(pred.category[fp], minlength=num_classes)
+    return stats
+
+
+def pq_scores(stats: np.ndarray, class_names: list[str] | None = None, thing_ids: list[int] | None = None) -> dict:
+    """PQ / SQ / RQ from summed `pq_stats`; fractions in [0, 1] (like `semantic_scores`).
+
+    Per class: PQ = iou_sum / (tp + fp/2 + fn/2), SQ = iou_sum / tp (0 when tp = 0),
+    RQ = tp / (tp + fp/2 + fn/2). A class with tp + fp + fn = 0 is left out of the averages
+    (as the official evaluator does) and reported as None (the official script reports 0.0).
+    "all" / "stuff" / "things" average the classes' values; `n` counts the classes averaged,
+    and an average over no class is None.
+    """
+    class_names = CLASS_NAMES if class_names is None else class_names
+    thing_ids = THING_TRAIN_IDS if thing_ids is None else thing_ids
+    if stats.ndim != 2 or stats.shape != (len(class_names), 4):
+        raise ValueError(f"stats must be ({len(class_names)}, 4), got shape {stats.shape}")
+    tp, fp, fn, iou = (stats[:, i] for i in range(4))
+    den = tp + 0.5 * fp + 0.5 * fn
+    present = (tp + fp + fn) > 0
+    safe_den = np.where(present, den, 1.0)
+    pq = np.where(present, iou / safe_den, np.nan)
+    sq = np.where(present, iou / np.where(tp > 0, tp, 1.0), np.nan)  # iou_sum = 0 when tp = 0
+    rq = np.where(present, tp / safe_den, np.nan)
+    is_thing = np.zeros(len(class_names), dtype=bool)
+    is_thing[list(thing_ids)] = True
+
+    def average(sel: np.ndarray) -> dict:
+        sel = sel & present
+        n = int(sel.sum())
+        if n == 0:
+            return {"pq": None, "sq": None, "rq": None, "n": 0}
+        return {"pq": float(pq[sel].mean()), "sq": float(sq[sel].mean()), "rq": float(rq[sel].mean()), "n": n}
+
+    def value(x: float) -> float | None:
+        return None if np.isnan(x) else float(x)
+
+    return {
+        "all": average(np.ones(len(class_names), dtype=bool)),
+        "stuff": average(~is_thing),
+        "things": average(is_thing),
+        "per_class": {
+            name: {"pq": value(pq[i]), "sq": value(sq[i]), "rq": value(rq[i]),
+                   "tp": int(tp[i]), "fp": int(fp[i]), "fn": int(fn[i])}
+            for i, name in enumerate(class_names)
+        },
+    }
