@@ -52,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     atlas.add_argument("--out", type=Path, default=None, help="default <run>/atlas for the main fit, <run>/atlas_<fit> for others")
     atlas.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     imported = sub.add_parser("import-fit", help="write another tool's k-means centres and cluster -> class mapping "
-                                                 "(an .npz, e.g. the seed's kmeans_centroids.npz) as a fit of a run")
+                                                 "(an .npz, e.g. the paper's kmeans_centroids.npz) as a fit of a run")
     imported.add_argument("source", type=Path, help="the .npz: (k, D) float centres and (k,) integer trainIds")
     imported.add_argument("--run", type=Path, required=True, help="the run's output_dir (extract and fit done)")
     imported.add_argument("--name", required=True, help="the fit's name, its folder in <run>/fits/, e.g. seed_k300")
     imported.add_argument("--centroids-key", default="centroids", help="the centres' array in the .npz (default: the "
-                                                                       "seed's)")
-    imported.add_argument("--mapping-key", default="cluster_to_class", help="the mapping's array (default: the seed's)")
+                                                                       "paper's)")
+    imported.add_argument("--mapping-key", default="cluster_to_class", help="the mapping's array (default: the paper's)")
     synth = sub.add_parser("synth", help="write the generated Cityscapes-format demo set")
     synth.add_argument("--root", type=Path, default=None, help="default data/demo_cityscapes (data/demo_unlabelled with --unlabelled)")
     synth.add_argument("--split", default="val")

@@ -18,7 +18,7 @@ from configs.specs import panoptic_rules
 from configs.geometry import extracted_scales, label_scales, pack_windows, stored_window_count, stores_windows, unpack_windows
 from actors.model_setup import device_for
 from actors.rows import run_on_image
-from configs.schema import RefineConfig, parse_config
+from configs.schema import RefineConfig, RunConfig
 from core.evaluation.base import Segmenter
 from core.labelling.image import ImageLabeller, LabelFit
 from core.presets import protocol_steps
@@ -36,12 +36,12 @@ def histogram_schema(k: int) -> pa.Schema:
 class PseudoLabelImages:
     """Actor; `fit` is an ObjectRef to {"name", "centroids", "mapping"} (put once by the driver)."""
 
-    def __init__(self, config: dict, fit, stage_dir: str, labels_dir: str, plan_key: str):
-        self.cfg = parse_config(config, "apply actor config")
+    def __init__(self, cfg: RunConfig, fit, stage_dir: str, labels_dir: str, plan_key: str):
+        self.cfg = cfg
         fit = ray.get(fit) if isinstance(fit, ray.ObjectRef) else fit
         self.fit = LabelFit(fit["name"], fit["centroids"], fit["mapping"])
         self.stage_dir, self.labels_dir, self.plan_key = Path(stage_dir), Path(labels_dir), plan_key
-        self.labeller = ImageLabeller([self.fit], ["seed"], RefineConfig(), device=device_for(self.cfg.label.workers),
+        self.labeller = ImageLabeller([self.fit], ["plain"], RefineConfig(), device=device_for(self.cfg.label.workers),
                                       labelling=protocol_steps(self.cfg.protocol).label_resolution)
         self.rules = panoptic_rules(self.cfg)
         order = extracted_scales(self.cfg)
@@ -56,12 +56,12 @@ class PseudoLabelImages:
         # rounded as stored, so a saved fit labels an image here exactly as the label stage does
         grids = [(f.astype(np.float16).astype(np.float32), r) for f, r in stitched_grids(row, self.cfg)]
         hw = (int(row["height"]), int(row["width"]))
-        extra = self.cfg.apply.write_features  # the seed baseline's windows are cut only to be written
-        packed = (pack_windows(row["window_features"], stored_window_count(self.cfg, row, seed_scales=extra))
+        extra = self.cfg.apply.write_features  # the paper baseline's windows are cut only to be written
+        packed = (pack_windows(row["window_features"], stored_window_count(self.cfg, row, paper_scales=extra))
                   if stores_windows(self.cfg) else None)
         labels = self.labeller.label([grids[i] for i in self.scale_order], self.cfg.model.vit.patch_size, hw,
-                                     windows=None if packed is None else unpack_windows(self.cfg, packed, hw, seed_scales=extra))
-        written, cluster_map = labels.variant("seed"), labels.clusters[self.fit.name]
+                                     windows=None if packed is None else unpack_windows(self.cfg, packed, hw, paper_scales=extra))
+        written, cluster_map = labels.variant("plain"), labels.clusters[self.fit.name]
         annotation = write_image_predictions(self.labels_dir, group, image_id, written.train_ids, Segmenter(self.rules)(written),
                                              split=self.cfg.dataset.split)
         arrays = {"cluster_pixels": np.bincount(cluster_map.ravel(), minlength=len(self.fit.mapping))}
@@ -71,10 +71,9 @@ class PseudoLabelImages:
                    {"annotation": annotation, "hw": hw, "source": row["path"], "model": str(row["model"])}, self.plan_key)
 
 
-def finish_apply(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], plan_key: str, config: dict, k: int,
+def finish_apply(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], plan_key: str, cfg: RunConfig, k: int,
                  features_dir: str, labels_dir: str) -> None:
     """The parts of a shard (in shard order) -> histogram Parquet, features Parquet if asked, annotations, marker."""
-    cfg = parse_config(config, "apply finish config")
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
     order, parts, written_at = read_shard_parts(stage_dir, shard_row, written, plan_key)
     columns = {"image_id": order, "source": [m["source"] for _, m in parts], "height": [m["hw"][0] for _, m in parts],

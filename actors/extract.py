@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
-from configs.geometry import (extra_seed_layouts, extracted_scales, extracted_short_sides, feature_dim, image_limits,
+from configs.geometry import (extra_paper_layouts, extracted_scales, extracted_short_sides, feature_dim, image_limits,
                              pack_windows, stored_window_count, stores_windows, window_spec)
 from actors.rows import failure_message, run_on_image
-from configs.schema import parse_config
+from configs.schema import RunConfig
 from core.inference.windows import ScaleLayout, cause_view, cut_windows, stitch_windows
 from core.classes import IGNORE, NUM_CLASSES
 from core.evaluation.metrics import patch_majority_labels, patch_nearest_labels
 from core.presets import protocol_steps
-from core.labelling.paper_baseline import seed_scale_windows
+from core.labelling.paper_baseline import paper_scale_windows
 from storage.images import InputError, read_rgb, read_train_ids
 from storage.run.parts import complete_shard, read_shard_parts, write_part
 from storage.features import backbone_path, cause_path, feature_path, patch_schema, patch_table, window_path
@@ -28,12 +28,11 @@ from storage.run.shards import shard_records
 from storage.run.atomic import write_parquet_atomic
 
 
-def image_windows(shard_row: dict, config: dict, extra_views: bool = True, stage: str = "extract"):
+def image_windows(shard_row: dict, cfg: RunConfig, extra_views: bool = True, stage: str = "extract"):
     """One shard row -> one row per image to do: uint8 windows of every extracted scale, then (with
-    extra_views: extract, or apply writing features) the seed's baseline windows or CAUSE's crop.
+    extra_views: extract, or apply writing features) the paper's baseline windows or CAUSE's crop.
     Each image's size is checked (`configs.geometry.image_limits`) before it is decoded; `stage`
     names the stage in what a failure logs."""
-    cfg = parse_config(config, f"{stage} read config")
     spec, patch, short_sides = window_spec(cfg), cfg.model.vit.patch_size, extracted_short_sides(cfg)
     limits = image_limits(cfg, extra_views)
     for record in shard_records(shard_row):
@@ -43,9 +42,9 @@ def image_windows(shard_row: dict, config: dict, extra_views: bool = True, stage
         try:
             image = read_rgb(record.image_path, limits)  # a path or an object-store URI
             windows, layouts = cut_windows(image, spec, patch, short_sides)
-            extra = extra_seed_layouts(cfg, image.shape[:2]) if extra_views else []
-            if extra:  # the seed baseline's windows follow the base scale's
-                windows = np.concatenate([windows, seed_scale_windows(image, extra, spec.crop)])
+            extra = extra_paper_layouts(cfg, image.shape[:2]) if extra_views else []
+            if extra:  # the paper baseline's windows follow the base scale's
+                windows = np.concatenate([windows, paper_scale_windows(image, extra, spec.crop)])
             if protocol_steps(cfg.protocol).cause_crop and extra_views:  # CAUSE's test window goes last, twice (its two test passes)
                 windows = np.concatenate([windows, np.repeat(cause_view(image, spec.short_side, spec.crop)[None], 2, axis=0)])
             row.update(windows=windows, layouts=json.dumps([lay.to_dict() for lay in layouts]),
@@ -61,7 +60,7 @@ def stitched_grids(row: dict, cfg, column: str = "window_features") -> list[tupl
     spec = window_spec(cfg)
     layouts = [ScaleLayout.from_dict(d) for d in json.loads(row["layouts"])]
     layouts = layouts if column == "window_features" else layouts[:1]
-    scale_windows = sum(len(layout.origins) for layout in layouts)  # the seed's or CAUSE's windows may follow them
+    scale_windows = sum(len(layout.origins) for layout in layouts)  # the paper's or CAUSE's windows may follow them
     grids = stitch_windows(row[column][:scale_windows], layouts, spec.crop, spec.stride, cfg.model.vit.patch_size,
                            spec.merge)
     if not all(np.isfinite(f).all() for f, _ in grids):  # NaN/inf would poison k-means
@@ -70,7 +69,7 @@ def stitched_grids(row: dict, cfg, column: str = "window_features") -> list[tupl
 
 
 def patch_labels(cfg, train_ids: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
-    """The protocol's patch labels: the majority of each patch's pixels, or the seed's NEAREST sample."""
+    """The protocol's patch labels: the majority of each patch's pixels, or the paper's NEAREST sample."""
     if protocol_steps(cfg.protocol).patch_labels == "nearest":
         return patch_nearest_labels(train_ids, *grid_hw)
     return patch_majority_labels(train_ids, *grid_hw, NUM_CLASSES)
@@ -87,7 +86,7 @@ def feature_arrays(cfg, grids, train_ids: np.ndarray | None) -> dict[str, np.nda
 
 
 def extra_view_arrays(cfg, row: dict, train_ids: np.ndarray | None) -> dict[str, np.ndarray]:
-    """What a protocol keeps beside the patch grids: the seed's windows, CAUSE's crop (+ patch labels);
+    """What a protocol keeps beside the patch grids: the paper's windows, CAUSE's crop (+ patch labels);
     and with model.compare_backbone the backbone's base-scale grid."""
     arrays = {}
     if "backbone_window_features" in row:
@@ -104,9 +103,8 @@ def extra_view_arrays(cfg, row: dict, train_ids: np.ndarray | None) -> dict[str,
     return arrays
 
 
-def write_features(row: dict, config: dict, stage_dir: str, plan_key: str) -> dict:
+def write_features(row: dict, cfg: RunConfig, stage_dir: str, plan_key: str) -> dict:
     """Stitch one image's windows onto each scale's grid, add patch labels, write its part."""
-    cfg = parse_config(config, "extract write config")
     return run_on_image("extract", row, lambda: _write_features(row, cfg, Path(stage_dir), plan_key))
 
 
@@ -149,9 +147,8 @@ def write_feature_shards(cfg, features_dir: Path, shard: str, order: list[str], 
                    "feature_dim": feature_dim(cfg), "model": parts[0][1]["model"] if parts else None}
 
 
-def finish_features(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], plan_key: str, config: dict) -> None:
+def finish_features(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], plan_key: str, cfg: RunConfig) -> None:
     """The parts of a shard (in shard order) -> its Parquet files, then the marker, then no parts."""
-    cfg = parse_config(config, "extract finish config")
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
     order, parts, written_at = read_shard_parts(stage_dir, shard_row, written, plan_key)
     paths, summary = write_feature_shards(cfg, stage_dir, shard, order, parts)

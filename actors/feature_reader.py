@@ -7,23 +7,22 @@ from pathlib import Path
 import numpy as np
 
 from configs.geometry import label_scales, stores_windows
-from configs.schema import parse_config
+from configs.schema import RunConfig
 from core.presets import protocol_steps
 from storage.features import cause_path, feature_path, image_grids, window_path
 from storage.run.markers import marker_path, read_verified_parquet
 from storage.run.shards import shard_records
 
 
-def image_features(shard_row: dict, config: dict, features_dir: str):
+def image_features(shard_row: dict, cfg: RunConfig, features_dir: str):
     """One shard row -> one row per image to do, with its features at every label scale (each file
     checked against extract's marker: a changed one stops the stage, naming it)."""
-    cfg = parse_config(config, "label read config")
     features_dir = Path(features_dir)
     marker = json.loads(marker_path(features_dir, shard_row["shard"]).read_text())
     fix = "run `python submit.py extract` with this config (it redoes that shard), then label"
     tables = [read_verified_parquet(features_dir.parent, marker, feature_path(features_dir, shard_row["shard"], s), fix)
               for s in label_scales(cfg)]
-    if stores_windows(cfg):  # the seed protocol's windows, for its pixel labels
+    if stores_windows(cfg):  # the paper protocol's windows, for its pixel labels
         path = window_path(features_dir, shard_row["shard"])
         tables.append(read_verified_parquet(features_dir.parent, marker, path, fix))
     if protocol_steps(cfg.protocol).cause_crop:  # CAUSE's crop, for the baseline's cause scores

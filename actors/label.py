@@ -18,7 +18,7 @@ import ray
 from configs.geometry import image_limits, label_short_sides, unpack_windows
 from actors.model_setup import device_for
 from actors.rows import run_on_image
-from configs.schema import parse_config
+from configs.schema import RunConfig
 from core.evaluation.base import Segmenter
 from core.labelling.image import ImageLabeller
 from core.classes import colorize_train_ids
@@ -33,8 +33,8 @@ class LabelImages:
     """Actor: `__init__` takes the fits from the object store once; a call labels one image, writes
     its pseudo-labels and passes its label maps on to the score step (`labels`)."""
 
-    def __init__(self, config: dict, fits, labels_dir: str, overlay_ids: list[str]):
-        self.cfg = parse_config(config, "label actor config")
+    def __init__(self, cfg: RunConfig, fits, labels_dir: str, overlay_ids: list[str]):
+        self.cfg = cfg
         fits = ray.get(fits) if isinstance(fits, ray.ObjectRef) else fits  # refs in constructor args arrive undereferenced
         self.fits, self.variants = label_fits(fits), label_variants(self.cfg)
         self.labels_dir, self.overlay_ids = Path(labels_dir), set(overlay_ids)
@@ -42,7 +42,7 @@ class LabelImages:
         self.labeller = ImageLabeller(self.fits, self.variants, self.cfg.refine, device=device_for(self.cfg.label.workers),
                                       labelling=protocol_steps(self.cfg.protocol).label_resolution, request=self.request)
         self.rules = panoptic_rules(self.cfg)
-        # the steps that look at colour: the CRFs (also the seed baseline's), superpixels, CAUSE's crop (its CRF)
+        # the steps that look at colour: the CRFs (also the paper baseline's), superpixels, CAUSE's crop (its CRF)
         self.colour = (self.cfg.refine.crf or self.cfg.refine.superpixels or self.request.cause_crop
                        or any(name.endswith("+crf") for name in self.request.baseline_labellings))
         self.short_sides = label_short_sides(self.cfg)

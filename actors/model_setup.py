@@ -25,10 +25,10 @@ def device_for(workers: WorkersConfig) -> torch.device:
 
 def build_window_model(cfg: RunConfig, workers: WorkersConfig, with_backbone: bool = False) -> WindowModel:
     """with_backbone (model.compare_backbone): the backbone's tokens follow the head's features;
-    under the seed protocol they are not flip-averaged (its raw DINOv2 features are not)."""
+    under the paper protocol they are not flip-averaged (its raw DINOv2 features are not)."""
     device = device_for(workers)
     model = build_feature_model(model_spec(cfg), with_backbone=with_backbone).to(device)
     spec = window_spec(cfg)
-    if with_backbone and cfg.protocol == "seed":
+    if with_backbone and cfg.protocol == "paper":
         spec = replace(spec, flip_dims=HEAD_FEATURE_DIM)
     return WindowModel(model, spec, device)

@@ -7,7 +7,7 @@ import numpy as np
 
 from configs.geometry import HEAD_FEATURE_DIM
 from actors.model_setup import build_window_model
-from configs.schema import parse_config
+from configs.schema import RunConfig
 from core.inference.dense import WindowModel
 from core.presets import protocol_steps
 
@@ -15,10 +15,9 @@ from core.presets import protocol_steps
 class WindowFeatures:
     """Model actor: `__init__` builds the model once; a call runs the windows of a batch of images."""
 
-    def __init__(self, config: dict, backbone: bool = False, extra_views: bool = True):
+    def __init__(self, cfg: RunConfig, backbone: bool = False, extra_views: bool = True):
         """backbone: also return the base scale's backbone tokens (model.compare_backbone), as
         `backbone_window_features`; extra_views: the rows carry CAUSE's crops (`image_windows`)."""
-        cfg = parse_config(config, "extract model config")
         self.model = build_window_model(cfg, cfg.extract.model, with_backbone=backbone)  # (N, S, S, 3) uint8 -> (N, D, S/p, S/p)
         self.head_dim = HEAD_FEATURE_DIM if backbone else None
         self.description = self.model.model.description

@@ -1,5 +1,5 @@
 """Benchmark: our fit_kmeans (faiss: k-means++ on a sample + faiss spherical Lloyd on k*256 rows) against
-scikit-learn MiniBatchKMeans (the seed paper's choice) on the same features, k = 300, 90-d.
+scikit-learn MiniBatchKMeans (the paper's choice) on the same features, k = 300, 90-d.
 
 For each --rows: generate a synthetic mixture (bench/synthetic.py), fit both, and evaluate both
 fits' spherical inertia (sum of 1 - cosine to the nearest centroid) the same way on the *full* set
@@ -8,7 +8,7 @@ writes bench/results/bench_fit.json. Sizes whose float32 array would exceed --ma
 and reported as such.
 
 MiniBatchKMeans runs with scikit-learn's defaults (batch_size=1024, n_init='auto' = 1 k-means++
-init on 3 * 1024 rows, max_iter=100, max_no_improvement=10): the seed names MiniBatchKMeans but no
+init on 3 * 1024 rows, max_iter=100, max_no_improvement=10): the paper names MiniBatchKMeans but no
 settings. Its input is the L2-normalised rows and its centres are normalised afterwards, as the
 project's sklearn engine does.
 

@@ -8,9 +8,9 @@ is for. So three fits of the same rows are compared on the classes a majority ma
 - **faiss + Lloyd**: that fit, then `core.clustering.lloyd` over *all* training rows (at most
   --lloyd-iter = 20 passes, stopping once the inertia changes by less than --lloyd-tol = 1e-4, the
   default `fit.lloyd_tol`; the project runs this when `fit.lloyd_iterations` > 0).
-- **seed MBK**: `fit_seed_minibatch`, the seed's MiniBatchKMeans (SEED_MINIBATCH: batch_size=10000,
+- **paper MBK**: `fit_paper_minibatch`, the paper's MiniBatchKMeans (PAPER_MINIBATCH: batch_size=10000,
   max_iter=300, n_init=3, random_state=42) on all training rows; its rows are then assigned as the
-  seed does (`assign_euclidean`, nearest of its non-unit centres).
+  paper does (`assign_euclidean`, nearest of its non-unit centres).
 - **generating means**: the scenario's 300 component means as if they were a k = 300 fit, through
   the same mapping and scoring: a reference for what the features allow, not an upper bound.
 
@@ -50,7 +50,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.synthetic import Mixture  # noqa: E402
-from core.clustering.kmeans import SEED_MINIBATCH, assign_clusters, assign_euclidean, fit_kmeans, fit_seed_minibatch, inertia, l2_normalize
+from core.clustering.kmeans import PAPER_MINIBATCH, assign_clusters, assign_euclidean, fit_kmeans, fit_paper_minibatch, inertia, l2_normalize
 from core.clustering.lloyd import lloyd
 from core.classes import CLASS_NAMES, IGNORE, NUM_CLASSES  # noqa: E402
 from core.mapping.majority import cluster_class_counts, majority_mapping, predict_classes  # noqa: E402
@@ -63,7 +63,7 @@ VOID_CLASSES = 8
 HOSTS = {"wall": "building", "fence": "building", "traffic light": "pole", "traffic sign": "pole", "rider": "person",
          "truck": "car", "bus": "car", "train": "car", "motorcycle": "car", "bicycle": "person"}
 RAREST = [CLASS_NAMES[c] for c in np.argsort(SHARES, kind="stable")[:5]]
-FITS = ("faiss", "faiss + Lloyd", "seed MBK", "generating means")
+FITS = ("faiss", "faiss + Lloyd", "paper MBK", "generating means")
 
 
 class RareClassMixture(Mixture):
@@ -121,17 +121,17 @@ def run_seed(args, seed: int) -> list[dict]:
         lloyd_c, history = lloyd(x, faiss_c, max_iter=args.lloyd_iter, tol=args.lloyd_tol)
         lloyd_s = time.perf_counter() - start
         start = time.perf_counter()
-        seed_c = fit_seed_minibatch(x, k)
+        seed_c = fit_paper_minibatch(x, k)
         seed_s = time.perf_counter() - start
         fits = [("faiss", faiss_c, faiss_s, {}), ("faiss + Lloyd", lloyd_c, faiss_s + lloyd_s, {"lloyd_passes": len(history)}),
-                ("seed MBK", seed_c, seed_s, {})]
+                ("paper MBK", seed_c, seed_s, {})]
         if k == args.components:
             fits.append(("generating means", mixture.means, None, {}))
         for name, c, fit_s, extra in fits:
             nearest = assign_clusters(x, c)  # cosine: every fit's inertia, and the labels of the unit-centre fits
-            # The seed labels by Euclidean distance to its non-unit centres (sklearn's predict), as the seed protocol does.
-            assign = assign_euclidean if name == "seed MBK" else assign_clusters
-            train_ids = assign(x, c) if name == "seed MBK" else nearest
+            # The paper labels by Euclidean distance to its non-unit centres (sklearn's predict), as the paper protocol does.
+            assign = assign_euclidean if name == "paper MBK" else assign_clusters
+            train_ids = assign(x, c) if name == "paper MBK" else nearest
             result = score(name, k, train_ids, assign(x_test, c), y, y_test, inertia(x, l2_normalize(c), nearest),
                            fit_s, extra, args.recovered_iou)
             out.append({"seed": seed, **result})
@@ -143,7 +143,7 @@ def run_seed(args, seed: int) -> list[dict]:
 
 def summary(runs: list[dict]) -> list[dict]:
     """Means over the seeds for each (k, fit); inertia also relative to the faiss fit of the same seed and k."""
-    faiss_inertia = {(r["seed"], r["k"]): r["inertia"] for r in runs if r["fit"] == "faiss"}
+    faiss_inertia = {(r["plain"], r["k"]): r["inertia"] for r in runs if r["fit"] == "faiss"}
     rows = []
     for k in sorted({r["k"] for r in runs}):
         for name in FITS:
@@ -153,7 +153,7 @@ def summary(runs: list[dict]) -> list[dict]:
             mean = lambda f: float(np.mean([f(r) for r in group]))  # noqa: E731
             rows.append({"k": k, "fit": name, "seeds": len(group),
                          "fit_s": None if name == "generating means" else mean(lambda r: r["fit_s"]),
-                         "inertia_vs_faiss": mean(lambda r: r["inertia"] / faiss_inertia[(r["seed"], k)]),
+                         "inertia_vs_faiss": mean(lambda r: r["inertia"] / faiss_inertia[(r["plain"], k)]),
                          **{key: mean(lambda r: r[key]) for key in ("miou", "pixel_accuracy", "recovered", "with_a_cluster")},
                          "rarest_iou": {c: mean(lambda r: r["per_class_iou"][c]) for c in RAREST}})
     return rows
@@ -188,7 +188,7 @@ def main() -> None:
 
     report = {"benchmark": "bench_rare_classes", "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "shares_percent": dict(zip(CLASS_NAMES, SHARES)), "hosts": HOSTS, "rarest": RAREST,
-              "seed_minibatch": SEED_MINIBATCH, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "seed_minibatch": PAPER_MINIBATCH, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "runs": [], "summary": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

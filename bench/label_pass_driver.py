@@ -41,20 +41,31 @@ def main() -> None:
 
 
 def label_seconds(cfg, images: int) -> float:
-    """Mean CPU seconds per image of the label step (+ the score step), over `images` images after one warm-up."""
+    """Mean CPU seconds per image of the label step (+ the score step), over `images` images after one warm-up.
+    Written against both layouts: this checkout's and the one before the split (its module paths and its
+    one actor that labelled and scored)."""
     from actors.feature_reader import image_features
     from actors.label import LabelImages
-    from core.clustering.fit_artifact import FitArtifact
-    from storage.run.fits import fit_names
     from storage.datasets import list_dataset
-    from storage.run.shards import plan_shards
+    try:
+        from core.clustering.fit_artifact import FitArtifact
+        from storage.run.fits import fit_names, fit_pixel_stride
+        from storage.run.shards import plan_shards
+    except ImportError:  # the layout before the split
+        from core.fit_artifact import FitArtifact
+        from ray_jobs.fit import fit_names
+        from storage.shards import plan_shards
+
+        def fit_pixel_stride(cfg, name):
+            return cfg.label.sweep_pixel_stride if name in fit_names(cfg)[1:-1] else 1
     fits = []
     for name in fit_names(cfg):
         art = FitArtifact.load(cfg.output_dir / "fits" / name)
-        fits.append({"name": name, "centroids": art.centroids, "mapping": art.mapping,
+        fits.append({"name": name, "centroids": art.centroids, "mapping": art.mapping, "stride": fit_pixel_stride(cfg, name),
                      "prototypes": art.extra_arrays.get("class_prototypes")})
     records = list_dataset(cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split, cfg.dataset.max_images)
-    config, rows = cfg.model_dump(mode="json"), []
+    takes_dict = "config" in inspect.signature(image_features).parameters  # before configs were passed parsed
+    config, rows = cfg.model_dump(mode="json") if takes_dict else cfg, []
     for shard in plan_shards(records, cfg.dataset.images_per_shard):
         rows += list(image_features(shard, config, str(cfg.output_dir / "features")))
     tmp = Path(tempfile.mkdtemp())

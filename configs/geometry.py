@@ -9,7 +9,7 @@ import numpy as np
 from configs.schema import ConfigError, RunConfig
 from core.errors import UserError
 from core.presets import protocol_steps
-from core.labelling.paper_baseline import seed_scale_layout
+from core.labelling.paper_baseline import paper_scale_layout
 from core.inference.windows import (ScaleLayout, StoredWindows, WindowSpec, layout_axis_weights, patch_grid, scale_short_sides,
                           window_count, window_layout)
 from storage.images import ImageLimits
@@ -24,9 +24,9 @@ def window_spec(cfg: RunConfig) -> WindowSpec:
 
 
 def feature_scales(cfg: RunConfig) -> list[float]:
-    """The scales whose patch grids the fits label. The seed labels its overclusters at one scale;
-    its multi-scale scheme is the baseline's (`seed_baseline_scales`)."""
-    return [1.0] if cfg.protocol == "seed" else cfg.inference.scales
+    """The scales whose patch grids the fits label. The paper labels its overclusters at one scale;
+    its multi-scale scheme is the baseline's (`paper_baseline_scales`)."""
+    return [1.0] if cfg.protocol == "paper" else cfg.inference.scales
 
 
 def extracted_scales(cfg: RunConfig) -> list[float]:
@@ -39,58 +39,58 @@ def extracted_short_sides(cfg: RunConfig) -> list[int]:
 
 
 def stores_windows(cfg: RunConfig) -> bool:
-    """Whether extract also keeps each image's window features: the seed's pixel labels are made
+    """Whether extract also keeps each image's window features: the paper's pixel labels are made
     from the windows' pixel map, which the merged patch grid cannot give back."""
     return protocol_steps(cfg.protocol).merge == "pixels"
 
 
-def seed_baseline_scales(cfg: RunConfig) -> list[float]:
-    """The scales of the seed's multi-scale baseline rows (protocol=seed with inference.scales other
-    than [1.0]; core.labelling.paper_baseline), else none. As the seed's --scales: a single 0.75 is multi-scale."""
-    return list(cfg.inference.scales) if cfg.protocol == "seed" and cfg.inference.scales != [1.0] else []
+def paper_baseline_scales(cfg: RunConfig) -> list[float]:
+    """The scales of the paper's multi-scale baseline rows (protocol=paper with inference.scales other
+    than [1.0]; core.labelling.paper_baseline), else none. As the paper's --scales: a single 0.75 is multi-scale."""
+    return list(cfg.inference.scales) if cfg.protocol == "paper" and cfg.inference.scales != [1.0] else []
 
 
-def seed_window_scales(cfg: RunConfig) -> list[float]:
-    """The scales whose seed windows the baseline's seed rows use (protocol=seed): 1.0 for its
-    one-scale rows and each of `seed_baseline_scales`, ascending."""
-    return sorted({1.0, *seed_baseline_scales(cfg)}) if cfg.protocol == "seed" else []
+def paper_window_scales(cfg: RunConfig) -> list[float]:
+    """The scales whose paper windows the baseline's paper rows use (protocol=paper): 1.0 for its
+    one-scale rows and each of `paper_baseline_scales`, ascending."""
+    return sorted({1.0, *paper_baseline_scales(cfg)}) if cfg.protocol == "paper" else []
 
 
-def seed_scale_layouts(cfg: RunConfig, image_hw: tuple[int, int]) -> tuple[ScaleLayout, dict[float, ScaleLayout | None]]:
-    """The base scale's layout, and per `seed_window_scales` entry the seed's window layout, or
+def paper_scale_layouts(cfg: RunConfig, image_hw: tuple[int, int]) -> tuple[ScaleLayout, dict[float, ScaleLayout | None]]:
+    """The base scale's layout, and per `paper_window_scales` entry the paper's window layout, or
     None where it equals the base scale's windows (1.0 on 1024x2048), which are then reused."""
     spec, patch = window_spec(cfg), cfg.model.vit.patch_size
     base = window_layout(*image_hw, spec.short_side, spec, patch)
-    layouts = {s: seed_scale_layout(*image_hw, s, spec.crop, patch) for s in seed_window_scales(cfg)}
+    layouts = {s: paper_scale_layout(*image_hw, s, spec.crop, patch) for s in paper_window_scales(cfg)}
     return base, {s: None if (a.resized, a.padded, a.origins) == (base.resized, base.padded, base.origins) else a
                   for s, a in layouts.items()}
 
 
-def extra_seed_layouts(cfg: RunConfig, image_hw: tuple[int, int]) -> list[ScaleLayout]:
-    """The seed scales whose windows extract cuts beside the base scale's, in `seed_window_scales` order."""
-    return [layout for layout in seed_scale_layouts(cfg, image_hw)[1].values() if layout is not None]
+def extra_paper_layouts(cfg: RunConfig, image_hw: tuple[int, int]) -> list[ScaleLayout]:
+    """The paper's scales whose windows extract cuts beside the base scale's, in `paper_window_scales` order."""
+    return [layout for layout in paper_scale_layouts(cfg, image_hw)[1].values() if layout is not None]
 
 
-def stored_window_count(cfg: RunConfig, row: dict, seed_scales: bool = True) -> int:
-    """How many of a row's windows the seed protocol stores: the base scale's, then (seed_scales)
+def stored_window_count(cfg: RunConfig, row: dict, paper_scales: bool = True) -> int:
+    """How many of a row's windows the paper protocol stores: the base scale's, then (paper_scales)
     the extra seed scales'."""
     hw = (int(row["height"]), int(row["width"]))
     base = len(json.loads(row["layouts"])[0]["origins"])
-    return base + (sum(len(layout.origins) for layout in extra_seed_layouts(cfg, hw)) if seed_scales else 0)
+    return base + (sum(len(layout.origins) for layout in extra_paper_layouts(cfg, hw)) if paper_scales else 0)
 
 
 def pack_windows(window_features: np.ndarray, num_windows: int) -> np.ndarray:
     """The stored windows (N, D, g, g) side by side as one (D, g, N*g) float16 grid: how the
-    seed protocol stores them (extract's `_windows/` Parquet) for the label pass."""
+    paper protocol stores them (extract's `_windows/` Parquet) for the label pass."""
     return np.concatenate(list(window_features[:num_windows]), axis=2).astype(np.float16)
 
 
-def unpack_windows(cfg: RunConfig, packed: np.ndarray, image_hw: tuple[int, int], seed_scales: bool = True) -> StoredWindows:
-    """`pack_windows`' grid -> the base scale's windows and, with seed_scales (what extract stores;
-    apply keeps the base scale's only unless it writes features), each seed scale's."""
+def unpack_windows(cfg: RunConfig, packed: np.ndarray, image_hw: tuple[int, int], paper_scales: bool = True) -> StoredWindows:
+    """`pack_windows`' grid -> the base scale's windows and, with paper_scales (what extract stores;
+    apply keeps the base scale's only unless it writes features), each paper scale's."""
     spec, patch = window_spec(cfg), cfg.model.vit.patch_size
-    layout, per_scale = seed_scale_layouts(cfg, image_hw)
-    per_scale = per_scale if seed_scales else {}
+    layout, per_scale = paper_scale_layouts(cfg, image_hw)
+    per_scale = per_scale if paper_scales else {}
     side = spec.crop // patch
     windows = packed.astype(np.float32).reshape(packed.shape[0], side, -1, side).transpose(2, 0, 1, 3)
     expected = len(layout.origins) + sum(len(s.origins) for s in per_scale.values() if s is not None)
@@ -105,7 +105,7 @@ def unpack_windows(cfg: RunConfig, packed: np.ndarray, image_hw: tuple[int, int]
             by_scale[scale] = (windows[start:start + len(scale_layout.origins)], scale_layout)
             start += len(scale_layout.origins)
     return StoredWindows(windows[:len(layout.origins)], layout_axis_weights(layout, spec.crop, patch), layout,
-                         single=by_scale.get(1.0), scales=[by_scale[s] for s in seed_baseline_scales(cfg)] if by_scale else [])
+                         single=by_scale.get(1.0), scales=[by_scale[s] for s in paper_baseline_scales(cfg)] if by_scale else [])
 
 
 HEAD_FEATURE_DIM = 90  # CAUSE Segment_TR output
@@ -127,12 +127,12 @@ def label_short_sides(cfg: RunConfig) -> list[int]:
 
 def image_window_count(cfg: RunConfig, image_hw: tuple[int, int], extra_views: bool = True) -> int:
     """The windows an image of this size is cut into (`actors.extract.image_windows`): every
-    extracted scale's and, with extra_views, the seed baseline's and CAUSE's crop (twice)."""
+    extracted scale's and, with extra_views, the paper baseline's and CAUSE's crop (twice)."""
     spec, patch = window_spec(cfg), cfg.model.vit.patch_size
     count = sum(window_count(*image_hw, short, spec, patch) for short in extracted_short_sides(cfg))
     # the extra views are listed window by window: only for an image whose scales are within the limit
     if extra_views and count <= cfg.inference.max_windows_per_image:
-        count += sum(len(layout.origins) for layout in extra_seed_layouts(cfg, image_hw))
+        count += sum(len(layout.origins) for layout in extra_paper_layouts(cfg, image_hw))
         count += 2 if protocol_steps(cfg.protocol).cause_crop else 0
     return count
 

@@ -4,14 +4,32 @@ Defaults live here, not in the code that reads them. Unknown keys and bad values
 with a message that names the key, the value and what is allowed.
 """
 
+import logging
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import UserError
 from storage.run.placement import refuse_output_in_input
+
+
+log = logging.getLogger(__name__)
+# Old spellings still read, each with a message: "seed" named the paper's protocol and evaluator, and the
+# main fit's unrefined labels; it now names random seeds only.
+RENAMED = {"protocol": {"seed": "paper"}, "report.evaluators": {"seed": "paper"}, "refine.write_variant": {"seed": "plain"}}
+
+
+def renamed(key: str, value):
+    """`value` of `key` in its current spelling (a list item by item), with a deprecation message for an old one."""
+    if isinstance(value, list):
+        return [renamed(key, v) for v in value]
+    new = RENAMED[key].get(value) if isinstance(value, str) else None
+    if new is None:
+        return value
+    log.warning("%s: %r is deprecated and now called %r; it is read as %r (change your config)", key, value, new, new)
+    return new
 
 
 class Strict(BaseModel):
@@ -72,7 +90,7 @@ class ModelConfig(Strict):
     codebook_path: Path | None = None
     cluster_probe_checkpoint: Path | None = None
     # With feature_kind=head: also extract the raw DINOv2 tokens (base scale), fit them with the same
-    # k and settings, and compare both at patch level in one table (the seed's "DINOv2 raw k=300" row).
+    # k and settings, and compare both at patch level in one table (the paper's "DINOv2 raw k=300" row).
     compare_backbone: bool = False
 
     @model_validator(mode="after")
@@ -90,7 +108,7 @@ class InferenceConfig(Strict):
     crop: int = Field(default=322, ge=14)
     stride: int = Field(default=161, ge=1)
     flip: bool = True
-    # protocol=seed labels the fits at 1.0 and uses the scales for the baseline's multi-scale rows (its scheme)
+    # protocol=paper labels the fits at 1.0 and uses the scales for the baseline's multi-scale rows (its scheme)
     scales: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(default=[1.0], min_length=1)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp16/bf16 autocast applies on GPU only
     batch_size: int = Field(default=8, ge=1)  # windows per forward pass
@@ -244,30 +262,32 @@ class RefineConfig(Strict):
     em_semantic: bool = False
     em_things: bool = False
     superpixels: bool = False
-    # the seed's feature-space heuristics, which it reports as harmful (core/seed_postprocess.py)
+    # the paper's feature-space heuristics, which it reports as harmful (core/seed_postprocess.py)
     prototype_denoising: bool = False
     knn_diffusion: bool = False
     tau: float = Field(default=0.05, gt=0)
     iterations: int = Field(default=3, ge=0)
     superpixel_step: int = Field(default=16, ge=2)
-    write_variant: Literal["seed", "crf", "em_semantic", "em_things", "superpixels", "prototype_denoising",
-                           "knn_diffusion"] = "seed"
+    _old_variant = field_validator("write_variant", mode="before")(lambda v: renamed("refine.write_variant", v))
+    write_variant: Literal["plain", "crf", "em_semantic", "em_things", "superpixels", "prototype_denoising",
+                           "knn_diffusion"] = "plain"
 
     @model_validator(mode="after")
     def _written_variant_is_enabled(self):
-        if self.write_variant != "seed" and not getattr(self, self.write_variant):
+        if self.write_variant != "plain" and not getattr(self, self.write_variant):
             raise ValueError(f"refine.write_variant={self.write_variant!r} but refine.{self.write_variant} is false: enable it")
         return self
 
 
 class ReportConfig(Strict):
     # What scores the labels (core/evaluation): "official" (cityscapesscripts' rules; the k sweep and
-    # every mapping protocol are its counts, so it is always one of them), "seed" (the seed paper's
+    # every mapping protocol are its counts, so it is always one of them), "paper" (the paper's
     # evaluate_cascade_pseudolabels.py) and "cause" (CAUSE's centre crop, protocol=cause only).
-    # None: the protocol's own (official: official; seed: official + seed; cause: official + cause).
-    evaluators: list[Literal["official", "seed", "cause"]] | None = Field(default=None, min_length=1)
+    # None: the protocol's own (official: official; paper: official + paper; cause: official + cause).
+    evaluators: list[Literal["official", "paper", "cause"]] | None = Field(default=None, min_length=1)
+    _old_evaluators = field_validator("evaluators", mode="before")(lambda v: renamed("report.evaluators", v))
     # The protocol sensitivity table: every fit labelled both ways (full size, resized) and scored by
-    # the official and the seed evaluator, and the baseline's labels made in more ways. It labels and
+    # the official and the paper's evaluator, and the baseline's labels made in more ways. It labels and
     # scores every image several times over, so it is off unless asked for.
     sensitivity: bool = False
     # The few-shot mapping protocol: each cluster takes the majority class of m labelled patches
@@ -307,7 +327,7 @@ class RayConfig(Strict):
     check_resources: bool = True
 
 
-PROTOCOL_EVALUATORS = {"official": ("official",), "seed": ("official", "seed"), "cause": ("official", "cause")}
+PROTOCOL_EVALUATORS = {"official": ("official",), "paper": ("official", "paper"), "cause": ("official", "cause")}
 
 
 class RunConfig(Strict):
@@ -315,9 +335,10 @@ class RunConfig(Strict):
     output_dir: Path = Path("outputs/run")
     seed: int = 0
     # Which variant of each step around the model (core/presets.py): "official" (full resolution,
-    # cityscapesscripts rules), "seed" (every step as the seed paper's scripts do it) or "cause"
+    # cityscapesscripts rules), "paper" (every step as the paper's scripts do it; "seed" is its old name) or "cause"
     # (official, plus the baseline under CAUSE's test protocol: 322 centre crop, 27 classes).
-    protocol: Literal["official", "seed", "cause"] = "official"
+    protocol: Literal["official", "paper", "cause"] = "official"
+    _old_protocol = field_validator("protocol", mode="before")(lambda v: renamed("protocol", v))
     dataset: DatasetConfig = DatasetConfig()
     demo_set: DemoSetConfig | None = None
     model: ModelConfig = ModelConfig()
@@ -348,11 +369,11 @@ class RunConfig(Strict):
         if self.inference.crop % self.model.vit.patch_size:
             raise ValueError(
                 f"inference.crop={self.inference.crop} must be a multiple of model.vit.patch_size={self.model.vit.patch_size}")
-        if self.protocol == "seed" and self.inference.short_side != self.inference.crop:
-            raise ValueError(f"protocol=seed resizes the short side to its window size, but inference.short_side="
+        if self.protocol == "paper" and self.inference.short_side != self.inference.crop:
+            raise ValueError(f"protocol=paper resizes the short side to its window size, but inference.short_side="
                              f"{self.inference.short_side} and inference.crop={self.inference.crop}: set them equal (322)")
-        if self.protocol == "seed" and (self.inference.stride != self.inference.crop // 2 or not self.inference.flip):
-            raise ValueError(f"protocol=seed slides its windows at half their size and flip-averages them, but inference.stride="
+        if self.protocol == "paper" and (self.inference.stride != self.inference.crop // 2 or not self.inference.flip):
+            raise ValueError(f"protocol=paper slides its windows at half their size and flip-averages them, but inference.stride="
                              f"{self.inference.stride} and inference.flip={self.inference.flip}: set inference.stride="
                              f"{self.inference.crop // 2} and inference.flip=true")
         if self.protocol == "cause" and self.inference.crop > self.inference.short_side:
@@ -361,12 +382,12 @@ class RunConfig(Strict):
         if self.model.compare_backbone and not self.fit.own_features_only:
             raise ValueError("model.compare_backbone fits this run's own backbone features beside the main fit: leave "
                              "fit.features and fit.mapping_from unset with it")
-        if self.protocol == "seed" and not self.fit.own_features_only:
-            raise ValueError("protocol=seed fits and maps on the labelled patches of this run's images, as the seed's scripts "
+        if self.protocol == "paper" and not self.fit.own_features_only:
+            raise ValueError("protocol=paper fits and maps on the labelled patches of this run's images, as the paper's scripts "
                              "do: leave fit.features and fit.mapping_from unset, or use protocol=official")
-        if self.protocol == "seed" and self.fit.lloyd_iterations:
-            raise ValueError("protocol=seed fits the seed's MiniBatchKMeans; fit.lloyd_iterations refines the official fit: "
-                             "set fit.lloyd_iterations=0 with protocol=seed")
+        if self.protocol == "paper" and self.fit.lloyd_iterations:
+            raise ValueError("protocol=paper fits the paper's MiniBatchKMeans; fit.lloyd_iterations refines the official fit: "
+                             "set fit.lloyd_iterations=0 with protocol=paper")
         if "cause" in (self.report.evaluators or ()) and self.protocol != "cause":
             raise ValueError(f"report.evaluators names cause, but CAUSE's centre crop is extracted only under protocol=cause "
                              f"(this run: {self.protocol}): set protocol=cause or leave cause out")

@@ -1,7 +1,7 @@
 """Config -> the typed parameters each stage needs, made once by the driver: the one way from a config to
 what a stage, an actor or a core function is given (`configs.geometry` for windows, scales and image limits)."""
 
-from configs.geometry import label_scales, seed_baseline_scales
+from configs.geometry import label_scales, paper_baseline_scales
 from configs.schema import RunConfig
 from core.evaluation import EvaluationSpec
 from core.evaluation.base import PanopticRules
@@ -21,14 +21,14 @@ def model_spec(cfg: RunConfig) -> ModelSpec:
 
 
 def label_variants(cfg: RunConfig) -> list[str]:
-    """The main fit's variants: 'seed' first, then the refinements the config switches on."""
+    """The main fit's variants: 'plain' first, then the refinements the config switches on."""
     return enabled_variants(cfg.refine, len(label_scales(cfg)) > 1)
 
 
 def label_request(cfg: RunConfig) -> LabelRequest:
     """What the run's evaluators and report.sensitivity need labelled besides each fit's clusters."""
     sensitivity = cfg.report.sensitivity
-    extra = baseline_labellings(cfg.protocol, bool(seed_baseline_scales(cfg)), cfg.refine.crf) if sensitivity else []
+    extra = baseline_labellings(cfg.protocol, bool(paper_baseline_scales(cfg)), cfg.refine.crf) if sensitivity else []
     return LabelRequest(baseline=True, both_labellings=sensitivity, baseline_labellings=tuple(extra),
                         cause_crop="cause" in cfg.evaluators)
 

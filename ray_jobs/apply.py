@@ -94,19 +94,18 @@ def run_apply(cfg: RunConfig, fit_dir: Path, human_mapping: Path | None = None) 
         if cfg.apply.write_features:
             check_plan(layout.features, plan)
         fit_ref = ray.put({"name": fit.meta.get("name", Path(fit_dir).name), "centroids": fit.centroids, "mapping": fit.mapping})
-        config = cfg.model_dump(mode="json")
 
         def build(ds: Dataset) -> Dataset:
             windows = windows_to_features(ds, cfg, extra_views=cfg.apply.write_features, stage="apply")
             return windows.map(guarded(PseudoLabelImages, per_row=True), **actor_args(cfg.label.workers),
-                               fn_constructor_kwargs={"config": config, "fit": fit_ref, "plan_key": plan.key,
+                               fn_constructor_kwargs={"cfg": cfg, "fit": fit_ref, "plan_key": plan.key,
                                                       "stage_dir": str(layout.histograms),
                                                       "labels_dir": str(layout.labels)})
 
         check_schedulable({"extract.read": cfg.extract.read, "extract.model": cfg.extract.model, "label.workers": cfg.label.workers},
                           cfg.ray)
         done = run_image_stream("apply", layout.histograms, plan, shards, build,
-                                finisher(finish_apply, layout.histograms, plan.key, config=config, k=fit.k,
+                                finisher(finish_apply, layout.histograms, plan.key, cfg=cfg, k=fit.k,
                                          features_dir=str(layout.features), labels_dir=str(layout.labels)))
         failed = write_failed_items(cfg.output_dir, done)
         panoptic_json = merge_panoptic_annotations(layout.histograms, done, layout.labels, cfg.dataset.split,

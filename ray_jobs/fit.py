@@ -15,8 +15,8 @@ import ray
 import scipy.sparse
 from configs.schema import RunConfig
 from configs.geometry import HEAD_FEATURE_DIM
-from actors.model_setup import model_spec
-from core.clustering.kmeans import SEED_MINIBATCH, assign_clusters, assign_euclidean, check_features, fit_kmeans, fit_seed_minibatch, l2_normalize
+from configs.specs import model_spec
+from core.clustering.kmeans import PAPER_MINIBATCH, assign_clusters, assign_euclidean, check_features, fit_kmeans, fit_paper_minibatch, l2_normalize
 from core.clustering.fit_artifact import FitArtifact
 from core.classes import CLASS_NAMES, IGNORE, NUM_CLASSES
 from core.mapping.majority import hungarian_mapping, majority_mapping
@@ -98,17 +98,17 @@ def gather_sample(shards: FeatureShards, cfg: RunConfig, max_rows: int | None = 
     fit.max_samples) overall, drawn by Ray tasks (`shard_tasks.sample_patches`): the same rows
     whatever the shard layout or worker count."""
     max_rows = cfg.fit.max_samples if max_rows is None else max_rows
-    if protocol_steps(cfg.protocol).kmeans == "seed":
+    if protocol_steps(cfg.protocol).kmeans == "paper":
         return labelled_patches(shards, max_rows)
     return sample_patches(shards, cfg.seed, cfg.fit.max_patches_per_image, max_rows, "fit: sampling patches")
 
-SEED_PATCHES_PER_IMAGE = 2000  # generate_overclustered_semantics.py's max_per_image (a 23x46 grid has 1058)
+PAPER_PATCHES_PER_IMAGE = 2000  # generate_overclustered_semantics.py's max_per_image (a 23x46 grid has 1058)
 
 def labelled_patches(shards: FeatureShards, max_rows: int) -> np.ndarray:
-    """The seed's k-means input, in its order (MiniBatchKMeans' batches depend on it): image by
+    """The paper's k-means input, in its order (MiniBatchKMeans' batches depend on it): image by
     image in dataset order, the image's labelled patches drawn by one RandomState(42) stream,
     `choice(n, min(2000, n), replace=False)`. More than `max_rows` is refused."""
-    rng = np.random.RandomState(SEED_MINIBATCH["random_state"])
+    rng = np.random.RandomState(PAPER_MINIBATCH["random_state"])
     parts, total, seen = [], 0, 0
     for table in shards.tables(["image_id", "feature", "label"], "fit: gathering labelled patches"):
         seen += table.num_rows
@@ -117,33 +117,33 @@ def labelled_patches(shards: FeatureShards, max_rows: int) -> np.ndarray:
         rows = []
         for a, b in zip(starts, np.r_[starts[1:], len(ids)]):  # an image's rows are consecutive
             valid = a + np.flatnonzero(labelled[a:b])
-            if len(valid):  # the seed skips an image without labelled patches before drawing
-                rows.append(valid[rng.choice(len(valid), min(SEED_PATCHES_PER_IMAGE, len(valid)), replace=False)])
+            if len(valid):  # the paper skips an image without labelled patches before drawing
+                rows.append(valid[rng.choice(len(valid), min(PAPER_PATCHES_PER_IMAGE, len(valid)), replace=False)])
         rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         total += len(rows)
         if total > max_rows:
-            raise FitError(f"protocol=seed fits on the labelled patches of every image (at most {SEED_PATCHES_PER_IMAGE} "
-                           f"each), and there are more than fit.max_samples={max_rows} (the seed's Cityscapes val has "
+            raise FitError(f"protocol=paper fits on the labelled patches of every image (at most {PAPER_PATCHES_PER_IMAGE} "
+                           f"each), and there are more than fit.max_samples={max_rows} (the paper's Cityscapes val has "
                            "~529k): raise fit.max_samples, or use protocol=official")
         parts.append(features_from_table(table.take(rows)))
     if seen == 0:  # every image failed in extract: run_fit says so
         return np.zeros((0, 0), np.float32)
     if total == 0:
-        raise FitError("protocol=seed fits k-means on labelled patches only, as the seed's scripts do, and no patch has a "
+        raise FitError("protocol=paper fits k-means on labelled patches only, as the paper's scripts do, and no patch has a "
                        "label: the dataset has no ground truth. Label it with a fit saved from a labelled run instead "
                        "(`python submit.py apply --fit ...`)")
     return np.concatenate(parts)
 
 def fit_engine(cfg: RunConfig) -> str:
     """How the k-means fits were made, as the fit meta and the report say it."""
-    if protocol_steps(cfg.protocol).kmeans == "seed":
-        return "sklearn MiniBatchKMeans, the seed's settings " + ", ".join(f"{k}={v}" for k, v in SEED_MINIBATCH.items())
+    if protocol_steps(cfg.protocol).kmeans == "paper":
+        return "sklearn MiniBatchKMeans, the paper's settings " + ", ".join(f"{k}={v}" for k, v in PAPER_MINIBATCH.items())
     return cfg.fit.engine
 
 def fit_centroids(cfg: RunConfig, sample: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """One k-means fit: unit centroids, and the seed's raw centres (None under the official protocol)."""
-    if protocol_steps(cfg.protocol).kmeans == "seed":
-        raw = fit_seed_minibatch(sample, k)
+    """One k-means fit: unit centroids, and the paper's raw centres (None under the official protocol)."""
+    if protocol_steps(cfg.protocol).kmeans == "paper":
+        raw = fit_paper_minibatch(sample, k)
         return l2_normalize(raw), raw
     return fit_kmeans(sample, k, seed=cfg.seed, engine=cfg.fit.engine, n_iter=cfg.fit.n_iter,
                       max_points_per_centroid=cfg.fit.max_points_per_centroid), None
@@ -183,7 +183,7 @@ def count_cluster_classes(shards: FeatureShards, centroids: dict[str, np.ndarray
                           cfg: RunConfig, co_assign_to: str | None = None) -> dict:
     """Over every patch of every shard, by Ray tasks (`shard_tasks.map_reduce_shards`): per fit,
     "counts": (F, k, C) labelled-patch counts per held-out fold by cosine to the unit centroids
-    (what labelling does); "mapping_counts": the counts the mapping is made from (the seed's:
+    (what labelling does); "mapping_counts": the counts the mapping is made from (the paper's:
     Euclidean to its raw centres, where `raw_centres` has the fit; else the cosine counts). With
     `co_assign_to` (the baseline): "co_assignment", per other fit (k, k_base) co-assignment counts
     to it (all patches, labelled or not: the label-free mapping uses no ground truth), and for the
@@ -319,7 +319,7 @@ def run_fit(cfg: RunConfig, plan: Plan, extract: Plan, shard_names: list[str], d
     return fits
 
 def backbone_comparison(cfg: RunConfig, layout: Layout, markers: dict[str, dict], head: dict) -> dict:
-    """The raw backbone's patch features fitted as the main fit was (same k, engine or the seed's
+    """The raw backbone's patch features fitted as the main fit was (same k, engine or the paper's
     MiniBatchKMeans, same sample rule), mapped by majority, scored at patch level beside it."""
     shards = FeatureShards(layout.features, markers, path_of=backbone_path)
     sample = gather_sample(shards, cfg)

@@ -9,7 +9,8 @@ import ray
 from ray.data import Dataset
 
 from actors.feature_reader import image_features
-from actors.label import LabelImages, label_fits
+from actors.label import LabelImages
+from core.labelling.image import label_fits
 from actors.score import finish_scores, score_image
 from configs.schema import RunConfig
 from core.clustering.fit_artifact import FitArtifact
@@ -46,15 +47,14 @@ def run_label(cfg: RunConfig, records: list[ImageRecord], plan: Plan, features: 
     layout = Layout(cfg.output_dir)
     broadcast = broadcast_fits(cfg, fits, human)
     fits_ref = ray.put(broadcast)
-    config = cfg.model_dump(mode="json")
     shards = label_shards(cfg, records, features)
     spec = evaluation_spec(cfg, label_fits(broadcast))
 
     def build(ds: Dataset) -> Dataset:
-        ds = ds.flat_map(image_features, fn_kwargs={"config": config, "features_dir": str(layout.features)},
+        ds = ds.flat_map(image_features, fn_kwargs={"cfg": cfg, "features_dir": str(layout.features)},
                          **task_args(cfg.label.read))
         ds = ds.map(guarded(LabelImages, per_row=True), **actor_args(cfg.label.workers), fn_constructor_kwargs={
-            "config": config, "fits": fits_ref, "labels_dir": str(layout.labels),
+            "cfg": cfg, "fits": fits_ref, "labels_dir": str(layout.labels),
             "overlay_ids": [r.image_id for r in records[: cfg.label.num_overlays]]})
         return ds.map(score_image, fn_kwargs={"spec": spec, "stage_dir": str(layout.scores), "plan_key": plan.key,
                                               "labels_dir": str(layout.labels), "split": cfg.dataset.split},

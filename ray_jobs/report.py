@@ -46,7 +46,7 @@ def sum_scores(scores_dir: Path, markers: dict[str, dict]) -> tuple[dict[str, np
 def protocol_sensitivity(cfg: RunConfig, results: dict[str, dict], names: list[str], strides: dict[str, int]) -> dict:
     """Per fit, its labels made both ways and each scored by both evaluators: what each protocol
     choice is worth on the same fits. None where a labelling exists only at a stride."""
-    official, seed = results["official"], results["seed"]
+    official, paper = results["official"], results["paper"]
 
     def row(labels: str, evaluator: str, scores: dict, stride: int = 1) -> dict:
         panoptic = scores["panoptic"]
@@ -62,11 +62,11 @@ def protocol_sensitivity(cfg: RunConfig, results: dict[str, dict], names: list[s
             full_size = labelling == "resized" or strides[name] == 1
             rows[f"{labelling}/official"] = row(labelling, "official", official[target], 1 if full_size else strides[name])
             if full_size:
-                rows[f"{labelling}/seed"] = row(labelling, "seed", seed[target])
+                rows[f"{labelling}/paper"] = row(labelling, "paper", paper[target])
         out[name] = rows
     for labelling in label_request(cfg).baseline_labellings:  # the baseline's labels made in more ways
         out[names[-1]][f"{labelling}/official"] = row(labelling, "official", official[f"baseline/{labelling}"])
-        out[names[-1]][f"{labelling}/seed"] = row(labelling, "seed", seed[f"baseline/{labelling}"])
+        out[names[-1]][f"{labelling}/paper"] = row(labelling, "paper", paper[f"baseline/{labelling}"])
     out[names[-1]] |= cause_rows(results)
     return {"protocol": cfg.protocol, "fits": out}
 
@@ -155,10 +155,10 @@ def run_report(cfg: RunConfig, extract_done: dict, label_done: dict, fit_artifac
         official = results["official"][f"variant/{name}"]
         variants[name] = {"semantic": official["semantic"], "panoptic": official["panoptic"],
                           "seconds_per_image": float(totals[f"label/seconds/{name}"]) / max(1, num_images)}
-        if "seed" in cfg.evaluators:
-            seed = results["seed"][f"variant/{name}"]
-            variants[name]["seed_evaluator"] = {"semantic": seed["semantic"], "panoptic": seed["panoptic"]}
-    main_conf = totals.get("official/confusion/variant/seed")
+        if "paper" in cfg.evaluators:
+            paper = results["paper"][f"variant/{name}"]
+            variants[name]["paper_evaluator"] = {"semantic": paper["semantic"], "panoptic": paper["panoptic"]}
+    main_conf = totals.get("official/confusion/variant/plain")
     absorption = {main: absorption_table(main_conf, CLASS_NAMES),
                   baseline: absorption_table(totals[f"official/confusion/variant/{baseline}"], CLASS_NAMES)} if variants else {}
     sensitivity = (protocol_sensitivity(cfg, results, names, {n: fits[n]["pixel_stride"] for n in names})
@@ -224,7 +224,7 @@ def _figures(cfg: RunConfig, layout: Layout, fits: dict, names: list[str], varia
     path = layout.figures / "per_class_iou.png"
     runs = {baseline: fits[baseline]["pixel_level"]["same_set"]["per_class_iou"],
             main: fits[main]["pixel_level"]["same_set"]["per_class_iou"]}
-    runs.update({f"{main} + {v}": variants[v]["semantic"]["per_class_iou"] for v in variants if v not in ("seed", baseline)})
+    runs.update({f"{main} + {v}": variants[v]["semantic"]["per_class_iou"] for v in variants if v not in ("plain", baseline)})
     plot_per_class_iou(runs, path, title="Per-class IoU (pixel level)")
     figures["per_class_iou"] = rel(path)
     overlay_ids = sorted({p.name.rsplit("_", 1)[0] for p in layout.labels.glob("overlays/*/*_image.png")})

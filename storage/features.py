@@ -78,8 +78,8 @@ def feature_path(features_dir: Path, shard: str, scale: float = 1.0) -> Path:
     return folder / f"{shard}.parquet"
 
 def window_path(features_dir: Path, shard: str) -> Path:
-    """A shard's window features (the seed protocol's: each image's base-scale windows side by side,
-    then the seed baseline's own windows where they differ from them)."""
+    """A shard's window features (the paper protocol's: each image's base-scale windows side by side,
+    then the paper baseline's own windows where they differ from them)."""
     return Path(features_dir) / "_windows" / f"{shard}.parquet"
 
 def backbone_path(features_dir: Path, shard: str) -> Path:

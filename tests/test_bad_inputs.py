@@ -145,7 +145,7 @@ def test_nan_features_drop_the_images_and_fit_says_why(demo_root, tmp_path):
     cfg = _checkpoint_config(demo_root, tmp_path / "out", path)
     records = list_cityscapes(demo_root, "val")[:3]
     (shard,) = plan_shards(records, 3)
-    config, stage_dir = cfg.model_dump(mode="json"), str(cfg.output_dir / "features")
+    config, stage_dir = cfg, str(cfg.output_dir / "features")
     threads = torch.get_num_threads()
     try:  # the extract steps by hand, as the stream runs them
         rows = list(image_windows(shard, config))

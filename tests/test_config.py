@@ -82,7 +82,7 @@ CITYSCAPES_WINDOWS = {"short_side": 322, "crop": 322, "stride": 161}
 
 
 @pytest.mark.parametrize("protocol, scales", [("official", [1.0]), ("official", [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]),
-                                              ("seed", [0.75, 1.0, 1.25, 1.5, 1.75, 2.0]), ("cause", [1.0])])
+                                              ("paper", [0.75, 1.0, 1.25, 1.5, 1.75, 2.0]), ("cause", [1.0])])
 def test_the_default_image_limits_pass_cityscapes_frames_at_scales_up_to_2_and_large_photos(protocol, scales):
     from configs.geometry import image_limits, image_window_count
     cfg = parse_config({"protocol": protocol, "inference": {**CITYSCAPES_WINDOWS, "scales": scales}})

@@ -12,7 +12,7 @@ from configs.schema import ConfigError, RefineConfig
 from core.evaluation.base import (FOLD_SUFFIX, ImageToScore, LabelMap, PanopticRules, Segmenter, add_images,
                                   add_totals)
 from core.evaluation.official import OfficialEvaluator
-from core.evaluation.paper import SeedEvaluator
+from core.evaluation.paper import PaperEvaluator
 from core.labelling.image import ImageLabeller, ImageLabels, LabelFit, LabelRequest
 from core.evaluation.metrics import confusion_matrix
 from core.evaluation.panoptic import _compact, connected_components, gt_panoptic, panoptic_from_train_ids, pq_stats
@@ -58,23 +58,23 @@ def image_to_score(targets, truth, fold=0, clusters=None, counter=None):
 def test_official_evaluator_counts_what_the_metrics_count():
     gt, pred = blobs(seed=1), blobs(seed=2)
     truth = truth_of(gt)
-    counts = OfficialEvaluator().process(image_to_score({"variant/seed": LabelMap(pred)}, truth))
-    np.testing.assert_array_equal(counts["official/confusion/variant/seed"], confusion_matrix(gt, pred, 19))
+    counts = OfficialEvaluator().process(image_to_score({"variant/plain": LabelMap(pred)}, truth))
+    np.testing.assert_array_equal(counts["official/confusion/variant/plain"], confusion_matrix(gt, pred, 19))
     expected_pq = pq_stats(truth.panoptic, panoptic_from_train_ids(pred, None, 8, 8, 8))
-    np.testing.assert_array_equal(counts["official/pq/variant/seed"], expected_pq)
+    np.testing.assert_array_equal(counts["official/pq/variant/plain"], expected_pq)
 
 
 def test_a_label_map_shared_by_two_targets_is_segmented_and_scored_once():
     gt, pred = blobs(seed=3), blobs(seed=4)
     shared = LabelMap(pred)
-    targets = {"variant/seed": shared, "fit/k9/full": shared, "variant/other": LabelMap(pred.copy())}
+    targets = {"variant/plain": shared, "fit/k9/full": shared, "variant/other": LabelMap(pred.copy())}
     segmented = []
     image = image_to_score(targets, truth_of(gt), counter=segmented)
-    counts = OfficialEvaluator().process(image) | SeedEvaluator().process(image)
+    counts = OfficialEvaluator().process(image) | PaperEvaluator().process(image)
     assert len(segmented) == 2  # the shared map once, its copy (another object) once
-    for evaluator in ("official", "seed"):
+    for evaluator in ("official", "paper"):
         for kind in ("confusion", "pq"):
-            np.testing.assert_array_equal(counts[f"{evaluator}/{kind}/variant/seed"], counts[f"{evaluator}/{kind}/fit/k9/full"])
+            np.testing.assert_array_equal(counts[f"{evaluator}/{kind}/variant/plain"], counts[f"{evaluator}/{kind}/fit/k9/full"])
 
 
 def test_a_strided_target_gets_a_confusion_on_its_pixels_and_no_segments():
@@ -83,11 +83,11 @@ def test_a_strided_target_gets_a_confusion_on_its_pixels_and_no_segments():
     counts = OfficialEvaluator().process(image_to_score({"fit/k50/full": LabelMap(pred, stride=3)}, truth_of(gt)))
     np.testing.assert_array_equal(counts["official/confusion/fit/k50/full"], confusion_matrix(gt[1::3, 1::3], pred, 19))
     assert "official/pq/fit/k50/full" not in counts
-    assert SeedEvaluator().process(image_to_score({"fit/k50/full": LabelMap(pred, stride=3)}, truth_of(gt))) == {}
+    assert PaperEvaluator().process(image_to_score({"fit/k50/full": LabelMap(pred, stride=3)}, truth_of(gt))) == {}
 
 
 def test_an_image_without_ground_truth_gives_zeros_of_the_same_shapes():
-    targets = {"variant/seed": LabelMap(blobs(seed=7))}
+    targets = {"variant/plain": LabelMap(blobs(seed=7))}
     with_truth = OfficialEvaluator().process(image_to_score(targets, truth_of(blobs(seed=8))))
     without = OfficialEvaluator().process(image_to_score(targets, None))
     assert {k: v.shape for k, v in with_truth.items()} == {k: v.shape for k, v in without.items()}
@@ -121,17 +121,17 @@ def test_without_sensitivity_the_labeller_makes_no_other_labelling():
         def _resized_maps(self, *args, **kwargs):
             raise AssertionError("the resized labelling was made though nothing asked for it")
 
-    labels = NoResized(fits, ["seed"], RefineConfig(), request=LabelRequest(baseline=True)).label(
+    labels = NoResized(fits, ["plain"], RefineConfig(), request=LabelRequest(baseline=True)).label(
         [(grid, (112, 224))], 14, (128, 256))
-    assert set(labels.targets) == {"variant/seed", "variant/baseline_k4"} and set(labels.clusters) == {"k9", "baseline_k4"}
-    both = ImageLabeller(fits, ["seed"], RefineConfig(), request=LabelRequest(baseline=True, both_labellings=True)).label(
+    assert set(labels.targets) == {"variant/plain", "variant/baseline_k4"} and set(labels.clusters) == {"k9", "baseline_k4"}
+    both = ImageLabeller(fits, ["plain"], RefineConfig(), request=LabelRequest(baseline=True, both_labellings=True)).label(
         [(grid, (112, 224))], 14, (128, 256))
     assert {"fit/k9/full", "fit/k9/resized", "fit/baseline_k4/resized"} < set(both.targets)
-    assert both.targets["fit/k9/full"] is both.variant("seed")
-    np.testing.assert_array_equal(both.variant("seed").train_ids, labels.variant("seed").train_ids)
+    assert both.targets["fit/k9/full"] is both.variant("plain")
+    np.testing.assert_array_equal(both.variant("plain").train_ids, labels.variant("plain").train_ids)
     # on their way to the score step (an npz, no pickle) the maps and their sharing survive
     again = ImageLabels.from_bytes(both.to_bytes())
-    assert again.targets.keys() == both.targets.keys() and again.targets["fit/k9/full"] is again.variant("seed")
+    assert again.targets.keys() == both.targets.keys() and again.targets["fit/k9/full"] is again.variant("plain")
     for name, target in both.targets.items():
         np.testing.assert_array_equal(again.targets[name].train_ids, target.train_ids)
         assert again.targets[name].stride == target.stride
@@ -157,11 +157,11 @@ def test_fast_paths_equal_the_general_ones():
 def test_evaluator_settings_are_checked(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     with pytest.raises(ConfigError, match="official among them"):
-        tiny_config(data, out, report={"evaluators": ["seed"]})
+        tiny_config(data, out, report={"evaluators": ["plain"]})
     with pytest.raises(ConfigError, match="protocol=cause"):
         tiny_config(data, out, report={"evaluators": ["official", "cause"]})
     assert tiny_config(data, out).evaluators == ("official",)
-    assert tiny_config(data, out, protocol="seed").evaluators == ("official", "seed")
+    assert tiny_config(data, out, protocol="paper").evaluators == ("official", "paper")
 
 
 def _scores(cfg) -> dict[str, np.ndarray]:
@@ -174,8 +174,8 @@ def _scores(cfg) -> dict[str, np.ndarray]:
 
 def test_a_run_without_sensitivity_computes_none_of_its_arrays(tiny_run):
     arrays = _scores(tiny_run)
-    assert not [k for k in arrays if "/fit/" in k or "/baseline/" in k or k.startswith("seed/")]
-    assert {"official/confusion/variant/seed", "official/pq/variant/baseline_k19", "label/wins/k16"} <= set(arrays)
+    assert not [k for k in arrays if "/fit/" in k or "/baseline/" in k or k.startswith("paper/")]
+    assert {"official/confusion/variant/plain", "official/pq/variant/baseline_k19", "label/wins/k16"} <= set(arrays)
     report = json.loads((tiny_run.output_dir / "report.json").read_text())
     assert report["evaluators"] == ["official"] and report["protocol_sensitivity"] is None
     assert "protocol sensitivity off (`report.sensitivity`)" in (tiny_run.output_dir / "report.md").read_text()
@@ -191,6 +191,6 @@ def test_sensitivity_on_changes_no_other_number(tiny_run, tmp_path):
     sensitivity = after.pop("protocol_sensitivity")
     assert before == after
     main = sensitivity["fits"]["k16"]
-    assert list(main) == ["full/official", "full/seed", "resized/official", "resized/seed"]
-    assert main["full/official"]["miou"] == after["variants"]["seed"]["semantic"]["miou"]
-    assert {k.split("/")[0] for k in _scores(cfg)} == {"image_ids", "official", "seed", "label"}
+    assert list(main) == ["full/official", "full/paper", "resized/official", "resized/paper"]
+    assert main["full/official"]["miou"] == after["variants"]["plain"]["semantic"]["miou"]
+    assert {k.split("/")[0] for k in _scores(cfg)} == {"image_ids", "official", "paper", "label"}

@@ -87,16 +87,16 @@ def test_cluster_probe_baseline_is_loaded_and_normalised(tmp_path):
     cfg = parse_config({"model": {"feature_kind": "head", "cluster_probe_checkpoint": str(tmp_path / "cluster_tr.pth")},
                         "fit": {"baseline": "cluster_probe"}}, "test")
     centroids, raw = baseline_centroids(cfg, np.zeros((0, 90), np.float32))
-    assert raw is None  # only the seed's k-means has raw centres
+    assert raw is None  # only the paper's k-means has raw centres
     assert centroids.shape == (27, 90)
     assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
     assert np.allclose(centroids[0], (probe[0] / probe[0].norm()).numpy(), atol=1e-6)
 
 
-def test_seed_protocol_fits_every_labelled_patch_in_dataset_order_and_maps_by_euclidean_predict(tmp_path):
+def test_paper_protocol_fits_every_labelled_patch_in_dataset_order_and_maps_by_euclidean_predict(tmp_path):
     from sklearn.cluster import MiniBatchKMeans
 
-    cfg = parse_config({"output_dir": str(tmp_path), "protocol": "seed", "inference": {"short_side": 112, "crop": 112, "stride": 56},
+    cfg = parse_config({"output_dir": str(tmp_path), "protocol": "paper", "inference": {"short_side": 112, "crop": 112, "stride": 56},
                         "fit": {"k": 6, "k_sweep": [3], "max_patches_per_image": 2, "heldout_folds": 3}}, "test")
     rng = np.random.default_rng(5)
     tables, ordered = [], []
@@ -105,7 +105,7 @@ def test_seed_protocol_fits_every_labelled_patch_in_dataset_order_and_maps_by_eu
         for i in range(3):
             feat = rng.normal(size=(D, 4, 4)).astype(np.float32)
             label = rng.integers(0, 3, size=(4, 4)).astype(np.uint8)
-            label[0] = 255  # unlabelled patches: not part of the seed's fit
+            label[0] = 255  # unlabelled patches: not part of the paper's fit
             ids.append(f"img{shard}_{i}")
             feats.append(feat)
             labels.append(label)
@@ -131,8 +131,8 @@ def test_seed_protocol_fits_every_labelled_patch_in_dataset_order_and_maps_by_eu
     assert fits["k6"].meta["n_samples"] == len(x) == 6 * 12 and "MiniBatchKMeans" in fits["k6"].meta["engine"]
 
 
-def test_seed_protocol_without_ground_truth_says_so(tmp_path):
-    cfg = parse_config({"output_dir": str(tmp_path), "protocol": "seed", "inference": {"short_side": 112, "crop": 112, "stride": 56},
+def test_paper_protocol_without_ground_truth_says_so(tmp_path):
+    cfg = parse_config({"output_dir": str(tmp_path), "protocol": "paper", "inference": {"short_side": 112, "crop": 112, "stride": 56},
                         "fit": {"k": 6, "k_sweep": [3]}}, "test")
     table = patch_table(["x"], [np.random.default_rng(0).normal(size=(D, 4, 4))], [np.full((4, 4), 255, np.uint8)],
                         patch_schema(D, "float32"), [(56, 56)])
@@ -352,9 +352,9 @@ def test_content_keys_come_from_content_not_from_when_it_was_written(tmp_path):
     assert fits_marker.read_bytes() != written  # refitted
 
 
-@pytest.mark.parametrize("protocol, rule", [("official", "present"), ("seed", "all")])
+@pytest.mark.parametrize("protocol, rule", [("official", "present"), ("paper", "all")])
 def test_patch_level_miou_follows_the_protocols_rule(tmp_path, protocol, rule):
-    """Under protocol=seed the patch-level mIoU is the seed's: all 19 classes, an absent one counting 0
+    """Under protocol=paper the patch-level mIoU is the paper's: all 19 classes, an absent one counting 0
     (its overclustering_cause.py); otherwise the classes present. The summary records the rule."""
     cfg = parse_config({"output_dir": str(tmp_path), "seed": 0, "protocol": protocol,
                         "fit": {"k": 6, "k_sweep": [3], "n_iter": 10, "max_patches_per_image": 16, "heldout_folds": 3}},

@@ -1,4 +1,4 @@
-"""`submit.py import-fit`: another tool's centres and cluster -> class mapping (the seed's
+"""`submit.py import-fit`: another tool's centres and cluster -> class mapping (the paper's
 kmeans_centroids.npz) as a fit of a run, which label, report, atlas and apply use; bad files refused."""
 
 import hashlib
@@ -21,7 +21,7 @@ from tests.tiny_runs import copy_run
 D = 32  # the tiny run's feature dimension (a 32-d ViT's backbone tokens)
 
 
-def seed_file(path, centroids, cluster_to_class):
+def paper_file(path, centroids, cluster_to_class):
     """What generate_overclustered_semantics.py writes: float64 centres divided by norm + 1e-8, uint8
     trainIds, `np.savez(centroids_path, centroids=centroids_norm, cluster_to_class=cluster_to_class)`."""
     centroids = np.asarray(centroids, np.float64)
@@ -35,7 +35,7 @@ def random_centres(k=5, dim=D, seed=0):
 
 
 def test_a_file_written_as_the_seed_writes_it_is_read_with_its_checksum(tmp_path):
-    path = seed_file(tmp_path / "kmeans_centroids.npz", random_centres(), [0, 1, 2, 18, 0])
+    path = paper_file(tmp_path / "kmeans_centroids.npz", random_centres(), [0, 1, 2, 18, 0])
     read = read_centre_file(path, D)
     assert read.centroids.dtype == np.float32 and np.allclose(np.linalg.norm(read.centroids, axis=1), 1, atol=1e-6)
     assert read.mapping.tolist() == [0, 1, 2, 18, 0] and read.mapping.dtype == np.int64
@@ -108,14 +108,14 @@ def import_cli(capsys, *args) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_the_seeds_centroids_label_and_score_as_the_fit_they_came_from(ray_cluster, tiny_run, tmp_path, capsys):
-    """The run's own k16 written as the seed writes its kmeans_centroids.npz, imported as seed_k16: label
+def test_the_papers_centroids_label_and_score_as_the_fit_they_came_from(ray_cluster, tiny_run, tmp_path, capsys):
+    """The run's own k16 written as the paper writes its kmeans_centroids.npz, imported as seed_k16: label
     and report score it exactly as k16, and every table row says where it came from; atlas and apply
     take it; the command refuses what would clash and repeats nothing."""
     cfg = copy_run(tiny_run, tmp_path)
     out = cfg.output_dir
     k16 = FitArtifact.load(out / "fits" / "k16")
-    npz = seed_file(tmp_path / "kmeans_centroids.npz", k16.centroids, k16.mapping)
+    npz = paper_file(tmp_path / "kmeans_centroids.npz", k16.centroids, k16.mapping)
     sha = hashlib.sha256(npz.read_bytes()).hexdigest()
     code, printed, err = import_cli(capsys, npz, "--run", out, "--name", "seed_k16")
     assert code == 0, err
@@ -128,7 +128,7 @@ def test_the_seeds_centroids_label_and_score_as_the_fit_they_came_from(ray_clust
     written = (out / "fits" / "seed_k16" / "meta.json").stat().st_mtime_ns
     assert import_cli(capsys, npz, "--run", out, "--name", "seed_k16")[0] == 0
     assert (out / "fits" / "seed_k16" / "meta.json").stat().st_mtime_ns == written
-    other = seed_file(tmp_path / "other.npz", random_centres(16), np.zeros(16))
+    other = paper_file(tmp_path / "other.npz", random_centres(16), np.zeros(16))
     for name, phrase in (("seed_k16", "exists already (imported from"), ("../escape", "letters, digits"),
                          ("k16", "other than the names the fit stage gives"),
                          ("fit_summary.json", "exists already (not a fit)")):
@@ -184,6 +184,6 @@ def test_import_fit_needs_a_finished_fit_stage_and_a_good_file(tiny_run, tmp_pat
         assert code == 2 and err.startswith(f"error: {path}") and phrase in err and "Traceback" not in err, err
     assert not (cfg.output_dir / "fits" / "bad").exists() and not (cfg.output_dir / "fits" / "_imported.json").exists()
     (cfg.output_dir / "fits" / "_done.json").unlink()
-    code, _, err = import_cli(capsys, seed_file(tmp_path / "ok.npz", random_centres(), np.zeros(5)), "--run",
+    code, _, err = import_cli(capsys, paper_file(tmp_path / "ok.npz", random_centres(), np.zeros(5)), "--run",
                               cfg.output_dir, "--name", "ok")
     assert code == 2 and "import-fit needs the fits in" in err and "python submit.py fit" in err

@@ -55,7 +55,7 @@ def test_empty_confusion_is_nan_without_warnings_and_json_safe():
     assert semantic_scores(empty, ["a", "b", "c"], "all")["miou"] is None  # nothing scored is not 0
 
 
-def test_the_seeds_rule_averages_every_class_an_absent_one_counting_zero():
+def test_the_papers_rule_averages_every_class_an_absent_one_counting_zero():
     # class 3 is in neither ground truth nor prediction: left out of "present", 0 in "all"
     assert mean_iou(CONF, "all") == pytest.approx((0.5 + 0.5 + 2 / 3 + 0) / 4)
     scores = semantic_scores(CONF, ["road", "sidewalk", "building", "wall"], "all")

@@ -159,7 +159,7 @@ def test_head_model_in_the_dense_extractor():
 
 def test_head_model_with_backbone_gives_both_and_the_seed_keeps_the_tokens_unflipped():
     """model.compare_backbone: the head's 90 channels, then exactly the backbone model's tokens (same
-    seeded weights); flip_dims=90 flip-averages the head only, as the seed's raw DINOv2 rows are not."""
+    seeded weights); flip_dims=90 flip-averages the head only, as the paper's raw DINOv2 rows are not."""
     vit = ViTSpec(embed_dim=32, depth=1, num_heads=2)
     both = build_feature_model(ModelSpec(vit=vit, feature_kind="head", init_seed=5), with_backbone=True)
     head = build_feature_model(ModelSpec(vit=vit, feature_kind="head", init_seed=5))
@@ -170,7 +170,7 @@ def test_head_model_with_backbone_gives_both_and_the_seed_keeps_the_tokens_unfli
     assert out.shape == (2, 90 + 32, 23, 23)
     np.testing.assert_allclose(out[:, :90], WindowModel(head, spec)(windows), atol=1e-5)
     np.testing.assert_allclose(out[:, 90:], WindowModel(tokens, spec)(windows), atol=1e-5)
-    seed = WindowModel(both, replace(spec, flip_dims=90))(windows)
-    np.testing.assert_allclose(seed[:, :90], out[:, :90], atol=1e-6)
-    np.testing.assert_allclose(seed[:, 90:], WindowModel(tokens, replace(spec, flip=False))(windows), atol=1e-5)
-    assert np.abs(seed[:, 90:] - out[:, 90:]).max() > 1e-3
+    paper = WindowModel(both, replace(spec, flip_dims=90))(windows)
+    np.testing.assert_allclose(paper[:, :90], out[:, :90], atol=1e-6)
+    np.testing.assert_allclose(paper[:, 90:], WindowModel(tokens, replace(spec, flip=False))(windows), atol=1e-5)
+    assert np.abs(paper[:, 90:] - out[:, 90:]).max() > 1e-3

@@ -34,7 +34,7 @@ def test_a_part_round_trips_and_a_damaged_one_or_another_plans_is_not_counted(tm
 
 def _extract_by_hand(cfg, shard):
     """The extract steps in one process, as the stream runs them."""
-    config, stage_dir = cfg.model_dump(mode="json"), str(cfg.output_dir / "features")
+    config, stage_dir = cfg, str(cfg.output_dir / "features")
     rows = list(image_windows(shard, config))
     out = WindowFeatures(config)({k: np.array([r[k] for r in rows]) for k in rows[0]})
     return [write_features({k: v[i] for k, v in out.items()}, config, stage_dir, "test-plan") for i in range(len(rows))]
@@ -51,7 +51,7 @@ def test_a_shard_whose_images_all_failed_keeps_the_feature_width(tmp_path):
     statuses = _extract_by_hand(cfg, shard)
     assert all("corrupt or truncated" in s["error"] for s in statuses)
     failed = [{"image_id": s["image_id"], "path": s["path"], "stage": "extract", "error": s["error"]} for s in statuses]
-    finish_features(str(cfg.output_dir / "features"), shard, [], failed, "test-plan", cfg.model_dump(mode="json"))
+    finish_features(str(cfg.output_dir / "features"), shard, [], failed, "test-plan", cfg)
     table = pq.read_table(cfg.output_dir / "features" / "shard-00000.parquet")
     assert table.num_rows == 0 and table.schema.field("feature").type.list_size == 32  # the model's width, not 1
     (marker,) = read_done(cfg.output_dir / "features").values()

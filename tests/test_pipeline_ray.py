@@ -66,11 +66,11 @@ def test_report_has_every_fit_with_sane_metrics(first_run):
     assert (first_run.output_dir / "report.md").read_text().startswith("# Overclustering report")
     for figure in ("miou_vs_k", "confusion", "per_class_iou", "overlays", "few_shot"):
         assert (first_run.output_dir / report["figures"][figure]).stat().st_size > 0
-    assert list(report["variants"]) == ["seed", "single_scale", "em_semantic", "em_things", "superpixels", "baseline_k19"]
+    assert list(report["variants"]) == ["plain", "single_scale", "em_semantic", "em_things", "superpixels", "baseline_k19"]
     for variant in report["variants"].values():
         assert 0.0 < variant["panoptic"]["all"]["pq"] < 1.0 and variant["seconds_per_image"] > 0
-    # the seed variant is the main fit's labels: same pixels, same confusion as its same-set protocol
-    assert report["variants"]["seed"]["semantic"] == report["fits"]["k24"]["pixel_level"]["same_set"]
+    # the plain variant is the main fit's labels: same pixels, same confusion as its same-set protocol
+    assert report["variants"]["plain"]["semantic"] == report["fits"]["k24"]["pixel_level"]["same_set"]
 
 
 def test_every_image_extracted_and_labelled_exactly_once(first_run):
@@ -88,14 +88,14 @@ def test_every_image_extracted_and_labelled_exactly_once(first_run):
 
 def test_official_evaluators_agree_with_the_report(first_run, demo_root, tmp_path):
     report = json.loads((first_run.output_dir / "report.json").read_text())
-    seed = report["variants"]["seed"]
+    plain = report["variants"]["plain"]
     pixel = official_pixel_level(demo_root / "gtFine", "val", first_run.output_dir / "labels" / "labelIds")
-    assert abs(100 * seed["semantic"]["miou"] - 100 * pixel["averageScoreClasses"]) < 0.1
+    assert abs(100 * plain["semantic"]["miou"] - 100 * pixel["averageScoreClasses"]) < 0.1
     panoptic, _ = official_panoptic(demo_root / "gtFine", "val",
                                     first_run.output_dir / "labels" / "panoptic" / "cityscapes_panoptic_val.json", tmp_path)
     for ours, theirs in (("all", "All"), ("stuff", "Stuff"), ("things", "Things")):
         for metric in ("pq", "sq", "rq"):
-            assert abs(100 * seed["panoptic"][ours][metric] - 100 * panoptic[theirs][metric]) < 0.1, (ours, metric)
+            assert abs(100 * plain["panoptic"][ours][metric] - 100 * panoptic[theirs][metric]) < 0.1, (ours, metric)
 
 
 def test_rerun_skips_done_shards_and_gives_identical_results(first_run):
@@ -112,12 +112,12 @@ def test_the_sensitivity_table_scores_the_same_fits_every_way(first_run):
     sensitivity = report["protocol_sensitivity"]
     assert sensitivity["protocol"] == "cause" and list(sensitivity["fits"]) == list(report["fits"])
     main = sensitivity["fits"]["k24"]
-    assert list(main) == ["full/official", "full/seed", "resized/official", "resized/seed"]
+    assert list(main) == ["full/official", "full/paper", "resized/official", "resized/paper"]
     # this run's own row is its labels under the official evaluator: the numbers of the variants table
-    assert main["full/official"]["miou"] == report["variants"]["seed"]["semantic"]["miou"]
-    assert main["full/official"]["panoptic"]["pq"] == report["variants"]["seed"]["panoptic"]["all"]["pq"]
-    # the seed's evaluator scores the same labels differently (no void or crowd rules, 64 px stuff)
-    assert main["full/seed"]["panoptic"]["pq"] != main["full/official"]["panoptic"]["pq"]
+    assert main["full/official"]["miou"] == report["variants"]["plain"]["semantic"]["miou"]
+    assert main["full/official"]["panoptic"]["pq"] == report["variants"]["plain"]["panoptic"]["all"]["pq"]
+    # the paper's evaluator scores the same labels differently (no void or crowd rules, 64 px stuff)
+    assert main["full/paper"]["panoptic"]["pq"] != main["full/official"]["panoptic"]["pq"]
     assert "## Protocol sensitivity" in (first_run.output_dir / "report.md").read_text()
     # the cause protocol adds the baseline on CAUSE's crops, 27 classes, without and with its CRF
     baseline = sensitivity["fits"]["baseline_k19"]
@@ -127,18 +127,18 @@ def test_the_sensitivity_table_scores_the_same_fits_every_way(first_run):
     assert len(list((first_run.output_dir / "features" / "_cause").glob("shard-*.parquet"))) == 3
 
 
-def test_seed_protocol_runs_the_seeds_steps_and_refuses_a_switch_of_protocol(ray_cluster, demo_root, tmp_path):
+def test_paper_protocol_runs_the_papers_steps_and_refuses_a_switch_of_protocol(ray_cluster, demo_root, tmp_path):
     data = tiny_config(demo_root, tmp_path / "out", lloyd_iterations=0).model_dump(mode="json") | {"protocol": "official"}
-    data["inference"]["scales"] = [0.75, 1.0, 1.5]  # the fits at 1.0; the baseline also by the seed's multi-scale scheme
+    data["inference"]["scales"] = [0.75, 1.0, 1.5]  # the fits at 1.0; the baseline also by the paper's multi-scale scheme
     data["label"]["sweep_pixel_stride"] = 2  # the sweep's k8: resized labels subsampled, full-size ones at the stride
-    data["refine"]["crf"] = True  # the seed's CRF rows, of the main fit and of the baseline
-    cfg = parse_config({**data, "protocol": "seed"})
+    data["refine"]["crf"] = True  # the paper's CRF rows, of the main fit and of the baseline
+    cfg = parse_config({**data, "protocol": "paper"})
     Pipeline(cfg).run()
     report = json.loads((cfg.output_dir / "report.json").read_text())
-    assert report["protocol"] == "seed"
+    assert report["protocol"] == "paper"
     main = report["protocol_sensitivity"]["fits"]["k24"]
     # its labels are made at the resized size from the windows, so they are the resized rows
-    assert main["resized/official"]["miou"] == report["variants"]["seed"]["semantic"]["miou"]
+    assert main["resized/official"]["miou"] == report["variants"]["plain"]["semantic"]["miou"]
     assert main["resized/official"]["miou"] != main["full/official"]["miou"]
     windows = sorted((cfg.output_dir / "features" / "_windows").glob("shard-*.parquet"))
     # 4 images, windows of 8x8 patches: 3 at 1.0 (112x224), 2 at 0.75 (112x168), 10 at 1.5 (168x336)
@@ -146,25 +146,25 @@ def test_seed_protocol_runs_the_seeds_steps_and_refuses_a_switch_of_protocol(ray
     marker = json.loads((cfg.output_dir / "features" / "_done" / "shard-00000.json").read_text())
     assert "features/_windows/shard-00000.parquet" in marker["outputs"]
     meta = json.loads((cfg.output_dir / "fits" / "k24" / "meta.json").read_text())["meta"]
-    assert meta["protocol"] == "seed" and "MiniBatchKMeans" in meta["engine"]
-    assert "**resized, NEAREST up** | **seed**" in (cfg.output_dir / "report.md").read_text()
-    # the seed's patch-level mIoU: all 19 classes, an absent one 0; the k sweep says so under its table
+    assert meta["protocol"] == "paper" and "MiniBatchKMeans" in meta["engine"]
+    assert "**resized, NEAREST up** | **paper**" in (cfg.output_dir / "report.md").read_text()
+    # the paper's patch-level mIoU: all 19 classes, an absent one 0; the k sweep says so under its table
     assert report["fits"]["k24"]["patch_level"]["same_set"]["miou_rule"] == "all"
-    assert ("*patch mIoU*: mean over all 19 classes, an absent class counting 0 (the seed's rule)."
+    assert ("*patch mIoU*: mean over all 19 classes, an absent class counting 0 (the paper's rule)."
             in (cfg.output_dir / "report.md").read_text())
     k8 = report["protocol_sensitivity"]["fits"]["k8"]
-    assert k8["full/official"]["pixel_stride"] == 2 and k8["full/official"]["panoptic"] is None and "full/seed" not in k8
-    assert k8["resized/seed"]["panoptic"]["pq"] is not None
-    # the baseline as the seed's CAUSE script labels it: one scale and multi-scale, each without and with its CRF
+    assert k8["full/official"]["pixel_stride"] == 2 and k8["full/official"]["panoptic"] is None and "full/paper" not in k8
+    assert k8["resized/paper"]["panoptic"]["pq"] is not None
+    # the baseline as the paper's CAUSE script labels it: one scale and multi-scale, each without and with its CRF
     baseline = report["protocol_sensitivity"]["fits"]["baseline_k19"]
     extra = [f"{labels}/{evaluator}" for labels in ("windows", "windows+crf", "multiscale", "multiscale+crf")
-             for evaluator in ("official", "seed")]
+             for evaluator in ("official", "paper")]
     assert list(baseline)[-8:] == extra
     assert len({baseline[key]["miou"] for key in extra[::2]}) == 4 and all(baseline[key]["panoptic"]["pq"] > 0 for key in extra)
-    assert all(baseline[f"{key}/seed"]["panoptic"]["pq"] != baseline[f"{key}/official"]["panoptic"]["pq"]
+    assert all(baseline[f"{key}/paper"]["panoptic"]["pq"] != baseline[f"{key}/official"]["panoptic"]["pq"]
                for key in ("windows", "multiscale+crf"))
-    assert "seed's CAUSE script, multi-scale + its CRF" in (cfg.output_dir / "report.md").read_text()
-    with pytest.raises(UserError, match='protocol: "seed" -> "official"'):
+    assert "paper's CAUSE script, multi-scale + its CRF" in (cfg.output_dir / "report.md").read_text()
+    with pytest.raises(UserError, match='protocol: "paper" -> "official"'):
         Pipeline(parse_config({**data, "protocol": "official"})).run()
 
 

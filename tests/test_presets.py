@@ -1,5 +1,5 @@
-"""The `seed` protocol preset against references written here from DESIGN.md's facts about the
-seed's scripts (not from the code under test): window merge, patch labels, k-means, pixel labels."""
+"""The `paper` protocol preset against references written here from the facts in docs/protocols.md about the
+paper's scripts (not from the code under test): window merge, patch labels, k-means, pixel labels."""
 
 from dataclasses import replace
 
@@ -12,10 +12,10 @@ from sklearn.cluster import MiniBatchKMeans
 
 from actors.extract import patch_labels
 from configs.schema import ConfigError, parse_config
-from core.evaluation.cause_rules import crop_clusters, crop_counts, hungarian_scores
+from core.evaluation.cause import crop_clusters, crop_counts, hungarian_scores
 from core.refine.crf import dense_crf
 from core.refine.paper_heuristics import denoise_by_prototypes, diffuse_by_neighbours
-from core.clustering.kmeans import assign_euclidean, fit_seed_minibatch
+from core.clustering.kmeans import assign_euclidean, fit_paper_minibatch
 from core.inference.dense import WindowModel
 from core.labelling.image import ImageLabeller, LabelFit, LabelRequest
 from core.inference.windows import StoredWindows, WindowSpec, cause_view, cut_windows, layout_axis_weights, stitch_windows
@@ -25,8 +25,8 @@ SPEC = WindowSpec(short_side=112, crop=112, stride=56)  # 128x256 -> 112x224: wi
 PATCH = 14
 
 
-def seed_pixel_map(window_features: np.ndarray, origins, resized: tuple[int, int], crop: int) -> torch.Tensor:
-    """The seed's merge, step by step: each window's patch map upsampled bilinearly to its pixels,
+def paper_pixel_map(window_features: np.ndarray, origins, resized: tuple[int, int], crop: int) -> torch.Tensor:
+    """The paper's merge, step by step: each window's patch map upsampled bilinearly to its pixels,
     the windows averaged per pixel, cropped to the resized image."""
     h, w = resized
     total = torch.zeros(window_features.shape[1], h + crop, w + crop)
@@ -44,10 +44,10 @@ def windows_of(image_hw=(128, 256), dim=6, seed=0):
     return feats, layout
 
 
-def test_seed_merge_is_the_pooled_pixel_map_of_the_windows():
+def test_paper_merge_is_the_pooled_pixel_map_of_the_windows():
     feats, layout = windows_of()
     (grid, _), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
-    reference = F.adaptive_avg_pool2d(seed_pixel_map(feats, layout.origins, layout.resized, SPEC.crop)[None], layout.grid)[0]
+    reference = F.adaptive_avg_pool2d(paper_pixel_map(feats, layout.origins, layout.resized, SPEC.crop)[None], layout.grid)[0]
     assert grid.shape == (6, 8, 16)
     np.testing.assert_allclose(grid, reference.numpy(), atol=1e-5)
     # and it is not this tool's own merge (7 px cells), which keeps each window's patches sharp
@@ -55,7 +55,7 @@ def test_seed_merge_is_the_pooled_pixel_map_of_the_windows():
     assert np.abs(cells - grid).max() > 0.1
 
 
-def test_seed_merge_of_one_window_is_the_one_eighth_blur():
+def test_paper_merge_of_one_window_is_the_one_eighth_blur():
     """DESIGN.md: pooling a 14x bilinear upsampling is a [1/8, 3/4, 1/8] blur per axis (edges: [7/8, 1/8])."""
     spec = WindowSpec(short_side=112, crop=112, stride=112)
     _, (layout,) = cut_windows(np.zeros((112, 112, 3), np.uint8), spec, PATCH, [112])
@@ -70,57 +70,57 @@ def config(protocol: str, **sections):
     return parse_config({"protocol": protocol, "inference": {"short_side": 112, "crop": 112, "stride": 56}, **sections})
 
 
-def test_seed_patch_labels_are_one_nearest_sample_per_patch():
+def test_paper_patch_labels_are_one_nearest_sample_per_patch():
     labels = np.array([[0, 1, 1, 1, 2, 2, 3, 3],
                        [0, 4, 1, 5, 2, 6, 3, 7],
                        [8, 8, 9, 9, 255, 255, 10, 10],
                        [8, 11, 9, 12, 255, 255, 10, 13]], np.uint8)
     # 4x8 -> 2x4: PIL NEAREST samples pixel floor((i + 0.5) * 2) = rows 1, 3 and columns 1, 3, 5, 7
-    assert patch_labels(config("seed"), labels, (2, 4)).tolist() == [[4, 5, 6, 7], [11, 12, 255, 13]]
+    assert patch_labels(config("paper"), labels, (2, 4)).tolist() == [[4, 5, 6, 7], [11, 12, 255, 13]]
     # the official labels are each 2x2 patch's majority (ties to the lower id)
     assert patch_labels(config("official"), labels, (2, 4)).tolist() == [[0, 1, 2, 3], [8, 9, 255, 10]]
 
 
-def test_seed_kmeans_is_minibatch_with_the_seeds_settings():
+def test_paper_kmeans_is_minibatch_with_the_papers_settings():
     x = np.random.default_rng(2).normal(size=(600, 5)).astype(np.float32)
-    x[3, 1] = np.nan  # the seed's nan_to_num makes it 0
+    x[3, 1] = np.nan  # the paper's nan_to_num makes it 0
     reference_x = np.nan_to_num(x.astype(np.float64))
     reference_x /= np.linalg.norm(reference_x, axis=1, keepdims=True)
     reference = MiniBatchKMeans(n_clusters=7, batch_size=10000, max_iter=300, n_init=3, random_state=42).fit(reference_x)
-    centres = fit_seed_minibatch(x, 7)
+    centres = fit_paper_minibatch(x, 7)
     np.testing.assert_array_equal(centres, reference.cluster_centers_)
     np.testing.assert_array_equal(assign_euclidean(x, centres), reference.predict(reference_x))
     with pytest.raises(ValueError, match="lower fit.k"):
-        fit_seed_minibatch(x[:5], 7)
+        fit_paper_minibatch(x[:5], 7)
 
 
-def test_seed_pixel_labels_come_from_the_windows_pixel_map_at_the_resized_size():
+def test_paper_pixel_labels_come_from_the_windows_pixel_map_at_the_resized_size():
     feats, layout = windows_of(dim=5, seed=3)
     rng = np.random.default_rng(4)
     centroids = rng.normal(size=(9, 5)).astype(np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     mapping = rng.integers(0, 19, 9)
     fit = LabelFit("k9", centroids, mapping)
-    labeller = ImageLabeller([fit, LabelFit("baseline_k9", centroids, mapping)], ["seed"], RefineConfig(), labelling="resized",
+    labeller = ImageLabeller([fit, LabelFit("baseline_k9", centroids, mapping)], ["plain"], RefineConfig(), labelling="resized",
                              request=LabelRequest(baseline=True, both_labellings=True))
     (grid, resized), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
     labels = labeller.label([(grid, resized)], PATCH, (128, 256),
                             windows=StoredWindows(feats, layout_axis_weights(layout, SPEC.crop, PATCH), layout))
-    pixel = F.normalize(seed_pixel_map(feats, layout.origins, layout.resized, SPEC.crop), dim=0)
+    pixel = F.normalize(paper_pixel_map(feats, layout.origins, layout.resized, SPEC.crop), dim=0)
     clusters = torch.einsum("kd,dyx->kyx", torch.tensor(centroids), pixel).argmax(dim=0).numpy()
     reference = np.asarray(Image.fromarray(mapping[clusters].astype(np.uint8)).resize((256, 128), Image.NEAREST))
-    assert labels.variant("seed").train_ids.shape == (128, 256)
-    assert (labels.variant("seed").train_ids == reference).mean() > 0.999  # float rounding may flip a near-tie pixel
+    assert labels.variant("plain").train_ids.shape == (128, 256)
+    assert (labels.variant("plain").train_ids == reference).mean() > 0.999  # float rounding may flip a near-tie pixel
     # asked for (the sensitivity table), the full-size labelling is made too, from the grid; the own one is the variant
     assert labels.targets["fit/k9/full"].train_ids.shape == (128, 256)
-    assert labels.targets["fit/k9/resized"] is labels.variant("seed")
+    assert labels.targets["fit/k9/resized"] is labels.variant("plain")
 
 
 def test_protocols_refuse_settings_they_cannot_honour():
     with pytest.raises(ConfigError, match="short_side=126 and inference.crop=112"):
-        config("seed", inference={"short_side": 126, "crop": 112, "stride": 56})
+        config("paper", inference={"short_side": 126, "crop": 112, "stride": 56})
     with pytest.raises(ConfigError, match="lloyd_iterations"):
-        config("seed", fit={"lloyd_iterations": 2})
+        config("paper", fit={"lloyd_iterations": 2})
     with pytest.raises(ConfigError, match="protocol"):
         config("caus")
     with pytest.raises(ConfigError, match="must not exceed the short side"):
@@ -167,7 +167,7 @@ def test_cause_counts_label_the_crop_by_cosine_after_bilinear_upsampling():
     assert counts.sum() == 32
 
 
-def test_seed_crf_is_softmax_of_five_times_the_class_logits_at_the_resized_size():
+def test_paper_crf_is_softmax_of_five_times_the_class_logits_at_the_resized_size():
     feats, layout = windows_of(dim=5, seed=8)
     rng = np.random.default_rng(9)
     centroids = rng.normal(size=(6, 5)).astype(np.float32)
@@ -175,12 +175,12 @@ def test_seed_crf_is_softmax_of_five_times_the_class_logits_at_the_resized_size(
     mapping = np.array([0, 0, 2, 5, 2, 11])  # classes 0, 2, 5, 11 have clusters; the other 15 score 0
     image = rng.integers(0, 255, size=(128, 256, 3), dtype=np.uint8)
     fit = LabelFit("k6", centroids, mapping)
-    labeller = ImageLabeller([fit, fit], ["seed", "crf"], RefineConfig(), labelling="resized", request=LabelRequest(baseline=True))
+    labeller = ImageLabeller([fit, fit], ["plain", "crf"], RefineConfig(), labelling="resized", request=LabelRequest(baseline=True))
     (grid, resized), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
     labels = labeller.label([(grid, resized)], PATCH, (128, 256), image,
                             windows=StoredWindows(feats, layout_axis_weights(layout, SPEC.crop, PATCH), layout))
     cosine = torch.einsum("kd,dyx->kyx", torch.tensor(centroids),
-                          F.normalize(seed_pixel_map(feats, layout.origins, layout.resized, SPEC.crop), dim=0)).numpy()
+                          F.normalize(paper_pixel_map(feats, layout.origins, layout.resized, SPEC.crop), dim=0)).numpy()
     logits = np.zeros((19, *resized), np.float32)
     for c in set(mapping.tolist()):
         logits[c] = cosine[mapping == c].max(axis=0)
@@ -199,11 +199,11 @@ def test_the_baselines_full_size_crf_row_is_the_crf_variant_of_the_baseline_fit(
     baseline = LabelFit("baseline_k4", base, np.array([0, 2, 255, 5]))
     image = rng.integers(0, 255, size=(128, 256, 3), dtype=np.uint8)
     grids = [(grid, (112, 224))]
-    labeller = ImageLabeller([LabelFit("k9", main, rng.integers(0, 19, 9)), baseline], ["seed"], RefineConfig(crf=True),
+    labeller = ImageLabeller([LabelFit("k9", main, rng.integers(0, 19, 9)), baseline], ["plain"], RefineConfig(crf=True),
                              request=LabelRequest(baseline=True, baseline_labellings=("full+crf",)))
     labels = labeller.label(grids, PATCH, (128, 256), image)
     extra = labels.targets["baseline/full+crf"].train_ids
-    alone = ImageLabeller([baseline], ["seed", "crf"], RefineConfig(crf=True))
+    alone = ImageLabeller([baseline], ["plain", "crf"], RefineConfig(crf=True))
     np.testing.assert_array_equal(extra, alone.label(grids, PATCH, (128, 256), image).variant("crf").train_ids)
     assert (extra != labels.variant("baseline_k4").train_ids).any()  # the CRF changed pixels
 
@@ -238,7 +238,7 @@ def test_the_cause_crop_runs_apart_and_comes_back_in_place():
 
     cfg = parse_config({"protocol": "cause", "model": {"vit": {"embed_dim": 32, "depth": 1, "num_heads": 2}},
                         "inference": {"short_side": 112, "crop": 112, "stride": 56}})
-    actor = WindowFeatures(cfg.model_dump(mode="json"))
+    actor = WindowFeatures(cfg)
     plain, flipped = actor.crop_models
     assert (plain.spec.precision, plain.spec.flip, flipped.spec.precision, flipped.spec.flip) == ("fp16", False, "fp16_backbone", True)
     assert actor.model.spec.precision == "fp32"
@@ -261,11 +261,11 @@ def test_compare_names_each_runs_protocol_and_scores_all_runs_the_same_ways():
         level = {"miou": own, "per_class_iou": {"road": own}}
         return {"protocol": protocol, "feature_kind": "head", "model": "m", "dataset": {"scored_pixels": scored_pixels},
                 "fits": {"k300": {"k": 300, "pixel_level": {"same_set": level}}},
-                "protocol_sensitivity": {"fits": {"k300": {"full/official": {"miou": full}, "resized/seed": {"miou": 0.5}}}}}
+                "protocol_sensitivity": {"fits": {"k300": {"full/official": {"miou": full}, "resized/paper": {"miou": 0.5}}}}}
 
-    text = render_comparison({"off": report("official", 0.4, 0.4), "seed": report("seed", 0.45, 0.42)})
+    text = render_comparison({"off": report("official", 0.4, 0.4), "paper": report("paper", 0.45, 0.42)})
     assert "| off | official | head | k300 | 300 | 40.0 | 40.0 | 50.0 |" in text
-    assert "| seed | seed | head | k300 | 300 | 45.0 | 42.0 | 50.0 |" in text
+    assert "| paper | paper | head | k300 | 300 | 45.0 | 42.0 | 50.0 |" in text
     assert "Nothing was scored" not in text
     text = render_comparison({"off": report("official", 0.4, 0.4), "frames": report("official", None, None, 0)})
     assert "Nothing was scored in frames: none of its images has ground truth" in text

@@ -33,7 +33,7 @@ def test_one_cluster_per_patch_is_an_oracle_same_set_but_not_held_out():
     same_set = fold_counts.sum(axis=0).argmax(axis=1)
     scores = protocol_scores(fold_counts, fold_counts, same_set, None, NAMES)
     assert scores["same_set"]["miou"] == 1.0
-    # the seed's rule: a class no patch has or is mapped to counts 0 in every protocol's mean
+    # the paper's rule: a class no patch has or is mapped to counts 0 in every protocol's mean
     padded = np.concatenate([fold_counts, np.zeros((folds, k, 1), np.int64)], axis=2)  # class c: no patch
     three = protocol_scores(padded, padded, same_set, same_set, NAMES + ["c"], "all")
     assert three["same_set"]["miou"] == three["label_free"]["miou"] == 2 / 3

@@ -103,7 +103,7 @@ def _label_actor(cfg, tmp_path):
         c = rng.normal(size=(k, 32)).astype(np.float32)
         fits.append({"name": name, "centroids": c / np.linalg.norm(c, axis=1, keepdims=True), "mapping": np.arange(k) % 19,
                      "stride": 1})
-    actor = LabelImages(config=cfg.model_dump(mode="json"), fits=fits, labels_dir=str(tmp_path / "out" / "labels"),
+    actor = LabelImages(cfg=cfg, fits=fits, labels_dir=str(tmp_path / "out" / "labels"),
                         overlay_ids=[])
     return actor, fits
 

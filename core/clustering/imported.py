@@ -1,7 +1,7 @@
 """Centres and a cluster -> class mapping made by another tool, read from an .npz and checked before
 they become a fit of a run (`submit.py import-fit`, `ray_jobs.fit.import_fit`).
 
-The file the seed writes: `mbps_pytorch/generate_overclustered_semantics.py` (GitHub
+The file the paper writes: `mbps_pytorch/generate_overclustered_semantics.py` (GitHub
 qbit-glitch/unsupervised_panoptic_segmentation, commit 2214ac5), `fit_kmeans` then
 `np.savez(centroids_path, centroids=centroids_norm, cluster_to_class=cluster_to_class)` into
 `<cityscapes_root>/<output_subdir>/kmeans_centroids.npz`, and `np.load(...)["centroids"]`,
@@ -30,7 +30,7 @@ import numpy as np
 from core.errors import UserError
 from core.classes import IGNORE, NUM_CLASSES
 
-SEED_KEYS = ("centroids", "cluster_to_class")  # generate_overclustered_semantics.py's np.savez keys
+PAPER_KEYS = ("centroids", "cluster_to_class")  # generate_overclustered_semantics.py's np.savez keys
 MAX_VALUES = 1 << 26  # a centre file is k x D numbers (300 x 768 is 230k): a larger array declared is refused unread
 MAX_BYTES = 8 * MAX_VALUES + (1 << 20)  # the file is read whole (hashed and parsed from the same bytes)
 UNIT_TOLERANCE = 1e-3  # the norm a row may differ from 1 and still count as unit (core.clustering.fit_artifact's check)
@@ -89,13 +89,13 @@ def _read_arrays(path: Path, data: bytes, keys: tuple[str, str]) -> dict[str, np
         raise CentreFileError(f"{path} cannot be read as an .npz ({err}): save it again with np.savez") from None
 
 
-def read_centre_file(path: Path, feature_dim: int, keys: tuple[str, str] = SEED_KEYS) -> ImportedCentres:
+def read_centre_file(path: Path, feature_dim: int, keys: tuple[str, str] = PAPER_KEYS) -> ImportedCentres:
     """Centres (k, D) and mapping (k,) from an .npz, checked: D is this run's feature dimension,
     every value finite, no zero row, one trainId 0-18 (or 255, no class) per centre, some cluster
     mapped to a class. Rows that are not unit length are L2-normalised (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
-        raise CentreFileError(f"{path} is not a file: name the .npz the other tool saved (the seed's is "
+        raise CentreFileError(f"{path} is not a file: name the .npz the other tool saved (the paper's is "
                               "kmeans_centroids.npz)")
     if path.stat().st_size > MAX_BYTES:
         raise CentreFileError(f"{path} is {path.stat().st_size} bytes, more than a file of cluster centres "

@@ -123,30 +123,30 @@ def fit_kmeans(x: np.ndarray, k: int, seed: int, engine: str = "faiss", n_iter: 
         centroids = kmeans.fit(xn).cluster_centers_
     return np.ascontiguousarray(l2_normalize(centroids))  # sklearn's means are not unit length
 
-# The seed's k-means (mbps_pytorch/overclustering_cause.py), exactly as its scripts call it.
-SEED_MINIBATCH = {"batch_size": 10000, "max_iter": 300, "n_init": 3, "random_state": 42}
+# The paper's k-means (mbps_pytorch/overclustering_cause.py), exactly as its scripts call it.
+PAPER_MINIBATCH = {"batch_size": 10000, "max_iter": 300, "n_init": 3, "random_state": 42}
 
-def seed_normalize(x: np.ndarray) -> np.ndarray:
-    """The seed's feature preparation: nan_to_num, float64, rows L2-normalised."""
+def paper_normalize(x: np.ndarray) -> np.ndarray:
+    """The paper's feature preparation: nan_to_num, float64, rows L2-normalised."""
     x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
 
-def fit_seed_minibatch(x: np.ndarray, k: int) -> np.ndarray:
-    """The seed's fit: MiniBatchKMeans(SEED_MINIBATCH) on the normalised float64 rows -> (k, d)
+def fit_paper_minibatch(x: np.ndarray, k: int) -> np.ndarray:
+    """The paper's fit: MiniBatchKMeans(PAPER_MINIBATCH) on the normalised float64 rows -> (k, d)
     float64 centres, not unit length (its mapping predicts by Euclidean distance to these)."""
     from sklearn.cluster import MiniBatchKMeans
 
     if not 2 <= k <= len(x):
-        raise ValueError(f"k={k} with {len(x)} labelled patch features: the seed's k-means needs 2 <= k <= n; "
+        raise ValueError(f"k={k} with {len(x)} labelled patch features: the paper's k-means needs 2 <= k <= n; "
                          "lower fit.k / fit.k_sweep")
-    return MiniBatchKMeans(n_clusters=k, **SEED_MINIBATCH).fit(seed_normalize(x)).cluster_centers_
+    return MiniBatchKMeans(n_clusters=k, **PAPER_MINIBATCH).fit(paper_normalize(x)).cluster_centers_
 
 def assign_euclidean(x: np.ndarray, centres: np.ndarray, block_rows: int = 65536) -> np.ndarray:
-    """(n,) int32 nearest centre in L2 of the seed-normalised rows (sklearn's predict)."""
+    """(n,) int32 nearest centre in L2 of the paper-normalised rows (sklearn's predict)."""
     out = np.empty(len(x), np.int32)
     c_sq = (centres ** 2).sum(axis=1)
     for i in range(0, len(x), block_rows):
-        xn = seed_normalize(x[i:i + block_rows])
+        xn = paper_normalize(x[i:i + block_rows])
         out[i:i + block_rows] = (c_sq[None, :] - 2.0 * xn @ centres.T).argmin(axis=1)
     return out
 

@@ -85,7 +85,7 @@ class ImageToScore:
     truth: GroundTruth | None
     fold: int
     segment: Segmenter
-    cache: dict = field(default_factory=dict)  # per image: what evaluators derive once (e.g. the seed's resized truth)
+    cache: dict = field(default_factory=dict)  # per image: what evaluators derive once (e.g. the paper's resized truth)
 
 
 class Evaluator(ABC):

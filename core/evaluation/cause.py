@@ -1,13 +1,88 @@
-"""CAUSE's test protocol for the baseline (test_tr.py), as `core.evaluation.cause_rules` implements it: the
-baseline's clusters on the 322 centre crop (made by the label step, without and with CAUSE's CRF)
-against the crop's 27 classes, one Hungarian matching over the (cluster, class) table of all crops."""
+"""CAUSE's test protocol for a baseline's centroids (test_tr.py and utils/utils.py of
+ByungKwanLee/Causal-Unsupervised-Segmentation), on the one 322x322 centre crop of each image.
+
+Labelling: the crop's patch features are upsampled bilinearly (align_corners=False) to the
+crop, each pixel L2-normalised, and compared by cosine with the L2-normalised centroids; the
+pixel takes the best one. Without CRF (test_without_crf) the features come from one unflipped pass
+with the whole model under fp16 autocast; with CRF (test) from the flip-averaged pass with
+autocast around the backbone only (actors.window_features). With CRF: unary from the k-way log_softmax(3 * cosine), CAUSE's
+kernels, the image rebuilt from the normalised tensor as `VF.to_pil_image(invTrans(img))` does
+(its `mul(255).byte()` truncates), then argmax.
+Scoring (STEGO's NiceTool): ground truth = labelIds 7..33 as classes 0..26 (the rest ignored),
+a (cluster x class) pixel table summed over all crops, one Hungarian matching over the whole
+table (maximising matched pixels), IoU = TP / (TP + FP + FN) per class, mIoU = mean over the
+classes whose IoU is defined, accuracy = matched pixels / all counted pixels.
+"""
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
 
-from core.evaluation.cause_rules import crop_counts, hungarian_scores
+from core.classes import IGNORE, LABEL_ID_TO_CLASS_27, NUM_CLASSES_27
 from core.evaluation.base import Evaluator, ImageToScore
-from core.classes import NUM_CLASSES_27
+from core.inference.dense import IMAGENET_MEAN, IMAGENET_STD
 from core.inference.windows import cause_view
+from core.refine.crf import dense_crf
+
+CLASS_NAMES_27 = ["road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail", "bridge",
+                  "tunnel", "pole", "polegroup", "traffic light", "traffic sign", "vegetation", "terrain", "sky",
+                  "person", "rider", "car", "truck", "bus", "caravan", "trailer", "train", "motorcycle", "bicycle"]
+COSINE_SCALE = 3.0  # CAUSE's cluster logits: log_softmax(3 * cosine)
+
+
+def crop_cosines(grid: np.ndarray, centroids: np.ndarray, crop: int) -> torch.Tensor:
+    """(D, g, g) patch features of the crop + (k, D) unit centroids -> (k, crop, crop) cosines."""
+    pixels = F.interpolate(torch.from_numpy(np.asarray(grid, np.float32))[None], size=(crop, crop), mode="bilinear",
+                           align_corners=False)[0]
+    pixels = F.normalize(pixels, dim=0)
+    return torch.einsum("kd,dyx->kyx", torch.from_numpy(np.array(centroids, np.float32)), pixels)
+
+
+def rebuilt_image(crop_rgb: np.ndarray) -> np.ndarray:
+    """The uint8 image CAUSE's CRF sees: ToTensor, Normalize, then invTrans and `mul(255).byte()`."""
+    x = torch.from_numpy(crop_rgb).permute(2, 0, 1).float().div(255)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    x = (x - mean) / std
+    x = (x - 0.0) / torch.tensor([1 / s for s in IMAGENET_STD]).view(3, 1, 1)
+    x = (x - torch.tensor([-m for m in IMAGENET_MEAN]).view(3, 1, 1)) / 1.0
+    return x.mul(255).byte().permute(1, 2, 0).numpy()
+
+
+def crop_clusters(grid: np.ndarray, crf_grid: np.ndarray, centroids: np.ndarray, crop_rgb: np.ndarray) -> dict[str, np.ndarray]:
+    """One crop's cluster maps, (crop, crop) each: "crop" without CAUSE's CRF, from `grid`
+    (test_without_crf's unflipped pass), and "crop+crf" with it, from `crf_grid` (test's
+    flip-averaged pass). Both grids (D, g, g); `crop_rgb` (crop, crop, 3) uint8."""
+    crop = crop_rgb.shape[0]
+    logits = torch.log_softmax(COSINE_SCALE * crop_cosines(crf_grid, centroids, crop), dim=0).numpy()
+    return {"crop": crop_cosines(grid, centroids, crop).argmax(dim=0).numpy(),
+            "crop+crf": dense_crf(rebuilt_image(crop_rgb), logits, alpha=1.0).argmax(axis=0)}
+
+
+def crop_counts(clusters: np.ndarray, crop_label_ids: np.ndarray, k: int) -> np.ndarray:
+    """(k, 27) int64 (cluster, class) pixel counts of one crop; classes are labelIds 7..33, the rest ignored."""
+    gt = LABEL_ID_TO_CLASS_27[crop_label_ids].astype(np.int64).ravel()
+    valid = gt != IGNORE
+    flat = clusters.astype(np.int64).ravel()[valid] * NUM_CLASSES_27 + gt[valid]
+    return np.bincount(flat, minlength=k * NUM_CLASSES_27).reshape(k, NUM_CLASSES_27)
+
+
+def hungarian_scores(counts: np.ndarray) -> dict:
+    """(k, 27) summed (cluster, class) pixel counts -> CAUSE's mIoU, accuracy and per-class IoU
+    (fractions; None where undefined), after one Hungarian matching of clusters to classes."""
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    tp = np.zeros(NUM_CLASSES_27)
+    predicted = np.zeros(NUM_CLASSES_27)  # pixels of the cluster matched to each class
+    tp[cols] = counts[rows, cols]
+    predicted[cols] = counts[rows].sum(axis=1)
+    union = counts.sum(axis=0) + predicted - tp
+    iou = np.divide(tp, union, out=np.full(NUM_CLASSES_27, np.nan), where=union > 0)
+    total = counts.sum()
+    return {"miou": float(np.nanmean(iou)) if (union > 0).any() else None,
+            "pixel_accuracy": float(tp.sum() / total) if total else None,
+            "per_class_iou": {name: None if np.isnan(v) else float(v) for name, v in zip(CLASS_NAMES_27, iou)},
+            "mapping": {int(r): int(c) for r, c in zip(rows, cols)}}
+
 
 CROPS = ("crop", "crop+crf")
 

@@ -48,10 +48,10 @@ def iou_per_class(conf: np.ndarray) -> np.ndarray:
 
 # How a mean IoU averages the classes. "present": the classes in ground truth or prediction (cityscapesscripts,
 # whose IoU of a class with no pixel on either side is NaN and left out). "all": every class, one absent from both
-# counting 0, as the seed's patch-level sweep averages (overclustering_cause.py in qbit-glitch/
+# counting 0, as the paper's patch-level sweep averages (overclustering_cause.py in qbit-glitch/
 # unsupervised_panoptic_segmentation: `iou = tp / denom if denom > 0 else 0.0`, then `np.mean` over the 19).
 MIOU_RULES = {"present": "mean over the classes present in ground truth or prediction",
-              "all": "mean over all {num_classes} classes, an absent class counting 0 (the seed's rule)"}
+              "all": "mean over all {num_classes} classes, an absent class counting 0 (the paper's rule)"}
 
 
 def miou_rule_text(rule: str, num_classes: int) -> str:
@@ -120,7 +120,7 @@ def patch_majority_labels(label_map: np.ndarray, grid_h: int, grid_w: int, num_c
 
 
 def patch_nearest_labels(label_map: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
-    """(H, W) trainIds -> (grid_h, grid_w) uint8: one PIL NEAREST sample per patch (the seed's patch
+    """(H, W) trainIds -> (grid_h, grid_w) uint8: one PIL NEAREST sample per patch (the paper's patch
     labels), pixel (floor((i + 0.5) H / grid_h), floor((j + 0.5) W / grid_w)); 255 stays ignore."""
     if label_map.ndim != 2:
         raise ValueError(f"label map must be 2-D (H, W), got shape {label_map.shape}")

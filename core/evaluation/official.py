@@ -12,12 +12,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from core.evaluation.base import FOLD_SUFFIX, Evaluator, ImageToScore
-from core.labelling.assign import subsample
 from core.classes import CLASS_NAMES, NUM_CLASSES
-from core.mapping.majority import cluster_class_counts
+from core.evaluation.base import FOLD_SUFFIX, Evaluator, ImageToScore
 from core.evaluation.metrics import confusion_matrix, semantic_scores
 from core.evaluation.panoptic import pq_scores, pq_stats, segment_index
+from core.labelling.assign import subsample
+from core.mapping.majority import cluster_class_counts
 
 
 class OfficialEvaluator(Evaluator):

@@ -25,7 +25,13 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from core.classes import CLASS_NAMES, IGNORE, NUM_CLASSES, THING_TRAIN_IDS, TRAIN_ID_TO_LABEL_ID
+from core.classes import (
+    CLASS_NAMES,
+    IGNORE,
+    NUM_CLASSES,
+    THING_TRAIN_IDS,
+    TRAIN_ID_TO_LABEL_ID,
+)
 
 VOID = 0  # segment id of pixels that belong to no segment
 MAX_INSTANCES_PER_CLASS = 1000  # ids labelId*1000 + n need n < 1000

@@ -43,7 +43,7 @@ class WindowModel:
             x = normalize(batch.to(self.device, non_blocking=True))
             feats = self._forward(x)
             if self.spec.flip:
-                d = self.spec.flip_dims or feats.shape[1]  # the seed keeps its raw backbone tokens unflipped
+                d = self.spec.flip_dims or feats.shape[1]  # the paper keeps its raw backbone tokens unflipped
                 feats[:, :d] = 0.5 * (feats[:, :d] + self._forward(x.flip(-1))[:, :d].flip(-1))
             outs.append(feats.cpu())
         return torch.cat(outs).numpy() if outs else np.zeros((0, 0, 0, 0), np.float32)

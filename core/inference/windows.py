@@ -1,7 +1,7 @@
 """Image windows for dense patch features, without the model: resize, pad, cut, and stitch back.
 
 This tool's own scheme (not CAUSE's test code, which resizes NEAREST and scores one 322 centre
-crop, nor exactly the seed's, which upsamples each window to pixels before pooling; see
+crop, nor exactly the paper's, which upsamples each window to pixels before pooling; see
 DESIGN.md, "Evaluation protocols"): the short side is resized (322 for Cityscapes, giving
 322x644), square windows (322) slide with a stride (161, 50 % overlap) over the reflect-padded
 image, and each window is also run flipped. Window features are averaged where windows overlap. Because the
@@ -9,7 +9,7 @@ stride need not be a multiple of the patch size (161 = 11.5 x 14), averaging hap
 of cells of gcd(patch, stride) pixels (7 px for 14 px patches and a 161 stride) and is pooled back to the patch grid,
 so every window's patches land where they belong. A 1024x2048 image gives a 23x46 patch grid.
 
-The `seed` protocol (core.presets) merges as the seed's scripts do instead (`merge="pixels"`):
+The `paper` protocol (core.presets) merges as the paper's scripts do instead (`merge="pixels"`):
 each window's patch map is upsampled bilinearly to its pixels, the windows are averaged per
 pixel over the resized image, and that pixel map is average-pooled (adaptive_avg_pool2d) to the
 patch grid, a [1/8, 3/4, 1/8] blur of each window's patches per axis. Every step is linear and
@@ -38,7 +38,7 @@ class WindowSpec:
     flip: bool = True
     batch_size: int = 8  # windows per forward pass
     precision: str = "fp32"  # fp16 / bf16 autocast on CUDA only
-    merge: str = "cells"  # how `stitch_windows` merges overlapping windows: "cells" | "pixels" (the seed's)
+    merge: str = "cells"  # how `stitch_windows` merges overlapping windows: "cells" | "pixels" (the paper's)
     flip_dims: int | None = None  # flip-average only the first this many feature channels (None: all)
 
 
@@ -64,15 +64,15 @@ class ScaleLayout:
 
 @dataclass
 class StoredWindows:
-    """An image's windows as the seed protocol keeps them: the base scale's (for the overclusters'
-    pixel labels) and the seed's own windows at 1.0 and at each baseline scale (for the baseline's
+    """An image's windows as the paper protocol keeps them: the base scale's (for the overclusters'
+    pixel labels) and the paper's own windows at 1.0 and at each baseline scale (for the baseline's
     rows by its CAUSE script, core.labelling.paper_baseline)."""
 
     windows: np.ndarray  # (N, D, g, g) float32, the base scale's
     axis_weights: tuple[list[np.ndarray], list[np.ndarray]]  # their `layout_axis_weights`
     layout: ScaleLayout
-    single: tuple[np.ndarray, ScaleLayout] | None = None  # the seed's windows at 1.0 and their layout
-    scales: list[tuple[np.ndarray, ScaleLayout]] = ()  # per `configs.geometry.seed_baseline_scales` entry
+    single: tuple[np.ndarray, ScaleLayout] | None = None  # the paper's windows at 1.0 and their layout
+    scales: list[tuple[np.ndarray, ScaleLayout]] = ()  # per `configs.geometry.paper_baseline_scales` entry
 
 
 def resized_size(height: int, width: int, short_side: int) -> tuple[int, int]:
@@ -126,7 +126,7 @@ def cause_view(array: np.ndarray, short_side: int, crop: int) -> np.ndarray:
 
 
 def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) uint8, PIL bilinear (antialiased when shrinking), as the seed resizes."""
+    """(H, W, 3) uint8 -> (h, w, 3) uint8, PIL bilinear (antialiased when shrinking), as the paper resizes."""
     if image.shape[:2] == tuple(size):
         return image
     return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
@@ -202,7 +202,7 @@ def layout_axis_weights(layout: ScaleLayout, crop: int, patch_size: int) -> tupl
 
 
 def _stitch_by_pixels(feats: np.ndarray, layout: ScaleLayout, crop: int, patch_size: int) -> np.ndarray:
-    """The seed's merge: pixel map of the windows, adaptive-average-pooled to the patch grid."""
+    """The paper's merge: pixel map of the windows, adaptive-average-pooled to the patch grid."""
     (h, w), (gh, gw) = layout.resized, layout.grid
     rows, cols = layout_axis_weights(layout, crop, patch_size)
     pool_y, pool_x = adaptive_pool_weights(gh, h), adaptive_pool_weights(gw, w)
@@ -215,7 +215,7 @@ def _stitch_by_pixels(feats: np.ndarray, layout: ScaleLayout, crop: int, patch_s
 def stitch_windows(window_features: np.ndarray, layouts: list[ScaleLayout], crop: int, stride: int,
                    patch_size: int, merge: str = "cells") -> list[tuple[np.ndarray, tuple[int, int]]]:
     """One image's window features (N, D, crop/p, crop/p), in `cut_windows` order -> per scale
-    (features (D, gh, gw) float32, resized (h, w)). merge: "cells" (this tool's) or "pixels" (the seed's)."""
+    (features (D, gh, gw) float32, resized (h, w)). merge: "cells" (this tool's) or "pixels" (the paper's)."""
     if merge not in ("cells", "pixels"):
         raise ValueError(f"unknown window merge {merge!r}; allowed: cells, pixels")
     cell = math.gcd(patch_size, stride)  # averaging grid that every window aligns to

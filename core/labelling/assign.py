@@ -1,6 +1,6 @@
 """Patch features + centroids -> the nearest centroid of every pixel, for several fits at once.
 
-As the seed does it: the patch features are upsampled bilinearly to the image size, each pixel's
+As the paper does it: the patch features are upsampled bilinearly to the image size, each pixel's
 feature is L2-normalised and compared by cosine with every centroid; the pixel takes its nearest
 centroid's class (mapping[cluster]; 255 for a cluster a one-to-one matching left unassigned).
 Taking the class of the best cluster is the same as "class logit = max over the class's
@@ -72,7 +72,7 @@ class PixelAssigner:
     Bilinear upsampling is linear, so a pixel's dot product with a centroid is the upsampled
     patch-level dot product: scores are computed on the patch grid (P x K x D) and only they are
     interpolated (2 taps per axis), then divided by the norm of the upsampled feature. Exactly
-    the seed's "upsample features, normalise, cosine", at a fraction of the cost (no D-wide
+    the paper's "upsample features, normalise, cosine", at a fraction of the cost (no D-wide
     product per pixel). On the CPU, one scale without class logits takes `_nearest_by_envelope`,
     which does not even score every cluster at every pixel; a GPU scores them all.
     """
@@ -261,10 +261,10 @@ def window_cluster_maps(windows: np.ndarray, axis_weights: tuple[list[np.ndarray
                         centroids: list[np.ndarray], device: torch.device | str = "cpu",
                         first_fit_mapping: np.ndarray | None = None,
                         num_classes: int = 19) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """The seed's pixel labelling at the resized size: windows (N, D, g, g) -> their pixel map
+    """The paper's pixel labelling at the resized size: windows (N, D, g, g) -> their pixel map
     (sum over windows of Wy f Wx^T, `core.inference.windows.layout_axis_weights`), each pixel L2-normalised,
     nearest unit centroid by cosine. Returns one (h, w) int32 cluster map per fit and, when the
-    first fit's mapping is given, its class logits (C, h, w) float32 as the seed makes them for
+    first fit's mapping is given, its class logits (C, h, w) float32 as the paper makes them for
     its CRF: per class the best cosine among its clusters, 0 for a class with none. Rows go in
     blocks, so the map is never held whole at feature width."""
     rows, cols = ([torch.from_numpy(np.asarray(m, np.float32)).to(device) for m in ms] for ms in axis_weights)

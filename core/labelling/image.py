@@ -15,27 +15,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.evaluation.cause_rules import crop_clusters
+from core.evaluation.cause import crop_clusters
 from core.evaluation.base import LabelMap
 from core.labelling.assign import PixelAssigner, clusters_to_train_ids, subsample, window_cluster_maps
 from core.classes import NUM_CLASSES
 from core.evaluation.panoptic import Panoptic
-from core.labelling.paper_baseline import is_one_window, merged_log_probs, seed_baseline_labels, seed_common_size
-from core.evaluation.paper_rules import resize_nearest
+from core.labelling.paper_baseline import is_one_window, merged_log_probs, paper_baseline_labels, paper_common_size
+from core.evaluation.paper import resize_nearest
 from core.labelling.variants import ImageEvidence, run_variant
 from core.inference.windows import StoredWindows
 
 # How pixel labels are made: at the image's full size (bilinear features, official), or at the
-# resized size (322x644 for Cityscapes) and upsampled NEAREST (the seed's scripts).
+# resized size (322x644 for Cityscapes) and upsampled NEAREST (the paper's scripts).
 LABELLINGS = ("full", "resized")
 
 
 def baseline_labellings(protocol: str, multi_scale: bool, crf: bool) -> list[str]:
-    """The baseline's labels made in more ways, for the protocol sensitivity. Under the seed
-    protocol, the seed's CAUSE script (core.labelling.paper_baseline): on its windows at 1.0 and, with
+    """The baseline's labels made in more ways, for the protocol sensitivity. Under the paper
+    protocol, the paper's CAUSE script (core.labelling.paper_baseline): on its windows at 1.0 and, with
     inference.scales other than [1.0], on its scales; with refine.crf each also with its CRF.
     Otherwise, with refine.crf, this tool's CRF at full size."""
-    if protocol == "seed":
+    if protocol == "paper":
         kinds = ["windows", *(["multiscale"] if multi_scale else [])]
         return [name for kind in kinds for name in (kind, *([f"{kind}+crf"] if crf else []))]
     return ["full+crf"] if crf else []
@@ -113,7 +113,7 @@ class ImageLabels:
 
 class ImageLabeller:
     """`fits`: the main fit first (and, with `request.baseline`, the baseline last); `variants`: the
-    main fit's variants to make ('seed' first); `labelling`: the protocol's (`LABELLINGS`)."""
+    main fit's variants to make ('plain' first); `labelling`: the protocol's (`LABELLINGS`)."""
 
     def __init__(self, fits: list[LabelFit], variants: list[str], refine, device="cpu", labelling: str = "full",
                  request: LabelRequest = LabelRequest(baseline=False)):
@@ -129,14 +129,14 @@ class ImageLabeller:
 
     def _resized_maps(self, grids, patch_size: int, image_hw: tuple[int, int], windows) -> tuple[list[np.ndarray], np.ndarray | None]:
         """Every fit's labels made at the resized size, NEAREST-upsampled to the image: from the
-        windows' pixel map where extract kept the windows (the seed's merge), else from the grid.
-        With the seed's labelling, its windows and a CRF variant, also the main fit's class logits
-        at the resized size (the seed's CRF input)."""
+        windows' pixel map where extract kept the windows (the paper's merge), else from the grid.
+        With the paper's labelling, its windows and a CRF variant, also the main fit's class logits
+        at the resized size (the paper's CRF input)."""
         logits = None
         if windows is not None:
-            seed_crf = self.labelling == "resized" and "crf" in self.variants
+            paper_crf = self.labelling == "resized" and "crf" in self.variants
             maps, logits = window_cluster_maps(windows.windows, windows.axis_weights, [f.centroids for f in self.fits], self.device,
-                                               first_fit_mapping=self.fits[0].mapping if seed_crf else None)
+                                               first_fit_mapping=self.fits[0].mapping if paper_crf else None)
         else:
             maps = self.resized.assign(grids[:1], patch_size, grids[0][1])[0]
         return [resize_nearest(m, image_hw) for m in maps], logits
@@ -146,13 +146,13 @@ class ImageLabeller:
               cause_grids: tuple[np.ndarray, np.ndarray] | None = None, cause_rgb: np.ndarray | None = None) -> ImageLabels:
         """grids: per scale (features (D, gh, gw), resized (h, w)), the base scale first. `image`
         (H, W, 3) uint8 is needed by the variants that look at colour (crf, superpixels).
-        windows: `core.inference.windows.StoredWindows` where extract kept the windows (the seed protocol).
+        windows: `core.inference.windows.StoredWindows` where extract kept the windows (the paper protocol).
         cause_grids, cause_rgb: CAUSE's crop (its two passes' features, the crop's pixels), for
         `request.cause_crop`."""
         main = self.fits[0]
         start = time.perf_counter()
         labellings = {self.labelling} | (set(LABELLINGS) if self.request.both_labellings else set())
-        # the full-size class logits feed this tool's CRF; the seed's takes them at the resized size from the windows
+        # the full-size class logits feed this tool's CRF; the paper's takes them at the resized size from the windows
         full_crf = "crf" in self.variants and (self.labelling == "full" or windows is None)
         maps, logits, resized_logits = {}, None, None
         if "full" in labellings or full_crf:
@@ -164,9 +164,9 @@ class ImageLabeller:
             maps["resized"], resized_logits = self._resized_maps(grids, patch_size, image_hw, windows)
         own = maps["full"] if self.labelling == "full" else [subsample(m, f.stride) for m, f in zip(maps["resized"], self.fits)]
         clusters = {f.name: m for f, m in zip(self.fits, own)}
-        seed_labels = clusters_to_train_ids(own[0], main.mapping)
+        plain_labels = clusters_to_train_ids(own[0], main.mapping)
         assign_seconds = time.perf_counter() - start
-        evidence = ImageEvidence(image=image, grids=grids, patch_size=patch_size, seed_labels=seed_labels, class_logits=logits,
+        evidence = ImageEvidence(image=image, grids=grids, patch_size=patch_size, plain_labels=plain_labels, class_logits=logits,
                                  resized_logits=resized_logits, prototypes=main.prototypes)
         targets, seconds = {}, {}
         for name in self.variants:
@@ -180,7 +180,7 @@ class ImageLabeller:
             seconds[self.fits[-1].name] = time.perf_counter() - start
         if self.request.both_labellings:
             targets |= self._every_labelling(maps, targets)
-        log_probs = {}  # per kind of the seed's script: with and without its CRF start from the same
+        log_probs = {}  # per kind of the paper's script: with and without its CRF start from the same
         for name in self.request.baseline_labellings:
             targets[f"baseline/{name}"] = LabelMap(self._baseline_labelling(name, grids, patch_size, image_hw, image, windows,
                                                                             log_probs))
@@ -192,8 +192,8 @@ class ImageLabeller:
 
     def _every_labelling(self, maps: dict[str, list[np.ndarray]], targets: dict[str, LabelMap]) -> dict[str, LabelMap]:
         """Every fit labelled both ways; the protocol's own labelling of the main fit and of the
-        baseline is the same map as their variant ("seed", the baseline's), and the same object."""
-        own = {(self.fits[0].name, self.labelling): targets["variant/seed"]}
+        baseline is the same map as their variant ("plain", the baseline's), and the same object."""
+        own = {(self.fits[0].name, self.labelling): targets["variant/plain"]}
         if self.request.baseline:
             own[(self.fits[-1].name, self.labelling)] = targets[f"variant/{self.fits[-1].name}"]
         out = {}
@@ -213,13 +213,13 @@ class ImageLabeller:
             (cluster_map,), logits = PixelAssigner([fit.centroids], device=self.device).assign(
                 grids, patch_size, image_hw, first_fit_mapping=fit.mapping, num_classes=NUM_CLASSES)
             evidence = ImageEvidence(image=image, grids=grids, patch_size=patch_size,
-                                     seed_labels=clusters_to_train_ids(cluster_map, fit.mapping), class_logits=logits)
+                                     plain_labels=clusters_to_train_ids(cluster_map, fit.mapping), class_logits=logits)
             return run_variant("crf", evidence, fit.centroids, fit.mapping, self.refine)[0]
-        if kind not in log_probs:  # the seed's CAUSE script, on its windows at 1.0 or on its scales
+        if kind not in log_probs:  # the paper's CAUSE script, on its windows at 1.0 or on its scales
             scale_windows = [windows.single] if kind == "windows" else windows.scales
             crop = windows.windows.shape[-1] * patch_size
-            common = seed_common_size(*image_hw, crop, patch_size)
+            common = paper_common_size(*image_hw, crop, patch_size)
             if kind == "windows" and is_one_window(windows.single[1], crop):  # the script keeps the patch logits
                 common = (crop // patch_size, crop // patch_size)
             log_probs[kind] = merged_log_probs(scale_windows, fit.centroids, crop, patch_size, common)
-        return seed_baseline_labels(log_probs[kind], fit.mapping, image_hw, image if crf else None)
+        return paper_baseline_labels(log_probs[kind], fit.mapping, image_hw, image if crf else None)

@@ -1,5 +1,5 @@
-"""The seed's own labelling of the CAUSE baseline (mbps_pytorch/generate_semantic_pseudolabels_cause.py),
-single-scale and multi-scale, with and without its CRF: the rows of the seed's multi-scale table.
+"""The paper's own labelling of the CAUSE baseline (mbps_pytorch/generate_semantic_pseudolabels_cause.py),
+single-scale and multi-scale, with and without its CRF: the rows of the paper's multi-scale table.
 
 Unlike the overclustered labels (core.labelling.assign.window_cluster_maps, which average the windows'
 *features*), this script averages each window's *cluster log-probabilities*:
@@ -14,7 +14,7 @@ Unlike the overclustered labels (core.labelling.assign.window_cluster_maps, whic
 Every step before the argmax is linear in the log-probabilities, so each window's map is two
 small matrices (core.inference.windows.layout_axis_weights, then the resize to the common size).
 
-The seed maps its 27 clusters with a Hungarian matching to the 27 CAUSE classes on 322 centre
+The paper maps its 27 clusters with a Hungarian matching to the 27 CAUSE classes on 322 centre
 crops and then a fixed 27 -> 19 table; here the baseline keeps the mapping it has everywhere
 else (Hungarian to the 19 trainIds over the patch counts), so these rows differ from the
 baseline's other rows only in how the pixels are labelled.
@@ -30,26 +30,26 @@ import numpy as np
 import torch
 
 from core.refine.crf import dense_crf
-from core.evaluation.paper_rules import resize_nearest
+from core.evaluation.paper import resize_nearest
 from core.inference.windows import ScaleLayout, bilinear_upsample_weights, layout_axis_weights, resize_rgb
 
 LOG_SOFTMAX_SCALE = 3.0  # CAUSE's Cluster.forward_centroid(crf=True): log_softmax(3 * cosine)
 
 
-def seed_scale_size(height: int, width: int, scale: float, crop: int, patch: int) -> tuple[int, int]:
-    """The seed's size at scale s: each side round(side * crop / short * s), down to a multiple of
+def paper_scale_size(height: int, width: int, scale: float, crop: int, patch: int) -> tuple[int, int]:
+    """The paper's size at scale s: each side round(side * crop / short * s), down to a multiple of
     the patch, at least the crop (Python's round, as the script)."""
     base = crop / min(height, width)
     return tuple(max(crop, int(round(side * base * scale)) // patch * patch) for side in (height, width))
 
 
-def seed_common_size(height: int, width: int, crop: int, patch: int) -> tuple[int, int]:
-    """The size the seed merges the scales at (the 1.0 scale's, without the crop floor)."""
+def paper_common_size(height: int, width: int, crop: int, patch: int) -> tuple[int, int]:
+    """The size the paper merges the scales at (the 1.0 scale's, without the crop floor)."""
     base = crop / min(height, width)
     return tuple(int(round(side * base)) // patch * patch for side in (height, width))
 
 
-def seed_window_starts(length: int, crop: int) -> list[int]:
+def paper_window_starts(length: int, crop: int) -> list[int]:
     """range(0, length - crop, crop // 2), then length - crop if the last window falls short."""
     if length <= crop:
         return [0]
@@ -59,13 +59,13 @@ def seed_window_starts(length: int, crop: int) -> list[int]:
     return sorted(set(starts))
 
 
-def seed_scale_layout(height: int, width: int, scale: float, crop: int, patch: int) -> ScaleLayout:
-    h, w = seed_scale_size(height, width, scale, crop, patch)
-    ys, xs = seed_window_starts(h, crop), seed_window_starts(w, crop)
+def paper_scale_layout(height: int, width: int, scale: float, crop: int, patch: int) -> ScaleLayout:
+    h, w = paper_scale_size(height, width, scale, crop, patch)
+    ys, xs = paper_window_starts(h, crop), paper_window_starts(w, crop)
     return ScaleLayout(min(h, w), (h, w), (h // patch, w // patch), (h, w), tuple((y, x) for y in ys for x in xs))
 
 
-def seed_scale_windows(image: np.ndarray, layouts: list[ScaleLayout], crop: int) -> np.ndarray:
+def paper_scale_windows(image: np.ndarray, layouts: list[ScaleLayout], crop: int) -> np.ndarray:
     """(H, W, 3) uint8 -> the windows of each layout, (N, crop, crop, 3) uint8, in layout order."""
     windows = []
     for layout in layouts:
@@ -101,7 +101,7 @@ def merged_log_probs(scale_windows: list[tuple[np.ndarray, ScaleLayout]], centro
     return (merged / len(scale_windows)).numpy()
 
 
-def seed_baseline_labels(log_probs: np.ndarray, mapping: np.ndarray, image_hw: tuple[int, int],
+def paper_baseline_labels(log_probs: np.ndarray, mapping: np.ndarray, image_hw: tuple[int, int],
                          image: np.ndarray | None = None) -> np.ndarray:
     """(k, h, w) merged log-probabilities -> (H, W) uint8 trainIds: argmax (or, given the image,
     the CRF on softmax(3 * log-probabilities)), mapped, NEAREST up."""

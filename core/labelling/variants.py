@@ -1,11 +1,11 @@
-"""The main fit's label variants: the seed's labels and each optional refinement of them.
+"""The main fit's label variants: the paper's labels and each optional refinement of them.
 
-Under the seed protocol (labels at the resized size from the windows) the CRF is the seed's:
+Under the paper protocol (labels at the resized size from the windows) the CRF is the paper's:
 unary softmax(5 * class logits) at the resized size, the image resized as extract resizes it
-(PIL bilinear; the seed passes BGR, which the bilateral kernel treats alike), NEAREST up.
+(PIL bilinear; the paper passes BGR, which the bilateral kernel treats alike), NEAREST up.
 
 Every variant turns one image's evidence into (trainIds, thing instances or None); None means
-instances come from connected components, as the seed pipeline does. The label actor scores
+instances come from connected components, as the paper pipeline does. The label actor scores
 each variant against the same ground truth, so the report compares them on equal terms.
 """
 
@@ -21,12 +21,12 @@ from core.classes import IGNORE, NUM_CLASSES
 from core.refine.superpixels import refine_labels_by_superpixels, superpixels
 from core.refine.em import refine_semantic
 from core.refine.things import split_things
-from core.evaluation.paper_rules import resize_nearest
+from core.evaluation.paper import resize_nearest
 from core.refine.paper_heuristics import denoise_by_prototypes, diffuse_by_neighbours
 from core.inference.windows import resize_rgb
 
 REFINEMENTS = ("crf", "em_semantic", "em_things", "superpixels", "prototype_denoising", "knn_diffusion")
-SEED_CRF_SCALE = 5.0  # generate_overclustered_semantics.py: the CRF's unary is softmax(5 * class logits)
+PAPER_CRF_SCALE = 5.0  # generate_overclustered_semantics.py: the CRF's unary is softmax(5 * class logits)
 SINGLE_SCALE = "single_scale"  # scored beside a multi-scale seed, to measure what the scales add
 
 
@@ -35,25 +35,25 @@ class ImageEvidence:
     image: np.ndarray  # (H, W, 3) uint8
     grids: list[tuple[np.ndarray, tuple[int, int]]]  # per scale: features (D, gh, gw), resized (h, w); base scale first
     patch_size: int
-    seed_labels: np.ndarray  # (H, W) uint8 trainIds of the main fit
+    plain_labels: np.ndarray  # (H, W) uint8 trainIds of the main fit
     class_logits: np.ndarray | None  # (C+1, H, W) float32 mean cosine logits of the main fit (for the CRF)
-    resized_logits: np.ndarray | None = None  # (C, h, w) the seed's class logits at the resized size (its CRF's input)
+    resized_logits: np.ndarray | None = None  # (C, h, w) the paper's class logits at the resized size (its CRF's input)
     prototypes: np.ndarray | None = None  # (C, D) the main fit's class prototypes over the split (prototype denoising)
 
 
 def enabled_variants(refine, multi_scale: bool) -> list[str]:
-    """'seed' first, the base scale alone when the seed averages scales, then the refinements
+    """'plain' first, the base scale alone when the paper averages scales, then the refinements
     switched on in the config section `refine`."""
-    return ["seed", *([SINGLE_SCALE] if multi_scale else []), *(name for name in REFINEMENTS if getattr(refine, name))]
+    return ["plain", *([SINGLE_SCALE] if multi_scale else []), *(name for name in REFINEMENTS if getattr(refine, name))]
 
 
 def run_variant(name: str, ev: ImageEvidence, centroids: np.ndarray, mapping: np.ndarray, refine) -> tuple[np.ndarray, np.ndarray | None]:
-    h, w = ev.seed_labels.shape
-    if name == "seed":
-        return ev.seed_labels, None
-    if name == "crf" and ev.resized_logits is not None:  # the seed's CRF: softmax(5 logits) at 322x644, NEAREST up
+    h, w = ev.plain_labels.shape
+    if name == "plain":
+        return ev.plain_labels, None
+    if name == "crf" and ev.resized_logits is not None:  # the paper's CRF: softmax(5 logits) at 322x644, NEAREST up
         resized = ev.resized_logits.shape[1:]
-        probs = dense_crf(resize_rgb(ev.image, resized), ev.resized_logits, alpha=SEED_CRF_SCALE)
+        probs = dense_crf(resize_rgb(ev.image, resized), ev.resized_logits, alpha=PAPER_CRF_SCALE)
         return resize_nearest(probs.argmax(axis=0).astype(np.uint8), (h, w)), None
     if name == "crf":
         scores = np.nan_to_num(ev.class_logits, neginf=-1.0)
@@ -72,17 +72,17 @@ def run_variant(name: str, ev: ImageEvidence, centroids: np.ndarray, mapping: np
     if name == "prototype_denoising":
         if ev.prototypes is None:
             raise ValueError("prototype denoising needs the main fit's class prototypes: fit again with this version")
-        return denoise_by_prototypes(ev.seed_labels, features, ev.prototypes), None
+        return denoise_by_prototypes(ev.plain_labels, features, ev.prototypes), None
     if name == "knn_diffusion":
-        return diffuse_by_neighbours(ev.seed_labels, features, NUM_CLASSES), None
+        return diffuse_by_neighbours(ev.plain_labels, features, NUM_CLASSES), None
     if name == "em_things":
-        instances = split_things(features, ev.seed_labels, tau=refine.tau, T=refine.iterations,
+        instances = split_things(features, ev.plain_labels, tau=refine.tau, T=refine.iterations,
                                  resized_hw=resized, patch_size=ev.patch_size)
-        return ev.seed_labels, instances
+        return ev.plain_labels, instances
     if name == "superpixels":
         small = F.interpolate(torch.tensor(ev.image).permute(2, 0, 1)[None].float(), size=resized,
                               mode="bilinear", antialias=True, align_corners=False)[0].permute(1, 2, 0)
         sp = superpixels(features, small.round().clamp(0, 255).byte().numpy(), step=refine.superpixel_step,
                          tau=refine.tau, T=refine.iterations, resized_hw=resized, patch_size=ev.patch_size)
-        return refine_labels_by_superpixels(ev.seed_labels, sp), None
+        return refine_labels_by_superpixels(ev.plain_labels, sp), None
     raise ValueError(f"unknown label variant {name!r}")

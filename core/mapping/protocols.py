@@ -1,6 +1,6 @@
-"""Mapping protocols: how much of the overclustering gain survives without the seed's oracle.
+"""Mapping protocols: how much of the overclustering gain survives without the paper's oracle.
 
-The seed maps each cluster to the majority class of its patches over the very images it then
+The paper maps each cluster to the majority class of its patches over the very images it then
 scores ("same-set"); as k grows this approaches an oracle. Two honest alternatives:
 - held-out: the mapping of images in fold f comes only from the patches of the other folds
   (n-fold cross-validation over images); scores are pooled over folds, and given per fold;

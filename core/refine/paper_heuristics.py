@@ -1,11 +1,11 @@
-"""The seed's two feature-space post-processing heuristics, which it reports as harmful
+"""The paper's two feature-space post-processing heuristics, which it reports as harmful
 (mbps_pytorch/refine_semantic_pseudolabels.py, steps s1 and s2), as label variants on this
-tool's patch grid. The seed runs them on CAUSE's 27-class labels with DINOv2 patch tokens on a
+tool's patch grid. The paper runs them on CAUSE's 27-class labels with DINOv2 patch tokens on a
 32x64 grid; here they take the main fit's labels and the extracted patch features.
 
 Both work on patch labels: the image's labels shrunk to the patch grid with PIL NEAREST, and
 the result is upsampled back with PIL NEAREST. The class prototypes come from the fit stage's one
-pass over every patch: each patch counts for its nearest cluster's class (the seed averages by
+pass over every patch: each patch counts for its nearest cluster's class (the paper averages by
 its pixel labels shrunk NEAREST, which can differ at region boundaries).
 - prototype denoising (s1): class prototypes = the normalised mean of the normalised patch
   features of each class over the whole split; a patch whose cosine to its own class's
@@ -17,14 +17,14 @@ its pixel labels shrunk NEAREST, which can differ at region boundaries).
 import numpy as np
 
 from core.classes import IGNORE
-from core.evaluation.paper_rules import resize_nearest
+from core.evaluation.paper import resize_nearest
 
 PROTOTYPE_THRESHOLD = 0.3
 KNN_NEIGHBOURS, KNN_ALPHA, KNN_ITERATIONS = 10, 0.5, 15
 
 
 def normalized_rows(x: np.ndarray) -> np.ndarray:
-    """(n, D) -> float64 rows scaled to unit length, as the seed prepares them (nan_to_num, +1e-8)."""
+    """(n, D) -> float64 rows scaled to unit length, as the paper prepares them (nan_to_num, +1e-8)."""
     x = np.nan_to_num(np.asarray(x, np.float64))
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-8)
 

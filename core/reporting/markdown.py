@@ -39,7 +39,7 @@ def render_markdown(report: dict) -> str:
         f"- **Feature kind:** {report['feature_kind']}",
         f"- **Protocol:** `{report.get('protocol', 'official')}` (the steps around the model: `core/presets.py`)",
         "- **Evaluators:** " + ", ".join(EVALUATOR_TITLES[e] for e in report.get("evaluators", ["official"]))
-        + ("; protocol sensitivity: every fit also labelled the other way and scored by the official and the seed "
+        + ("; protocol sensitivity: every fit also labelled the other way and scored by the official and the paper's "
            "evaluator (below)" if report.get("protocol_sensitivity") else
            "; protocol sensitivity off (`report.sensitivity`)"),
         f"- **Dataset:** {dataset['kind']} `{dataset['root']}` split `{dataset['split']}` (fingerprint "
@@ -73,7 +73,7 @@ def render_markdown(report: dict) -> str:
     outputs = report.get("outputs", {})
     if outputs.get("labels"):
         lines += ["", "## Outputs", "",
-                  f"Cityscapes-format pseudo-labels of {main} ({report.get('written_variant', 'seed')}) under "
+                  f"Cityscapes-format pseudo-labels of {main} ({report.get('written_variant', 'plain')}) under "
                   f"`{outputs['labels']}/` (labelIds, trainIds, instanceIds, panoptic PNGs"
                   + (f", COCO panoptic JSON `{outputs['panoptic_json']}`" if outputs.get("panoptic_json") else "")
                   + ")."]
@@ -128,7 +128,7 @@ def _mapping_line(level: dict, baseline_k: int, scored: bool) -> str:
         return (f"- **Mapping:** each cluster takes the majority class of the labelled patches it was mapped on; the "
                 f"baseline (k = {baseline_k}) is matched to the classes one-to-one (Hungarian). No pixel-level "
                 "protocol is scored here (no ground truth).")
-    described = {"same_set": "*same-set* maps clusters to classes on the images it scores (the seed's protocol, an "
+    described = {"same_set": "*same-set* maps clusters to classes on the images it scores (the paper's protocol, an "
                              "oracle as k grows)",
                  "held_out": "*held-out* maps each fold of images with the other folds only",
                  "label_free": "*label-free* maps each cluster to the baseline cluster most of its patches are nearest "
@@ -158,7 +158,7 @@ def _patch_rule_line(levels: list[dict]) -> str:
 def _sweep_section(report: dict, names: list[str], scored: bool) -> list[str]:
     fits = report["fits"]
     mapped_here = (fits[names[0]].get("mapped_on") or {}).get("features", "this run") == "this run"
-    lines = ["## k sweep (" + ("seed protocol: same-set majority mapping" if mapped_here else
+    lines = ["## k sweep (" + ("paper protocol: same-set majority mapping" if mapped_here else
                                "majority mapping made on the mapping set: see *Mapped on*") + ")", ""]
     if scored:
         lines += ["Pixel-level numbers count every pixel at full resolution, or, where the last column says so, every "
@@ -275,14 +275,14 @@ def _few_shot_section(fits: dict, names: list[str]) -> list[str]:
 
 
 EVALUATOR_TITLES = {"official": "*official* (cityscapesscripts' rules, full resolution)",
-                    "seed": "*seed* (the seed's evaluate_cascade_pseudolabels.py: 512x1024, no void or crowd rules)",
+                    "paper": "*paper* (the paper's evaluate_cascade_pseudolabels.py: 512x1024, no void or crowd rules)",
                     "cause": "*cause* (CAUSE's test_tr.py on the 322 centre crop, 27 classes, the baseline only)"}
 LABELLING_TITLES = {"full": "full size", "resized": "resized, NEAREST up", "crop": "CAUSE's 322 centre crop",
                     "crop+crf": "CAUSE's 322 centre crop + its CRF", "full+crf": "full size + CRF",
-                    "windows": "seed's CAUSE script, one scale", "windows+crf": "seed's CAUSE script, one scale + its CRF",
-                    "multiscale": "seed's CAUSE script, multi-scale", "multiscale+crf": "seed's CAUSE script, multi-scale + its CRF"}
+                    "windows": "paper's CAUSE script, one scale", "windows+crf": "paper's CAUSE script, one scale + its CRF",
+                    "multiscale": "paper's CAUSE script, multi-scale", "multiscale+crf": "paper's CAUSE script, multi-scale + its CRF"}
 # the row each protocol preset reports as its own (cause: the baseline's crop row; the fits keep official)
-OWN_ROW = {"official": "full/official", "seed": "resized/seed", "cause": "crop+crf/cause"}
+OWN_ROW = {"official": "full/official", "paper": "resized/paper", "cause": "crop+crf/cause"}
 
 
 def _delta(value, reference) -> str:
@@ -296,10 +296,10 @@ def _baseline_rows_note(sensitivity: dict) -> str:
     if "full+crf" in labels:
         note += " *full size + CRF* (the baseline): this tool's CRF (refine.crf) on the baseline's class logits."
     if "windows" in labels:
-        note += (" *seed's CAUSE script* (the baseline, protocol `seed`): `generate_semantic_pseudolabels_cause.py`, "
+        note += (" *paper's CAUSE script* (the baseline, protocol `paper`): `generate_semantic_pseudolabels_cause.py`, "
                  "each window's log_softmax(3 x cosine) averaged per pixel at 322x644 (multi-scale: also at "
-                 "inference.scales, the seed's stretched sizes, resized to 322x644 and averaged), optionally its CRF on "
-                 "softmax(3 x that), NEAREST up; mapped with the baseline's own Hungarian matching (the seed's: 27 -> 27 "
+                 "inference.scales, the paper's stretched sizes, resized to 322x644 and averaged), optionally its CRF on "
+                 "softmax(3 x that), NEAREST up; mapped with the baseline's own Hungarian matching (the paper's: 27 -> 27 "
                  "on centre crops, then a fixed 27 -> 19 table).")
     return note
 
@@ -312,15 +312,15 @@ def _sensitivity_section(report: dict) -> list[str]:
     lines = ["", "## Protocol sensitivity: the same fits, labelled and scored each way", "",
              f"Features and fits made under protocol `{sensitivity['protocol']}` (`core/presets.py`); same-set mapping "
              "(the baseline: Hungarian). **Labels** *full size*: made at the image's resolution (official); *resized, "
-             "NEAREST up*: made at the resized size (322x644 on Cityscapes) and upsampled NEAREST (the seed's scripts). "
+             "NEAREST up*: made at the resized size (322x644 on Cityscapes) and upsampled NEAREST (the paper's scripts). "
              "**Evaluator** *official*: cityscapesscripts' rules at full resolution (void pixels excluded, crowd rules in "
-             "PQ); *seed*: the seed's `evaluate_cascade_pseudolabels.py` (prediction and ground truth resized NEAREST to "
+             "PQ); *paper*: the paper's `evaluate_cascade_pseudolabels.py` (prediction and ground truth resized NEAREST to "
              "512x1024, unassigned predictions not counted, no void or crowd rules); *cause* (protocol `cause`, the "
              "baseline only): CAUSE's test_tr.py, 27 classes (labelIds 7..33) on NEAREST-resized 322 centre crops, one "
              "Hungarian matching of clusters to classes over all crops, without and with its 27-way CRF (the Δ compares "
              "27 classes with 19). Δ: against the fit's full size / "
              f"official row. **bold**: this run's own protocol ({own}). A fit scored at a pixel stride has its "
-             "full-size labels only at that stride: no PQ and no seed evaluator there."
+             "full-size labels only at that stride: no PQ and no paper's evaluator there."
              + _baseline_rows_note(sensitivity), "",
              "| fit | labels | evaluator | mIoU | pixel acc | PQ | PQ stuff | PQ things | SQ | RQ | Δ mIoU | Δ PQ |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -355,11 +355,11 @@ def _cause_section(report: dict) -> list[str]:
     return lines
 
 
-SEED_MISSING_CLASSES = ("fence", "pole", "traffic light", "traffic sign", "rider", "train", "motorcycle")
+PAPER_MISSING_CLASSES = ("fence", "pole", "traffic light", "traffic sign", "rider", "train", "motorcycle")
 
 
 def _backbone_section(report: dict) -> list[str]:
-    """The head's and the raw backbone's features fitted alike (model.compare_backbone): the seed's last row."""
+    """The head's and the raw backbone's features fitted alike (model.compare_backbone): the paper's last row."""
     comparison = report.get("backbone_comparison")
     if not comparison:
         return []
@@ -367,14 +367,14 @@ def _backbone_section(report: dict) -> list[str]:
              f"Both fitted in this run with {comparison['engine']} on the same patches (base scale, the protocol's "
              "window merge and patch labels), each mapped by majority vote over the labelled patches "
              "(same set; held out: per fold, mapped on the other folds). Per-class columns: the 7 classes the "
-             "CAUSE-27 baseline misses in the seed's table (%).", "",
-             "| features | dim | patch mIoU | held-out mIoU | patch acc | " + " | ".join(SEED_MISSING_CLASSES) + " |",
-             "|---|---|---|---|---|" + "---|" * len(SEED_MISSING_CLASSES)]
+             "CAUSE-27 baseline misses in the paper's table (%).", "",
+             "| features | dim | patch mIoU | held-out mIoU | patch acc | " + " | ".join(PAPER_MISSING_CLASSES) + " |",
+             "|---|---|---|---|---|" + "---|" * len(PAPER_MISSING_CLASSES)]
     for kind in ("head", "backbone"):
         level = comparison[kind]["patch_level"]
         same = level["same_set"]
         lines.append(f"| {kind} | {comparison[kind]['feature_dim']} | {_pct(same['miou'])} | {_pct(level.get('held_out', {}).get('miou'))} | "
-                     f"{_pct(same['pixel_accuracy'])} | " + " | ".join(_pct(same["per_class_iou"].get(c)) for c in SEED_MISSING_CLASSES)
+                     f"{_pct(same['pixel_accuracy'])} | " + " | ".join(_pct(same["per_class_iou"].get(c)) for c in PAPER_MISSING_CLASSES)
                      + " |")
     return lines + ["", _patch_rule_line([comparison[kind]["patch_level"] for kind in ("head", "backbone")])]
 
@@ -405,11 +405,11 @@ def _variants_section(report: dict, names: list[str], scored: bool) -> list[str]
         lines.append(f"| {name} | {_pct(v['semantic']['miou'])} | {_pct(v['semantic']['pixel_accuracy'])} | "
                      f"{_pct(pan['all']['pq'])} | {_pct(pan['all']['sq'])} | {_pct(pan['all']['rq'])} | "
                      f"{_pct(pan['stuff']['pq'])} | {_pct(pan['things']['pq'])} | {v['seconds_per_image']:.2f} |")
-    if all("seed_evaluator" in v for v in variants.values()):
-        lines += ["", "The same under the seed's evaluator (512x1024, unassigned pixels not counted, no void or crowd rules):", "",
+    if all("paper_evaluator" in v for v in variants.values()):
+        lines += ["", "The same under the paper's evaluator (512x1024, unassigned pixels not counted, no void or crowd rules):", "",
                   "| variant | mIoU | pixel acc | PQ | SQ | RQ | PQ stuff | PQ things |", "|---|---|---|---|---|---|---|---|"]
         for name, v in variants.items():
-            sem, pan = v["seed_evaluator"]["semantic"], v["seed_evaluator"]["panoptic"]
+            sem, pan = v["paper_evaluator"]["semantic"], v["paper_evaluator"]["panoptic"]
             lines.append(f"| {name} | {_pct(sem['miou'])} | {_pct(sem['pixel_accuracy'])} | {_pct(pan['all']['pq'])} | "
                          f"{_pct(pan['all']['sq'])} | {_pct(pan['all']['rq'])} | {_pct(pan['stuff']['pq'])} | "
                          f"{_pct(pan['things']['pq'])} |")
@@ -438,7 +438,7 @@ def _absorption_section(report: dict) -> list[str]:
 
 
 def render_comparison(reports: dict[str, dict]) -> str:
-    """Runs side by side in the seed's k-sweep form: pixel mIoU and per-class IoU for every fit of
+    """Runs side by side in the paper's k-sweep form: pixel mIoU and per-class IoU for every fit of
     every run (e.g. feature kind `head` against `backbone`), same-set mapping."""
     first = next(iter(reports.values()))
     class_names = list(next(iter(first["fits"].values()))["pixel_level"]["same_set"]["per_class_iou"])
@@ -446,9 +446,9 @@ def render_comparison(reports: dict[str, dict]) -> str:
              "*mIoU*: each run's own labels (made as its protocol makes them) under the official evaluator, as are the "
              "per-class IoUs. The next two columns score every run's fits the same two ways, from each report's "
              "protocol sensitivity table: *full / official* (labels at full size, cityscapesscripts' rules) and "
-             "*resized / seed* (labels at the resized size NEAREST up, the seed's evaluator). A sweep fit scored at a "
+             "*resized / paper* (labels at the resized size NEAREST up, the paper's evaluator). A sweep fit scored at a "
              "pixel stride (`label.sweep_pixel_stride`) has its full / official mIoU on those pixels only.", "",
-             "| run | protocol | features | fit | k | mIoU | full / official | resized / seed | " + " | ".join(class_names) + " |",
+             "| run | protocol | features | fit | k | mIoU | full / official | resized / paper | " + " | ".join(class_names) + " |",
              "|---|---|---|---|---|---|---|---|" + "---|" * len(class_names)]
     for run, report in reports.items():
         sensitivity = (report.get("protocol_sensitivity") or {}).get("fits", {})
@@ -458,7 +458,8 @@ def render_comparison(reports: dict[str, dict]) -> str:
             lines.append(f"| {run} | {report.get('protocol', 'official')} | {report['feature_kind']} | "
                          f"{_fit_cell(name, fit)} | {fit['k']} | "
                          f"{_pct(level['miou'])} | {_pct(rows.get('full/official', {}).get('miou'))} | "
-                         f"{_pct(rows.get('resized/seed', {}).get('miou'))} | "
+                         # a report made before the paper's evaluator was renamed calls it "seed"
+                         f"{_pct((rows.get('resized/paper') or rows.get('resized/seed') or {}).get('miou'))} | "
                          + " | ".join(_pct(level["per_class_iou"][c]) for c in class_names) + " |")
     # reports made before they recorded what was scored are taken as scored
     unscored = [run for run, report in reports.items() if report["dataset"].get("scored_pixels", 1) == 0]

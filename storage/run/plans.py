@@ -22,8 +22,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from configs.geometry import feature_scales, image_limit_settings, seed_baseline_scales
-from actors.model_setup import model_spec
+from configs.geometry import feature_scales, image_limit_settings, paper_baseline_scales
+from configs.specs import model_spec
 from configs.schema import RunConfig
 from core.errors import UserError
 from core.models.checkpoints import require_file
@@ -75,7 +75,7 @@ def model_identity(cfg: RunConfig, recorded: dict | None = None) -> dict:
     known = (recorded or {}).get("weights_sha256")
     # which images pass inference.max_windows_per_image is a stage's plan (`image_limit_settings`), not the features
     inference = cfg.inference.model_dump(mode="json", exclude={"batch_size", "max_windows_per_image"})
-    inference["scales"] = feature_scales(cfg)  # under protocol=seed the other scales are the baseline's rows only
+    inference["scales"] = feature_scales(cfg)  # under protocol=paper the other scales are the baseline's rows only
     return {"vit": cfg.model.vit.model_dump(mode="json"), "feature_kind": cfg.model.feature_kind,
             "init_seed": cfg.model.init_seed if random_weights else None,
             "weights_sha256": {key: _weights_sha256(path, key, known) for key, path in loaded.items()},
@@ -85,7 +85,7 @@ def model_identity(cfg: RunConfig, recorded: dict | None = None) -> dict:
 
 def extract_plan(cfg: RunConfig, records: list[ImageRecord], model: dict) -> Plan:
     """`model`: what decides the features a fit uses; `stored`: what extract keeps beside them."""
-    stored = {"compare_backbone": cfg.model.compare_backbone, "seed_baseline_scales": seed_baseline_scales(cfg)}
+    stored = {"compare_backbone": cfg.model.compare_backbone, "paper_baseline_scales": paper_baseline_scales(cfg)}
     return Plan("extract", {"format": PATCH_FORMAT, "dataset": dataset_fingerprint(records, cfg.dataset.root),
                             "images_per_shard": cfg.dataset.images_per_shard, "image_limits": image_limit_settings(cfg),
                             "model": model, "stored": stored})

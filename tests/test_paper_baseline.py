@@ -1,4 +1,4 @@
-"""The seed's CAUSE-baseline labelling (single- and multi-scale, with and without CRF) against a
+"""The paper's CAUSE-baseline labelling (single- and multi-scale, with and without CRF) against a
 reference written here, loop by loop, from DESIGN.md's facts about
 generate_semantic_pseudolabels_cause.py: stretched sizes, window positions, per-window
 log_softmax(3 * cos) upsampled and averaged, scales resized to the 1.0 size and averaged."""
@@ -11,8 +11,8 @@ from PIL import Image
 
 from configs.schema import parse_config
 from core.refine.crf import dense_crf
-from core.labelling.paper_baseline import (is_one_window, merged_log_probs, seed_baseline_labels, seed_common_size, seed_scale_layout,
-                                seed_scale_windows)
+from core.labelling.paper_baseline import (is_one_window, merged_log_probs, paper_baseline_labels, paper_common_size, paper_scale_layout,
+                                paper_scale_windows)
 
 CROP, PATCH, DIM = 112, 14, 5
 PROJECTION = np.random.default_rng(3).normal(size=(DIM, 3))
@@ -63,15 +63,15 @@ def reference_log_probs(image: np.ndarray, centroids: np.ndarray, scales: list[f
 
 
 def ours(image: np.ndarray, centroids: np.ndarray, scales: list[float]) -> np.ndarray:
-    layouts = [seed_scale_layout(*image.shape[:2], s, CROP, PATCH) for s in scales]
-    windows = seed_scale_windows(image, layouts, CROP)
+    layouts = [paper_scale_layout(*image.shape[:2], s, CROP, PATCH) for s in scales]
+    windows = paper_scale_windows(image, layouts, CROP)
     feats = np.stack([toy_model(w) for w in windows])
     scale_windows, start = [], 0
     for layout in layouts:
         scale_windows.append((feats[start:start + len(layout.origins)], layout))
         start += len(layout.origins)
     units = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
-    common = seed_common_size(*image.shape[:2], CROP, PATCH)
+    common = paper_common_size(*image.shape[:2], CROP, PATCH)
     if scales == [1.0] and is_one_window(layouts[0], CROP):
         common = (CROP // PATCH, CROP // PATCH)
     return merged_log_probs(scale_windows, units, CROP, PATCH, common)
@@ -84,14 +84,14 @@ def image():
     return np.asarray(Image.fromarray(coarse).resize((256, 128), Image.BICUBIC))
 
 
-def test_the_seeds_sizes_and_windows():
-    """1024x2048 at the seed's 322 px windows: DESIGN.md's 322x476, 322x644, 476x966."""
-    sizes = {s: seed_scale_layout(1024, 2048, s, 322, 14) for s in (0.75, 1.0, 1.5)}
+def test_the_papers_sizes_and_windows():
+    """1024x2048 at the paper's 322 px windows: DESIGN.md's 322x476, 322x644, 476x966."""
+    sizes = {s: paper_scale_layout(1024, 2048, s, 322, 14) for s in (0.75, 1.0, 1.5)}
     assert {s: lay.resized for s, lay in sizes.items()} == {0.75: (322, 476), 1.0: (322, 644), 1.5: (476, 966)}
     assert sizes[1.0].origins == ((0, 0), (0, 161), (0, 322))
     assert sizes[0.75].origins == ((0, 0), (0, 154))
     assert [x for y, x in sizes[1.5].origins if y == 0] == [0, 161, 322, 483, 644] and {y for y, _ in sizes[1.5].origins} == {0, 154}
-    assert seed_common_size(1024, 2048, 322, 14) == (322, 644)
+    assert paper_common_size(1024, 2048, 322, 14) == (322, 644)
 
 
 @pytest.mark.parametrize("scales", [[1.0], [0.75, 1.0, 1.5], [0.5, 1.0]])  # 0.5: one exact 112x112 window
@@ -116,54 +116,54 @@ def test_labels_map_the_argmax_or_the_crf_and_upsample_nearest(image):
     scales = [0.75, 1.0, 1.5]
     log_probs = ours(image, centroids, scales)
     mapping = np.array([0, 255, 2, 2, 5, 8], np.uint8)
-    labels = seed_baseline_labels(log_probs, mapping, (128, 256))
+    labels = paper_baseline_labels(log_probs, mapping, (128, 256))
     reference = np.asarray(Image.fromarray(mapping[reference_log_probs(image, centroids, scales).argmax(0).numpy()])
                            .resize((256, 128), Image.NEAREST))
     assert (labels == reference).mean() > 0.999  # float ties aside
     # the CRF: softmax(3 x merged) with the image resized PIL-bilinear to 112x224, then mapped and NEAREST up
-    with_crf = seed_baseline_labels(log_probs, mapping, (128, 256), image)
+    with_crf = paper_baseline_labels(log_probs, mapping, (128, 256), image)
     small = np.asarray(Image.fromarray(image).resize((224, 112), Image.BILINEAR))
     expected = mapping[dense_crf(small, log_probs, alpha=3.0).argmax(axis=0)]
     np.testing.assert_array_equal(with_crf, np.asarray(Image.fromarray(expected).resize((256, 128), Image.NEAREST)))
     assert (with_crf != labels).any()
 
 
-def test_config_keeps_the_seeds_short_side_at_its_window_size():
+def test_config_keeps_the_papers_short_side_at_its_window_size():
     with pytest.raises(Exception, match="inference.short_side=224 and inference.crop=322"):
-        parse_config({"protocol": "seed", "inference": {"short_side": 224, "crop": 322, "stride": 161}})
-    cfg = parse_config({"protocol": "seed", "inference": {"scales": [0.75, 1.0, 1.5]}})
+        parse_config({"protocol": "paper", "inference": {"short_side": 224, "crop": 322, "stride": 161}})
+    cfg = parse_config({"protocol": "paper", "inference": {"scales": [0.75, 1.0, 1.5]}})
     assert cfg.inference.scales == [0.75, 1.0, 1.5]
 
 
 def test_extract_cuts_only_the_seed_scales_whose_windows_differ_from_the_base_scale():
-    from configs.geometry import extra_seed_layouts, seed_baseline_scales, seed_scale_layouts
+    from configs.geometry import extra_paper_layouts, paper_baseline_scales, paper_scale_layouts
 
-    cfg = parse_config({"protocol": "seed", "inference": {"scales": [0.75, 1.0, 1.5]}})
-    base, per_scale = seed_scale_layouts(cfg, (1024, 2048))
+    cfg = parse_config({"protocol": "paper", "inference": {"scales": [0.75, 1.0, 1.5]}})
+    base, per_scale = paper_scale_layouts(cfg, (1024, 2048))
     assert base.resized == (322, 644) and per_scale[1] is None  # 1.0 reuses the base scale's 3 windows
-    assert [len(layout.origins) for layout in extra_seed_layouts(cfg, (1024, 2048))] == [2, 10]
-    # 1080x1920: the seed stretches to 322x560 with windows at 0, 161, 238, not the base scale's 322x572: cut apart
-    single = seed_scale_layouts(parse_config({"protocol": "seed"}), (1080, 1920))[1][1.0]
+    assert [len(layout.origins) for layout in extra_paper_layouts(cfg, (1024, 2048))] == [2, 10]
+    # 1080x1920: the paper stretches to 322x560 with windows at 0, 161, 238, not the base scale's 322x572: cut apart
+    single = paper_scale_layouts(parse_config({"protocol": "paper"}), (1080, 1920))[1][1.0]
     assert single.resized == (322, 560) and [x for _, x in single.origins] == [0, 161, 238]
-    # as the seed's --scales: one scale other than 1.0 is its multi-scale path; 1.0 alone is not; other protocols never
-    assert seed_baseline_scales(parse_config({"protocol": "seed", "inference": {"scales": [0.75]}})) == [0.75]
-    assert seed_baseline_scales(parse_config({"protocol": "seed"})) == []
-    assert seed_baseline_scales(parse_config({"inference": {"scales": [0.75, 1.0]}})) == []
+    # as the paper's --scales: one scale other than 1.0 is its multi-scale path; 1.0 alone is not; other protocols never
+    assert paper_baseline_scales(parse_config({"protocol": "paper", "inference": {"scales": [0.75]}})) == [0.75]
+    assert paper_baseline_scales(parse_config({"protocol": "paper"})) == []
+    assert paper_baseline_scales(parse_config({"inference": {"scales": [0.75, 1.0]}})) == []
 
 
 def test_stored_windows_unpack_with_and_without_the_seed_scales():
     from configs.geometry import pack_windows, stored_window_count, unpack_windows
 
-    cfg = parse_config({"protocol": "seed", "model": {"vit": {"embed_dim": 32, "num_heads": 2}},
+    cfg = parse_config({"protocol": "paper", "model": {"vit": {"embed_dim": 32, "num_heads": 2}},
                         "inference": {"short_side": 112, "crop": 112, "stride": 56, "scales": [0.75, 1.0, 1.5]}})
     row = {"height": 128, "width": 256, "layouts": '[{"origins": [[0, 0], [0, 56], [0, 112]]}]'}
-    assert stored_window_count(cfg, row) == 3 + 2 + 10 and stored_window_count(cfg, row, seed_scales=False) == 3
+    assert stored_window_count(cfg, row) == 3 + 2 + 10 and stored_window_count(cfg, row, paper_scales=False) == 3
     feats = np.random.default_rng(5).normal(size=(15, 4, 8, 8)).astype(np.float32)
     stored = unpack_windows(cfg, pack_windows(feats, 15), (128, 256))
     assert stored.single[0] is not None and np.allclose(stored.single[0], feats[:3], atol=1e-2)  # 1.0: the base windows
     assert [len(w) for w, _ in stored.scales] == [2, 3, 10]
     np.testing.assert_allclose(stored.scales[2][0], feats[5:], atol=1e-2)
-    base_only = unpack_windows(cfg, pack_windows(feats, 3), (128, 256), seed_scales=False)  # apply, not writing features
+    base_only = unpack_windows(cfg, pack_windows(feats, 3), (128, 256), paper_scales=False)  # apply, not writing features
     assert base_only.single is None and list(base_only.scales) == [] and len(base_only.windows) == 3
     with pytest.raises(Exception, match="re-run extract"):
         unpack_windows(cfg, pack_windows(feats, 3), (128, 256))

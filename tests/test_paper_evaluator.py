@@ -1,12 +1,12 @@
-"""The seed paper's evaluator (core.evaluation.paper_rules): exact answers worked out by hand on tiny arrays."""
+"""The paper's evaluator (core.evaluation.paper): exact answers worked out by hand on tiny arrays."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from core.classes import CLASS_NAMES
-from core.evaluation.paper_rules import (SEED_EVAL_HW, resize_nearest, seed_confusion, seed_ground_truth, seed_pq_scores,
-                            seed_pq_stats, seed_semantic_scores)
+from core.evaluation.paper import (PAPER_EVAL_HW, resize_nearest, paper_confusion, paper_ground_truth, paper_pq_scores,
+                            paper_pq_stats, paper_semantic_scores)
 
 V = 255
 ROAD, SIDEWALK, BUILDING, PERSON, RIDER, CAR = 0, 1, 2, 11, 12, 13  # trainIds
@@ -22,13 +22,13 @@ def test_miou_drops_unassigned_predictions_and_skips_absent_classes():
                      [0, 0, 0, 0, 1, 1, 1, 1],
                      [2, 2, 2, 2, 20, 20, 0, 0],
                      [2, 2, 2, 2, 2, 0, 1, 1]], np.uint8)
-    conf = seed_confusion(seed_ground_truth(gt, np.zeros(gt.shape, np.int32)), pred)
+    conf = paper_confusion(paper_ground_truth(gt, np.zeros(gt.shape, np.int32)), pred)
     # gt 0 (8 px): 7 -> 0, 1 -> 1.  gt 1 (8 px): 6 -> 1, 2 -> 255 dropped.
     # gt 2 (12 px): 9 -> 2, 2 -> 20 dropped, 1 -> 0.  gt 255 (4 px): skipped, whatever predicted.
     expected = np.zeros((19, 19), np.int64)
     expected[0, 0], expected[0, 1], expected[1, 1], expected[2, 2], expected[2, 0] = 7, 1, 6, 9, 1
     np.testing.assert_array_equal(conf, expected * B)
-    s = seed_semantic_scores(conf)
+    s = paper_semantic_scores(conf)
     # IoU0 = 7 / (7 + fp 1 + fn 1); IoU1 = 6 / (6 + fp 1 + fn 0): the 2 px predicted 255 are no FN
     # (officially 6/9); IoU2 = 9 / (9 + 0 + 1): the 20s are no FN either. Classes 3..18: 0/0, skipped.
     assert s["per_class_iou"]["road"] == pytest.approx(7 / 9)
@@ -37,11 +37,11 @@ def test_miou_drops_unassigned_predictions_and_skips_absent_classes():
     assert all(s["per_class_iou"][n] is None for n in CLASS_NAMES[3:])
     assert s["miou"] == pytest.approx((7 / 9 + 6 / 7 + 9 / 10) / 3)
     assert s["pixel_accuracy"] == pytest.approx((7 + 6 + 9) / 24)  # trace / counted pixels
-    assert seed_semantic_scores(np.zeros((19, 19), np.int64))["miou"] is None
+    assert paper_semantic_scores(np.zeros((19, 19), np.int64))["miou"] is None
 
 
 def test_pq_without_void_or_crowd_exclusion():
-    H, W = SEED_EVAL_HW  # already at the evaluation size: the resize leaves them as they are
+    H, W = PAPER_EVAL_HW  # already at the evaluation size: the resize leaves them as they are
     gt = np.full((H, W), V, np.uint8)
     inst = np.zeros((H, W), np.int32)
     pred = np.full((H, W), V, np.uint8)
@@ -71,7 +71,7 @@ def test_pq_without_void_or_crowd_exclusion():
     pred[100:110, 100:110] = pred[110:120, 110:120] = CAR
     # car: a crowd region (instanceId 26 < 1000) is no gt segment; a car predicted on it -> FP.
     gt[200:210, 0:10], inst[200:210, 0:10], pred[200:210, 0:10] = CAR, 26, CAR
-    stats = seed_pq_stats(seed_ground_truth(gt, inst), pred)
+    stats = paper_pq_stats(paper_ground_truth(gt, inst), pred)
     expected = np.zeros((19, 4))
     expected[ROAD] = [1, 0, 0, 1.0]
     expected[PERSON] = [1, 1, 0, 100 / 199]
@@ -79,7 +79,7 @@ def test_pq_without_void_or_crowd_exclusion():
     expected[CAR] = [1, 2, 0, 1.0]
     np.testing.assert_allclose(stats, expected)
 
-    s = seed_pq_scores(stats + stats)  # two such images: sums give the same scores
+    s = paper_pq_scores(stats + stats)  # two such images: sums give the same scores
     # per class PQ = iou_sum / (tp + fp/2 + fn/2): road 1, person (100/199)/1.5, rider 0, car 1/2.
     person_pq = 100 / 199 / 1.5
     assert s["per_class"]["person"]["pq"] == pytest.approx(person_pq)
@@ -93,7 +93,7 @@ def test_pq_without_void_or_crowd_exclusion():
     assert s["all"]["rq"] == pytest.approx(3 / 5.5)
     assert s["things"]["sq"] == pytest.approx((1 + 100 / 199) / 2)
     assert s["things"]["rq"] == pytest.approx(2 / 4.5)
-    assert seed_pq_scores(np.zeros((19, 4)))["all"]["pq"] is None
+    assert paper_pq_scores(np.zeros((19, 4)))["all"]["pq"] is None
 
 
 def test_pq_stats_resize_small_inputs():
@@ -102,7 +102,7 @@ def test_pq_stats_resize_small_inputs():
     gt[0, 0:4] = ROAD
     pred = gt.copy()
     pred[0, 3] = V
-    stats = seed_pq_stats(seed_ground_truth(gt, np.zeros((4, 8), np.int32)), pred)
+    stats = paper_pq_stats(paper_ground_truth(gt, np.zeros((4, 8), np.int32)), pred)
     np.testing.assert_allclose(stats[ROAD], [1, 0, 0, 3 / 4])
 
 
@@ -114,7 +114,7 @@ def test_resize_nearest_matches_pil():
     assert out.dtype == np.uint8 and out.shape == (100, 71)
     np.testing.assert_array_equal(out, want)
     ids = rng.integers(0, 34000, size=(37, 53)).astype(np.int32)
-    out = resize_nearest(ids, SEED_EVAL_HW)
+    out = resize_nearest(ids, PAPER_EVAL_HW)
     want = np.asarray(Image.fromarray(ids).resize((1024, 512), Image.NEAREST))
     assert out.dtype == np.int32
     np.testing.assert_array_equal(out, want)
