@@ -32,47 +32,75 @@ def positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="submit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="submit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("run", "extract", "fit", "label", "report"):
         p = sub.add_parser(name, help=f"run {'every stage' if name == 'run' else 'the ' + name + ' stage'}")
         p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set fit.k=200 (repeatable)")
-    compare = sub.add_parser("compare", help="put the k sweeps of finished runs side by side (e.g. head vs backbone features)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set fit.k=200 (repeatable)",
+        )
+    compare = sub.add_parser(
+        "compare", help="put the k sweeps of finished runs side by side (e.g. head vs backbone features)"
+    )
     compare.add_argument("runs", type=Path, nargs="+", help="output_dir of each run (holding report.json)")
     compare.add_argument("--out", type=Path, required=True, help="Markdown file to write")
     apply = sub.add_parser("apply", help="label a folder or object-store URI of unlabelled images with a saved fit")
     apply.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     apply.add_argument("--fit", type=Path, required=True, help="a fit folder, e.g. outputs/demo/fits/k200")
-    apply.add_argument("--mapping", type=Path, help="a person's cluster -> class mapping.json for that fit (cluster atlas)")
+    apply.add_argument(
+        "--mapping", type=Path, help="a person's cluster -> class mapping.json for that fit (cluster atlas)"
+    )
     apply.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    atlas = sub.add_parser("atlas", help="write the cluster atlas of a fit: a static page to look at and name every cluster")
+    atlas = sub.add_parser(
+        "atlas", help="write the cluster atlas of a fit: a static page to look at and name every cluster"
+    )
     atlas.add_argument("--fit", type=Path, required=True, help="a fit folder of a run, e.g. outputs/demo/fits/k300")
-    atlas.add_argument("--out", type=Path, default=None, help="default <run>/atlas for the main fit, <run>/atlas_<fit> for others")
+    atlas.add_argument(
+        "--out", type=Path, default=None, help="default <run>/atlas for the main fit, <run>/atlas_<fit> for others"
+    )
     atlas.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    imported = sub.add_parser("import-fit", help="write another tool's k-means centres and cluster -> class mapping "
-                                                 "(an .npz, e.g. the paper's kmeans_centroids.npz) as a fit of a run")
+    imported = sub.add_parser(
+        "import-fit",
+        help="write another tool's k-means centres and cluster -> class mapping "
+        "(an .npz, e.g. the paper's kmeans_centroids.npz) as a fit of a run",
+    )
     imported.add_argument("source", type=Path, help="the .npz: (k, D) float centres and (k,) integer trainIds")
     imported.add_argument("--run", type=Path, required=True, help="the run's output_dir (extract and fit done)")
     imported.add_argument("--name", required=True, help="the fit's name, its folder in <run>/fits/, e.g. seed_k300")
-    imported.add_argument("--centroids-key", default="centroids", help="the centres' array in the .npz (default: the "
-                                                                       "paper's)")
-    imported.add_argument("--mapping-key", default="cluster_to_class", help="the mapping's array (default: the paper's)")
+    imported.add_argument(
+        "--centroids-key", default="centroids", help="the centres' array in the .npz (default: the paper's)"
+    )
+    imported.add_argument(
+        "--mapping-key", default="cluster_to_class", help="the mapping's array (default: the paper's)"
+    )
     synth = sub.add_parser("synth", help="write the generated Cityscapes-format demo set")
-    synth.add_argument("--root", type=Path, default=None, help="default data/demo_cityscapes (data/demo_unlabelled with --unlabelled)")
+    synth.add_argument(
+        "--root", type=Path, default=None, help="default data/demo_cityscapes (data/demo_unlabelled with --unlabelled)"
+    )
     synth.add_argument("--split", default="val")
     synth.add_argument("--num-images", type=positive_int, default=100)
     synth.add_argument("--height", type=positive_int, default=256)
     synth.add_argument("--width", type=positive_int, default=512)
     synth.add_argument("--seed", type=int, default=None, help="default 0 (1 with --unlabelled)")
-    synth.add_argument("--unlabelled", action="store_true",
-                       help="write a folder of unlabelled frames instead (other seeds and camera colours, no ground truth; "
-                            "dataset.kind: folder)")
+    synth.add_argument(
+        "--unlabelled",
+        action="store_true",
+        help="write a folder of unlabelled frames instead (other seeds and camera colours, no ground truth; "
+        "dataset.kind: folder)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from core.errors import UserError
+
     try:
         return COMMANDS.get(args.command, run_stages)(args)
     except UserError as err:
@@ -103,15 +131,19 @@ def interrupted_note(args) -> str:
 def compare(args) -> int:
     import json
 
+    from configs.schema import recorded_dataset_root
     from core.errors import UserError
     from core.reporting.markdown import render_comparison
     from storage.run.atomic import write_text_atomic
-    from configs.schema import recorded_dataset_root
     from storage.run.placement import refuse_output_in_input
+
     reports = {}
     for run in args.runs:  # nor into the datasets the runs describe: a folder dataset takes any .png or .jpg
-        refuse_output_in_input(args.out, "--out", {"a compared run": run,
-                                                   f"{run / 'config.yaml'}'s dataset.root": recorded_dataset_root(run)})
+        refuse_output_in_input(
+            args.out,
+            "--out",
+            {"a compared run": run, f"{run / 'config.yaml'}'s dataset.root": recorded_dataset_root(run)},
+        )
         path = run / "report.json"
         try:
             reports[str(run)] = json.loads(path.read_text())
@@ -126,15 +158,27 @@ def compare(args) -> int:
 
 def synth(args) -> int:
     from storage.synth import generate_demo_dataset, generate_unlabelled_frames
+
     if args.unlabelled:
         root = args.root or Path("data/demo_unlabelled")
-        names = generate_unlabelled_frames(root, num_images=args.num_images, height=args.height, width=args.width,
-                                           seed=1 if args.seed is None else args.seed)
+        names = generate_unlabelled_frames(
+            root,
+            num_images=args.num_images,
+            height=args.height,
+            width=args.width,
+            seed=1 if args.seed is None else args.seed,
+        )
         print(f"wrote {len(names)} unlabelled frames to {root}")
         return 0
     root = args.root or Path("data/demo_cityscapes")
-    ids = generate_demo_dataset(root, split=args.split, num_images=args.num_images,
-                                height=args.height, width=args.width, seed=0 if args.seed is None else args.seed)
+    ids = generate_demo_dataset(
+        root,
+        split=args.split,
+        num_images=args.num_images,
+        height=args.height,
+        width=args.width,
+        seed=0 if args.seed is None else args.seed,
+    )
     print(f"wrote {len(ids)} demo images to {root}")
     return 0
 
@@ -145,6 +189,7 @@ def run_stages(args) -> int:
     from ray_jobs.apply import run_apply
     from ray_jobs.pipeline import STAGES, Pipeline
     from ray_jobs.session import init_ray
+
     if args.command == "apply":
         init_ray(cfg)
         run_apply(cfg, args.fit, args.mapping)
@@ -155,39 +200,51 @@ def run_stages(args) -> int:
 
 def import_fit(args) -> int:
     from core.errors import UserError
+
     run_dir = args.run.resolve()
     if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"--run {args.run} is not the output_dir of a run (no {run_dir / 'config.yaml'}): name one "
-                        "like outputs/demo")
+        raise UserError(
+            f"--run {args.run} is not the output_dir of a run (no {run_dir / 'config.yaml'}): name one "
+            "like outputs/demo"
+        )
     cfg = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])  # the run, wherever we are
     from core.clustering.fit_artifact import FitArtifact
     from ray_jobs.pipeline import Pipeline
     from storage.run.lock import OutputLock, command_line
+
     with OutputLock(cfg.output_dir, command_line()):
         fit = FitArtifact.load(Pipeline(cfg).import_fit(args.source, args.name, (args.centroids_key, args.mapping_key)))
     origin = fit.meta["imported_from"]
     low, high = origin["row_norms"]
-    print(f"{args.name}: imported {origin['file']} (sha256 {origin['sha256']}), k = {fit.k}, {fit.feature_dim}-d"
-          + (f"; its rows were not unit length (norms {low:.3g} to {high:.3g}) and were L2-normalised: pixels take the "
-             "nearest centre by cosine" if origin["rescaled_to_unit"] else "")
-          + f". Next: python submit.py label --config {run_dir / 'config.yaml'} (or run), then report")
+    print(
+        f"{args.name}: imported {origin['file']} (sha256 {origin['sha256']}), k = {fit.k}, {fit.feature_dim}-d"
+        + (
+            f"; its rows were not unit length (norms {low:.3g} to {high:.3g}) and were L2-normalised: pixels take the "
+            "nearest centre by cosine"
+            if origin["rescaled_to_unit"]
+            else ""
+        )
+        + f". Next: python submit.py label --config {run_dir / 'config.yaml'} (or run), then report"
+    )
     return 0
 
 
 def atlas(args) -> int:
     from core.errors import UserError
+
     run_dir = args.fit.resolve().parent.parent
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise UserError(f"{args.fit} is not a fit folder of a run (no {config}): name one like outputs/demo/fits/k300")
     cfg = load_config(config, [f"output_dir={run_dir}", *args.overrides])  # the run where the fit is, wherever we are
     from ray_jobs.apply import fit_run_inputs
-    from storage.run.fits import fit_names
-    from storage.run.layout import Layout
     from ray_jobs.pipeline import Pipeline
     from ray_jobs.session import init_ray
+    from storage.run.fits import fit_names
+    from storage.run.layout import Layout
     from storage.run.lock import OutputLock, command_line
     from storage.run.placement import refuse_output_in_input
+
     name = args.fit.resolve().name
     out = args.out or run_dir / ("atlas" if name == fit_names(cfg)[0] else f"atlas_{name}")
     if out.exists() and not out.is_dir():
@@ -195,8 +252,10 @@ def atlas(args) -> int:
     layout, target = Layout(run_dir), out.resolve()
     stage_dirs = (layout.features, layout.fits, layout.scores, layout.labels, layout.histograms, layout.figures)
     if target == run_dir or any(target.is_relative_to(d) for d in stage_dirs):
-        raise UserError(f"--out {out} is the run's own folder or one of its stages' folders, where the atlas would mix with "
-                        f"the run's results: name a folder of its own (default {run_dir / 'atlas'})")
+        raise UserError(
+            f"--out {out} is the run's own folder or one of its stages' folders, where the atlas would mix with "
+            f"the run's results: name a folder of its own (default {run_dir / 'atlas'})"
+        )
     # its sprite JPEGs would become images: nor in the run's recorded dataset, where --set dataset.root names a copy
     refuse_output_in_input(out, "--out", {"dataset.root": cfg.dataset.root, **fit_run_inputs(args.fit)})
     pipeline = Pipeline(cfg)

@@ -1,10 +1,10 @@
 """The apply stage's steps: extract's `image_windows` and `WindowFeatures`, then
 
-  PseudoLabelImages  actor (CPU, or the assignment on CUDA): stitch one image's windows, label it
-                     with the saved fit, write its pseudo-labels and its part (cluster histogram,
-                     and its features when apply.write_features is set)
-  finish_apply       per shard, when every image is out: parts -> histogram Parquet (+ features
-                     Parquet) + panoptic JSON + marker
+PseudoLabelImages  actor (CPU, or the assignment on CUDA): stitch one image's windows, label it
+                   with the saved fit, write its pseudo-labels and its part (cluster histogram,
+                   and its features when apply.write_features is set)
+finish_apply       per shard, when every image is out: parts -> histogram Parquet (+ features
+                   Parquet) + panoptic JSON + marker
 """
 
 from pathlib import Path
@@ -14,23 +14,36 @@ import pyarrow as pa
 import ray
 
 from actors.extract import extra_view_arrays, feature_arrays, stitched_grids, write_feature_shards
-from configs.specs import panoptic_rules
-from configs.geometry import extracted_scales, label_scales, pack_windows, stored_window_count, stores_windows, unpack_windows
 from actors.model_setup import device_for
 from actors.rows import run_on_image
+from configs.geometry import (
+    extracted_scales,
+    label_scales,
+    pack_windows,
+    stored_window_count,
+    stores_windows,
+    unpack_windows,
+)
 from configs.schema import RefineConfig, RunConfig
+from configs.specs import panoptic_rules
 from core.evaluation.base import Segmenter
 from core.labelling.image import ImageLabeller, LabelFit
 from core.presets import protocol_steps
 from storage.cityscapes_outputs import label_pngs, prediction_paths, write_image_predictions
-from storage.run.parts import complete_shard, read_shard_parts, write_part
 from storage.run.atomic import write_json_atomic, write_parquet_atomic
+from storage.run.parts import complete_shard, read_shard_parts, write_part
 
 
 def histogram_schema(k: int) -> pa.Schema:
-    return pa.schema([("image_id", pa.string()), ("source", pa.string()),
-                      ("height", pa.int32()), ("width", pa.int32()),
-                      ("cluster_pixels", pa.list_(pa.int64(), k))])
+    return pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("source", pa.string()),
+            ("height", pa.int32()),
+            ("width", pa.int32()),
+            ("cluster_pixels", pa.list_(pa.int64(), k)),
+        ]
+    )
 
 
 class PseudoLabelImages:
@@ -41,8 +54,13 @@ class PseudoLabelImages:
         fit = ray.get(fit) if isinstance(fit, ray.ObjectRef) else fit
         self.fit = LabelFit(fit["name"], fit["centroids"], fit["mapping"])
         self.stage_dir, self.labels_dir, self.plan_key = Path(stage_dir), Path(labels_dir), plan_key
-        self.labeller = ImageLabeller([self.fit], ["plain"], RefineConfig(), device=device_for(self.cfg.label.workers),
-                                      labelling=protocol_steps(self.cfg.protocol).label_resolution)
+        self.labeller = ImageLabeller(
+            [self.fit],
+            ["plain"],
+            RefineConfig(),
+            device=device_for(self.cfg.label.workers),
+            labelling=protocol_steps(self.cfg.protocol).label_resolution,
+        )
         self.rules = panoptic_rules(self.cfg)
         order = extracted_scales(self.cfg)
         self.scale_order = [order.index(s) for s in label_scales(self.cfg)]
@@ -57,27 +75,60 @@ class PseudoLabelImages:
         grids = [(f.astype(np.float16).astype(np.float32), r) for f, r in stitched_grids(row, self.cfg)]
         hw = (int(row["height"]), int(row["width"]))
         extra = self.cfg.apply.write_features  # the paper baseline's windows are cut only to be written
-        packed = (pack_windows(row["window_features"], stored_window_count(self.cfg, row, paper_scales=extra))
-                  if stores_windows(self.cfg) else None)
-        labels = self.labeller.label([grids[i] for i in self.scale_order], self.cfg.model.vit.patch_size, hw,
-                                     windows=None if packed is None else unpack_windows(self.cfg, packed, hw, paper_scales=extra))
+        packed = (
+            pack_windows(row["window_features"], stored_window_count(self.cfg, row, paper_scales=extra))
+            if stores_windows(self.cfg)
+            else None
+        )
+        labels = self.labeller.label(
+            [grids[i] for i in self.scale_order],
+            self.cfg.model.vit.patch_size,
+            hw,
+            windows=None if packed is None else unpack_windows(self.cfg, packed, hw, paper_scales=extra),
+        )
         written, cluster_map = labels.variant("plain"), labels.clusters[self.fit.name]
-        annotation = write_image_predictions(self.labels_dir, group, image_id, written.train_ids, Segmenter(self.rules)(written),
-                                             split=self.cfg.dataset.split)
+        annotation = write_image_predictions(
+            self.labels_dir,
+            group,
+            image_id,
+            written.train_ids,
+            Segmenter(self.rules)(written),
+            split=self.cfg.dataset.split,
+        )
         arrays = {"cluster_pixels": np.bincount(cluster_map.ravel(), minlength=len(self.fit.mapping))}
         if self.cfg.apply.write_features:
             arrays |= feature_arrays(self.cfg, grids, None) | extra_view_arrays(self.cfg, row, None)
-        write_part(self.stage_dir, row["shard"], image_id, arrays,
-                   {"annotation": annotation, "hw": hw, "source": row["path"], "model": str(row["model"])}, self.plan_key)
+        write_part(
+            self.stage_dir,
+            row["shard"],
+            image_id,
+            arrays,
+            {"annotation": annotation, "hw": hw, "source": row["path"], "model": str(row["model"])},
+            self.plan_key,
+        )
 
 
-def finish_apply(stage_dir: str, shard_row: dict, written: list[str], failed: list[dict], plan_key: str, cfg: RunConfig, k: int,
-                 features_dir: str, labels_dir: str) -> None:
+def finish_apply(
+    stage_dir: str,
+    shard_row: dict,
+    written: list[str],
+    failed: list[dict],
+    plan_key: str,
+    cfg: RunConfig,
+    k: int,
+    features_dir: str,
+    labels_dir: str,
+) -> None:
     """The parts of a shard (in shard order) -> histogram Parquet, features Parquet if asked, annotations, marker."""
     stage_dir, shard = Path(stage_dir), shard_row["shard"]
     order, parts, written_at = read_shard_parts(stage_dir, shard_row, written, plan_key)
-    columns = {"image_id": order, "source": [m["source"] for _, m in parts], "height": [m["hw"][0] for _, m in parts],
-               "width": [m["hw"][1] for _, m in parts], "cluster_pixels": [a["cluster_pixels"].tolist() for a, _ in parts]}
+    columns = {
+        "image_id": order,
+        "source": [m["source"] for _, m in parts],
+        "height": [m["hw"][0] for _, m in parts],
+        "width": [m["hw"][1] for _, m in parts],
+        "cluster_pixels": [a["cluster_pixels"].tolist() for a, _ in parts],
+    }
     outputs = [stage_dir / f"{shard}.parquet", stage_dir / "_panoptic" / f"{shard}.json"]
     write_parquet_atomic(pa.table(columns, schema=histogram_schema(k)), outputs[0])
     summary = {}

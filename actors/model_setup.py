@@ -6,17 +6,19 @@ import torch
 
 from configs.geometry import HEAD_FEATURE_DIM, window_spec
 from configs.schema import RunConfig, WorkersConfig
+from configs.specs import model_spec
 from core.errors import UserError
 from core.inference.dense import WindowModel
 from core.models import build_feature_model
-from configs.specs import model_spec
 
 
 def device_for(workers: WorkersConfig) -> torch.device:
     """CUDA when the pool asked for GPUs (Ray then sets CUDA_VISIBLE_DEVICES for the actor)."""
     if workers.gpus_per_actor > 0:
         if not torch.cuda.is_available():
-            raise UserError("gpus_per_actor > 0 but this worker sees no CUDA device; set gpus_per_actor: 0 to run on CPU")
+            raise UserError(
+                "gpus_per_actor > 0 but this worker sees no CUDA device; set gpus_per_actor: 0 to run on CPU"
+            )
         return torch.device("cuda")
     # Ray gives the actor `cpus_per_actor` CPUs: use as many torch threads, at least one.
     torch.set_num_threads(max(1, round(workers.cpus_per_actor)))

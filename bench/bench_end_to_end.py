@@ -5,38 +5,50 @@ count, each in a fresh output folder and a fresh local Ray, and reports images/s
 stages (extract + label) and of the whole job. The ratio 2 workers / 1 worker shows how the pool
 scales on this machine (2 cores: expect < 2x, Ray and the driver share them).
 
-  nice python bench/bench_end_to_end.py [--images 40] [--workers 1 2]
+  nice python -m bench.bench_end_to_end [--images 40] [--workers 1 2]
 """
 
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import ray
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from configs.schema import load_config  # noqa: E402
-from ray_jobs.pipeline import Pipeline  # noqa: E402
+from configs.schema import load_config
+from ray_jobs.pipeline import Pipeline
 
 
 def run_once(config: Path, images: int, workers: int, work: Path) -> dict:
     out = work / f"workers{workers}"
-    cfg = load_config(config, [f"output_dir={out}", f"dataset.max_images={images}", "dataset.images_per_shard=5",
-                               f"extract.model.num_actors={workers}", f"label.workers.num_actors={workers}",
-                               "extract.model.cpus_per_actor=0.75", "label.workers.cpus_per_actor=0.9"])
+    cfg = load_config(
+        config,
+        [
+            f"output_dir={out}",
+            f"dataset.max_images={images}",
+            "dataset.images_per_shard=5",
+            f"extract.model.num_actors={workers}",
+            f"label.workers.num_actors={workers}",
+            "extract.model.cpus_per_actor=0.75",
+            "label.workers.cpus_per_actor=0.9",
+        ],
+    )
     start = time.perf_counter()
     Pipeline(cfg).run()
     total = time.perf_counter() - start
     ray.shutdown()
     timing = json.loads((out / "timing.json").read_text())
     actor_seconds = timing["extract"]["seconds"] + timing["label"]["seconds"]
-    return {"workers": workers, "images": images, "timing": timing, "total_seconds": total,
-            "actor_stage_images_per_s": images / actor_seconds, "job_images_per_s": images / total}
+    return {
+        "workers": workers,
+        "images": images,
+        "timing": timing,
+        "total_seconds": total,
+        "actor_stage_images_per_s": images / actor_seconds,
+        "job_images_per_s": images / total,
+    }
 
 
 def main() -> None:

@@ -12,25 +12,22 @@ Achieved TFLOP/s = windows/s * FLOPs per window; the fraction is of --peak-tflop
 H100 SXM's dense bf16 peak; pass the peak of your card and precision). On CPU only fp32 is run
 (core.inference.dense uses autocast on CUDA only) and the fraction is against --cpu-peak-tflops if given.
 
-  nice python bench/bench_extract.py --images 2            # CPU
-  python bench/bench_extract.py --device cuda --images 64  # + bf16/fp16 and a batch sweep
+  nice python -m bench.bench_extract --images 2            # CPU
+  python -m bench.bench_extract --device cuda --images 64  # + bf16/fp16 and a batch sweep
 """
 
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from core.inference.dense import DenseFeatureExtractor  # noqa: E402
-from core.inference.windows import WindowSpec, patch_grid, window_starts  # noqa: E402
-from core.models import ModelSpec, build_feature_model  # noqa: E402
+from core.inference.dense import DenseFeatureExtractor
+from core.inference.windows import WindowSpec, patch_grid, window_starts
+from core.models import ModelSpec, build_feature_model
 
 
 def flops_per_window(model, crop: int) -> dict[str, float]:
@@ -39,13 +36,18 @@ def flops_per_window(model, crop: int) -> dict[str, float]:
     tokens = patches + 1
     vit_params = sum(p.numel() for p in vit.parameters()) - vit.pos_embed.numel() - vit.mask_token.numel()
     depth, dim = len(vit.blocks), vit.embed_dim
-    vit_flops = 2 * vit_params * tokens + 4 * depth * tokens ** 2 * dim
+    vit_flops = 2 * vit_params * tokens + 4 * depth * tokens**2 * dim
     head_flops = 0.0
     if head is not None:
         head_params = sum(p.numel() for p in head.head_ema.parameters()) - head.head_ema.query_pos.numel()
-        head_flops = 2 * head_params * patches + 2 * 4 * patches ** 2 * dim
-    return {"vit": float(vit_flops), "head": float(head_flops), "total": float(vit_flops + head_flops),
-            "vit_params": int(vit_params), "tokens": tokens}
+        head_flops = 2 * head_params * patches + 2 * 4 * patches**2 * dim
+    return {
+        "vit": float(vit_flops),
+        "head": float(head_flops),
+        "total": float(vit_flops + head_flops),
+        "vit_params": int(vit_params),
+        "tokens": tokens,
+    }
 
 
 def run(dense: DenseFeatureExtractor, images: list[np.ndarray], device: torch.device) -> float:
@@ -70,7 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--batch-sizes", default="8,16,32,64", help="CUDA window batch sweep (CPU uses the first)")
     parser.add_argument("--precisions", default="fp32,bf16,fp16", help="CUDA precisions (CPU: fp32 only)")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU peak for the fraction (H100 bf16 dense: 989)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="GPU peak for the fraction (H100 bf16 dense: 989)"
+    )
     parser.add_argument("--cpu-peak-tflops", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "extract.json")
@@ -99,26 +103,42 @@ def main(argv: list[str] | None = None) -> dict:
         precisions = args.precisions.split(",") if cuda else ["fp32"]
         for precision in precisions:
             for batch in batches:
-                spec = WindowSpec(short_side=short, crop=crop, stride=stride, flip=True, batch_size=batch, precision=precision)
+                spec = WindowSpec(
+                    short_side=short, crop=crop, stride=stride, flip=True, batch_size=batch, precision=precision
+                )
                 dense = DenseFeatureExtractor(model, spec, device)
                 gh, gw = patch_grid(args.height, args.width, short, model.patch_size)  # 23 x 46 for 1024x2048
                 p = model.patch_size
-                windows_per_image = 2 * len(window_starts(gh * p, crop, stride)) * len(window_starts(gw * p, crop, stride))
+                windows_per_image = (
+                    2 * len(window_starts(gh * p, crop, stride)) * len(window_starts(gw * p, crop, stride))
+                )
                 seconds = run(dense, images, device)
                 ips = n / seconds
                 tflops = ips * windows_per_image * flops["total"] / 1e12
                 peak = args.peak_tflops if cuda else args.cpu_peak_tflops
-                row = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
-                       "precision": precision, "batch_size": batch, "images": n, "seconds": round(seconds, 3),
-                       "images_per_s": round(ips, 4), "windows_per_image": windows_per_image,
-                       "achieved_tflops": round(tflops, 4),
-                       "fraction_of_peak": round(tflops / peak, 5) if peak else None}
+                row = {
+                    "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+                    "precision": precision,
+                    "batch_size": batch,
+                    "images": n,
+                    "seconds": round(seconds, 3),
+                    "images_per_s": round(ips, 4),
+                    "windows_per_image": windows_per_image,
+                    "achieved_tflops": round(tflops, 4),
+                    "fraction_of_peak": round(tflops / peak, 5) if peak else None,
+                }
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    report = {"what": "DenseFeatureExtractor, DINOv2 ViT-B/14 + Segment_TR head (random weights, official shapes), "
-                      f"{args.height}x{args.width} -> 322x644, crop 322, stride 161, flip",
-              "flops_per_window": flops, "peak_tflops_gpu": args.peak_tflops, "peak_tflops_cpu": args.cpu_peak_tflops,
-              "torch": torch.__version__, "machine": platform.machine(), "results": results}
+    report = {
+        "what": "DenseFeatureExtractor, DINOv2 ViT-B/14 + Segment_TR head (random weights, official shapes), "
+        f"{args.height}x{args.width} -> 322x644, crop 322, stride 161, flip",
+        "flops_per_window": flops,
+        "peak_tflops_gpu": args.peak_tflops,
+        "peak_tflops_cpu": args.cpu_peak_tflops,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -7,7 +7,7 @@ peak RSS (ru_maxrss), so that writing the data does not count. Prints the peaks 
 to the smallest N, and writes bench/results/fit_memory.json. The target: the peak does not grow
 with N (the sample is drawn in one pass holding at most fit.max_samples rows plus one shard).
 
-    nice -n 10 .venv/bin/python bench/bench_fit_memory.py --shards 4 400 --work /tmp/fit_memory
+    nice -n 10 .venv/bin/python -m bench.bench_fit_memory --shards 4 400 --work /tmp/fit_memory
 """
 
 import argparse
@@ -20,21 +20,27 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 IMAGES, GRID, DIM = 16, (23, 46), 96
 
 
 def config(out: Path):
     from configs.schema import parse_config
-    return parse_config({"output_dir": str(out), "model": {"vit": {"embed_dim": DIM, "num_heads": 2}},
-                         "fit": {"k": 20, "k_sweep": [10], "max_samples": 1000, "n_iter": 5}})
+
+    return parse_config(
+        {
+            "output_dir": str(out),
+            "model": {"vit": {"embed_dim": DIM, "num_heads": 2}},
+            "fit": {"k": 20, "k_sweep": [10], "max_samples": 1000, "n_iter": 5},
+        }
+    )
 
 
 def stage(num_shards: int, out: Path):
     """The records, shard names and plans of the synthetic extract stage."""
-    from storage.run.plans import extract_plan, fit_plan, model_identity
     from storage.datasets import ImageRecord
+    from storage.run.plans import extract_plan, fit_plan, model_identity
+
     cfg = config(out)
     names = [f"shard-{s:05d}" for s in range(num_shards)]
     ids = {name: [f"s{s:05d}_i{i:02d}" for i in range(IMAGES)] for s, name in enumerate(names)}
@@ -46,33 +52,55 @@ def stage(num_shards: int, out: Path):
 def write(num_shards: int, out: Path) -> None:
     import numpy as np
 
-    from storage.run.plans import check_plan
     from storage.features import feature_path, patch_schema, patch_table
-    from storage.run.markers import mark_done, output_records
     from storage.run.atomic import write_parquet_atomic
+    from storage.run.markers import mark_done, output_records
+    from storage.run.plans import check_plan
+
     cfg, _, ids, extract, _ = stage(num_shards, out)
     features = out / "features"
     check_plan(features, extract)
     rng = np.random.default_rng(0)
     for name, image_ids in ids.items():
-        table = patch_table(image_ids, [rng.normal(size=(DIM, *GRID)).astype(np.float32) for _ in image_ids],
-                            [rng.integers(0, 19, size=GRID).astype(np.uint8) for _ in image_ids], patch_schema(DIM),
-                            [(322, 644)] * IMAGES)
+        table = patch_table(
+            image_ids,
+            [rng.normal(size=(DIM, *GRID)).astype(np.float32) for _ in image_ids],
+            [rng.integers(0, 19, size=GRID).astype(np.uint8) for _ in image_ids],
+            patch_schema(DIM),
+            [(322, 644)] * IMAGES,
+        )
         path = feature_path(features, name)
         write_parquet_atomic(table, path)
-        mark_done(features, name, {"plan_key": extract.key, "num_images": IMAGES, "image_ids": image_ids, "failed": [],
-                                   "outputs": output_records(out, [path])})
+        mark_done(
+            features,
+            name,
+            {
+                "plan_key": extract.key,
+                "num_images": IMAGES,
+                "image_ids": image_ids,
+                "failed": [],
+                "outputs": output_records(out, [path]),
+            },
+        )
 
 
 def fit(num_shards: int, out: Path) -> None:
     from ray_jobs.fit import run_fit
     from storage.run.shards import dataset_fingerprint
+
     cfg, records, ids, extract, fit_plan_ = stage(num_shards, out)
     start = time.perf_counter()
     run_fit(cfg, fit_plan_, extract, list(ids), dataset_fingerprint(records, "/synthetic"))
-    print(json.dumps({"shards": num_shards, "rows": num_shards * IMAGES * GRID[0] * GRID[1],
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "fit_seconds": round(time.perf_counter() - start, 2)}))
+    print(
+        json.dumps(
+            {
+                "shards": num_shards,
+                "rows": num_shards * IMAGES * GRID[0] * GRID[1],
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "fit_seconds": round(time.perf_counter() - start, 2),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -89,8 +117,12 @@ def main() -> None:
         out = args.work / f"shards-{n}"
         shutil.rmtree(out, ignore_errors=True)
         for step in ("write", "fit"):
-            done = subprocess.run([sys.executable, __file__, "--step", step, "--shards", str(n), "--work", str(out)],
-                                  check=True, capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--step", step, "--shards", str(n), "--work", str(out)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         shutil.rmtree(out, ignore_errors=True)
     for r in results:

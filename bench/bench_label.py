@@ -47,14 +47,32 @@ REPO = Path(__file__).resolve().parents[1]
 OLD_REV = "d316538"  # the last commit before labelling and evaluation were split (issue 27)
 CONFIG = "configs/cityscapes_cause_k300.yaml"
 # what makes the Cityscapes config run here: generated scenes, a small random ViT, k-means baseline, CPU only
-RUNNABLE = ["model.feature_kind=backbone", "model.cause_root=null", "model.vit.embed_dim=96", "model.vit.depth=2",
-            "fit.baseline=kmeans_hungarian", "inference.precision=fp32", "dataset.images_per_shard=4",
-            "ray.local_num_cpus=2", "extract.model.gpus_per_actor=0", "extract.model.num_actors=1",
-            "extract.model.cpus_per_actor=1", "extract.read.num_cpus=0.25", "extract.write.num_cpus=0.25",
-            "label.read.num_cpus=0.25", "label.workers.num_actors=1"]
-EVERYTHING = ["refine.em_semantic=true", "refine.em_things=true", "refine.superpixels=true",
-              "refine.prototype_denoising=true", "refine.knn_diffusion=true", "report.sensitivity=true",
-              "label.sweep_pixel_stride=1"]
+RUNNABLE = [
+    "model.feature_kind=backbone",
+    "model.cause_root=null",
+    "model.vit.embed_dim=96",
+    "model.vit.depth=2",
+    "fit.baseline=kmeans_hungarian",
+    "inference.precision=fp32",
+    "dataset.images_per_shard=4",
+    "ray.local_num_cpus=2",
+    "extract.model.gpus_per_actor=0",
+    "extract.model.num_actors=1",
+    "extract.model.cpus_per_actor=1",
+    "extract.read.num_cpus=0.25",
+    "extract.write.num_cpus=0.25",
+    "label.read.num_cpus=0.25",
+    "label.workers.num_actors=1",
+]
+EVERYTHING = [
+    "refine.em_semantic=true",
+    "refine.em_things=true",
+    "refine.superpixels=true",
+    "refine.prototype_denoising=true",
+    "refine.knn_diffusion=true",
+    "report.sensitivity=true",
+    "label.sweep_pixel_stride=1",
+]
 
 
 def upsample_then_matmul(features: np.ndarray, centroids: np.ndarray, hw: tuple[int, int], device) -> np.ndarray:
@@ -94,7 +112,9 @@ def assignment(args) -> dict:
     rng = np.random.default_rng(0)
     hw = (args.height, args.width)
     grid = (round(args.height * 322 / 1024 / 14), round(args.width * 322 / 1024 / 14))  # 23 x 46 for Cityscapes
-    features = ndimage.gaussian_filter(rng.normal(size=(args.dim, *grid)), (0, args.smooth, args.smooth)).astype(np.float32)
+    features = ndimage.gaussian_filter(rng.normal(size=(args.dim, *grid)), (0, args.smooth, args.smooth)).astype(
+        np.float32
+    )
     centroids = rng.normal(size=(args.k, args.dim)).astype(np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     resized = (grid[0] * 14, grid[1] * 14)
@@ -105,24 +125,44 @@ def assignment(args) -> dict:
     t_loop, loop = timed(lambda: per_pixel_loop(features, centroids, hw, args.loop_rows))
     pixels = hw[0] * hw[1]
     loop_px_s = args.loop_rows * hw[1] / t_loop
-    return {"k": args.k, "dim": args.dim, "smooth": args.smooth, "image": list(hw), "grid": list(grid), "device": str(device),
-            "ours": {"seconds_per_image": t_ours, "images_per_s": 1 / t_ours, "pixels_per_s": pixels / t_ours},
-            "upsample_then_matmul": {"seconds_per_image": t_up, "pixels_per_s": pixels / t_up},
-            "per_pixel_loop": {"pixels_per_s": loop_px_s, "seconds_per_image_extrapolated": pixels / loop_px_s},
-            "speedup_vs_upsample": t_up / t_ours, "speedup_vs_loop": (pixels / loop_px_s) / t_ours,
-            "agreement_with_upsample": float((ours == reference).mean()),
-            "agreement_with_loop": float((ours[: args.loop_rows] == loop).mean())}
+    return {
+        "k": args.k,
+        "dim": args.dim,
+        "smooth": args.smooth,
+        "image": list(hw),
+        "grid": list(grid),
+        "device": str(device),
+        "ours": {"seconds_per_image": t_ours, "images_per_s": 1 / t_ours, "pixels_per_s": pixels / t_ours},
+        "upsample_then_matmul": {"seconds_per_image": t_up, "pixels_per_s": pixels / t_up},
+        "per_pixel_loop": {"pixels_per_s": loop_px_s, "seconds_per_image_extrapolated": pixels / loop_px_s},
+        "speedup_vs_upsample": t_up / t_ours,
+        "speedup_vs_loop": (pixels / loop_px_s) / t_ours,
+        "agreement_with_upsample": float((ours == reference).mean()),
+        "agreement_with_loop": float((ours[: args.loop_rows] == loop).mean()),
+    }
 
 
 def label_pass(checkout: Path, data: Path, work: Path, images: int) -> dict:
     """Part 2 in one checkout: its own extract and fit, then its label pass timed per setting."""
     base = [f"dataset.root={data}", *RUNNABLE]
     settings = {"default": [], "everything": EVERYTHING}
-    command = [sys.executable, str(REPO / "bench" / "label_pass_driver.py"), CONFIG, str(work), str(images),
-               json.dumps(base), json.dumps(settings)]
-    done = subprocess.run(command, cwd=checkout, env={"PYTHONPATH": str(checkout), "PATH": "/usr/bin:/bin",
-                                                      "OMP_NUM_THREADS": "1", "HOME": str(Path.home())},
-                          capture_output=True, text=True, check=False)
+    command = [
+        sys.executable,
+        str(REPO / "bench" / "label_pass_driver.py"),
+        CONFIG,
+        str(work),
+        str(images),
+        json.dumps(base),
+        json.dumps(settings),
+    ]
+    done = subprocess.run(
+        command,
+        cwd=checkout,
+        env={"PYTHONPATH": str(checkout), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(Path.home())},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     result = next((line for line in done.stdout.splitlines() if line.startswith("RESULT ")), None)
     if result is None:
         raise RuntimeError(f"the label pass in {checkout} failed:\n{done.stderr[-3000:]}")
@@ -130,8 +170,9 @@ def label_pass(checkout: Path, data: Path, work: Path, images: int) -> dict:
 
 
 def old_checkout(rev: str, where: Path) -> Path:
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(where), rev], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(where), rev], check=True, capture_output=True
+    )
     return where
 
 
@@ -156,8 +197,9 @@ def main() -> None:
         passes = {"new": label_pass(REPO, tmp / "data", tmp / "new", args.images)}
         if args.old_rev:
             try:
-                passes[args.old_rev] = label_pass(old_checkout(args.old_rev, tmp / "old"), tmp / "data", tmp / "old_run",
-                                                  args.images)
+                passes[args.old_rev] = label_pass(
+                    old_checkout(args.old_rev, tmp / "old"), tmp / "data", tmp / "old_run", args.images
+                )
             finally:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "old")], check=False)
         result["part2_label_pass_cpu_seconds_per_image"] = passes

@@ -21,14 +21,13 @@ Measured per run:
                           new design's CPU steps get / the CPU seconds per image of those steps,
                           measured in this run (the steps timed one image at a time in the driver)
 
-  nice python bench/bench_pipeline.py [--images 192] [--files 48] [--latencies-ms 0.3 3 30]
+  nice python -m bench.bench_pipeline [--images 192] [--files 48] [--latencies-ms 0.3 3 30]
 """
 
 import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,18 +35,16 @@ from pathlib import Path
 import numpy as np
 import ray
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from actors.extract import finish_features, image_windows, write_features  # noqa: E402
-from actors.window_features import WindowFeatures  # noqa: E402
-from configs.schema import parse_config  # noqa: E402
-from ray_jobs.extract import run_extract  # noqa: E402
-from ray_jobs.session import init_ray  # noqa: E402
-from storage.datasets import ImageRecord, list_cityscapes  # noqa: E402
-from storage.run.plans import extract_plan, model_identity  # noqa: E402
-from storage.run.shards import plan_shards, shard_records  # noqa: E402
+from actors.extract import finish_features, image_windows, write_features
+from actors.window_features import WindowFeatures
+from configs.schema import parse_config
+from ray_jobs.extract import run_extract
+from ray_jobs.session import init_ray
+from storage.datasets import ImageRecord, list_cityscapes
 from storage.run.markers import read_done
-from storage.synth import generate_demo_dataset  # noqa: E402
+from storage.run.plans import extract_plan, model_identity
+from storage.run.shards import plan_shards, shard_records
+from storage.synth import generate_demo_dataset
 
 FEATURE_DIM = 90
 CPUS = 2
@@ -78,7 +75,10 @@ def stand_in_actor(latency: float, log_dir: Path):
             cfg = parse_config(config)
             self.model = SleepModel(latency, cfg.inference.flip, log_dir)
             self.description = f"stand-in device, {latency * 1e3:g} ms per window"
-            self.crop_models, self.head_dim = None, None  # no CAUSE crop, no backbone tokens (protocol official, backbone kind)
+            self.crop_models, self.head_dim = (
+                None,
+                None,
+            )  # no CAUSE crop, no backbone tokens (protocol official, backbone kind)
 
     return StandInWindowFeatures
 
@@ -97,7 +97,9 @@ def old_design_actor(latency: float, log_dir: Path):
                 written, failed = [], []
                 for row in image_windows(shard_row, self.config):
                     out = self.model({k: np.array([v]) for k, v in row.items()})
-                    status = write_features({k: v[0] for k, v in out.items()}, self.config, self.stage_dir, self.plan_key)
+                    status = write_features(
+                        {k: v[0] for k, v in out.items()}, self.config, self.stage_dir, self.plan_key
+                    )
                     (failed if status["error"] else written).append(status["image_id"])
                 finish_features(self.stage_dir, shard_row, written, [], self.plan_key, self.config)
             return {"shard": batch["shard"]}
@@ -106,13 +108,22 @@ def old_design_actor(latency: float, log_dir: Path):
 
 
 def config(data: Path, out: Path, images_per_shard: int) -> dict:
-    return {"run_name": "bench-pipeline", "output_dir": str(out),
-            "dataset": {"root": str(data), "images_per_shard": images_per_shard},
-            "model": {"vit": {"embed_dim": 192, "depth": 1, "num_heads": 3}, "feature_kind": "head"},  # 90-d, as the stand-in
-            "inference": {"short_side": 322, "crop": 322, "stride": 161, "flip": True},
-            "extract": {"read": {"num_cpus": (CPUS - MODEL_CPUS) / 4}, "write": {"num_cpus": (CPUS - MODEL_CPUS) / 4},
-                        "model": {"num_actors": 1, "cpus_per_actor": MODEL_CPUS, "batch_images": 4}},
-            "ray": {"local_num_cpus": CPUS}}
+    return {
+        "run_name": "bench-pipeline",
+        "output_dir": str(out),
+        "dataset": {"root": str(data), "images_per_shard": images_per_shard},
+        "model": {
+            "vit": {"embed_dim": 192, "depth": 1, "num_heads": 3},
+            "feature_kind": "head",
+        },  # 90-d, as the stand-in
+        "inference": {"short_side": 322, "crop": 322, "stride": 161, "flip": True},
+        "extract": {
+            "read": {"num_cpus": (CPUS - MODEL_CPUS) / 4},
+            "write": {"num_cpus": (CPUS - MODEL_CPUS) / 4},
+            "model": {"num_actors": 1, "cpus_per_actor": MODEL_CPUS, "batch_images": 4},
+        },
+        "ray": {"local_num_cpus": CPUS},
+    }
 
 
 PROBE_PLAN = "bench-cpu-probe"  # the plan key of the timing probe's parts (no stage plan there)
@@ -136,7 +147,9 @@ def cpu_seconds_per_image(cfg_dict: dict, records, work: Path, images_per_shard:
                 seconds += time.process_time() - start
                 out = stand_in({k: np.array([v]) for k, v in row.items()})
                 start = time.process_time()
-                written.append(write_features({k: v[0] for k, v in out.items()}, cfg_dict, str(stage), PROBE_PLAN)["image_id"])
+                written.append(
+                    write_features({k: v[0] for k, v in out.items()}, cfg_dict, str(stage), PROBE_PLAN)["image_id"]
+                )
                 seconds += time.process_time() - start
             start = time.process_time()
             finish_features(str(stage), shard_row, written, [], PROBE_PLAN, cfg_dict)
@@ -150,12 +163,20 @@ def throughput(stage_dir: Path, log_dir: Path) -> dict:
     Ray, actors and imports left out, for both designs alike) to the last image's completion (each
     image's completion = when its part was written)."""
     done = sorted(t for d in read_done(stage_dir).values() for t in d["images_written_at"])
-    intervals = [tuple(map(float, line.split())) for log in log_dir.glob("busy-*.txt")
-                 for line in log.read_text().split("\n") if line]
+    intervals = [
+        tuple(map(float, line.split()))
+        for log in log_dir.glob("busy-*.txt")
+        for line in log.read_text().split("\n")
+        if line
+    ]
     t0, t1 = min(a for a, _ in intervals), done[-1]
     busy = sum(min(b, t1) - a for a, b in intervals)
-    return {"images_per_s": len(done) / (t1 - t0), "device_busy_fraction": busy / (t1 - t0), "measured_s": t1 - t0,
-            "device_batches": len(intervals)}
+    return {
+        "images_per_s": len(done) / (t1 - t0),
+        "device_busy_fraction": busy / (t1 - t0),
+        "measured_s": t1 - t0,
+        "device_batches": len(intervals),
+    }
 
 
 def run_design(design: str, latency: float, cfg_dict: dict, records, work: Path) -> dict:
@@ -171,8 +192,12 @@ def run_design(design: str, latency: float, cfg_dict: dict, records, work: Path)
     else:
         shards = plan_shards(records, cfg.dataset.images_per_shard)
         ds = ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
-            old_design_actor(latency, logs), batch_size=1, fn_constructor_kwargs={"config": cfg_dict, "stage_dir": str(out / "features"), "plan_key": plan.key},
-            compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+            old_design_actor(latency, logs),
+            batch_size=1,
+            fn_constructor_kwargs={"config": cfg_dict, "stage_dir": str(out / "features"), "plan_key": plan.key},
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=1,
+        )
         ds.materialize()
     wall = time.perf_counter() - start
     assert sum(len(shard_records(s)) for s in plan_shards(records, cfg.dataset.images_per_shard)) == len(records)
@@ -196,17 +221,31 @@ def main() -> None:
         generate_demo_dataset(data, num_images=args.files, height=1024, width=2048, seed=0)
     files = list_cityscapes(data, "val")
     # --images records over --files files (each read and decoded every time), so a long run needs little disk
-    records = sorted((ImageRecord(**{**files[i % len(files)].to_dict(), "image_id": f"{files[i % len(files)].image_id}_{i // len(files)}"})
-                      for i in range(args.images)), key=lambda r: r.image_id)
+    records = sorted(
+        (
+            ImageRecord(
+                **{**files[i % len(files)].to_dict(), "image_id": f"{files[i % len(files)].image_id}_{i // len(files)}"}
+            )
+            for i in range(args.images)
+        ),
+        key=lambda r: r.image_id,
+    )
     work = Path(tempfile.mkdtemp(prefix="runs-", dir=args.work))
     cfg_dict = config(data, work, args.images_per_shard)
     init_ray(parse_config(cfg_dict))
     cpu_per_image = cpu_seconds_per_image(cfg_dict, records[:8], work, args.images_per_shard)
     cpu_bound = (CPUS - MODEL_CPUS) / cpu_per_image
     forwards = 6  # 3 windows of 322 over 322x644, each also flipped
-    result = {"what": __doc__.split("\n\n")[0], "cpus": CPUS, "images": args.images, "files": args.files,
-              "images_per_shard": args.images_per_shard,
-              "cpu_seconds_per_image": cpu_per_image, "cpu_bound_images_per_s": cpu_bound, "latencies": {}}
+    result = {
+        "what": __doc__.split("\n\n")[0],
+        "cpus": CPUS,
+        "images": args.images,
+        "files": args.files,
+        "images_per_shard": args.images_per_shard,
+        "cpu_seconds_per_image": cpu_per_image,
+        "cpu_bound_images_per_s": cpu_bound,
+        "latencies": {},
+    }
     try:
         for design in ("old", "new"):  # warm-up: start Ray's worker processes once, outside every measurement
             run_design(design, 0.0, cfg_dict, records[:16], work / "warm-up")
@@ -217,9 +256,12 @@ def main() -> None:
             for design in ("old", "new"):
                 run = run_design(design, latency_ms * 1e-3, cfg_dict, records, work)
                 entry[design] = {**run, "fraction_of_bound": run["images_per_s"] / bound}
-                print(f"{latency_ms:g} ms/window, {design}: {run['images_per_s']:.2f} images/s, device busy "
-                      f"{run['device_busy_fraction']:.1%}, {entry[design]['fraction_of_bound']:.1%} of the bound "
-                      f"({bound:.2f} images/s)", flush=True)
+                print(
+                    f"{latency_ms:g} ms/window, {design}: {run['images_per_s']:.2f} images/s, device busy "
+                    f"{run['device_busy_fraction']:.1%}, {entry[design]['fraction_of_bound']:.1%} of the bound "
+                    f"({bound:.2f} images/s)",
+                    flush=True,
+                )
             entry["new_over_old"] = entry["new"]["images_per_s"] / entry["old"]["images_per_s"]
             result["latencies"][f"{latency_ms:g}ms"] = entry
             args.out.parent.mkdir(parents=True, exist_ok=True)

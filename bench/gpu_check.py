@@ -41,12 +41,19 @@ class GpuBusy:
 
     def __enter__(self):
         try:
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                          "-lms", "100"], stdout=subprocess.PIPE, text=True)
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
         except FileNotFoundError:
             return self
-        threading.Thread(target=lambda: [self.samples.append(float(line.split(",")[0])) for line in self.proc.stdout
-                                         if line.strip()], daemon=True).start()
+        threading.Thread(
+            target=lambda: [
+                self.samples.append(float(line.split(",")[0])) for line in self.proc.stdout if line.strip()
+            ],
+            daemon=True,
+        ).start()
         return self
 
     def __exit__(self, *exc):
@@ -71,8 +78,14 @@ def timed_stage(name: str, images: int, work) -> dict:
     with GpuBusy() as busy:
         work()
     seconds = time.perf_counter() - start
-    row = {"stage": name, "images": images, "seconds": round(seconds, 2), "images_per_s": round(images / seconds, 3),
-           "gpu_busy_fraction": busy.fraction, "cpu_seconds_per_image": round((cpu_busy_seconds() - cpu) / images, 3)}
+    row = {
+        "stage": name,
+        "images": images,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(images / seconds, 3),
+        "gpu_busy_fraction": busy.fraction,
+        "cpu_seconds_per_image": round((cpu_busy_seconds() - cpu) / images, 3),
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -84,13 +97,20 @@ def model_alone(cfg, images: list[np.ndarray], cuda: bool) -> dict:
     from actors.model_setup import model_spec
     from bench.bench_extract import flops_per_window
     from core.inference.dense import DenseFeatureExtractor
-    from core.models import build_feature_model
     from core.inference.windows import WindowSpec, patch_grid, window_starts
+    from core.models import build_feature_model
+
     device = torch.device("cuda" if cuda else "cpu")
     model = build_feature_model(model_spec(cfg)).to(device)
     i = cfg.inference
-    spec = WindowSpec(short_side=i.short_side, crop=i.crop, stride=i.stride, flip=i.flip, batch_size=i.batch_size,
-                      precision=i.precision if cuda else "fp32")
+    spec = WindowSpec(
+        short_side=i.short_side,
+        crop=i.crop,
+        stride=i.stride,
+        flip=i.flip,
+        batch_size=i.batch_size,
+        precision=i.precision if cuda else "fp32",
+    )
     dense = DenseFeatureExtractor(model, spec, device)
     dense(images[:1])
     if cuda:
@@ -102,12 +122,22 @@ def model_alone(cfg, images: list[np.ndarray], cuda: bool) -> dict:
     seconds = time.perf_counter() - start
     gh, gw = patch_grid(*images[0].shape[:2], i.short_side, model.patch_size)
     p = model.patch_size
-    windows = (2 if i.flip else 1) * len(window_starts(gh * p, i.crop, i.stride)) * len(window_starts(gw * p, i.crop, i.stride))
+    windows = (
+        (2 if i.flip else 1)
+        * len(window_starts(gh * p, i.crop, i.stride))
+        * len(window_starts(gw * p, i.crop, i.stride))
+    )
     flops = flops_per_window(model, i.crop)
     tflops = len(images) * windows * flops["total"] / seconds / 1e12
-    row = {"stage": "model alone", "images": len(images), "images_per_s": round(len(images) / seconds, 3),
-           "flops_per_window": flops["total"], "windows_per_image": windows, "tflops": round(tflops, 3),
-           "fraction_of_bf16_peak": round(tflops / H100_BF16_DENSE_TFLOPS, 4) if cuda else None}
+    row = {
+        "stage": "model alone",
+        "images": len(images),
+        "images_per_s": round(len(images) / seconds, 3),
+        "flops_per_window": flops["total"],
+        "windows_per_image": windows,
+        "tflops": round(tflops, 3),
+        "fraction_of_bf16_peak": round(tflops / H100_BF16_DENSE_TFLOPS, 4) if cuda else None,
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -119,16 +149,19 @@ def assignment_agreement(cfg, fit_dir: Path, cuda: bool, images: int = 4) -> dic
     import pyarrow.parquet as pq
 
     from core.clustering.fit_artifact import FitArtifact
-    from core.labelling.assign import PixelAssigner
     from core.inference.windows import resized_size
+    from core.labelling.assign import PixelAssigner
     from storage.features import image_grids
+
     fit = FitArtifact.load(fit_dir)
     table = pq.read_table(sorted((cfg.output_dir / "features").glob("shard-*.parquet"))[0])
     equal, pixels = [], 0
-    for image_id, (grid, hw) in list(image_grids(table).items())[:images]:
+    for grid, hw in list(image_grids(table).values())[:images]:
         grids = [(grid.astype(np.float32), resized_size(*hw, cfg.inference.short_side))]
-        maps = [PixelAssigner([fit.centroids], device=d).assign(grids, cfg.model.vit.patch_size, hw)[0][0]
-                for d in ("cpu", "cuda")]
+        maps = [
+            PixelAssigner([fit.centroids], device=d).assign(grids, cfg.model.vit.patch_size, hw)[0][0]
+            for d in ("cpu", "cuda")
+        ]
         equal.append(bool(np.array_equal(*maps)))
         pixels += maps[0].size
     row = {"stage": "assignment cuda vs cpu", "images": len(equal), "pixels": pixels, "identical": all(equal)}
@@ -140,7 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--cpu-smoke", action="store_true", help="6 images of 128x256, a tiny ViT, on the CPU")
-    parser.add_argument("--work", type=Path, default=None, help="an empty folder for the data and runs (default: a new temp folder)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="an empty folder for the data and runs (default: a new temp folder)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_check.json")
     args = parser.parse_args(argv)
     import torch
@@ -152,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray_jobs.session import init_ray
     from storage.images import read_rgb
     from storage.synth import generate_demo_dataset
+
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     n, (height, width) = (6, (128, 256)) if args.cpu_smoke else (args.images, (1024, 2048))
     cores = os.cpu_count() or 2
@@ -161,36 +197,82 @@ def main(argv: list[str] | None = None) -> dict:
     data, run, applied = work / "data", work / "run", work / "apply"
     start = time.perf_counter()
     generate_demo_dataset(data, num_images=n, height=height, width=width, seed=0, workers=min(cores, 16))
-    print(json.dumps({"stage": "synthetic data", "images": n, "size": [height, width],
-                      "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "stage": "synthetic data",
+                "images": n,
+                "size": [height, width],
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        ),
+        flush=True,
+    )
     gpu = 1 if cuda else 0
-    overrides = [f"dataset.root={data}", f"output_dir={run}", "model.cause_root=null", "fit.baseline=kmeans_hungarian",
-                 "fit.k_sweep=[300]", "atlas.enabled=false", f"ray.local_num_cpus={cores}",
-                 f"extract.model.gpus_per_actor={gpu}", f"extract.read.num_cpus=1", f"extract.write.num_cpus=1",
-                 f"label.workers.gpus_per_actor={0.5 * gpu}", f"label.workers.num_actors={1 if cuda else 1}",
-                 "apply.model_actors=1", "apply.label_actors=1"]
+    overrides = [
+        f"dataset.root={data}",
+        f"output_dir={run}",
+        "model.cause_root=null",
+        "fit.baseline=kmeans_hungarian",
+        "fit.k_sweep=[300]",
+        "atlas.enabled=false",
+        f"ray.local_num_cpus={cores}",
+        f"extract.model.gpus_per_actor={gpu}",
+        "extract.read.num_cpus=1",
+        "extract.write.num_cpus=1",
+        f"label.workers.gpus_per_actor={0.5 * gpu}",
+        f"label.workers.num_actors={1 if cuda else 1}",
+        "apply.model_actors=1",
+        "apply.label_actors=1",
+    ]
     if args.cpu_smoke:  # the same steps, small enough for the tests
-        overrides += ["model.feature_kind=backbone", "model.vit.embed_dim=32", "model.vit.depth=1", "model.vit.num_heads=2",
-                      "inference.short_side=112", "inference.crop=112", "inference.stride=56", "inference.precision=fp32",
-                      "fit.k=16", "fit.k_sweep=[16]", "fit.max_patches_per_image=64", "ray.local_num_cpus=2",
-                      "extract.read.num_cpus=0.25", "extract.write.num_cpus=0.25", "extract.model.cpus_per_actor=0.5",
-                      "extract.model.batch_images=2", "label.workers.cpus_per_actor=0.5", "label.read.num_cpus=0.25"]
+        overrides += [
+            "model.feature_kind=backbone",
+            "model.vit.embed_dim=32",
+            "model.vit.depth=1",
+            "model.vit.num_heads=2",
+            "inference.short_side=112",
+            "inference.crop=112",
+            "inference.stride=56",
+            "inference.precision=fp32",
+            "fit.k=16",
+            "fit.k_sweep=[16]",
+            "fit.max_patches_per_image=64",
+            "ray.local_num_cpus=2",
+            "extract.read.num_cpus=0.25",
+            "extract.write.num_cpus=0.25",
+            "extract.model.cpus_per_actor=0.5",
+            "extract.model.batch_images=2",
+            "label.workers.cpus_per_actor=0.5",
+            "label.read.num_cpus=0.25",
+        ]
     else:
         overrides += ["model.feature_kind=head", "inference.precision=bf16"]
     cfg = load_config(REPO / "configs" / "cityscapes_cause_k300.yaml", overrides)
     init_ray(cfg)
     pipeline = Pipeline(cfg)
-    rows = [timed_stage("extract", n, lambda: pipeline.run(("extract",))), timed_stage("fit", n, lambda: pipeline.run(("fit",)))]
-    apply_cfg = load_config(REPO / "configs" / "cityscapes_cause_k300.yaml",
-                            [*overrides, f"output_dir={applied}", "apply.write_features=false"])
+    rows = [
+        timed_stage("extract", n, lambda: pipeline.run(("extract",))),
+        timed_stage("fit", n, lambda: pipeline.run(("fit",))),
+    ]
+    apply_cfg = load_config(
+        REPO / "configs" / "cityscapes_cause_k300.yaml",
+        [*overrides, f"output_dir={applied}", "apply.write_features=false"],
+    )
     fit_dir = run / "fits" / f"k{cfg.fit.k}"
     rows.append(timed_stage("apply", n, lambda: run_apply(apply_cfg, fit_dir)))
     sample = [read_rgb(p, image_limits(cfg)) for p in sorted(data.glob("leftImg8bit/*/*/*.png"))[: min(n, 32)]]
     rows.append(model_alone(cfg, sample, cuda))
     rows.append(assignment_agreement(cfg, fit_dir, cuda))
-    report = {"device": torch.cuda.get_device_name() if cuda else "cpu", "cpu_cores": cores, "cpu_smoke": args.cpu_smoke,
-              "images": n, "size": [height, width], "precision": cfg.inference.precision if cuda else "fp32",
-              "results": rows}
+    report = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "cpu_cores": cores,
+        "cpu_smoke": args.cpu_smoke,
+        "images": n,
+        "size": [height, width],
+        "precision": cfg.inference.precision if cuda else "fp32",
+        "results": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

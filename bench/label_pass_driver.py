@@ -21,9 +21,11 @@ def main() -> None:
     import torch
 
     from configs.schema import ConfigError, load_config
+
     config, run_dir, images = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     base, settings = [f"output_dir={run_dir}", *json.loads(sys.argv[4])], json.loads(sys.argv[5])
     from ray_jobs.pipeline import Pipeline
+
     cfg = load_config(config, base)
     Pipeline(cfg).run(("extract", "fit"))
     torch.set_num_threads(1)
@@ -47,6 +49,7 @@ def label_seconds(cfg, images: int) -> float:
     from actors.feature_reader import image_features
     from actors.label import LabelImages
     from storage.datasets import list_dataset
+
     try:
         from core.clustering.fit_artifact import FitArtifact
         from storage.run.fits import fit_names, fit_pixel_stride
@@ -58,11 +61,19 @@ def label_seconds(cfg, images: int) -> float:
 
         def fit_pixel_stride(cfg, name):
             return cfg.label.sweep_pixel_stride if name in fit_names(cfg)[1:-1] else 1
+
     fits = []
     for name in fit_names(cfg):
         art = FitArtifact.load(cfg.output_dir / "fits" / name)
-        fits.append({"name": name, "centroids": art.centroids, "mapping": art.mapping, "stride": fit_pixel_stride(cfg, name),
-                     "prototypes": art.extra_arrays.get("class_prototypes")})
+        fits.append(
+            {
+                "name": name,
+                "centroids": art.centroids,
+                "mapping": art.mapping,
+                "stride": fit_pixel_stride(cfg, name),
+                "prototypes": art.extra_arrays.get("class_prototypes"),
+            }
+        )
     records = list_dataset(cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split, cfg.dataset.max_images)
     takes_dict = "config" in inspect.signature(image_features).parameters  # before configs were passed parsed
     config, rows = cfg.model_dump(mode="json") if takes_dict else cfg, []
@@ -78,14 +89,19 @@ def label_seconds(cfg, images: int) -> float:
         from actors.score import score_image
         from configs.specs import evaluation_spec
         from core.labelling.image import label_fits
+
         actor, spec = LabelImages(config, fits, str(tmp / "labels"), []), evaluation_spec(cfg, label_fits(fits))
 
         def one(row):
             labelled = actor(row)
-            return [labelled, score_image(labelled, spec, str(tmp / "scores"), "bench", str(tmp / "labels"), cfg.dataset.split)]
+            return [
+                labelled,
+                score_image(labelled, spec, str(tmp / "scores"), "bench", str(tmp / "labels"), cfg.dataset.split),
+            ]
+
     one(rows[0])  # warms up (first calls compile and cache)
     start = time.process_time()
-    for row in rows[1:images + 1]:
+    for row in rows[1 : images + 1]:
         for status in one(row):
             assert not status["error"], status["error"]
     return (time.process_time() - start) / min(images, len(rows) - 1)

@@ -27,12 +27,12 @@ class Mixture:
         """(n, dim) float32 unit rows and their (n,) component index; the same (n, seed) gives the same rows."""
         rng = np.random.default_rng([seed, 1])
         comp = rng.choice(len(self.weights), n, p=self.weights)
-        x = (self.noise * rng.standard_normal((n, self.dim), dtype=np.float32))
+        x = self.noise * rng.standard_normal((n, self.dim), dtype=np.float32)
         x += self.means[comp]
         order = np.argsort(comp, kind="stable")
         bounds = np.searchsorted(comp[order], np.arange(len(self.weights) + 1))
         for c in range(len(self.weights)):
-            rows = order[bounds[c]:bounds[c + 1]]
+            rows = order[bounds[c] : bounds[c + 1]]
             if len(rows):
                 z = rng.standard_normal((len(rows), self.bases.shape[1]), dtype=np.float32) * self.scales[c]
                 x[rows] += z @ self.bases[c]

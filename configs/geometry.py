@@ -8,19 +8,33 @@ import numpy as np
 
 from configs.schema import ConfigError, RunConfig
 from core.errors import UserError
-from core.presets import protocol_steps
+from core.inference.windows import (
+    ScaleLayout,
+    StoredWindows,
+    WindowSpec,
+    layout_axis_weights,
+    patch_grid,
+    scale_short_sides,
+    window_count,
+    window_layout,
+)
 from core.labelling.paper_baseline import paper_scale_layout
-from core.inference.windows import (ScaleLayout, StoredWindows, WindowSpec, layout_axis_weights, patch_grid, scale_short_sides,
-                          window_count, window_layout)
+from core.presets import protocol_steps
 from storage.images import ImageLimits
 
 
 def window_spec(cfg: RunConfig) -> WindowSpec:
     """The windows, precision and merge of the config's inference section under its protocol."""
     inference, steps = cfg.inference, protocol_steps(cfg.protocol)
-    return WindowSpec(short_side=inference.short_side, crop=inference.crop, stride=inference.stride,
-                      flip=inference.flip, batch_size=inference.batch_size,
-                      precision=steps.precision or inference.precision, merge=steps.merge)
+    return WindowSpec(
+        short_side=inference.short_side,
+        crop=inference.crop,
+        stride=inference.stride,
+        flip=inference.flip,
+        batch_size=inference.batch_size,
+        precision=steps.precision or inference.precision,
+        merge=steps.merge,
+    )
 
 
 def feature_scales(cfg: RunConfig) -> list[float]:
@@ -56,14 +70,18 @@ def paper_window_scales(cfg: RunConfig) -> list[float]:
     return sorted({1.0, *paper_baseline_scales(cfg)}) if cfg.protocol == "paper" else []
 
 
-def paper_scale_layouts(cfg: RunConfig, image_hw: tuple[int, int]) -> tuple[ScaleLayout, dict[float, ScaleLayout | None]]:
+def paper_scale_layouts(
+    cfg: RunConfig, image_hw: tuple[int, int]
+) -> tuple[ScaleLayout, dict[float, ScaleLayout | None]]:
     """The base scale's layout, and per `paper_window_scales` entry the paper's window layout, or
     None where it equals the base scale's windows (1.0 on 1024x2048), which are then reused."""
     spec, patch = window_spec(cfg), cfg.model.vit.patch_size
     base = window_layout(*image_hw, spec.short_side, spec, patch)
     layouts = {s: paper_scale_layout(*image_hw, s, spec.crop, patch) for s in paper_window_scales(cfg)}
-    return base, {s: None if (a.resized, a.padded, a.origins) == (base.resized, base.padded, base.origins) else a
-                  for s, a in layouts.items()}
+    return base, {
+        s: None if (a.resized, a.padded, a.origins) == (base.resized, base.padded, base.origins) else a
+        for s, a in layouts.items()
+    }
 
 
 def extra_paper_layouts(cfg: RunConfig, image_hw: tuple[int, int]) -> list[ScaleLayout]:
@@ -85,7 +103,9 @@ def pack_windows(window_features: np.ndarray, num_windows: int) -> np.ndarray:
     return np.concatenate(list(window_features[:num_windows]), axis=2).astype(np.float16)
 
 
-def unpack_windows(cfg: RunConfig, packed: np.ndarray, image_hw: tuple[int, int], paper_scales: bool = True) -> StoredWindows:
+def unpack_windows(
+    cfg: RunConfig, packed: np.ndarray, image_hw: tuple[int, int], paper_scales: bool = True
+) -> StoredWindows:
     """`pack_windows`' grid -> the base scale's windows and, with paper_scales (what extract stores;
     apply keeps the base scale's only unless it writes features), each paper scale's."""
     spec, patch = window_spec(cfg), cfg.model.vit.patch_size
@@ -95,17 +115,24 @@ def unpack_windows(cfg: RunConfig, packed: np.ndarray, image_hw: tuple[int, int]
     windows = packed.astype(np.float32).reshape(packed.shape[0], side, -1, side).transpose(2, 0, 1, 3)
     expected = len(layout.origins) + sum(len(s.origins) for s in per_scale.values() if s is not None)
     if len(windows) != expected:
-        raise UserError(f"{len(windows)} stored windows for a {image_hw[0]}x{image_hw[1]} image whose layouts have "
-                        f"{expected}; re-run extract on a new output_dir")
+        raise UserError(
+            f"{len(windows)} stored windows for a {image_hw[0]}x{image_hw[1]} image whose layouts have "
+            f"{expected}; re-run extract on a new output_dir"
+        )
     start, by_scale = len(layout.origins), {}
     for scale, scale_layout in per_scale.items():
         if scale_layout is None:
-            by_scale[scale] = (windows[:len(layout.origins)], layout)
+            by_scale[scale] = (windows[: len(layout.origins)], layout)
         else:
-            by_scale[scale] = (windows[start:start + len(scale_layout.origins)], scale_layout)
+            by_scale[scale] = (windows[start : start + len(scale_layout.origins)], scale_layout)
             start += len(scale_layout.origins)
-    return StoredWindows(windows[:len(layout.origins)], layout_axis_weights(layout, spec.crop, patch), layout,
-                         single=by_scale.get(1.0), scales=[by_scale[s] for s in paper_baseline_scales(cfg)] if by_scale else [])
+    return StoredWindows(
+        windows[: len(layout.origins)],
+        layout_axis_weights(layout, spec.crop, patch),
+        layout,
+        single=by_scale.get(1.0),
+        scales=[by_scale[s] for s in paper_baseline_scales(cfg)] if by_scale else [],
+    )
 
 
 HEAD_FEATURE_DIM = 90  # CAUSE Segment_TR output
@@ -142,29 +169,37 @@ def _size_problem(cfg: RunConfig, extra_views: bool, height: int, width: int) ->
     its grid, or more windows than inference.max_windows_per_image."""
     grid = patch_grid(height, width, cfg.inference.short_side, cfg.model.vit.patch_size)
     if height < grid[0] or width < grid[1]:
-        return (f"the image is {height}x{width} px, fewer pixels than its {grid[0]}x{grid[1]} patch grid, so no "
-                "patch gets a label; use images of at least the patch grid's size, or lower inference.short_side")
+        return (
+            f"the image is {height}x{width} px, fewer pixels than its {grid[0]}x{grid[1]} patch grid, so no "
+            "patch gets a label; use images of at least the patch grid's size, or lower inference.short_side"
+        )
     windows, limit = image_window_count(cfg, (height, width), extra_views), cfg.inference.max_windows_per_image
     if windows > limit:
-        return (f"a {height}x{width} px image is cut into {windows} windows at "
-                f"inference.scales={cfg.inference.scales}, more than inference.max_windows_per_image={limit}; "
-                "downscale or crop it, or raise inference.max_windows_per_image (each window is one model pass and "
-                "its features)")
+        return (
+            f"a {height}x{width} px image is cut into {windows} windows at "
+            f"inference.scales={cfg.inference.scales}, more than inference.max_windows_per_image={limit}; "
+            "downscale or crop it, or raise inference.max_windows_per_image (each window is one model pass and "
+            "its features)"
+        )
     return None
 
 
 def image_limits(cfg: RunConfig, extra_views: bool = True) -> ImageLimits:
     """The checks every image passes, from its header before it is decoded: its pixels, its aspect
     ratio, one pixel per patch, and the windows it is cut into (extra_views: as `image_window_count`)."""
-    return ImageLimits(cfg.dataset.max_image_pixels, cfg.dataset.max_aspect_ratio,
-                       partial(_size_problem, cfg, extra_views))
+    return ImageLimits(
+        cfg.dataset.max_image_pixels, cfg.dataset.max_aspect_ratio, partial(_size_problem, cfg, extra_views)
+    )
 
 
 def image_limit_settings(cfg: RunConfig) -> dict:
     """The limits that decide which images a stage takes (a stage's plan records them): raised,
     they let in images that failed, so the stage's results are not those of the lower limits."""
-    return {"max_image_pixels": cfg.dataset.max_image_pixels, "max_aspect_ratio": cfg.dataset.max_aspect_ratio,
-            "max_windows_per_image": cfg.inference.max_windows_per_image}
+    return {
+        "max_image_pixels": cfg.dataset.max_image_pixels,
+        "max_aspect_ratio": cfg.dataset.max_aspect_ratio,
+        "max_windows_per_image": cfg.inference.max_windows_per_image,
+    }
 
 
 def refuse_limits_no_image_meets(cfg: RunConfig) -> None:
@@ -172,11 +207,15 @@ def refuse_limits_no_image_meets(cfg: RunConfig) -> None:
     needs the fewest pixels (one per patch of its grid) and is cut into the fewest windows."""
     side = math.ceil(cfg.inference.short_side / cfg.model.vit.patch_size)  # the smallest square that passes the grid
     if side * side > cfg.dataset.max_image_pixels:
-        raise ConfigError(f"dataset.max_image_pixels={cfg.dataset.max_image_pixels} is fewer than the smallest usable "
-                          f"image ({side}x{side} px: one pixel per patch of its grid at inference.short_side="
-                          f"{cfg.inference.short_side}): raise dataset.max_image_pixels")
+        raise ConfigError(
+            f"dataset.max_image_pixels={cfg.dataset.max_image_pixels} is fewer than the smallest usable "
+            f"image ({side}x{side} px: one pixel per patch of its grid at inference.short_side="
+            f"{cfg.inference.short_side}): raise dataset.max_image_pixels"
+        )
     windows, limit = image_window_count(cfg, (side, side)), cfg.inference.max_windows_per_image
     if windows > limit:
-        raise ConfigError(f"inference.scales={cfg.inference.scales} cut even a square image into {windows} windows, "
-                          f"more than inference.max_windows_per_image={limit}, so every image would fail: lower the "
-                          "scales (or inference.short_side), or raise inference.max_windows_per_image")
+        raise ConfigError(
+            f"inference.scales={cfg.inference.scales} cut even a square image into {windows} windows, "
+            f"more than inference.max_windows_per_image={limit}, so every image would fail: lower the "
+            "scales (or inference.short_side), or raise inference.max_windows_per_image"
+        )

@@ -14,11 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from core.errors import UserError
 from storage.run.placement import refuse_output_in_input
 
-
 log = logging.getLogger(__name__)
 # Old spellings still read, each with a message: "seed" named the paper's protocol and evaluator, and the
 # main fit's unrefined labels; it now names random seeds only.
-RENAMED = {"protocol": {"seed": "paper"}, "report.evaluators": {"seed": "paper"}, "refine.write_variant": {"seed": "plain"}}
+RENAMED = {
+    "protocol": {"seed": "paper"},
+    "report.evaluators": {"seed": "paper"},
+    "refine.write_variant": {"seed": "plain"},
+}
 
 
 def renamed(key: str, value):
@@ -74,7 +77,9 @@ class ViTConfig(Strict):
     @model_validator(mode="after")
     def _heads_divide_dim(self):
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"model.vit.embed_dim={self.embed_dim} must be divisible by model.vit.num_heads={self.num_heads}")
+            raise ValueError(
+                f"model.vit.embed_dim={self.embed_dim} must be divisible by model.vit.num_heads={self.num_heads}"
+            )
         return self
 
 
@@ -96,8 +101,10 @@ class ModelConfig(Strict):
     @model_validator(mode="after")
     def _backbone_beside_head(self):
         if self.compare_backbone and self.feature_kind != "head":
-            raise ValueError("model.compare_backbone=true compares the head's features with the backbone's, but "
-                             "model.feature_kind='backbone' already fits the backbone: set model.feature_kind=head")
+            raise ValueError(
+                "model.compare_backbone=true compares the head's features with the backbone's, but "
+                "model.feature_kind='backbone' already fits the backbone: set model.feature_kind=head"
+            )
         return self
 
 
@@ -122,9 +129,13 @@ class InferenceConfig(Strict):
     @model_validator(mode="after")
     def _stride_within_crop(self):
         if self.stride > self.crop:
-            raise ValueError(f"inference.stride={self.stride} is larger than inference.crop={self.crop}: windows would leave gaps")
+            raise ValueError(
+                f"inference.stride={self.stride} is larger than inference.crop={self.crop}: windows would leave gaps"
+            )
         if len(set(self.scales)) != len(self.scales):
-            raise ValueError(f"inference.scales={self.scales} lists a scale twice: each would be extracted and averaged twice")
+            raise ValueError(
+                f"inference.scales={self.scales} lists a scale twice: each would be extracted and averaged twice"
+            )
         return self
 
 
@@ -206,15 +217,19 @@ class FitConfig(Strict):
         if bad:
             raise ValueError(f"fit.k_sweep has values < 2: {bad}")
         if self.lloyd_gpus_per_task > 0 and self.lloyd_assign == "numpy":
-            raise ValueError("fit.lloyd_assign=numpy runs on the CPU: set fit.lloyd_assign=torch (or faiss, with a CUDA "
-                             "build) to use fit.lloyd_gpus_per_task, or set it to 0")
+            raise ValueError(
+                "fit.lloyd_assign=numpy runs on the CPU: set fit.lloyd_assign=torch (or faiss, with a CUDA "
+                "build) to use fit.lloyd_gpus_per_task, or set it to 0"
+            )
         paths = [source.path for source in self.features]
         if len(set(paths)) < len(paths):
             raise ValueError(f"fit.features names a feature set twice ({paths}): list each once, with its weight")
         if self.mapping_from is not None and self.heldout_folds != 1:
-            raise ValueError(f"fit.mapping_from={self.mapping_from!r} maps on another image set than this run's, so this "
-                             f"run's images are held out from the mapping already: set fit.heldout_folds=1 (got "
-                             f"{self.heldout_folds})")
+            raise ValueError(
+                f"fit.mapping_from={self.mapping_from!r} maps on another image set than this run's, so this "
+                f"run's images are held out from the mapping already: set fit.heldout_folds=1 (got "
+                f"{self.heldout_folds})"
+            )
         return self
 
     @property
@@ -269,13 +284,16 @@ class RefineConfig(Strict):
     iterations: int = Field(default=3, ge=0)
     superpixel_step: int = Field(default=16, ge=2)
     _old_variant = field_validator("write_variant", mode="before")(lambda v: renamed("refine.write_variant", v))
-    write_variant: Literal["plain", "crf", "em_semantic", "em_things", "superpixels", "prototype_denoising",
-                           "knn_diffusion"] = "plain"
+    write_variant: Literal[
+        "plain", "crf", "em_semantic", "em_things", "superpixels", "prototype_denoising", "knn_diffusion"
+    ] = "plain"
 
     @model_validator(mode="after")
     def _written_variant_is_enabled(self):
         if self.write_variant != "plain" and not getattr(self, self.write_variant):
-            raise ValueError(f"refine.write_variant={self.write_variant!r} but refine.{self.write_variant} is false: enable it")
+            raise ValueError(
+                f"refine.write_variant={self.write_variant!r} but refine.{self.write_variant} is false: enable it"
+            )
         return self
 
 
@@ -299,10 +317,13 @@ class ReportConfig(Strict):
     def _shots(self):
         if any(m < 1 for m in self.few_shot) or len(set(self.few_shot)) < len(self.few_shot):
             raise ValueError(f"report.few_shot={self.few_shot}: each m must be >= 1 and listed once")
-        if self.evaluators is not None and (len(set(self.evaluators)) < len(self.evaluators)
-                                            or "official" not in self.evaluators):
-            raise ValueError(f"report.evaluators={self.evaluators}: list each evaluator once, official among them (the k "
-                             "sweep and every mapping protocol are its counts)")
+        if self.evaluators is not None and (
+            len(set(self.evaluators)) < len(self.evaluators) or "official" not in self.evaluators
+        ):
+            raise ValueError(
+                f"report.evaluators={self.evaluators}: list each evaluator once, official among them (the k "
+                "sweep and every mapping protocol are its counts)"
+            )
         return self
 
 
@@ -358,44 +379,72 @@ class RunConfig(Strict):
         if str(self.output_dir) in ("", "."):
             raise ValueError("output_dir must name a folder of its own (e.g. outputs/run), not the current folder")
         refuse_output_in_input(self.output_dir, "output_dir", {"dataset.root": self.dataset.root})
-        refuse_output_in_input(self.output_dir, "output_dir", {
-            "fit.mapping_from": self.fit.mapping_from,
-            **{f"fit.features[{i}].path": source.path for i, source in enumerate(self.fit.features)}},
-            fix="This run's own features need no path (leave it null); another run's folder goes beside output_dir")
+        refuse_output_in_input(
+            self.output_dir,
+            "output_dir",
+            {
+                "fit.mapping_from": self.fit.mapping_from,
+                **{f"fit.features[{i}].path": source.path for i, source in enumerate(self.fit.features)},
+            },
+            fix="This run's own features need no path (leave it null); another run's folder goes beside output_dir",
+        )
         if self.model.feature_kind == "head" and self.inference.crop != 322:
             raise ValueError(
                 f"inference.crop={self.inference.crop} but model.feature_kind='head' needs 322: "
-                "the Segment_TR head's query_pos is a 23x23 grid of 14 px patches")
+                "the Segment_TR head's query_pos is a 23x23 grid of 14 px patches"
+            )
         if self.inference.crop % self.model.vit.patch_size:
             raise ValueError(
-                f"inference.crop={self.inference.crop} must be a multiple of model.vit.patch_size={self.model.vit.patch_size}")
+                f"inference.crop={self.inference.crop} must be a multiple of "
+                f"model.vit.patch_size={self.model.vit.patch_size}"
+            )
         if self.protocol == "paper" and self.inference.short_side != self.inference.crop:
-            raise ValueError(f"protocol=paper resizes the short side to its window size, but inference.short_side="
-                             f"{self.inference.short_side} and inference.crop={self.inference.crop}: set them equal (322)")
+            raise ValueError(
+                f"protocol=paper resizes the short side to its window size, but inference.short_side="
+                f"{self.inference.short_side} and inference.crop={self.inference.crop}: set them equal (322)"
+            )
         if self.protocol == "paper" and (self.inference.stride != self.inference.crop // 2 or not self.inference.flip):
-            raise ValueError(f"protocol=paper slides its windows at half their size and flip-averages them, but inference.stride="
-                             f"{self.inference.stride} and inference.flip={self.inference.flip}: set inference.stride="
-                             f"{self.inference.crop // 2} and inference.flip=true")
+            raise ValueError(
+                f"protocol=paper slides its windows at half their size and flip-averages them, but inference.stride="
+                f"{self.inference.stride} and inference.flip={self.inference.flip}: set inference.stride="
+                f"{self.inference.crop // 2} and inference.flip=true"
+            )
         if self.protocol == "cause" and self.inference.crop > self.inference.short_side:
-            raise ValueError(f"protocol=cause centre-crops inference.crop={self.inference.crop} px from the image resized to "
-                             f"inference.short_side={self.inference.short_side}: the crop must not exceed the short side")
+            raise ValueError(
+                f"protocol=cause centre-crops inference.crop={self.inference.crop} px from the image resized to "
+                f"inference.short_side={self.inference.short_side}: the crop must not exceed the short side"
+            )
         if self.model.compare_backbone and not self.fit.own_features_only:
-            raise ValueError("model.compare_backbone fits this run's own backbone features beside the main fit: leave "
-                             "fit.features and fit.mapping_from unset with it")
+            raise ValueError(
+                "model.compare_backbone fits this run's own backbone features beside the main fit: leave "
+                "fit.features and fit.mapping_from unset with it"
+            )
         if self.protocol == "paper" and not self.fit.own_features_only:
-            raise ValueError("protocol=paper fits and maps on the labelled patches of this run's images, as the paper's scripts "
-                             "do: leave fit.features and fit.mapping_from unset, or use protocol=official")
+            raise ValueError(
+                "protocol=paper fits and maps on the labelled patches of this run's images, as the paper's scripts "
+                "do: leave fit.features and fit.mapping_from unset, or use protocol=official"
+            )
         if self.protocol == "paper" and self.fit.lloyd_iterations:
-            raise ValueError("protocol=paper fits the paper's MiniBatchKMeans; fit.lloyd_iterations refines the official fit: "
-                             "set fit.lloyd_iterations=0 with protocol=paper")
+            raise ValueError(
+                "protocol=paper fits the paper's MiniBatchKMeans; fit.lloyd_iterations refines the official fit: "
+                "set fit.lloyd_iterations=0 with protocol=paper"
+            )
         if "cause" in (self.report.evaluators or ()) and self.protocol != "cause":
-            raise ValueError(f"report.evaluators names cause, but CAUSE's centre crop is extracted only under protocol=cause "
-                             f"(this run: {self.protocol}): set protocol=cause or leave cause out")
-        if self.fit.baseline == "cluster_probe" and self.model.cluster_probe_checkpoint is None and self.model.cause_root is None:
+            raise ValueError(
+                f"report.evaluators names cause, but CAUSE's centre crop is extracted only under protocol=cause "
+                f"(this run: {self.protocol}): set protocol=cause or leave cause out"
+            )
+        if (
+            self.fit.baseline == "cluster_probe"
+            and self.model.cluster_probe_checkpoint is None
+            and self.model.cause_root is None
+        ):
             raise ValueError("fit.baseline='cluster_probe' needs model.cluster_probe_checkpoint or model.cause_root")
         if self.fit.baseline == "cluster_probe" and self.model.feature_kind != "head":
-            raise ValueError("fit.baseline='cluster_probe' compares with CAUSE's 27 probe centroids of 90-d head features: "
-                             "set model.feature_kind=head, or fit.baseline=kmeans_hungarian for backbone features")
+            raise ValueError(
+                "fit.baseline='cluster_probe' compares with CAUSE's 27 probe centroids of 90-d head features: "
+                "set model.feature_kind=head, or fit.baseline=kmeans_hungarian for backbone features"
+            )
         return self
 
     @property
@@ -461,8 +510,10 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> RunConf
         try:
             node[leaf] = yaml.safe_load(value)
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); "
-                              "quote it, e.g. --set 'key=\"text\"'") from None
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({getattr(err, 'problem', None) or err}); "
+                "quote it, e.g. --set 'key=\"text\"'"
+            ) from None
     return parse_config(data, str(path))
 
 

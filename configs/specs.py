@@ -13,8 +13,12 @@ from core.models import ModelSpec, ViTSpec
 def model_spec(cfg: RunConfig) -> ModelSpec:
     m = cfg.model
     spec = ModelSpec(
-        vit=ViTSpec(**m.vit.model_dump()), feature_kind=m.feature_kind, init_seed=m.init_seed,
-        backbone_checkpoint=m.backbone_checkpoint, head_checkpoint=m.head_checkpoint, codebook_path=m.codebook_path,
+        vit=ViTSpec(**m.vit.model_dump()),
+        feature_kind=m.feature_kind,
+        init_seed=m.init_seed,
+        backbone_checkpoint=m.backbone_checkpoint,
+        head_checkpoint=m.head_checkpoint,
+        codebook_path=m.codebook_path,
         cluster_probe_checkpoint=m.cluster_probe_checkpoint,
     )
     return spec.with_cause_root(m.cause_root) if m.cause_root is not None else spec
@@ -29,8 +33,12 @@ def label_request(cfg: RunConfig) -> LabelRequest:
     """What the run's evaluators and report.sensitivity need labelled besides each fit's clusters."""
     sensitivity = cfg.report.sensitivity
     extra = baseline_labellings(cfg.protocol, bool(paper_baseline_scales(cfg)), cfg.refine.crf) if sensitivity else []
-    return LabelRequest(baseline=True, both_labellings=sensitivity, baseline_labellings=tuple(extra),
-                        cause_crop="cause" in cfg.evaluators)
+    return LabelRequest(
+        baseline=True,
+        both_labellings=sensitivity,
+        baseline_labellings=tuple(extra),
+        cause_crop="cause" in cfg.evaluators,
+    )
 
 
 def panoptic_rules(cfg: RunConfig) -> PanopticRules:
@@ -41,7 +49,12 @@ def panoptic_rules(cfg: RunConfig) -> PanopticRules:
 def evaluation_spec(cfg: RunConfig, fits: list[LabelFit]) -> EvaluationSpec:
     """The scoring step's parameters: the run's evaluators and each fit's k and pixel stride."""
     inference = cfg.inference
-    return EvaluationSpec(evaluators=cfg.evaluators, sensitivity=cfg.report.sensitivity,
-                          fits=tuple((f.name, len(f.mapping), f.stride) for f in fits),
-                          num_folds=cfg.fit.heldout_folds, fold_seed=cfg.seed, rules=panoptic_rules(cfg),
-                          cause_view=(inference.short_side, inference.crop))
+    return EvaluationSpec(
+        evaluators=cfg.evaluators,
+        sensitivity=cfg.report.sensitivity,
+        fits=tuple((f.name, len(f.mapping), f.stride) for f in fits),
+        num_folds=cfg.fit.heldout_folds,
+        fold_seed=cfg.seed,
+        rules=panoptic_rules(cfg),
+        cause_view=(inference.short_side, inference.crop),
+    )

@@ -66,17 +66,34 @@ class ProtocolSteps:
     precision: str | None  # None: the config's inference.precision
     kmeans: str  # "config" (fit.engine and its sample) | "paper" (core.clustering.kmeans.fit_paper_minibatch)
     label_resolution: str  # "full" | "resized" (core.labelling.image.LABELLINGS)
-    cause_crop: bool = False  # also run CAUSE's test view (core.inference.windows.cause_view) and score the baseline on it
-    patch_miou: str = "present"  # how the fit's patch-level mIoU averages the classes (core.evaluation.metrics.MIOU_RULES)
+    cause_crop: bool = (
+        False  # also run CAUSE's test view (core.inference.windows.cause_view) and score the baseline on it
+    )
+    patch_miou: str = (
+        "present"  # how the fit's patch-level mIoU averages the classes (core.evaluation.metrics.MIOU_RULES)
+    )
 
 
 PRESETS = {
-    "official": ProtocolSteps(merge="cells", patch_labels="majority", precision=None, kmeans="config",
-                              label_resolution="full"),
-    "paper": ProtocolSteps(merge="pixels", patch_labels="nearest", precision="fp32", kmeans="paper",
-                          label_resolution="resized", patch_miou="all"),
-    "cause": ProtocolSteps(merge="cells", patch_labels="majority", precision=None, kmeans="config",
-                           label_resolution="full", cause_crop=True),
+    "official": ProtocolSteps(
+        merge="cells", patch_labels="majority", precision=None, kmeans="config", label_resolution="full"
+    ),
+    "paper": ProtocolSteps(
+        merge="pixels",
+        patch_labels="nearest",
+        precision="fp32",
+        kmeans="paper",
+        label_resolution="resized",
+        patch_miou="all",
+    ),
+    "cause": ProtocolSteps(
+        merge="cells",
+        patch_labels="majority",
+        precision=None,
+        kmeans="config",
+        label_resolution="full",
+        cause_crop=True,
+    ),
 }
 
 

@@ -17,21 +17,21 @@ from ray.data import Dataset
 from actors.apply import PseudoLabelImages, finish_apply
 from configs.geometry import image_limit_settings, refuse_limits_no_image_meets
 from configs.schema import RunConfig, recorded_dataset_root
-from core.errors import UserError
 from core.clustering.fit_artifact import FitArtifact
+from core.errors import UserError
 from core.mapping.human import load_human_mapping
 from ray_jobs.extract import windows_to_features
-from storage.run.layout import Layout
-from storage.run.plans import Plan, check_plan, differences, model_identity, plan_conflict, refuse_conflicts
+from ray_jobs.report import merge_panoptic_annotations
 from ray_jobs.session import check_schedulable
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, write_failed_items
-from ray_jobs.report import merge_panoptic_annotations
 from storage.datasets import list_dataset
+from storage.features import PATCH_FORMAT
+from storage.run.atomic import write_json_atomic
+from storage.run.layout import Layout
 from storage.run.lock import OutputLock, command_line
 from storage.run.placement import refuse_output_in_input
-from storage.features import PATCH_FORMAT
+from storage.run.plans import Plan, check_plan, differences, model_identity, plan_conflict, refuse_conflicts
 from storage.run.shards import dataset_fingerprint, plan_shards
-from storage.run.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +48,25 @@ def check_fit_matches_model(fit: FitArtifact, model: dict, fit_dir: Path) -> Non
         raise ApplyError(f"{fit_dir} does not record the model it was fitted with (an older version made it): refit it")
     if made_with != model:
         diff = differences(made_with, model)
-        raise ApplyError(f"{fit_dir} was fitted on features of another model: {'; '.join(diff[:8])}; "
-                         "use the config the fit was made with")
+        raise ApplyError(
+            f"{fit_dir} was fitted on features of another model: {'; '.join(diff[:8])}; "
+            "use the config the fit was made with"
+        )
 
 
 def with_apply_pools(cfg: RunConfig) -> RunConfig:
     """The config with the pools' sizes apply runs them at (apply.model_actors / label_actors),
     both pools at once."""
     model = cfg.extract.model.model_copy(update={"num_actors": cfg.apply.model_actors or cfg.extract.model.num_actors})
-    workers = cfg.label.workers.model_copy(update={"num_actors": cfg.apply.label_actors or cfg.label.workers.num_actors})
-    return cfg.model_copy(update={"extract": cfg.extract.model_copy(update={"model": model}),
-                                  "label": cfg.label.model_copy(update={"workers": workers})})
+    workers = cfg.label.workers.model_copy(
+        update={"num_actors": cfg.apply.label_actors or cfg.label.workers.num_actors}
+    )
+    return cfg.model_copy(
+        update={
+            "extract": cfg.extract.model_copy(update={"model": model}),
+            "label": cfg.label.model_copy(update={"workers": workers}),
+        }
+    )
 
 
 def fit_run_inputs(fit_dir: Path) -> dict[str, str | None]:
@@ -83,39 +91,84 @@ def run_apply(cfg: RunConfig, fit_dir: Path, human_mapping: Path | None = None) 
         layout = Layout(cfg.output_dir)
         records = list_dataset(cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split, cfg.dataset.max_images)
         shards = plan_shards(records, cfg.dataset.images_per_shard)
-        plan = Plan("apply", {"format": PATCH_FORMAT, "dataset": dataset_fingerprint(records, cfg.dataset.root),
-                              "images_per_shard": cfg.dataset.images_per_shard,
-                              "image_limits": image_limit_settings(cfg), "model": model,
-                              "fit": {"plan_key": fit.meta.get("plan_key"), "content": fit.content_key()},
-                              "panoptic": cfg.panoptic.model_dump(mode="json"),
-                              "apply": cfg.apply.model_dump(mode="json", exclude={"model_actors", "label_actors"})})
+        plan = Plan(
+            "apply",
+            {
+                "format": PATCH_FORMAT,
+                "dataset": dataset_fingerprint(records, cfg.dataset.root),
+                "images_per_shard": cfg.dataset.images_per_shard,
+                "image_limits": image_limit_settings(cfg),
+                "model": model,
+                "fit": {"plan_key": fit.meta.get("plan_key"), "content": fit.content_key()},
+                "panoptic": cfg.panoptic.model_dump(mode="json"),
+                "apply": cfg.apply.model_dump(mode="json", exclude={"model_actors", "label_actors"}),
+            },
+        )
         # apply writes features/ and labels/ too: an output_dir holding another job's results is refused
-        refuse_conflicts([c for d in (layout.histograms, layout.features, layout.scores) if (c := plan_conflict(d, plan))])
+        refuse_conflicts(
+            [c for d in (layout.histograms, layout.features, layout.scores) if (c := plan_conflict(d, plan))]
+        )
         if cfg.apply.write_features:
             check_plan(layout.features, plan)
-        fit_ref = ray.put({"name": fit.meta.get("name", Path(fit_dir).name), "centroids": fit.centroids, "mapping": fit.mapping})
+        fit_ref = ray.put(
+            {"name": fit.meta.get("name", Path(fit_dir).name), "centroids": fit.centroids, "mapping": fit.mapping}
+        )
 
         def build(ds: Dataset) -> Dataset:
             windows = windows_to_features(ds, cfg, extra_views=cfg.apply.write_features, stage="apply")
-            return windows.map(guarded(PseudoLabelImages, per_row=True), **actor_args(cfg.label.workers),
-                               fn_constructor_kwargs={"cfg": cfg, "fit": fit_ref, "plan_key": plan.key,
-                                                      "stage_dir": str(layout.histograms),
-                                                      "labels_dir": str(layout.labels)})
+            return windows.map(
+                guarded(PseudoLabelImages, per_row=True),
+                **actor_args(cfg.label.workers),
+                fn_constructor_kwargs={
+                    "cfg": cfg,
+                    "fit": fit_ref,
+                    "plan_key": plan.key,
+                    "stage_dir": str(layout.histograms),
+                    "labels_dir": str(layout.labels),
+                },
+            )
 
-        check_schedulable({"extract.read": cfg.extract.read, "extract.model": cfg.extract.model, "label.workers": cfg.label.workers},
-                          cfg.ray)
-        done = run_image_stream("apply", layout.histograms, plan, shards, build,
-                                finisher(finish_apply, layout.histograms, plan.key, cfg=cfg, k=fit.k,
-                                         features_dir=str(layout.features), labels_dir=str(layout.labels)))
+        check_schedulable(
+            {"extract.read": cfg.extract.read, "extract.model": cfg.extract.model, "label.workers": cfg.label.workers},
+            cfg.ray,
+        )
+        done = run_image_stream(
+            "apply",
+            layout.histograms,
+            plan,
+            shards,
+            build,
+            finisher(
+                finish_apply,
+                layout.histograms,
+                plan.key,
+                cfg=cfg,
+                k=fit.k,
+                features_dir=str(layout.features),
+                labels_dir=str(layout.labels),
+            ),
+        )
         failed = write_failed_items(cfg.output_dir, done)
-        panoptic_json = merge_panoptic_annotations(layout.histograms, done, layout.labels, cfg.dataset.split,
-                                                   "run the same apply command again: it redoes that shard")
-        summary = {"fit": str(fit_dir), "fit_meta": fit.meta, "mapping_kind": fit.mapping_kind, "k": fit.k,
-                   "human_mapping": None if human_mapping is None else str(human_mapping),
-                   "source": cfg.dataset.root, "num_images": sum(d["num_images"] for d in done.values()),
-                   "num_failed": len(failed), "histograms": str(layout.histograms.relative_to(cfg.output_dir)),
-                   "labels": str(layout.labels.relative_to(cfg.output_dir)),
-                   "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir))}
+        panoptic_json = merge_panoptic_annotations(
+            layout.histograms,
+            done,
+            layout.labels,
+            cfg.dataset.split,
+            "run the same apply command again: it redoes that shard",
+        )
+        summary = {
+            "fit": str(fit_dir),
+            "fit_meta": fit.meta,
+            "mapping_kind": fit.mapping_kind,
+            "k": fit.k,
+            "human_mapping": None if human_mapping is None else str(human_mapping),
+            "source": cfg.dataset.root,
+            "num_images": sum(d["num_images"] for d in done.values()),
+            "num_failed": len(failed),
+            "histograms": str(layout.histograms.relative_to(cfg.output_dir)),
+            "labels": str(layout.labels.relative_to(cfg.output_dir)),
+            "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir)),
+        }
         write_json_atomic(summary, cfg.output_dir / "apply_summary.json")
         log.info("apply: %d images labelled, %d failed -> %s", summary["num_images"], len(failed), cfg.output_dir)
         print(json.dumps({k: summary[k] for k in ("num_images", "num_failed", "labels", "histograms")}))

@@ -38,23 +38,32 @@ def row_groups(paths: list[str], row_weights: list[float] | None = None) -> list
     """The work items of a pass: one per Parquet row group (read from the footers only), with the
     weight of its file's rows."""
     weights = [1.0] * len(paths) if row_weights is None else row_weights
-    return [{"path": p, "row_group": g, "weight": float(w)}
-            for p, w in zip(paths, weights, strict=True) for g in range(pq.ParquetFile(p).num_row_groups)]
+    return [
+        {"path": p, "row_group": g, "weight": float(w)}
+        for p, w in zip(paths, weights, strict=True)
+        for g in range(pq.ParquetFile(p).num_row_groups)
+    ]
 
 
 @ray.remote
-def _row_group_partials(item: dict, centroids: dict[str, np.ndarray], column: str, batch_rows: int, assign: str,
-                        device: str) -> Partials:
+def _row_group_partials(
+    item: dict, centroids: dict[str, np.ndarray], column: str, batch_rows: int, assign: str, device: str
+) -> Partials:
     """One row group's E-step against every fit's centroids, the rows read once. A weight other
     than 1 scales the sums and the inertia (the objective); counts stay rows, as the M-step only
     asks whether a cluster got any."""
     out = {name: (np.zeros(c.shape), np.zeros(len(c), np.int64), 0.0) for name, c in centroids.items()}
     weight = item.get("weight", 1.0)
-    for batch in pq.ParquetFile(item["path"]).iter_batches(batch_size=batch_rows, row_groups=[int(item["row_group"])],
-                                                            columns=[column]):
+    for batch in pq.ParquetFile(item["path"]).iter_batches(
+        batch_size=batch_rows, row_groups=[int(item["row_group"])], columns=[column]
+    ):
         try:
-            out = add_arrays(out, lloyd_partials(features_from_table(pa.Table.from_batches([batch])), centroids,
-                                                 batch_rows, assign, device))
+            out = add_arrays(
+                out,
+                lloyd_partials(
+                    features_from_table(pa.Table.from_batches([batch])), centroids, batch_rows, assign, device
+                ),
+            )
         except ValueError as err:  # NaN rows, an assigner that cannot run here: the file and the reason
             raise ShardDataError(f"{item['path']} (row group {item['row_group']}): {err}") from None
     if weight != 1.0:
@@ -62,9 +71,18 @@ def _row_group_partials(item: dict, centroids: dict[str, np.ndarray], column: st
     return out
 
 
-def lloyd_pass(paths: list[str], centroids: dict[str, np.ndarray], *, column: str = "feature", batch_rows: int = 65536,
-               num_cpus: float = 1.0, num_gpus: float = 0.0, assign: str = "numpy", fan_in: int = 8,
-               items: list[dict] | None = None) -> Partials:
+def lloyd_pass(
+    paths: list[str],
+    centroids: dict[str, np.ndarray],
+    *,
+    column: str = "feature",
+    batch_rows: int = 65536,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    assign: str = "numpy",
+    fan_in: int = 8,
+    items: list[dict] | None = None,
+) -> Partials:
     """One E-step over every row of the shards for every fit -> per fit (sums, counts, inertia)."""
     items = row_groups(paths) if items is None else items
     if not items:  # shards without row groups hold no rows
@@ -72,18 +90,32 @@ def lloyd_pass(paths: list[str], centroids: dict[str, np.ndarray], *, column: st
     ref = ray.put({name: np.ascontiguousarray(c, dtype=np.float32) for name, c in centroids.items()})
     try:
         device = "cuda" if num_gpus > 0 else "cpu"
-        level = [_row_group_partials.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(item, ref, column, batch_rows,
-                                                                                          assign, device)
-                 for item in items]
+        level = [
+            _row_group_partials.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
+                item, ref, column, batch_rows, assign, device
+            )
+            for item in items
+        ]
         with user_errors_raised_as_themselves():
             return ray.get(tree_add(level, add_arrays, fan_in))
     finally:
         del ref  # the centroids of this pass leave the object store
 
 
-def distributed_lloyd(shard_files: list[Path], inits: dict[str, np.ndarray], max_iter: int = 20, tol: float = 1e-4, *,
-                      column: str = "feature", batch_rows: int = 65536, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                      assign: str = "numpy", fan_in: int = 8, row_weights: list[float] | None = None) -> dict[str, tuple[np.ndarray, list[dict]]]:
+def distributed_lloyd(
+    shard_files: list[Path],
+    inits: dict[str, np.ndarray],
+    max_iter: int = 20,
+    tol: float = 1e-4,
+    *,
+    column: str = "feature",
+    batch_rows: int = 65536,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    assign: str = "numpy",
+    fan_in: int = 8,
+    row_weights: list[float] | None = None,
+) -> dict[str, tuple[np.ndarray, list[dict]]]:
     """Spherical Lloyd over all rows of the Parquet shards for every fit in `inits` (name -> (k, D)),
     one pass per iteration for all of them.
 
@@ -107,8 +139,17 @@ def distributed_lloyd(shard_files: list[Path], inits: dict[str, np.ndarray], max
     items = row_groups(paths, row_weights)
 
     def partial(centroids: dict[str, np.ndarray]) -> Partials:
-        partials = lloyd_pass(paths, centroids, column=column, batch_rows=batch_rows, num_cpus=num_cpus, num_gpus=num_gpus,
-                              assign=assign, fan_in=fan_in, items=items)
+        partials = lloyd_pass(
+            paths,
+            centroids,
+            column=column,
+            batch_rows=batch_rows,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            assign=assign,
+            fan_in=fan_in,
+            items=items,
+        )
         if any(counts.sum() == 0 for _, counts, _ in partials.values()):
             raise ValueError(f"distributed Lloyd: the {len(paths)} shards hold no feature rows")
         return partials

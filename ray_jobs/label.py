@@ -10,18 +10,18 @@ from ray.data import Dataset
 
 from actors.feature_reader import image_features
 from actors.label import LabelImages
-from core.labelling.image import label_fits
 from actors.score import finish_scores, score_image
 from configs.schema import RunConfig
+from configs.specs import evaluation_spec
 from core.clustering.fit_artifact import FitArtifact
-from storage.run.fits import fit_pixel_stride
-from storage.run.layout import Layout, settings_key
-from storage.run.plans import Plan
+from core.labelling.image import label_fits
 from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, task_args
 from storage.datasets import ImageRecord
+from storage.run.fits import fit_pixel_stride
+from storage.run.layout import Layout, settings_key
 from storage.run.markers import content_key
+from storage.run.plans import Plan
 from storage.run.shards import plan_shards, restrict_shards
-from configs.specs import evaluation_spec
 
 
 def label_inputs(features: dict[str, dict], fits: dict[str, FitArtifact], human: np.ndarray | None = None) -> str:
@@ -39,8 +39,14 @@ def label_shards(cfg: RunConfig, records: list[ImageRecord], features: dict[str,
     return restrict_shards(plan_shards(records, cfg.dataset.images_per_shard), extracted)
 
 
-def run_label(cfg: RunConfig, records: list[ImageRecord], plan: Plan, features: dict[str, dict],
-              fits: dict[str, FitArtifact], human: np.ndarray | None = None) -> dict[str, dict]:
+def run_label(
+    cfg: RunConfig,
+    records: list[ImageRecord],
+    plan: Plan,
+    features: dict[str, dict],
+    fits: dict[str, FitArtifact],
+    human: np.ndarray | None = None,
+) -> dict[str, dict]:
     """`features`: the complete extract stage's markers; `fits`: the fit stage's and the imported ones, in
     their order (`require_fits`);
     `human`: a person's mapping of the main fit, which its written labels then use."""
@@ -51,20 +57,48 @@ def run_label(cfg: RunConfig, records: list[ImageRecord], plan: Plan, features: 
     spec = evaluation_spec(cfg, label_fits(broadcast))
 
     def build(ds: Dataset) -> Dataset:
-        ds = ds.flat_map(image_features, fn_kwargs={"cfg": cfg, "features_dir": str(layout.features)},
-                         **task_args(cfg.label.read))
-        ds = ds.map(guarded(LabelImages, per_row=True), **actor_args(cfg.label.workers), fn_constructor_kwargs={
-            "cfg": cfg, "fits": fits_ref, "labels_dir": str(layout.labels),
-            "overlay_ids": [r.image_id for r in records[: cfg.label.num_overlays]]})
-        return ds.map(score_image, fn_kwargs={"spec": spec, "stage_dir": str(layout.scores), "plan_key": plan.key,
-                                              "labels_dir": str(layout.labels), "split": cfg.dataset.split},
-                      **task_args(cfg.label.score))
+        ds = ds.flat_map(
+            image_features, fn_kwargs={"cfg": cfg, "features_dir": str(layout.features)}, **task_args(cfg.label.read)
+        )
+        ds = ds.map(
+            guarded(LabelImages, per_row=True),
+            **actor_args(cfg.label.workers),
+            fn_constructor_kwargs={
+                "cfg": cfg,
+                "fits": fits_ref,
+                "labels_dir": str(layout.labels),
+                "overlay_ids": [r.image_id for r in records[: cfg.label.num_overlays]],
+            },
+        )
+        return ds.map(
+            score_image,
+            fn_kwargs={
+                "spec": spec,
+                "stage_dir": str(layout.scores),
+                "plan_key": plan.key,
+                "labels_dir": str(layout.labels),
+                "split": cfg.dataset.split,
+            },
+            **task_args(cfg.label.score),
+        )
 
-    return run_image_stream("label", layout.scores, plan, shards, build,
-                            finisher(finish_scores, layout.scores, plan.key, num_folds=cfg.fit.heldout_folds,
-                                     labels_dir=str(layout.labels), split=cfg.dataset.split,
-                                     write_label_pngs=cfg.label.write_label_pngs),
-                            inputs=label_inputs(features, fits, human))
+    return run_image_stream(
+        "label",
+        layout.scores,
+        plan,
+        shards,
+        build,
+        finisher(
+            finish_scores,
+            layout.scores,
+            plan.key,
+            num_folds=cfg.fit.heldout_folds,
+            labels_dir=str(layout.labels),
+            split=cfg.dataset.split,
+            write_label_pngs=cfg.label.write_label_pngs,
+        ),
+        inputs=label_inputs(features, fits, human),
+    )
 
 
 def broadcast_fits(cfg: RunConfig, fits: dict[str, FitArtifact], human: np.ndarray | None = None) -> list[dict]:
@@ -72,5 +106,13 @@ def broadcast_fits(cfg: RunConfig, fits: dict[str, FitArtifact], human: np.ndarr
     centroids, mapping (the main fit's by `human` where given), pixel stride, class prototypes."""
     names = list(fits)
     mappings = {n: fits[n].mapping for n in names} | ({} if human is None else {names[0]: human})
-    return [{"name": n, "centroids": fits[n].centroids, "mapping": mappings[n], "stride": fit_pixel_stride(cfg, n),
-             "prototypes": fits[n].extra_arrays.get("class_prototypes")} for n in names]
+    return [
+        {
+            "name": n,
+            "centroids": fits[n].centroids,
+            "mapping": mappings[n],
+            "stride": fit_pixel_stride(cfg, n),
+            "prototypes": fits[n].extra_arrays.get("class_prototypes"),
+        }
+        for n in names
+    ]

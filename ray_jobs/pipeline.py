@@ -14,26 +14,35 @@ import yaml
 
 from configs.geometry import refuse_limits_no_image_meets
 from configs.schema import RunConfig, recorded_config
-from core.mapping.human import load_human_mapping
 from core.classes import NUM_CLASSES
 from core.evaluation.metrics import miou_rule_text
+from core.mapping.human import load_human_mapping
 from ray_jobs.atlas import run_atlas
 from ray_jobs.extract import run_extract
-from storage.run.feature_sets import FeatureShards, own_feature_set
-from storage.run.fits import FITS_MARKER, extracted_model, fit_names, import_fit, recorded_fit_inputs, require_fits
 from ray_jobs.fit import run_fit
 from ray_jobs.label import label_inputs, label_shards, run_label
-from storage.run.layout import Layout
-from storage.run.plans import (StageIncomplete, extract_plan, fit_plan, label_plan, model_identity, plan_conflict,
-                            recorded_plan, refuse_conflicts, require_complete)
 from ray_jobs.report import run_report
 from ray_jobs.session import check_schedulable, init_ray
 from ray_jobs.streaming import stage_summary, write_failed_items
 from storage.datasets import ImageRecord, list_dataset
+from storage.run.atomic import write_json_atomic, write_text_atomic
+from storage.run.feature_sets import FeatureShards, own_feature_set
+from storage.run.fits import FITS_MARKER, extracted_model, fit_names, import_fit, recorded_fit_inputs, require_fits
+from storage.run.layout import Layout
 from storage.run.lock import OutputLock, command_line
 from storage.run.markers import DONE_DIR
+from storage.run.plans import (
+    StageIncomplete,
+    extract_plan,
+    fit_plan,
+    label_plan,
+    model_identity,
+    plan_conflict,
+    recorded_plan,
+    refuse_conflicts,
+    require_complete,
+)
 from storage.run.shards import dataset_fingerprint, plan_shards
-from storage.run.atomic import write_json_atomic, write_text_atomic
 from storage.synth import generate_demo_dataset
 
 log = logging.getLogger(__name__)
@@ -48,14 +57,26 @@ def ensure_demo_set(cfg: RunConfig) -> None:
     if (Path(cfg.dataset.root) / "leftImg8bit" / cfg.dataset.split).is_dir():
         return
     log.info("generating the demo set (%d synthetic images) at %s", demo.num_images, cfg.dataset.root)
-    generate_demo_dataset(cfg.dataset.root, split=cfg.dataset.split, num_images=demo.num_images,
-                          height=demo.height, width=demo.width, seed=demo.seed)
+    generate_demo_dataset(
+        cfg.dataset.root,
+        split=cfg.dataset.split,
+        num_images=demo.num_images,
+        height=demo.height,
+        width=demo.width,
+        seed=demo.seed,
+    )
 
 
 def stage_steps(cfg: RunConfig, stage: str) -> dict:
     """The Ray Data steps a stage schedules, by config key (`session.check_schedulable`)."""
-    return {"extract": {"extract.read": cfg.extract.read, "extract.model": cfg.extract.model, "extract.write": cfg.extract.write},
-            "label": {"label.read": cfg.label.read, "label.workers": cfg.label.workers, "label.score": cfg.label.score}}.get(stage, {})
+    return {
+        "extract": {
+            "extract.read": cfg.extract.read,
+            "extract.model": cfg.extract.model,
+            "extract.write": cfg.extract.write,
+        },
+        "label": {"label.read": cfg.label.read, "label.workers": cfg.label.workers, "label.score": cfg.label.score},
+    }.get(stage, {})
 
 
 class Pipeline:
@@ -67,7 +88,9 @@ class Pipeline:
         self.cfg = cfg
         self.layout = Layout(cfg.output_dir)
         ensure_demo_set(cfg)
-        self.records: list[ImageRecord] = list_dataset(cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split, cfg.dataset.max_images)
+        self.records: list[ImageRecord] = list_dataset(
+            cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split, cfg.dataset.max_images
+        )
         self.fingerprint = dataset_fingerprint(self.records, cfg.dataset.root)
         self.shard_names = [s["shard"] for s in plan_shards(self.records, cfg.dataset.images_per_shard)]
         self.stage_dirs = {"extract": self.layout.features, "fit": self.layout.fits, "label": self.layout.scores}
@@ -79,13 +102,17 @@ class Pipeline:
 
     def run(self, stages: tuple[str, ...] = STAGES) -> None:
         with OutputLock(self.cfg.output_dir, command_line()):
-            refuse_conflicts([c for stage, d in self.stage_dirs.items() if (c := plan_conflict(d, self.plans[stage]))]
-                             + [c for d in (self.layout.histograms,) if (c := plan_conflict(d, self.plans["extract"]))])
+            refuse_conflicts(
+                [c for stage, d in self.stage_dirs.items() if (c := plan_conflict(d, self.plans[stage]))]
+                + [c for d in (self.layout.histograms,) if (c := plan_conflict(d, self.plans["extract"]))]
+            )
             init_ray(self.cfg)
             for stage in stages:
                 check_schedulable(stage_steps(self.cfg, stage), self.cfg.ray)
             # only now, when the run goes ahead: config.yaml describes the results in output_dir
-            write_text_atomic(yaml.safe_dump(recorded_config(self.cfg), sort_keys=False), self.cfg.output_dir / "config.yaml")
+            write_text_atomic(
+                yaml.safe_dump(recorded_config(self.cfg), sort_keys=False), self.cfg.output_dir / "config.yaml"
+            )
             for stage in stages:
                 self._timed(stage, getattr(self, f"stage_{stage}"))
 
@@ -107,24 +134,42 @@ class Pipeline:
     def stage_report(self) -> None:
         features = self._features("the report stage")
         fits, fit_summary = self._fits(features, "the report stage")
-        scores = require_complete(self.layout.scores, self.plans["label"],
-                                  [s["shard"] for s in label_shards(self.cfg, self.records, features)], "the report stage")
+        scores = require_complete(
+            self.layout.scores,
+            self.plans["label"],
+            [s["shard"] for s in label_shards(self.cfg, self.records, features)],
+            "the report stage",
+        )
         human = self._human_mapping(fits)
         if (recorded_plan(self.layout.scores) or {}).get("inputs") != label_inputs(features, fits, human):
-            raise StageIncomplete(f"the label results in {self.layout.scores} were made from other features or fits than "
-                                  "those there now: run `python submit.py label` with this config, then report again")
+            raise StageIncomplete(
+                f"the label results in {self.layout.scores} were made from other features or fits than "
+                "those there now: run `python submit.py label` with this config, then report again"
+            )
         ground_truth = {r.image_id for r in self.records if r.label_ids_path}
-        report = run_report(self.cfg, features, scores, fits, fit_summary,
-                            {"model": extracted_model(features), "fingerprint": self.fingerprint,
-                             "ground_truth_ids": ground_truth}, self._timing(), human)
+        report = run_report(
+            self.cfg,
+            features,
+            scores,
+            fits,
+            fit_summary,
+            {"model": extracted_model(features), "fingerprint": self.fingerprint, "ground_truth_ids": ground_truth},
+            self._timing(),
+            human,
+        )
         log.info("report written to %s", self.cfg.output_dir / "report.md")
         main = report["fits"][fit_names(self.cfg)[0]]
-        pixel = (_percent(main["pixel_level"]["same_set"]["miou"]) if report["dataset"]["scored_pixels"]
-                 else "not measured (no image here has ground truth)")
+        pixel = (
+            _percent(main["pixel_level"]["same_set"]["miou"])
+            if report["dataset"]["scored_pixels"]
+            else "not measured (no image here has ground truth)"
+        )
         patch = main["patch_level"]["same_set"]
-        print(f"\nk={main['k']}: pixel mIoU {pixel}, patch mIoU {_percent(patch['miou'])} "
-              f"({miou_rule_text(patch.get('miou_rule', 'present'), NUM_CLASSES)}) -> "
-              f"{self.cfg.output_dir / 'report.md'}")
+        print(
+            f"\nk={main['k']}: pixel mIoU {pixel}, patch mIoU {_percent(patch['miou'])} "
+            f"({miou_rule_text(patch.get('miou_rule', 'present'), NUM_CLASSES)}) -> "
+            f"{self.cfg.output_dir / 'report.md'}"
+        )
 
     def stage_atlas(self) -> str | None:
         if not self.cfg.atlas.enabled:
@@ -138,16 +183,23 @@ class Pipeline:
         fits = self._fits(features, "the atlas")[0]
         if fit_name not in fits:
             raise StageIncomplete(f"{self.layout.fits / fit_name} is not one of this run's fits ({', '.join(fits)})")
-        return run_atlas(self.cfg, self.layout.fits / fit_name, self.layout.fits / fit_names(self.cfg)[-1],
-                         FeatureShards(self.layout.features, features), self.records, out_dir)
+        return run_atlas(
+            self.cfg,
+            self.layout.fits / fit_name,
+            self.layout.fits / fit_names(self.cfg)[-1],
+            FeatureShards(self.layout.features, features),
+            self.records,
+            out_dir,
+        )
 
     def import_fit(self, source: Path, name: str, keys: tuple[str, str]) -> Path:
         """Another tool's centres and mapping (an .npz) as the fit `fits/<name>` of this run, whose
         extract and fit stages are complete (`fit.import_fit`); the label stage labels it next."""
         features = self._features("import-fit")
         fits = self._fits(features, "import-fit", with_imported=False)[0]
-        return import_fit(self.cfg, self.plans["fit"], self.plans["extract"], extracted_model(features), fits,
-                          source, name, keys)
+        return import_fit(
+            self.cfg, self.plans["fit"], self.plans["extract"], extracted_model(features), fits, source, name, keys
+        )
 
     def _features(self, needed_by: str) -> dict[str, dict]:
         return require_complete(self.layout.features, self.plans["extract"], self.shard_names, needed_by)
@@ -178,9 +230,12 @@ class Pipeline:
     def _written_markers(self, stage: str) -> dict[Path, tuple[int, int]]:
         """The files a stage (re)writes when, and only when, it does work -> (inode, mtime): its
         shard markers, the fit stage's one marker, the atlas page."""
-        paths = {"extract": sorted((self.layout.features / DONE_DIR).glob("shard-*.json")),
-                 "label": sorted((self.layout.scores / DONE_DIR).glob("shard-*.json")),
-                 "fit": [self.layout.fits / FITS_MARKER], "atlas": [self.layout.root / "atlas" / "index.html"]}[stage]
+        paths = {
+            "extract": sorted((self.layout.features / DONE_DIR).glob("shard-*.json")),
+            "label": sorted((self.layout.scores / DONE_DIR).glob("shard-*.json")),
+            "fit": [self.layout.fits / FITS_MARKER],
+            "atlas": [self.layout.root / "atlas" / "index.html"],
+        }[stage]
         return {p: (st.st_ino, st.st_mtime_ns) for p in paths if (st := _stat(p)) is not None}
 
     def _timed(self, stage: str, fn: Callable[[], str | None]) -> None:
@@ -206,9 +261,13 @@ class Pipeline:
 
 def _timing_entry(entry) -> bool:
     """Whether a timing.json entry has the form `Pipeline._timed` writes."""
-    return (isinstance(entry, dict) and isinstance(entry.get("did_work"), bool)
-            and isinstance(entry.get("seconds"), (int, float)) and isinstance(entry.get("skipped", ""), str)
-            and all(isinstance(entry.get(n, 0), int) for n in ("shards_done", "shards")))
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("did_work"), bool)
+        and isinstance(entry.get("seconds"), (int, float))
+        and isinstance(entry.get("skipped", ""), str)
+        and all(isinstance(entry.get(n, 0), int) for n in ("shards_done", "shards"))
+    )
 
 
 def _stat(path: Path) -> os.stat_result | None:

@@ -27,15 +27,24 @@ def ray_init_kwargs(cfg: RunConfig) -> dict:
     if address:
         return {"address": address, "log_to_driver": True}
     repo_root = str(Path(__file__).resolve().parent.parent)
-    return {"address": "local", "num_cpus": cfg.ray.local_num_cpus, "dashboard_host": "127.0.0.1",
-            "include_dashboard": False, "runtime_env": {"env_vars": {"PYTHONPATH": repo_root}}}
+    return {
+        "address": "local",
+        "num_cpus": cfg.ray.local_num_cpus,
+        "dashboard_host": "127.0.0.1",
+        "include_dashboard": False,
+        "runtime_env": {"env_vars": {"PYTHONPATH": repo_root}},
+    }
 
 
 def init_ray(cfg: RunConfig) -> None:
     if not ray.is_initialized():
         kwargs = ray_init_kwargs(cfg)
-        log.info("ray.init: %s", "joining the cluster at " + kwargs["address"] if kwargs["address"] != "local"
-                 else "starting a local cluster")
+        log.info(
+            "ray.init: %s",
+            "joining the cluster at " + kwargs["address"]
+            if kwargs["address"] != "local"
+            else "starting a local cluster",
+        )
         ray.init(**kwargs)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = True
@@ -61,23 +70,34 @@ def check_schedulable(steps: dict[str, TaskConfig | WorkersConfig], ray_cfg: Ray
     cpus = [n.get("CPU", 0.0) for n in nodes]
     gpus = [n.get("GPU", 0.0) for n in nodes]
     total_cpu, total_gpu = sum(cpus), sum(gpus)
-    have = f"this cluster has {len(nodes)} node(s), {total_cpu:g} CPUs and {total_gpu:g} GPUs, the largest node {max(cpus, default=0):g} CPUs"
+    have = (
+        f"this cluster has {len(nodes)} node(s), {total_cpu:g} CPUs and {total_gpu:g} GPUs, the largest node "
+        f"{max(cpus, default=0):g} CPUs"
+    )
     pool_cpus = 0.0
     for name, step in steps.items():
         if isinstance(step, WorkersConfig):
             need_cpu, need_gpu = step.cpus_per_actor, step.gpus_per_actor
             if not any(c >= need_cpu and g >= need_gpu for c, g in zip(cpus, gpus)):
-                raise ClusterTooSmall(f"{name}: one actor needs {need_cpu:g} CPUs and {need_gpu:g} GPUs, but no node has them "
-                                      f"({have}): lower {name}.cpus_per_actor / {name}.gpus_per_actor")
+                raise ClusterTooSmall(
+                    f"{name}: one actor needs {need_cpu:g} CPUs and {need_gpu:g} GPUs, but no node has them "
+                    f"({have}): lower {name}.cpus_per_actor / {name}.gpus_per_actor"
+                )
             if step.num_actors * need_cpu > total_cpu or step.num_actors * need_gpu > total_gpu:
-                raise ClusterTooSmall(f"{name}: {step.num_actors} actors x ({need_cpu:g} CPUs, {need_gpu:g} GPUs) do not fit "
-                                      f"({have}): lower {name}.num_actors")
+                raise ClusterTooSmall(
+                    f"{name}: {step.num_actors} actors x ({need_cpu:g} CPUs, {need_gpu:g} GPUs) do not fit "
+                    f"({have}): lower {name}.num_actors"
+                )
             pool_cpus += step.num_actors * need_cpu
         elif step.num_cpus > max(cpus, default=0):
-            raise ClusterTooSmall(f"{name}: a task needs {step.num_cpus:g} CPUs but the largest node has "
-                                  f"{max(cpus, default=0):g}: lower {name}.num_cpus")
+            raise ClusterTooSmall(
+                f"{name}: a task needs {step.num_cpus:g} CPUs but the largest node has "
+                f"{max(cpus, default=0):g}: lower {name}.num_cpus"
+            )
     task_cpus = max((s.num_cpus for s in steps.values() if isinstance(s, TaskConfig)), default=0.0)
     if pool_cpus + task_cpus > total_cpu:
-        raise ClusterTooSmall(f"{', '.join(n for n, s in steps.items() if isinstance(s, WorkersConfig))}: the actor pools take "
-                              f"{pool_cpus:g} CPUs, leaving less than the {task_cpus:g} a task of the CPU steps needs ({have}): "
-                              "lower num_actors or cpus_per_actor")
+        raise ClusterTooSmall(
+            f"{', '.join(n for n, s in steps.items() if isinstance(s, WorkersConfig))}: the actor pools take "
+            f"{pool_cpus:g} CPUs, leaving less than the {task_cpus:g} a task of the CPU steps needs ({have}): "
+            "lower num_actors or cpus_per_actor"
+        )

@@ -40,11 +40,11 @@ from tqdm import tqdm
 from actors.rows import STATUS
 from core.errors import UserError
 from core.models import CheckpointError
-from storage.run.plans import Plan, StageIncomplete, check_plan
-from storage.run.parts import PARTS_DIR, clear_parts, staged_ids
-from storage.run.markers import STAGE_COMPLETE, marker_path, marker_problems, read_done
-from storage.run.shards import shard_records
 from storage.run.atomic import write_json_atomic
+from storage.run.markers import STAGE_COMPLETE, marker_path, marker_problems, read_done
+from storage.run.parts import PARTS_DIR, clear_parts, staged_ids
+from storage.run.plans import Plan, StageIncomplete, check_plan
+from storage.run.shards import shard_records
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,14 @@ def guarded(actor_cls, per_row: bool):
             try:
                 self.actor = actor_cls(**kwargs)
             except Exception as err:  # noqa: BLE001 - reported to the driver below
-                self.error = json.dumps({"type": type(err).__name__, "message": str(err), "user": isinstance(err, UserError),
-                                         "traceback": traceback.format_exc()})
+                self.error = json.dumps(
+                    {
+                        "type": type(err).__name__,
+                        "message": str(err),
+                        "user": isinstance(err, UserError),
+                        "traceback": traceback.format_exc(),
+                    }
+                )
 
         def __call__(self, rows: dict) -> dict:
             if self.error is None:
@@ -89,8 +95,10 @@ def raise_setup_error(name: str, encoded: str) -> None:
         log.debug("%s: an actor failed to start:\n%s", name, error["traceback"])
         raise (CheckpointError if error["type"] == CheckpointError.__name__ else UserError)(error["message"])
     log.error("%s: an actor failed to start:\n%s", name, error["traceback"])
-    raise ActorSetupError(f"{name}: the stage's actors could not start: {error['type']}: {error['message']} "
-                          "(the driver log has the worker's traceback)")
+    raise ActorSetupError(
+        f"{name}: the stage's actors could not start: {error['type']}: {error['message']} "
+        "(the driver log has the worker's traceback)"
+    )
 
 
 @contextmanager
@@ -110,8 +118,15 @@ def user_errors_raised_as_themselves():
         raise UserError(str(cause).strip().splitlines()[-1]) from err
 
 
-def run_image_stream(name: str, stage_dir: Path, plan: Plan, shards: list[dict],
-                     build: Callable[[Dataset], Dataset], finish: Callable, inputs: str | None = None) -> dict[str, dict]:
+def run_image_stream(
+    name: str,
+    stage_dir: Path,
+    plan: Plan,
+    shards: list[dict],
+    build: Callable[[Dataset], Dataset],
+    finish: Callable,
+    inputs: str | None = None,
+) -> dict[str, dict]:
     """Stream the images of the unfinished shards through `build(ds)` and finish each shard.
 
     `shards`: [{"shard", "records"}] (`storage.shards.plan_shards`). `build` turns a dataset of
@@ -137,13 +152,20 @@ def run_image_stream(name: str, stage_dir: Path, plan: Plan, shards: list[dict],
         pending[shard], written[shard], failed[shard] = {r.image_id for r in remaining}, sorted(staged), []
         if remaining:
             sources.append({"shard": shard, "records": json.dumps([r.to_dict() for r in remaining])})
-    log.info("%s: %d shards, %d already done, %d images to run", name, len(shards), len(shards) - len(todo),
-             sum(len(p) for p in pending.values()))
+    log.info(
+        "%s: %d shards, %d already done, %d images to run",
+        name,
+        len(shards),
+        len(shards) - len(todo),
+        sum(len(p) for p in pending.values()),
+    )
     finishing = [finish(todo[s], written[s], failed[s]) for s in todo if not pending[s]]
     if sources:
         ds = build(ray.data.from_items(sources, override_num_blocks=len(sources)))
-        with tqdm(total=sum(len(p) for p in pending.values()), desc=f"{name}: images", unit="image") as bar, \
-                user_errors_raised_as_themselves():
+        with (
+            tqdm(total=sum(len(p) for p in pending.values()), desc=f"{name}: images", unit="image") as bar,
+            user_errors_raised_as_themselves(),
+        ):
             for row in ds.iter_rows():  # drives the plan; the parts are on disk already
                 if row["setup_error"]:
                     raise_setup_error(name, row["setup_error"])
@@ -153,7 +175,9 @@ def run_image_stream(name: str, stage_dir: Path, plan: Plan, shards: list[dict],
                 pending[shard].discard(image_id)
                 bar.update()
                 if row["error"]:
-                    failed[shard].append({"image_id": image_id, "path": row["path"], "stage": name, "error": row["error"]})
+                    failed[shard].append(
+                        {"image_id": image_id, "path": row["path"], "stage": name, "error": row["error"]}
+                    )
                 else:
                     written[shard].append(image_id)
                 if not pending[shard]:
@@ -167,8 +191,10 @@ def run_image_stream(name: str, stage_dir: Path, plan: Plan, shards: list[dict],
     done = read_done(stage_dir)
     missing = [s["shard"] for s in shards if s["shard"] not in done]
     if missing:
-        raise StageIncomplete(f"{name}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} did not finish; "
-                              "run the stage again to resume")
+        raise StageIncomplete(
+            f"{name}: shards {missing[:5]}{'...' if len(missing) > 5 else ''} did not finish; "
+            "run the stage again to resume"
+        )
     # what another run's fit checks before it reads these shards (`storage.run.feature_sets`)
     write_json_atomic({"plan_key": plan.key, "shards": [s["shard"] for s in shards]}, Path(stage_dir) / STAGE_COMPLETE)
     return {s["shard"]: done[s["shard"]] for s in shards}
@@ -209,8 +235,16 @@ class ShardFinisher:
     a retry of a finish that had already written its marker (the node died just after) only
     clears what is left of the shard's parts."""
 
-    def finish(self, fn: Callable, stage_dir: str, shard_row: dict, written: list[str], failed: list[dict],
-               plan_key: str, **kwargs) -> None:
+    def finish(
+        self,
+        fn: Callable,
+        stage_dir: str,
+        shard_row: dict,
+        written: list[str],
+        failed: list[dict],
+        plan_key: str,
+        **kwargs,
+    ) -> None:
         stage_dir, shard = Path(stage_dir), shard_row["shard"]
         if self._finished(stage_dir, shard, set(written), plan_key):
             clear_parts(stage_dir, shard)

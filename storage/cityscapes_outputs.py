@@ -23,30 +23,51 @@ from PIL import Image
 from core.classes import EVAL_CLASSES, train_ids_to_label_ids
 from core.evaluation.panoptic import Panoptic, gt_panoptic, instance_ids_map
 from storage.images import InputError, safe_path, write_png_atomic
-from storage.run.shards import shard_records
 from storage.run.atomic import write_json_atomic
+from storage.run.shards import shard_records
 
 # Cityscapes `category` of each evaluation class (the COCO `supercategory`).
 _SUPERCATEGORY = {
-    "road": "flat", "sidewalk": "flat", "building": "construction", "wall": "construction",
-    "fence": "construction", "pole": "object", "traffic light": "object", "traffic sign": "object",
-    "vegetation": "nature", "terrain": "nature", "sky": "sky", "person": "human", "rider": "human",
-    "car": "vehicle", "truck": "vehicle", "bus": "vehicle", "train": "vehicle",
-    "motorcycle": "vehicle", "bicycle": "vehicle",
+    "road": "flat",
+    "sidewalk": "flat",
+    "building": "construction",
+    "wall": "construction",
+    "fence": "construction",
+    "pole": "object",
+    "traffic light": "object",
+    "traffic sign": "object",
+    "vegetation": "nature",
+    "terrain": "nature",
+    "sky": "sky",
+    "person": "human",
+    "rider": "human",
+    "car": "vehicle",
+    "truck": "vehicle",
+    "bus": "vehicle",
+    "train": "vehicle",
+    "motorcycle": "vehicle",
+    "bicycle": "vehicle",
 }
 
 
 def panoptic_categories() -> list[dict]:
     """COCO categories of the 19 evaluation classes, ids = Cityscapes labelIds (as createPanopticImgs)."""
-    return [{"id": int(label_id), "name": name, "color": list(color), "supercategory": _SUPERCATEGORY[name],
-             "isthing": 1 if is_thing else 0}
-            for name, label_id, _train_id, color, is_thing in EVAL_CLASSES]
+    return [
+        {
+            "id": int(label_id),
+            "name": name,
+            "color": list(color),
+            "supercategory": _SUPERCATEGORY[name],
+            "isthing": 1 if is_thing else 0,
+        }
+        for name, label_id, _train_id, color, is_thing in EVAL_CLASSES
+    ]
 
 
 def panoptic_to_rgb(ids: np.ndarray) -> np.ndarray:
     """(H, W) segment ids -> (H, W, 3) uint8 with id = R + 256 G + 256^2 B."""
     ids = ids.astype(np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= 256 ** 3):
+    if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
         raise ValueError(f"panoptic ids must lie in [0, 256^3), got [{ids.min()}, {ids.max()}]")
     # little-endian bytes of the uint32 id are R, G, B (and a zero)
     return np.ascontiguousarray(ids.astype("<u4").view(np.uint8).reshape(*ids.shape, 4)[..., :3])
@@ -61,10 +82,18 @@ def rgb_to_panoptic(rgb: np.ndarray) -> np.ndarray:
 def segments_info(panoptic: Panoptic) -> list[dict]:
     """COCO `segments_info` of a segmentation: id, category_id (labelId), iscrowd, area, bbox."""
     boxes = panoptic.bboxes()
-    return [{"id": int(sid), "category_id": int(cat), "iscrowd": int(crowd), "area": int(area),
-             "bbox": [int(v) for v in box]}
-            for sid, cat, crowd, area, box in zip(panoptic.segment_ids, panoptic.label_id, panoptic.iscrowd,
-                                                   panoptic.area, boxes)]
+    return [
+        {
+            "id": int(sid),
+            "category_id": int(cat),
+            "iscrowd": int(crowd),
+            "area": int(area),
+            "bbox": [int(v) for v in box],
+        }
+        for sid, cat, crowd, area, box in zip(
+            panoptic.segment_ids, panoptic.label_id, panoptic.iscrowd, panoptic.area, boxes
+        )
+    ]
 
 
 def prediction_paths(root: Path, group: str, image_id: str, split: str = "val") -> dict[str, Path]:
@@ -90,7 +119,9 @@ def remove_image_predictions(root: Path, group: str, image_id: str, split: str =
 def label_pngs(root: Path, shard_row: dict, image_ids: list[str], split: str) -> list[Path]:
     """The prediction PNGs of a shard's written images, for its marker."""
     groups = {r.image_id: r.group for r in shard_records(shard_row)}
-    return [path for image_id in image_ids for path in prediction_paths(root, groups[image_id], image_id, split).values()]
+    return [
+        path for image_id in image_ids for path in prediction_paths(root, groups[image_id], image_id, split).values()
+    ]
 
 
 def panoptic_json_path(root: Path, split: str = "val") -> Path:
@@ -111,8 +142,9 @@ def write_panoptic_png(panoptic: Panoptic, path: Path) -> None:
     write_png_atomic(panoptic_to_rgb(panoptic.ids), path)
 
 
-def write_image_predictions(root: Path, group: str, image_id: str, train_ids: np.ndarray, panoptic: Panoptic,
-                            split: str = "val") -> dict:
+def write_image_predictions(
+    root: Path, group: str, image_id: str, train_ids: np.ndarray, panoptic: Panoptic, split: str = "val"
+) -> dict:
     """Writes one image's labelIds, trainIds, instanceIds and panoptic PNGs; returns its COCO
     annotation, to be gathered (by the driver) into `write_panoptic_json`."""
     paths = prediction_paths(root, group, image_id, split)
@@ -123,7 +155,9 @@ def write_image_predictions(root: Path, group: str, image_id: str, train_ids: np
     return {"image_id": image_id, "file_name": paths["panoptic"].name, "segments_info": segments_info(panoptic)}
 
 
-def write_panoptic_json(root: Path, annotations: list[dict], split: str = "val", images: list[dict] | None = None) -> Path:
+def write_panoptic_json(
+    root: Path, annotations: list[dict], split: str = "val", images: list[dict] | None = None
+) -> Path:
     """COCO panoptic JSON of the predictions (annotations sorted by image_id); returns its path."""
     path = panoptic_json_path(root, split)
     data = {"annotations": sorted(annotations, key=lambda a: a["image_id"]), "categories": panoptic_categories()}
@@ -160,8 +194,14 @@ def convert_gt_panoptic(gt_fine_root: Path, split: str = "val", out_dir: Path | 
             raise InputError(f"{f}: {err}") from None
         write_png_atomic(panoptic_to_rgb(pan.ids), safe_path(folder, out_name))
         h, w = instance_ids.shape
-        images.append({"id": image_id, "width": int(w), "height": int(h),
-                       "file_name": f.name.replace("_instanceIds.png", "_leftImg8bit.png")})
+        images.append(
+            {
+                "id": image_id,
+                "width": int(w),
+                "height": int(h),
+                "file_name": f.name.replace("_instanceIds.png", "_leftImg8bit.png"),
+            }
+        )
         annotations.append({"image_id": image_id, "file_name": out_name, "segments_info": segments_info(pan)})
     json_path = safe_path(out_dir, f"{base}.json")
     write_json_atomic({"images": images, "annotations": annotations, "categories": panoptic_categories()}, json_path)

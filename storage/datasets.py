@@ -43,8 +43,10 @@ def list_cityscapes(root: Path, split: str, max_images: int | None = None) -> li
     """
     image_dir = Path(root) / "leftImg8bit" / split
     if not image_dir.is_dir():
-        raise DatasetError(f"no Cityscapes split at {image_dir}: set dataset.root to the folder that holds leftImg8bit/ "
-                           f"and gtFine/, and dataset.split to one of its splits (or run `python submit.py synth` for the demo set)")
+        raise DatasetError(
+            f"no Cityscapes split at {image_dir}: set dataset.root to the folder that holds leftImg8bit/ "
+            f"and gtFine/, and dataset.split to one of its splits (or run `python submit.py synth` for the demo set)"
+        )
     labelled = (Path(root) / "gtFine" / split).is_dir()
     records = []
     for path in sorted(image_dir.glob(f"*/*{IMAGE_SUFFIX}")):
@@ -52,11 +54,16 @@ def list_cityscapes(root: Path, split: str, max_images: int | None = None) -> li
         image_id = path.name[: -len(IMAGE_SUFFIX)]
         gt_dir = Path(root) / "gtFine" / split / city
         gt = [gt_dir / f"{image_id}{LABEL_IDS_SUFFIX}", gt_dir / f"{image_id}{INSTANCE_IDS_SUFFIX}"] if labelled else []
-        records.append(ImageRecord(
-            image_id=image_id, group=city, image_path=str(path),
-            label_ids_path=str(gt[0]) if labelled else None, instance_ids_path=str(gt[1]) if labelled else None,
-            stamp=" ".join(_stamp(p) for p in [path, *gt]),
-        ))
+        records.append(
+            ImageRecord(
+                image_id=image_id,
+                group=city,
+                image_path=str(path),
+                label_ids_path=str(gt[0]) if labelled else None,
+                instance_ids_path=str(gt[1]) if labelled else None,
+                stamp=" ".join(_stamp(p) for p in [path, *gt]),
+            )
+        )
     if not records:
         raise DatasetError(f"{image_dir} holds no *{IMAGE_SUFFIX} files: the split is empty")
     _check_unique(records)
@@ -76,8 +83,10 @@ def _check_unique(records: list[ImageRecord]) -> None:
     seen: dict[str, str] = {}
     for r in records:
         if r.image_id in seen:
-            raise DatasetError(f"{seen[r.image_id]} and {r.image_path} have the same image id {r.image_id!r}, so their "
-                               "outputs would overwrite each other: rename or remove one of them")
+            raise DatasetError(
+                f"{seen[r.image_id]} and {r.image_path} have the same image id {r.image_id!r}, so their "
+                "outputs would overwrite each other: rename or remove one of them"
+            )
         seen[r.image_id] = r.image_path
 
 
@@ -94,7 +103,9 @@ def folder_image_ids(relative_paths: list[str]) -> list[str]:
     is longer than MAX_PLAIN_ID (then cut), 8 hex digits of the path's SHA-1 are appended, so each
     file keeps its own id.
     """
-    plain = [re.sub(r"\.\.+", ".", _UNSAFE.sub("_", "__".join(rel.rsplit(".", 1)[0].split("/")))) for rel in relative_paths]
+    plain = [
+        re.sub(r"\.\.+", ".", _UNSAFE.sub("_", "__".join(rel.rsplit(".", 1)[0].split("/")))) for rel in relative_paths
+    ]
     count: dict[str, int] = {}
     for p in plain:
         count[p] = count.get(p, 0) + 1
@@ -111,16 +122,23 @@ def list_image_folder(root: Path | str, max_images: int | None = None) -> list[I
     the id is the relative path with separators replaced, so it stays unique and safe as a file name."""
     if uris.is_uri(root):
         if not uris.exists(str(root)):
-            raise DatasetError(f"{root} does not exist (or is not reachable): check the URI, its options and credentials")
+            raise DatasetError(
+                f"{root} does not exist (or is not reachable): check the URI, its options and credentials"
+            )
         files = uris.list_files(str(root), FOLDER_IMAGE_EXTENSIONS)
     else:
         root = Path(root)
         if not root.is_dir():
             raise DatasetError(f"image folder {root} does not exist: set dataset.root")
-        files = [(p.relative_to(root).as_posix(), str(p), _stamp(p))
-                 for p in sorted(root.rglob("*")) if p.suffix.lower() in FOLDER_IMAGE_EXTENSIONS and p.is_file()]
-    records = [ImageRecord(image_id=image_id, group="images", image_path=location, stamp=stamp)
-               for image_id, (_, location, stamp) in zip(folder_image_ids([f[0] for f in files]), files)]
+        files = [
+            (p.relative_to(root).as_posix(), str(p), _stamp(p))
+            for p in sorted(root.rglob("*"))
+            if p.suffix.lower() in FOLDER_IMAGE_EXTENSIONS and p.is_file()
+        ]
+    records = [
+        ImageRecord(image_id=image_id, group="images", image_path=location, stamp=stamp)
+        for image_id, (_, location, stamp) in zip(folder_image_ids([f[0] for f in files]), files)
+    ]
     if not records:
         raise DatasetError(f"{root} holds no images ({', '.join(FOLDER_IMAGE_EXTENSIONS)})")
     records.sort(key=lambda r: r.image_id)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.classes import LABEL_ID_TO_TRAIN_ID, MAX_LABEL_ID
 from core.errors import UserError
 from core.evaluation.base import GroundTruth
-from core.classes import LABEL_ID_TO_TRAIN_ID, MAX_LABEL_ID
 from core.evaluation.panoptic import gt_panoptic
 from storage import uris
 
@@ -33,8 +33,10 @@ class ImageLimits:
     size_problem: Callable[[int, int], str | None] | None = None
 
     def too_large(self, pixels: str) -> str:
-        return (f"image too large: {pixels} pixels, more than dataset.max_image_pixels={self.max_pixels:,}; downscale "
-                "it, or raise dataset.max_image_pixels (each image is decoded whole: 3 bytes a pixel)")
+        return (
+            f"image too large: {pixels} pixels, more than dataset.max_image_pixels={self.max_pixels:,}; downscale "
+            "it, or raise dataset.max_image_pixels (each image is decoded whole: 3 bytes a pixel)"
+        )
 
     def problem(self, height: int, width: int) -> str | None:
         """What is wrong with an image of this size, or None."""
@@ -42,9 +44,11 @@ class ImageLimits:
             return self.too_large(f"{height}x{width} px = {height * width:,}")
         ratio = max(height, width) / max(1, min(height, width))
         if ratio > self.max_aspect_ratio:
-            return (f"extreme aspect ratio: {height}x{width} px is {ratio:,.1f}:1, more than "
-                    f"dataset.max_aspect_ratio={self.max_aspect_ratio:g}; crop it into pieces of a usual shape, or "
-                    "raise dataset.max_aspect_ratio")
+            return (
+                f"extreme aspect ratio: {height}x{width} px is {ratio:,.1f}:1, more than "
+                f"dataset.max_aspect_ratio={self.max_aspect_ratio:g}; crop it into pieces of a usual shape, or "
+                "raise dataset.max_aspect_ratio"
+            )
         return self.size_problem(height, width) if self.size_problem else None
 
 
@@ -77,10 +81,15 @@ def read_rgb(path: Path | str, limits: ImageLimits) -> np.ndarray:
             if mode == "RGBA":
                 alpha = np.asarray(img.getchannel("A"))
                 if alpha.min() < 255:
-                    raise InputError(f"{path}: RGBA image with transparent pixels; flatten it onto a background and save it as RGB")
+                    raise InputError(
+                        f"{path}: RGBA image with transparent pixels; flatten it onto a background and save it as RGB"
+                    )
                 img = img.convert("RGB")
             elif mode in ("L", "LA", "I", "I;16", "F", "1"):
-                raise InputError(f"{path}: grayscale image (mode {mode}); the model needs RGB colour images: convert it (e.g. PIL .convert('RGB')) or remove it")
+                raise InputError(
+                    f"{path}: grayscale image (mode {mode}); the model needs RGB colour images: convert it (e.g. "
+                    "PIL .convert('RGB')) or remove it"
+                )
             elif mode != "RGB":
                 img = img.convert("RGB")
             return np.asarray(img, dtype=np.uint8)
@@ -91,17 +100,23 @@ def read_rgb(path: Path | str, limits: ImageLimits) -> np.ndarray:
     except Image.DecompressionBombError:
         raise InputError(f"{path}: {limits.too_large(f'over {2 * limits.max_pixels:,}')}") from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for corrupt / truncated / unknown files
-        raise InputError(f"{path}: cannot decode image ({err}); the file is corrupt or truncated: re-copy it or remove it") from None
+        raise InputError(
+            f"{path}: cannot decode image ({err}); the file is corrupt or truncated: re-copy it or remove it"
+        ) from None
 
 
-def _decode_ground_truth(path: Path, what: str, missing_fix: str,
-                         expected_hw: tuple[int, int]) -> tuple[np.ndarray, str]:
+def _decode_ground_truth(
+    path: Path, what: str, missing_fix: str, expected_hw: tuple[int, int]
+) -> tuple[np.ndarray, str]:
     """A ground-truth PNG of its image's size -> (its array, its PIL mode). A missing, undecodable
     or other-sized file raises InputError naming the file, `what` it is and the fix; the size is
     checked from the header, before it is decoded."""
+
     def other_size(size: str) -> InputError:
-        return InputError(f"{path}: {what} is {size} but its image is {expected_hw[0]}x{expected_hw[1]}; they must be "
-                          "the same size (is it the right file?)")
+        return InputError(
+            f"{path}: {what} is {size} but its image is {expected_hw[0]}x{expected_hw[1]}; they must be "
+            "the same size (is it the right file?)"
+        )
 
     try:
         with Image.open(path) as img:
@@ -119,15 +134,20 @@ def _decode_ground_truth(path: Path, what: str, missing_fix: str,
 
 def read_label_ids(label_ids_path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
     """Cityscapes `*_gtFine_labelIds.png` -> (H, W) uint8 labelIds."""
-    label_ids, mode = _decode_ground_truth(label_ids_path, "ground truth",
-                                           "add it, or run on unlabelled data with dataset.kind=folder", expected_hw)
+    label_ids, mode = _decode_ground_truth(
+        label_ids_path, "ground truth", "add it, or run on unlabelled data with dataset.kind=folder", expected_hw
+    )
     if mode not in ("L", "P"):
-        raise InputError(f"{label_ids_path}: labelIds must be a single-channel 8-bit PNG, found mode {mode}; "
-                         "use the gtFine *_labelIds.png files, not the *_color.png ones")
+        raise InputError(
+            f"{label_ids_path}: labelIds must be a single-channel 8-bit PNG, found mode {mode}; "
+            "use the gtFine *_labelIds.png files, not the *_color.png ones"
+        )
     label_ids = label_ids.astype(np.uint8)
     if label_ids.max() > MAX_LABEL_ID:
-        raise InputError(f"{label_ids_path}: unknown labelId {int(label_ids.max())} (Cityscapes labelIds are 0..{MAX_LABEL_ID}); "
-                         "is this a trainIds or colour map instead of *_labelIds.png?")
+        raise InputError(
+            f"{label_ids_path}: unknown labelId {int(label_ids.max())} (Cityscapes labelIds are 0..{MAX_LABEL_ID}); "
+            "is this a trainIds or colour map instead of *_labelIds.png?"
+        )
     return label_ids
 
 
@@ -138,12 +158,17 @@ def read_train_ids(label_ids_path: Path, expected_hw: tuple[int, int]) -> np.nda
 
 def read_instance_ids(instance_ids_path: Path, expected_hw: tuple[int, int]) -> np.ndarray:
     """Cityscapes `*_gtFine_instanceIds.png` -> (H, W) int32 (labelId * 1000 + n on instances, else labelId)."""
-    ids, mode = _decode_ground_truth(instance_ids_path, "instance ground truth",
-                                     "panoptic scores need the gtFine *_instanceIds.png beside *_labelIds.png",
-                                     expected_hw)
+    ids, mode = _decode_ground_truth(
+        instance_ids_path,
+        "instance ground truth",
+        "panoptic scores need the gtFine *_instanceIds.png beside *_labelIds.png",
+        expected_hw,
+    )
     if mode not in ("I;16", "I;16B", "I"):
-        raise InputError(f"{instance_ids_path}: instanceIds must be a 16-bit PNG (ids are labelId * 1000 + n), found mode "
-                         f"{mode}; use the gtFine *_instanceIds.png files as Cityscapes ships them")
+        raise InputError(
+            f"{instance_ids_path}: instanceIds must be a 16-bit PNG (ids are labelId * 1000 + n), found mode "
+            f"{mode}; use the gtFine *_instanceIds.png files as Cityscapes ships them"
+        )
     return ids.astype(np.int32)
 
 
@@ -155,8 +180,10 @@ def read_ground_truth(label_ids_path: Path, instance_ids_path: Path, expected_hw
     try:
         panoptic = gt_panoptic(instance_ids, label_ids)
     except ValueError as err:
-        raise InputError(f"{instance_ids_path}: {err} (against {label_ids_path}); the two files must come from the same "
-                         "Cityscapes image") from None
+        raise InputError(
+            f"{instance_ids_path}: {err} (against {label_ids_path}); the two files must come from the same "
+            "Cityscapes image"
+        ) from None
     return GroundTruth(label_ids, LABEL_ID_TO_TRAIN_ID[label_ids], instance_ids, panoptic)
 
 
@@ -167,7 +194,10 @@ def safe_path(root: Path, *parts: str) -> Path:
     """root/parts..., refusing names from data that could leave `root` (.., absolute paths, separators)."""
     for part in parts:
         if not _SAFE_NAME.match(part) or ".." in part:
-            raise InputError(f"unsafe name {part!r} in an output path; names from data may use letters, digits, '.', '_' and '-' only")
+            raise InputError(
+                f"unsafe name {part!r} in an output path; names from data may use letters, digits, '.', '_' and "
+                "'-' only"
+            )
     path = root.joinpath(*parts)
     if not path.resolve().is_relative_to(root.resolve()):
         raise InputError(f"output path {path} would leave the output directory {root}")

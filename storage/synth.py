@@ -167,16 +167,28 @@ def _layout(rng: np.random.Generator, height: int, width: int) -> _Canvas:
         c.paint(c.rect(top, base_y, px - 0.5 * cell, px + 0.5 * cell), LABEL_ID["pole"])
         r = rng.random()
         if r < 0.45:
-            c.paint(c.rect(top - 0.5 * cell, top + 2.5 * cell, px - 0.8 * cell, px + 1.2 * cell), LABEL_ID["traffic light"])
+            c.paint(
+                c.rect(top - 0.5 * cell, top + 2.5 * cell, px - 0.8 * cell, px + 1.2 * cell), LABEL_ID["traffic light"]
+            )
         elif r < 0.9:
             c.paint(c.rect(top, top + 1.6 * cell, px - 0.8 * cell, px + 0.8 * cell), LABEL_ID["traffic sign"])
 
     # Things, far to near so nearer instances occlude farther ones.
     things = []
-    for name, p, n_max in (("car", 0.95, 4), ("person", 0.8, 4), ("truck", 0.2, 1), ("bus", 0.15, 1),
-                           ("train", 0.07, 1), ("rider", 0.3, 1), ("motorcycle", 0.3, 1), ("bicycle", 0.3, 2)):
+    for name, p, n_max in (
+        ("car", 0.95, 4),
+        ("person", 0.8, 4),
+        ("truck", 0.2, 1),
+        ("bus", 0.15, 1),
+        ("train", 0.07, 1),
+        ("rider", 0.3, 1),
+        ("motorcycle", 0.3, 1),
+        ("bicycle", 0.3, 2),
+    ):
         if rng.random() < p:
-            things += [(name, horizon + rng.uniform(0.2, 0.95) * (height - horizon)) for _ in range(rng.integers(1, n_max + 1))]
+            things += [
+                (name, horizon + rng.uniform(0.2, 0.95) * (height - horizon)) for _ in range(rng.integers(1, n_max + 1))
+            ]
     things.sort(key=lambda t: t[1])
     for name, base_y in things:
         scale = 0.5 + 0.7 * (base_y - horizon) / (height - horizon)  # nearer is larger
@@ -185,13 +197,24 @@ def _layout(rng: np.random.Generator, height: int, width: int) -> _Canvas:
         d = (base_y - horizon) / (height - horizon)
         spread = d * width * (0.5 if on_walk else 0.3)
         cx = vx + side * rng.uniform(0.6, 1.0) * spread if on_walk else vx + rng.uniform(-1, 1) * spread
-        w_cells, h_cells = {"car": (5, 2.5), "person": (1.2, 3.2), "truck": (7, 4.5), "bus": (9, 4.5), "train": (14, 4.5),
-                            "rider": (1.6, 2.8), "motorcycle": (3.5, 2.2), "bicycle": (2.5, 1.6)}[name]
+        w_cells, h_cells = {
+            "car": (5, 2.5),
+            "person": (1.2, 3.2),
+            "truck": (7, 4.5),
+            "bus": (9, 4.5),
+            "train": (14, 4.5),
+            "rider": (1.6, 2.8),
+            "motorcycle": (3.5, 2.2),
+            "bicycle": (2.5, 1.6),
+        }[name]
         bw, bh = max(1.0, w_cells * scale) * cell, max(1.0, h_cells * scale) * cell
         box = c.rect(base_y - bh, base_y, cx - bw / 2, cx + bw / 2)
         if name == "rider":  # a rider sits on a bicycle: paint the bicycle below first
-            c.paint(c.rect(base_y, base_y + 1.6 * scale * cell, cx - 1.25 * scale * cell, cx + 1.25 * scale * cell),
-                    LABEL_ID["bicycle"], is_thing=True)
+            c.paint(
+                c.rect(base_y, base_y + 1.6 * scale * cell, cx - 1.25 * scale * cell, cx + 1.25 * scale * cell),
+                LABEL_ID["bicycle"],
+                is_thing=True,
+            )
         c.paint(box, LABEL_ID[name], is_thing=True)
 
     # Void: the ego vehicle's bonnet along the bottom edge and an unlabelled clutter box.
@@ -202,8 +225,9 @@ def _layout(rng: np.random.Generator, height: int, width: int) -> _Canvas:
     return c
 
 
-def render_scene(rng: np.random.Generator, height: int, width: int,
-                 tint: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def render_scene(
+    rng: np.random.Generator, height: int, width: int, tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scene -> (RGB (H,W,3) uint8, labelIds (H,W) uint8, instanceIds (H,W) uint16); `tint`
     scales the channels (another camera's white balance)."""
     c = _layout(rng, height, width)
@@ -211,7 +235,11 @@ def render_scene(rng: np.random.Generator, height: int, width: int,
     light = rng.uniform(0.7, 1.25)  # per-image exposure
     shade = 1.0 - 0.35 * rng.random() * (c.xx / width if rng.random() < 0.5 else 1 - c.xx / width)  # side shadow
     for name, look in [*LOOKS.items(), ("void", VOID_LOOK)]:
-        mask = c.label_ids == LABEL_ID[name] if name != "void" else np.isin(c.label_ids, (0, EGO_VEHICLE_LABEL_ID, STATIC_LABEL_ID))
+        mask = (
+            c.label_ids == LABEL_ID[name]
+            if name != "void"
+            else np.isin(c.label_ids, (0, EGO_VEHICLE_LABEL_ID, STATIC_LABEL_ID))
+        )
         if not mask.any():
             continue
         base = np.array(look.rgb, np.float64) * rng.uniform(0.85, 1.15, 3)  # per-image colour jitter
@@ -229,8 +257,16 @@ def demo_image_id(city: str, index: int) -> str:
     return f"{city}_{index:06d}_000019"
 
 
-def generate_demo_dataset(root: Path, split: str = "val", num_images: int = 100, height: int = 256, width: int = 512,
-                          seed: int = 0, cities: tuple[str, ...] = DEMO_CITIES, workers: int = 1) -> list[str]:
+def generate_demo_dataset(
+    root: Path,
+    split: str = "val",
+    num_images: int = 100,
+    height: int = 256,
+    width: int = 512,
+    seed: int = 0,
+    cities: tuple[str, ...] = DEMO_CITIES,
+    workers: int = 1,
+) -> list[str]:
     """Write `num_images` scenes under `root` in the Cityscapes layout; return their image ids.
 
     Deterministic: image i depends only on (seed, i), so a re-run rewrites identical files and an
@@ -249,7 +285,8 @@ def generate_demo_dataset(root: Path, split: str = "val", num_images: int = 100,
     write_text_atomic(
         f"Synthetic demo set: {num_images} street scenes, {height}x{width}, seed {seed}, split {split!r}.\n"
         "Generated by `python submit.py synth`; not Cityscapes data. Layout and label ids follow Cityscapes.\n",
-        root / "DEMO_DATASET.txt")
+        root / "DEMO_DATASET.txt",
+    )
     return ids
 
 
@@ -266,8 +303,15 @@ def _write_demo_scene(root: Path, split: str, seed: int, i: int, height: int, wi
 UNLABELLED_TINT = (1.12, 0.97, 0.82)  # a warmer camera than the labelled set's
 
 
-def generate_unlabelled_frames(root: Path, num_images: int = 200, height: int = 256, width: int = 512, seed: int = 1,
-                               tint: tuple[float, float, float] = UNLABELLED_TINT, frames_per_drive: int = 50) -> list[str]:
+def generate_unlabelled_frames(
+    root: Path,
+    num_images: int = 200,
+    height: int = 256,
+    width: int = 512,
+    seed: int = 1,
+    tint: tuple[float, float, float] = UNLABELLED_TINT,
+    frames_per_drive: int = 50,
+) -> list[str]:
     """A folder of unlabelled "dashcam" frames: the demo's street scenes from other seeds, through
     another camera's colours, without ground truth: `root/drive_NN/frame_NNNNNN.png`
     (`dataset.kind: folder`). Deterministic in (seed, i); written atomically."""
@@ -279,7 +323,10 @@ def generate_unlabelled_frames(root: Path, num_images: int = 200, height: int = 
         name = f"drive_{i // frames_per_drive:02d}/frame_{i:06d}.png"
         write_png_atomic(rgb, safe_path(root, *name.split("/")))
         names.append(name)
-    write_text_atomic(f"Synthetic unlabelled frames: {num_images} street scenes, {height}x{width}, seed {seed}, "
-                      f"colour tint {tint}, no ground truth.\nGenerated by `python submit.py synth --unlabelled`; "
-                      "not real data.\n", root / "FRAMES.txt")
+    write_text_atomic(
+        f"Synthetic unlabelled frames: {num_images} street scenes, {height}x{width}, seed {seed}, "
+        f"colour tint {tint}, no ground truth.\nGenerated by `python submit.py synth --unlabelled`; "
+        "not real data.\n",
+        root / "FRAMES.txt",
+    )
     return names

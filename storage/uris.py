@@ -44,7 +44,7 @@ def list_files(uri: str, suffixes: tuple[str, ...]) -> list[tuple[str, str, str]
     files = []
     for info in infos:
         if info.type == pafs.FileType.File and info.path.lower().endswith(suffixes):
-            rel = info.path[len(root):].lstrip("/")
+            rel = info.path[len(root) :].lstrip("/")
             mtime = info.mtime_ns if info.mtime_ns is not None else "-"
             files.append((rel, f"{parts.scheme}://{info.path}{query}", f"{info.size}:{mtime}"))
     return sorted(files)

@@ -43,10 +43,38 @@ def tiny_run(demo_root, tmp_path_factory):
     return cfg
 
 
+RAY_FIXTURES = {"ray_cluster", "tiny_run"}
+
+
+def needs_ray(item) -> bool:
+    """A test that runs on a Ray cluster: it asks for the shared one (or the shared tiny run), its module
+    starts one of its own (`OWN_RAY_CLUSTER`), or it is marked `ray` itself (it starts one in its body)."""
+    module = getattr(item, "module", None)
+    return (
+        bool(RAY_FIXTURES & set(getattr(item, "fixturenames", ())))
+        or getattr(module, "OWN_RAY_CLUSTER", False)
+        or item.get_closest_marker("ray") is not None
+    )
+
+
 def pytest_collection_modifyitems(items):
-    """The modules that start a cluster of their own (`OWN_RAY_CLUSTER = True`) run after the others,
-    so the shared cluster starts once a session."""
+    """Every test on a Ray cluster is marked `ray`, so `pytest -m "not ray"` runs the rest (the
+    Ray-free core) in seconds. The modules that start a cluster of their own (`OWN_RAY_CLUSTER =
+    True`) run after the others, so the shared cluster starts once a session."""
+    for item in items:
+        if needs_ray(item):
+            item.add_marker(pytest.mark.ray)
     items.sort(key=lambda item: getattr(getattr(item, "module", None), "OWN_RAY_CLUSTER", False))
+
+
+@pytest.fixture(autouse=True)
+def _unmarked_tests_start_no_cluster(request):
+    """A test not marked `ray` must not start a cluster: it would run in the unit-only command."""
+    started_before = ray.is_initialized()
+    yield
+    if not needs_ray(request.node) and not started_before and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail("this test started a Ray cluster: mark it @pytest.mark.ray (or ask for the ray_cluster fixture)")
 
 
 @pytest.fixture(scope="session", autouse=True)

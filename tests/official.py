@@ -36,8 +36,13 @@ def official_panoptic(gt_fine: Path, split: str, pred_json: Path, work_dir: Path
     original = pan_eval.pq_compute_multi_core
     pan_eval.pq_compute_multi_core = single_process
     try:
-        result = pan_eval.evaluatePanoptic(str(gt_json), str(gt_json.with_suffix("")), str(pred_json),
-                                           str(Path(pred_json).with_suffix("")), str(Path(work_dir) / "pq.json"))
+        result = pan_eval.evaluatePanoptic(
+            str(gt_json),
+            str(gt_json.with_suffix("")),
+            str(pred_json),
+            str(Path(pred_json).with_suffix("")),
+            str(Path(work_dir) / "pq.json"),
+        )
     finally:
         pan_eval.pq_compute_multi_core = original
     return result, captured["stat"]

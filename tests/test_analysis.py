@@ -17,14 +17,20 @@ def test_dead_centroids():
 
 def test_absorption_table_with_unassigned_column():
     names = ["road", "wall", "pole"]
-    conf = np.array([
-        [80, 5, 0, 15],  # road: 15 % unassigned, 5 % wall
-        [30, 10, 30, 30],  # wall: three-way tie at 0.3 -> column order (road, pole)
-        [0, 0, 0, 0],  # pole: no pixels
-    ])
+    conf = np.array(
+        [
+            [80, 5, 0, 15],  # road: 15 % unassigned, 5 % wall
+            [30, 10, 30, 30],  # wall: three-way tie at 0.3 -> column order (road, pole)
+            [0, 0, 0, 0],  # pole: no pixels
+        ]
+    )
     rows = absorption_table(conf, names)
-    assert rows[0] == {"class": "road", "pixels": 100, "correct": 0.8,
-                       "absorbed_by": [{"class": "unassigned", "share": 0.15}, {"class": "wall", "share": 0.05}]}
+    assert rows[0] == {
+        "class": "road",
+        "pixels": 100,
+        "correct": 0.8,
+        "absorbed_by": [{"class": "unassigned", "share": 0.15}, {"class": "wall", "share": 0.05}],
+    }
     assert rows[1]["correct"] == 0.1
     assert rows[1]["absorbed_by"] == [{"class": "road", "share": 0.3}, {"class": "pole", "share": 0.3}]
     assert rows[2] == {"class": "pole", "pixels": 0, "correct": None, "absorbed_by": []}

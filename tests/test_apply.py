@@ -16,16 +16,20 @@ from configs.schema import parse_config
 from core.clustering.fit_artifact import FitArtifact
 from core.errors import UserError
 from ray_jobs.apply import ApplyError, run_apply
-from storage.run.plans import model_identity
 from ray_jobs.session import init_ray
+from storage.run.plans import model_identity
 from storage.synth import generate_demo_dataset
 from tests.tiny_runs import one_colour_png, own_ray_cluster
 
 OWN_RAY_CLUSTER = True  # starts a cluster of its own settings: runs after the shared-cluster modules
 
 NUM_GOOD = 5
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "test",
+    "AWS_SECRET_ACCESS_KEY": "test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 def free_port() -> int:
@@ -35,16 +39,25 @@ def free_port() -> int:
 
 
 def apply_config(root: str, output_dir, embed_dim: int = 32):
-    return parse_config({
-        "run_name": "apply", "output_dir": str(output_dir),
-        "dataset": {"kind": "folder", "root": root, "images_per_shard": 2},
-        "model": {"vit": {"patch_size": 14, "embed_dim": embed_dim, "depth": 1, "num_heads": 2}, "feature_kind": "backbone"},
-        "inference": {"short_side": 112, "crop": 112, "stride": 56},
-        "extract": {"read": {"num_cpus": 0.25}, "model": {"num_actors": 1, "cpus_per_actor": 0.5, "batch_images": 2},
-                    "write": {"num_cpus": 0.25}},
-        "label": {"workers": {"num_actors": 2, "cpus_per_actor": 0.5}},
-        "ray": {"local_num_cpus": 2},
-    })
+    return parse_config(
+        {
+            "run_name": "apply",
+            "output_dir": str(output_dir),
+            "dataset": {"kind": "folder", "root": root, "images_per_shard": 2},
+            "model": {
+                "vit": {"patch_size": 14, "embed_dim": embed_dim, "depth": 1, "num_heads": 2},
+                "feature_kind": "backbone",
+            },
+            "inference": {"short_side": 112, "crop": 112, "stride": 56},
+            "extract": {
+                "read": {"num_cpus": 0.25},
+                "model": {"num_actors": 1, "cpus_per_actor": 0.5, "batch_images": 2},
+                "write": {"num_cpus": 0.25},
+            },
+            "label": {"workers": {"num_actors": 2, "cpus_per_actor": 0.5}},
+            "ray": {"local_num_cpus": 2},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +94,17 @@ def fit_dir(tmp_path):
     rng = np.random.default_rng(0)
     centroids = rng.normal(size=(12, 32)).astype(np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    FitArtifact(centroids=centroids, mapping=np.arange(12) % 19, mapping_kind="majority",
-                meta={"name": "k12", "feature_kind": "backbone", "plan_key": "test",
-                      "model_identity": model_identity(apply_config("unused", tmp_path))}).save(tmp_path / "fits" / "k12")
+    FitArtifact(
+        centroids=centroids,
+        mapping=np.arange(12) % 19,
+        mapping_kind="majority",
+        meta={
+            "name": "k12",
+            "feature_kind": "backbone",
+            "plan_key": "test",
+            "model_identity": model_identity(apply_config("unused", tmp_path)),
+        },
+    ).save(tmp_path / "fits" / "k12")
     return tmp_path / "fits" / "k12"
 
 
@@ -102,8 +123,10 @@ def test_apply_labels_every_object_store_image_and_records_the_bad_one(s3_frames
     failed = {Path(f["path"].split("?")[0]).name: f for f in manifest}
     assert {f["stage"] for f in failed.values()} == {"apply"}  # read by apply's own steps
     assert "corrupt or truncated" in failed["zz_truncated.png"]["error"]
-    assert "image too large: 14000x14000 px = 196,000,000 pixels, more than dataset.max_image_pixels" in (
-        failed["zz_bomb.png"]["error"])
+    assert (
+        "image too large: 14000x14000 px = 196,000,000 pixels, more than dataset.max_image_pixels"
+        in (failed["zz_bomb.png"]["error"])
+    )
     assert "extreme aspect ratio: 1x100000 px" in failed["zz_strip.png"]["error"]
 
     markers = {p: p.stat().st_mtime_ns for p in cfg.output_dir.glob("histograms/_done/*.json")}
@@ -114,14 +137,16 @@ def test_apply_labels_every_object_store_image_and_records_the_bad_one(s3_frames
 def test_apply_writes_the_features_when_asked_and_they_equal_extract(s3_frames, fit_dir, tmp_path):
     """apply.write_features: one streaming pass labels the images and keeps their patch features, in
     the extract schema (labels 255: unlabelled), the same features extract would write."""
-    from configs.geometry import image_limits, window_spec
     from actors.model_setup import model_spec
+    from configs.geometry import image_limits, window_spec
     from core.inference.dense import DenseFeatureExtractor
     from core.models import build_feature_model
-    from storage.images import read_rgb
     from storage.features import image_grids
+    from storage.images import read_rgb
 
-    cfg = parse_config({**apply_config(s3_frames, tmp_path / "out").model_dump(mode="json"), "apply": {"write_features": True}})
+    cfg = parse_config(
+        {**apply_config(s3_frames, tmp_path / "out").model_dump(mode="json"), "apply": {"write_features": True}}
+    )
     summary = run_apply(cfg, fit_dir)
     table = pq.read_table(cfg.output_dir / "features")
     grids = image_grids(table)
@@ -144,11 +169,15 @@ def test_apply_refuses_an_output_dir_in_what_it_reads_the_fit_and_its_runs_datas
     """Refused before the fit is loaded or Ray is used (no cluster here): inside --fit, holding it,
     inside the dataset of the fit's run (its config.yaml records it), and the config's own dataset."""
     from configs.schema import ConfigError
+
     run_data = tmp_path / "run_data"
     (tmp_path / "config.yaml").write_text(f"dataset: {{kind: folder, root: {run_data}}}\n")  # the run around fits/k12
     run_dataset = f"{tmp_path / 'config.yaml'}'s dataset.root={run_data}"
-    for output_dir, phrase in [(fit_dir / "out", f"lies inside --fit={fit_dir}"), (tmp_path, f"holds --fit={fit_dir}"),
-                               (run_data / "labelled", f"lies inside {run_dataset}")]:
+    for output_dir, phrase in [
+        (fit_dir / "out", f"lies inside --fit={fit_dir}"),
+        (tmp_path, f"holds --fit={fit_dir}"),
+        (run_data / "labelled", f"lies inside {run_dataset}"),
+    ]:
         with pytest.raises(UserError) as err:
             run_apply(apply_config("s3://frames/drive1", output_dir), fit_dir)  # a URI holds no local folder
         assert f"output_dir={output_dir} {phrase}: what is written there " in str(err.value)

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from core.reporting.atlas import EXAMPLES, THUMB, patch_box, render_html, thumbnail
 from core.clustering.fit_artifact import FitArtifact
 from core.mapping.human import HumanMappingError, load_human_mapping, mapping_document
+from core.reporting.atlas import EXAMPLES, THUMB, patch_box, render_html, thumbnail
 from ray_jobs.apply import run_apply
 from ray_jobs.pipeline import Pipeline
 from tests.tiny_runs import copy_run, tiny_config
@@ -23,8 +23,13 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 
 def small_fit(k=4, seed=0) -> FitArtifact:
     c = np.random.default_rng(seed).normal(size=(k, 8)).astype(np.float32)
-    return FitArtifact(c / np.linalg.norm(c, axis=1, keepdims=True), np.arange(k) % 3, "majority", {},
-                       {"mapping_counts": np.ones((2, k, 19), np.int64)})
+    return FitArtifact(
+        c / np.linalg.norm(c, axis=1, keepdims=True),
+        np.arange(k) % 3,
+        "majority",
+        {},
+        {"mapping_counts": np.ones((2, k, 19), np.int64)},
+    )
 
 
 def test_a_thumbnail_outlines_its_patch_with_context_and_pads_the_edge():
@@ -54,7 +59,7 @@ def test_a_mapping_is_refused_unless_made_for_this_very_fit(tmp_path):
         "not a trainId": ({**doc, "mapping": {**doc["mapping"], "2": 19}}, "cluster 2 -> 19"),
         "not a mapping": ({"k": 4}, "is not a cluster mapping"),
     }
-    for name, (bad, message) in cases.items():
+    for bad, message in cases.values():
         path.write_text(json.dumps(bad))
         with pytest.raises(HumanMappingError, match=message):
             load_human_mapping(path, fit, tmp_path)
@@ -78,15 +83,22 @@ def test_a_clusters_share_counts_the_pixels_its_patches_cover():
 
     small, large = np.zeros((2, 4, 4)), np.zeros((2, 4, 4))
     small[0], large[1] = 1, 1  # the small image's patches go to cluster 0, the large one's to cluster 1
-    table = patch_table(["small", "large"], [small, large], [np.zeros((4, 4), np.uint8)] * 2, patch_schema(2, "float32"),
-                        [(56, 56), (112, 112)])
+    table = patch_table(
+        ["small", "large"],
+        [small, large],
+        [np.zeros((4, 4), np.uint8)] * 2,
+        patch_schema(2, "float32"),
+        [(56, 56), (112, 112)],
+    )
     found = _shard_members(table, 0, np.eye(2, dtype=np.float32), 0)
     assert found["patches"].tolist() == [16, 16] and found["pixels"].tolist() == [56 * 56, 112 * 112]
 
 
 def test_the_page_data_cannot_close_its_script_element():
     page = render_html([], small_fit(), {"fit": "k4</script><script>alert(1)</script>", "run": "/tmp/run<!--<script>"})
-    assert page.count("</script>") == 2 and page.count("<script") == 2 and "<!--" not in page  # the data's own are escaped
+    assert (
+        page.count("</script>") == 2 and page.count("<script") == 2 and "<!--" not in page
+    )  # the data's own are escaped
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +155,9 @@ def test_the_atlas_command_writes_another_fits_atlas_beside_the_run_and_refuses_
     assert "is not one of this run's fits" in capsys.readouterr().err
 
 
-def test_the_atlas_command_runs_from_any_directory_and_takes_the_dataset_under_another_path(atlas_run, tmp_path,
-                                                                                              monkeypatch):
+def test_the_atlas_command_runs_from_any_directory_and_takes_the_dataset_under_another_path(
+    atlas_run, tmp_path, monkeypatch
+):
     import submit
 
     cfg, out = atlas_run
@@ -153,10 +166,16 @@ def test_the_atlas_command_runs_from_any_directory_and_takes_the_dataset_under_a
     mounted = tmp_path / "mounted"  # the same images under another path: the same dataset
     mounted.symlink_to(recorded["dataset"]["root"])
     monkeypatch.chdir(tmp_path)
-    assert submit.main(["atlas", "--fit", str(out / "fits" / "k16"), "--out", "elsewhere", "--set", f"dataset.root={mounted}"]) == 0
+    assert (
+        submit.main(
+            ["atlas", "--fit", str(out / "fits" / "k16"), "--out", "elsewhere", "--set", f"dataset.root={mounted}"]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "elsewhere" / "failed_items.json").read_text()) == []
-    assert (tmp_path / "elsewhere" / "sprites" / "sprite-000.jpg").read_bytes() == \
-        (out / "atlas" / "sprites" / "sprite-000.jpg").read_bytes()  # the run's own atlas, byte for byte
+    assert (tmp_path / "elsewhere" / "sprites" / "sprite-000.jpg").read_bytes() == (
+        out / "atlas" / "sprites" / "sprite-000.jpg"
+    ).read_bytes()  # the run's own atlas, byte for byte
 
 
 def test_an_image_unreadable_at_atlas_time_is_listed_and_the_rest_is_written(atlas_run, tmp_path):
@@ -171,16 +190,26 @@ def test_an_image_unreadable_at_atlas_time_is_listed_and_the_rest_is_written(atl
     bad = tmp_path / "truncated.png"
     bad.write_bytes(Path(records[0].image_path).read_bytes()[:100])
     records = [dataclasses.replace(records[0], image_path=str(bad)), *records[1:]]
-    run_atlas(cfg, out / "fits" / "k16", out / "fits" / "baseline_k19", FeatureShards(out / "features", read_done(out / "features")),
-              records, tmp_path / "atlas")
+    run_atlas(
+        cfg,
+        out / "fits" / "k16",
+        out / "fits" / "baseline_k19",
+        FeatureShards(out / "features", read_done(out / "features")),
+        records,
+        tmp_path / "atlas",
+    )
     (failed,) = json.loads((tmp_path / "atlas" / "failed_items.json").read_text())
     assert failed["image_id"] == records[0].image_id and "truncated.png" in failed["error"]
     cards = json.loads((tmp_path / "atlas" / "atlas.json").read_text())["cards"]
-    assert [c["patches"] for c in cards] == [c["patches"] for c in json.loads((out / "atlas" / "atlas.json").read_text())["cards"]]
+    assert [c["patches"] for c in cards] == [
+        c["patches"] for c in json.loads((out / "atlas" / "atlas.json").read_text())["cards"]
+    ]
     assert (tmp_path / "atlas" / "index.html").is_file()
 
 
-def test_a_human_mapping_labels_and_is_scored_as_its_own_protocol_and_another_fits_is_refused(atlas_run, demo_root, tmp_path):
+def test_a_human_mapping_labels_and_is_scored_as_its_own_protocol_and_another_fits_is_refused(
+    atlas_run, demo_root, tmp_path
+):
     cfg, out = atlas_run
     fit = FitArtifact.load(out / "fits" / "k16")
     everything_road = mapping_document(fit, np.zeros(fit.k, np.int64), list(range(fit.k)))
@@ -196,7 +225,9 @@ def test_a_human_mapping_labels_and_is_scored_as_its_own_protocol_and_another_fi
     train_ids = np.asarray(Image.open(next((run / "labels").rglob("*_trainIds.png"))))
     assert set(np.unique(train_ids)) <= {0, 255}  # the written labels use the person's mapping
 
-    applied = run_apply(tiny_config(demo_root, tmp_path / "applied", dataset={"max_images": 2}), out / "fits" / "k16", path)
+    applied = run_apply(
+        tiny_config(demo_root, tmp_path / "applied", dataset={"max_images": 2}), out / "fits" / "k16", path
+    )
     assert applied["mapping_kind"] == "human" and applied["human_mapping"] == str(path)
     other = mapping_document(FitArtifact.load(out / "fits" / "k8"), np.zeros(8, np.int64), [])
     path.write_text(json.dumps(other))
@@ -204,8 +235,10 @@ def test_a_human_mapping_labels_and_is_scored_as_its_own_protocol_and_another_fi
         run_apply(tiny_config(demo_root, tmp_path / "refused", dataset={"max_images": 2}), out / "fits" / "k16", path)
 
 
-@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+@pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
+)
 def test_the_atlas_in_a_real_browser_renders_every_card_and_exports_the_names_chosen(atlas_run, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -218,18 +251,31 @@ def test_the_atlas_in_a_real_browser_renders_every_card_and_exports_the_names_ch
     downloads.mkdir()
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1300,900", f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1300,900",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False})
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
         driver.get((out / "atlas" / "index.html").as_uri())
         cards = driver.find_elements(By.CSS_SELECTOR, ".card")
         assert len(cards) == fit.k
         thumbs = driver.find_elements(By.CSS_SELECTOR, ".thumb")
-        assert len(thumbs) == sum(min(EXAMPLES, c["patches"]) for c in json.loads((out / "atlas" / "atlas.json").read_text())["cards"])
+        assert len(thumbs) == sum(
+            min(EXAMPLES, c["patches"]) for c in json.loads((out / "atlas" / "atlas.json").read_text())["cards"]
+        )
         sprites = driver.execute_async_script("""
             const done = arguments[arguments.length - 1];
             const urls = [...new Set([...document.querySelectorAll('.thumb')].map(
@@ -239,6 +285,7 @@ def test_the_atlas_in_a_real_browser_renders_every_card_and_exports_the_names_ch
         assert sprites and all(width == EXAMPLES * THUMB for width in sprites)
         shot = out / "atlas" / "screenshot.png"
         driver.save_screenshot(str(shot))
+
         def pick(cluster, value):
             card = driver.find_element(By.CSS_SELECTOR, f'.card[data-cluster="{cluster}"]')
             Select(card.find_element(By.CSS_SELECTOR, ".picker")).select_by_value(value)

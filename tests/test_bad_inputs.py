@@ -21,13 +21,13 @@ from PIL import Image
 from actors.extract import finish_features, image_windows, write_features
 from actors.window_features import WindowFeatures
 from core.models import CheckpointError, ModelSpec, ViTSpec, build_feature_model
-from storage.run.fits import FitError
 from ray_jobs.fit import run_fit
 from ray_jobs.pipeline import Pipeline
 from storage.datasets import DatasetError, list_cityscapes, list_image_folder
 from storage.features import patch_schema, patch_table
-from storage.run.shards import plan_shards
+from storage.run.fits import FitError
 from storage.run.markers import read_done
+from storage.run.shards import plan_shards
 from tests.tiny_runs import NUM_IMAGES, extract_stage_plan, feature_ids, one_colour_png, tiny_config, write_extracted
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,9 +59,15 @@ def _break(root: Path) -> dict[str, tuple[Path, str]]:
     expect[r[3].image_id] = (r[3].image_path, "RGBA image with transparent pixels; flatten it onto a background")
     _save_png(Path(r[4].image_path), np.dstack([rgb(4), np.full(rgb(4).shape[:2], 255, np.uint8)]))  # opaque: fine
     Path(r[5].label_ids_path).unlink()
-    expect[r[5].image_id] = (r[5].label_ids_path, "ground truth is missing; add it, or run on unlabelled data with dataset.kind=folder")
+    expect[r[5].image_id] = (
+        r[5].label_ids_path,
+        "ground truth is missing; add it, or run on unlabelled data with dataset.kind=folder",
+    )
     _save_png(Path(r[6].label_ids_path), np.full((64, 128), 7, np.uint8))
-    expect[r[6].image_id] = (r[6].label_ids_path, "ground truth is 64x128 but its image is 128x256; they must be the same size")
+    expect[r[6].image_id] = (
+        r[6].label_ids_path,
+        "ground truth is 64x128 but its image is 128x256; they must be the same size",
+    )
     label_ids = np.asarray(Image.open(r[7].label_ids_path)).copy()
     label_ids[5, 5] = 40
     _save_png(Path(r[7].label_ids_path), label_ids)
@@ -69,11 +75,16 @@ def _break(root: Path) -> dict[str, tuple[Path, str]]:
     Path(r[8].instance_ids_path).unlink()  # only the label stage needs it: extracted, then failed
     expect[r[8].image_id] = (r[8].instance_ids_path, "instance ground truth is missing; panoptic scores need")
     Path(r[9].image_path).write_bytes(one_colour_png(14000, 14000))  # a decompression bomb: 196 Mpx in 24 kB
-    expect[r[9].image_id] = (r[9].image_path, "image too large: 14000x14000 px = 196,000,000 pixels, more than "
-                                              "dataset.max_image_pixels=100,000,000; downscale it, or raise")
+    expect[r[9].image_id] = (
+        r[9].image_path,
+        "image too large: 14000x14000 px = 196,000,000 pixels, more than "
+        "dataset.max_image_pixels=100,000,000; downscale it, or raise",
+    )
     Path(r[10].image_path).write_bytes(one_colour_png(100_000, 1))  # 107 bytes, 200,000 windows at short side 112
-    expect[r[10].image_id] = (r[10].image_path, "extreme aspect ratio: 1x100000 px is 100,000.0:1, more than "
-                                                "dataset.max_aspect_ratio=16; crop it into pieces")
+    expect[r[10].image_id] = (
+        r[10].image_path,
+        "extreme aspect ratio: 1x100000 px is 100,000.0:1, more than dataset.max_aspect_ratio=16; crop it into pieces",
+    )
     return expect
 
 
@@ -107,8 +118,10 @@ def test_several_bad_files_in_one_dataset(ray_cluster, demo_root, tmp_path, caps
     assert stages.pop(records[8].image_id) == {"label"}
     assert all(s == {"extract"} for s in stages.values())
     assert set(feature_ids(cfg.output_dir)) == {records[i].image_id for i in (4, 8, 11)}
-    written = {p.name.removesuffix("_gtFine_labelIds.png").removesuffix("_labelIds.png")
-               for p in cfg.output_dir.glob("labels/labelIds/*/*.png")}
+    written = {
+        p.name.removesuffix("_gtFine_labelIds.png").removesuffix("_labelIds.png")
+        for p in cfg.output_dir.glob("labels/labelIds/*/*.png")
+    }
     assert len(written) == 2
 
 
@@ -127,7 +140,12 @@ def test_missing_checkpoint_stops_the_stage_with_its_own_error(ray_cluster, demo
 
 def test_mismatched_checkpoint_lists_what_differs(ray_cluster, demo_root, tmp_path):
     path = tmp_path / "two_blocks.pth"
-    torch.save(build_feature_model(ModelSpec(vit=ViTSpec(patch_size=14, embed_dim=32, depth=2, num_heads=2))).backbone.state_dict(), path)
+    torch.save(
+        build_feature_model(
+            ModelSpec(vit=ViTSpec(patch_size=14, embed_dim=32, depth=2, num_heads=2))
+        ).backbone.state_dict(),
+        path,
+    )
     with pytest.raises(CheckpointError) as err:
         Pipeline(_checkpoint_config(demo_root, tmp_path / "out", path)).run(("extract",))
     message = str(err.value)
@@ -135,6 +153,7 @@ def test_mismatched_checkpoint_lists_what_differs(ray_cluster, demo_root, tmp_pa
     assert "fix:" in message
 
 
+@pytest.mark.ray  # the fit stage's tasks
 def test_nan_features_drop_the_images_and_fit_says_why(demo_root, tmp_path):
     """A checkpoint full of NaN gives NaN features: every image is dropped with the reason, and the
     fit then refuses to run on no features (Ray-free: the actor class is called directly)."""
@@ -151,7 +170,9 @@ def test_nan_features_drop_the_images_and_fit_says_why(demo_root, tmp_path):
         rows = list(image_windows(shard, config))
         batch = {k: np.array([r[k] for r in rows]) for k in rows[0]}  # a Ray Data numpy batch of the rows
         out = WindowFeatures(config)(batch)
-        statuses = [write_features({k: v[i] for k, v in out.items()}, config, stage_dir, "test-plan") for i in range(len(rows))]
+        statuses = [
+            write_features({k: v[i] for k, v in out.items()}, config, stage_dir, "test-plan") for i in range(len(rows))
+        ]
     finally:
         torch.set_num_threads(threads)
     assert all("NaN/inf features" in s["error"] for s in statuses)
@@ -173,10 +194,13 @@ def _write_features(cfg, num_images: int, patches: int, nan_rows: int = 0) -> tu
     if nan_rows:
         features[0][:, 0, :nan_rows] = np.inf
     labels = [np.full((1, patches), 0, np.uint8) for _ in range(num_images)]
-    table = patch_table([f"img{i}" for i in range(num_images)], features, labels, patch_schema(32), [(14, 14 * patches)] * num_images)
+    table = patch_table(
+        [f"img{i}" for i in range(num_images)], features, labels, patch_schema(32), [(14, 14 * patches)] * num_images
+    )
     return write_extracted(cfg, [table])
 
 
+@pytest.mark.ray  # the fit stage's tasks
 def test_k_larger_than_the_sample_names_fit_k_and_the_sample_size(demo_root, tmp_path):
     cfg = tiny_config(demo_root, tmp_path / "out", fit={"k": 16, "k_sweep": [8], "max_patches_per_image": 64})
     args = _write_features(cfg, num_images=2, patches=5)
@@ -186,6 +210,7 @@ def test_k_larger_than_the_sample_names_fit_k_and_the_sample_size(demo_root, tmp
     assert "lower fit.k / fit.k_sweep or raise fit.max_patches_per_image" in str(err.value)
 
 
+@pytest.mark.ray  # the fit stage's tasks
 def test_nan_or_inf_rows_in_stored_features_stop_the_fit(demo_root, tmp_path):
     cfg = tiny_config(demo_root, tmp_path / "out", fit={"k": 2, "k_sweep": [2], "max_patches_per_image": 64})
     args = _write_features(cfg, num_images=3, patches=40, nan_rows=4)
@@ -203,7 +228,9 @@ def test_empty_image_folder_is_a_dataset_error(tmp_path):
 
 
 def _submit(*args, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "submit.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "submit.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def _assert_clean_exit_2(result: subprocess.CompletedProcess, *phrases: str) -> None:
@@ -215,13 +242,16 @@ def _assert_clean_exit_2(result: subprocess.CompletedProcess, *phrases: str) -> 
         assert phrase in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("text, phrases", [
-    ("fit: {kk: 3}\n", ["fit.kk: unknown key"]),
-    ("fit: {k: -1}\n", ["fit.k: Input should be greater than or equal to 2 (got -1)"]),
-    ("inference: {crop: 100, stride: 50}\n", ["inference.crop=100 must be a multiple of model.vit.patch_size=14"]),
-    ("fit: [1, 2\n", ["is not valid YAML"]),
-    ("- just a list\n", ["must be a mapping of keys to values"]),
-])
+@pytest.mark.parametrize(
+    "text, phrases",
+    [
+        ("fit: {kk: 3}\n", ["fit.kk: unknown key"]),
+        ("fit: {k: -1}\n", ["fit.k: Input should be greater than or equal to 2 (got -1)"]),
+        ("inference: {crop: 100, stride: 50}\n", ["inference.crop=100 must be a multiple of model.vit.patch_size=14"]),
+        ("fit: [1, 2\n", ["is not valid YAML"]),
+        ("- just a list\n", ["must be a mapping of keys to values"]),
+    ],
+)
 def test_bad_config_exits_2_with_the_key_and_no_traceback(tmp_path, text, phrases):
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
@@ -238,12 +268,20 @@ def test_bad_override_and_missing_config_exit_2(tmp_path):
 def test_empty_split_exits_2_naming_the_folder(tmp_path):
     (tmp_path / "data" / "leftImg8bit" / "val").mkdir(parents=True)
     config = tmp_path / "empty.yaml"
-    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"),
-                                      "dataset": {"root": str(tmp_path / "data"), "split": "val"}}))
-    _assert_clean_exit_2(_submit("run", "--config", str(config)),
-                         f"{tmp_path / 'data' / 'leftImg8bit' / 'val'} holds no *_leftImg8bit.png files: the split is empty")
-    _assert_clean_exit_2(_submit("run", "--config", str(config), "--set", "dataset.split=train"),
-                         "no Cityscapes split at", "set dataset.root")
+    config.write_text(
+        yaml.safe_dump(
+            {"output_dir": str(tmp_path / "out"), "dataset": {"root": str(tmp_path / "data"), "split": "val"}}
+        )
+    )
+    _assert_clean_exit_2(
+        _submit("run", "--config", str(config)),
+        f"{tmp_path / 'data' / 'leftImg8bit' / 'val'} holds no *_leftImg8bit.png files: the split is empty",
+    )
+    _assert_clean_exit_2(
+        _submit("run", "--config", str(config), "--set", "dataset.split=train"),
+        "no Cityscapes split at",
+        "set dataset.root",
+    )
 
 
 def test_missing_checkpoint_exits_2_without_a_traceback(demo_root, tmp_path):
@@ -256,13 +294,16 @@ def test_missing_checkpoint_exits_2_without_a_traceback(demo_root, tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr + result.stdout
     last = result.stderr.strip().splitlines()[-1]
-    assert last == (f"error: DINOv2 backbone checkpoint not found: {absent} does not exist (or is not a file); "
-                    "set model.backbone_checkpoint to the file, or model.cause_root to a folder in the CAUSE layout "
-                    "(<cause_root>/checkpoint/dinov2_vit_base_14.pth)")
+    assert last == (
+        f"error: DINOv2 backbone checkpoint not found: {absent} does not exist (or is not a file); "
+        "set model.backbone_checkpoint to the file, or model.cause_root to a folder in the CAUSE layout "
+        "(<cause_root>/checkpoint/dinov2_vit_base_14.pth)"
+    )
 
 
 def test_compare_refuses_to_write_into_a_run_it_reads(tmp_path, capsys):
     import submit
+
     for run in ("head", "backbone"):
         (tmp_path / run).mkdir()
         (tmp_path / run / "report.json").write_text("{}")
@@ -287,23 +328,33 @@ def test_ctrl_c_on_a_stage_says_what_is_kept_and_exits_130(tmp_path, monkeypatch
 
     def interrupted(args):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(submit, "run_stages", interrupted)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out")}))
     for command in ("run", "extract", "apply"):
         args = [command, "--config", str(config)] + (["--fit", str(tmp_path / "fit")] if command == "apply" else [])
         assert submit.main(args) == 130
-        assert capsys.readouterr().err == (f"interrupted: finished shards and images are kept in {tmp_path / 'out'}; "
-                                           "run the same command again to resume\n")
+        assert capsys.readouterr().err == (
+            f"interrupted: finished shards and images are kept in {tmp_path / 'out'}; "
+            "run the same command again to resume\n"
+        )
 
 
 def test_ctrl_c_ends_a_real_command_with_one_line_and_exit_130(tmp_path):
     import signal
     import time
+
     root = tmp_path / "data"
     command = [sys.executable, str(REPO / "submit.py"), "synth", "--root", str(root), "--num-images", "100000"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # as at a terminal
     try:
         deadline = time.monotonic() + 60
         while not list(root.glob("leftImg8bit/val/*/*.png")) and time.monotonic() < deadline:

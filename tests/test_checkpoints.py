@@ -98,7 +98,9 @@ def test_missing_files_name_the_path_and_the_config_key(cause_root, tmp_path):
     with pytest.raises(CheckpointError) as err:
         build_feature_model(_spec(tmp_path))
     message = str(err.value)
-    assert str(tmp_path / BACKBONE) in message and "model.backbone_checkpoint" in message and "model.cause_root" in message
+    assert (
+        str(tmp_path / BACKBONE) in message and "model.backbone_checkpoint" in message and "model.cause_root" in message
+    )
     root = tmp_path / "partial"
     (root / BACKBONE).parent.mkdir(parents=True)
     (root / BACKBONE).write_bytes((cause_root / BACKBONE).read_bytes())
@@ -111,8 +113,14 @@ def test_head_needs_the_cause_files(cause_root):
         build_feature_model(ModelSpec(vit=SMALL_B14, feature_kind="head", backbone_checkpoint=cause_root / BACKBONE))
     assert "model.cause_root" in str(err.value)
     with pytest.raises(CheckpointError, match=r"unset: model\.backbone_checkpoint"):  # real head on a random ViT
-        build_feature_model(ModelSpec(vit=SMALL_B14, feature_kind="head", head_checkpoint=cause_root / SEGMENT,
-                                      codebook_path=cause_root / MODULAR))
+        build_feature_model(
+            ModelSpec(
+                vit=SMALL_B14,
+                feature_kind="head",
+                head_checkpoint=cause_root / SEGMENT,
+                codebook_path=cause_root / MODULAR,
+            )
+        )
 
 
 def test_mismatched_state_dict_lists_keys_shapes_and_fix(tmp_path):

@@ -84,7 +84,9 @@ def test_faiss_fit_ignores_the_callers_thread_count_and_restores_it():
 
 def test_fit_kmeans_errors():
     x, _ = _blobs(0, per_blob=2)  # n = 8
-    with pytest.raises(ValueError, match=r"k=9 is larger than the number of sampled patch features \(n=8\); lower fit.k"):
+    with pytest.raises(
+        ValueError, match=r"k=9 is larger than the number of sampled patch features \(n=8\); lower fit.k"
+    ):
         fit_kmeans(x, 9, seed=0)
     with pytest.raises(ValueError, match="at least 2"):
         fit_kmeans(x, 1, seed=0)

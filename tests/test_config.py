@@ -56,16 +56,23 @@ def test_missing_config_file_says_where_examples_are(tmp_path):
 
 def test_cluster_probe_baseline_needs_head_features(tmp_path):
     with pytest.raises(ConfigError, match="feature_kind=head"):
-        parse_config({"fit": {"baseline": "cluster_probe"}, "model": {"cluster_probe_checkpoint": str(tmp_path / "c.pth")}}, "test")
+        parse_config(
+            {"fit": {"baseline": "cluster_probe"}, "model": {"cluster_probe_checkpoint": str(tmp_path / "c.pth")}},
+            "test",
+        )
 
 
 def test_the_demo_config_applies_on_its_own_two_cpus():
     """apply runs the model and the labelling pools at once: their actors and one read task must
     fit the demo's local_num_cpus, as `session.check_schedulable` asks."""
     from ray_jobs.apply import with_apply_pools
+
     demo = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", [])
     cfg = with_apply_pools(demo)
-    pools = cfg.extract.model.num_actors * cfg.extract.model.cpus_per_actor + cfg.label.workers.num_actors * cfg.label.workers.cpus_per_actor
+    pools = (
+        cfg.extract.model.num_actors * cfg.extract.model.cpus_per_actor
+        + cfg.label.workers.num_actors * cfg.label.workers.cpus_per_actor
+    )
     assert pools + cfg.extract.read.num_cpus <= cfg.ray.local_num_cpus
     assert demo.extract.model.num_actors == 2 and cfg.extract.model.num_actors == 1  # extract alone keeps two
 
@@ -73,18 +80,29 @@ def test_the_demo_config_applies_on_its_own_two_cpus():
 def test_the_demo_config_labels_and_scores_on_its_own_two_cpus():
     """The labelling pool holds its CPUs for the stage; one read task and one score task must still fit."""
     from ray_jobs.pipeline import stage_steps
+
     demo = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", [])
     steps = stage_steps(demo, "label")
     assert set(steps) == {"label.read", "label.workers", "label.score"}
     pool = demo.label.workers.num_actors * demo.label.workers.cpus_per_actor
     assert pool + max(demo.label.read.num_cpus, demo.label.score.num_cpus) <= demo.ray.local_num_cpus
+
+
 CITYSCAPES_WINDOWS = {"short_side": 322, "crop": 322, "stride": 161}
 
 
-@pytest.mark.parametrize("protocol, scales", [("official", [1.0]), ("official", [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]),
-                                              ("paper", [0.75, 1.0, 1.25, 1.5, 1.75, 2.0]), ("cause", [1.0])])
+@pytest.mark.parametrize(
+    "protocol, scales",
+    [
+        ("official", [1.0]),
+        ("official", [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]),
+        ("paper", [0.75, 1.0, 1.25, 1.5, 1.75, 2.0]),
+        ("cause", [1.0]),
+    ],
+)
 def test_the_default_image_limits_pass_cityscapes_frames_at_scales_up_to_2_and_large_photos(protocol, scales):
     from configs.geometry import image_limits, image_window_count
+
     cfg = parse_config({"protocol": protocol, "inference": {**CITYSCAPES_WINDOWS, "scales": scales}})
     limits = image_limits(cfg)
     for hw in [(1024, 2048), (8000, 8000), (6000, 9000), (64, 128)]:
@@ -97,28 +115,40 @@ def test_the_default_image_limits_pass_cityscapes_frames_at_scales_up_to_2_and_l
 
 def test_an_image_cut_into_too_many_windows_names_the_key_that_raises_the_limit():
     from configs.geometry import image_limits
+
     cfg = parse_config({"inference": {**CITYSCAPES_WINDOWS, "scales": [1.0, 2.0], "max_windows_per_image": 20}})
     limits = image_limits(cfg)
     assert limits.problem(1024, 1500) is None  # 3 + 14 windows
     assert limits.problem(1024, 2048) == (
         "a 1024x2048 px image is cut into 24 windows at inference.scales=[1.0, 2.0], more than "
         "inference.max_windows_per_image=20; downscale or crop it, or raise inference.max_windows_per_image (each "
-        "window is one model pass and its features)")
+        "window is one model pass and its features)"
+    )
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"inference": {**CITYSCAPES_WINDOWS, "scales": [1.0, 40.0]}},
-     r"inference.scales=\[1.0, 40.0\] cut even a square image into 6242 windows, more than "
-     r"inference.max_windows_per_image=512, so every image would fail: lower the scales"),
-    ({"inference": {**CITYSCAPES_WINDOWS, "max_windows_per_image": 2}, "protocol": "cause"},
-     r"cut even a square image into 3 windows, more than inference.max_windows_per_image=2"),  # CAUSE's crop counts
-    ({"dataset": {"max_image_pixels": 528}},
-     r"dataset.max_image_pixels=528 is fewer than the smallest usable image \(23x23 px: one pixel per patch"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (
+            {"inference": {**CITYSCAPES_WINDOWS, "scales": [1.0, 40.0]}},
+            r"inference.scales=\[1.0, 40.0\] cut even a square image into 6242 windows, more than "
+            r"inference.max_windows_per_image=512, so every image would fail: lower the scales",
+        ),
+        (
+            {"inference": {**CITYSCAPES_WINDOWS, "max_windows_per_image": 2}, "protocol": "cause"},
+            r"cut even a square image into 3 windows, more than inference.max_windows_per_image=2",
+        ),  # CAUSE's crop counts
+        (
+            {"dataset": {"max_image_pixels": 528}},
+            r"dataset.max_image_pixels=528 is fewer than the smallest usable image \(23x23 px: one pixel per patch",
+        ),
+    ],
+)
 def test_limits_that_every_image_would_exceed_are_refused_before_any_is_read(tmp_path, settings, message):
     """By every command that reads images (here `run` and `apply`), before it lists the dataset or loads the fit."""
     from ray_jobs.apply import run_apply
     from ray_jobs.pipeline import Pipeline
+
     cfg = parse_config({"output_dir": str(tmp_path / "out"), "dataset": {"root": str(tmp_path / "absent")}, **settings})
     with pytest.raises(ConfigError, match=message):
         Pipeline(cfg)

@@ -9,11 +9,13 @@ from core.refine.crf import dense_crf, softmax
 def _scene(seed=0, h=40, w=60, flip=0.15):
     rng = np.random.default_rng(seed)
     truth = np.zeros((h, w), np.int64)
-    truth[:, w // 2:] = 1
+    truth[:, w // 2 :] = 1
     image = np.where(truth[..., None] == 1, 200, 40).astype(np.uint8).repeat(3, axis=2)
     image = np.clip(image + rng.integers(-5, 6, image.shape), 0, 255).astype(np.uint8)
     noisy = np.where(rng.random((h, w)) < flip, 1 - truth, truth)
-    scores = np.stack([noisy == 0, noisy == 1]).astype(np.float32) * 0.3 + rng.normal(0, 0.02, (2, h, w)).astype(np.float32)
+    scores = np.stack([noisy == 0, noisy == 1]).astype(np.float32) * 0.3 + rng.normal(0, 0.02, (2, h, w)).astype(
+        np.float32
+    )
     return image, scores, truth
 
 

@@ -94,7 +94,7 @@ def test_windows_cut_on_cpu_and_stitched_back_equal_the_one_process_pass():
     features = dense.windows(batch)  # one model call for both images
     start = 0
     for image, (windows, layouts) in zip(images, cut):
-        grids = stitch_windows(features[start:start + len(windows)], layouts, 28, 21, 14)
+        grids = stitch_windows(features[start : start + len(windows)], layouts, 28, 21, 14)
         start += len(windows)
         assert [r for _, r in grids] == [resized_size(*image.shape[:2], s) for s in (70, 42)]
         np.testing.assert_allclose(grids[0][0], dense([image])[0], atol=1e-6)

@@ -16,13 +16,17 @@ from tests.tiny_runs import NUM_IMAGES, centroid_bytes, feature_ids, report_metr
 def runs(ray_cluster, tiny_run, demo_root, tmp_path_factory):
     """The session's tiny run (one actor, 4 images per shard) and the same config on two actors, 5 per shard."""
     assert tiny_run.dataset.images_per_shard == 4 and tiny_run.extract.model.num_actors == 1
-    two = tiny_config(demo_root, tmp_path_factory.mktemp("determinism") / "two_actors", images_per_shard=5, num_actors=2)
+    two = tiny_config(
+        demo_root, tmp_path_factory.mktemp("determinism") / "two_actors", images_per_shard=5, num_actors=2
+    )
     Pipeline(two).run()
     return tiny_run.output_dir, two.output_dir
 
 
 def _sorted_features(output_dir):
-    return pq.read_table(output_dir / "features").sort_by([("image_id", "ascending"), ("row", "ascending"), ("col", "ascending")])
+    return pq.read_table(output_dir / "features").sort_by(
+        [("image_id", "ascending"), ("row", "ascending"), ("col", "ascending")]
+    )
 
 
 def _differences(a, b, path="", rel=0.0):
@@ -46,7 +50,9 @@ def test_features_centroids_and_mappings_are_identical(runs):
     assert set(hashes) == {"k16", "k8", "baseline_k19"}
     assert hashes == centroid_bytes(two)
     for name in hashes:
-        assert np.array_equal(np.load(one / "fits" / name / "mapping.npy"), np.load(two / "fits" / name / "mapping.npy"))
+        assert np.array_equal(
+            np.load(one / "fits" / name / "mapping.npy"), np.load(two / "fits" / name / "mapping.npy")
+        )
 
 
 def test_report_metrics_are_identical_up_to_float_summation_order(runs):

@@ -24,8 +24,14 @@ SHARD_IMAGES = [7, 5, 8]  # images per shard; 24 x 48 patches each -> 23,040 row
 def ray_cluster():
     repo_root = str(Path(__file__).resolve().parent.parent)
     own_ray_cluster()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 ** 2,
-             runtime_env={"env_vars": {"PYTHONPATH": repo_root}}, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 1024**2,
+        runtime_env={"env_vars": {"PYTHONPATH": repo_root}},
+        log_to_driver=False,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
@@ -53,14 +59,16 @@ def shards(tmp_path_factory):
         write_parquet_atomic(table, path)
         files.append(path)
         # What a worker reads: the float16 values, as float32.
-        parts.append(np.concatenate([f.transpose(1, 2, 0).reshape(-1, DIM) for f in feats]).astype(np.float16).astype(np.float32))
+        parts.append(
+            np.concatenate([f.transpose(1, 2, 0).reshape(-1, DIM) for f in feats]).astype(np.float16).astype(np.float32)
+        )
     return files, np.concatenate(parts)
 
 
 def test_one_pass_equals_the_single_process_partial(ray_cluster, shards):
     files, x = shards
     init = fit_kmeans(x[::10], K, seed=0, n_iter=2)
-    (sums, counts, inertia), = lloyd_pass([str(f) for f in files], {"k": init}, batch_rows=4096, fan_in=2).values()
+    ((sums, counts, inertia),) = lloyd_pass([str(f) for f in files], {"k": init}, batch_rows=4096, fan_in=2).values()
     ref_sums, ref_counts, ref_inertia = lloyd_partial(x, init)
     assert counts.sum() == len(x) == 23040
     assert np.array_equal(counts, ref_counts)
@@ -134,7 +142,9 @@ def test_row_weights_fit_a_union_by_share(ray_cluster, shards):
     doubled, doubled_history = distributed_lloyd(files, {"k": init}, max_iter=3, tol=0, row_weights=[2.0] * 3)["k"]
     plain, plain_history = distributed_lloyd(files, {"k": init}, max_iter=3, tol=0)["k"]
     np.testing.assert_allclose(doubled, plain, atol=1e-6)
-    np.testing.assert_allclose([h["inertia"] for h in doubled_history], [2 * h["inertia"] for h in plain_history], rtol=1e-9)
+    np.testing.assert_allclose(
+        [h["inertia"] for h in doubled_history], [2 * h["inertia"] for h in plain_history], rtol=1e-9
+    )
 
 
 def test_the_torch_assigner_in_the_tasks_gives_the_same_fit(ray_cluster, shards):

@@ -9,15 +9,14 @@ import pytest
 from scipy import ndimage
 
 from configs.schema import ConfigError, RefineConfig
-from core.evaluation.base import (FOLD_SUFFIX, ImageToScore, LabelMap, PanopticRules, Segmenter, add_images,
-                                  add_totals)
+from core.evaluation.base import FOLD_SUFFIX, ImageToScore, LabelMap, PanopticRules, Segmenter, add_images, add_totals
+from core.evaluation.metrics import confusion_matrix
 from core.evaluation.official import OfficialEvaluator
+from core.evaluation.panoptic import _compact, connected_components, gt_panoptic, panoptic_from_train_ids, pq_stats
 from core.evaluation.paper import PaperEvaluator
 from core.labelling.image import ImageLabeller, ImageLabels, LabelFit, LabelRequest
-from core.evaluation.metrics import confusion_matrix
-from core.evaluation.panoptic import _compact, connected_components, gt_panoptic, panoptic_from_train_ids, pq_stats
-from storage.images import GroundTruth
 from ray_jobs.pipeline import Pipeline
+from storage.images import GroundTruth
 from tests.tiny_runs import copy_run, report_metrics, tiny_config
 
 RNG = np.random.default_rng(0)
@@ -50,9 +49,11 @@ def image_to_score(targets, truth, fold=0, clusters=None, counter=None):
             def __call__(self, labels):
                 counter.append(id(labels)) if id(labels) not in counter else None
                 return inner(labels)
+
         segmenter = Counting()
-    return ImageToScore(targets=targets, clusters=clusters or {}, cluster_counts={}, crops={}, truth=truth, fold=fold,
-                        segment=segmenter)
+    return ImageToScore(
+        targets=targets, clusters=clusters or {}, cluster_counts={}, crops={}, truth=truth, fold=fold, segment=segmenter
+    )
 
 
 def test_official_evaluator_counts_what_the_metrics_count():
@@ -74,7 +75,9 @@ def test_a_label_map_shared_by_two_targets_is_segmented_and_scored_once():
     assert len(segmented) == 2  # the shared map once, its copy (another object) once
     for evaluator in ("official", "paper"):
         for kind in ("confusion", "pq"):
-            np.testing.assert_array_equal(counts[f"{evaluator}/{kind}/variant/plain"], counts[f"{evaluator}/{kind}/fit/k9/full"])
+            np.testing.assert_array_equal(
+                counts[f"{evaluator}/{kind}/variant/plain"], counts[f"{evaluator}/{kind}/fit/k9/full"]
+            )
 
 
 def test_a_strided_target_gets_a_confusion_on_its_pixels_and_no_segments():
@@ -95,37 +98,53 @@ def test_an_image_without_ground_truth_gives_zeros_of_the_same_shapes():
 
 
 def test_counts_add_up_the_same_however_images_are_sharded():
-    images = [{"a/ints": RNG.integers(0, 9, (3, 4)), f"a/clusters{FOLD_SUFFIX}": RNG.integers(0, 9, (5, 2)),
-               "a/pq": RNG.random((19, 4))} for _ in range(7)]
+    images = [
+        {
+            "a/ints": RNG.integers(0, 9, (3, 4)),
+            f"a/clusters{FOLD_SUFFIX}": RNG.integers(0, 9, (5, 2)),
+            "a/pq": RNG.random((19, 4)),
+        }
+        for _ in range(7)
+    ]
     ids, folds = [f"img{i}" for i in range(7)], [0, 2, 1, 0, 2, 2, 1]
     one = add_totals([(ids, add_images(images, folds, 3))])
     order = [5, 1, 6, 0, 3, 2, 4]
     split = [[order[0], order[1], order[2]], [order[3]], [order[4], order[5], order[6]]]
-    many = add_totals([([ids[i] for i in s], add_images([images[i] for i in s], [folds[i] for i in s], 3)) for s in split])
+    many = add_totals(
+        [([ids[i] for i in s], add_images([images[i] for i in s], [folds[i] for i in s], 3)) for s in split]
+    )
     assert one.keys() == many.keys()
     for name in one:
         np.testing.assert_array_equal(one[name], many[name])  # floats too, bit for bit: summed in image-id order
     assert one[f"a/clusters{FOLD_SUFFIX}"].shape == (3, 5, 2)
-    np.testing.assert_array_equal(one[f"a/clusters{FOLD_SUFFIX}"][2], sum(images[i][f"a/clusters{FOLD_SUFFIX}"]
-                                                                            for i in (1, 4, 5)))
+    np.testing.assert_array_equal(
+        one[f"a/clusters{FOLD_SUFFIX}"][2], sum(images[i][f"a/clusters{FOLD_SUFFIX}"] for i in (1, 4, 5))
+    )
     assert add_totals([([], {}), (ids, add_images(images, folds, 3))]).keys() == one.keys()  # a shard of failed images
 
 
 def test_without_sensitivity_the_labeller_makes_no_other_labelling():
     rng = np.random.default_rng(1)
     grid = rng.normal(size=(5, 8, 16)).astype(np.float32)
-    fits = [LabelFit(name, c / np.linalg.norm(c, axis=1, keepdims=True), rng.integers(0, 19, len(c)))
-            for name, c in (("k9", rng.normal(size=(9, 5))), ("baseline_k4", rng.normal(size=(4, 5))))]
+    fits = [
+        LabelFit(name, c / np.linalg.norm(c, axis=1, keepdims=True), rng.integers(0, 19, len(c)))
+        for name, c in (("k9", rng.normal(size=(9, 5))), ("baseline_k4", rng.normal(size=(4, 5))))
+    ]
 
     class NoResized(ImageLabeller):
         def _resized_maps(self, *args, **kwargs):
             raise AssertionError("the resized labelling was made though nothing asked for it")
 
     labels = NoResized(fits, ["plain"], RefineConfig(), request=LabelRequest(baseline=True)).label(
-        [(grid, (112, 224))], 14, (128, 256))
-    assert set(labels.targets) == {"variant/plain", "variant/baseline_k4"} and set(labels.clusters) == {"k9", "baseline_k4"}
-    both = ImageLabeller(fits, ["plain"], RefineConfig(), request=LabelRequest(baseline=True, both_labellings=True)).label(
-        [(grid, (112, 224))], 14, (128, 256))
+        [(grid, (112, 224))], 14, (128, 256)
+    )
+    assert set(labels.targets) == {"variant/plain", "variant/baseline_k4"} and set(labels.clusters) == {
+        "k9",
+        "baseline_k4",
+    }
+    both = ImageLabeller(
+        fits, ["plain"], RefineConfig(), request=LabelRequest(baseline=True, both_labellings=True)
+    ).label([(grid, (112, 224))], 14, (128, 256))
     assert {"fit/k9/full", "fit/k9/resized", "fit/baseline_k4/resized"} < set(both.targets)
     assert both.targets["fit/k9/full"] is both.variant("plain")
     np.testing.assert_array_equal(both.variant("plain").train_ids, labels.variant("plain").train_ids)
@@ -142,11 +161,15 @@ def test_fast_paths_equal_the_general_ones():
     for seed in range(5):
         gt, pred = blobs(seed=seed), blobs(seed=seed + 10)
         pred[0, :5] = [19, 40, 254, 255, 3]  # out-of-range predictions count as unassigned
-        np.testing.assert_array_equal(confusion_matrix(gt, pred, 19), confusion_matrix(gt.astype(np.int64), pred.astype(np.int64), 19))
+        np.testing.assert_array_equal(
+            confusion_matrix(gt, pred, 19), confusion_matrix(gt.astype(np.int64), pred.astype(np.int64), 19)
+        )
         pan = panoptic_from_train_ids(pred, None, 4, 4, 8)
         big = pan.ids.astype(np.int64) + 2_000_000 * (pan.ids > 0)  # beyond the lookup table: the searched path
-        np.testing.assert_array_equal(_compact(pan.ids, pan.segment_ids), _compact(big, np.where(pan.segment_ids > 0,
-                                                                                             pan.segment_ids + 2_000_000, 0)))
+        np.testing.assert_array_equal(
+            _compact(pan.ids, pan.segment_ids),
+            _compact(big, np.where(pan.segment_ids > 0, pan.segment_ids + 2_000_000, 0)),
+        )
         for connectivity, structure in ((8, np.ones((3, 3), bool)), (4, None)):
             mask = gt == gt[10, 10]
             ours, n = connected_components(mask, connectivity)
@@ -157,7 +180,7 @@ def test_fast_paths_equal_the_general_ones():
 def test_evaluator_settings_are_checked(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     with pytest.raises(ConfigError, match="official among them"):
-        tiny_config(data, out, report={"evaluators": ["plain"]})
+        tiny_config(data, out, report={"evaluators": ["paper"]})
     with pytest.raises(ConfigError, match="protocol=cause"):
         tiny_config(data, out, report={"evaluators": ["official", "cause"]})
     assert tiny_config(data, out).evaluators == ("official",)

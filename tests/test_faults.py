@@ -45,26 +45,40 @@ class ActorKiller(threading.Thread):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no {first_output} in {stage_dir.parent}")
             time.sleep(0.02)
-        live = [a for a in actor_table().values()
-                if a["State"] == "ALIVE" and a["ActorClassName"].endswith(f"({udf}))") and a["Pid"]]
+        live = [
+            a
+            for a in actor_table().values()
+            if a["State"] == "ALIVE" and a["ActorClassName"].endswith(f"({udf}))") and a["Pid"]
+        ]
         if not live:
             raise RuntimeError(f"no live {udf} actor once the stage was under way")
         victim = live[0]
         markers_before = len(list(done.glob("shard-*.json")))
         os.kill(victim["Pid"], signal.SIGKILL)
-        self.kills.append({"udf": udf, "actor_id": victim["ActorID"], "pid": victim["Pid"], "markers_before": markers_before})
+        self.kills.append(
+            {"udf": udf, "actor_id": victim["ActorID"], "pid": victim["Pid"], "markers_before": markers_before}
+        )
 
 
 def test_killed_actors_are_restarted_and_every_image_is_done_exactly_once(ray_cluster, tmp_path):
     root = tmp_path / "data"
     generate_demo_dataset(root, split="val", num_images=NUM_IMAGES, height=128, width=256, seed=0)
     # One image per shard and two actors: many small tasks, so the kill lands while work is left.
-    cfg = tiny_config(root, tmp_path / "out", images_per_shard=1, num_actors=2,
-                      extract={"model": {"num_actors": 2, "cpus_per_actor": 0.5, "batch_images": 1}})
+    cfg = tiny_config(
+        root,
+        tmp_path / "out",
+        images_per_shard=1,
+        num_actors=2,
+        extract={"model": {"num_actors": 2, "cpus_per_actor": 0.5, "batch_images": 1}},
+    )
     # extract: the first image's part; label: the first pseudo-label the labelling actors write (the
     # score step behind them writes the parts)
-    killer = ActorKiller([(cfg.output_dir / "features", "WindowFeatures", "features/_parts/*/*.npz"),
-                          (cfg.output_dir / "scores", "LabelImages", "labels/labelIds/*/*.png")])
+    killer = ActorKiller(
+        [
+            (cfg.output_dir / "features", "WindowFeatures", "features/_parts/*/*.npz"),
+            (cfg.output_dir / "scores", "LabelImages", "labels/labelIds/*/*.png"),
+        ]
+    )
     killer.start()
     Pipeline(cfg).run()
     killer.join(timeout=10)
@@ -93,5 +107,7 @@ def test_killed_actors_are_restarted_and_every_image_is_done_exactly_once(ray_cl
     assert report["dataset"]["num_images"] == NUM_IMAGES and report["dataset"]["num_failed"] == 0
     # the summed confusion counts each labelled ground-truth pixel once
     valid = sum(int((read_train_ids(p, (128, 256)) != IGNORE).sum()) for p in root.glob("gtFine/val/*/*_labelIds.png"))
-    confusion = sum(np.load(p)["official/confusion/variant/plain"].sum() for p in (cfg.output_dir / "scores").glob("shard-*.npz"))
+    confusion = sum(
+        np.load(p)["official/confusion/variant/plain"].sum() for p in (cfg.output_dir / "scores").glob("shard-*.npz")
+    )
     assert confusion == valid

@@ -9,10 +9,10 @@ import torch
 from configs.schema import ConfigError, parse_config
 from core.clustering.fit_artifact import FitArtifact
 from core.clustering.sampling import BoundedSample, image_fold, patch_priorities, per_image_lowest
-from storage.run.feature_sets import FeatureSetError, FeatureShards
-from storage.run.fits import FitError
 from ray_jobs.fit import baseline_centroids, count_cluster_classes, gather_sample, run_fit
 from storage.features import features_from_table, patch_schema, patch_table
+from storage.run.feature_sets import FeatureSetError, FeatureShards
+from storage.run.fits import FitError
 from storage.run.markers import read_done
 from tests.tiny_runs import write_extracted
 
@@ -44,9 +44,14 @@ def labelled_tables(num_images=6, seed=0):
 
 
 def config(out, **fit):
-    return parse_config({"output_dir": str(out), "seed": 0,
-                         "fit": {"k": 6, "k_sweep": [3], "n_iter": 10, "max_patches_per_image": 16, "heldout_folds": 3, **fit}},
-                        "test")
+    return parse_config(
+        {
+            "output_dir": str(out),
+            "seed": 0,
+            "fit": {"k": 6, "k_sweep": [3], "n_iter": 10, "max_patches_per_image": 16, "heldout_folds": 3, **fit},
+        },
+        "test",
+    )
 
 
 def test_fit_saves_every_fit_with_its_mappings(tmp_path):
@@ -84,8 +89,13 @@ def test_nan_features_are_a_clear_error(tmp_path):
 def test_cluster_probe_baseline_is_loaded_and_normalised(tmp_path):
     probe = torch.randn(27, 90)
     torch.save({"cluster_probe": probe, "codebook": torch.randn(4, 90)}, tmp_path / "cluster_tr.pth")
-    cfg = parse_config({"model": {"feature_kind": "head", "cluster_probe_checkpoint": str(tmp_path / "cluster_tr.pth")},
-                        "fit": {"baseline": "cluster_probe"}}, "test")
+    cfg = parse_config(
+        {
+            "model": {"feature_kind": "head", "cluster_probe_checkpoint": str(tmp_path / "cluster_tr.pth")},
+            "fit": {"baseline": "cluster_probe"},
+        },
+        "test",
+    )
     centroids, raw = baseline_centroids(cfg, np.zeros((0, 90), np.float32))
     assert raw is None  # only the paper's k-means has raw centres
     assert centroids.shape == (27, 90)
@@ -96,8 +106,15 @@ def test_cluster_probe_baseline_is_loaded_and_normalised(tmp_path):
 def test_paper_protocol_fits_every_labelled_patch_in_dataset_order_and_maps_by_euclidean_predict(tmp_path):
     from sklearn.cluster import MiniBatchKMeans
 
-    cfg = parse_config({"output_dir": str(tmp_path), "protocol": "paper", "inference": {"short_side": 112, "crop": 112, "stride": 56},
-                        "fit": {"k": 6, "k_sweep": [3], "max_patches_per_image": 2, "heldout_folds": 3}}, "test")
+    cfg = parse_config(
+        {
+            "output_dir": str(tmp_path),
+            "protocol": "paper",
+            "inference": {"short_side": 112, "crop": 112, "stride": 56},
+            "fit": {"k": 6, "k_sweep": [3], "max_patches_per_image": 2, "heldout_folds": 3},
+        },
+        "test",
+    )
     rng = np.random.default_rng(5)
     tables, ordered = [], []
     for shard in range(2):
@@ -122,8 +139,11 @@ def test_paper_protocol_fits_every_labelled_patch_in_dataset_order_and_maps_by_e
     x, y = np.concatenate(xs).astype(np.float64), np.concatenate(ys)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     kmeans = MiniBatchKMeans(n_clusters=6, batch_size=10000, max_iter=300, n_init=3, random_state=42).fit(x)
-    np.testing.assert_allclose(fits["k6"].centroids, kmeans.cluster_centers_ / np.linalg.norm(kmeans.cluster_centers_, axis=1, keepdims=True),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        fits["k6"].centroids,
+        kmeans.cluster_centers_ / np.linalg.norm(kmeans.cluster_centers_, axis=1, keepdims=True),
+        atol=1e-6,
+    )
     counts = np.zeros((6, 19), np.int64)
     np.add.at(counts, (kmeans.predict(x), y), 1)
     populated = counts.sum(axis=1) > 0
@@ -132,10 +152,22 @@ def test_paper_protocol_fits_every_labelled_patch_in_dataset_order_and_maps_by_e
 
 
 def test_paper_protocol_without_ground_truth_says_so(tmp_path):
-    cfg = parse_config({"output_dir": str(tmp_path), "protocol": "paper", "inference": {"short_side": 112, "crop": 112, "stride": 56},
-                        "fit": {"k": 6, "k_sweep": [3]}}, "test")
-    table = patch_table(["x"], [np.random.default_rng(0).normal(size=(D, 4, 4))], [np.full((4, 4), 255, np.uint8)],
-                        patch_schema(D, "float32"), [(56, 56)])
+    cfg = parse_config(
+        {
+            "output_dir": str(tmp_path),
+            "protocol": "paper",
+            "inference": {"short_side": 112, "crop": 112, "stride": 56},
+            "fit": {"k": 6, "k_sweep": [3]},
+        },
+        "test",
+    )
+    table = patch_table(
+        ["x"],
+        [np.random.default_rng(0).normal(size=(D, 4, 4))],
+        [np.full((4, 4), 255, np.uint8)],
+        patch_schema(D, "float32"),
+        [(56, 56)],
+    )
     with pytest.raises(FeatureSetError, match="have no ground truth"):
         run_fit(cfg, *write_extracted(cfg, [table]))
 
@@ -154,7 +186,9 @@ def unlabelled_table(num_images=10, seed=1):
     ids, feats = [f"frame{i:03d}" for i in range(num_images)], []
     for _ in ids:
         feats.append((centres[rng.integers(0, 6, size=(4, 4))] + rng.normal(size=(4, 4, D)) * 0.1).transpose(2, 0, 1))
-    return patch_table(ids, feats, [np.full((4, 4), 255, np.uint8)] * len(ids), patch_schema(D, "float32"), [(56, 56)] * len(ids))
+    return patch_table(
+        ids, feats, [np.full((4, 4), 255, np.uint8)] * len(ids), patch_schema(D, "float32"), [(56, 56)] * len(ids)
+    )
 
 
 def test_fit_on_an_unlabelled_set_map_on_the_labelled_run(tmp_path):
@@ -167,7 +201,9 @@ def test_fit_on_an_unlabelled_set_map_on_the_labelled_run(tmp_path):
     assert fitted["sampled_rows"] == meta["n_samples"] == 10 * 16 and fitted["num_patches"] == 160
     assert meta["mapped_on"]["features"] == "this run" and meta["mapped_on"]["labelled_patches"] == 6 * 16
     summary = json.loads((tmp_path / "run" / "fits" / "fit_summary.json").read_text())
-    assert summary["k6"]["patch_level"]["same_set"]["pixel_accuracy"] == 1.0  # the unlabelled blobs are the labelled ones
+    assert (
+        summary["k6"]["patch_level"]["same_set"]["pixel_accuracy"] == 1.0
+    )  # the unlabelled blobs are the labelled ones
 
 
 def test_both_sets_by_weight_and_cap(tmp_path):
@@ -175,8 +211,11 @@ def test_both_sets_by_weight_and_cap(tmp_path):
     cfg = config(tmp_path / "run", max_samples=60, features=[{}, {"path": str(tmp_path / "frames"), "weight": 2.0}])
     fits = run_fit(cfg, *write_shards(cfg))
     assert [f["sampled_rows"] for f in fits["k6"].meta["fitted_on"]] == [20, 40]  # 60 rows, 1 : 2
-    capped = config(tmp_path / "capped", max_samples=60,
-                    features=[{}, {"path": str(tmp_path / "frames"), "weight": 2.0, "max_samples": 25}])
+    capped = config(
+        tmp_path / "capped",
+        max_samples=60,
+        features=[{}, {"path": str(tmp_path / "frames"), "weight": 2.0, "max_samples": 25}],
+    )
     fits = run_fit(capped, *write_shards(capped))
     assert [f["sampled_rows"] for f in fits["k6"].meta["fitted_on"]] == [20, 25]
 
@@ -185,11 +224,15 @@ def test_fit_on_the_unlabelled_run_map_on_a_labelled_one(tmp_path):
     labelled = config(tmp_path / "run")
     write_shards(labelled)
     _, args = write_unlabelled(tmp_path / "frames")
-    with pytest.raises(FeatureSetError, match="have no ground truth, so no cluster can be mapped to a class. Map on a labelled"):
+    with pytest.raises(
+        FeatureSetError, match="have no ground truth, so no cluster can be mapped to a class. Map on a labelled"
+    ):
         run_fit(config(tmp_path / "frames", heldout_folds=1), *args)  # refused from the markers' counts, before k-means
     assert not (tmp_path / "frames" / "fits").exists()
     for marker in (tmp_path / "frames" / "features" / "_done").glob("*.json"):  # a set extracted before the count
-        marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "labelled_patches"}))
+        marker.write_text(
+            json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "labelled_patches"})
+        )
     with pytest.raises(FitError, match="have no ground truth. Map on a labelled run's features"):
         run_fit(config(tmp_path / "frames", heldout_folds=1), *args)  # found when the clusters are counted
     cfg = config(tmp_path / "frames", heldout_folds=1, mapping_from=str(tmp_path / "run"))
@@ -201,6 +244,7 @@ def test_fit_on_the_unlabelled_run_map_on_a_labelled_one(tmp_path):
 
 def test_a_feature_set_that_is_not_usable_is_refused_with_the_fix(tmp_path):
     from storage.run.feature_sets import FeatureSetError
+
     write_unlabelled(tmp_path / "frames")
     cfg = config(tmp_path / "run", features=[{"path": str(tmp_path / "frames")}])
     args = write_shards(cfg)
@@ -209,10 +253,22 @@ def test_a_feature_set_that_is_not_usable_is_refused_with_the_fix(tmp_path):
     for own in (tmp_path / "run", tmp_path / "run" / "features"):  # refused by the config: this run writes there
         with pytest.raises(ConfigError, match=r"fit.features\[0\].path=.*This run's own features need no path"):
             config(tmp_path / "run", features=[{"path": str(own)}])
-    other = parse_config({"output_dir": str(tmp_path / "other"), "model": {"init_seed": 7},
-                          "fit": {"k": 6, "k_sweep": [3], "heldout_folds": 1}}, "test")
-    write_extracted(other, [patch_table(["a"], [np.zeros((D, 4, 4))], [np.zeros((4, 4), np.uint8)], patch_schema(D, "float32"),
-                                        [(56, 56)])])
+    other = parse_config(
+        {
+            "output_dir": str(tmp_path / "other"),
+            "model": {"init_seed": 7},
+            "fit": {"k": 6, "k_sweep": [3], "heldout_folds": 1},
+        },
+        "test",
+    )
+    write_extracted(
+        other,
+        [
+            patch_table(
+                ["a"], [np.zeros((D, 4, 4))], [np.zeros((4, 4), np.uint8)], patch_schema(D, "float32"), [(56, 56)]
+            )
+        ],
+    )
     with pytest.raises(FeatureSetError, match=r"made by another model than this run's: init_seed: 7 -> 0"):
         run_fit(config(tmp_path / "run", features=[{"path": str(tmp_path / "other")}]), *args)
     shard = tmp_path / "frames" / "features" / "shard-00000.parquet"
@@ -236,6 +292,7 @@ def test_the_config_refuses_a_mapping_set_with_heldout_folds():
 
 def test_one_set_named_twice_a_histograms_folder_and_nan_features_are_refused(tmp_path):
     from storage.run.feature_sets import FeatureSetError
+
     write_unlabelled(tmp_path / "frames")
     frames = str(tmp_path / "frames")
     cfg = config(tmp_path / "run")
@@ -244,8 +301,11 @@ def test_one_set_named_twice_a_histograms_folder_and_nan_features_are_refused(tm
         with pytest.raises(FeatureSetError, match="names the same features twice"):
             run_fit(config(tmp_path / "run", features=[{"path": frames}, {"path": spelling}]), *args)
     import shutil
+
     shutil.copytree(tmp_path / "frames", tmp_path / "copy")
-    with pytest.raises(FeatureSetError, match=f"{tmp_path}/frames/features and {tmp_path}/copy/features have the same content"):
+    with pytest.raises(
+        FeatureSetError, match=f"{tmp_path}/frames/features and {tmp_path}/copy/features have the same content"
+    ):
         run_fit(config(tmp_path / "run", features=[{"path": frames}, {"path": str(tmp_path / "copy")}]), *args)
     (tmp_path / "copy" / "features").rename(tmp_path / "copy" / "histograms")  # e.g. an apply's histograms/
     with pytest.raises(FeatureSetError, match="not patch features.*kept under that name"):
@@ -253,7 +313,9 @@ def test_one_set_named_twice_a_histograms_folder_and_nan_features_are_refused(tm
     bad = config(tmp_path / "nan")
     feats = np.ones((D, 4, 4))
     feats[:, 3, 3] = np.nan
-    write_extracted(bad, [patch_table(["j"], [feats], [np.zeros((4, 4), np.uint8)], patch_schema(D, "float32"), [(56, 56)])])
+    write_extracted(
+        bad, [patch_table(["j"], [feats], [np.zeros((4, 4), np.uint8)], patch_schema(D, "float32"), [(56, 56)])]
+    )
     shards = FeatureShards(bad.output_dir / "features", read_done(bad.output_dir / "features"))
     with pytest.raises(Exception, match=r"shard-00000.parquet: .*1 of 16 .*NaN or inf"):
         count_cluster_classes(shards, {"k2": np.eye(2, D, dtype=np.float32)}, {}, bad)
@@ -262,6 +324,7 @@ def test_one_set_named_twice_a_histograms_folder_and_nan_features_are_refused(tm
 def relaid(tables, num_shards):
     """The same patch rows cut into `num_shards` shards at image boundaries."""
     import pyarrow as pa
+
     whole = pa.concat_tables(tables)
     ids = whole.column("image_id").to_numpy(zero_copy_only=False)
     images = list(dict.fromkeys(ids.tolist()))
@@ -273,9 +336,16 @@ def test_the_ray_task_passes_equal_a_single_process_pass_for_any_shard_layout(tm
     """The sample (priority order) and the cluster x class counts made by Ray tasks over 1, 3 and 7
     shards are those of one in-process pass over the rows, fold by fold."""
     rng = np.random.default_rng(3)
-    tables = [patch_table([f"s{s}_i{i}" for i in range(3)], [rng.normal(size=(D, 4, 4)) for _ in range(3)],
-                          [rng.integers(0, 4, size=(4, 4)).astype(np.uint8) for _ in range(3)],
-                          patch_schema(D, "float32"), [(56, 56)] * 3) for s in range(7)]
+    tables = [
+        patch_table(
+            [f"s{s}_i{i}" for i in range(3)],
+            [rng.normal(size=(D, 4, 4)) for _ in range(3)],
+            [rng.integers(0, 4, size=(4, 4)).astype(np.uint8) for _ in range(3)],
+            patch_schema(D, "float32"),
+            [(56, 56)] * 3,
+        )
+        for s in range(7)
+    ]
     cfg = config(tmp_path / "ref", max_patches_per_image=5, max_samples=40)
     whole = relaid(tables, 1)[0]
     priorities, index = patch_priorities(whole.column("image_id").to_numpy(zero_copy_only=False), cfg.seed)
@@ -336,14 +406,20 @@ def test_content_keys_come_from_content_not_from_when_it_was_written(tmp_path):
     write_unlabelled(tmp_path / "frames")
     write_unlabelled(tmp_path / "again")  # the same frames extracted again into another output_dir
     both = config(tmp_path / "run", features=[{"path": str(tmp_path / "frames")}, {"path": str(tmp_path / "again")}])
-    with pytest.raises(FeatureSetError, match=f"names the same features twice: {tmp_path}/frames/features and "
-                                              f"{tmp_path}/again/features have the same content"):
+    with pytest.raises(
+        FeatureSetError,
+        match=f"names the same features twice: {tmp_path}/frames/features and "
+        f"{tmp_path}/again/features have the same content",
+    ):
         run_fit(both, *args)
     # a set sharing one shard's patches with another (a partial copy) is refused naming both files
     write_extracted(config(tmp_path / "more", heldout_folds=1), [unlabelled_table(seed=5), labelled_tables()[1]])
     overlap = config(tmp_path / "run", features=[{"path": None}, {"path": str(tmp_path / "more")}])
-    with pytest.raises(FeatureSetError, match=f"{tmp_path}/run/features/shard-00001.parquet and "
-                                              f"{tmp_path}/more/features/shard-00001.parquet have the same content"):
+    with pytest.raises(
+        FeatureSetError,
+        match=f"{tmp_path}/run/features/shard-00001.parquet and "
+        f"{tmp_path}/more/features/shard-00001.parquet have the same content",
+    ):
         run_fit(overlap, *args)
 
     for path in (tmp_path / "run" / "features").glob("shard-*.parquet"):
@@ -356,9 +432,15 @@ def test_content_keys_come_from_content_not_from_when_it_was_written(tmp_path):
 def test_patch_level_miou_follows_the_protocols_rule(tmp_path, protocol, rule):
     """Under protocol=paper the patch-level mIoU is the paper's: all 19 classes, an absent one counting 0
     (its overclustering_cause.py); otherwise the classes present. The summary records the rule."""
-    cfg = parse_config({"output_dir": str(tmp_path), "seed": 0, "protocol": protocol,
-                        "fit": {"k": 6, "k_sweep": [3], "n_iter": 10, "max_patches_per_image": 16, "heldout_folds": 3}},
-                       "test")
+    cfg = parse_config(
+        {
+            "output_dir": str(tmp_path),
+            "seed": 0,
+            "protocol": protocol,
+            "fit": {"k": 6, "k_sweep": [3], "n_iter": 10, "max_patches_per_image": 16, "heldout_folds": 3},
+        },
+        "test",
+    )
     run_fit(cfg, *write_shards(cfg))
     summary = json.loads((tmp_path / "fits" / "fit_summary.json").read_text())
     assert sum(v is not None for v in summary["k6"]["patch_level"]["same_set"]["per_class_iou"].values()) == 3
@@ -372,16 +454,20 @@ def test_patch_level_miou_follows_the_protocols_rule(tmp_path, protocol, rule):
 def test_compare_backbone_on_features_without_ground_truth_is_refused_with_the_fix(tmp_path):
     """The backbone comparison maps on this run's own patches; the run's fits may be mapped on another set."""
     import shutil
+
     from ray_jobs.fit import backbone_comparison
-    from storage.run.layout import Layout
     from storage.features import backbone_path
+    from storage.run.layout import Layout
     from storage.run.markers import mark_done, output_records
+
     cfg, _ = write_unlabelled(tmp_path)
     features = tmp_path / "features"
     marker = read_done(features)["shard-00000"]
     backbone = backbone_path(features, "shard-00000")
     backbone.parent.mkdir()
     shutil.copy(features / "shard-00000.parquet", backbone)  # the backbone's tokens: as unlabelled as the head's
-    mark_done(features, "shard-00000", {**marker, "outputs": {**marker["outputs"], **output_records(tmp_path, [backbone])}})
+    mark_done(
+        features, "shard-00000", {**marker, "outputs": {**marker["outputs"], **output_records(tmp_path, [backbone])}}
+    )
     with pytest.raises(FitError, match="has none \\(no ground truth\\): set model.compare_backbone=false"):
         backbone_comparison(cfg, Layout(tmp_path), read_done(features), {"patch_level": {}})

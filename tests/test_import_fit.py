@@ -42,8 +42,9 @@ def test_a_file_written_as_the_seed_writes_it_is_read_with_its_checksum(tmp_path
     assert read.record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert read.record["dtypes"] == {"centroids": "float64", "mapping": "uint8"} and not read.record["rescaled_to_unit"]
     # centres that are not unit rows (raw cluster_centers_) are L2-normalised, and the record says so
-    np.savez(tmp_path / "raw.npz", centroids=random_centres() * 7,
-             cluster_to_class=np.array([0, 1, 2, 255, 3], np.int32))
+    np.savez(
+        tmp_path / "raw.npz", centroids=random_centres() * 7, cluster_to_class=np.array([0, 1, 2, 255, 3], np.int32)
+    )
     raw = read_centre_file(tmp_path / "raw.npz", D)
     assert raw.record["rescaled_to_unit"] and raw.record["row_norms"][0] > 2
     assert np.allclose(raw.centroids, read.centroids, atol=1e-6) and raw.mapping.tolist() == [0, 1, 2, 255, 3]
@@ -59,20 +60,25 @@ def bad_files(tmp_path):
     zero = c.copy()
     zero[1] = 0
     cases = {
-        "wrong_dim.npz": (dict(centroids=random_centres(dim=90), cluster_to_class=m),
-                          "the centres are 90-d and this run's features 32-d"),
+        "wrong_dim.npz": (
+            dict(centroids=random_centres(dim=90), cluster_to_class=m),
+            "the centres are 90-d and this run's features 32-d",
+        ),
         "nan.npz": (dict(centroids=nan, cluster_to_class=m), "NaN or inf in 1 of its 5 centres (first: centre 3)"),
         "zero_row.npz": (dict(centroids=zero, cluster_to_class=m), "centres are all zeros (first: centre 1)"),
-        "class_19.npz": (dict(centroids=c, cluster_to_class=np.array([0, 1, 19, 3, 4])),
-                         "cluster 2 -> 19: map each cluster"),
+        "class_19.npz": (
+            dict(centroids=c, cluster_to_class=np.array([0, 1, 19, 3, 4])),
+            "cluster 2 -> 19: map each cluster",
+        ),
         "negative.npz": (dict(centroids=c, cluster_to_class=np.array([0, -1, 2, 3, 4])), "cluster 1 -> -1"),
         "float_mapping.npz": (dict(centroids=c, cluster_to_class=m.astype(np.float32)), "must be 5 integer trainIds"),
         "short_mapping.npz": (dict(centroids=c, cluster_to_class=m[:4]), "must be 5 integer trainIds (one per centre)"),
         "all_void.npz": (dict(centroids=c, cluster_to_class=np.full(5, 255)), "every cluster to 255"),
         "int_centres.npz": (dict(centroids=c.astype(np.int64), cluster_to_class=m), "must be a 2-D float array"),
-        "missing_key.npz": (dict(centres=c, cluster_to_class=m),
-                            "has no array 'centroids' (it has: centres, cluster_to_class): name the right one with "
-                            "--centroids-key"),
+        "missing_key.npz": (
+            dict(centres=c, cluster_to_class=m),
+            "has no array 'centroids' (it has: centres, cluster_to_class): name the right one with --centroids-key",
+        ),
         "pickled.npz": (dict(centroids=np.array([c], dtype=object), cluster_to_class=m), "only pickle can load"),
     }
     files = {}
@@ -129,9 +135,12 @@ def test_the_papers_centroids_label_and_score_as_the_fit_they_came_from(ray_clus
     assert import_cli(capsys, npz, "--run", out, "--name", "seed_k16")[0] == 0
     assert (out / "fits" / "seed_k16" / "meta.json").stat().st_mtime_ns == written
     other = paper_file(tmp_path / "other.npz", random_centres(16), np.zeros(16))
-    for name, phrase in (("seed_k16", "exists already (imported from"), ("../escape", "letters, digits"),
-                         ("k16", "other than the names the fit stage gives"),
-                         ("fit_summary.json", "exists already (not a fit)")):
+    for name, phrase in (
+        ("seed_k16", "exists already (imported from"),
+        ("../escape", "letters, digits"),
+        ("k16", "other than the names the fit stage gives"),
+        ("fit_summary.json", "exists already (not a fit)"),
+    ):
         code, _, err = import_cli(capsys, other, "--run", out, "--name", name)
         assert code == 2 and err.startswith("error: ") and phrase in err and "Traceback" not in err, err
     code, _, err = import_cli(capsys, npz, "--run", out, "--name", "seed_again")  # one file, two fits: the same twice
@@ -184,6 +193,7 @@ def test_import_fit_needs_a_finished_fit_stage_and_a_good_file(tiny_run, tmp_pat
         assert code == 2 and err.startswith(f"error: {path}") and phrase in err and "Traceback" not in err, err
     assert not (cfg.output_dir / "fits" / "bad").exists() and not (cfg.output_dir / "fits" / "_imported.json").exists()
     (cfg.output_dir / "fits" / "_done.json").unlink()
-    code, _, err = import_cli(capsys, paper_file(tmp_path / "ok.npz", random_centres(), np.zeros(5)), "--run",
-                              cfg.output_dir, "--name", "ok")
+    code, _, err = import_cli(
+        capsys, paper_file(tmp_path / "ok.npz", random_centres(), np.zeros(5)), "--run", cfg.output_dir, "--name", "ok"
+    )
     assert code == 2 and "import-fit needs the fits in" in err and "python submit.py fit" in err

@@ -22,15 +22,15 @@ from PIL import Image
 import submit
 from configs.schema import ConfigError, parse_config
 from ray_jobs.apply import ApplyError, run_apply
-from storage.run.feature_sets import FeatureShards
 from ray_jobs.fit import gather_sample
 from ray_jobs.pipeline import Pipeline
 from ray_jobs.session import ClusterTooSmall
 from storage.datasets import list_image_folder
-from storage.images import InputError, read_ground_truth, safe_path
 from storage.features import patch_schema, patch_table
-from storage.run.markers import read_done
+from storage.images import InputError, read_ground_truth, safe_path
 from storage.run.atomic import write_parquet_atomic
+from storage.run.feature_sets import FeatureShards
+from storage.run.markers import read_done
 from storage.synth import generate_demo_dataset
 from tests.tiny_runs import copy_run, report_metrics, tiny_config, write_extracted
 
@@ -40,7 +40,9 @@ def cli(cfg, capsys, *args: str) -> tuple[int, str]:
     path = Path(cfg.output_dir).parent / "config.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     capsys.readouterr()
-    code = submit.main([*args, "--config", str(path)] if args[0] != "apply" else [*args[:1], "--config", str(path), *args[1:]])
+    code = submit.main(
+        [*args, "--config", str(path)] if args[0] != "apply" else [*args[:1], "--config", str(path), *args[1:]]
+    )
     return code, capsys.readouterr().err
 
 
@@ -53,8 +55,11 @@ def assert_user_error(code: int, err: str, *phrases: str) -> None:
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """Every file's size and mtime, but the lock's (each job writes its name there)."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def flip_a_byte(path: Path) -> None:
@@ -66,12 +71,18 @@ def flip_a_byte(path: Path) -> None:
 
 # 1. Stages run alone read only complete upstream work.
 
+
 def test_1_stages_run_alone_refuse_partial_upstream_and_run_repairs(tiny_run, tmp_path, capsys):
     cfg = copy_run(tiny_run, tmp_path)
     (cfg.output_dir / "features" / "_done" / "shard-00002.json").unlink()  # extract killed before its last shard
     code, err = cli(cfg, capsys, "fit")
-    assert_user_error(code, err, "the fit stage needs the whole extract stage", "1 of 3 shards are not done (shard-00002)",
-                      "python submit.py extract")
+    assert_user_error(
+        code,
+        err,
+        "the fit stage needs the whole extract stage",
+        "1 of 3 shards are not done (shard-00002)",
+        "python submit.py extract",
+    )
     code, err = cli(cfg, capsys, "label")
     assert_user_error(code, err, "the label stage needs the whole extract stage")
     Pipeline(cfg).run()  # redoes the shard (same bytes: the fits are reused), then labels and reports
@@ -82,10 +93,13 @@ def test_1_report_after_a_killed_label_refuses(tiny_run, tmp_path, capsys):
     cfg = copy_run(tiny_run, tmp_path)
     (cfg.output_dir / "scores" / "_done" / "shard-00001.json").unlink()
     code, err = cli(cfg, capsys, "report")
-    assert_user_error(code, err, "the report stage needs the whole label stage", "(shard-00001)", "python submit.py label")
+    assert_user_error(
+        code, err, "the report stage needs the whole label stage", "(shard-00001)", "python submit.py label"
+    )
 
 
 # 2. Markers record what their shard wrote; readers verify it.
+
 
 def test_2_a_deleted_features_file_is_refused_downstream_and_redone_upstream(tiny_run, tmp_path, capsys):
     cfg = copy_run(tiny_run, tmp_path)
@@ -140,7 +154,9 @@ def test_2_altered_fits_are_refused_by_later_stages_and_refitted_by_run(tiny_run
     centroids = cfg.output_dir / "fits" / "k16" / "centroids.npy"
     np.save(centroids, np.load(centroids)[::-1].copy())  # still a valid fit, but not the one the labels came from
     code, err = cli(cfg, capsys, "report")
-    assert_user_error(code, err, "the report stage needs the fits", "centroids.npy has other content", "python submit.py fit")
+    assert_user_error(
+        code, err, "the report stage needs the fits", "centroids.npy has other content", "python submit.py fit"
+    )
     summary = cfg.output_dir / "fits" / "fit_summary.json"
     summary.write_text(summary.read_text().replace('"miou": 0.', '"miou": 0.9', 1))
     Pipeline(cfg).run()
@@ -152,7 +168,9 @@ def test_2_markers_of_another_plan_are_not_adopted(tiny_run, tmp_path, capsys):
     for folder in ("fits", "scores"):
         shutil.rmtree(cfg.output_dir / folder)
     (cfg.output_dir / "features" / "_plan.json").unlink()  # the plan gone, its markers left
-    other = parse_config({**cfg.model_dump(mode="json"), "model": {**cfg.model.model_dump(mode="json"), "init_seed": 1}})
+    other = parse_config(
+        {**cfg.model_dump(mode="json"), "model": {**cfg.model.model_dump(mode="json"), "init_seed": 1}}
+    )
     done = Pipeline(other)
     done.run(("extract",))
     markers = read_done(cfg.output_dir / "features")
@@ -161,24 +179,38 @@ def test_2_markers_of_another_plan_are_not_adopted(tiny_run, tmp_path, capsys):
 
 # 3. report checks that what it reads was made with the settings it is given.
 
+
 def test_3_report_with_other_settings_is_refused_and_changes_nothing(tiny_run, tmp_path, capsys):
     cfg = copy_run(tiny_run, tmp_path)
     before = snapshot(cfg.output_dir)
     code, err = cli(cfg, capsys, "report", "--set", "fit.k=12")
-    assert_user_error(code, err, "fits holds fit results made with other settings: fit.k: 16 -> 12", "nothing was changed")
+    assert_user_error(
+        code, err, "fits holds fit results made with other settings: fit.k: 16 -> 12", "nothing was changed"
+    )
     assert snapshot(cfg.output_dir) == before
 
 
 # 4. apply compares the model's identity, not only the feature size.
 
+
 def test_4_apply_refuses_a_fit_of_another_model_of_the_same_feature_size(tiny_run, tmp_path):
-    other = parse_config({**tiny_run.model_dump(mode="json"), "output_dir": str(tmp_path / "apply"),
-                          "dataset": {"kind": "folder", "root": str(tmp_path / "frames")},
-                          "model": {**tiny_run.model.model_dump(mode="json"), "init_seed": 1}})
+    other = parse_config(
+        {
+            **tiny_run.model_dump(mode="json"),
+            "output_dir": str(tmp_path / "apply"),
+            "dataset": {"kind": "folder", "root": str(tmp_path / "frames")},
+            "model": {**tiny_run.model.model_dump(mode="json"), "init_seed": 1},
+        }
+    )
     with pytest.raises(ApplyError, match=r"another model: init_seed: 0 -> 1; use the config the fit was made with"):
         run_apply(other, tiny_run.output_dir / "fits" / "k16")
-    flipped = parse_config({**other.model_dump(mode="json"), "model": tiny_run.model.model_dump(mode="json"),
-                            "inference": {**tiny_run.inference.model_dump(mode="json"), "flip": False}})
+    flipped = parse_config(
+        {
+            **other.model_dump(mode="json"),
+            "model": tiny_run.model.model_dump(mode="json"),
+            "inference": {**tiny_run.inference.model_dump(mode="json"), "flip": False},
+        }
+    )
     with pytest.raises(ApplyError, match=r"inference.flip: true -> false"):
         run_apply(flipped, tiny_run.output_dir / "fits" / "k16")
     assert not (tmp_path / "apply").exists()
@@ -186,9 +218,21 @@ def test_4_apply_refuses_a_fit_of_another_model_of_the_same_feature_size(tiny_ru
 
 # 5. Image ids are unique however the file names collide.
 
+
 def test_5_folder_ids_never_collide_and_are_safe_names(tmp_path):
-    names = ["frame.png", "frame.jpg", "a b.png", "a_b.png", "sub/x.png", "sub__x.png", "_hidden.png", "-dash.png",
-             "straße.png", "x..y.png", "plain.png"]
+    names = [
+        "frame.png",
+        "frame.jpg",
+        "a b.png",
+        "a_b.png",
+        "sub/x.png",
+        "sub__x.png",
+        "_hidden.png",
+        "-dash.png",
+        "straße.png",
+        "x..y.png",
+        "plain.png",
+    ]
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (4, 4)).save(tmp_path / name, format="PNG")
@@ -203,11 +247,14 @@ def test_5_folder_ids_never_collide_and_are_safe_names(tmp_path):
     long_name = tmp_path / f"{'x' * 240}.png"
     Image.new("RGB", (4, 4)).save(long_name)
     assert max(len(r.image_id) for r in list_image_folder(tmp_path)) <= 130
-    with pytest.raises(ConfigError, match="lies inside dataset.root"):  # its outputs would be listed as images next time
+    with pytest.raises(
+        ConfigError, match="lies inside dataset.root"
+    ):  # its outputs would be listed as images next time
         parse_config({"dataset": {"kind": "folder", "root": str(tmp_path)}, "output_dir": str(tmp_path / "out")})
 
 
 # 6. One bad image never ends a stage.
+
 
 def test_6_a_tiny_labelled_image_is_recorded_and_the_run_completes(ray_cluster, tmp_path):
     root = tmp_path / "data"
@@ -234,11 +281,14 @@ def test_6_a_single_labelled_image_is_a_complete_run(ray_cluster, demo_root, tmp
 
 # 7. A run changes nothing before it has decided to run; one job per output folder.
 
+
 def test_7_a_refused_run_changes_nothing(tiny_run, tmp_path, capsys):
     cfg = copy_run(tiny_run, tmp_path)
     before = snapshot(cfg.output_dir)
     code, err = cli(cfg, capsys, "run", "--set", "inference.flip=false")
-    assert_user_error(code, err, "features holds extract results made with other settings: model.inference.flip: true -> false")
+    assert_user_error(
+        code, err, "features holds extract results made with other settings: model.inference.flip: true -> false"
+    )
     assert snapshot(cfg.output_dir) == before
 
 
@@ -253,8 +303,12 @@ with OutputLock(sys.argv[1], "submit.py run (the first job)"):
 
 def test_7_a_second_job_on_the_same_folder_is_refused_naming_the_first(tiny_run, tmp_path, capsys):
     cfg = copy_run(tiny_run, tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(cfg.output_dir)], stdout=subprocess.PIPE,
-                              text=True, cwd=Path(submit.__file__).parent)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(cfg.output_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(submit.__file__).parent,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(cfg.output_dir)
@@ -270,9 +324,15 @@ def test_7_a_second_job_on_the_same_folder_is_refused_naming_the_first(tiny_run,
 
 # 8. Scheduling that can never succeed fails fast.
 
-@pytest.mark.parametrize("model, phrase", [({"cpus_per_actor": 8}, "one actor needs 8 CPUs and 0 GPUs, but no node has them"),
-                                           ({"gpus_per_actor": 1}, "one actor needs 1 CPUs and 1 GPUs"),
-                                           ({"num_actors": 4}, "4 actors x (1 CPUs, 0 GPUs) do not fit")])
+
+@pytest.mark.parametrize(
+    "model, phrase",
+    [
+        ({"cpus_per_actor": 8}, "one actor needs 8 CPUs and 0 GPUs, but no node has them"),
+        ({"gpus_per_actor": 1}, "one actor needs 1 CPUs and 1 GPUs"),
+        ({"num_actors": 4}, "4 actors x (1 CPUs, 0 GPUs) do not fit"),
+    ],
+)
 def test_8_unschedulable_steps_fail_fast_with_the_numbers(ray_cluster, demo_root, tmp_path, model, phrase):
     cfg = tiny_config(demo_root, tmp_path / "out", extract={"model": model})
     with pytest.raises(ClusterTooSmall, match=rf"extract.model: {re.escape(phrase)}.*2 CPUs"):
@@ -281,6 +341,7 @@ def test_8_unschedulable_steps_fail_fast_with_the_numbers(ray_cluster, demo_root
 
 
 # 9. Ground truth of the wrong kind is refused.
+
 
 def test_9_wrong_ground_truth_is_refused(demo_root, tmp_path):
     label_path = sorted(demo_root.glob("gtFine/val/*/*_labelIds.png"))[0]
@@ -299,16 +360,20 @@ def test_9_wrong_ground_truth_is_refused(demo_root, tmp_path):
 
 # 10. Every user error ends in one `error:` line with exit 2.
 
+
 def test_10_user_errors_exit_2_without_a_traceback(tiny_run, tmp_path, capsys):
     cfg = copy_run(tiny_run, tmp_path)
     assert_user_error(*cli(cfg, capsys, "report", "--set", "fit.k=[1,"), "override 'fit.k=[1,'", "not valid YAML")
-    assert_user_error(*cli(cfg, capsys, "report", "--set", "run_name=!!python/object/apply:os.system [echo]"),
-                      "not valid YAML")
+    assert_user_error(
+        *cli(cfg, capsys, "report", "--set", "run_name=!!python/object/apply:os.system [echo]"), "not valid YAML"
+    )
     fit = cfg.output_dir / "fits" / "k16"
     (fit / "meta.json").write_text("{")
     assert_user_error(*cli(cfg, capsys, "apply", "--fit", str(fit)), f"output_dir={cfg.output_dir} holds --fit={fit}")
     applied = f"output_dir={tmp_path / 'applied'}"  # beside the run, not in it
-    assert_user_error(*cli(cfg, capsys, "apply", "--fit", str(fit), "--set", applied), f"{fit / 'meta.json'} is corrupt")
+    assert_user_error(
+        *cli(cfg, capsys, "apply", "--fit", str(fit), "--set", applied), f"{fit / 'meta.json'} is corrupt"
+    )
     assert_user_error(*cli(cfg, capsys, "report"), f"{fit / 'meta.json'} is 1 bytes", "python submit.py fit")
     assert_user_error(submit.main(["run", "--config", sys.executable]), capsys.readouterr().err, "is not a text file")
     blocker = tmp_path / "a_file"
@@ -316,24 +381,45 @@ def test_10_user_errors_exit_2_without_a_traceback(tiny_run, tmp_path, capsys):
     assert_user_error(*cli(cfg, capsys, "run", "--set", f"output_dir={blocker / 'out'}"), str(blocker))
     report = cfg.output_dir / "report.json"
     report.write_text("{")
-    assert_user_error(submit.main(["compare", str(cfg.output_dir), "--out", str(tmp_path / "c.md")]),
-                      capsys.readouterr().err, f"{report} is damaged")
+    assert_user_error(
+        submit.main(["compare", str(cfg.output_dir), "--out", str(tmp_path / "c.md")]),
+        capsys.readouterr().err,
+        f"{report} is damaged",
+    )
 
 
 # 11. The fit's driver memory does not grow with the number of shards; files without a marker are never read.
+
 
 def test_11_fit_sampling_memory_is_bounded_by_the_sample_not_the_shards(ray_cluster, tmp_path):
     rng = np.random.default_rng(0)
 
     def peak(num_shards: int) -> tuple[int, np.ndarray]:
-        cfg = parse_config({"output_dir": str(tmp_path / f"s{num_shards}"), "model": {"vit": {"embed_dim": 32, "num_heads": 2}},
-                            "fit": {"max_samples": 1000, "max_patches_per_image": 400}})
-        tables = [patch_table([f"s{s}_i{i}" for i in range(2)], [rng.normal(size=(32, 10, 20)) for _ in range(2)],
-                              [np.zeros((10, 20), np.uint8)] * 2, patch_schema(32), [(140, 280)] * 2) for s in range(num_shards)]
+        cfg = parse_config(
+            {
+                "output_dir": str(tmp_path / f"s{num_shards}"),
+                "model": {"vit": {"embed_dim": 32, "num_heads": 2}},
+                "fit": {"max_samples": 1000, "max_patches_per_image": 400},
+            }
+        )
+        tables = [
+            patch_table(
+                [f"s{s}_i{i}" for i in range(2)],
+                [rng.normal(size=(32, 10, 20)) for _ in range(2)],
+                [np.zeros((10, 20), np.uint8)] * 2,
+                patch_schema(32),
+                [(140, 280)] * 2,
+            )
+            for s in range(num_shards)
+        ]
         write_extracted(cfg, tables)
         stray = cfg.output_dir / "features" / "shard-99999.parquet"  # no marker: not part of the stage
-        write_parquet_atomic(patch_table(["stray"], [np.full((32, 10, 20), 9.0)], [np.zeros((10, 20), np.uint8)],
-                                         patch_schema(32), [(140, 280)]), stray)
+        write_parquet_atomic(
+            patch_table(
+                ["stray"], [np.full((32, 10, 20), 9.0)], [np.zeros((10, 20), np.uint8)], patch_schema(32), [(140, 280)]
+            ),
+            stray,
+        )
         shards = FeatureShards(cfg.output_dir / "features", read_done(cfg.output_dir / "features"))
         assert stray not in shards.paths
         tracemalloc.start()

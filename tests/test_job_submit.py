@@ -59,23 +59,46 @@ def head():
     gcs, dash, client, agent_listen, agent_grpc, env_agent, metrics, node_mgr, obj_mgr = _free_ports(9)
     log = open(temp_dir / "head.log", "w")
     proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--port={gcs}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-         f"--dashboard-agent-listen-port={agent_listen}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
-         f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-         "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
-        cwd=temp_dir, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--dashboard-host=127.0.0.1",
+            f"--port={gcs}",
+            f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent_listen}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={env_agent}",
+            f"--metrics-export-port={metrics}",
+            f"--node-manager-port={node_mgr}",
+            f"--object-manager-port={obj_mgr}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+        ],
+        cwd=temp_dir,
+        env=_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 90
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"ray start --head exited with {proc.returncode}:\n{(temp_dir / 'head.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"ray start --head exited with {proc.returncode}:\n{(temp_dir / 'head.log').read_text()[-3000:]}"
+                )
             if _cli("job", "list", "--address", address, timeout=30).returncode == 0:
                 break
             if time.monotonic() > deadline:
-                pytest.fail(f"the head's job API at {address} did not come up:\n{(temp_dir / 'head.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"the head's job API at {address} did not come up:\n{(temp_dir / 'head.log').read_text()[-3000:]}"
+                )
             time.sleep(1)
         yield address, temp_dir, gcs
     finally:
@@ -126,12 +149,18 @@ def test_the_dashboard_listens_on_loopback_only(head):
 
 def _tiny_config(tmp_path: Path) -> Path:
     config = {
-        "run_name": "job-submit", "output_dir": str(tmp_path / "out"), "seed": 0,
+        "run_name": "job-submit",
+        "output_dir": str(tmp_path / "out"),
+        "seed": 0,
         "dataset": {"kind": "cityscapes", "root": str(tmp_path / "data"), "split": "val", "images_per_shard": 6},
         "demo_set": {"num_images": NUM_IMAGES, "height": 128, "width": 256, "seed": 0},
         "model": {"vit": {"patch_size": 14, "embed_dim": 32, "depth": 1, "num_heads": 2}, "feature_kind": "backbone"},
         "inference": {"short_side": 112, "crop": 112, "stride": 56, "batch_size": 8},
-        "extract": {"read": {"num_cpus": 0.25}, "model": {"num_actors": 1, "cpus_per_actor": 0.5}, "write": {"num_cpus": 0.25}},
+        "extract": {
+            "read": {"num_cpus": 0.25},
+            "model": {"num_actors": 1, "cpus_per_actor": 0.5},
+            "write": {"num_cpus": 0.25},
+        },
         "label": {"num_overlays": 0, "read": {"num_cpus": 0.25}, "workers": {"num_actors": 1, "cpus_per_actor": 0.5}},
         "fit": {"k": 16, "k_sweep": [8], "n_iter": 5, "max_patches_per_image": 32},
         "ray": {"local_num_cpus": 2},
@@ -145,8 +174,25 @@ def test_ray_job_submit_runs_the_demo_job_on_the_cluster(head, tmp_path):
     address, temp_dir, gcs_port = head
     config = _tiny_config(tmp_path)
     job_id = f"overclust-test-{os.getpid()}"
-    submitted = _cli("job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", ".",
-                     "--", "python", "submit.py", "run", "--config", str(config), "--set", "fit.n_iter=4", timeout=400)
+    submitted = _cli(
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "submit.py",
+        "run",
+        "--config",
+        str(config),
+        "--set",
+        "fit.n_iter=4",
+        timeout=400,
+    )
     logs = submitted.stdout + submitted.stderr
     status = _cli("job", "status", "--address", address, job_id)
     assert f"Job '{job_id}' succeeded" in status.stdout, f"job did not succeed:\n{status.stdout}\n{logs[-6000:]}"

@@ -20,12 +20,18 @@ def test_nearest_centroid_per_pixel_for_two_fits():
     features = np.array([[[1.0, 0.0]], [[0.0, 1.0]]])  # (D=2, 1, 2)
     fit_a = np.array([[1.0, 0.0], [0.0, 1.0]])
     fit_b = np.array([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
-    maps, logits = PixelAssigner([fit_a, fit_b]).assign([(features, (2, 4))], patch_size=2, image_hw=(2, 4),
-                                                       first_fit_mapping=np.array([1, 1]), num_classes=2)
+    maps, logits = PixelAssigner([fit_a, fit_b]).assign(
+        [(features, (2, 4))], patch_size=2, image_hw=(2, 4), first_fit_mapping=np.array([1, 1]), num_classes=2
+    )
     assert maps[0].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
     assert maps[1].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0]]
     # Both clusters of fit a map to class 1: its logit is the better cosine, class 0 has none (-1).
-    assert logits.shape == (3, 2, 4) and (logits[1] > 0.9).all() and np.allclose(logits[1][:, [0, 3]], 1.0) and np.allclose(logits[0], -1.0)
+    assert (
+        logits.shape == (3, 2, 4)
+        and (logits[1] > 0.9).all()
+        and np.allclose(logits[1][:, [0, 3]], 1.0)
+        and np.allclose(logits[0], -1.0)
+    )
     assert np.allclose(logits[2], -1.0)
 
 
@@ -55,8 +61,11 @@ def test_equals_upsample_normalise_cosine_done_naively():
     centroids = rng.normal(size=(7, 6))
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     (ours,), _ = PixelAssigner([centroids]).assign([(features, (40, 66))], patch_size=14, image_hw=(30, 50))
-    up = (bilinear_weights(30, 3, 40 / 30 / 14).double() @ torch.from_numpy(features)
-          @ bilinear_weights(50, 5, 66 / 50 / 14).double().T).numpy()  # (D, 30, 50)
+    up = (
+        bilinear_weights(30, 3, 40 / 30 / 14).double()
+        @ torch.from_numpy(features)
+        @ bilinear_weights(50, 5, 66 / 50 / 14).double().T
+    ).numpy()  # (D, 30, 50)
     pixels = up.reshape(6, -1).T
     naive = (pixels / np.linalg.norm(pixels, axis=1, keepdims=True)) @ centroids.T
     assert np.array_equal(ours.ravel(), naive.argmax(axis=1))
@@ -65,8 +74,11 @@ def test_equals_upsample_normalise_cosine_done_naively():
 def _naive_scores(features, centroids, resized, patch, hw):
     """Upsample the features to every pixel (float64), then dot with every centroid: (H, W, k)."""
     _, gh, gw = features.shape
-    up = (bilinear_weights(hw[0], gh, resized[0] / hw[0] / patch).double() @ torch.from_numpy(features).double()
-          @ bilinear_weights(hw[1], gw, resized[1] / hw[1] / patch).double().T)
+    up = (
+        bilinear_weights(hw[0], gh, resized[0] / hw[0] / patch).double()
+        @ torch.from_numpy(features).double()
+        @ bilinear_weights(hw[1], gw, resized[1] / hw[1] / patch).double().T
+    )
     return torch.einsum("dhw,kd->hwk", up, torch.from_numpy(centroids).double()).numpy()
 
 
@@ -97,7 +109,9 @@ def test_a_stride_beyond_the_image_still_scores_one_pixel():
     features = rng.normal(size=(4, 2, 3)).astype(np.float32)
     centroids = rng.normal(size=(5, 4)).astype(np.float32)
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
-    (sparse, full), _ = PixelAssigner([centroids, centroids], strides=[300, 1]).assign([(features, (28, 42))], 14, (20, 30))
+    (sparse, full), _ = PixelAssigner([centroids, centroids], strides=[300, 1]).assign(
+        [(features, (28, 42))], 14, (20, 30)
+    )
     assert sparse.shape == subsample(full, 300).shape == (1, 1) and sparse[0, 0] == subsample(full, 300)[0, 0]
 
 

@@ -4,11 +4,15 @@ import pytest
 from core.mapping.majority import cluster_class_counts, hungarian_mapping, majority_mapping, predict_classes
 
 # 5 clusters x 3 classes; column totals [11, 4, 8]
-COUNTS = np.array([[5, 1, 0],
-                   [0, 3, 3],   # tie between classes 1 and 2
-                   [0, 0, 0],   # no labelled patch
-                   [2, 0, 4],
-                   [4, 0, 1]])
+COUNTS = np.array(
+    [
+        [5, 1, 0],
+        [0, 3, 3],  # tie between classes 1 and 2
+        [0, 0, 0],  # no labelled patch
+        [2, 0, 4],
+        [4, 0, 1],
+    ]
+)
 
 
 def test_cluster_class_counts_skips_ignore():

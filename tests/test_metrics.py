@@ -4,17 +4,20 @@ import warnings
 import numpy as np
 import pytest
 
-from core.evaluation.metrics import (confusion_matrix, iou_per_class, mean_iou, patch_majority_labels, pixel_accuracy,
-                          semantic_scores)
+from core.evaluation.metrics import (
+    confusion_matrix,
+    iou_per_class,
+    mean_iou,
+    patch_majority_labels,
+    pixel_accuracy,
+    semantic_scores,
+)
 
 # 4 classes; class 3 appears only as a prediction on ignore pixels, so it is absent from both.
 GT = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 255, 255])
 PRED = np.array([0, 0, 1, 1, 1, 255, 2, 2, 0, 2, 3])
 # rows = GT 0..3, cols = predicted 0..3, then "unassigned" (prediction 255)
-CONF = np.array([[2, 1, 0, 0, 0],
-                 [0, 2, 0, 0, 1],
-                 [1, 0, 2, 0, 0],
-                 [0, 0, 0, 0, 0]])
+CONF = np.array([[2, 1, 0, 0, 0], [0, 2, 0, 0, 1], [1, 0, 2, 0, 0], [0, 0, 0, 0, 0]])
 
 
 def test_confusion_matrix_by_hand():
@@ -50,8 +53,13 @@ def test_empty_confusion_is_nan_without_warnings_and_json_safe():
         warnings.simplefilter("error")
         assert np.isnan(mean_iou(empty)) and np.isnan(pixel_accuracy(empty))
         scores = semantic_scores(empty, ["a", "b", "c"])
-    assert scores == {"miou": None, "miou_rule": "present", "pixel_accuracy": None,
-                      "per_class_iou": {"a": None, "b": None, "c": None}, "num_pixels": 0}
+    assert scores == {
+        "miou": None,
+        "miou_rule": "present",
+        "pixel_accuracy": None,
+        "per_class_iou": {"a": None, "b": None, "c": None},
+        "num_pixels": 0,
+    }
     assert semantic_scores(empty, ["a", "b", "c"], "all")["miou"] is None  # nothing scored is not 0
 
 
@@ -88,10 +96,15 @@ def test_summed_per_image_confusions_equal_the_concatenation():
 
 
 def test_patch_majority_4x4_to_2x2():
-    labels = np.array([[2, 1, 1, 1],
-                       [1, 2, 1, 255],
-                       [255, 255, 3, 9],   # 9 >= num_classes: not a valid class
-                       [255, 255, 9, 0]], np.uint8)
+    labels = np.array(
+        [
+            [2, 1, 1, 1],
+            [1, 2, 1, 255],
+            [255, 255, 3, 9],  # 9 >= num_classes: not a valid class
+            [255, 255, 9, 0],
+        ],
+        np.uint8,
+    )
     # top-left: 1 and 2 tie -> 1; top-right: 1; bottom-left: no valid pixel -> 255; bottom-right: 3 and 0 tie -> 0
     assert np.array_equal(patch_majority_labels(labels, 2, 2, 4), [[1, 1], [255, 0]])
     assert patch_majority_labels(labels, 2, 2, 4).dtype == np.uint8
@@ -99,11 +112,16 @@ def test_patch_majority_4x4_to_2x2():
 
 def test_patch_majority_non_divisible_5x7_to_2x3():
     # rows floor(y*2/5): 0,0,0,1,1; columns floor(x*3/7): 0,0,0,1,1,2,2
-    labels = np.array([[0, 0, 1, 1, 1, 2, 2],
-                       [0, 0, 1, 1, 2, 2, 2],
-                       [0, 1, 1, 2, 2, 2, 2],
-                       [3, 3, 3, 255, 255, 0, 3],
-                       [3, 3, 0, 255, 255, 3, 0]], np.uint8)
+    labels = np.array(
+        [
+            [0, 0, 1, 1, 1, 2, 2],
+            [0, 0, 1, 1, 2, 2, 2],
+            [0, 1, 1, 2, 2, 2, 2],
+            [3, 3, 3, 255, 255, 0, 3],
+            [3, 3, 0, 255, 255, 3, 0],
+        ],
+        np.uint8,
+    )
     # (0,0): five 0s, four 1s -> 0; (0,1): three 1s, three 2s -> 1; (0,2): 2
     # (1,0): 3; (1,1): all ignore -> 255; (1,2): two 0s, two 3s -> 0
     assert np.array_equal(patch_majority_labels(labels, 2, 3, 4), [[0, 1, 2], [3, 255, 0]])

@@ -22,16 +22,36 @@ def official_shapes() -> dict[str, tuple[int, ...]]:
     for head, proj in (("head", "projection_head"), ("head_ema", "projection_head_ema")):
         shapes[f"{head}.query_pos"] = (P, D)
         for attn in ("self_attn", "multihead_attn"):
-            shapes.update({f"{head}.tr.{attn}.in_proj_weight": (3 * D, D), f"{head}.tr.{attn}.in_proj_bias": (3 * D,),
-                           f"{head}.tr.{attn}.out_proj.weight": (D, D), f"{head}.tr.{attn}.out_proj.bias": (D,)})
-        shapes.update({f"{head}.tr.linear1.weight": (FFN, D), f"{head}.tr.linear1.bias": (FFN,),
-                       f"{head}.tr.linear2.weight": (D, FFN), f"{head}.tr.linear2.bias": (D,)})
+            shapes.update(
+                {
+                    f"{head}.tr.{attn}.in_proj_weight": (3 * D, D),
+                    f"{head}.tr.{attn}.in_proj_bias": (3 * D,),
+                    f"{head}.tr.{attn}.out_proj.weight": (D, D),
+                    f"{head}.tr.{attn}.out_proj.bias": (D,),
+                }
+            )
+        shapes.update(
+            {
+                f"{head}.tr.linear1.weight": (FFN, D),
+                f"{head}.tr.linear1.bias": (FFN,),
+                f"{head}.tr.linear2.weight": (D, FFN),
+                f"{head}.tr.linear2.bias": (D,),
+            }
+        )
         for norm in ("norm1", "norm2", "norm3"):
             shapes.update({f"{head}.tr.{norm}.weight": (D,), f"{head}.tr.{norm}.bias": (D,)})
-        shapes.update({f"{head}.tr.f1.weight": (C, D, 1, 1), f"{head}.tr.f1.bias": (C,),
-                       f"{head}.tr.f2.0.weight": (D, D, 1, 1), f"{head}.tr.f2.0.bias": (D,),
-                       f"{head}.tr.f2.2.weight": (C, D, 1, 1), f"{head}.tr.f2.2.bias": (C,),
-                       f"{proj}.f.weight": (PROJ, C, 1, 1), f"{proj}.f.bias": (PROJ,)})
+        shapes.update(
+            {
+                f"{head}.tr.f1.weight": (C, D, 1, 1),
+                f"{head}.tr.f1.bias": (C,),
+                f"{head}.tr.f2.0.weight": (D, D, 1, 1),
+                f"{head}.tr.f2.0.bias": (D,),
+                f"{head}.tr.f2.2.weight": (C, D, 1, 1),
+                f"{head}.tr.f2.2.bias": (C,),
+                f"{proj}.f.weight": (PROJ, C, 1, 1),
+                f"{proj}.f.bias": (PROJ,),
+            }
+        )
     shapes.update({"linear.f.weight": (CLASSES, C, 1, 1), "linear.f.bias": (CLASSES,)})
     return shapes
 
@@ -73,9 +93,20 @@ def reference_head(feat, s, codebook, h="head_ema."):
     unit_cb = codebook / codebook.norm(dim=-1, keepdim=True)
     tgt = codebook[(unit @ unit_cb.T).argmax(-1)]  # nearest entry by cosine
     pos = s[h + "query_pos"]
-    t = layer_norm(tgt + attention(tgt + pos, tgt + pos, tgt, s, h + "tr.self_attn."), s[h + "tr.norm1.weight"], s[h + "tr.norm1.bias"])
-    t = layer_norm(t + attention(t + pos, feat, feat, s, h + "tr.multihead_attn."), s[h + "tr.norm2.weight"], s[h + "tr.norm2.bias"])
-    ffn = torch.relu(t @ s[h + "tr.linear1.weight"].T + s[h + "tr.linear1.bias"]) @ s[h + "tr.linear2.weight"].T + s[h + "tr.linear2.bias"]
+    t = layer_norm(
+        tgt + attention(tgt + pos, tgt + pos, tgt, s, h + "tr.self_attn."),
+        s[h + "tr.norm1.weight"],
+        s[h + "tr.norm1.bias"],
+    )
+    t = layer_norm(
+        t + attention(t + pos, feat, feat, s, h + "tr.multihead_attn."),
+        s[h + "tr.norm2.weight"],
+        s[h + "tr.norm2.bias"],
+    )
+    ffn = (
+        torch.relu(t @ s[h + "tr.linear1.weight"].T + s[h + "tr.linear1.bias"]) @ s[h + "tr.linear2.weight"].T
+        + s[h + "tr.linear2.bias"]
+    )
     t = layer_norm(t + ffn, s[h + "tr.norm3.weight"], s[h + "tr.norm3.bias"])
     x = feat + t  # memory + norm3(...)
 

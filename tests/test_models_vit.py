@@ -30,21 +30,32 @@ D, DEPTH, HEADS, PATCH, GRID = 768, 12, 12, 14, 37
 def official_shapes(depth: int = DEPTH, dim: int = D) -> dict[str, tuple[int, ...]]:
     """dinov2_vitb14_pretrain.pth: names and shapes, written out from the upstream module tree."""
     shapes = {
-        "cls_token": (1, 1, dim), "pos_embed": (1, 1 + GRID * GRID, dim), "mask_token": (1, dim),
-        "patch_embed.proj.weight": (dim, 3, PATCH, PATCH), "patch_embed.proj.bias": (dim,),
+        "cls_token": (1, 1, dim),
+        "pos_embed": (1, 1 + GRID * GRID, dim),
+        "mask_token": (1, dim),
+        "patch_embed.proj.weight": (dim, 3, PATCH, PATCH),
+        "patch_embed.proj.bias": (dim,),
     }
     for i in range(depth):
         b = f"blocks.{i}."
-        shapes.update({
-            b + "norm1.weight": (dim,), b + "norm1.bias": (dim,),
-            b + "attn.qkv.weight": (3 * dim, dim), b + "attn.qkv.bias": (3 * dim,),
-            b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
-            b + "ls1.gamma": (dim,),
-            b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
-            b + "mlp.fc1.weight": (4 * dim, dim), b + "mlp.fc1.bias": (4 * dim,),
-            b + "mlp.fc2.weight": (dim, 4 * dim), b + "mlp.fc2.bias": (dim,),
-            b + "ls2.gamma": (dim,),
-        })
+        shapes.update(
+            {
+                b + "norm1.weight": (dim,),
+                b + "norm1.bias": (dim,),
+                b + "attn.qkv.weight": (3 * dim, dim),
+                b + "attn.qkv.bias": (3 * dim,),
+                b + "attn.proj.weight": (dim, dim),
+                b + "attn.proj.bias": (dim,),
+                b + "ls1.gamma": (dim,),
+                b + "norm2.weight": (dim,),
+                b + "norm2.bias": (dim,),
+                b + "mlp.fc1.weight": (4 * dim, dim),
+                b + "mlp.fc1.bias": (4 * dim,),
+                b + "mlp.fc2.weight": (dim, 4 * dim),
+                b + "mlp.fc2.bias": (dim,),
+                b + "ls2.gamma": (dim,),
+            }
+        )
     shapes.update({"norm.weight": (dim,), "norm.bias": (dim,)})
     return shapes
 
@@ -73,28 +84,46 @@ def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str,
 def to_hf(state: dict[str, torch.Tensor], hf_keys: set[str], depth: int = DEPTH) -> dict[str, torch.Tensor]:
     """Official names -> Hugging Face Dinov2Model names (the fused qkv split into q, k, v, in that order)."""
     out = {
-        "embeddings.cls_token": state["cls_token"], "embeddings.mask_token": state["mask_token"],
+        "embeddings.cls_token": state["cls_token"],
+        "embeddings.mask_token": state["mask_token"],
         "embeddings.position_embeddings": state["pos_embed"],
         "embeddings.patch_embeddings.projection.weight": state["patch_embed.proj.weight"],
         "embeddings.patch_embeddings.projection.bias": state["patch_embed.proj.bias"],
-        "layernorm.weight": state["norm.weight"], "layernorm.bias": state["norm.bias"],
+        "layernorm.weight": state["norm.weight"],
+        "layernorm.bias": state["norm.bias"],
     }
     for i in range(depth):
         src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
         if dst + "attention.q_proj.weight" in hf_keys:  # transformers >= 5 naming
             q, k, v, o = "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj"
         else:  # transformers 4.x naming
-            q, k, v, o = ("attention.attention.query", "attention.attention.key", "attention.attention.value",
-                          "attention.output.dense")
+            q, k, v, o = (
+                "attention.attention.query",
+                "attention.attention.key",
+                "attention.attention.value",
+                "attention.output.dense",
+            )
         for part, tensor in (("weight", state[src + "attn.qkv.weight"]), ("bias", state[src + "attn.qkv.bias"])):
             for name, chunk in zip((q, k, v), tensor.chunk(3, dim=0)):
                 out[f"{dst}{name}.{part}"] = chunk
-        out.update({
-            f"{dst}{o}.weight": state[src + "attn.proj.weight"], f"{dst}{o}.bias": state[src + "attn.proj.bias"],
-            dst + "layer_scale1.lambda1": state[src + "ls1.gamma"], dst + "layer_scale2.lambda1": state[src + "ls2.gamma"],
-        })
-        for name in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias",
-                     "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"):
+        out.update(
+            {
+                f"{dst}{o}.weight": state[src + "attn.proj.weight"],
+                f"{dst}{o}.bias": state[src + "attn.proj.bias"],
+                dst + "layer_scale1.lambda1": state[src + "ls1.gamma"],
+                dst + "layer_scale2.lambda1": state[src + "ls2.gamma"],
+            }
+        )
+        for name in (
+            "norm1.weight",
+            "norm1.bias",
+            "norm2.weight",
+            "norm2.bias",
+            "mlp.fc1.weight",
+            "mlp.fc1.bias",
+            "mlp.fc2.weight",
+            "mlp.fc2.bias",
+        ):
             out[dst + name] = state[src + name]
     return out
 
@@ -126,9 +155,19 @@ def ours(weights):
 @pytest.fixture(scope="module")
 def hf(weights):
     config = transformers.Dinov2Config(
-        hidden_size=D, num_hidden_layers=DEPTH, num_attention_heads=HEADS, mlp_ratio=4, image_size=518,
-        patch_size=PATCH, layerscale_value=1e-5, layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True,
-        use_swiglu_ffn=False, attn_implementation="eager")
+        hidden_size=D,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS,
+        mlp_ratio=4,
+        image_size=518,
+        patch_size=PATCH,
+        layerscale_value=1e-5,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu",
+        qkv_bias=True,
+        use_swiglu_ffn=False,
+        attn_implementation="eager",
+    )
     with torch.device("meta"):  # no throw-away random init: every tensor is assigned below
         model = transformers.Dinov2Model(config)
     model.load_state_dict(to_hf(weights, set(model.state_dict())), strict=True, assign=True)
@@ -158,9 +197,13 @@ def test_native_grid_uses_the_table_unchanged(ours):
 @pytest.mark.parametrize("size", [(518, 518), (322, 322), (322, 644)])
 def test_matches_hugging_face_dinov2(ours, hf, size, monkeypatch):
     h, w = size
-    monkeypatch.setattr(hf.embeddings, "interpolate_pos_encoding",
-                        lambda emb, height, width: upstream_pos_embed(hf.embeddings.position_embeddings,
-                                                                      height // PATCH, width // PATCH))
+    monkeypatch.setattr(
+        hf.embeddings,
+        "interpolate_pos_encoding",
+        lambda emb, height, width: upstream_pos_embed(
+            hf.embeddings.position_embeddings, height // PATCH, width // PATCH
+        ),
+    )
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(h + w))
     with torch.inference_mode():
         expected = hf(pixel_values=x).last_hidden_state[:, 1:]  # after layernorm, CLS dropped
@@ -179,8 +222,9 @@ def test_position_interpolation_variants(ours, hf, weights):
         hf_tokens = hf.embeddings(x)  # HF's own (unpatched) interpolation
         assert (size_variant.prepare_tokens(x) - hf_tokens).abs().max().item() < 1e-5
         ours_tokens = ours.prepare_tokens(x)
-        assert (ours_tokens[:, 1:] - upstream_pos_embed(weights["pos_embed"], 23, 46)[:, 1:]
-                - ours.patch_embed(x)).abs().max().item() < 1e-5
+        assert (
+            ours_tokens[:, 1:] - upstream_pos_embed(weights["pos_embed"], 23, 46)[:, 1:] - ours.patch_embed(x)
+        ).abs().max().item() < 1e-5
         assert (ours_tokens - hf_tokens).abs().max().item() > 1e-2  # the formulas really differ
 
 

@@ -63,11 +63,18 @@ class NodeStopper(threading.Thread):
 def test_stopping_a_node_in_extract_and_in_label_loses_and_repeats_nothing(three_nodes, demo_root, tmp_path):
     # One image per shard: many markers, so the node stops while most of the work is left. Every
     # step fits on one node once the other is gone: 2 x 0.4 CPU of actors + 0.1 per task.
-    cfg = tiny_config(demo_root, tmp_path / "out", images_per_shard=1,
-                      extract={"read": {"num_cpus": 0.1}, "model": {"num_actors": 2, "cpus_per_actor": 0.4, "batch_images": 1},
-                               "write": {"num_cpus": 0.1}},
-                      label={"read": {"num_cpus": 0.1}, "workers": {"num_actors": 2, "cpus_per_actor": 0.4}},
-                      ray={"address": three_nodes.address})
+    cfg = tiny_config(
+        demo_root,
+        tmp_path / "out",
+        images_per_shard=1,
+        extract={
+            "read": {"num_cpus": 0.1},
+            "model": {"num_actors": 2, "cpus_per_actor": 0.4, "batch_images": 1},
+            "write": {"num_cpus": 0.1},
+        },
+        label={"read": {"num_cpus": 0.1}, "workers": {"num_actors": 2, "cpus_per_actor": 0.4}},
+        ray={"address": three_nodes.address},
+    )
     stopper = NodeStopper(three_nodes, [cfg.output_dir / "features", cfg.output_dir / "scores"])
     stopper.start()
     Pipeline(cfg).run()
@@ -85,6 +92,10 @@ def test_stopping_a_node_in_extract_and_in_label_loses_and_repeats_nothing(three
         assert len(list(cfg.output_dir.glob(f"labels/{kind}/*/*_{kind}.png"))) == NUM_IMAGES, kind
     report = json.loads((cfg.output_dir / "report.json").read_text())
     assert report["dataset"]["num_images"] == NUM_IMAGES and report["dataset"]["num_failed"] == 0
-    valid = sum(int((read_train_ids(p, (128, 256)) != IGNORE).sum()) for p in demo_root.glob("gtFine/val/*/*_labelIds.png"))
-    confusion = sum(np.load(p)["official/confusion/variant/plain"].sum() for p in (cfg.output_dir / "scores").glob("shard-*.npz"))
+    valid = sum(
+        int((read_train_ids(p, (128, 256)) != IGNORE).sum()) for p in demo_root.glob("gtFine/val/*/*_labelIds.png")
+    )
+    confusion = sum(
+        np.load(p)["official/confusion/variant/plain"].sum() for p in (cfg.output_dir / "scores").glob("shard-*.npz")
+    )
     assert confusion == valid  # every labelled pixel counted once

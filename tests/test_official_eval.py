@@ -23,9 +23,13 @@ from PIL import Image
 from core.classes import CLASS_NAMES, TRAIN_ID_TO_LABEL_ID, label_ids_to_train_ids
 from core.evaluation.metrics import confusion_matrix, iou_per_class, mean_iou
 from core.evaluation.panoptic import gt_panoptic, panoptic_from_train_ids, pq_scores, pq_stats
-from storage.cityscapes_outputs import (convert_gt_panoptic, panoptic_json_path, rgb_to_panoptic, write_image_predictions,
-                                        write_panoptic_json)
-
+from storage.cityscapes_outputs import (
+    convert_gt_panoptic,
+    panoptic_json_path,
+    rgb_to_panoptic,
+    write_image_predictions,
+    write_panoptic_json,
+)
 from tests.official import official_panoptic, official_pixel_level
 
 H, W = 64, 128
@@ -47,9 +51,13 @@ def make_gt(rng):
     label[2:9, 5:21] = 0  # unlabeled (void)
     label[60:, :] = 1  # ego vehicle (void)
     things = [  # (labelId, instanceId, rows, cols); instanceId < 1000 = crowd
-        (24, 24000, (28, 50), (10, 17)), (24, 24001, (28, 50), (20, 27)), (24, 24, (30, 50), (30, 41)),
+        (24, 24000, (28, 50), (10, 17)),
+        (24, 24001, (28, 50), (20, 27)),
+        (24, 24, (30, 50), (30, 41)),
         (25, 25000, (34, 43), (2, 7)),
-        (26, 26000, (40, 56), (50, 71)), (26, 26001, (40, 56), (71, 91)), (26, 26002, (45, 59), (95, 116)),
+        (26, 26000, (40, 56), (50, 71)),
+        (26, 26001, (40, 56), (71, 91)),
+        (26, 26002, (45, 59), (95, 116)),
         (26, 26, (44, 53), (118, 128)),
     ]
     for label_id, inst_id, (r0, r1), (c0, c1) in things:
@@ -71,12 +79,12 @@ def make_prediction(k, label_ids, instance_ids):
         train = np.roll(train, (1, 2), axis=(0, 1))
         void_box = np.argwhere(label_ids == 0)
         (r0, c0), (r1, c1) = void_box.min(0), void_box.max(0)
-        train[r0:r1 + 1, c0 + 2:c1 + 3] = TRAIN["car"]  # 2 columns off the box: > half on void
+        train[r0 : r1 + 1, c0 + 2 : c1 + 3] = TRAIN["car"]  # 2 columns off the box: > half on void
         crowd = np.argwhere(instance_ids == 24)
         (r0, c0), (r1, c1) = crowd.min(0), crowd.max(0)
-        train[r0 + 2:r1 - 2, c0 + 2:c1 - 1] = TRAIN["person"]  # merges with nothing: inside the crowd
-        train[r0 + 2:r1 - 2, c0 + 1] = TRAIN["road"]  # keep it apart from any neighbour
-        train[r0 + 2:r1 - 2, c1 - 1] = TRAIN["road"]
+        train[r0 + 2 : r1 - 2, c0 + 2 : c1 - 1] = TRAIN["person"]  # merges with nothing: inside the crowd
+        train[r0 + 2 : r1 - 2, c0 + 1] = TRAIN["road"]  # keep it apart from any neighbour
+        train[r0 + 2 : r1 - 2, c1 - 1] = TRAIN["road"]
     elif k == 1:  # class swaps, unassigned pixels, a spurious person on the road
         train[(train == TRAIN["sidewalk"]) & (np.arange(W) < 64)] = TRAIN["road"]
         train[20:30, 40:60][train[20:30, 40:60] == TRAIN["building"]] = TRAIN["wall"]
@@ -120,8 +128,16 @@ def evaluation(tmp_path_factory):
     pixel = official_pixel_level(gt_fine, "val", pred_root / "labelIds")
     panoptic, stat = official_panoptic(gt_fine, "val", panoptic_json_path(pred_root), root)
     gt_json_official = root / "gt_official" / "cityscapes_panoptic_val.json"
-    return {"root": root, "gt_fine": gt_fine, "conf": conf, "stats": stats, "pixel": pixel, "panoptic": panoptic,
-            "pq_stat": stat, "gt_json_official": gt_json_official}
+    return {
+        "root": root,
+        "gt_fine": gt_fine,
+        "conf": conf,
+        "stats": stats,
+        "pixel": pixel,
+        "panoptic": panoptic,
+        "pq_stat": stat,
+        "gt_json_official": gt_json_official,
+    }
 
 
 def test_miou_agrees_with_official_pixel_level(evaluation):

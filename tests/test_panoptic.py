@@ -4,15 +4,26 @@ import numpy as np
 import pytest
 
 from core.classes import CLASS_NAMES
-from core.evaluation.panoptic import (FN, FP, IOU_SUM, TP, gt_panoptic, instance_ids_map, panoptic_from_train_ids, pq_scores,
-                           pq_stats)
+from core.evaluation.panoptic import (
+    FN,
+    FP,
+    IOU_SUM,
+    TP,
+    gt_panoptic,
+    instance_ids_map,
+    panoptic_from_train_ids,
+    pq_scores,
+    pq_stats,
+)
 
 ROAD, SKY, PERSON, CAR = 0, 10, 11, 13  # trainIds
 L_ROAD, L_SKY, L_PERSON, L_CAR = 7, 23, 24, 26  # labelIds
 
 
 def stats_of(gt_inst, pred_train, instances=None):
-    return pq_stats(gt_panoptic(np.asarray(gt_inst)), panoptic_from_train_ids(np.asarray(pred_train, np.uint8), instances))
+    return pq_stats(
+        gt_panoptic(np.asarray(gt_inst)), panoptic_from_train_ids(np.asarray(pred_train, np.uint8), instances)
+    )
 
 
 def row(stats, t):
@@ -20,6 +31,7 @@ def row(stats, t):
 
 
 # --- building segmentations ---------------------------------------------------------------------
+
 
 def test_stuff_is_one_segment_per_class_things_are_components():
     t = np.full((4, 6), ROAD, np.uint8)
@@ -78,6 +90,7 @@ def test_gt_panoptic_crowd_void_and_consistency_check():
 
 
 # --- PQ statistics: the official rules ----------------------------------------------------------
+
 
 def test_perfect_match_and_empty_class():
     gt = np.array([[L_ROAD, L_ROAD, 24000, 24000]])
@@ -186,13 +199,18 @@ def test_sq_is_zero_without_true_positives_and_shape_is_checked():
 
 # --- Cityscapes-format writers ------------------------------------------------------------------
 
+
 def test_prediction_writers_round_trip(tmp_path):
     import json
 
     from PIL import Image
 
-    from storage.cityscapes_outputs import (panoptic_json_path, rgb_to_panoptic, write_image_predictions,
-                                            write_panoptic_json)
+    from storage.cityscapes_outputs import (
+        panoptic_json_path,
+        rgb_to_panoptic,
+        write_image_predictions,
+        write_panoptic_json,
+    )
     from storage.images import InputError
 
     t = np.full((4, 6), ROAD, np.uint8)
@@ -200,9 +218,14 @@ def test_prediction_writers_round_trip(tmp_path):
     t[0, 5] = 255
     pan = panoptic_from_train_ids(t)
     ann = write_image_predictions(tmp_path, "aachen", "aachen_000000_000019", t, pan)
-    assert ann == {"image_id": "aachen_000000_000019", "file_name": "aachen_000000_000019_panoptic.png",
-                   "segments_info": [{"id": 7, "category_id": 7, "iscrowd": 0, "area": 19, "bbox": [0, 0, 6, 4]},
-                                     {"id": 26000, "category_id": 26, "iscrowd": 0, "area": 4, "bbox": [1, 1, 2, 2]}]}
+    assert ann == {
+        "image_id": "aachen_000000_000019",
+        "file_name": "aachen_000000_000019_panoptic.png",
+        "segments_info": [
+            {"id": 7, "category_id": 7, "iscrowd": 0, "area": 19, "bbox": [0, 0, 6, 4]},
+            {"id": 26000, "category_id": 26, "iscrowd": 0, "area": 4, "bbox": [1, 1, 2, 2]},
+        ],
+    }
     label_ids = np.asarray(Image.open(tmp_path / "labelIds" / "aachen" / "aachen_000000_000019_labelIds.png"))
     assert label_ids.dtype == np.uint8 and label_ids[0, 0] == 7 and label_ids[1, 1] == 26 and label_ids[0, 5] == 0
     inst = np.asarray(Image.open(tmp_path / "instanceIds" / "aachen" / "aachen_000000_000019_instanceIds.png"))

@@ -10,9 +10,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from configs.schema import parse_config
+from core.labelling.paper_baseline import (
+    is_one_window,
+    merged_log_probs,
+    paper_baseline_labels,
+    paper_common_size,
+    paper_scale_layout,
+    paper_scale_windows,
+)
 from core.refine.crf import dense_crf
-from core.labelling.paper_baseline import (is_one_window, merged_log_probs, paper_baseline_labels, paper_common_size, paper_scale_layout,
-                                paper_scale_windows)
 
 CROP, PATCH, DIM = 112, 14, 5
 PROJECTION = np.random.default_rng(3).normal(size=(DIM, 3))
@@ -52,11 +58,12 @@ def reference_log_probs(image: np.ndarray, centroids: np.ndarray, scales: list[f
         total, count = torch.zeros(len(units), h, w), torch.zeros(1, h, w)
         for y in sorted(set(ys)):
             for x in sorted(set(xs)):
-                feat = F.normalize(torch.tensor(toy_model(resized[y:y + CROP, x:x + CROP])), dim=0)
+                feat = F.normalize(torch.tensor(toy_model(resized[y : y + CROP, x : x + CROP])), dim=0)
                 logits = torch.log_softmax(3 * torch.einsum("dyx,kd->kyx", feat, units), dim=0)
-                total[:, y:y + CROP, x:x + CROP] += F.interpolate(logits[None], size=(CROP, CROP), mode="bilinear",
-                                                                  align_corners=False)[0]
-                count[:, y:y + CROP, x:x + CROP] += 1
+                total[:, y : y + CROP, x : x + CROP] += F.interpolate(
+                    logits[None], size=(CROP, CROP), mode="bilinear", align_corners=False
+                )[0]
+                count[:, y : y + CROP, x : x + CROP] += 1
         merged = total / count.clamp(min=1)
         per_scale.append(F.interpolate(merged[None], size=common, mode="bilinear", align_corners=False)[0])
     return torch.stack(per_scale).mean(dim=0)
@@ -68,7 +75,7 @@ def ours(image: np.ndarray, centroids: np.ndarray, scales: list[float]) -> np.nd
     feats = np.stack([toy_model(w) for w in windows])
     scale_windows, start = [], 0
     for layout in layouts:
-        scale_windows.append((feats[start:start + len(layout.origins)], layout))
+        scale_windows.append((feats[start : start + len(layout.origins)], layout))
         start += len(layout.origins)
     units = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
     common = paper_common_size(*image.shape[:2], CROP, PATCH)
@@ -90,7 +97,9 @@ def test_the_papers_sizes_and_windows():
     assert {s: lay.resized for s, lay in sizes.items()} == {0.75: (322, 476), 1.0: (322, 644), 1.5: (476, 966)}
     assert sizes[1.0].origins == ((0, 0), (0, 161), (0, 322))
     assert sizes[0.75].origins == ((0, 0), (0, 154))
-    assert [x for y, x in sizes[1.5].origins if y == 0] == [0, 161, 322, 483, 644] and {y for y, _ in sizes[1.5].origins} == {0, 154}
+    assert [x for y, x in sizes[1.5].origins if y == 0] == [0, 161, 322, 483, 644] and {
+        y for y, _ in sizes[1.5].origins
+    } == {0, 154}
     assert paper_common_size(1024, 2048, 322, 14) == (322, 644)
 
 
@@ -108,7 +117,9 @@ def test_other_aspect_ratios_and_the_single_window_shortcut(image, hw):
     other = np.asarray(Image.fromarray(image).resize((hw[1], hw[0]), Image.BILINEAR))
     centroids = np.random.default_rng(4).normal(size=(5, DIM))
     for scales in ([1.0], [0.75, 1.0, 1.5]):
-        np.testing.assert_allclose(ours(other, centroids, scales), reference_log_probs(other, centroids, scales).numpy(), atol=2e-5)
+        np.testing.assert_allclose(
+            ours(other, centroids, scales), reference_log_probs(other, centroids, scales).numpy(), atol=2e-5
+        )
 
 
 def test_labels_map_the_argmax_or_the_crf_and_upsample_nearest(image):
@@ -117,8 +128,11 @@ def test_labels_map_the_argmax_or_the_crf_and_upsample_nearest(image):
     log_probs = ours(image, centroids, scales)
     mapping = np.array([0, 255, 2, 2, 5, 8], np.uint8)
     labels = paper_baseline_labels(log_probs, mapping, (128, 256))
-    reference = np.asarray(Image.fromarray(mapping[reference_log_probs(image, centroids, scales).argmax(0).numpy()])
-                           .resize((256, 128), Image.NEAREST))
+    reference = np.asarray(
+        Image.fromarray(mapping[reference_log_probs(image, centroids, scales).argmax(0).numpy()]).resize(
+            (256, 128), Image.NEAREST
+        )
+    )
     assert (labels == reference).mean() > 0.999  # float ties aside
     # the CRF: softmax(3 x merged) with the image resized PIL-bilinear to 112x224, then mapped and NEAREST up
     with_crf = paper_baseline_labels(log_probs, mapping, (128, 256), image)
@@ -154,8 +168,13 @@ def test_extract_cuts_only_the_seed_scales_whose_windows_differ_from_the_base_sc
 def test_stored_windows_unpack_with_and_without_the_seed_scales():
     from configs.geometry import pack_windows, stored_window_count, unpack_windows
 
-    cfg = parse_config({"protocol": "paper", "model": {"vit": {"embed_dim": 32, "num_heads": 2}},
-                        "inference": {"short_side": 112, "crop": 112, "stride": 56, "scales": [0.75, 1.0, 1.5]}})
+    cfg = parse_config(
+        {
+            "protocol": "paper",
+            "model": {"vit": {"embed_dim": 32, "num_heads": 2}},
+            "inference": {"short_side": 112, "crop": 112, "stride": 56, "scales": [0.75, 1.0, 1.5]},
+        }
+    )
     row = {"height": 128, "width": 256, "layouts": '[{"origins": [[0, 0], [0, 56], [0, 112]]}]'}
     assert stored_window_count(cfg, row) == 3 + 2 + 10 and stored_window_count(cfg, row, paper_scales=False) == 3
     feats = np.random.default_rng(5).normal(size=(15, 4, 8, 8)).astype(np.float32)
@@ -163,7 +182,9 @@ def test_stored_windows_unpack_with_and_without_the_seed_scales():
     assert stored.single[0] is not None and np.allclose(stored.single[0], feats[:3], atol=1e-2)  # 1.0: the base windows
     assert [len(w) for w, _ in stored.scales] == [2, 3, 10]
     np.testing.assert_allclose(stored.scales[2][0], feats[5:], atol=1e-2)
-    base_only = unpack_windows(cfg, pack_windows(feats, 3), (128, 256), paper_scales=False)  # apply, not writing features
+    base_only = unpack_windows(
+        cfg, pack_windows(feats, 3), (128, 256), paper_scales=False
+    )  # apply, not writing features
     assert base_only.single is None and list(base_only.scales) == [] and len(base_only.windows) == 3
     with pytest.raises(Exception, match="re-run extract"):
         unpack_windows(cfg, pack_windows(feats, 3), (128, 256))

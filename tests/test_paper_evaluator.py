@@ -5,8 +5,15 @@ import pytest
 from PIL import Image
 
 from core.classes import CLASS_NAMES
-from core.evaluation.paper import (PAPER_EVAL_HW, resize_nearest, paper_confusion, paper_ground_truth, paper_pq_scores,
-                            paper_pq_stats, paper_semantic_scores)
+from core.evaluation.paper import (
+    PAPER_EVAL_HW,
+    paper_confusion,
+    paper_ground_truth,
+    paper_pq_scores,
+    paper_pq_stats,
+    paper_semantic_scores,
+    resize_nearest,
+)
 
 V = 255
 ROAD, SIDEWALK, BUILDING, PERSON, RIDER, CAR = 0, 1, 2, 11, 12, 13  # trainIds
@@ -14,14 +21,14 @@ B = 128 * 128  # a 4 x 8 array resized to 512 x 1024 turns every pixel into a 12
 
 
 def test_miou_drops_unassigned_predictions_and_skips_absent_classes():
-    gt = np.array([[0, 0, 0, 0, 1, 1, 1, 1],
-                   [0, 0, 0, 0, 1, 1, 1, 1],
-                   [2, 2, 2, 2, 2, 2, V, V],
-                   [2, 2, 2, 2, 2, 2, V, V]], np.uint8)
-    pred = np.array([[0, 0, 0, 1, 1, 1, V, V],
-                     [0, 0, 0, 0, 1, 1, 1, 1],
-                     [2, 2, 2, 2, 20, 20, 0, 0],
-                     [2, 2, 2, 2, 2, 0, 1, 1]], np.uint8)
+    gt = np.array(
+        [[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1], [2, 2, 2, 2, 2, 2, V, V], [2, 2, 2, 2, 2, 2, V, V]],
+        np.uint8,
+    )
+    pred = np.array(
+        [[0, 0, 0, 1, 1, 1, V, V], [0, 0, 0, 0, 1, 1, 1, 1], [2, 2, 2, 2, 20, 20, 0, 0], [2, 2, 2, 2, 2, 0, 1, 1]],
+        np.uint8,
+    )
     conf = paper_confusion(paper_ground_truth(gt, np.zeros(gt.shape, np.int32)), pred)
     # gt 0 (8 px): 7 -> 0, 1 -> 1.  gt 1 (8 px): 6 -> 1, 2 -> 255 dropped.
     # gt 2 (12 px): 9 -> 2, 2 -> 20 dropped, 1 -> 0.  gt 255 (4 px): skipped, whatever predicted.

@@ -10,9 +10,9 @@ import pytest
 from actors.extract import finish_features, image_windows, write_features
 from actors.window_features import WindowFeatures
 from storage.datasets import list_cityscapes
+from storage.run.markers import read_done
 from storage.run.parts import read_part, staged_ids, write_part
 from storage.run.shards import plan_shards
-from storage.run.markers import read_done
 from storage.synth import generate_demo_dataset
 from tests.tiny_runs import tiny_config
 
@@ -63,11 +63,14 @@ def test_an_image_smaller_than_its_patch_grid_is_an_input_error(tmp_path):
     generate_demo_dataset(root, split="val", num_images=1, height=128, width=256, seed=0)
     (record,) = list_cityscapes(root, "val")
     from PIL import Image
+
     Image.new("RGB", (1, 1)).save(record.image_path)
     Image.new("L", (1, 1), 7).save(record.label_ids_path)
     cfg = tiny_config(root, tmp_path / "out")
     (status,) = _extract_by_hand(cfg, {"shard": "shard-00000", "records": json.dumps([record.to_dict()])})
-    assert "is 1x1 px, fewer pixels than its 8x8 patch grid" in status["error"] and "internal error" not in status["error"]
+    assert (
+        "is 1x1 px, fewer pixels than its 8x8 patch grid" in status["error"] and "internal error" not in status["error"]
+    )
     assert "or lower inference.short_side" in status["error"]  # the key that lowers the grid
 
 
@@ -76,6 +79,7 @@ def test_the_assignment_does_not_depend_on_the_feature_scale(scale):
     """Cosine argmax: features scaled by any factor give the same clusters (the kernel's tie
     tolerance is relative)."""
     from core.labelling.assign import PixelAssigner
+
     rng = np.random.default_rng(3)
     features = rng.normal(size=(8, 6, 11)).astype(np.float32)
     centroids = rng.normal(size=(200, 8))

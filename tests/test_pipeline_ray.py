@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from configs.schema import parse_config
-from core.inference.dense import DenseFeatureExtractor
 from core.errors import UserError
-from core.models import ModelSpec, ViTSpec, build_feature_model
+from core.inference.dense import DenseFeatureExtractor
 from core.inference.windows import WindowSpec
+from core.models import ModelSpec, ViTSpec, build_feature_model
 from ray_jobs.pipeline import Pipeline
 from storage.images import ImageLimits, read_rgb
 from tests.official import official_panoptic, official_pixel_level
@@ -19,19 +19,41 @@ from tests.tiny_runs import NUM_IMAGES
 
 def tiny_config(data_root, output_dir, **fit):
     """protocol=cause: the official pipeline, plus the baseline scored on CAUSE's centre crops."""
-    return parse_config({
-        "run_name": "tiny", "output_dir": str(output_dir), "seed": 0, "protocol": "cause",
-        "dataset": {"kind": "cityscapes", "root": str(data_root), "split": "val", "images_per_shard": 4},
-        "model": {"vit": {"patch_size": 14, "embed_dim": 32, "depth": 1, "num_heads": 2}, "feature_kind": "backbone"},
-        "inference": {"short_side": 112, "crop": 112, "stride": 56, "batch_size": 8, "scales": [1.0, 0.75]},
-        "extract": {"read": {"num_cpus": 0.25}, "model": {"num_actors": 2, "cpus_per_actor": 0.5, "batch_images": 3},
-                    "write": {"num_cpus": 0.25}},
-        "label": {"num_overlays": 2, "read": {"num_cpus": 0.25}, "workers": {"num_actors": 2, "cpus_per_actor": 0.5}},
-        "refine": {"em_semantic": True, "em_things": True, "superpixels": True, "superpixel_step": 8},
-        "fit": {"k": 24, "k_sweep": [8, 24], "n_iter": 10, "max_patches_per_image": 64, "lloyd_iterations": 2, **fit},
-        "report": {"sensitivity": True},
-        "ray": {"local_num_cpus": 2},
-    })
+    return parse_config(
+        {
+            "run_name": "tiny",
+            "output_dir": str(output_dir),
+            "seed": 0,
+            "protocol": "cause",
+            "dataset": {"kind": "cityscapes", "root": str(data_root), "split": "val", "images_per_shard": 4},
+            "model": {
+                "vit": {"patch_size": 14, "embed_dim": 32, "depth": 1, "num_heads": 2},
+                "feature_kind": "backbone",
+            },
+            "inference": {"short_side": 112, "crop": 112, "stride": 56, "batch_size": 8, "scales": [1.0, 0.75]},
+            "extract": {
+                "read": {"num_cpus": 0.25},
+                "model": {"num_actors": 2, "cpus_per_actor": 0.5, "batch_images": 3},
+                "write": {"num_cpus": 0.25},
+            },
+            "label": {
+                "num_overlays": 2,
+                "read": {"num_cpus": 0.25},
+                "workers": {"num_actors": 2, "cpus_per_actor": 0.5},
+            },
+            "refine": {"em_semantic": True, "em_things": True, "superpixels": True, "superpixel_step": 8},
+            "fit": {
+                "k": 24,
+                "k_sweep": [8, 24],
+                "n_iter": 10,
+                "max_patches_per_image": 64,
+                "lloyd_iterations": 2,
+                **fit,
+            },
+            "report": {"sensitivity": True},
+            "ray": {"local_num_cpus": 2},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +76,10 @@ def test_report_has_every_fit_with_sane_metrics(first_run):
         assert set(protocols) == {"same_set", "held_out", "label_free", "few_shot"}
         # a look at 27 patches per cluster is nearer the held-out majority than one look
         few = protocols["few_shot"]
-        assert abs(few["27"]["miou_mean"] - protocols["held_out"]["miou"]) <= abs(few["1"]["miou_mean"] - protocols["held_out"]["miou"]) + 0.02
+        assert (
+            abs(few["27"]["miou_mean"] - protocols["held_out"]["miou"])
+            <= abs(few["1"]["miou_mean"] - protocols["held_out"]["miou"]) + 0.02
+        )
         # The same-set mapping saw the scored images: it cannot lose to the pooled held-out one by much.
         assert protocols["held_out"]["miou"] <= protocols["same_set"]["miou"] + 0.05
         assert 0 <= fit["dead_centroids"] < fit["k"]
@@ -66,7 +91,14 @@ def test_report_has_every_fit_with_sane_metrics(first_run):
     assert (first_run.output_dir / "report.md").read_text().startswith("# Overclustering report")
     for figure in ("miou_vs_k", "confusion", "per_class_iou", "overlays", "few_shot"):
         assert (first_run.output_dir / report["figures"][figure]).stat().st_size > 0
-    assert list(report["variants"]) == ["plain", "single_scale", "em_semantic", "em_things", "superpixels", "baseline_k19"]
+    assert list(report["variants"]) == [
+        "plain",
+        "single_scale",
+        "em_semantic",
+        "em_things",
+        "superpixels",
+        "baseline_k19",
+    ]
     for variant in report["variants"].values():
         assert 0.0 < variant["panoptic"]["all"]["pq"] < 1.0 and variant["seconds_per_image"] > 0
     # the plain variant is the main fit's labels: same pixels, same confusion as its same-set protocol
@@ -91,8 +123,12 @@ def test_official_evaluators_agree_with_the_report(first_run, demo_root, tmp_pat
     plain = report["variants"]["plain"]
     pixel = official_pixel_level(demo_root / "gtFine", "val", first_run.output_dir / "labels" / "labelIds")
     assert abs(100 * plain["semantic"]["miou"] - 100 * pixel["averageScoreClasses"]) < 0.1
-    panoptic, _ = official_panoptic(demo_root / "gtFine", "val",
-                                    first_run.output_dir / "labels" / "panoptic" / "cityscapes_panoptic_val.json", tmp_path)
+    panoptic, _ = official_panoptic(
+        demo_root / "gtFine",
+        "val",
+        first_run.output_dir / "labels" / "panoptic" / "cityscapes_panoptic_val.json",
+        tmp_path,
+    )
     for ours, theirs in (("all", "All"), ("stuff", "Stuff"), ("things", "Things")):
         for metric in ("pq", "sq", "rq"):
             assert abs(100 * plain["panoptic"][ours][metric] - 100 * panoptic[theirs][metric]) < 0.1, (ours, metric)
@@ -128,8 +164,14 @@ def test_the_sensitivity_table_scores_the_same_fits_every_way(first_run):
 
 
 def test_paper_protocol_runs_the_papers_steps_and_refuses_a_switch_of_protocol(ray_cluster, demo_root, tmp_path):
-    data = tiny_config(demo_root, tmp_path / "out", lloyd_iterations=0).model_dump(mode="json") | {"protocol": "official"}
-    data["inference"]["scales"] = [0.75, 1.0, 1.5]  # the fits at 1.0; the baseline also by the paper's multi-scale scheme
+    data = tiny_config(demo_root, tmp_path / "out", lloyd_iterations=0).model_dump(mode="json") | {
+        "protocol": "official"
+    }
+    data["inference"]["scales"] = [
+        0.75,
+        1.0,
+        1.5,
+    ]  # the fits at 1.0; the baseline also by the paper's multi-scale scheme
     data["label"]["sweep_pixel_stride"] = 2  # the sweep's k8: resized labels subsampled, full-size ones at the stride
     data["refine"]["crf"] = True  # the paper's CRF rows, of the main fit and of the baseline
     cfg = parse_config({**data, "protocol": "paper"})
@@ -150,19 +192,30 @@ def test_paper_protocol_runs_the_papers_steps_and_refuses_a_switch_of_protocol(r
     assert "**resized, NEAREST up** | **paper**" in (cfg.output_dir / "report.md").read_text()
     # the paper's patch-level mIoU: all 19 classes, an absent one 0; the k sweep says so under its table
     assert report["fits"]["k24"]["patch_level"]["same_set"]["miou_rule"] == "all"
-    assert ("*patch mIoU*: mean over all 19 classes, an absent class counting 0 (the paper's rule)."
-            in (cfg.output_dir / "report.md").read_text())
+    assert (
+        "*patch mIoU*: mean over all 19 classes, an absent class counting 0 (the paper's rule)."
+        in (cfg.output_dir / "report.md").read_text()
+    )
     k8 = report["protocol_sensitivity"]["fits"]["k8"]
-    assert k8["full/official"]["pixel_stride"] == 2 and k8["full/official"]["panoptic"] is None and "full/paper" not in k8
+    assert (
+        k8["full/official"]["pixel_stride"] == 2 and k8["full/official"]["panoptic"] is None and "full/paper" not in k8
+    )
     assert k8["resized/paper"]["panoptic"]["pq"] is not None
     # the baseline as the paper's CAUSE script labels it: one scale and multi-scale, each without and with its CRF
     baseline = report["protocol_sensitivity"]["fits"]["baseline_k19"]
-    extra = [f"{labels}/{evaluator}" for labels in ("windows", "windows+crf", "multiscale", "multiscale+crf")
-             for evaluator in ("official", "paper")]
+    extra = [
+        f"{labels}/{evaluator}"
+        for labels in ("windows", "windows+crf", "multiscale", "multiscale+crf")
+        for evaluator in ("official", "paper")
+    ]
     assert list(baseline)[-8:] == extra
-    assert len({baseline[key]["miou"] for key in extra[::2]}) == 4 and all(baseline[key]["panoptic"]["pq"] > 0 for key in extra)
-    assert all(baseline[f"{key}/paper"]["panoptic"]["pq"] != baseline[f"{key}/official"]["panoptic"]["pq"]
-               for key in ("windows", "multiscale+crf"))
+    assert len({baseline[key]["miou"] for key in extra[::2]}) == 4 and all(
+        baseline[key]["panoptic"]["pq"] > 0 for key in extra
+    )
+    assert all(
+        baseline[f"{key}/paper"]["panoptic"]["pq"] != baseline[f"{key}/official"]["panoptic"]["pq"]
+        for key in ("windows", "multiscale+crf")
+    )
     assert "paper's CAUSE script, multi-scale + its CRF" in (cfg.output_dir / "report.md").read_text()
     with pytest.raises(UserError, match='protocol: "paper" -> "official"'):
         Pipeline(parse_config({**data, "protocol": "official"})).run()
@@ -171,7 +224,9 @@ def test_paper_protocol_runs_the_papers_steps_and_refuses_a_switch_of_protocol(r
 def test_head_and_backbone_features_are_fitted_in_one_run_and_compared(ray_cluster, demo_root, tmp_path):
     """model.compare_backbone: extract stores the backbone's tokens beside the head's features (the
     same as a backbone model's), fit fits both alike, the report compares them."""
-    data = tiny_config(demo_root, tmp_path / "out", lloyd_iterations=0).model_dump(mode="json") | {"protocol": "official"}
+    data = tiny_config(demo_root, tmp_path / "out", lloyd_iterations=0).model_dump(mode="json") | {
+        "protocol": "official"
+    }
     data["model"] |= {"feature_kind": "head", "compare_backbone": True}
     data["inference"] |= {"short_side": 322, "crop": 322, "stride": 161, "scales": [1.0]}
     data["refine"] = {}
@@ -184,8 +239,9 @@ def test_head_and_backbone_features_are_fitted_in_one_run_and_compared(ray_clust
     assert 0 < comparison["backbone"]["patch_level"]["same_set"]["miou"] < 1
     text = (cfg.output_dir / "report.md").read_text()
     assert "## Head vs backbone features (patch level, k = 24)" in text
-    assert text.count("*patch mIoU*: mean over the classes present in ground truth or "
-                      "prediction.") == 2  # sweep, backbone
+    assert (
+        text.count("*patch mIoU*: mean over the classes present in ground truth or prediction.") == 2
+    )  # sweep, backbone
     table = pq.read_table(cfg.output_dir / "features" / "_backbone" / "shard-00000.parquet")
     head = pq.read_table(cfg.output_dir / "features" / "shard-00000.parquet")
     assert table.column("image_id").to_pylist() == head.column("image_id").to_pylist()
@@ -195,5 +251,5 @@ def test_head_and_backbone_features_are_fitted_in_one_run_and_compared(ray_clust
     first = sorted(demo_root.glob("leftImg8bit/val/*/*.png"))[0]
     image = read_rgb(first, ImageLimits(max_pixels=10**8, max_aspect_ratio=16))
     (expected,) = DenseFeatureExtractor(model, WindowSpec(short_side=322, crop=322, stride=161))([image])
-    stored = np.stack(table.column("feature").to_numpy(zero_copy_only=False)[:23 * 46])
+    stored = np.stack(table.column("feature").to_numpy(zero_copy_only=False)[: 23 * 46])
     np.testing.assert_allclose(stored, expected.reshape(32, -1).T, atol=2e-2)

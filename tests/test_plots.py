@@ -24,7 +24,10 @@ def test_plot_confusion(tmp_path):
 
 
 def test_plot_per_class_iou(tmp_path):
-    runs = {"baseline": {n: 0.5 for n in CLASS_NAMES}, "k=300": {n: (None if n == "train" else 0.7) for n in CLASS_NAMES}}
+    runs = {
+        "baseline": {n: 0.5 for n in CLASS_NAMES},
+        "k=300": {n: (None if n == "train" else 0.7) for n in CLASS_NAMES},
+    }
     plot_per_class_iou(runs, tmp_path / "iou.png")
     _only_png(tmp_path, "iou.png")
 

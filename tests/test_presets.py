@@ -11,15 +11,21 @@ from PIL import Image
 from sklearn.cluster import MiniBatchKMeans
 
 from actors.extract import patch_labels
-from configs.schema import ConfigError, parse_config
+from configs.schema import ConfigError, RefineConfig, parse_config
+from core.clustering.kmeans import assign_euclidean, fit_paper_minibatch
 from core.evaluation.cause import crop_clusters, crop_counts, hungarian_scores
+from core.inference.dense import WindowModel
+from core.inference.windows import (
+    StoredWindows,
+    WindowSpec,
+    cause_view,
+    cut_windows,
+    layout_axis_weights,
+    stitch_windows,
+)
+from core.labelling.image import ImageLabeller, LabelFit, LabelRequest
 from core.refine.crf import dense_crf
 from core.refine.paper_heuristics import denoise_by_prototypes, diffuse_by_neighbours
-from core.clustering.kmeans import assign_euclidean, fit_paper_minibatch
-from core.inference.dense import WindowModel
-from core.labelling.image import ImageLabeller, LabelFit, LabelRequest
-from core.inference.windows import StoredWindows, WindowSpec, cause_view, cut_windows, layout_axis_weights, stitch_windows
-from configs.schema import RefineConfig
 
 SPEC = WindowSpec(short_side=112, crop=112, stride=56)  # 128x256 -> 112x224: windows at x = 0, 56, 112
 PATCH = 14
@@ -33,8 +39,8 @@ def paper_pixel_map(window_features: np.ndarray, origins, resized: tuple[int, in
     count = torch.zeros(h + crop, w + crop)
     for (y, x), feat in zip(origins, window_features):
         up = F.interpolate(torch.tensor(feat)[None], size=(crop, crop), mode="bilinear", align_corners=False)[0]
-        total[:, y:y + crop, x:x + crop] += up
-        count[y:y + crop, x:x + crop] += 1
+        total[:, y : y + crop, x : x + crop] += up
+        count[y : y + crop, x : x + crop] += 1
     return (total / count.clamp_min(1))[:, :h, :w]
 
 
@@ -46,12 +52,14 @@ def windows_of(image_hw=(128, 256), dim=6, seed=0):
 
 def test_paper_merge_is_the_pooled_pixel_map_of_the_windows():
     feats, layout = windows_of()
-    (grid, _), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
-    reference = F.adaptive_avg_pool2d(paper_pixel_map(feats, layout.origins, layout.resized, SPEC.crop)[None], layout.grid)[0]
+    ((grid, _),) = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
+    reference = F.adaptive_avg_pool2d(
+        paper_pixel_map(feats, layout.origins, layout.resized, SPEC.crop)[None], layout.grid
+    )[0]
     assert grid.shape == (6, 8, 16)
     np.testing.assert_allclose(grid, reference.numpy(), atol=1e-5)
     # and it is not this tool's own merge (7 px cells), which keeps each window's patches sharp
-    (cells, _), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH)
+    ((cells, _),) = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH)
     assert np.abs(cells - grid).max() > 0.1
 
 
@@ -60,7 +68,7 @@ def test_paper_merge_of_one_window_is_the_one_eighth_blur():
     spec = WindowSpec(short_side=112, crop=112, stride=112)
     _, (layout,) = cut_windows(np.zeros((112, 112, 3), np.uint8), spec, PATCH, [112])
     feat = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
-    (grid, _), = stitch_windows(feat, [layout], 112, 112, PATCH, merge="pixels")
+    ((grid, _),) = stitch_windows(feat, [layout], 112, 112, PATCH, merge="pixels")
     blur = np.diag(np.full(8, 0.75)) + np.diag(np.full(7, 0.125), 1) + np.diag(np.full(7, 0.125), -1)
     blur[0, 0] = blur[-1, -1] = 0.875
     np.testing.assert_allclose(grid, np.einsum("ij,djk,lk->dil", blur, feat[0], blur), atol=1e-5)
@@ -71,10 +79,15 @@ def config(protocol: str, **sections):
 
 
 def test_paper_patch_labels_are_one_nearest_sample_per_patch():
-    labels = np.array([[0, 1, 1, 1, 2, 2, 3, 3],
-                       [0, 4, 1, 5, 2, 6, 3, 7],
-                       [8, 8, 9, 9, 255, 255, 10, 10],
-                       [8, 11, 9, 12, 255, 255, 10, 13]], np.uint8)
+    labels = np.array(
+        [
+            [0, 1, 1, 1, 2, 2, 3, 3],
+            [0, 4, 1, 5, 2, 6, 3, 7],
+            [8, 8, 9, 9, 255, 255, 10, 10],
+            [8, 11, 9, 12, 255, 255, 10, 13],
+        ],
+        np.uint8,
+    )
     # 4x8 -> 2x4: PIL NEAREST samples pixel floor((i + 0.5) * 2) = rows 1, 3 and columns 1, 3, 5, 7
     assert patch_labels(config("paper"), labels, (2, 4)).tolist() == [[4, 5, 6, 7], [11, 12, 255, 13]]
     # the official labels are each 2x2 patch's majority (ties to the lower id)
@@ -86,7 +99,9 @@ def test_paper_kmeans_is_minibatch_with_the_papers_settings():
     x[3, 1] = np.nan  # the paper's nan_to_num makes it 0
     reference_x = np.nan_to_num(x.astype(np.float64))
     reference_x /= np.linalg.norm(reference_x, axis=1, keepdims=True)
-    reference = MiniBatchKMeans(n_clusters=7, batch_size=10000, max_iter=300, n_init=3, random_state=42).fit(reference_x)
+    reference = MiniBatchKMeans(n_clusters=7, batch_size=10000, max_iter=300, n_init=3, random_state=42).fit(
+        reference_x
+    )
     centres = fit_paper_minibatch(x, 7)
     np.testing.assert_array_equal(centres, reference.cluster_centers_)
     np.testing.assert_array_equal(assign_euclidean(x, centres), reference.predict(reference_x))
@@ -101,11 +116,20 @@ def test_paper_pixel_labels_come_from_the_windows_pixel_map_at_the_resized_size(
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     mapping = rng.integers(0, 19, 9)
     fit = LabelFit("k9", centroids, mapping)
-    labeller = ImageLabeller([fit, LabelFit("baseline_k9", centroids, mapping)], ["plain"], RefineConfig(), labelling="resized",
-                             request=LabelRequest(baseline=True, both_labellings=True))
-    (grid, resized), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
-    labels = labeller.label([(grid, resized)], PATCH, (128, 256),
-                            windows=StoredWindows(feats, layout_axis_weights(layout, SPEC.crop, PATCH), layout))
+    labeller = ImageLabeller(
+        [fit, LabelFit("baseline_k9", centroids, mapping)],
+        ["plain"],
+        RefineConfig(),
+        labelling="resized",
+        request=LabelRequest(baseline=True, both_labellings=True),
+    )
+    ((grid, resized),) = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
+    labels = labeller.label(
+        [(grid, resized)],
+        PATCH,
+        (128, 256),
+        windows=StoredWindows(feats, layout_axis_weights(layout, SPEC.crop, PATCH), layout),
+    )
     pixel = F.normalize(paper_pixel_map(feats, layout.origins, layout.resized, SPEC.crop), dim=0)
     clusters = torch.einsum("kd,dyx->kyx", torch.tensor(centroids), pixel).argmax(dim=0).numpy()
     reference = np.asarray(Image.fromarray(mapping[clusters].astype(np.uint8)).resize((256, 128), Image.NEAREST))
@@ -133,15 +157,17 @@ def test_cause_view_is_nearest_resize_of_the_short_side_then_the_centre_crop():
     reference = np.asarray(Image.fromarray(image).resize((20, 12), Image.NEAREST))[:, 4:16]
     assert np.array_equal(cause_view(image, 12, 12), reference)
     labels = image[..., 0].T.copy()  # a portrait 50x30 label map: 20x12, top = 4
-    assert np.array_equal(cause_view(labels, 12, 12), np.asarray(Image.fromarray(labels).resize((12, 20), Image.NEAREST))[4:16])
+    assert np.array_equal(
+        cause_view(labels, 12, 12), np.asarray(Image.fromarray(labels).resize((12, 20), Image.NEAREST))[4:16]
+    )
 
 
 def test_cause_scores_one_hungarian_matching_over_27_classes():
     counts = np.zeros((3, 27), np.int64)
     counts[0, 0], counts[0, 1] = 80, 20  # cluster 0: mostly road (class 0 = labelId 7)
     counts[1, 1], counts[1, 0] = 30, 10  # cluster 1: sidewalk
-    counts[2, 4] = 50                    # cluster 2: building (class 4 = labelId 11)
-    counts[2, 10] = 10                   # pole (labelId 17): no cluster of its own left
+    counts[2, 4] = 50  # cluster 2: building (class 4 = labelId 11)
+    counts[2, 10] = 10  # pole (labelId 17): no cluster of its own left
     scores = hungarian_scores(counts)
     assert scores["mapping"] == {0: 0, 1: 1, 2: 4}
     # road 80 / (90 + 100 - 80); sidewalk 30 / (50 + 40 - 30); building 50 / (50 + 60 - 50); pole 0 / 10
@@ -158,7 +184,9 @@ def test_cause_counts_label_the_crop_by_cosine_after_bilinear_upsampling():
     centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
     label_ids = np.full((8, 8), 7, np.uint8)
     label_ids[:, 4:] = 0  # labelId 0 (unlabeled) is outside the 27 classes
-    crops = crop_clusters(grid, grid[:, :, ::-1].copy(), centroids, rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8))
+    crops = crop_clusters(
+        grid, grid[:, :, ::-1].copy(), centroids, rng.integers(0, 255, size=(8, 8, 3), dtype=np.uint8)
+    )
     counts = crop_counts(crops["crop"], label_ids, 3)
     pixels = F.interpolate(torch.tensor(grid)[None], size=(8, 8), mode="bilinear", align_corners=False)[0]
     nearest = torch.einsum("kd,dyx->kyx", torch.tensor(centroids), F.normalize(pixels, dim=0)).argmax(dim=0).numpy()
@@ -175,12 +203,22 @@ def test_paper_crf_is_softmax_of_five_times_the_class_logits_at_the_resized_size
     mapping = np.array([0, 0, 2, 5, 2, 11])  # classes 0, 2, 5, 11 have clusters; the other 15 score 0
     image = rng.integers(0, 255, size=(128, 256, 3), dtype=np.uint8)
     fit = LabelFit("k6", centroids, mapping)
-    labeller = ImageLabeller([fit, fit], ["plain", "crf"], RefineConfig(), labelling="resized", request=LabelRequest(baseline=True))
-    (grid, resized), = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
-    labels = labeller.label([(grid, resized)], PATCH, (128, 256), image,
-                            windows=StoredWindows(feats, layout_axis_weights(layout, SPEC.crop, PATCH), layout))
-    cosine = torch.einsum("kd,dyx->kyx", torch.tensor(centroids),
-                          F.normalize(paper_pixel_map(feats, layout.origins, layout.resized, SPEC.crop), dim=0)).numpy()
+    labeller = ImageLabeller(
+        [fit, fit], ["plain", "crf"], RefineConfig(), labelling="resized", request=LabelRequest(baseline=True)
+    )
+    ((grid, resized),) = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
+    labels = labeller.label(
+        [(grid, resized)],
+        PATCH,
+        (128, 256),
+        image,
+        windows=StoredWindows(feats, layout_axis_weights(layout, SPEC.crop, PATCH), layout),
+    )
+    cosine = torch.einsum(
+        "kd,dyx->kyx",
+        torch.tensor(centroids),
+        F.normalize(paper_pixel_map(feats, layout.origins, layout.resized, SPEC.crop), dim=0),
+    ).numpy()
     logits = np.zeros((19, *resized), np.float32)
     for c in set(mapping.tolist()):
         logits[c] = cosine[mapping == c].max(axis=0)
@@ -199,8 +237,12 @@ def test_the_baselines_full_size_crf_row_is_the_crf_variant_of_the_baseline_fit(
     baseline = LabelFit("baseline_k4", base, np.array([0, 2, 255, 5]))
     image = rng.integers(0, 255, size=(128, 256, 3), dtype=np.uint8)
     grids = [(grid, (112, 224))]
-    labeller = ImageLabeller([LabelFit("k9", main, rng.integers(0, 19, 9)), baseline], ["plain"], RefineConfig(crf=True),
-                             request=LabelRequest(baseline=True, baseline_labellings=("full+crf",)))
+    labeller = ImageLabeller(
+        [LabelFit("k9", main, rng.integers(0, 19, 9)), baseline],
+        ["plain"],
+        RefineConfig(crf=True),
+        request=LabelRequest(baseline=True, baseline_labellings=("full+crf",)),
+    )
     labels = labeller.label(grids, PATCH, (128, 256), image)
     extra = labels.targets["baseline/full+crf"].train_ids
     alone = ImageLabeller([baseline], ["plain", "crf"], RefineConfig(crf=True))
@@ -236,14 +278,26 @@ def test_the_cause_crop_runs_apart_and_comes_back_in_place():
     autocast, no flip) and the CRF pass (flip-averaged, autocast on the backbone only)."""
     from actors.window_features import WindowFeatures
 
-    cfg = parse_config({"protocol": "cause", "model": {"vit": {"embed_dim": 32, "depth": 1, "num_heads": 2}},
-                        "inference": {"short_side": 112, "crop": 112, "stride": 56}})
+    cfg = parse_config(
+        {
+            "protocol": "cause",
+            "model": {"vit": {"embed_dim": 32, "depth": 1, "num_heads": 2}},
+            "inference": {"short_side": 112, "crop": 112, "stride": 56},
+        }
+    )
     actor = WindowFeatures(cfg)
     plain, flipped = actor.crop_models
-    assert (plain.spec.precision, plain.spec.flip, flipped.spec.precision, flipped.spec.flip) == ("fp16", False, "fp16_backbone", True)
+    assert (plain.spec.precision, plain.spec.flip, flipped.spec.precision, flipped.spec.flip) == (
+        "fp16",
+        False,
+        "fp16_backbone",
+        True,
+    )
     assert actor.model.spec.precision == "fp32"
     rng = np.random.default_rng(11)
-    windows = [rng.integers(0, 255, size=(n, 112, 112, 3), dtype=np.uint8) for n in (4, 0, 3)]  # the middle image failed
+    windows = [
+        rng.integers(0, 255, size=(n, 112, 112, 3), dtype=np.uint8) for n in (4, 0, 3)
+    ]  # the middle image failed
     out = actor({"windows": np.array(windows, dtype=object), "image_id": np.array(["a", "b", "c"])})["window_features"]
     # on the CPU autocast does nothing: each pass gives the numbers of the plain model with its flip setting
     unflipped = WindowModel(actor.model.model, replace(actor.model.spec, flip=False))
@@ -259,9 +313,16 @@ def test_compare_names_each_runs_protocol_and_scores_all_runs_the_same_ways():
 
     def report(protocol, own, full, scored_pixels=100):
         level = {"miou": own, "per_class_iou": {"road": own}}
-        return {"protocol": protocol, "feature_kind": "head", "model": "m", "dataset": {"scored_pixels": scored_pixels},
-                "fits": {"k300": {"k": 300, "pixel_level": {"same_set": level}}},
-                "protocol_sensitivity": {"fits": {"k300": {"full/official": {"miou": full}, "resized/paper": {"miou": 0.5}}}}}
+        return {
+            "protocol": protocol,
+            "feature_kind": "head",
+            "model": "m",
+            "dataset": {"scored_pixels": scored_pixels},
+            "fits": {"k300": {"k": 300, "pixel_level": {"same_set": level}}},
+            "protocol_sensitivity": {
+                "fits": {"k300": {"full/official": {"miou": full}, "resized/paper": {"miou": 0.5}}}
+            },
+        }
 
     text = render_comparison({"off": report("official", 0.4, 0.4), "paper": report("paper", 0.45, 0.42)})
     assert "| off | official | head | k300 | 300 | 40.0 | 40.0 | 50.0 |" in text

@@ -1,8 +1,13 @@
 import numpy as np
 import pytest
 
-from core.mapping.protocols import (confusion_from_cluster_counts, few_shot_scores, heldout_mappings, label_free_mapping,
-                            protocol_scores)
+from core.mapping.protocols import (
+    confusion_from_cluster_counts,
+    few_shot_scores,
+    heldout_mappings,
+    label_free_mapping,
+    protocol_scores,
+)
 
 NAMES = ["a", "b"]
 

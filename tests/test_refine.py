@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from core.labelling.assign import PixelAssigner, bilinear_weights
 from core.classes import IGNORE
 from core.evaluation.panoptic import panoptic_from_train_ids
-from core.refine.superpixels import _superpixel_em, _superpixel_input, refine_labels_by_superpixels, superpixels
+from core.labelling.assign import PixelAssigner, bilinear_weights
 from core.refine.em import em_refine, em_step, refine_semantic, soft_kmeans_objective
+from core.refine.superpixels import _superpixel_em, _superpixel_input, refine_labels_by_superpixels, superpixels
 from core.refine.things import split_things
 
 # ---- one EM step by hand ---------------------------------------------------------------------
@@ -16,13 +16,25 @@ from core.refine.things import split_things
 # module (exp / sum for A, weighted sums, hypot for the norm), not with core.refine.
 X3 = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
 C2 = np.array([[1.0, 0.0], [0.0, 1.0]])
-A_HAND = np.array([[0.8807970779778824, 0.11920292202211755],
-                   [0.11920292202211755, 0.8807970779778824],
-                   [0.401312339887548, 0.598687660112452]])
-C_COSINE_HAND = np.array([[0.9308558745641076, 0.3653865635043116],   # normalise(A^T X)
-                          [0.3318975355149412, 0.9433154434859573]])
-C_MEAN_HAND = np.array([[0.8003815066671116, 0.3141717812657564],      # A^T X / column sums
-                        [0.2992551516009931, 0.8505396269664077]])
+A_HAND = np.array(
+    [
+        [0.8807970779778824, 0.11920292202211755],
+        [0.11920292202211755, 0.8807970779778824],
+        [0.401312339887548, 0.598687660112452],
+    ]
+)
+C_COSINE_HAND = np.array(
+    [
+        [0.9308558745641076, 0.3653865635043116],  # normalise(A^T X)
+        [0.3318975355149412, 0.9433154434859573],
+    ]
+)
+C_MEAN_HAND = np.array(
+    [
+        [0.8003815066671116, 0.3141717812657564],  # A^T X / column sums
+        [0.2992551516009931, 0.8505396269664077],
+    ]
+)
 L0_HAND = -3.1834356372429493  # -tau * sum_n log sum_k exp(x.c / tau) at C2
 
 
@@ -39,8 +51,9 @@ def test_one_em_step_by_hand():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-@pytest.mark.parametrize("metric,prior_mass",
-                         [("cosine", 0.0), ("cosine", 2.0), ("euclidean", 0.0), ("euclidean", 2.0)])
+@pytest.mark.parametrize(
+    "metric,prior_mass", [("cosine", 0.0), ("cosine", 2.0), ("euclidean", 0.0), ("euclidean", 2.0)]
+)
 def test_objective_never_increases(seed, metric, prior_mass):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((200, 6)) + 2 * np.eye(6)[rng.integers(0, 3, 200)]
@@ -66,9 +79,12 @@ def test_unnormalised_mean_is_not_the_cosine_m_step():
     centres, a = em_step(X3, C2, tau=0.5)
     mean = (a.T @ X3) / a.sum(0)[:, None]
     assert np.allclose(mean, C_MEAN_HAND)
+
     # Scored as it stands (x.c / tau with |c| < 1), the mean *raises* L above its starting value,
     # while the renormalised step lowers it: without renormalisation EM is not monotone here.
-    objective = lambda c: -0.5 * np.log(np.exp(X3 @ c.T / 0.5).sum(1)).sum()
+    def objective(c):
+        return -0.5 * np.log(np.exp(X3 @ c.T / 0.5).sum(1)).sum()
+
     assert objective(mean) > L0_HAND > objective(centres)
 
 
@@ -95,6 +111,7 @@ def test_empty_clusters_keep_their_centre_without_nan(metric):
 
 # ---- semantic mode ---------------------------------------------------------------------------
 
+
 def _semantic_case(seed=0, k=30, d=16, num_classes=5):
     rng = np.random.default_rng(seed)
     centroids = rng.standard_normal((k, d)).astype(np.float32)
@@ -102,8 +119,9 @@ def _semantic_case(seed=0, k=30, d=16, num_classes=5):
     mapping = rng.integers(0, num_classes, k).astype(np.uint8)
     mapping[:3] = IGNORE
     mapping[mapping == 2] = 3  # class 2 has no cluster: -inf channel
-    features = (centroids[rng.integers(0, k, 12 * 20)].T.reshape(d, 12, 20)
-                + 0.3 * rng.standard_normal((d, 12, 20))).astype(np.float32) * 4.0
+    features = (
+        centroids[rng.integers(0, k, 12 * 20)].T.reshape(d, 12, 20) + 0.3 * rng.standard_normal((d, 12, 20))
+    ).astype(np.float32) * 4.0
     return features, centroids, mapping, num_classes
 
 
@@ -120,7 +138,10 @@ def test_semantic_refinement_adapts_present_clusters_only():
     assert refined.shape == centroids.shape and refined.dtype == np.float32 and np.isfinite(refined).all()
     np.testing.assert_allclose(np.linalg.norm(refined, axis=1), 1.0, atol=1e-5)
     x = features.reshape(features.shape[0], -1).T
-    obj = lambda c: soft_kmeans_objective(x, c, 0.05)
+
+    def obj(c):
+        return soft_kmeans_objective(x, c, 0.05)
+
     assert obj(refined) < obj(centroids)
     moved = np.abs(refined - centroids).max(1) > 0
     assert moved.any() and not moved.all()  # clusters absent from the image keep their global centre
@@ -209,6 +230,7 @@ def test_split_things_t0_assigns_to_seeds():
 
 # ---- superpixel mode -------------------------------------------------------------------------
 
+
 def _two_colour_scene(seed=0, h=48, w=64, edge=30):
     rng = np.random.default_rng(seed)
     image = np.where(np.arange(w)[None, :, None] < edge, [200, 60, 50], [60, 80, 190]) * np.ones((h, 1, 1))
@@ -266,7 +288,16 @@ def test_superpixel_em_objective_never_increases():
 
 
 def test_feature_sampling_matches_the_labelling_convention():
-    from core.refine.em import grid_scale as _grid_scale, sample_features as _sample_features, upsample_features as _upsample_features
+    from core.refine.em import (
+        grid_scale as _grid_scale,
+    )
+    from core.refine.em import (
+        sample_features as _sample_features,
+    )
+    from core.refine.em import (
+        upsample_features as _upsample_features,
+    )
+
     rng = np.random.default_rng(0)
     features = rng.standard_normal((5, 4, 6)).astype(np.float32)
     image_hw, resized_hw, patch = (30, 50), (20, 33), 6  # the grid overhangs the resized image

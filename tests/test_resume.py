@@ -51,14 +51,17 @@ def test_interrupted_run_resumes_to_the_same_result(ray_cluster, tiny_run, demo_
     assert (timing["extract"]["did_work"], timing["fit"]["did_work"]) == (False, False)
     assert (timing["label"]["did_work"], timing["label"]["shards_done"], timing["label"]["shards"]) == (True, 2, 3)
     wall = next(line for line in (cfg.output_dir / "report.md").read_text().splitlines() if "**Wall time**" in line)
-    assert wall.startswith("- **Wall time** (each stage's last run): extract skipped (done in an earlier run), "
-                           "fit skipped (done in an earlier run), label ")
+    assert wall.startswith(
+        "- **Wall time** (each stage's last run): extract skipped (done in an earlier run), "
+        "fit skipped (done in an earlier run), label "
+    )
     assert wall.endswith(" s (2 of 3 shards; the others done in an earlier run)")
     # entries not of that form (an older version's bare seconds, damaged ones) are left out, not shown as measured
     (cfg.output_dir / "timing.json").write_text(json.dumps({"extract": 3.5, "fit": 0.1}))
     assert Pipeline(cfg)._timing() == {}
-    (cfg.output_dir / "timing.json").write_text(json.dumps({**timing, "fit": {"did_work": True},
-                                                            "label": {"did_work": "yes", "seconds": 1}}))
+    (cfg.output_dir / "timing.json").write_text(
+        json.dumps({**timing, "fit": {"did_work": True}, "label": {"did_work": "yes", "seconds": 1}})
+    )
     assert Pipeline(cfg)._timing() == {stage: t for stage, t in timing.items() if stage not in ("fit", "label")}
 
     assert sorted(scored_ids(cfg.output_dir)) == sorted(feature_ids(cfg.output_dir))  # each image scored once

@@ -33,8 +33,13 @@ def _calls(name: str) -> list[tuple[Path, ast.Call]]:
     found = []
     for path in _source_files():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == module):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == attr
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == module
+            ):
                 found.append((path, node))
     return found
 
@@ -61,28 +66,42 @@ def test_every_np_load_refuses_pickles_explicitly():
 
 
 def test_yaml_only_through_safe_load_and_no_pickle_modules():
-    unsafe_yaml = [f"{p.relative_to(REPO)}:{c.lineno}" for fn in ("load", "load_all", "full_load", "unsafe_load", "unsafe_load_all")
-                   for p, c in _calls(f"yaml.{fn}")]
+    unsafe_yaml = [
+        f"{p.relative_to(REPO)}:{c.lineno}"
+        for fn in ("load", "load_all", "full_load", "unsafe_load", "unsafe_load_all")
+        for p, c in _calls(f"yaml.{fn}")
+    ]
     assert unsafe_yaml == [], f"yaml loaded without safe_load at {unsafe_yaml}"
     assert _calls("yaml.safe_load"), "the configs are read with yaml.safe_load"
     pickling = []
     for path in _source_files():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            pickling += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
-                         if n.split(".")[0] in ("pickle", "cloudpickle", "dill", "joblib", "shelve", "marshal")]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            pickling += [
+                f"{path.relative_to(REPO)}:{node.lineno} {n}"
+                for n in names
+                if n.split(".")[0] in ("pickle", "cloudpickle", "dill", "joblib", "shelve", "marshal")
+            ]
             if isinstance(node, ast.Name) and node.id in ("eval", "exec"):
                 pickling.append(f"{path.relative_to(REPO)}:{node.lineno} {node.id}")
     assert pickling == [], f"modules that unpickle or execute data: {pickling}"
 
 
-@pytest.mark.parametrize("image_id, group", [
-    ("../../escaped", "frankfurt"),
-    ("frankfurt_000000_000019", "../../escaped"),
-    ("/tmp/escaped", "frankfurt"),
-    ("sub/../../escaped", "frankfurt"),
-])
+@pytest.mark.parametrize(
+    "image_id, group",
+    [
+        ("../../escaped", "frankfurt"),
+        ("frankfurt_000000_000019", "../../escaped"),
+        ("/tmp/escaped", "frankfurt"),
+        ("sub/../../escaped", "frankfurt"),
+    ],
+)
 def test_names_from_data_cannot_write_outside_the_output_dir(tmp_path, image_id, group):
     labels = tmp_path / "out" / "labels"
     train_ids = np.zeros((4, 8), np.uint8)
@@ -97,14 +116,20 @@ def test_names_from_data_cannot_write_outside_the_output_dir(tmp_path, image_id,
 
 def _label_actor(cfg, tmp_path):
     from actors.label import LabelImages
+
     rng = np.random.default_rng(0)
     fits = []
     for name, k in (("k16", 16), ("k8", 8), ("baseline_k19", 19)):
         c = rng.normal(size=(k, 32)).astype(np.float32)
-        fits.append({"name": name, "centroids": c / np.linalg.norm(c, axis=1, keepdims=True), "mapping": np.arange(k) % 19,
-                     "stride": 1})
-    actor = LabelImages(cfg=cfg, fits=fits, labels_dir=str(tmp_path / "out" / "labels"),
-                        overlay_ids=[])
+        fits.append(
+            {
+                "name": name,
+                "centroids": c / np.linalg.norm(c, axis=1, keepdims=True),
+                "mapping": np.arange(k) % 19,
+                "stride": 1,
+            }
+        )
+    actor = LabelImages(cfg=cfg, fits=fits, labels_dir=str(tmp_path / "out" / "labels"), overlay_ids=[])
     return actor, fits
 
 
@@ -118,9 +143,22 @@ def hostile_rows(tmp_path):
     hostile = ImageRecord(**{**victim.to_dict(), "image_id": "../../../escaped"})
     cfg = tiny_config(root, tmp_path / "out")
     grid = np.random.default_rng(1).normal(size=(32, 8, 16)).astype(np.float16)  # 128x256 -> 112x224 -> 8x16 patches
-    rows = [{"shard": "shard-00000", "image_id": r.image_id, "path": r.image_path, "error": "", "setup_error": "",
-             "group": r.group, "label_ids_path": r.label_ids_path, "instance_ids_path": r.instance_ids_path,
-             "height": 128, "width": 256, "grid_0": grid} for r in (good, hostile)]
+    rows = [
+        {
+            "shard": "shard-00000",
+            "image_id": r.image_id,
+            "path": r.image_path,
+            "error": "",
+            "setup_error": "",
+            "group": r.group,
+            "label_ids_path": r.label_ids_path,
+            "instance_ids_path": r.instance_ids_path,
+            "height": 128,
+            "width": 256,
+            "grid_0": grid,
+        }
+        for r in (good, hostile)
+    ]
     shard_row = {"shard": "shard-00000", "records": json.dumps([good.to_dict(), hostile.to_dict()])}
     return cfg, rows, shard_row
 
@@ -137,11 +175,17 @@ def _label(cfg, tmp_path, rows):
     from actors.score import score_image
     from configs.specs import evaluation_spec
     from core.labelling.image import label_fits
+
     threads = torch.get_num_threads()
     try:
         actor, fits = _label_actor(cfg, tmp_path)
         spec = evaluation_spec(cfg, label_fits(fits))
-        return [score_image(actor(row), spec, str(tmp_path / "out" / "scores"), "test-plan", str(tmp_path / "out" / "labels"), "val") for row in rows], fits
+        return [
+            score_image(
+                actor(row), spec, str(tmp_path / "out" / "scores"), "test-plan", str(tmp_path / "out" / "labels"), "val"
+            )
+            for row in rows
+        ], fits
     finally:
         torch.set_num_threads(threads)
 
@@ -157,11 +201,21 @@ def test_a_hostile_image_id_writes_nothing_outside(tmp_path, hostile_rows):
 def test_a_hostile_image_id_is_a_failed_item_and_the_shard_completes(tmp_path, hostile_rows):
     from actors.score import finish_scores
     from storage.run.markers import read_done
+
     cfg, rows, shard_row = hostile_rows
     (good, bad), fits = _label(cfg, tmp_path, rows)
     failed = [{"image_id": bad["image_id"], "path": bad["path"], "stage": "label", "error": bad["error"]}]
-    finish_scores(str(tmp_path / "out" / "scores"), shard_row, [good["image_id"]], failed, "test-plan",
-                  cfg.fit.heldout_folds, str(tmp_path / "out" / "labels"), cfg.dataset.split, True)
+    finish_scores(
+        str(tmp_path / "out" / "scores"),
+        shard_row,
+        [good["image_id"]],
+        failed,
+        "test-plan",
+        cfg.fit.heldout_folds,
+        str(tmp_path / "out" / "labels"),
+        cfg.dataset.split,
+        True,
+    )
     (done,) = read_done(tmp_path / "out" / "scores").values()
     assert done["num_images"] == 1 and [f["image_id"] for f in done["failed"]] == ["../../../escaped"]
     assert "unsafe name" in done["failed"][0]["error"]
@@ -195,6 +249,7 @@ def test_under_ray_job_submit_the_driver_joins_the_cluster(monkeypatch):
 
 def _frames(root: Path) -> Path:
     from PIL import Image
+
     root.mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(root / "frame.png")
     return root
@@ -203,12 +258,20 @@ def _frames(root: Path) -> Path:
 def test_an_output_dir_inside_the_dataset_or_holding_it_is_refused_however_it_is_spelt(tmp_path, monkeypatch):
     """Both dataset kinds; relative, '..', symlinked spellings of either folder."""
     from configs.schema import ConfigError
+
     data = _frames(tmp_path / "data")
     (tmp_path / "link").symlink_to(data)
     (tmp_path / "data_link").symlink_to(tmp_path)  # a link to the folder above the dataset
     monkeypatch.chdir(tmp_path)
-    inside = [("data/out", "data"), (data / "out", data), ("data", "data"), ("link/out", data),
-              (tmp_path / "x/../data/o", "data"), ("out", "data_link/data/.."), ("data_link/data/sub/out", data)]
+    inside = [
+        ("data/out", "data"),
+        (data / "out", data),
+        ("data", "data"),
+        ("link/out", data),
+        (tmp_path / "x/../data/o", "data"),
+        ("out", "data_link/data/.."),
+        ("data_link/data/sub/out", data),
+    ]
     holding = [(tmp_path, data), (f"../{tmp_path.name}", "link"), ("..", data), ("data_link", "data")]
     for kind in ("folder", "cityscapes"):
         for output_dir, root in inside + holding:
@@ -219,18 +282,24 @@ def test_an_output_dir_inside_the_dataset_or_holding_it_is_refused_however_it_is
             assert any(f" {relation} dataset.root" in message for relation in ("lies inside", "is", "holds"))
             assert "Put output_dir" in message
             assert "\n" not in message
-    for output_dir, root in [("out", "data"), ("data_out", "data"), (tmp_path / "data2", data),
-                             ("out", "s3://bucket/data/out")]:
+    for output_dir, root in [
+        ("out", "data"),
+        ("data_out", "data"),
+        (tmp_path / "data2", data),
+        ("out", "s3://bucket/data/out"),
+    ]:
         parse_config({"output_dir": str(output_dir), "dataset": {"kind": "folder", "root": str(root)}}, "test")
     assert not (data / "out").exists()
 
 
 def test_an_output_dir_inside_a_feature_set_it_fits_on_or_holding_one_is_refused(tmp_path):
     from configs.schema import ConfigError
-    for output_dir, source in [(tmp_path / "frames" / "sub", {"features": [{}, {"path": str(tmp_path / "frames")}]}),
-                               (tmp_path, {"features": [{"path": str(tmp_path / "frames")}]}),
-                               (tmp_path / "frames" / "features" / "x", {"mapping_from": str(tmp_path / "frames"),
-                                                                          "heldout_folds": 1})]:
+
+    for output_dir, source in [
+        (tmp_path / "frames" / "sub", {"features": [{}, {"path": str(tmp_path / "frames")}]}),
+        (tmp_path, {"features": [{"path": str(tmp_path / "frames")}]}),
+        (tmp_path / "frames" / "features" / "x", {"mapping_from": str(tmp_path / "frames"), "heldout_folds": 1}),
+    ]:
         with pytest.raises(ConfigError, match="what is written there .*This run's own features need no path"):
             parse_config({"output_dir": str(output_dir), "fit": source}, "test")
     beside = {"output_dir": str(tmp_path / "run"), "fit": {"features": [{}, {"path": str(tmp_path / "frames")}]}}
@@ -239,6 +308,7 @@ def test_an_output_dir_inside_a_feature_set_it_fits_on_or_holding_one_is_refused
 
 def test_a_symlink_loop_as_output_dir_is_refused_with_its_name(tmp_path):
     from configs.schema import ConfigError
+
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
     with pytest.raises(ConfigError, match=r"output_dir=.*/a/out cannot be resolved .*symlink loop"):

@@ -7,13 +7,12 @@ import pytest
 from PIL import Image
 
 from storage.datasets import DatasetError, ImageRecord, list_cityscapes, list_image_folder
-from storage.images import ImageLimits, InputError, read_rgb, read_train_ids, safe_path, write_png_atomic
-from storage.run.shards import dataset_fingerprint, plan_shards, shard_records
 from storage.features import features_from_table, patch_schema, patch_table
-from storage.run.markers import mark_done, read_done
+from storage.images import ImageLimits, InputError, read_rgb, read_train_ids, safe_path, write_png_atomic
 from storage.run.atomic import write_parquet_atomic
+from storage.run.markers import mark_done, read_done
+from storage.run.shards import dataset_fingerprint, plan_shards, shard_records
 from tests.tiny_runs import one_colour_png
-
 
 LIMITS = ImageLimits(max_pixels=10_000, max_aspect_ratio=16)
 
@@ -31,13 +30,16 @@ def test_read_rgb_accepts_rgb_and_opaque_rgba(tmp_path):
     assert np.array_equal(read_rgb(_png(tmp_path / "b.png", rgba), LIMITS), rgb)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("grayscale", "grayscale image"),
-    ("translucent", "transparent pixels"),
-    ("truncated", "corrupt or truncated"),
-    ("garbage", "corrupt or truncated"),
-    ("missing", "image file is missing"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("grayscale", "grayscale image"),
+        ("translucent", "transparent pixels"),
+        ("truncated", "corrupt or truncated"),
+        ("garbage", "corrupt or truncated"),
+        ("missing", "image file is missing"),
+    ],
+)
 def test_read_rgb_errors_name_the_file_and_fix(tmp_path, case, message):
     path = tmp_path / f"{case}.png"
     if case == "grayscale":
@@ -61,10 +63,12 @@ class Decoded(Exception):
 @pytest.fixture
 def never_decoded(monkeypatch):
     from PIL import ImageFile
+
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
 
     def load(self):
         raise Decoded(self.size)
+
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
 
 
@@ -76,13 +80,16 @@ def test_a_decompression_bomb_is_too_large_before_it_is_decoded_and_our_limit_de
     # over our limit, under twice it (PIL only warns there): ours refuses it from the header
     with pytest.raises(InputError) as err:
         read_rgb(bomb, ImageLimits(max_pixels=100_000_000, max_aspect_ratio=16))
-    assert str(err.value).startswith(f"{bomb}: image too large: 14000x14000 px = 196,000,000 pixels, more than "
-                                     "dataset.max_image_pixels=100,000,000; " + fix)
+    assert str(err.value).startswith(
+        f"{bomb}: image too large: 14000x14000 px = 196,000,000 pixels, more than "
+        "dataset.max_image_pixels=100,000,000; " + fix
+    )
     # over twice our limit PIL refuses it as the file opens (DecompressionBombError): the same input problem
     with pytest.raises(InputError) as err:
         read_rgb(bomb, ImageLimits(max_pixels=10_000_000, max_aspect_ratio=16))
-    assert str(err.value).startswith(f"{bomb}: image too large: over 20,000,000 pixels, more than "
-                                     "dataset.max_image_pixels=10,000,000; " + fix)
+    assert str(err.value).startswith(
+        f"{bomb}: image too large: over 20,000,000 pixels, more than dataset.max_image_pixels=10,000,000; " + fix
+    )
     # raised above PIL's own refusal (2 x 89 Mpx by default), ours still decides: the image goes on to be decoded
     with pytest.raises(Decoded):
         read_rgb(bomb, ImageLimits(max_pixels=200_000_000, max_aspect_ratio=16))
@@ -96,9 +103,11 @@ def test_an_image_of_extreme_aspect_ratio_is_refused_before_it_is_decoded(tmp_pa
     with pytest.raises(InputError) as err:
         read_rgb(strip, ImageLimits(max_pixels=100_000_000, max_aspect_ratio=16))
     ratio = max(width, height) / min(width, height)
-    assert str(err.value) == (f"{strip}: extreme aspect ratio: {height}x{width} px is {ratio:,.1f}:1, more than "
-                              "dataset.max_aspect_ratio=16; crop it into pieces of a usual shape, or raise "
-                              "dataset.max_aspect_ratio")
+    assert str(err.value) == (
+        f"{strip}: extreme aspect ratio: {height}x{width} px is {ratio:,.1f}:1, more than "
+        "dataset.max_aspect_ratio=16; crop it into pieces of a usual shape, or raise "
+        "dataset.max_aspect_ratio"
+    )
     with pytest.raises(Decoded):  # within a raised limit it is read
         read_rgb(strip, ImageLimits(max_pixels=100_000_000, max_aspect_ratio=ratio))
 
@@ -107,8 +116,9 @@ def test_the_configs_size_checks_run_on_the_header_after_pixels_and_aspect(tmp_p
     path = tmp_path / "a.png"
     path.write_bytes(one_colour_png(20, 10))
     seen = []
-    limits = ImageLimits(max_pixels=200, max_aspect_ratio=2,
-                         size_problem=lambda h, w: seen.append((h, w)) or "too few windows")
+    limits = ImageLimits(
+        max_pixels=200, max_aspect_ratio=2, size_problem=lambda h, w: seen.append((h, w)) or "too few windows"
+    )
     with pytest.raises(InputError, match=f"^{path}: too few windows$"):
         read_rgb(path, limits)
     assert seen == [(10, 20)]
@@ -134,11 +144,14 @@ def test_read_train_ids_maps_label_ids(tmp_path):
     assert read_train_ids(path, (2, 3)).tolist() == [[0, 1, 255], [13, 18, 255]]
 
 
-@pytest.mark.parametrize("array, hw, message", [
-    (np.zeros((2, 3), np.uint8), (4, 3), "same size"),
-    (np.full((2, 3), 40, np.uint8), (2, 3), "unknown labelId 40"),
-    (np.zeros((2, 3, 3), np.uint8), (2, 3), "single-channel"),
-])
+@pytest.mark.parametrize(
+    "array, hw, message",
+    [
+        (np.zeros((2, 3), np.uint8), (4, 3), "same size"),
+        (np.full((2, 3), 40, np.uint8), (2, 3), "unknown labelId 40"),
+        (np.zeros((2, 3, 3), np.uint8), (2, 3), "single-channel"),
+    ],
+)
 def test_read_train_ids_errors(tmp_path, array, hw, message):
     path = _png(tmp_path / "x_gtFine_labelIds.png", array)
     with pytest.raises(InputError, match=message):
@@ -154,7 +167,10 @@ def test_safe_path_refuses_names_that_leave_the_output_dir(tmp_path, name):
 
 
 def test_safe_path_accepts_plain_names(tmp_path):
-    assert safe_path(tmp_path, "frankfurt", "frankfurt_000000_000294_x.png") == tmp_path / "frankfurt" / "frankfurt_000000_000294_x.png"
+    assert (
+        safe_path(tmp_path, "frankfurt", "frankfurt_000000_000294_x.png")
+        == tmp_path / "frankfurt" / "frankfurt_000000_000294_x.png"
+    )
 
 
 def _cityscapes(root, split, ids_by_city):
@@ -183,7 +199,9 @@ def test_the_dataset_fingerprint_is_the_images_not_the_spelling_of_their_folder(
     (tmp_path / "moved").mkdir()
     (tmp_path / "data").rename(tmp_path / "moved" / "data")
     assert dataset_fingerprint(list_cityscapes(Path("moved/data/set"), "val"), "moved/data/set") == fingerprint
-    image = tmp_path / "moved" / "data" / "set" / "leftImg8bit" / "val" / "lindau" / "lindau_000001_000019_leftImg8bit.png"
+    image = (
+        tmp_path / "moved" / "data" / "set" / "leftImg8bit" / "val" / "lindau" / "lindau_000001_000019_leftImg8bit.png"
+    )
     image.write_bytes(image.read_bytes() + b"\0")  # the same name, other bytes
     assert dataset_fingerprint(list_cityscapes(Path("moved/data/set"), "val"), "moved/data/set") != fingerprint
 
@@ -235,7 +253,9 @@ def test_patch_table_round_trip(tmp_path):
 
 
 def test_float16_features_are_stored_half_size():
-    table = patch_table(["a"], [np.ones((8, 1, 1), np.float32)], [np.zeros((1, 1), np.uint8)], patch_schema(8), [(14, 14)])
+    table = patch_table(
+        ["a"], [np.ones((8, 1, 1), np.float32)], [np.zeros((1, 1), np.uint8)], patch_schema(8), [(14, 14)]
+    )
     assert str(table.schema.field("feature").type.value_type) == "halffloat"
     assert features_from_table(table).dtype == np.float32
 

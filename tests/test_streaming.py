@@ -12,8 +12,8 @@ import torch
 import ray_jobs.extract
 from core.models import ModelSpec, ViTSpec, build_feature_model
 from ray_jobs.pipeline import Pipeline
-from storage.run.parts import staged_ids
 from storage.run.markers import read_done
+from storage.run.parts import staged_ids
 from tests.tiny_runs import NUM_IMAGES, PATCHES_PER_IMAGE, feature_ids, scored_ids, tiny_config
 
 
@@ -21,10 +21,19 @@ def test_label_builds_no_model_even_with_several_scales(ray_cluster, demo_root, 
     """The backbone checkpoint is deleted after extract: label and report still run, because
     label reads every scale's features from extract's Parquet instead of running the model."""
     checkpoint = tmp_path / "backbone.pth"
-    torch.save(build_feature_model(ModelSpec(vit=ViTSpec(patch_size=14, embed_dim=32, depth=1, num_heads=2))).backbone.state_dict(),
-               checkpoint)
-    cfg = tiny_config(demo_root, tmp_path / "out", model={"backbone_checkpoint": str(checkpoint)},
-                      inference={"scales": [1.0, 0.75]}, label={"sweep_pixel_stride": 2})
+    torch.save(
+        build_feature_model(
+            ModelSpec(vit=ViTSpec(patch_size=14, embed_dim=32, depth=1, num_heads=2))
+        ).backbone.state_dict(),
+        checkpoint,
+    )
+    cfg = tiny_config(
+        demo_root,
+        tmp_path / "out",
+        model={"backbone_checkpoint": str(checkpoint)},
+        inference={"scales": [1.0, 0.75]},
+        label={"sweep_pixel_stride": 2},
+    )
     Pipeline(cfg).run(("extract", "fit"))
     scaled = pq.read_table(cfg.output_dir / "features" / "_scales" / "0.75")
     assert set(scaled.column("image_id").to_pylist()) == set(feature_ids(cfg.output_dir))
@@ -36,8 +45,13 @@ def test_label_builds_no_model_even_with_several_scales(ray_cluster, demo_root, 
     # the sweep's extra fit (k8) is scored on every 2nd pixel each way, the main fit and the baseline on all
     report = json.loads((cfg.output_dir / "report.json").read_text())
     assert {n: f["pixel_stride"] for n, f in report["fits"].items()} == {"k16": 1, "k8": 2, "baseline_k19": 1}
-    counted = {n: sum(int(np.load(p)[f"official/clusters/{n}@fold"].sum()) for p in (cfg.output_dir / "scores").glob("shard-*.npz"))
-               for n in ("k16", "k8", "baseline_k19")}
+    counted = {
+        n: sum(
+            int(np.load(p)[f"official/clusters/{n}@fold"].sum())
+            for p in (cfg.output_dir / "scores").glob("shard-*.npz")
+        )
+        for n in ("k16", "k8", "baseline_k19")
+    }
     assert counted["k16"] == counted["baseline_k19"] and abs(counted["k8"] / counted["k16"] - 0.25) < 0.02
     assert "every 2nd" in (cfg.output_dir / "report.md").read_text()
 
@@ -69,12 +83,12 @@ def test_a_failed_finish_keeps_the_parts_and_the_rerun_uses_them(ray_cluster, de
 def test_streamed_features_equal_the_one_process_extractor(ray_cluster, demo_root, tmp_path):
     """What the stream wrote (decode and windows in one task, the model in an actor, stitching in a
     third) is what DenseFeatureExtractor computes in one process, up to float16 storage."""
-    from configs.geometry import image_limits, window_spec
     from actors.model_setup import model_spec
+    from configs.geometry import image_limits, window_spec
     from core.inference.dense import DenseFeatureExtractor
     from storage.datasets import list_cityscapes
-    from storage.images import read_rgb
     from storage.features import image_grids
+    from storage.images import read_rgb
 
     cfg = tiny_config(demo_root, tmp_path / "out")
     Pipeline(cfg).run(("extract",))

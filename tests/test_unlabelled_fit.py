@@ -7,8 +7,8 @@ import pytest
 
 from core.clustering.fit_artifact import FitArtifact
 from ray_jobs.apply import run_apply
-from storage.run.feature_sets import FeatureSetError, open_feature_set
 from ray_jobs.pipeline import Pipeline
+from storage.run.feature_sets import FeatureSetError, open_feature_set
 from storage.run.plans import model_identity
 from storage.synth import generate_unlabelled_frames
 from tests.tiny_runs import tiny_config
@@ -39,7 +39,10 @@ def test_fit_on_the_frames_map_on_the_labelled_set_and_label_the_frames(frames, 
     (fitted,) = fit.meta["fitted_on"]
     expected = open_feature_set(str(frames_run), model_identity(cfg), "test")
     assert fitted["features"] == str(frames_run) and fitted["content_key"] == expected.content_key
-    assert fitted["num_patches"] == NUM_FRAMES * 8 * 16 and fit.meta["n_samples"] == fitted["sampled_rows"] == NUM_FRAMES * 64
+    assert (
+        fitted["num_patches"] == NUM_FRAMES * 8 * 16
+        and fit.meta["n_samples"] == fitted["sampled_rows"] == NUM_FRAMES * 64
+    )
     assert fit.meta["mapped_on"]["features"] == "this run" and fit.meta["mapped_on"]["labelled_patches"] > 0
 
     # label and report check the fits against what they recorded of the frames, not the frames
@@ -65,7 +68,9 @@ def test_the_frames_run_fits_itself_and_maps_on_the_labelled_run(frames, demo_ro
     root, frames_run = frames
     labelled = tiny_config(demo_root, tmp_path / "labelled", dataset=LABELLED)
     Pipeline(labelled).run(("extract",))
-    with pytest.raises(FeatureSetError, match="have no ground truth, so no cluster can be mapped to a class. Map on a labelled"):
+    with pytest.raises(
+        FeatureSetError, match="have no ground truth, so no cluster can be mapped to a class. Map on a labelled"
+    ):
         Pipeline(frames_config(root, frames_run, heldout_folds=1)).run(("fit",))
     # a mapping set made by another model is refused before anything is fitted
     other = tiny_config(demo_root, tmp_path / "other", dataset=LABELLED, model={"init_seed": 9})
@@ -76,7 +81,9 @@ def test_the_frames_run_fits_itself_and_maps_on_the_labelled_run(frames, demo_ro
     cfg = frames_config(root, frames_run, mapping_from=str(tmp_path / "labelled"), heldout_folds=1)
     Pipeline(cfg).run(("fit",))
     meta = json.loads((frames_run / "fits" / "k16" / "meta.json").read_text())["meta"]
-    assert meta["fitted_on"][0]["features"] == "this run" and meta["mapped_on"]["features"] == str(tmp_path / "labelled")
+    assert meta["fitted_on"][0]["features"] == "this run" and meta["mapped_on"]["features"] == str(
+        tmp_path / "labelled"
+    )
 
     # the frames have no ground truth: the report says nothing was scored, rather than scores of nothing
     Pipeline(cfg).run(("label", "report"))
@@ -85,18 +92,30 @@ def test_the_frames_run_fits_itself_and_maps_on_the_labelled_run(frames, demo_ro
     assert report["dataset"]["num_with_ground_truth"] == report["dataset"]["scored_pixels"] == 0
     assert report["figures"] == {}
     text = (frames_run / "report.md").read_text()
-    assert (f"{NUM_FRAMES} images labelled, 0 failed (listed in `failed_items.json`); 0 of {NUM_FRAMES} have ground "
-            "truth: nothing was scored") in text
+    assert (
+        f"{NUM_FRAMES} images labelled, 0 failed (listed in `failed_items.json`); 0 of {NUM_FRAMES} have ground "
+        "truth: nothing was scored"
+    ) in text
     assert f"Not measured: none of the {NUM_FRAMES} images labelled here has ground truth" in text
     assert "patch-level numbers are that set's own patches" in text and "a cross-set score" not in text
     assert "| fit | mapping | k | patch mIoU | dead centroids |" in text
-    for unmeasured in ("images scored", "Baseline misses", "recovers", "pixel mIoU", "## Protocol sensitivity",
-                       "## Absorption", "## Figures", "PQ"):
+    for unmeasured in (
+        "images scored",
+        "Baseline misses",
+        "recovers",
+        "pixel mIoU",
+        "## Protocol sensitivity",
+        "## Absorption",
+        "## Figures",
+        "PQ",
+    ):
         assert unmeasured not in text, unmeasured
     # run again: every stage finds its work done, and the report says so instead of a time
     Pipeline(cfg).run()
     timing = json.loads((frames_run / "timing.json").read_text())
     assert [timing[s]["did_work"] for s in ("extract", "fit", "label", "atlas")] == [False] * 4
     assert timing["atlas"]["skipped"] == "atlas.enabled is false"
-    assert ("**Wall time** (each stage's last run): extract skipped (done in an earlier run), fit skipped (done in an "
-            "earlier run), label skipped (done in an earlier run)\n" in (frames_run / "report.md").read_text())
+    assert (
+        "**Wall time** (each stage's last run): extract skipped (done in an earlier run), fit skipped (done in an "
+        "earlier run), label skipped (done in an earlier run)\n" in (frames_run / "report.md").read_text()
+    )

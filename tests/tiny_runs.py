@@ -19,13 +19,22 @@ PATCHES_PER_IMAGE = 8 * 16  # 128x256 -> short side 112 -> 112x224 -> 8x16 patch
 def tiny_config(data_root, output_dir, images_per_shard=4, num_actors=1, **sections):
     """12 images of 128x256, a random ViT of dim 32 / depth 1, 112 px crops, no refinements."""
     data = {
-        "run_name": "tiny", "output_dir": str(output_dir), "seed": 0,
+        "run_name": "tiny",
+        "output_dir": str(output_dir),
+        "seed": 0,
         "dataset": {"kind": "cityscapes", "root": str(data_root), "split": "val", "images_per_shard": images_per_shard},
         "model": {"vit": {"patch_size": 14, "embed_dim": 32, "depth": 1, "num_heads": 2}, "feature_kind": "backbone"},
         "inference": {"short_side": 112, "crop": 112, "stride": 56, "batch_size": 8},
-        "extract": {"read": {"num_cpus": 0.25}, "model": {"num_actors": num_actors, "cpus_per_actor": 0.5, "batch_images": 4},
-                    "write": {"num_cpus": 0.25}},
-        "label": {"num_overlays": 0, "read": {"num_cpus": 0.25}, "workers": {"num_actors": num_actors, "cpus_per_actor": 0.5}},
+        "extract": {
+            "read": {"num_cpus": 0.25},
+            "model": {"num_actors": num_actors, "cpus_per_actor": 0.5, "batch_images": 4},
+            "write": {"num_cpus": 0.25},
+        },
+        "label": {
+            "num_overlays": 0,
+            "read": {"num_cpus": 0.25},
+            "workers": {"num_actors": num_actors, "cpus_per_actor": 0.5},
+        },
         "fit": {"k": 16, "k_sweep": [8], "n_iter": 10, "max_patches_per_image": 64},
         "ray": {"local_num_cpus": 2},
         "atlas": {"enabled": False},  # tests/test_atlas.py turns it on
@@ -55,15 +64,20 @@ def copy_run(cfg, tmp_path: Path, **sections):
 
 def centroid_bytes(output_dir: Path) -> dict[str, str]:
     """fit name -> sha256 of its centroids.npy."""
-    return {p.parent.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(output_dir).glob("fits/*/centroids.npy"))}
+    return {
+        p.parent.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(output_dir).glob("fits/*/centroids.npy"))
+    }
 
 
 def _without_timings(obj):
     if isinstance(obj, dict):
         # fitted_on / mapped_on: provenance (content keys and shard counts differ with the shard layout)
-        return {k: _without_timings(v) for k, v in obj.items()
-                if "seconds" not in k and k not in ("timing", "fitted_on", "mapped_on")}
+        return {
+            k: _without_timings(v)
+            for k, v in obj.items()
+            if "seconds" not in k and k not in ("timing", "fitted_on", "mapped_on")
+        }
     if isinstance(obj, list):
         return [_without_timings(v) for v in obj]
     return obj
@@ -80,7 +94,11 @@ def report_metrics(output_dir: Path) -> dict:
 
 def feature_ids(output_dir: Path) -> dict[str, int]:
     """image id -> number of patch rows in features/."""
-    ids = pq.read_table(Path(output_dir) / "features", columns=["image_id"]).column("image_id").to_numpy(zero_copy_only=False)
+    ids = (
+        pq.read_table(Path(output_dir) / "features", columns=["image_id"])
+        .column("image_id")
+        .to_numpy(zero_copy_only=False)
+    )
     uniq, counts = np.unique(ids, return_counts=True)
     return dict(zip(uniq.tolist(), counts.tolist()))
 
@@ -109,12 +127,12 @@ def write_extracted(cfg, tables) -> tuple:
     markers and the stage's plan. Returns `run_fit`'s arguments after cfg."""
     import pyarrow.compute as pc
 
-    from storage.run.layout import Layout
     from storage.datasets import ImageRecord
-    from storage.run.markers import STAGE_COMPLETE, mark_done, output_records
-    from storage.run.shards import dataset_fingerprint
     from storage.features import feature_path
     from storage.run.atomic import write_json_atomic, write_parquet_atomic
+    from storage.run.layout import Layout
+    from storage.run.markers import STAGE_COMPLETE, mark_done, output_records
+    from storage.run.shards import dataset_fingerprint
 
     features = Layout(cfg.output_dir).features
     shard_ids = [list(dict.fromkeys(t.column("image_id").to_pylist())) for t in tables]
@@ -124,9 +142,19 @@ def write_extracted(cfg, tables) -> tuple:
     for name, table, ids in zip(names, tables, shard_ids):
         path = feature_path(features, name)
         write_parquet_atomic(table, path)
-        mark_done(features, name, {"plan_key": extract.key, "num_images": len(ids), "image_ids": ids, "failed": [],
-                                   "num_patches": table.num_rows,
-                                   "labelled_patches": int(pc.sum(pc.not_equal(table["label"], 255)).as_py() or 0), "outputs": output_records(Path(cfg.output_dir), [path])})
+        mark_done(
+            features,
+            name,
+            {
+                "plan_key": extract.key,
+                "num_images": len(ids),
+                "image_ids": ids,
+                "failed": [],
+                "num_patches": table.num_rows,
+                "labelled_patches": int(pc.sum(pc.not_equal(table["label"], 255)).as_py() or 0),
+                "outputs": output_records(Path(cfg.output_dir), [path]),
+            },
+        )
     write_json_atomic({"plan_key": extract.key, "shards": names}, features / STAGE_COMPLETE)
     return fit, extract, names, dataset_fingerprint(records, "/hand-made")
 
@@ -143,5 +171,10 @@ def one_colour_png(width: int, height: int) -> bytes:
     row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the row's bits: palette entry 0
     deflate = zlib.compressobj(9)
     idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 3, 0, 0, 0))
-            + chunk(b"PLTE", bytes([90, 140, 60])) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 3, 0, 0, 0))
+        + chunk(b"PLTE", bytes([90, 140, 60]))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,10 @@ def _problem(centroids: np.ndarray, mapping: np.ndarray) -> str | None:
     if not np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-3):
         return "centroids are not L2-normalised rows"
     if mapping.shape != (centroids.shape[0],) or not np.issubdtype(mapping.dtype, np.integer):
-        return f"mapping must be {centroids.shape[0]} integers (one per centroid), got {mapping.dtype} of shape {mapping.shape}"
+        return (
+            f"mapping must be {centroids.shape[0]} integers (one per centroid), got {mapping.dtype} of shape "
+            f"{mapping.shape}"
+        )
     if mapping.min() < 0 or mapping.max() > 255:
         return f"mapping values must be trainIds in [0, 255], got [{mapping.min()}, {mapping.max()}]"
     return None
@@ -85,9 +88,15 @@ class FitArtifact:
         """
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        header = {"format": FORMAT, "mapping_kind": self.mapping_kind, "k": self.k, "feature_dim": self.feature_dim,
-                  "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "extra_arrays": sorted(self.extra_arrays), "meta": self.meta}
+        header = {
+            "format": FORMAT,
+            "mapping_kind": self.mapping_kind,
+            "k": self.k,
+            "feature_dim": self.feature_dim,
+            "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "extra_arrays": sorted(self.extra_arrays),
+            "meta": self.meta,
+        }
         text = json.dumps(header, indent=2)  # before touching the disk: a non-JSON-safe meta fails here
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         old = staging.with_name(f"{staging.name}.old")
@@ -116,23 +125,44 @@ class FitArtifact:
         arrays = {}
         try:
             header = json.loads((directory / "meta.json").read_text())
-            fmt, kind, k, dim, meta = header["format"], header["mapping_kind"], header["k"], header["feature_dim"], header["meta"]
+            fmt, kind, k, dim, meta = (
+                header["format"],
+                header["mapping_kind"],
+                header["k"],
+                header["feature_dim"],
+                header["meta"],
+            )
             extra_names = list(header.get("extra_arrays", []))
         except (ValueError, KeyError, TypeError) as err:
-            raise FitArtifactError(f"{directory / 'meta.json'} is corrupt ({err!r}); delete {directory} and re-run the fit stage") from err
+            raise FitArtifactError(
+                f"{directory / 'meta.json'} is corrupt ({err!r}); delete {directory} and re-run the fit stage"
+            ) from err
         for name in ("centroids.npy", "mapping.npy", *(f"{n}.npy" for n in extra_names)):
             try:
                 arrays[name] = np.load(directory / name, allow_pickle=False)
             except (OSError, ValueError, EOFError) as err:
-                raise FitArtifactError(f"{directory / name} is corrupt ({err}); delete {directory} and re-run the fit stage") from err
+                raise FitArtifactError(
+                    f"{directory / name} is corrupt ({err}); delete {directory} and re-run the fit stage"
+                ) from err
         if fmt != FORMAT:
-            raise FitArtifactError(f"{directory / 'meta.json'}: artifact format {fmt}, this version reads {FORMAT}; re-run the fit stage")
+            raise FitArtifactError(
+                f"{directory / 'meta.json'}: artifact format {fmt}, this version reads {FORMAT}; re-run the fit stage"
+            )
         try:
-            artifact = cls(centroids=arrays["centroids.npy"], mapping=arrays["mapping.npy"], mapping_kind=kind, meta=meta,
-                           extra_arrays={n: arrays[f"{n}.npy"] for n in extra_names})
+            artifact = cls(
+                centroids=arrays["centroids.npy"],
+                mapping=arrays["mapping.npy"],
+                mapping_kind=kind,
+                meta=meta,
+                extra_arrays={n: arrays[f"{n}.npy"] for n in extra_names},
+            )
         except ValueError as err:
-            raise FitArtifactError(f"{directory} (centroids.npy, mapping.npy): {err}; delete it and re-run the fit stage") from err
+            raise FitArtifactError(
+                f"{directory} (centroids.npy, mapping.npy): {err}; delete it and re-run the fit stage"
+            ) from err
         if (artifact.k, artifact.feature_dim) != (k, dim):
-            raise FitArtifactError(f"{directory / 'centroids.npy'} has shape {artifact.centroids.shape} but meta.json says k={k}, "
-                             f"feature_dim={dim}; the files come from different fits: re-run the fit stage")
+            raise FitArtifactError(
+                f"{directory / 'centroids.npy'} has shape {artifact.centroids.shape} but meta.json says k={k}, "
+                f"feature_dim={dim}; the files come from different fits: re-run the fit stage"
+            )
         return artifact

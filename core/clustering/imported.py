@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import UserError
 from core.classes import IGNORE, NUM_CLASSES
+from core.errors import UserError
 
 PAPER_KEYS = ("centroids", "cluster_to_class")  # generate_overclustered_semantics.py's np.savez keys
 MAX_VALUES = 1 << 26  # a centre file is k x D numbers (300 x 768 is 230k): a larger array declared is refused unread
@@ -62,27 +62,35 @@ def _read_arrays(path: Path, data: bytes, keys: tuple[str, str]) -> dict[str, np
     flags = {keys[0]: "--centroids-key", keys[1]: "--mapping-key"}
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            members = {name[:-len(".npy")]: name for name in archive.namelist() if name.endswith(".npy")}
+            members = {name[: -len(".npy")]: name for name in archive.namelist() if name.endswith(".npy")}
             for key in keys:
                 if key not in members:
-                    raise CentreFileError(f"{path} has no array {key!r} (it has: "
-                                          f"{', '.join(sorted(members)) or 'none'}): name the right one with "
-                                          f"{flags[key]}")
+                    raise CentreFileError(
+                        f"{path} has no array {key!r} (it has: "
+                        f"{', '.join(sorted(members)) or 'none'}): name the right one with "
+                        f"{flags[key]}"
+                    )
                 shape, dtype = _member_header(archive, members[key])
                 if dtype.hasobject:
-                    raise CentreFileError(f"{path}: {key!r} is an array of Python objects, which only pickle can load, "
-                                          "and a pickle can run code: it is refused. Save plain numbers: "
-                                          "np.savez(path, centroids=np.asarray(c, np.float32), "
-                                          "cluster_to_class=np.asarray(m, np.uint8))")
+                    raise CentreFileError(
+                        f"{path}: {key!r} is an array of Python objects, which only pickle can load, "
+                        "and a pickle can run code: it is refused. Save plain numbers: "
+                        "np.savez(path, centroids=np.asarray(c, np.float32), "
+                        "cluster_to_class=np.asarray(m, np.uint8))"
+                    )
                 if int(np.prod(shape, dtype=np.float64)) > MAX_VALUES:
-                    raise CentreFileError(f"{path}: {key!r} declares shape {shape}, more than {MAX_VALUES} values: "
-                                          "that is not a file of cluster centres")
+                    raise CentreFileError(
+                        f"{path}: {key!r} declares shape {shape}, more than {MAX_VALUES} values: "
+                        "that is not a file of cluster centres"
+                    )
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {key: npz[key] for key in keys}
     except zipfile.BadZipFile:
         what = "holds one array (.npy), not an .npz" if data.startswith(b"\x93NUMPY") else "is not an .npz archive"
-        raise CentreFileError(f"{path} {what}: save the centres and their mapping together, "
-                              f"np.savez('centres.npz', {keys[0]}=..., {keys[1]}=...)") from None
+        raise CentreFileError(
+            f"{path} {what}: save the centres and their mapping together, "
+            f"np.savez('centres.npz', {keys[0]}=..., {keys[1]}=...)"
+        ) from None
     except CentreFileError:
         raise
     except (ValueError, OSError, EOFError) as err:  # a damaged member
@@ -95,47 +103,70 @@ def read_centre_file(path: Path, feature_dim: int, keys: tuple[str, str] = PAPER
     mapped to a class. Rows that are not unit length are L2-normalised (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
-        raise CentreFileError(f"{path} is not a file: name the .npz the other tool saved (the paper's is "
-                              "kmeans_centroids.npz)")
+        raise CentreFileError(
+            f"{path} is not a file: name the .npz the other tool saved (the paper's is kmeans_centroids.npz)"
+        )
     if path.stat().st_size > MAX_BYTES:
-        raise CentreFileError(f"{path} is {path.stat().st_size} bytes, more than a file of cluster centres "
-                              f"({MAX_BYTES}): name the .npz of centres and their mapping")
+        raise CentreFileError(
+            f"{path} is {path.stat().st_size} bytes, more than a file of cluster centres "
+            f"({MAX_BYTES}): name the .npz of centres and their mapping"
+        )
     data = path.read_bytes()
     arrays = _read_arrays(path, data, keys)
     centres, mapping = arrays[keys[0]], arrays[keys[1]]
     if centres.ndim != 2 or 0 in centres.shape or not np.issubdtype(centres.dtype, np.floating):
-        raise CentreFileError(f"{path}: {keys[0]!r} must be a 2-D float array of centres (k, D), got {centres.dtype} "
-                              f"of shape {centres.shape}")
+        raise CentreFileError(
+            f"{path}: {keys[0]!r} must be a 2-D float array of centres (k, D), got {centres.dtype} "
+            f"of shape {centres.shape}"
+        )
     k, dim = centres.shape
     if dim != feature_dim:
-        raise CentreFileError(f"{path}: the centres are {dim}-d and this run's features {feature_dim}-d: import "
-                              "centres fitted on features of this run's model (model.feature_kind, model.vit)")
+        raise CentreFileError(
+            f"{path}: the centres are {dim}-d and this run's features {feature_dim}-d: import "
+            "centres fitted on features of this run's model (model.feature_kind, model.vit)"
+        )
     if bad := np.flatnonzero(~np.isfinite(centres).all(axis=1)).tolist():
-        raise CentreFileError(f"{path}: {keys[0]!r} has NaN or inf in {len(bad)} of its {k} centres (first: centre "
-                              f"{bad[0]}): a fit needs finite centres")
+        raise CentreFileError(
+            f"{path}: {keys[0]!r} has NaN or inf in {len(bad)} of its {k} centres (first: centre "
+            f"{bad[0]}): a fit needs finite centres"
+        )
     norms = np.linalg.norm(centres.astype(np.float64), axis=1)
     if not np.isfinite(norms).all():
-        raise CentreFileError(f"{path}: {keys[0]!r} has centres too long to measure (their norm overflows float64): "
-                              "a fit needs centres of finite length")
+        raise CentreFileError(
+            f"{path}: {keys[0]!r} has centres too long to measure (their norm overflows float64): "
+            "a fit needs centres of finite length"
+        )
     if zero := np.flatnonzero(norms == 0).tolist():
-        raise CentreFileError(f"{path}: {len(zero)} centres are all zeros (first: centre {zero[0]}): a zero row has no "
-                              "direction to label by cosine")
+        raise CentreFileError(
+            f"{path}: {len(zero)} centres are all zeros (first: centre {zero[0]}): a zero row has no "
+            "direction to label by cosine"
+        )
     if mapping.shape != (k,) or not np.issubdtype(mapping.dtype, np.integer):
-        raise CentreFileError(f"{path}: {keys[1]!r} must be {k} integer trainIds (one per centre), got {mapping.dtype} "
-                              f"of shape {mapping.shape}")
+        raise CentreFileError(
+            f"{path}: {keys[1]!r} must be {k} integer trainIds (one per centre), got {mapping.dtype} "
+            f"of shape {mapping.shape}"
+        )
     mapping = mapping.astype(np.int64)
     outside = np.flatnonzero(((mapping < 0) | (mapping >= NUM_CLASSES)) & (mapping != IGNORE))
     if len(outside):
-        raise CentreFileError(f"{path}: {keys[1]!r} maps {len(outside)} clusters outside the trainIds "
-                              f"0-{NUM_CLASSES - 1} and {IGNORE} (no class), e.g. cluster {outside[0]} -> "
-                              f"{arrays[keys[1]][outside[0]]}: map each cluster to a Cityscapes trainId")
+        raise CentreFileError(
+            f"{path}: {keys[1]!r} maps {len(outside)} clusters outside the trainIds "
+            f"0-{NUM_CLASSES - 1} and {IGNORE} (no class), e.g. cluster {outside[0]} -> "
+            f"{arrays[keys[1]][outside[0]]}: map each cluster to a Cityscapes trainId"
+        )
     if (mapping == IGNORE).all():
-        raise CentreFileError(f"{path}: {keys[1]!r} maps every cluster to {IGNORE} (no class): its labels would all be "
-                              "void")
+        raise CentreFileError(
+            f"{path}: {keys[1]!r} maps every cluster to {IGNORE} (no class): its labels would all be void"
+        )
     rescaled = bool(np.abs(norms - 1).max() > UNIT_TOLERANCE)
-    record = {"file": str(path.resolve()), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-              "keys": {"centroids": keys[0], "mapping": keys[1]},
-              "dtypes": {"centroids": str(centres.dtype), "mapping": str(arrays[keys[1]].dtype)},
-              "row_norms": [float(norms.min()), float(norms.max())], "rescaled_to_unit": rescaled}
+    record = {
+        "file": str(path.resolve()),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+        "keys": {"centroids": keys[0], "mapping": keys[1]},
+        "dtypes": {"centroids": str(centres.dtype), "mapping": str(arrays[keys[1]].dtype)},
+        "row_norms": [float(norms.min()), float(norms.max())],
+        "rescaled_to_unit": rescaled,
+    }
     unit = (centres.astype(np.float64) / norms[:, None]).astype(np.float32)
     return ImportedCentres(unit, mapping, record)

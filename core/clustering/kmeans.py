@@ -3,8 +3,8 @@ paper's MiniBatchKMeans, and the assignment of rows to centroids.
 """
 
 import math
-import numpy as np
 
+import numpy as np
 
 ENGINES = ("faiss", "sklearn")
 
@@ -15,20 +15,25 @@ ENGINES = ("faiss", "sklearn")
 # may still round differently; that was not checked.
 FAISS_THREADS = 8
 
+
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     """float32 rows (last axis) scaled to unit length; an all-zero row stays zero."""
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
 
 def check_features(x: np.ndarray, source: str, block_rows: int = 1 << 20) -> None:
     """Reject an empty (n, d) feature array or one with NaN/inf rows, naming where it came from."""
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{source}: no patch features (shape {x.shape}); extract features before fitting")
     # In blocks: the (n, d) boolean mask of a 20M-row array alone would be 1.8 GB.
-    bad = sum(int((~np.isfinite(x[i:i + block_rows]).all(axis=1)).sum()) for i in range(0, x.shape[0], block_rows))
+    bad = sum(int((~np.isfinite(x[i : i + block_rows]).all(axis=1)).sum()) for i in range(0, x.shape[0], block_rows))
     if bad:
-        raise ValueError(f"{source}: {bad} of {x.shape[0]} patch feature rows contain NaN or inf; the features of "
-                         "those images are broken: re-extract them or drop those images")
+        raise ValueError(
+            f"{source}: {bad} of {x.shape[0]} patch feature rows contain NaN or inf; the features of "
+            "those images are broken: re-extract them or drop those images"
+        )
+
 
 def kmeans_plusplus(x: np.ndarray, k: int, seed: int, n_local_trials: int | None = None) -> np.ndarray:
     """(k,) distinct row indices of x chosen by greedy k-means++ (Arthur & Vassilvitskii 2007).
@@ -70,8 +75,16 @@ def kmeans_plusplus(x: np.ndarray, k: int, seed: int, n_local_trials: int | None
         closest[chosen[i]] = 0.0
     return chosen
 
-def fit_kmeans(x: np.ndarray, k: int, seed: int, engine: str = "faiss", n_iter: int = 50,
-               max_points_per_centroid: int = 256, init_points_per_centroid: int = 64) -> np.ndarray:
+
+def fit_kmeans(
+    x: np.ndarray,
+    k: int,
+    seed: int,
+    engine: str = "faiss",
+    n_iter: int = 50,
+    max_points_per_centroid: int = 256,
+    init_points_per_centroid: int = 64,
+) -> np.ndarray:
     """(n, d) raw features -> (k, d) float32 unit centroids; the same input and seed give identical bytes.
 
     The features are L2-normalised first, so nearest centroid (L2) = highest cosine.
@@ -87,27 +100,39 @@ def fit_kmeans(x: np.ndarray, k: int, seed: int, engine: str = "faiss", n_iter: 
     if k < 2:
         raise ValueError(f"k={k}: k-means needs at least 2 clusters")
     if max_points_per_centroid < 1 or init_points_per_centroid < 1:
-        raise ValueError(f"max_points_per_centroid={max_points_per_centroid} and init_points_per_centroid="
-                         f"{init_points_per_centroid} must be >= 1")
+        raise ValueError(
+            f"max_points_per_centroid={max_points_per_centroid} and init_points_per_centroid="
+            f"{init_points_per_centroid} must be >= 1"
+        )
     check_features(x, "k-means input")
     n, d = x.shape
     if k > n:
-        raise ValueError(f"k={k} is larger than the number of sampled patch features (n={n}); "
-                         "lower fit.k / fit.k_sweep or raise fit.max_patches_per_image")
+        raise ValueError(
+            f"k={k} is larger than the number of sampled patch features (n={n}); "
+            "lower fit.k / fit.k_sweep or raise fit.max_patches_per_image"
+        )
     if engine == "faiss":
         import faiss  # here, not at module level: Ray workers that only assign or run Lloyd steps skip the import
 
         rng = np.random.default_rng(seed)
         sample_rows = min(n, k * max_points_per_centroid)
         chosen = rng.permutation(n) if sample_rows == n else rng.choice(n, sample_rows, replace=False)
-        init_rows = np.sort(chosen[:min(sample_rows, k * init_points_per_centroid)])
+        init_rows = np.sort(chosen[: min(sample_rows, k * init_points_per_centroid)])
         xs = np.ascontiguousarray(l2_normalize(x[np.sort(chosen)]))
         init = l2_normalize(x[init_rows])
         init_centroids = np.ascontiguousarray(init[kmeans_plusplus(init, k, seed)])
         # min_points_per_centroid=1: k <= n is checked above; faiss would only print a warning.
         # xs has at most k * max_points_per_centroid rows, so faiss does not subsample again.
-        kmeans = faiss.Kmeans(d, k, niter=n_iter, seed=seed, spherical=True, verbose=False,
-                              max_points_per_centroid=max_points_per_centroid, min_points_per_centroid=1)
+        kmeans = faiss.Kmeans(
+            d,
+            k,
+            niter=n_iter,
+            seed=seed,
+            spherical=True,
+            verbose=False,
+            max_points_per_centroid=max_points_per_centroid,
+            min_points_per_centroid=1,
+        )
         outer_threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(FAISS_THREADS)
         try:
@@ -123,13 +148,16 @@ def fit_kmeans(x: np.ndarray, k: int, seed: int, engine: str = "faiss", n_iter: 
         centroids = kmeans.fit(xn).cluster_centers_
     return np.ascontiguousarray(l2_normalize(centroids))  # sklearn's means are not unit length
 
+
 # The paper's k-means (mbps_pytorch/overclustering_cause.py), exactly as its scripts call it.
 PAPER_MINIBATCH = {"batch_size": 10000, "max_iter": 300, "n_init": 3, "random_state": 42}
+
 
 def paper_normalize(x: np.ndarray) -> np.ndarray:
     """The paper's feature preparation: nan_to_num, float64, rows L2-normalised."""
     x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+
 
 def fit_paper_minibatch(x: np.ndarray, k: int) -> np.ndarray:
     """The paper's fit: MiniBatchKMeans(PAPER_MINIBATCH) on the normalised float64 rows -> (k, d)
@@ -137,23 +165,30 @@ def fit_paper_minibatch(x: np.ndarray, k: int) -> np.ndarray:
     from sklearn.cluster import MiniBatchKMeans
 
     if not 2 <= k <= len(x):
-        raise ValueError(f"k={k} with {len(x)} labelled patch features: the paper's k-means needs 2 <= k <= n; "
-                         "lower fit.k / fit.k_sweep")
+        raise ValueError(
+            f"k={k} with {len(x)} labelled patch features: the paper's k-means needs 2 <= k <= n; "
+            "lower fit.k / fit.k_sweep"
+        )
     return MiniBatchKMeans(n_clusters=k, **PAPER_MINIBATCH).fit(paper_normalize(x)).cluster_centers_
+
 
 def assign_euclidean(x: np.ndarray, centres: np.ndarray, block_rows: int = 65536) -> np.ndarray:
     """(n,) int32 nearest centre in L2 of the paper-normalised rows (sklearn's predict)."""
     out = np.empty(len(x), np.int32)
-    c_sq = (centres ** 2).sum(axis=1)
+    c_sq = (centres**2).sum(axis=1)
     for i in range(0, len(x), block_rows):
-        xn = paper_normalize(x[i:i + block_rows])
-        out[i:i + block_rows] = (c_sq[None, :] - 2.0 * xn @ centres.T).argmin(axis=1)
+        xn = paper_normalize(x[i : i + block_rows])
+        out[i : i + block_rows] = (c_sq[None, :] - 2.0 * xn @ centres.T).argmin(axis=1)
     return out
+
 
 def check_dims(x: np.ndarray, centroids: np.ndarray) -> None:
     if x.ndim != 2 or centroids.ndim != 2 or x.shape[1] != centroids.shape[1]:
-        raise ValueError(f"features of shape {x.shape} do not match centroids of shape {centroids.shape} "
-                         "(same feature kind and dimension needed)")
+        raise ValueError(
+            f"features of shape {x.shape} do not match centroids of shape {centroids.shape} "
+            "(same feature kind and dimension needed)"
+        )
+
 
 def assign_clusters(x: np.ndarray, centroids: np.ndarray, block_rows: int = 65536) -> np.ndarray:
     """(n,) int32 index of the most cosine-similar centroid for each row of x (raw or normalised).
@@ -165,9 +200,10 @@ def assign_clusters(x: np.ndarray, centroids: np.ndarray, block_rows: int = 6553
     c = l2_normalize(centroids)
     out = np.empty(x.shape[0], dtype=np.int32)
     for start in range(0, x.shape[0], block_rows):
-        block = np.asarray(x[start:start + block_rows], dtype=np.float32)
-        out[start:start + len(block)] = (block @ c.T).argmax(axis=1)
+        block = np.asarray(x[start : start + block_rows], dtype=np.float32)
+        out[start : start + len(block)] = (block @ c.T).argmax(axis=1)
     return out
+
 
 def inertia(x_normed: np.ndarray, centroids: np.ndarray, assignment: np.ndarray) -> float:
     """Sum over rows of (1 - cosine to the assigned centroid): half the squared L2 distance of unit vectors."""

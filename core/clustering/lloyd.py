@@ -3,11 +3,12 @@ sums them over shards), the update, and the loop.
 """
 
 import time
-from typing import Callable
+from collections.abc import Callable
+
 import numpy as np
 import scipy.sparse
-from core.clustering.kmeans import check_dims, l2_normalize
 
+from core.clustering.kmeans import check_dims, l2_normalize
 
 # Rows whose best and second-best float32 cosines are closer than this are re-scored in float64, so
 # the assignment does not depend on how a BLAS kernel rounds a given block shape or thread count
@@ -15,6 +16,7 @@ from core.clustering.kmeans import check_dims, l2_normalize
 _TIE_MARGIN = 1e-4
 
 ASSIGNERS = ("numpy", "torch", "faiss")  # how Lloyd's assignment step finds each row's two best cosines
+
 
 class TopTwo:
     """Each row's best and second-best cosine to the unit centroids (b, k) -> ((b,) index, (b,) best,
@@ -30,15 +32,19 @@ class TopTwo:
         self.c, self.assign, self.device = centroids, assign, device
         if assign == "torch":
             import torch
+
             self.torch, self.ct = torch, torch.from_numpy(centroids).to(device)
         elif assign == "faiss":
             import faiss
+
             index = faiss.IndexFlatIP(centroids.shape[1])
             index.add(centroids)
             if device != "cpu":
                 if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
-                    raise ValueError("this faiss has no GPU support (faiss-cpu): assign with torch on the GPU, "
-                                     "or install a faiss build with CUDA")
+                    raise ValueError(
+                        "this faiss has no GPU support (faiss-cpu): assign with torch on the GPU, "
+                        "or install a faiss build with CUDA"
+                    )
                 index = faiss.index_cpu_to_all_gpus(index)
             self.index = index
 
@@ -57,6 +63,7 @@ class TopTwo:
         cos[rows, best] = -np.inf
         return best, top, cos.max(axis=1)
 
+
 def _best_cosine(xn: np.ndarray, top_two: TopTwo, c64: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unit rows (b, d) float32 -> (best index int64, its cosine float64); near ties re-scored in float64."""
     if c64.shape[0] == 1:
@@ -70,8 +77,10 @@ def _best_cosine(xn: np.ndarray, top_two: TopTwo, c64: np.ndarray) -> tuple[np.n
         top[near] = exact.max(axis=1)
     return best, top
 
-def lloyd_partial(features: np.ndarray, centroids: np.ndarray, block_rows: int = 65536, assign: str = "numpy",
-                  device: str = "cpu") -> tuple[np.ndarray, np.ndarray, float]:
+
+def lloyd_partial(
+    features: np.ndarray, centroids: np.ndarray, block_rows: int = 65536, assign: str = "numpy", device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray, float]:
     """One spherical Lloyd E-step over (n, d) raw features -> (sums (k, d) float64, counts (k,) int64, inertia).
 
     Each row is L2-normalised and assigned to its most cosine-similar centroid; `sums` adds up the
@@ -85,8 +94,14 @@ def lloyd_partial(features: np.ndarray, centroids: np.ndarray, block_rows: int =
     """
     return lloyd_partials(features, {"fit": centroids}, block_rows, assign, device)["fit"]
 
-def lloyd_partials(features: np.ndarray, centroids: dict[str, np.ndarray], block_rows: int = 65536,
-                   assign: str = "numpy", device: str = "cpu") -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+
+def lloyd_partials(
+    features: np.ndarray,
+    centroids: dict[str, np.ndarray],
+    block_rows: int = 65536,
+    assign: str = "numpy",
+    device: str = "cpu",
+) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """`lloyd_partial` for several fits (a k sweep) at once: each block of rows is normalised and
     checked once for all of them, then assigned to each fit's centroids."""
     fits = {}
@@ -96,7 +111,7 @@ def lloyd_partials(features: np.ndarray, centroids: dict[str, np.ndarray], block
         fits[name] = (TopTwo(unit, assign, device), unit.astype(np.float64))
     out = {name: (np.zeros(c64.shape), np.zeros(len(c64), np.int64), 0.0) for name, (_, c64) in fits.items()}
     for start in range(0, features.shape[0], block_rows):
-        xn = l2_normalize(features[start:start + block_rows])
+        xn = l2_normalize(features[start : start + block_rows])
         bad = ~np.isfinite(xn).all(axis=1)
         if bad.any():
             raise ValueError(f"{int(bad.sum())} feature rows contain NaN or inf")
@@ -111,6 +126,7 @@ def lloyd_partials(features: np.ndarray, centroids: dict[str, np.ndarray], block
             out[name] = (sums, counts, total + float((1.0 - top).sum()))
     return out
 
+
 def lloyd_update(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Spherical M-step: (k, d) float32 unit centroids = normalised per-cluster sums.
 
@@ -120,12 +136,20 @@ def lloyd_update(centroids: np.ndarray, sums: np.ndarray, counts: np.ndarray) ->
     if sums.shape != centroids.shape or counts.shape != (centroids.shape[0],):
         raise ValueError(f"sums {sums.shape} / counts {counts.shape} do not match centroids {centroids.shape}")
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    updated = np.where((counts[:, None] > 0) & (norms > 0), sums / np.maximum(norms, 1e-300),
-                       l2_normalize(centroids).astype(np.float64))
+    updated = np.where(
+        (counts[:, None] > 0) & (norms > 0),
+        sums / np.maximum(norms, 1e-300),
+        l2_normalize(centroids).astype(np.float64),
+    )
     return np.ascontiguousarray(updated, dtype=np.float32)
 
-def run_lloyd(partial: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, float]], init_centroids: np.ndarray,
-              max_iter: int, tol: float) -> tuple[np.ndarray, list[dict]]:
+
+def run_lloyd(
+    partial: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, float]],
+    init_centroids: np.ndarray,
+    max_iter: int,
+    tol: float,
+) -> tuple[np.ndarray, list[dict]]:
     """Lloyd iterations around an E-step `partial(centroids) -> (sums, counts, inertia)`.
 
     Every iteration is one pass over the data followed by `lloyd_update`. It stops after max_iter
@@ -135,8 +159,13 @@ def run_lloyd(partial: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, floa
     """
     return run_lloyd_many(lambda cs: {"fit": partial(cs["fit"])}, {"fit": init_centroids}, max_iter, tol)["fit"]
 
-def run_lloyd_many(partial: Callable[[dict[str, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray, float]]],
-                   inits: dict[str, np.ndarray], max_iter: int, tol: float) -> dict[str, tuple[np.ndarray, list[dict]]]:
+
+def run_lloyd_many(
+    partial: Callable[[dict[str, np.ndarray]], dict[str, tuple[np.ndarray, np.ndarray, float]]],
+    inits: dict[str, np.ndarray],
+    max_iter: int,
+    tol: float,
+) -> dict[str, tuple[np.ndarray, list[dict]]]:
     """`run_lloyd` for several fits (a k sweep) with one pass per iteration: `partial` takes the
     centroids of every fit still iterating and returns each one's E-step. Each fit keeps its own
     stopping rule and leaves the passes once it stops, so every result equals its own `run_lloyd`."""
@@ -156,14 +185,24 @@ def run_lloyd_many(partial: Callable[[dict[str, np.ndarray]], dict[str, tuple[np
             centroids[name] = lloyd_update(centroids[name], sums, counts)
             previous = history[name][-1]["inertia"] if history[name] else None
             change = None if previous is None else abs(previous - total) / max(previous, 1e-300)
-            history[name].append({"iteration": iteration, "inertia": total, "relative_change": change,
-                                  "rows": int(counts.sum()), "empty_clusters": int((counts == 0).sum()),
-                                  "seconds": seconds, "fits_in_pass": len(partials)})
+            history[name].append(
+                {
+                    "iteration": iteration,
+                    "inertia": total,
+                    "relative_change": change,
+                    "rows": int(counts.sum()),
+                    "empty_clusters": int((counts == 0).sum()),
+                    "seconds": seconds,
+                    "fits_in_pass": len(partials),
+                }
+            )
             if change is not None and change < tol:
                 active.remove(name)
     return {name: (centroids[name], history[name]) for name in inits}
 
-def lloyd(features: np.ndarray, init_centroids: np.ndarray, max_iter: int = 20, tol: float = 1e-4,
-          block_rows: int = 65536) -> tuple[np.ndarray, list[dict]]:
+
+def lloyd(
+    features: np.ndarray, init_centroids: np.ndarray, max_iter: int = 20, tol: float = 1e-4, block_rows: int = 65536
+) -> tuple[np.ndarray, list[dict]]:
     """Single-process spherical Lloyd on an in-memory (or memory-mapped) array; see `run_lloyd`."""
     return run_lloyd(lambda c: lloyd_partial(features, c, block_rows), init_centroids, max_iter, tol)

@@ -25,8 +25,10 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def patch_priorities(image_ids: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(priority uint64, image index) per row; an image's rows are consecutive, as in a features shard."""
     uniq, first, inverse = np.unique(image_ids, return_index=True, return_inverse=True)
-    image_hash = np.array([int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little")
-                           for i in uniq], np.uint64)
+    image_hash = np.array(
+        [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little") for i in uniq],
+        np.uint64,
+    )
     within = np.arange(len(image_ids), dtype=np.uint64) - first[inverse].astype(np.uint64)
     with np.errstate(over="ignore"):
         return _splitmix64(image_hash[inverse] ^ _splitmix64(within)), inverse

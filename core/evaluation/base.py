@@ -57,8 +57,13 @@ class Segmenter:
     def __call__(self, labels: LabelMap) -> Panoptic:
         if id(labels) not in self._done:
             r = self.rules
-            panoptic = panoptic_from_train_ids(labels.train_ids, labels.instances, min_area=r.thing_min_area,
-                                               stuff_min_area=r.stuff_min_area, connectivity=r.connectivity)
+            panoptic = panoptic_from_train_ids(
+                labels.train_ids,
+                labels.instances,
+                min_area=r.thing_min_area,
+                stuff_min_area=r.stuff_min_area,
+                connectivity=r.connectivity,
+            )
             self._done[id(labels)] = (labels, panoptic)  # the map is kept: its id stays its own
         return self._done[id(labels)][1]
 

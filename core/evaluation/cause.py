@@ -5,9 +5,9 @@ Labelling: the crop's patch features are upsampled bilinearly (align_corners=Fal
 crop, each pixel L2-normalised, and compared by cosine with the L2-normalised centroids; the
 pixel takes the best one. Without CRF (test_without_crf) the features come from one unflipped pass
 with the whole model under fp16 autocast; with CRF (test) from the flip-averaged pass with
-autocast around the backbone only (actors.window_features). With CRF: unary from the k-way log_softmax(3 * cosine), CAUSE's
-kernels, the image rebuilt from the normalised tensor as `VF.to_pil_image(invTrans(img))` does
-(its `mul(255).byte()` truncates), then argmax.
+autocast around the backbone only (actors.window_features). With CRF: unary from the k-way
+log_softmax(3 * cosine), CAUSE's kernels, the image rebuilt from the normalised tensor as
+`VF.to_pil_image(invTrans(img))` does (its `mul(255).byte()` truncates), then argmax.
 Scoring (STEGO's NiceTool): ground truth = labelIds 7..33 as classes 0..26 (the rest ignored),
 a (cluster x class) pixel table summed over all crops, one Hungarian matching over the whole
 table (maximising matched pixels), IoU = TP / (TP + FP + FN) per class, mIoU = mean over the
@@ -25,16 +25,43 @@ from core.inference.dense import IMAGENET_MEAN, IMAGENET_STD
 from core.inference.windows import cause_view
 from core.refine.crf import dense_crf
 
-CLASS_NAMES_27 = ["road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail", "bridge",
-                  "tunnel", "pole", "polegroup", "traffic light", "traffic sign", "vegetation", "terrain", "sky",
-                  "person", "rider", "car", "truck", "bus", "caravan", "trailer", "train", "motorcycle", "bicycle"]
+CLASS_NAMES_27 = [
+    "road",
+    "sidewalk",
+    "parking",
+    "rail track",
+    "building",
+    "wall",
+    "fence",
+    "guard rail",
+    "bridge",
+    "tunnel",
+    "pole",
+    "polegroup",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "caravan",
+    "trailer",
+    "train",
+    "motorcycle",
+    "bicycle",
+]
 COSINE_SCALE = 3.0  # CAUSE's cluster logits: log_softmax(3 * cosine)
 
 
 def crop_cosines(grid: np.ndarray, centroids: np.ndarray, crop: int) -> torch.Tensor:
     """(D, g, g) patch features of the crop + (k, D) unit centroids -> (k, crop, crop) cosines."""
-    pixels = F.interpolate(torch.from_numpy(np.asarray(grid, np.float32))[None], size=(crop, crop), mode="bilinear",
-                           align_corners=False)[0]
+    pixels = F.interpolate(
+        torch.from_numpy(np.asarray(grid, np.float32))[None], size=(crop, crop), mode="bilinear", align_corners=False
+    )[0]
     pixels = F.normalize(pixels, dim=0)
     return torch.einsum("kd,dyx->kyx", torch.from_numpy(np.array(centroids, np.float32)), pixels)
 
@@ -49,14 +76,18 @@ def rebuilt_image(crop_rgb: np.ndarray) -> np.ndarray:
     return x.mul(255).byte().permute(1, 2, 0).numpy()
 
 
-def crop_clusters(grid: np.ndarray, crf_grid: np.ndarray, centroids: np.ndarray, crop_rgb: np.ndarray) -> dict[str, np.ndarray]:
+def crop_clusters(
+    grid: np.ndarray, crf_grid: np.ndarray, centroids: np.ndarray, crop_rgb: np.ndarray
+) -> dict[str, np.ndarray]:
     """One crop's cluster maps, (crop, crop) each: "crop" without CAUSE's CRF, from `grid`
     (test_without_crf's unflipped pass), and "crop+crf" with it, from `crf_grid` (test's
     flip-averaged pass). Both grids (D, g, g); `crop_rgb` (crop, crop, 3) uint8."""
     crop = crop_rgb.shape[0]
     logits = torch.log_softmax(COSINE_SCALE * crop_cosines(crf_grid, centroids, crop), dim=0).numpy()
-    return {"crop": crop_cosines(grid, centroids, crop).argmax(dim=0).numpy(),
-            "crop+crf": dense_crf(rebuilt_image(crop_rgb), logits, alpha=1.0).argmax(axis=0)}
+    return {
+        "crop": crop_cosines(grid, centroids, crop).argmax(dim=0).numpy(),
+        "crop+crf": dense_crf(rebuilt_image(crop_rgb), logits, alpha=1.0).argmax(axis=0),
+    }
 
 
 def crop_counts(clusters: np.ndarray, crop_label_ids: np.ndarray, k: int) -> np.ndarray:
@@ -78,10 +109,12 @@ def hungarian_scores(counts: np.ndarray) -> dict:
     union = counts.sum(axis=0) + predicted - tp
     iou = np.divide(tp, union, out=np.full(NUM_CLASSES_27, np.nan), where=union > 0)
     total = counts.sum()
-    return {"miou": float(np.nanmean(iou)) if (union > 0).any() else None,
-            "pixel_accuracy": float(tp.sum() / total) if total else None,
-            "per_class_iou": {name: None if np.isnan(v) else float(v) for name, v in zip(CLASS_NAMES_27, iou)},
-            "mapping": {int(r): int(c) for r, c in zip(rows, cols)}}
+    return {
+        "miou": float(np.nanmean(iou)) if (union > 0).any() else None,
+        "pixel_accuracy": float(tp.sum() / total) if total else None,
+        "per_class_iou": {name: None if np.isnan(v) else float(v) for name, v in zip(CLASS_NAMES_27, iou)},
+        "mapping": {int(r): int(c) for r, c in zip(rows, cols)},
+    }
 
 
 CROPS = ("crop", "crop+crf")

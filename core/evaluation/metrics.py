@@ -18,7 +18,9 @@ def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore:
     if gt.dtype == pred.dtype == np.uint8 and num_classes < 255 and ignore >= num_classes:
         # label maps: one count over the 256 x 256 (gt, pred) pairs, folded into (C, C+1)
         pairs = np.bincount((gt.astype(np.uint16) << 8 | pred).ravel(), minlength=1 << 16).reshape(256, 256)
-        return np.concatenate([pairs[:num_classes, :num_classes], pairs[:num_classes, num_classes:].sum(1, keepdims=True)], 1)
+        return np.concatenate(
+            [pairs[:num_classes, :num_classes], pairs[:num_classes, num_classes:].sum(1, keepdims=True)], 1
+        )
     g = gt.ravel().astype(np.int64)
     p = pred.ravel().astype(np.int64)
     valid = (g >= 0) & (g < num_classes) & (g != ignore)
@@ -50,8 +52,10 @@ def iou_per_class(conf: np.ndarray) -> np.ndarray:
 # whose IoU of a class with no pixel on either side is NaN and left out). "all": every class, one absent from both
 # counting 0, as the paper's patch-level sweep averages (overclustering_cause.py in qbit-glitch/
 # unsupervised_panoptic_segmentation: `iou = tp / denom if denom > 0 else 0.0`, then `np.mean` over the 19).
-MIOU_RULES = {"present": "mean over the classes present in ground truth or prediction",
-              "all": "mean over all {num_classes} classes, an absent class counting 0 (the paper's rule)"}
+MIOU_RULES = {
+    "present": "mean over the classes present in ground truth or prediction",
+    "all": "mean over all {num_classes} classes, an absent class counting 0 (the paper's rule)",
+}
 
 
 def miou_rule_text(rule: str, num_classes: int) -> str:
@@ -96,7 +100,9 @@ def semantic_scores(conf: np.ndarray, class_names: list[str], miou_rule: str = "
     }
 
 
-def patch_majority_labels(label_map: np.ndarray, grid_h: int, grid_w: int, num_classes: int, ignore: int = 255) -> np.ndarray:
+def patch_majority_labels(
+    label_map: np.ndarray, grid_h: int, grid_w: int, num_classes: int, ignore: int = 255
+) -> np.ndarray:
     """(H, W) trainIds -> (grid_h, grid_w) uint8: each patch cell's most frequent valid trainId.
 
     Pixel (y, x) belongs to cell (floor(y * grid_h / H), floor(x * grid_w / W)), so sizes that do

@@ -33,8 +33,10 @@ class OfficialEvaluator(Evaluator):
         for fit, (clusters, stride) in image.clusters.items():
             k = image.cluster_counts[fit]
             out[f"official/clusters/{fit}{FOLD_SUFFIX}"] = (
-                cluster_class_counts(clusters, subsample(truth.train_ids, stride), k, NUM_CLASSES) if truth is not None
-                else np.zeros((k, NUM_CLASSES), np.int64))
+                cluster_class_counts(clusters, subsample(truth.train_ids, stride), k, NUM_CLASSES)
+                if truth is not None
+                else np.zeros((k, NUM_CLASSES), np.int64)
+            )
         done = {}  # one scoring per distinct label map
         for name, labels in image.targets.items():
             if not self.scores(name):
@@ -51,14 +53,18 @@ class OfficialEvaluator(Evaluator):
     def _score(image: ImageToScore, labels) -> tuple[np.ndarray, np.ndarray | None]:
         full = labels.stride == 1  # a labelling made only at a stride gets no panoptic segments
         if image.truth is None:
-            return (np.zeros((NUM_CLASSES, NUM_CLASSES + 1), np.int64),
-                    np.zeros((NUM_CLASSES, 4), np.float64) if full else None)
+            return (
+                np.zeros((NUM_CLASSES, NUM_CLASSES + 1), np.int64),
+                np.zeros((NUM_CLASSES, 4), np.float64) if full else None,
+            )
         confusion = confusion_matrix(subsample(image.truth.train_ids, labels.stride), labels.train_ids, NUM_CLASSES)
         if not full:
             return confusion, None
         if "official_gt_index" not in image.cache:  # the ground truth's segments indexed once per image
             image.cache["official_gt_index"] = segment_index(image.truth.panoptic)
-        return confusion, pq_stats(image.truth.panoptic, image.segment(labels), gt_index=image.cache["official_gt_index"])
+        return confusion, pq_stats(
+            image.truth.panoptic, image.segment(labels), gt_index=image.cache["official_gt_index"]
+        )
 
     def evaluate(self, totals: dict[str, np.ndarray]) -> dict:
         """Per target: semantic scores and, where it was segmented, PQ / SQ / RQ."""
@@ -67,6 +73,8 @@ class OfficialEvaluator(Evaluator):
             if key.startswith("official/confusion/"):
                 target = key.removeprefix("official/confusion/")
                 pq = totals.get(f"official/pq/{target}")
-                out[target] = {"semantic": semantic_scores(confusion, CLASS_NAMES),
-                               "panoptic": None if pq is None else pq_scores(pq)}
+                out[target] = {
+                    "semantic": semantic_scores(confusion, CLASS_NAMES),
+                    "panoptic": None if pq is None else pq_scores(pq),
+                }
         return out

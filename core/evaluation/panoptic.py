@@ -51,6 +51,7 @@ def _semantic_of_any(train_ids: np.ndarray) -> np.ndarray:
     t = train_ids.astype(np.int64)
     return np.where((t >= 0) & (t < NUM_CLASSES), t, IGNORE).astype(np.uint8)
 
+
 # labelId (0..999) -> trainId; every labelId outside the 19 evaluation classes is void.
 _LABEL_TO_TRAIN_1000 = np.full(MAX_INSTANCES_PER_CLASS, IGNORE, dtype=np.int64)
 _LABEL_TO_TRAIN_1000[TRAIN_ID_TO_LABEL_ID] = np.arange(NUM_CLASSES)
@@ -144,7 +145,9 @@ def gt_panoptic(instance_ids: np.ndarray, label_ids: np.ndarray | None = None) -
         if label_ids.shape != instance_ids.shape:
             raise ValueError(f"labelIds shape {label_ids.shape} and instanceIds shape {instance_ids.shape} differ")
         if not np.array_equal(semantic, label_ids.astype(np.int64)):
-            raise ValueError("labelIds and instanceIds disagree (instanceId < 1000 or instanceId // 1000 must be the labelId)")
+            raise ValueError(
+                "labelIds and instanceIds disagree (instanceId < 1000 or instanceId // 1000 must be the labelId)"
+            )
     train = _LABEL_TO_TRAIN_1000[semantic]
     ids = np.where(train == IGNORE, VOID, inst)
 
@@ -200,7 +203,9 @@ def panoptic_from_train_ids(
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
     if instances is not None and instances.shape != train_ids.shape:
         raise ValueError(f"instance map shape {instances.shape} and trainIds shape {train_ids.shape} differ")
-    sem = lookup(train_ids, _SEMANTIC_OF) if train_ids.dtype == np.uint8 else _semantic_of_any(train_ids)  # (H, W) uint8
+    sem = (
+        lookup(train_ids, _SEMANTIC_OF) if train_ids.dtype == np.uint8 else _semantic_of_any(train_ids)
+    )  # (H, W) uint8
 
     # Stuff: one segment per class.
     class_area = np.bincount(sem.ravel(), minlength=256)[:NUM_CLASSES]
@@ -215,7 +220,9 @@ def panoptic_from_train_ids(
     things = [t for t in THING_TRAIN_IDS if class_area[t]]
     if things and instances is None:
         # each thing class's components within its bounding box: raster order there is raster order here
-        boxes = ndimage.find_objects(sem, max_label=NUM_CLASSES)  # class t's box at index t - 1 (0 = road, a stuff class)
+        boxes = ndimage.find_objects(
+            sem, max_label=NUM_CLASSES
+        )  # class t's box at index t - 1 (0 = road, a stuff class)
         for t in things:
             box = boxes[t - 1]
             mask = sem[box] == t
@@ -257,8 +264,13 @@ def panoptic_from_train_ids(
         category.append(seg_class[kept])
         area.append(key_area[kept])
     segment_ids = np.concatenate(segment_ids)
-    return Panoptic(ids.astype(np.int32, copy=False), segment_ids, np.concatenate(category),
-                    np.zeros(len(segment_ids), bool), np.concatenate(area).astype(np.int64))
+    return Panoptic(
+        ids.astype(np.int32, copy=False),
+        segment_ids,
+        np.concatenate(category),
+        np.zeros(len(segment_ids), bool),
+        np.concatenate(area).astype(np.int64),
+    )
 
 
 def instance_ids_map(panoptic: Panoptic, train_ids: np.ndarray) -> np.ndarray:
@@ -285,7 +297,9 @@ def _pairs(gt_idx: np.ndarray, pred_idx: np.ndarray, n_gt: int, n_pred: int):
     return codes // cols, codes % cols, counts
 
 
-def pq_stats(gt: Panoptic, pred: Panoptic, num_classes: int = NUM_CLASSES, gt_index: np.ndarray | None = None) -> np.ndarray:
+def pq_stats(
+    gt: Panoptic, pred: Panoptic, num_classes: int = NUM_CLASSES, gt_index: np.ndarray | None = None
+) -> np.ndarray:
     """(C, 4) float64 per-class [tp, fp, fn, iou_sum] of one image; sums over images add up.
     `gt_index`: `segment_index(gt)`, where the caller scores several predictions against one gt."""
     if gt.ids.shape != pred.ids.shape:
@@ -368,8 +382,14 @@ def pq_scores(stats: np.ndarray, class_names: list[str] | None = None, thing_ids
         "stuff": average(~is_thing),
         "things": average(is_thing),
         "per_class": {
-            name: {"pq": value(pq[i]), "sq": value(sq[i]), "rq": value(rq[i]),
-                   "tp": int(tp[i]), "fp": int(fp[i]), "fn": int(fn[i])}
+            name: {
+                "pq": value(pq[i]),
+                "sq": value(sq[i]),
+                "rq": value(rq[i]),
+                "tp": int(tp[i]),
+                "fp": int(fp[i]),
+                "fn": int(fn[i]),
+            }
             for i, name in enumerate(class_names)
         },
     }

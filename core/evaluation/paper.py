@@ -64,6 +64,7 @@ def resize_nearest(array: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 class PaperGroundTruth:
     """One image's ground truth as the script scores it, made once for all the predictions scored
     against it (`paper_ground_truth`): trainIds at PAPER_EVAL_HW and its panoptic segments."""
+
     train_ids: np.ndarray  # (512 * 1024,) int64
     segments: np.ndarray  # (512, 1024) int32 segment ids, 0 = none
     classes: np.ndarray  # (n,) int64 class of segments 1..n
@@ -80,7 +81,7 @@ def paper_confusion(gt: PaperGroundTruth, pred_train_ids: np.ndarray) -> np.ndar
     our `core.evaluation.metrics` orientation), at PAPER_EVAL_HW; pixels with either side >= 19 are dropped."""
     g, p = gt.train_ids, resize_nearest(pred_train_ids, PAPER_EVAL_HW).ravel().astype(np.int64)
     keep = (g < NUM_CLASSES) & (p < NUM_CLASSES)
-    return np.bincount(g[keep] * NUM_CLASSES + p[keep], minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
+    return np.bincount(g[keep] * NUM_CLASSES + p[keep], minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
 
 
 def paper_semantic_scores(conf: np.ndarray) -> dict:
@@ -194,16 +195,26 @@ def paper_pq_scores(stats: np.ndarray) -> dict:
         if not sel.any():
             return {"pq": None, "sq": None, "rq": None, "n": 0}
         t = tp[sel].sum()
-        return {"pq": float(pq[sel].mean()), "sq": float(iou[sel].sum() / t) if t > 0 else 0.0,
-                "rq": float(t / den[sel].sum()), "n": int(sel.sum())}
+        return {
+            "pq": float(pq[sel].mean()),
+            "sq": float(iou[sel].sum() / t) if t > 0 else 0.0,
+            "rq": float(t / den[sel].sum()),
+            "n": int(sel.sum()),
+        }
 
     return {
         "all": group(np.ones(NUM_CLASSES, bool)),
         "stuff": group(~_IS_THING),
         "things": group(_IS_THING),
         "per_class": {
-            name: {"pq": float(pq[i]) if present[i] else None, "sq": float(sq[i]) if present[i] else None,
-                   "rq": float(rq[i]) if present[i] else None, "tp": int(tp[i]), "fp": int(fp[i]), "fn": int(fn[i])}
+            name: {
+                "pq": float(pq[i]) if present[i] else None,
+                "sq": float(sq[i]) if present[i] else None,
+                "rq": float(rq[i]) if present[i] else None,
+                "tp": int(tp[i]),
+                "fp": int(fp[i]),
+                "fn": int(fn[i]),
+            }
             for i, name in enumerate(CLASS_NAMES)
         },
     }
@@ -241,6 +252,8 @@ class PaperEvaluator(Evaluator):
         for key, confusion in totals.items():
             if key.startswith("paper/confusion/"):
                 target = key.removeprefix("paper/confusion/")
-                out[target] = {"semantic": paper_semantic_scores(confusion),
-                               "panoptic": paper_pq_scores(totals[f"paper/pq/{target}"])}
+                out[target] = {
+                    "semantic": paper_semantic_scores(confusion),
+                    "panoptic": paper_pq_scores(totals[f"paper/pq/{target}"]),
+                }
         return out

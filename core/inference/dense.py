@@ -73,7 +73,7 @@ class DenseFeatureExtractor:
         features = self.windows(np.concatenate([w for w, _ in cut])) if cut else None
         results, start = [], 0
         for windows, layouts in cut:
-            mine = features[start:start + len(windows)]
+            mine = features[start : start + len(windows)]
             start += len(windows)
             ((grid, _),) = stitch_windows(mine, layouts, self.spec.crop, self.spec.stride, self.patch, self.spec.merge)
             results.append(grid)

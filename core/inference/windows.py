@@ -53,13 +53,23 @@ class ScaleLayout:
     origins: tuple[tuple[int, int], ...]  # (y0, x0) of each window, row-major
 
     def to_dict(self) -> dict:
-        return {"short_side": self.short_side, "resized": list(self.resized), "grid": list(self.grid),
-                "padded": list(self.padded), "origins": [list(o) for o in self.origins]}
+        return {
+            "short_side": self.short_side,
+            "resized": list(self.resized),
+            "grid": list(self.grid),
+            "padded": list(self.padded),
+            "origins": [list(o) for o in self.origins],
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ScaleLayout":
-        return cls(d["short_side"], tuple(d["resized"]), tuple(d["grid"]), tuple(d["padded"]),
-                   tuple(tuple(o) for o in d["origins"]))
+        return cls(
+            d["short_side"],
+            tuple(d["resized"]),
+            tuple(d["grid"]),
+            tuple(d["padded"]),
+            tuple(tuple(o) for o in d["origins"]),
+        )
 
 
 @dataclass
@@ -110,8 +120,9 @@ def window_layout(height: int, width: int, short_side: int, spec: WindowSpec, pa
     # windows cover the whole patch grid, so the last partial patch gets features too
     ys = window_starts(gh * patch_size, spec.crop, spec.stride)
     xs = window_starts(gw * patch_size, spec.crop, spec.stride)
-    return ScaleLayout(short_side, (h, w), (gh, gw), (ys[-1] + spec.crop, xs[-1] + spec.crop),
-                       tuple((y, x) for y in ys for x in xs))
+    return ScaleLayout(
+        short_side, (h, w), (gh, gw), (ys[-1] + spec.crop, xs[-1] + spec.crop), tuple((y, x) for y in ys for x in xs)
+    )
 
 
 def cause_view(array: np.ndarray, short_side: int, crop: int) -> np.ndarray:
@@ -122,7 +133,7 @@ def cause_view(array: np.ndarray, short_side: int, crop: int) -> np.ndarray:
     size = (short_side, int(short_side * w / h)) if h <= w else (int(short_side * h / w), short_side)
     resized = np.asarray(Image.fromarray(array).resize((size[1], size[0]), Image.NEAREST))
     top, left = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
-    return np.ascontiguousarray(resized[top:top + crop, left:left + crop])
+    return np.ascontiguousarray(resized[top : top + crop, left : left + crop])
 
 
 def resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -140,15 +151,16 @@ def _pad(image: np.ndarray, pad_h: int, pad_w: int) -> np.ndarray:
     return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
 
 
-def cut_windows(image: np.ndarray, spec: WindowSpec, patch_size: int,
-                short_sides: list[int]) -> tuple[np.ndarray, list[ScaleLayout]]:
+def cut_windows(
+    image: np.ndarray, spec: WindowSpec, patch_size: int, short_sides: list[int]
+) -> tuple[np.ndarray, list[ScaleLayout]]:
     """(H, W, 3) uint8 -> every scale's windows (N, crop, crop, 3) uint8 and one layout per scale."""
     windows, layouts = [], []
     for short in short_sides:
         layout = window_layout(image.shape[0], image.shape[1], short, spec, patch_size)
         (h, w), (ph, pw) = layout.resized, layout.padded
         padded = _pad(resize_rgb(image, (h, w)), ph - h, pw - w)
-        windows += [padded[y:y + spec.crop, x:x + spec.crop] for y, x in layout.origins]
+        windows += [padded[y : y + spec.crop, x : x + spec.crop] for y, x in layout.origins]
         layouts.append(layout)
     return np.ascontiguousarray(np.stack(windows)), layouts
 
@@ -186,8 +198,8 @@ def window_axis_weights(length: int, starts: list[int], crop: int, patch_size: i
         m = np.zeros((length, up.shape[1]))
         inside = min(length, s + crop) - s
         if inside > 0:
-            m[s:s + inside] = up[:inside]
-            cover[s:s + inside] += 1
+            m[s : s + inside] = up[:inside]
+            cover[s : s + inside] += 1
         placed.append(m)
     return [m / np.maximum(cover, 1)[:, None] for m in placed]
 
@@ -212,8 +224,14 @@ def _stitch_by_pixels(feats: np.ndarray, layout: ScaleLayout, crop: int, patch_s
     return out.astype(np.float32)
 
 
-def stitch_windows(window_features: np.ndarray, layouts: list[ScaleLayout], crop: int, stride: int,
-                   patch_size: int, merge: str = "cells") -> list[tuple[np.ndarray, tuple[int, int]]]:
+def stitch_windows(
+    window_features: np.ndarray,
+    layouts: list[ScaleLayout],
+    crop: int,
+    stride: int,
+    patch_size: int,
+    merge: str = "cells",
+) -> list[tuple[np.ndarray, tuple[int, int]]]:
     """One image's window features (N, D, crop/p, crop/p), in `cut_windows` order -> per scale
     (features (D, gh, gw) float32, resized (h, w)). merge: "cells" (this tool's) or "pixels" (the paper's)."""
     if merge not in ("cells", "pixels"):
@@ -222,7 +240,7 @@ def stitch_windows(window_features: np.ndarray, layouts: list[ScaleLayout], crop
     up, n = patch_size // cell, crop // cell
     grids, start = [], 0
     for layout in layouts:
-        feats = window_features[start:start + len(layout.origins)].astype(np.float32, copy=False)
+        feats = window_features[start : start + len(layout.origins)].astype(np.float32, copy=False)
         start += len(layout.origins)
         if merge == "pixels":
             grids.append((_stitch_by_pixels(feats, layout, crop, patch_size), layout.resized))
@@ -234,12 +252,12 @@ def stitch_windows(window_features: np.ndarray, layouts: list[ScaleLayout], crop
         for (y0, x0), feat in zip(layout.origins, feats):
             cells = feat.repeat(up, axis=1).repeat(up, axis=2) if up > 1 else feat  # (D, crop/cell, crop/cell)
             cy, cx = y0 // cell, x0 // cell
-            total[:, cy:cy + n, cx:cx + n] += cells
-            count[cy:cy + n, cx:cx + n] += 1
+            total[:, cy : cy + n, cx : cx + n] += cells
+            count[cy : cy + n, cx : cx + n] += 1
         mean = total / count  # (D, H'/cell, W'/cell)
         if up > 1:  # pool the cells back to whole patches: (D, H'//p, W'//p)
             qh, qw = ph // patch_size, pw // patch_size
-            mean = mean[:, :qh * up, :qw * up].reshape(d, qh, up, qw, up).mean(axis=(2, 4))
+            mean = mean[:, : qh * up, : qw * up].reshape(d, qh, up, qw, up).mean(axis=(2, 4))
         gh, gw = layout.grid
         grids.append((np.ascontiguousarray(mean[:, :gh, :gw]), layout.resized))
     if start != len(window_features):

@@ -36,7 +36,7 @@ def subsample(array: np.ndarray, stride: int) -> np.ndarray:
     """The pixels of an (H, W, ...) map that `PixelAssigner` labels at this stride."""
     if stride == 1:
         return array
-    return array[_first_sample(array.shape[0], stride)::stride, _first_sample(array.shape[1], stride)::stride]
+    return array[_first_sample(array.shape[0], stride) :: stride, _first_sample(array.shape[1], stride) :: stride]
 
 
 def taps_at(positions: torch.Tensor, grid_len: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,20 +77,29 @@ class PixelAssigner:
     which does not even score every cluster at every pixel; a GPU scores them all.
     """
 
-    def __init__(self, centroids: list[np.ndarray], device: torch.device | str = "cpu", strides: list[int] | None = None):
+    def __init__(
+        self, centroids: list[np.ndarray], device: torch.device | str = "cpu", strides: list[int] | None = None
+    ):
         self.strides = strides or [1] * len(centroids)
         self.device = torch.device(device)
         self.centroids = [torch.from_numpy(np.array(c, np.float32)).to(self.device) for c in centroids]
 
-    def assign(self, feature_grids: list[tuple[np.ndarray, tuple[int, int]]], patch_size: int,
-               image_hw: tuple[int, int], first_fit_mapping: np.ndarray | None = None,
-               num_classes: int = 19) -> tuple[list[np.ndarray], np.ndarray | None]:
+    def assign(
+        self,
+        feature_grids: list[tuple[np.ndarray, tuple[int, int]]],
+        patch_size: int,
+        image_hw: tuple[int, int],
+        first_fit_mapping: np.ndarray | None = None,
+        num_classes: int = 19,
+    ) -> tuple[list[np.ndarray], np.ndarray | None]:
         """feature_grids: one (features (D, gh, gw), resized (h, w)) per scale; the cosine scores are
         averaged over scales. Returns one cluster map (int32) per fit, (H, W) or its stride-s
         subsample, and, when the first fit's mapping is given, its class logits (C+1, H, W)
         float32: per class the best cosine among its clusters (channel C = unassigned clusters;
         -1 where a class has none), e.g. for a CRF (the first fit must then have stride 1)."""
-        grids = [(torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32)).to(self.device), r) for f, r in feature_grids]
+        grids = [
+            (torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32)).to(self.device), r) for f, r in feature_grids
+        ]
         maps = []
         logits = None
         for i, (centroids, stride) in enumerate(zip(self.centroids, self.strides)):
@@ -100,15 +109,17 @@ class PixelAssigner:
                 continue
             if with_logits and stride != 1:
                 raise ValueError("class logits need the first fit at stride 1")
-            cluster_map, fit_logits = _nearest_per_pixel(grids, centroids, patch_size, image_hw, stride,
-                                                         first_fit_mapping if with_logits else None, num_classes)
+            cluster_map, fit_logits = _nearest_per_pixel(
+                grids, centroids, patch_size, image_hw, stride, first_fit_mapping if with_logits else None, num_classes
+            )
             maps.append(cluster_map)
             logits = fit_logits if with_logits else logits
         return maps, logits
 
 
-def _column_weights(features: torch.Tensor, resized: tuple[int, int], patch_size: int, width: int,
-                    stride: int) -> torch.Tensor:
+def _column_weights(
+    features: torch.Tensor, resized: tuple[int, int], patch_size: int, width: int, stride: int
+) -> torch.Tensor:
     """(W_s, gw): the interpolation along x at the output columns, as a matrix. Applied with one
     matrix product, faster than gathering two taps."""
     return bilinear_weights(width, features.shape[2], resized[1] / width / patch_size, stride).to(features.device)
@@ -120,8 +131,14 @@ def _column_scores(features: torch.Tensor, centroids: torch.Tensor, weights: tor
     return torch.matmul(weights, patch_scores)
 
 
-def _nearest_by_envelope(features: torch.Tensor, resized: tuple[int, int], centroids: torch.Tensor, patch_size: int,
-                         image_hw: tuple[int, int], stride: int) -> np.ndarray:
+def _nearest_by_envelope(
+    features: torch.Tensor,
+    resized: tuple[int, int],
+    centroids: torch.Tensor,
+    patch_size: int,
+    image_hw: tuple[int, int],
+    stride: int,
+) -> np.ndarray:
     """Exact nearest centroid of every pixel from one scale on the CPU, without scoring every
     cluster at every pixel (see `_envelope_rows`)."""
     height = image_hw[0]
@@ -182,7 +199,12 @@ def _envelope_rows(q: np.ndarray, lo: np.ndarray, frac: np.ndarray) -> np.ndarra
             stack[0, 0], stack[0, 1], stack[0, 2], stack[0, 3] = 0.0, a, 1.0, best[band + 1, x]
             while depth:
                 depth -= 1
-                w_left, left, w_right, right = stack[depth, 0], int(stack[depth, 1]), stack[depth, 2], int(stack[depth, 3])
+                w_left, left, w_right, right = (
+                    stack[depth, 0],
+                    int(stack[depth, 1]),
+                    stack[depth, 2],
+                    int(stack[depth, 3]),
+                )
                 lead = top[left] - top[right]  # >= 0: left wins at w_left
                 gain = slope[right] - slope[left]  # > 0: right wins at w_right
                 w = np.float32(min(max(lead / gain if gain > 0 else w_left, w_left), w_right))
@@ -200,7 +222,12 @@ def _envelope_rows(q: np.ndarray, lo: np.ndarray, frac: np.ndarray) -> np.ndarra
                     n_breaks[x] = n + 1
                 else:
                     stack[depth, 0], stack[depth, 1], stack[depth, 2], stack[depth, 3] = w, third, w_right, right
-                    stack[depth + 1, 0], stack[depth + 1, 1], stack[depth + 1, 2], stack[depth + 1, 3] = w_left, left, w, third
+                    stack[depth + 1, 0], stack[depth + 1, 1], stack[depth + 1, 2], stack[depth + 1, 3] = (
+                        w_left,
+                        left,
+                        w,
+                        third,
+                    )
                     depth += 2
         for x in range(width):  # the band's rows, row by row (the output is row-major)
             winner[x], position[x] = best[band, x], 0
@@ -216,9 +243,15 @@ def _envelope_rows(q: np.ndarray, lo: np.ndarray, frac: np.ndarray) -> np.ndarra
     return out
 
 
-def _nearest_per_pixel(grids: list[tuple[torch.Tensor, tuple[int, int]]], centroids: torch.Tensor, patch_size: int,
-                       image_hw: tuple[int, int], stride: int, mapping: np.ndarray | None,
-                       num_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _nearest_per_pixel(
+    grids: list[tuple[torch.Tensor, tuple[int, int]]],
+    centroids: torch.Tensor,
+    patch_size: int,
+    image_hw: tuple[int, int],
+    stride: int,
+    mapping: np.ndarray | None,
+    num_classes: int,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Every cluster scored at every pixel: scores averaged over scales (each divided by the norm
     of its upsampled feature), and the class logits where a mapping is given."""
     height, width = image_hw
@@ -257,10 +290,14 @@ def clusters_to_train_ids(cluster_map: np.ndarray, mapping: np.ndarray) -> np.nd
     return predict_classes(cluster_map, mapping).astype(np.uint8)
 
 
-def window_cluster_maps(windows: np.ndarray, axis_weights: tuple[list[np.ndarray], list[np.ndarray]],
-                        centroids: list[np.ndarray], device: torch.device | str = "cpu",
-                        first_fit_mapping: np.ndarray | None = None,
-                        num_classes: int = 19) -> tuple[list[np.ndarray], np.ndarray | None]:
+def window_cluster_maps(
+    windows: np.ndarray,
+    axis_weights: tuple[list[np.ndarray], list[np.ndarray]],
+    centroids: list[np.ndarray],
+    device: torch.device | str = "cpu",
+    first_fit_mapping: np.ndarray | None = None,
+    num_classes: int = 19,
+) -> tuple[list[np.ndarray], np.ndarray | None]:
     """The paper's pixel labelling at the resized size: windows (N, D, g, g) -> their pixel map
     (sum over windows of Wy f Wx^T, `core.inference.windows.layout_axis_weights`), each pixel L2-normalised,
     nearest unit centroid by cosine. Returns one (h, w) int32 cluster map per fit and, when the
@@ -291,6 +328,8 @@ def window_cluster_maps(windows: np.ndarray, axis_weights: tuple[list[np.ndarray
             out[r0:r1] = scores.argmax(dim=0).cpu().numpy()
             if i == 0 and logits is not None:
                 best = torch.full((num_classes, r1 - r0, width), -float("inf"), device=device)
-                best.scatter_reduce_(0, channel[:, None, None].expand(-1, r1 - r0, width), scores[mapped], reduce="amax")
+                best.scatter_reduce_(
+                    0, channel[:, None, None].expand(-1, r1 - r0, width), scores[mapped], reduce="amax"
+                )
                 logits[:, r0:r1] = torch.where(has_cluster[:, None, None], best, 0.0)
     return maps, None if logits is None else logits.cpu().numpy()

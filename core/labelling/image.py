@@ -15,15 +15,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.evaluation.cause import crop_clusters
-from core.evaluation.base import LabelMap
-from core.labelling.assign import PixelAssigner, clusters_to_train_ids, subsample, window_cluster_maps
 from core.classes import NUM_CLASSES
+from core.evaluation.base import LabelMap
+from core.evaluation.cause import crop_clusters
 from core.evaluation.panoptic import Panoptic
-from core.labelling.paper_baseline import is_one_window, merged_log_probs, paper_baseline_labels, paper_common_size
 from core.evaluation.paper import resize_nearest
-from core.labelling.variants import ImageEvidence, run_variant
 from core.inference.windows import StoredWindows
+from core.labelling.assign import PixelAssigner, clusters_to_train_ids, subsample, window_cluster_maps
+from core.labelling.paper_baseline import is_one_window, merged_log_probs, paper_baseline_labels, paper_common_size
+from core.labelling.variants import ImageEvidence, run_variant
 
 # How pixel labels are made: at the image's full size (bilinear features, official), or at the
 # resized size (322x644 for Cityscapes) and upsampled NEAREST (the paper's scripts).
@@ -51,7 +51,8 @@ class LabelFit:
 
 
 def label_fits(fits: list[dict]) -> list[LabelFit]:
-    """The broadcast fits (main first, baseline last), each at its pixel stride (`storage.run.fits.fit_pixel_stride`)."""
+    """The broadcast fits (main first, baseline last), each at its pixel stride
+    (`storage.run.fits.fit_pixel_stride`)."""
     return [LabelFit(f["name"], f["centroids"], f["mapping"], f["stride"], f.get("prototypes")) for f in fits]
 
 
@@ -88,9 +89,13 @@ class ImageLabels:
                 arrays[f"target/{name}"] = labels.train_ids
                 if labels.instances is not None:
                     arrays[f"instances/{name}"] = labels.instances
-        arrays |= {f"clusters/{n}": m for n, m in self.clusters.items()} | {f"crops/{n}": m for n, m in self.crops.items()}
+        arrays |= {f"clusters/{n}": m for n, m in self.clusters.items()} | {
+            f"crops/{n}": m for n, m in self.crops.items()
+        }
         for name, pan in self.segments.items():
-            arrays |= {f"segments/{name}/{f}": getattr(pan, f) for f in ("ids", "segment_ids", "category", "iscrowd", "area")}
+            arrays |= {
+                f"segments/{name}/{f}": getattr(pan, f) for f in ("ids", "segment_ids", "category", "iscrowd", "area")
+            }
         buffer = io.BytesIO()
         np.savez(buffer, _meta=np.array(json.dumps(meta)), **arrays)
         return buffer.getvalue()
@@ -102,12 +107,18 @@ class ImageLabels:
         meta = json.loads(str(arrays.pop("_meta")))
         targets = {}
         for name, t in meta["targets"].items():
-            targets[name] = targets[t["same_as"]] if t["same_as"] != name else LabelMap(
-                arrays[f"target/{name}"], arrays.get(f"instances/{name}"), t["stride"])
+            targets[name] = (
+                targets[t["same_as"]]
+                if t["same_as"] != name
+                else LabelMap(arrays[f"target/{name}"], arrays.get(f"instances/{name}"), t["stride"])
+            )
         clusters = {k.removeprefix("clusters/"): v for k, v in arrays.items() if k.startswith("clusters/")}
-        segments = {name: Panoptic(*(arrays[f"segments/{name}/{f}"] for f in ("ids", "segment_ids", "category", "iscrowd",
-                                                                               "area")))
-                    for name in meta["segments"]}
+        segments = {
+            name: Panoptic(
+                *(arrays[f"segments/{name}/{f}"] for f in ("ids", "segment_ids", "category", "iscrowd", "area"))
+            )
+            for name in meta["segments"]
+        }
         return cls(clusters, targets, meta["seconds"], {n: arrays[f"crops/{n}"] for n in meta["crops"]}, segments)
 
 
@@ -115,8 +126,15 @@ class ImageLabeller:
     """`fits`: the main fit first (and, with `request.baseline`, the baseline last); `variants`: the
     main fit's variants to make ('plain' first); `labelling`: the protocol's (`LABELLINGS`)."""
 
-    def __init__(self, fits: list[LabelFit], variants: list[str], refine, device="cpu", labelling: str = "full",
-                 request: LabelRequest = LabelRequest(baseline=False)):
+    def __init__(
+        self,
+        fits: list[LabelFit],
+        variants: list[str],
+        refine,
+        device="cpu",
+        labelling: str = "full",
+        request: LabelRequest = LabelRequest(baseline=False),
+    ):
         if fits[0].stride != 1 or (request.baseline and fits[-1].stride != 1):
             raise ValueError("the main fit and the baseline are labelled at every pixel (stride 1)")
         if labelling not in LABELLINGS:
@@ -124,10 +142,14 @@ class ImageLabeller:
         self.fits, self.variants, self.refine, self.request = fits, variants, refine, request
         self.labelling, self.device = labelling, device
         self.main = PixelAssigner([fits[0].centroids], device=device)
-        self.others = PixelAssigner([f.centroids for f in fits[1:]], device=device, strides=[f.stride for f in fits[1:]])
+        self.others = PixelAssigner(
+            [f.centroids for f in fits[1:]], device=device, strides=[f.stride for f in fits[1:]]
+        )
         self.resized = PixelAssigner([f.centroids for f in fits], device=device)
 
-    def _resized_maps(self, grids, patch_size: int, image_hw: tuple[int, int], windows) -> tuple[list[np.ndarray], np.ndarray | None]:
+    def _resized_maps(
+        self, grids, patch_size: int, image_hw: tuple[int, int], windows
+    ) -> tuple[list[np.ndarray], np.ndarray | None]:
         """Every fit's labels made at the resized size, NEAREST-upsampled to the image: from the
         windows' pixel map where extract kept the windows (the paper's merge), else from the grid.
         With the paper's labelling, its windows and a CRF variant, also the main fit's class logits
@@ -135,15 +157,27 @@ class ImageLabeller:
         logits = None
         if windows is not None:
             paper_crf = self.labelling == "resized" and "crf" in self.variants
-            maps, logits = window_cluster_maps(windows.windows, windows.axis_weights, [f.centroids for f in self.fits], self.device,
-                                               first_fit_mapping=self.fits[0].mapping if paper_crf else None)
+            maps, logits = window_cluster_maps(
+                windows.windows,
+                windows.axis_weights,
+                [f.centroids for f in self.fits],
+                self.device,
+                first_fit_mapping=self.fits[0].mapping if paper_crf else None,
+            )
         else:
             maps = self.resized.assign(grids[:1], patch_size, grids[0][1])[0]
         return [resize_nearest(m, image_hw) for m in maps], logits
 
-    def label(self, grids: list[tuple[np.ndarray, tuple[int, int]]], patch_size: int, image_hw: tuple[int, int],
-              image: np.ndarray | None = None, windows: StoredWindows | None = None,
-              cause_grids: tuple[np.ndarray, np.ndarray] | None = None, cause_rgb: np.ndarray | None = None) -> ImageLabels:
+    def label(
+        self,
+        grids: list[tuple[np.ndarray, tuple[int, int]]],
+        patch_size: int,
+        image_hw: tuple[int, int],
+        image: np.ndarray | None = None,
+        windows: StoredWindows | None = None,
+        cause_grids: tuple[np.ndarray, np.ndarray] | None = None,
+        cause_rgb: np.ndarray | None = None,
+    ) -> ImageLabels:
         """grids: per scale (features (D, gh, gw), resized (h, w)), the base scale first. `image`
         (H, W, 3) uint8 is needed by the variants that look at colour (crf, superpixels).
         windows: `core.inference.windows.StoredWindows` where extract kept the windows (the paper protocol).
@@ -156,18 +190,34 @@ class ImageLabeller:
         full_crf = "crf" in self.variants and (self.labelling == "full" or windows is None)
         maps, logits, resized_logits = {}, None, None
         if "full" in labellings or full_crf:
-            (main_map,), logits = self.main.assign(grids, patch_size, image_hw, num_classes=NUM_CLASSES,
-                                                   first_fit_mapping=main.mapping if full_crf else None)
+            (main_map,), logits = self.main.assign(
+                grids,
+                patch_size,
+                image_hw,
+                num_classes=NUM_CLASSES,
+                first_fit_mapping=main.mapping if full_crf else None,
+            )
             other_maps = self.others.assign(grids, patch_size, image_hw)[0] if len(self.fits) > 1 else []
             maps["full"] = [main_map, *other_maps]
         if "resized" in labellings:
             maps["resized"], resized_logits = self._resized_maps(grids, patch_size, image_hw, windows)
-        own = maps["full"] if self.labelling == "full" else [subsample(m, f.stride) for m, f in zip(maps["resized"], self.fits)]
+        own = (
+            maps["full"]
+            if self.labelling == "full"
+            else [subsample(m, f.stride) for m, f in zip(maps["resized"], self.fits)]
+        )
         clusters = {f.name: m for f, m in zip(self.fits, own)}
         plain_labels = clusters_to_train_ids(own[0], main.mapping)
         assign_seconds = time.perf_counter() - start
-        evidence = ImageEvidence(image=image, grids=grids, patch_size=patch_size, plain_labels=plain_labels, class_logits=logits,
-                                 resized_logits=resized_logits, prototypes=main.prototypes)
+        evidence = ImageEvidence(
+            image=image,
+            grids=grids,
+            patch_size=patch_size,
+            plain_labels=plain_labels,
+            class_logits=logits,
+            resized_logits=resized_logits,
+            prototypes=main.prototypes,
+        )
         targets, seconds = {}, {}
         for name in self.variants:
             start = time.perf_counter()
@@ -182,8 +232,9 @@ class ImageLabeller:
             targets |= self._every_labelling(maps, targets)
         log_probs = {}  # per kind of the paper's script: with and without its CRF start from the same
         for name in self.request.baseline_labellings:
-            targets[f"baseline/{name}"] = LabelMap(self._baseline_labelling(name, grids, patch_size, image_hw, image, windows,
-                                                                            log_probs))
+            targets[f"baseline/{name}"] = LabelMap(
+                self._baseline_labelling(name, grids, patch_size, image_hw, image, windows, log_probs)
+            )
         crops = {}
         if self.request.cause_crop:
             plain, flipped = cause_grids
@@ -201,19 +252,34 @@ class ImageLabeller:
             for fit, cluster_map in zip(self.fits, maps[labelling]):
                 stride = fit.stride if labelling == "full" else 1
                 out[f"fit/{fit.name}/{labelling}"] = own.get((fit.name, labelling)) or LabelMap(
-                    clusters_to_train_ids(cluster_map, fit.mapping), stride=stride)
+                    clusters_to_train_ids(cluster_map, fit.mapping), stride=stride
+                )
         return out
 
-    def _baseline_labelling(self, name: str, grids, patch_size: int, image_hw: tuple[int, int], image: np.ndarray | None,
-                            windows, log_probs: dict[str, np.ndarray]) -> np.ndarray:
+    def _baseline_labelling(
+        self,
+        name: str,
+        grids,
+        patch_size: int,
+        image_hw: tuple[int, int],
+        image: np.ndarray | None,
+        windows,
+        log_probs: dict[str, np.ndarray],
+    ) -> np.ndarray:
         """One of the baseline's `baseline_labellings`: trainIds (H, W)."""
         fit = self.fits[-1]
         kind, crf = name.split("+")[0], name.endswith("+crf")
         if kind == "full":  # this tool's CRF on the baseline's class logits at full size
             (cluster_map,), logits = PixelAssigner([fit.centroids], device=self.device).assign(
-                grids, patch_size, image_hw, first_fit_mapping=fit.mapping, num_classes=NUM_CLASSES)
-            evidence = ImageEvidence(image=image, grids=grids, patch_size=patch_size,
-                                     plain_labels=clusters_to_train_ids(cluster_map, fit.mapping), class_logits=logits)
+                grids, patch_size, image_hw, first_fit_mapping=fit.mapping, num_classes=NUM_CLASSES
+            )
+            evidence = ImageEvidence(
+                image=image,
+                grids=grids,
+                patch_size=patch_size,
+                plain_labels=clusters_to_train_ids(cluster_map, fit.mapping),
+                class_logits=logits,
+            )
             return run_variant("crf", evidence, fit.centroids, fit.mapping, self.refine)[0]
         if kind not in log_probs:  # the paper's CAUSE script, on its windows at 1.0 or on its scales
             scale_windows = [windows.single] if kind == "windows" else windows.scales

@@ -29,9 +29,9 @@ the cosine under autocast too: at most ties differ).
 import numpy as np
 import torch
 
-from core.refine.crf import dense_crf
 from core.evaluation.paper import resize_nearest
 from core.inference.windows import ScaleLayout, bilinear_upsample_weights, layout_axis_weights, resize_rgb
+from core.refine.crf import dense_crf
 
 LOG_SOFTMAX_SCALE = 3.0  # CAUSE's Cluster.forward_centroid(crf=True): log_softmax(3 * cosine)
 
@@ -70,7 +70,7 @@ def paper_scale_windows(image: np.ndarray, layouts: list[ScaleLayout], crop: int
     windows = []
     for layout in layouts:
         resized = resize_rgb(image, layout.resized)
-        windows += [resized[y:y + crop, x:x + crop] for y, x in layout.origins]
+        windows += [resized[y : y + crop, x : x + crop] for y, x in layout.origins]
     return np.ascontiguousarray(np.stack(windows)) if windows else np.zeros((0, crop, crop, 3), np.uint8)
 
 
@@ -79,8 +79,13 @@ def is_one_window(layout: ScaleLayout, crop: int) -> bool:
     return layout.resized == (crop, crop)
 
 
-def merged_log_probs(scale_windows: list[tuple[np.ndarray, ScaleLayout]], centroids: np.ndarray, crop: int, patch: int,
-                     common_hw: tuple[int, int]) -> np.ndarray:
+def merged_log_probs(
+    scale_windows: list[tuple[np.ndarray, ScaleLayout]],
+    centroids: np.ndarray,
+    crop: int,
+    patch: int,
+    common_hw: tuple[int, int],
+) -> np.ndarray:
     """Per scale (window features (N, D, g, g), its layout) + (k, D) unit centroids -> (k, h, w)
     float32: the scales' window-averaged log_softmax(3 * cosine), resized to common_hw, averaged."""
     units = torch.from_numpy(np.array(centroids, np.float32))
@@ -101,8 +106,9 @@ def merged_log_probs(scale_windows: list[tuple[np.ndarray, ScaleLayout]], centro
     return (merged / len(scale_windows)).numpy()
 
 
-def paper_baseline_labels(log_probs: np.ndarray, mapping: np.ndarray, image_hw: tuple[int, int],
-                         image: np.ndarray | None = None) -> np.ndarray:
+def paper_baseline_labels(
+    log_probs: np.ndarray, mapping: np.ndarray, image_hw: tuple[int, int], image: np.ndarray | None = None
+) -> np.ndarray:
     """(k, h, w) merged log-probabilities -> (H, W) uint8 trainIds: argmax (or, given the image,
     the CRF on softmax(3 * log-probabilities)), mapped, NEAREST up."""
     if image is None:

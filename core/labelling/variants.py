@@ -15,15 +15,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.refine.crf import dense_crf
-from core.labelling.assign import PixelAssigner, clusters_to_train_ids
 from core.classes import IGNORE, NUM_CLASSES
-from core.refine.superpixels import refine_labels_by_superpixels, superpixels
-from core.refine.em import refine_semantic
-from core.refine.things import split_things
 from core.evaluation.paper import resize_nearest
-from core.refine.paper_heuristics import denoise_by_prototypes, diffuse_by_neighbours
 from core.inference.windows import resize_rgb
+from core.labelling.assign import PixelAssigner, clusters_to_train_ids
+from core.refine.crf import dense_crf
+from core.refine.em import refine_semantic
+from core.refine.paper_heuristics import denoise_by_prototypes, diffuse_by_neighbours
+from core.refine.superpixels import refine_labels_by_superpixels, superpixels
+from core.refine.things import split_things
 
 REFINEMENTS = ("crf", "em_semantic", "em_things", "superpixels", "prototype_denoising", "knn_diffusion")
 PAPER_CRF_SCALE = 5.0  # generate_overclustered_semantics.py: the CRF's unary is softmax(5 * class logits)
@@ -47,7 +47,9 @@ def enabled_variants(refine, multi_scale: bool) -> list[str]:
     return ["plain", *([SINGLE_SCALE] if multi_scale else []), *(name for name in REFINEMENTS if getattr(refine, name))]
 
 
-def run_variant(name: str, ev: ImageEvidence, centroids: np.ndarray, mapping: np.ndarray, refine) -> tuple[np.ndarray, np.ndarray | None]:
+def run_variant(
+    name: str, ev: ImageEvidence, centroids: np.ndarray, mapping: np.ndarray, refine
+) -> tuple[np.ndarray, np.ndarray | None]:
     h, w = ev.plain_labels.shape
     if name == "plain":
         return ev.plain_labels, None
@@ -76,13 +78,26 @@ def run_variant(name: str, ev: ImageEvidence, centroids: np.ndarray, mapping: np
     if name == "knn_diffusion":
         return diffuse_by_neighbours(ev.plain_labels, features, NUM_CLASSES), None
     if name == "em_things":
-        instances = split_things(features, ev.plain_labels, tau=refine.tau, T=refine.iterations,
-                                 resized_hw=resized, patch_size=ev.patch_size)
+        instances = split_things(
+            features, ev.plain_labels, tau=refine.tau, T=refine.iterations, resized_hw=resized, patch_size=ev.patch_size
+        )
         return ev.plain_labels, instances
     if name == "superpixels":
-        small = F.interpolate(torch.tensor(ev.image).permute(2, 0, 1)[None].float(), size=resized,
-                              mode="bilinear", antialias=True, align_corners=False)[0].permute(1, 2, 0)
-        sp = superpixels(features, small.round().clamp(0, 255).byte().numpy(), step=refine.superpixel_step,
-                         tau=refine.tau, T=refine.iterations, resized_hw=resized, patch_size=ev.patch_size)
+        small = F.interpolate(
+            torch.tensor(ev.image).permute(2, 0, 1)[None].float(),
+            size=resized,
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )[0].permute(1, 2, 0)
+        sp = superpixels(
+            features,
+            small.round().clamp(0, 255).byte().numpy(),
+            step=refine.superpixel_step,
+            tau=refine.tau,
+            T=refine.iterations,
+            resized_hw=resized,
+            patch_size=ev.patch_size,
+        )
         return refine_labels_by_superpixels(ev.plain_labels, sp), None
     raise ValueError(f"unknown label variant {name!r}")

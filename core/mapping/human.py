@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from core.errors import UserError
-from core.clustering.fit_artifact import FitArtifact
 from core.classes import CLASS_NAMES, IGNORE, NUM_CLASSES
+from core.clustering.fit_artifact import FitArtifact
+from core.errors import UserError
 
 FORMAT = "overclust-mapping/1"
 
@@ -25,9 +25,14 @@ class HumanMappingError(UserError, ValueError):
 
 def mapping_document(fit: FitArtifact, mapping: np.ndarray, named: list[int]) -> dict:
     """The JSON document of a mapping for `fit` (what the atlas exports)."""
-    return {"format": FORMAT, "fingerprint": fit.centroids_key(), "k": fit.k,
-            "mapping": {str(c): int(t) for c, t in enumerate(mapping)}, "named": sorted(int(c) for c in named),
-            "classes": {str(i): name for i, name in enumerate(CLASS_NAMES)} | {str(IGNORE): "ignore"}}
+    return {
+        "format": FORMAT,
+        "fingerprint": fit.centroids_key(),
+        "k": fit.k,
+        "mapping": {str(c): int(t) for c, t in enumerate(mapping)},
+        "named": sorted(int(c) for c in named),
+        "classes": {str(i): name for i, name in enumerate(CLASS_NAMES)} | {str(IGNORE): "ignore"},
+    }
 
 
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -47,22 +52,34 @@ def load_human_mapping(path: Path, fit: FitArtifact, fit_dir: Path) -> np.ndarra
     except FileNotFoundError:
         raise HumanMappingError(f"mapping file {path} does not exist: {fix}") from None
     except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deep to be a mapping
-        raise HumanMappingError(f"mapping file {path} is not readable JSON ({type(err).__name__}: {err}): {fix}") from None
+        raise HumanMappingError(
+            f"mapping file {path} is not readable JSON ({type(err).__name__}: {err}): {fix}"
+        ) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("mapping"), dict):
         raise HumanMappingError(f"{path} is not a cluster mapping (format {FORMAT!r} with a 'mapping' object): {fix}")
     if doc.get("k") != fit.k or doc.get("fingerprint") != fit.centroids_key():
-        raise HumanMappingError(f"{path} was made for another fit (fingerprint {doc.get('fingerprint')!r}, k={doc.get('k')}) "
-                                f"than {fit_dir} (fingerprint {fit.centroids_key()!r}, k={fit.k}): its cluster numbers "
-                                f"mean other clusters here; {fix}")
+        raise HumanMappingError(
+            f"{path} was made for another fit (fingerprint {doc.get('fingerprint')!r}, k={doc.get('k')}) "
+            f"than {fit_dir} (fingerprint {fit.centroids_key()!r}, k={fit.k}): its cluster numbers "
+            f"mean other clusters here; {fix}"
+        )
     mapping = fit.mapping.copy()
     expected = {str(c) for c in range(fit.k)}
     if set(doc["mapping"]) != expected:
         missing, extra = sorted(expected - set(doc["mapping"]), key=int), sorted(set(doc["mapping"]) - expected)
-        raise HumanMappingError(f"{path}: the mapping must give every cluster 0..{fit.k - 1} once; missing {missing[:5]}, "
-                                f"unknown {extra[:5]}: {fix}")
+        raise HumanMappingError(
+            f"{path}: the mapping must give every cluster 0..{fit.k - 1} once; missing {missing[:5]}, "
+            f"unknown {extra[:5]}: {fix}"
+        )
     for cluster, train_id in doc["mapping"].items():
-        if not isinstance(train_id, int) or isinstance(train_id, bool) or not (0 <= train_id < NUM_CLASSES or train_id == IGNORE):
-            raise HumanMappingError(f"{path}: cluster {cluster} -> {train_id!r}; a trainId 0-{NUM_CLASSES - 1} or {IGNORE} "
-                                    "(ignore) is needed")
+        if (
+            not isinstance(train_id, int)
+            or isinstance(train_id, bool)
+            or not (0 <= train_id < NUM_CLASSES or train_id == IGNORE)
+        ):
+            raise HumanMappingError(
+                f"{path}: cluster {cluster} -> {train_id!r}; a trainId 0-{NUM_CLASSES - 1} or {IGNORE} "
+                "(ignore) is needed"
+            )
         mapping[int(cluster)] = train_id
     return mapping

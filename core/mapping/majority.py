@@ -10,7 +10,9 @@ from scipy.optimize import linear_sum_assignment
 from core.classes import IGNORE
 
 
-def cluster_class_counts(cluster_ids: np.ndarray, labels: np.ndarray, k: int, num_classes: int, ignore: int = IGNORE) -> np.ndarray:
+def cluster_class_counts(
+    cluster_ids: np.ndarray, labels: np.ndarray, k: int, num_classes: int, ignore: int = IGNORE
+) -> np.ndarray:
     """(k, C) int64: how many labelled patches of each class each cluster holds; ignore labels skipped."""
     if cluster_ids.shape != labels.shape:
         raise ValueError(f"cluster ids shape {cluster_ids.shape} and labels shape {labels.shape} differ")

@@ -17,8 +17,8 @@ mapping, so images are labelled once and scored under all protocols.
 import numpy as np
 
 from core.classes import IGNORE
-from core.mapping.majority import majority_mapping
 from core.evaluation.metrics import semantic_scores
+from core.mapping.majority import majority_mapping
 
 
 def confusion_from_cluster_counts(counts: np.ndarray, mapping: np.ndarray) -> np.ndarray:
@@ -44,14 +44,21 @@ def label_free_mapping(co_assignment: np.ndarray, baseline_mapping: np.ndarray) 
     return baseline_mapping[co_assignment.argmax(axis=1)]
 
 
-def protocol_scores(pixel_counts: np.ndarray, mapping_counts: np.ndarray, same_set: np.ndarray,
-                    label_free: np.ndarray | None, class_names: list[str], miou_rule: str = "present") -> dict:
+def protocol_scores(
+    pixel_counts: np.ndarray,
+    mapping_counts: np.ndarray,
+    same_set: np.ndarray,
+    label_free: np.ndarray | None,
+    class_names: list[str],
+    miou_rule: str = "present",
+) -> dict:
     """Score one fit under every protocol.
 
     pixel_counts (F, k, C): (nearest cluster, GT class) pixel counts of the scored images per fold;
     mapping_counts (F, k, C): the labelled-patch counts the mappings are made from, per fold;
     miou_rule: how each mIoU averages the classes (`core.evaluation.metrics.MIOU_RULES`).
     """
+
     def scores(conf: np.ndarray) -> dict:
         return semantic_scores(conf, class_names, miou_rule)
 
@@ -64,15 +71,25 @@ def protocol_scores(pixel_counts: np.ndarray, mapping_counts: np.ndarray, same_s
         mappings = heldout_mappings(mapping_counts)
         per_fold = [confusion_from_cluster_counts(pixel_counts[f], mappings[f]) for f in range(len(mappings))]
         fold_miou = [scores(c)["miou"] for c in per_fold if c.sum() > 0]
-        out["held_out"] = {**scores(sum(per_fold)), "folds": len(mappings),
-                           "fold_miou_mean": float(np.mean(fold_miou)), "fold_miou_std": float(np.std(fold_miou))}
+        out["held_out"] = {
+            **scores(sum(per_fold)),
+            "folds": len(mappings),
+            "fold_miou_mean": float(np.mean(fold_miou)),
+            "fold_miou_std": float(np.std(fold_miou)),
+        }
     if label_free is not None:
         out["label_free"] = scores(confusion_from_cluster_counts(total, label_free))
     return out
 
 
-def few_shot_scores(pixel_counts: np.ndarray, mapping_counts: np.ndarray, shots: list[int], draws: int, seed: int,
-                    class_names: list[str]) -> dict:
+def few_shot_scores(
+    pixel_counts: np.ndarray,
+    mapping_counts: np.ndarray,
+    shots: list[int],
+    draws: int,
+    seed: int,
+    class_names: list[str],
+) -> dict:
     """Per m in `shots`: the pooled-over-folds mIoU and pixel accuracy (mean and std over `draws`
     seeded draws) when fold f's clusters take the majority class of m labelled patches drawn
     without replacement from the other folds (all of a cluster's patches where it has fewer; ties
@@ -98,6 +115,10 @@ def few_shot_scores(pixel_counts: np.ndarray, mapping_counts: np.ndarray, shots:
             scores = semantic_scores(confusion, class_names)
             mious.append(np.nan if scores["miou"] is None else scores["miou"])
             accuracies.append(np.nan if scores["pixel_accuracy"] is None else scores["pixel_accuracy"])
-        out[str(m)] = {"miou_mean": float(np.mean(mious)), "miou_std": float(np.std(mious)),
-                       "pixel_accuracy_mean": float(np.mean(accuracies)), "draws": draws}
+        out[str(m)] = {
+            "miou_mean": float(np.mean(mious)),
+            "miou_std": float(np.std(mious)),
+            "pixel_accuracy_mean": float(np.mean(accuracies)),
+            "draws": draws,
+        }
     return out

@@ -46,8 +46,10 @@ def cause_paths(root: Path | str) -> dict[str, Path]:
 
 
 def _where_to_set(key: str) -> str:
-    return (f"set model.{key} to the file, or model.cause_root to a folder in the CAUSE layout "
-            f"(<cause_root>/{CAUSE_LAYOUT[key].as_posix()})")
+    return (
+        f"set model.{key} to the file, or model.cause_root to a folder in the CAUSE layout "
+        f"(<cause_root>/{CAUSE_LAYOUT[key].as_posix()})"
+    )
 
 
 def require_file(path: Path | str | None, key: str) -> Path:
@@ -71,16 +73,18 @@ def load_torch_file(path: Path | str | None, key: str) -> dict[str, torch.Tensor
         raise CheckpointError(
             f"cannot read {what} {path} with torch.load(weights_only=True): {type(exc).__name__}: {exc}. "
             "The file must be a plain state dict of tensors (as torch.save(module.state_dict()) writes); "
-            "files that need arbitrary unpickling are refused.") from exc
+            "files that need arbitrary unpickling are refused."
+        ) from exc
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         kind = type(obj).__name__
         keys = ", ".join(list(map(str, obj.keys()))[:MAX_LISTED]) if isinstance(obj, Mapping) else ""
         raise CheckpointError(
             f"{what} {path} is not a state dict of tensors (found a {kind}{': ' + keys if keys else ''}); "
-            f"{_where_to_set(key)}")
+            f"{_where_to_set(key)}"
+        )
     state = {str(k): v for k, v in obj.items()}
     if state and all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -97,10 +101,14 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path
     found = {k: tuple(v.shape) for k, v in state.items()}
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
-    wrong = [f"{k}: expected {expected[k]}, found {found[k]}" for k in expected if k in found and expected[k] != found[k]]
+    wrong = [
+        f"{k}: expected {expected[k]}, found {found[k]}" for k in expected if k in found and expected[k] != found[k]
+    ]
     if missing or unexpected or wrong:
-        lines = [f"{WHAT.get(key, key)} {path} does not match the model "
-                 f"({len(expected)} tensors expected, {len(found)} in the file):"]
+        lines = [
+            f"{WHAT.get(key, key)} {path} does not match the model "
+            f"({len(expected)} tensors expected, {len(found)} in the file):"
+        ]
         if missing:
             lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
         if unexpected:
@@ -118,12 +126,15 @@ def load_codebook(path: Path | str | None, dim: int) -> torch.Tensor:
     try:
         array = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise CheckpointError(f"cannot read the CAUSE codebook {path} with np.load(allow_pickle=False): "
-                              f"{type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"cannot read the CAUSE codebook {path} with np.load(allow_pickle=False): {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(array, np.ndarray) or array.ndim != 2 or array.shape[1] != dim or array.shape[0] == 0:
         shape = getattr(array, "shape", None)
-        raise CheckpointError(f"CAUSE codebook {path}: expected shape (K, {dim}) (2048 x {dim} for CAUSE), found {shape}; "
-                              f"point model.codebook_path at modular.npy of the same backbone")
+        raise CheckpointError(
+            f"CAUSE codebook {path}: expected shape (K, {dim}) (2048 x {dim} for CAUSE), found {shape}; "
+            f"point model.codebook_path at modular.npy of the same backbone"
+        )
     if not np.issubdtype(array.dtype, np.floating):
         raise CheckpointError(f"CAUSE codebook {path}: expected floats, found dtype {array.dtype}")
     return torch.from_numpy(array.astype(np.float32))
@@ -134,10 +145,14 @@ def load_cluster_probe(path: Path | str | None, expected_shape: tuple[int, int] 
     -> (27, 90) float32 array."""
     state = load_torch_file(path, "cluster_probe_checkpoint")
     if "cluster_probe" not in state:
-        raise CheckpointError(f"CAUSE cluster probe checkpoint {path} has no key 'cluster_probe' "
-                              f"(keys: {_listing(sorted(state))}); point model.cluster_probe_checkpoint at CAUSE's cluster_tr.pth")
+        raise CheckpointError(
+            f"CAUSE cluster probe checkpoint {path} has no key 'cluster_probe' "
+            f"(keys: {_listing(sorted(state))}); point model.cluster_probe_checkpoint at CAUSE's cluster_tr.pth"
+        )
     probe = state["cluster_probe"]
     if tuple(probe.shape) != tuple(expected_shape):
-        raise CheckpointError(f"CAUSE cluster probe checkpoint {path}: 'cluster_probe' expected shape {tuple(expected_shape)}, "
-                              f"found {tuple(probe.shape)}; use the cluster_tr.pth trained with the Segment_TR head (27 classes x 90-d)")
+        raise CheckpointError(
+            f"CAUSE cluster probe checkpoint {path}: 'cluster_probe' expected shape {tuple(expected_shape)}, "
+            f"found {tuple(probe.shape)}; use the cluster_tr.pth trained with the Segment_TR head (27 classes x 90-d)"
+        )
     return probe.detach().to(torch.float32).numpy().copy()

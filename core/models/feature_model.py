@@ -58,7 +58,9 @@ class ModelSpec:
 class PatchFeatureModel(nn.Module):
     """(B, 3, S, S) normalised image -> (B, feature_dim, S/p, S/p) float features."""
 
-    def __init__(self, backbone: VisionTransformer, head: SegmentTR | None, description: str, with_backbone: bool = False):
+    def __init__(
+        self, backbone: VisionTransformer, head: SegmentTR | None, description: str, with_backbone: bool = False
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -81,7 +83,9 @@ class PatchFeatureModel(nn.Module):
         if self.head is None:
             return tokens.transpose(1, 2).reshape(b, -1, h, w)  # (B, D, h, w)
         if self.required_crop not in (None, height) or height != width:
-            raise ValueError(f"the Segment_TR head runs on {self.required_crop}x{self.required_crop} windows, got {height}x{width}")
+            raise ValueError(
+                f"the Segment_TR head runs on {self.required_crop}x{self.required_crop} windows, got {height}x{width}"
+            )
         features = self.head(tokens)  # (B, 90, h, w), float32
         if self.with_backbone:
             return torch.cat([features, tokens.float().transpose(1, 2).reshape(b, -1, h, w)], dim=1)
@@ -90,9 +94,15 @@ class PatchFeatureModel(nn.Module):
 
 def _vit(spec: ViTSpec) -> VisionTransformer:
     with torch.device("meta"):  # no throw-away default init: every tensor is then loaded or initialised
-        model = VisionTransformer(img_size=spec.img_size, patch_size=spec.patch_size, embed_dim=spec.embed_dim,
-                                  depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio,
-                                  init_values=spec.init_values)
+        model = VisionTransformer(
+            img_size=spec.img_size,
+            patch_size=spec.patch_size,
+            embed_dim=spec.embed_dim,
+            depth=spec.depth,
+            num_heads=spec.num_heads,
+            mlp_ratio=spec.mlp_ratio,
+            init_values=spec.init_values,
+        )
     return model.to_empty(device="cpu")
 
 
@@ -106,15 +116,21 @@ def _head(spec: ViTSpec) -> SegmentTR:
 
 
 def _vit_text(spec: ViTSpec) -> str:
-    return (f"ViT patch {spec.patch_size}, dim {spec.embed_dim}, depth {spec.depth}, heads {spec.num_heads}, "
-            f"mlp {spec.mlp_ratio:g}, img {spec.img_size}")
+    return (
+        f"ViT patch {spec.patch_size}, dim {spec.embed_dim}, depth {spec.depth}, heads {spec.num_heads}, "
+        f"mlp {spec.mlp_ratio:g}, img {spec.img_size}"
+    )
 
 
-BACKBONE_FIX = ("use the official DINOv2 ViT-B/14 pretrain file (dinov2_vitb14_pretrain.pth = CAUSE's "
-                "checkpoint/dinov2_vit_base_14.pth, 175 tensors) and make model.vit match it "
-                "(patch_size 14, embed_dim 768, depth 12, num_heads 12, mlp_ratio 4, img_size 518)")
-HEAD_FIX = ("use CAUSE's segment_tr.pth trained on DINOv2 ViT-B/14 features "
-            "(CAUSE/cityscapes/dinov2_vit_base_14/2048/segment_tr.pth, 56 tensors, query_pos 529 x 768)")
+BACKBONE_FIX = (
+    "use the official DINOv2 ViT-B/14 pretrain file (dinov2_vitb14_pretrain.pth = CAUSE's "
+    "checkpoint/dinov2_vit_base_14.pth, 175 tensors) and make model.vit match it "
+    "(patch_size 14, embed_dim 768, depth 12, num_heads 12, mlp_ratio 4, img_size 518)"
+)
+HEAD_FIX = (
+    "use CAUSE's segment_tr.pth trained on DINOv2 ViT-B/14 features "
+    "(CAUSE/cityscapes/dinov2_vit_base_14/2048/segment_tr.pth, 56 tensors, query_pos 529 x 768)"
+)
 
 
 def build_feature_model(spec: ModelSpec, with_backbone: bool = False) -> PatchFeatureModel:
@@ -128,8 +144,13 @@ def build_feature_model(spec: ModelSpec, with_backbone: bool = False) -> PatchFe
         backbone.init_weights(generator)
         parts = [f"RANDOMLY INITIALISED ViT (not DINOv2 weights): {_vit_text(spec.vit)}, init_seed {spec.init_seed}"]
     else:
-        load_strict(backbone, load_torch_file(spec.backbone_checkpoint, "backbone_checkpoint"),
-                    spec.backbone_checkpoint, "backbone_checkpoint", BACKBONE_FIX)
+        load_strict(
+            backbone,
+            load_torch_file(spec.backbone_checkpoint, "backbone_checkpoint"),
+            spec.backbone_checkpoint,
+            "backbone_checkpoint",
+            BACKBONE_FIX,
+        )
         parts = [f"DINOv2 {_vit_text(spec.vit)} from {spec.backbone_checkpoint}"]
 
     head = None
@@ -140,22 +161,38 @@ def build_feature_model(spec: ModelSpec, with_backbone: bool = False) -> PatchFe
             head.init_weights(generator)
             codebook = torch.empty(2048, spec.vit.embed_dim).uniform_(-1 / 2048, 1 / 2048, generator=generator)
             head.set_codebook(codebook)  # CAUSE's `reset` init of the codebook parameter
-            parts.append(f"RANDOMLY INITIALISED Segment_TR head and codebook (not CAUSE weights), init_seed {spec.init_seed}")
+            parts.append(
+                f"RANDOMLY INITIALISED Segment_TR head and codebook (not CAUSE weights), init_seed {spec.init_seed}"
+            )
         else:
-            unset = [key for key, value in (("backbone_checkpoint", spec.backbone_checkpoint),
-                                            ("head_checkpoint", spec.head_checkpoint),
-                                            ("codebook_path", spec.codebook_path)) if value is None]
+            unset = [
+                key
+                for key, value in (
+                    ("backbone_checkpoint", spec.backbone_checkpoint),
+                    ("head_checkpoint", spec.head_checkpoint),
+                    ("codebook_path", spec.codebook_path),
+                )
+                if value is None
+            ]
             if unset:
                 raise CheckpointError(
                     f"model.feature_kind='head' needs the CAUSE files: the DINOv2 backbone, segment_tr.pth and "
                     f"modular.npy (the head was trained on DINOv2 features with that codebook); unset: "
                     f"{', '.join('model.' + key for key in unset)}. Set model.cause_root to a folder in the CAUSE "
-                    f"layout, or set those keys; or use model.feature_kind='backbone'")
-            load_strict(head, load_torch_file(spec.head_checkpoint, "head_checkpoint"),
-                        spec.head_checkpoint, "head_checkpoint", HEAD_FIX)
+                    f"layout, or set those keys; or use model.feature_kind='backbone'"
+                )
+            load_strict(
+                head,
+                load_torch_file(spec.head_checkpoint, "head_checkpoint"),
+                spec.head_checkpoint,
+                "head_checkpoint",
+                HEAD_FIX,
+            )
             head.set_codebook(load_codebook(spec.codebook_path, spec.vit.embed_dim))
-            parts.append(f"CAUSE Segment_TR head_ema ({REDUCED_DIM}-d) from {spec.head_checkpoint}, "
-                         f"codebook {spec.codebook_path}")
+            parts.append(
+                f"CAUSE Segment_TR head_ema ({REDUCED_DIM}-d) from {spec.head_checkpoint}, "
+                f"codebook {spec.codebook_path}"
+            )
     else:
         parts.append(f"features: backbone ({spec.vit.embed_dim}-d patch tokens)")
 

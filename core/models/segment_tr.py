@@ -53,7 +53,7 @@ TRAIN_RESOLUTION = 322  # CAUSE sets train/test resolution 322 for DINOv2 checkp
 
 def num_queries_for(patch_size: int, resolution: int = TRAIN_RESOLUTION) -> int:
     """CAUSE: args.num_queries = train_resolution**2 // patch**2 (322, 14 -> 529)."""
-    return resolution ** 2 // patch_size ** 2
+    return resolution**2 // patch_size**2
 
 
 def to_map(x: torch.Tensor) -> torch.Tensor:
@@ -77,8 +77,14 @@ def quantize(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 
 class TRDecoder(nn.Module):
-    def __init__(self, dim: int = DIM, reduced_dim: int = REDUCED_DIM, hidden_dim: int = HIDDEN_DIM,
-                 nhead: int = 1, dropout: float = 0.1):
+    def __init__(
+        self,
+        dim: int = DIM,
+        reduced_dim: int = REDUCED_DIM,
+        hidden_dim: int = HIDDEN_DIM,
+        nhead: int = 1,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(dim, nhead, dropout=dropout)
         self.multihead_attn = nn.MultiheadAttention(dim, nhead, dropout=dropout)
@@ -119,7 +125,9 @@ class Decoder(nn.Module):
         if self.codebook.shape[0] == 0:
             raise RuntimeError("the Segment_TR codebook is not set (modular.npy): call SegmentTR.set_codebook")
         if feat.shape[1] != self.query_pos.shape[0]:
-            raise ValueError(f"the head takes {self.query_pos.shape[0]} patches per window (query_pos), got {feat.shape[1]}")
+            raise ValueError(
+                f"the head takes {self.query_pos.shape[0]} patches per window (query_pos), got {feat.shape[1]}"
+            )
         discrete_query = quantize(feat, self.codebook)  # (B, P, D)
         return self.tr(discrete_query.transpose(0, 1), feat.transpose(0, 1), self.query_pos.unsqueeze(1))
 
@@ -138,8 +146,14 @@ class ProjectionSegment(nn.Module):
 class SegmentTR(nn.Module):
     """CAUSE `Segment_TR`; forward = the EMA head used at test time: (B, P, D) -> (B, 90, sqrt(P), sqrt(P))."""
 
-    def __init__(self, num_queries: int, dim: int = DIM, reduced_dim: int = REDUCED_DIM,
-                 projection_dim: int = PROJECTION_DIM, n_classes: int = NUM_CLASSES):
+    def __init__(
+        self,
+        num_queries: int,
+        dim: int = DIM,
+        reduced_dim: int = REDUCED_DIM,
+        projection_dim: int = PROJECTION_DIM,
+        n_classes: int = NUM_CLASSES,
+    ):
         super().__init__()
         self.reduced_dim = reduced_dim
         self.head = Decoder(num_queries, dim, reduced_dim)

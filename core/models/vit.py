@@ -95,9 +95,19 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """DINOv2 ViT without register tokens. ViT-B/14: embed 768, depth 12, heads 12, mlp 4, img 518."""
 
-    def __init__(self, img_size: int = 518, patch_size: int = 14, in_chans: int = 3, embed_dim: int = 768,
-                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, init_values: float = 1e-5,
-                 interpolate_offset: float = 0.1, interpolate_antialias: bool = False):
+    def __init__(
+        self,
+        img_size: int = 518,
+        patch_size: int = 14,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        init_values: float = 1e-5,
+        interpolate_offset: float = 0.1,
+        interpolate_antialias: bool = False,
+    ):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
@@ -108,7 +118,7 @@ class VisionTransformer(nn.Module):
         self.grid = img_size // patch_size  # 37 for 518 / 14
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))  # (1, 1, D)
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, embed_dim))  # (1, 1370, D)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, embed_dim))  # (1, 1370, D)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, init_values) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))  # (1, D)

@@ -11,6 +11,7 @@ project works without it.
 
 import numpy as np
 
+
 def softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
     z = logits - logits.max(axis=axis, keepdims=True)
     e = np.exp(z)
@@ -51,6 +52,8 @@ def dense_crf(
     crf = dcrf.DenseCRF2D(w, h, c)
     crf.setUnaryEnergy(unary)
     crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
-    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.array(image, order="C"), compat=bilateral_compat)
+    crf.addPairwiseBilateral(
+        sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.array(image, order="C"), compat=bilateral_compat
+    )
     q = np.asarray(crf.inference(iterations), dtype=np.float32)
     return q.reshape(c, h, w)

@@ -3,13 +3,15 @@
 """
 
 from __future__ import annotations
+
 import numpy as np
+
 from core.classes import IGNORE, NUM_CLASSES
 from core.refine.em import EPS, logsumexp, softmax, upsample_features
 
-
 # The 3 x 3 neighbour cells a pixel may join in superpixel mode, as (dy, dx).
 _OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+
 
 def _neighbour_centres(c: np.ndarray):
     """c (gy, gx, Dz) -> the 3 x 3 neighbour centres of each cell (gy, gx, 9, Dz), valid (gy, gx, 9)."""
@@ -18,9 +20,10 @@ def _neighbour_centres(c: np.ndarray):
     cpad[1:-1, 1:-1] = c
     vpad = np.zeros((gy + 2, gx + 2), bool)
     vpad[1:-1, 1:-1] = True
-    cn = np.stack([cpad[1 + dy:1 + dy + gy, 1 + dx:1 + dx + gx] for dy, dx in _OFFSETS], axis=2)
-    valid = np.stack([vpad[1 + dy:1 + dy + gy, 1 + dx:1 + dx + gx] for dy, dx in _OFFSETS], axis=2)
+    cn = np.stack([cpad[1 + dy : 1 + dy + gy, 1 + dx : 1 + dx + gx] for dy, dx in _OFFSETS], axis=2)
+    valid = np.stack([vpad[1 + dy : 1 + dy + gy, 1 + dx : 1 + dx + gx] for dy, dx in _OFFSETS], axis=2)
     return cn, valid
+
 
 def _superpixel_logits(zb: np.ndarray, c: np.ndarray, tau: float) -> np.ndarray:
     """zb (gy, gx, P, Dz) pixels by cell, c (gy, gx, Dz) -> logits (gy, gx, P, 9), -inf off the grid."""
@@ -29,6 +32,7 @@ def _superpixel_logits(zb: np.ndarray, c: np.ndarray, tau: float) -> np.ndarray:
     sq = (zb * zb).sum(-1)[..., None] - 2 * dots + (cn * cn).sum(-1)[:, :, None, :]
     logits = -np.maximum(sq, 0) / (2 * tau)
     return np.where(valid[:, :, None, :], logits, -np.inf)
+
 
 def _superpixel_em(zb: np.ndarray, mb: np.ndarray, tau: float, T: int, min_mass: float = 1e-6):
     """Local EM over grid seeds. zb (gy, gx, P, Dz), mb (gy, gx, P) 1 = real pixel, 0 = padding.
@@ -47,11 +51,12 @@ def _superpixel_em(zb: np.ndarray, mb: np.ndarray, tau: float, T: int, min_mass:
         acc = np.zeros((gy + 2, gx + 2, zb.shape[-1]), zb.dtype)
         macc = np.zeros((gy + 2, gx + 2), zb.dtype)
         for j, (dy, dx) in enumerate(_OFFSETS):  # scatter to the neighbour centre (9 slice adds)
-            acc[1 + dy:1 + dy + gy, 1 + dx:1 + dx + gx] += contrib[:, :, j]
-            macc[1 + dy:1 + dy + gy, 1 + dx:1 + dx + gx] += mass[:, :, j]
+            acc[1 + dy : 1 + dy + gy, 1 + dx : 1 + dx + gx] += contrib[:, :, j]
+            macc[1 + dy : 1 + dy + gy, 1 + dx : 1 + dx + gx] += mass[:, :, j]
         acc, macc = acc[1:-1, 1:-1], macc[1:-1, 1:-1]
         c = np.where((macc >= min_mass)[..., None], acc / np.maximum(macc, EPS)[..., None], c)
     return logits, c, np.array(history)
+
 
 def _superpixel_input(features, image, step, pos_weight, colour_weight, feature_weight, resized_hw, patch_size):
     """-> zb (gy, gx, step*step, Dz) float32 pixel vectors by grid cell, mb (gy, gx, step*step)."""
@@ -66,7 +71,7 @@ def _superpixel_input(features, image, step, pos_weight, colour_weight, feature_
     if use_features:
         f = upsample_features(features, (height, width), resized_hw, patch_size)  # (H, W, D)
         zpad[:height, :width, :d] = f * (feature_weight / np.maximum(np.linalg.norm(f, axis=-1, keepdims=True), EPS))
-    zpad[:height, :width, d:d + 3] = colour_weight * colour
+    zpad[:height, :width, d : d + 3] = colour_weight * colour
     zpad[:height, :width, d + 3] = (pos_weight / step) * np.arange(height, dtype=np.float32)[:, None]
     zpad[:height, :width, d + 4] = (pos_weight / step) * np.arange(width, dtype=np.float32)[None, :]
     mpad = np.zeros((gy * step, gx * step), np.float32)
@@ -75,9 +80,19 @@ def _superpixel_input(features, image, step, pos_weight, colour_weight, feature_
     mb = mpad.reshape(gy, step, gx, step).transpose(0, 2, 1, 3).reshape(gy, gx, step * step)
     return zb, mb
 
-def superpixels(features: np.ndarray | None, image: np.ndarray, step: int = 16, tau: float = 0.05, T: int = 3,
-                pos_weight: float = 0.5, colour_weight: float = 3.0, feature_weight: float = 0.5,
-                resized_hw=None, patch_size=None) -> np.ndarray:
+
+def superpixels(
+    features: np.ndarray | None,
+    image: np.ndarray,
+    step: int = 16,
+    tau: float = 0.05,
+    T: int = 3,
+    pos_weight: float = 0.5,
+    colour_weight: float = 3.0,
+    feature_weight: float = 0.5,
+    resized_hw=None,
+    patch_size=None,
+) -> np.ndarray:
     """Superpixels by EM from grid seeds (Dreamy-Start: image grid).
 
     features (D, gh, gw) patch features or None (colour + position only); image (H, W, 3) uint8
@@ -112,11 +127,13 @@ def superpixels(features: np.ndarray | None, image: np.ndarray, step: int = 16, 
     _, ids = np.unique(centre, return_inverse=True)
     return ids.reshape(height, width).astype(np.int32)
 
+
 def _resize_nearest(ids: np.ndarray, hw) -> np.ndarray:
     h, w = ids.shape
     rows = np.minimum((np.arange(hw[0]) * h) // hw[0], h - 1)
     cols = np.minimum((np.arange(hw[1]) * w) // hw[1], w - 1)
     return ids[rows[:, None], cols[None, :]]
+
 
 def refine_labels_by_superpixels(labels, superpixel_map: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Each superpixel takes one class. labels: class logits (C', H, W) (numpy or torch; channel
@@ -134,8 +151,13 @@ def refine_labels_by_superpixels(labels, superpixel_map: np.ndarray, num_classes
     if labels.ndim == 3:
         # Summed logits: every channel of a superpixel has the same count, so the argmax of the
         # sum is the argmax of the mean. -inf (a class no cluster maps to) stays out of reach.
-        sums = np.stack([np.bincount(sp, weights=np.nan_to_num(ch.ravel().astype(np.float64), neginf=-1e4),
-                                     minlength=n_sp) for ch in labels], 1)  # (S, C'), one channel at a time
+        sums = np.stack(
+            [
+                np.bincount(sp, weights=np.nan_to_num(ch.ravel().astype(np.float64), neginf=-1e4), minlength=n_sp)
+                for ch in labels
+            ],
+            1,
+        )  # (S, C'), one channel at a time
         best = sums.argmax(1)
         per_sp = np.where(best >= num_classes, IGNORE, best).astype(np.uint8)
     elif labels.ndim == 2:

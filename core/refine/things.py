@@ -3,8 +3,10 @@ image (farthest-point sampling), instead of connected components.
 """
 
 from __future__ import annotations
+
 import numpy as np
 from scipy import ndimage
+
 from core.classes import THING_TRAIN_IDS
 from core.refine.em import EPS, em_refine, grid_scale, sample_features
 
@@ -21,16 +23,30 @@ def _farthest_point_seeds(z: np.ndarray, candidates: np.ndarray, max_seeds: int,
     nearest = ((zc - zc[first]) ** 2).sum(1)  # (m,) squared distance to the nearest seed
     while len(seeds) < max_seeds:
         nxt = int(nearest.argmax())
-        if nearest[nxt] < split_dist ** 2:
+        if nearest[nxt] < split_dist**2:
             break
         seeds.append(nxt)
         nearest = np.minimum(nearest, ((zc - zc[nxt]) ** 2).sum(1))
     return candidates[np.array(seeds)]
 
-def split_things(features: np.ndarray, train_ids: np.ndarray, thing_ids=THING_TRAIN_IDS, tau: float = 0.05,
-                 T: int = 3, pos_weight: float = 1.0, split_dist: float = 0.6, max_instances: int = 8,
-                 min_area: int | None = None, seed_margin: float | None = None, max_points: int = 4096,
-                 connectivity: int = 8, resized_hw=None, patch_size=None, block_rows: int = 65536) -> np.ndarray:
+
+def split_things(
+    features: np.ndarray,
+    train_ids: np.ndarray,
+    thing_ids=THING_TRAIN_IDS,
+    tau: float = 0.05,
+    T: int = 3,
+    pos_weight: float = 1.0,
+    split_dist: float = 0.6,
+    max_instances: int = 8,
+    min_area: int | None = None,
+    seed_margin: float | None = None,
+    max_points: int = 4096,
+    connectivity: int = 8,
+    resized_hw=None,
+    patch_size=None,
+    block_rows: int = 65536,
+) -> np.ndarray:
     """Thing instances by EM instead of connected components.
 
     features (D, gh, gw) patch features (or per-pixel: gh, gw = H, W); train_ids (H, W) semantic
@@ -118,9 +134,9 @@ def split_things(features: np.ndarray, train_ids: np.ndarray, thing_ids=THING_TR
             # Nearest centre for every region pixel, in blocks: squared distances (n, K).
             sq = np.empty((len(ys), len(centres)), np.float32)
             for r0 in range(0, len(ys), block_rows):
-                zb = embed(ys[r0:r0 + block_rows], xs[r0:r0 + block_rows])  # (b, Dz)
+                zb = embed(ys[r0 : r0 + block_rows], xs[r0 : r0 + block_rows])  # (b, Dz)
                 c32 = centres.astype(np.float32)
-                sq[r0:r0 + len(zb)] = (zb * zb).sum(1)[:, None] - 2 * zb @ c32.T + (c32 * c32).sum(1)
+                sq[r0 : r0 + len(zb)] = (zb * zb).sum(1)[:, None] - 2 * zb @ c32.T + (c32 * c32).sum(1)
             alive = np.ones(len(centres), bool)
             while True:
                 owner = np.where(alive, sq, np.inf).argmin(1)  # (n,)

@@ -19,8 +19,12 @@ def dead_centroid_summary(win_counts: np.ndarray) -> dict:
     """JSON-safe: {"k", "dead", "dead_fraction", "dead_ids"}."""
     dead = dead_centroids(win_counts)
     k = len(win_counts)
-    return {"k": k, "dead": int(dead.size), "dead_fraction": float(dead.size / k) if k else None,
-            "dead_ids": dead.tolist()}
+    return {
+        "k": k,
+        "dead": int(dead.size),
+        "dead_fraction": float(dead.size / k) if k else None,
+        "dead_ids": dead.tolist(),
+    }
 
 
 def absorption_table(conf: np.ndarray, class_names: list[str], top: int = 2) -> list[dict]:
@@ -47,8 +51,14 @@ def absorption_table(conf: np.ndarray, class_names: list[str], top: int = 2) -> 
         other[i] = -1.0  # the class itself is not an absorber
         order = np.argsort(-other, kind="stable")[:top]
         absorbed = [{"class": columns[j], "share": float(other[j])} for j in order if other[j] > 0]
-        rows.append({"class": name, "pixels": int(totals[i]),
-                     "correct": float(shares[i, i]) if totals[i] > 0 else None, "absorbed_by": absorbed})
+        rows.append(
+            {
+                "class": name,
+                "pixels": int(totals[i]),
+                "correct": float(shares[i, i]) if totals[i] > 0 else None,
+                "absorbed_by": absorbed,
+            }
+        )
     return rows
 
 

@@ -2,8 +2,8 @@
 
 A card shows crops around sampled member patches (with context, the patch outlined), the
 cluster's share of the image area (its patches' pixels), its mapped class, its purity where
-ground truth exists, and the nearest cluster of the baseline fit. The page is one static `index.html` (data, style and script
-inline) beside JPEG sprite sheets (`sprites/`, one per SPRITE_CLUSTERS clusters, a row of
+ground truth exists, and the nearest cluster of the baseline fit. The page is one static
+`index.html` (data, style and script inline) beside JPEG sprite sheets (`sprites/`, one per SPRITE_CLUSTERS clusters, a row of
 thumbnails per cluster), so it opens from disk or any static server and loads fast at k = 300+.
 A class picker per card keeps the person's choices in the browser's localStorage, and "Export
 mapping" downloads `mapping.json` (`core.mapping.human`), which `apply --mapping` and
@@ -15,9 +15,9 @@ import json
 
 import numpy as np
 
+from core.classes import CLASS_NAMES, IGNORE, TRAIN_ID_COLORS
 from core.clustering.fit_artifact import FitArtifact
 from core.mapping.human import mapping_document
-from core.classes import CLASS_NAMES, IGNORE, TRAIN_ID_COLORS
 
 THUMB = 64  # thumbnail side, pixels
 CONTEXT = 2.5  # a crop spans this many patches on each side of the patch's centre
@@ -26,7 +26,9 @@ SPRITE_CLUSTERS = 32  # clusters per sprite sheet
 OUTLINE = np.array([255, 230, 0], np.uint8)
 
 
-def patch_box(row: int, col: int, grid_hw: tuple[int, int], image_hw: tuple[int, int]) -> tuple[float, float, float, float]:
+def patch_box(
+    row: int, col: int, grid_hw: tuple[int, int], image_hw: tuple[int, int]
+) -> tuple[float, float, float, float]:
     """(top, left, bottom, right) in image pixels of patch (row, col) of a grid that spans the image."""
     (gh, gw), (h, w) = grid_hw, image_hw
     return row * h / gh, col * w / gw, (row + 1) * h / gh, (col + 1) * w / gw
@@ -43,12 +45,14 @@ def thumbnail(image: np.ndarray, box: tuple[float, float, float, float], size: i
     xs = np.floor(cx - half + (np.arange(size) + 0.5) / scale).astype(np.int64)
     inside = (ys[:, None] >= 0) & (ys[:, None] < image.shape[0]) & (xs[None] >= 0) & (xs[None] < image.shape[1])
     out = np.full((size, size, 3), 96, np.uint8)
-    out[inside] = image[np.clip(ys, 0, image.shape[0] - 1)[:, None].repeat(size, 1)[inside],
-                        np.clip(xs, 0, image.shape[1] - 1)[None].repeat(size, 0)[inside]]
+    out[inside] = image[
+        np.clip(ys, 0, image.shape[0] - 1)[:, None].repeat(size, 1)[inside],
+        np.clip(xs, 0, image.shape[1] - 1)[None].repeat(size, 0)[inside],
+    ]
     y0, y1 = int((top - cy + half) * scale), int(np.ceil((bottom - cy + half) * scale)) - 1
     x0, x1 = int((left - cx + half) * scale), int(np.ceil((right - cx + half) * scale)) - 1
     y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, size - 1), min(x1, size - 1)
-    for line in (out[y0, x0:x1 + 1], out[y1, x0:x1 + 1], out[y0:y1 + 1, x0], out[y0:y1 + 1, x1]):
+    for line in (out[y0, x0 : x1 + 1], out[y1, x0 : x1 + 1], out[y0 : y1 + 1, x0], out[y0 : y1 + 1, x1]):
         line[:] = OUTLINE
     return out
 
@@ -59,12 +63,13 @@ def sprite_sheet(rows: list[list[np.ndarray]], size: int = THUMB) -> np.ndarray:
     for r, thumbs in enumerate(rows):
         for c, thumb in enumerate(thumbs[:EXAMPLES]):
             if thumb is not None:
-                sheet[r * size:(r + 1) * size, c * size:(c + 1) * size] = thumb
+                sheet[r * size : (r + 1) * size, c * size : (c + 1) * size] = thumb
     return sheet
 
 
-def cluster_cards(fit: FitArtifact, baseline: FitArtifact, patches: np.ndarray, pixels: np.ndarray,
-                  examples: list[int]) -> list[dict]:
+def cluster_cards(
+    fit: FitArtifact, baseline: FitArtifact, patches: np.ndarray, pixels: np.ndarray, examples: list[int]
+) -> list[dict]:
     """Per cluster: its patches, its pixel share (the image pixels its patches cover, of all),
     mapped class, purity (labelled patches of its majority class, None without ground truth),
     nearest baseline cluster (cosine) and its class, and where its thumbnails are (sprite sheet
@@ -75,21 +80,41 @@ def cluster_cards(fit: FitArtifact, baseline: FitArtifact, patches: np.ndarray, 
     cards = []
     for c in range(fit.k):
         n_labelled = 0 if labelled is None else int(labelled[c].sum())
-        cards.append({"cluster": c, "patches": int(patches[c]), "share": float(pixels[c]) / total,
-                      "class": int(fit.mapping[c]),
-                      "purity": float(labelled[c].max() / n_labelled) if n_labelled else None,
-                      "baseline": int(nearest[c]), "baseline_class": int(baseline.mapping[nearest[c]]),
-                      "sprite": c // SPRITE_CLUSTERS, "row": c % SPRITE_CLUSTERS, "examples": int(examples[c])})
+        cards.append(
+            {
+                "cluster": c,
+                "patches": int(patches[c]),
+                "share": float(pixels[c]) / total,
+                "class": int(fit.mapping[c]),
+                "purity": float(labelled[c].max() / n_labelled) if n_labelled else None,
+                "baseline": int(nearest[c]),
+                "baseline_class": int(baseline.mapping[nearest[c]]),
+                "sprite": c // SPRITE_CLUSTERS,
+                "row": c % SPRITE_CLUSTERS,
+                "examples": int(examples[c]),
+            }
+        )
     return cards
 
 
 def render_html(cards: list[dict], fit: FitArtifact, info: dict) -> str:
     """The atlas page: `info` has the fit's name, the run it comes from and how the examples were drawn."""
-    classes = [{"id": i, "name": n, "color": "#%02x%02x%02x" % tuple(TRAIN_ID_COLORS[i])} for i, n in enumerate(CLASS_NAMES)]
+    classes = [
+        {"id": i, "name": n, "color": "#" + "".join(f"{v:02x}" for v in TRAIN_ID_COLORS[i])}
+        for i, n in enumerate(CLASS_NAMES)
+    ]
     classes.append({"id": IGNORE, "name": "ignore", "color": "#000000"})
-    data = {"cards": cards, "classes": classes, "info": info, "thumb": THUMB, "examples": EXAMPLES,
-            "document": mapping_document(fit, fit.mapping, [])}
-    payload = json.dumps(data).replace("<", "\\u003c")  # no string in the data can end the script element (nor open a comment)
+    data = {
+        "cards": cards,
+        "classes": classes,
+        "info": info,
+        "thumb": THUMB,
+        "examples": EXAMPLES,
+        "document": mapping_document(fit, fit.mapping, []),
+    }
+    payload = json.dumps(data).replace(
+        "<", "\\u003c"
+    )  # no string in the data can end the script element (nor open a comment)
     title = html.escape(f"Cluster atlas: {info['fit']} (k={fit.k})")
     return _PAGE.replace("__TITLE__", title).replace("__DATA__", payload)
 

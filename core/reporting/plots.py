@@ -17,7 +17,13 @@ def plot_miou_vs_k(ks: list[int], series: dict[str, list[float]], baselines: dic
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, values) in enumerate(series.items()):
         # None: no pixel was scored (every image failed), so there is no point to draw
-        ax.plot(ks, [np.nan if v is None else 100 * v for v in values], marker="o", color=colors[i % len(colors)], label=label)
+        ax.plot(
+            ks,
+            [np.nan if v is None else 100 * v for v in values],
+            marker="o",
+            color=colors[i % len(colors)],
+            label=label,
+        )
     for i, (label, value) in enumerate(baselines.items()):
         if value is None:
             continue
@@ -84,8 +90,9 @@ def plot_confusion(conf: np.ndarray, names: list[str], path: Path, title: str | 
     _save_atomic(fig, path)
 
 
-def plot_per_class_iou(runs: dict[str, dict[str, float | None]], path: Path, class_names: list[str] | None = None,
-                       title: str | None = None) -> None:
+def plot_per_class_iou(
+    runs: dict[str, dict[str, float | None]], path: Path, class_names: list[str] | None = None, title: str | None = None
+) -> None:
     """Grouped bars of per-class IoU (%), one bar per run; values are fractions, None = undefined.
 
     Classes follow `class_names` (default: the first run's order); the legend carries each run's
@@ -118,9 +125,13 @@ def plot_per_class_iou(runs: dict[str, dict[str, float | None]], path: Path, cla
     _save_atomic(fig, path)
 
 
-def plot_overlay_grid(rows: list[tuple[np.ndarray, ...]], path: Path,
-                      column_titles: tuple[str, ...] = ("image", "ground truth", "baseline", "overclustered"),
-                      row_titles: list[str] | None = None, image_weight: float = 0.3) -> None:
+def plot_overlay_grid(
+    rows: list[tuple[np.ndarray, ...]],
+    path: Path,
+    column_titles: tuple[str, ...] = ("image", "ground truth", "baseline", "overclustered"),
+    row_titles: list[str] | None = None,
+    image_weight: float = 0.3,
+) -> None:
     """A grid of (image, gt_color, baseline_color, overclustered_color, ...) rows.
 
     The first entry of a row is the RGB image; the others are (H, W, 3) uint8 colour label maps,
@@ -143,18 +154,30 @@ def plot_overlay_grid(rows: list[tuple[np.ndarray, ...]], path: Path,
                 continue
             panel = np.asarray(row[j])
             if j > 0 and image_weight > 0 and panel.shape == image.shape:
-                panel = (image_weight * image.astype(np.float32) + (1 - image_weight) * panel.astype(np.float32)).astype(np.uint8)
+                panel = (
+                    image_weight * image.astype(np.float32) + (1 - image_weight) * panel.astype(np.float32)
+                ).astype(np.uint8)
             ax.imshow(panel, interpolation="nearest")
             if i == 0 and j < len(column_titles):
                 ax.set_title(column_titles[j], fontsize=10)
         if row_titles is not None and i < len(row_titles):
-            axes[i, 0].text(-0.02, 0.5, row_titles[i], transform=axes[i, 0].transAxes, rotation=90,
-                            ha="right", va="center", fontsize=8)
+            axes[i, 0].text(
+                -0.02,
+                0.5,
+                row_titles[i],
+                transform=axes[i, 0].transAxes,
+                rotation=90,
+                ha="right",
+                va="center",
+                fontsize=8,
+            )
     fig.tight_layout(pad=0.3)
     _save_atomic(fig, path, dpi=100)
 
 
-def plot_few_shot(curves: dict[str, dict[int, tuple[float, float]]], lines: dict[str, float | None], path: Path) -> None:
+def plot_few_shot(
+    curves: dict[str, dict[int, tuple[float, float]]], lines: dict[str, float | None], path: Path
+) -> None:
     """mIoU (%) against m, the labelled patches drawn per cluster (log scale), one curve per fit
     with its spread over draws as error bars; other protocols as dashed horizontal lines."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -162,11 +185,20 @@ def plot_few_shot(curves: dict[str, dict[int, tuple[float, float]]], lines: dict
     shots = sorted({m for curve in curves.values() for m in curve})
     for i, (label, curve) in enumerate(curves.items()):
         ms = sorted(curve)
-        ax.errorbar(ms, [100 * curve[m][0] for m in ms], yerr=[100 * curve[m][1] for m in ms], marker="o", capsize=3,
-                    color=colors[i % len(colors)], label=label)
+        ax.errorbar(
+            ms,
+            [100 * curve[m][0] for m in ms],
+            yerr=[100 * curve[m][1] for m in ms],
+            marker="o",
+            capsize=3,
+            color=colors[i % len(colors)],
+            label=label,
+        )
     for i, (label, value) in enumerate(lines.items()):
         if value is not None:
-            ax.axhline(100 * value, linestyle="--", color=colors[(len(curves) + i) % len(colors)], alpha=0.8, label=label)
+            ax.axhline(
+                100 * value, linestyle="--", color=colors[(len(curves) + i) % len(colors)], alpha=0.8, label=label
+            )
     ax.set_xscale("log")
     ax.set_xticks(shots)
     ax.set_xticklabels([str(m) for m in shots])

@@ -15,10 +15,10 @@ from tqdm import tqdm
 
 from configs.schema import FeatureSourceConfig
 from core.errors import UserError
-from storage.run.layout import Layout
-from storage.run.plans import PLAN_FILE, differences, recorded_plan, shards_problem
-from storage.run.markers import STAGE_COMPLETE, content_key, read_done, read_json, read_verified_parquet
 from storage.features import feature_path
+from storage.run.layout import Layout
+from storage.run.markers import STAGE_COMPLETE, content_key, read_done, read_json, read_verified_parquet
+from storage.run.plans import PLAN_FILE, differences, recorded_plan, shards_problem
 
 
 class FeatureSetError(UserError, ValueError):
@@ -30,14 +30,21 @@ class FeatureShards:
     beside them), read whole and checked against their markers (a file changed since the stage
     wrote it is an error naming it)."""
 
-    def __init__(self, features_dir: Path, markers: dict[str, dict], path_of=feature_path,
-                 fix: str = "run `python submit.py extract` with this config: it redoes that shard"):
+    def __init__(
+        self,
+        features_dir: Path,
+        markers: dict[str, dict],
+        path_of=feature_path,
+        fix: str = "run `python submit.py extract` with this config: it redoes that shard",
+    ):
         self.root, self.markers = Path(features_dir).parent, markers
         self.paths = [path_of(features_dir, shard) for shard in markers]
         self.fix = fix
 
     def tables(self, columns: list[str], desc: str):
-        for marker, path in tqdm(zip(self.markers.values(), self.paths), total=len(self.paths), desc=desc, unit="shard"):
+        for marker, path in tqdm(
+            zip(self.markers.values(), self.paths), total=len(self.paths), desc=desc, unit="shard"
+        ):
             yield read_verified_parquet(self.root, marker, path, self.fix, columns)
 
 
@@ -80,9 +87,14 @@ class FeatureSet:
 
     def record(self) -> dict:
         """What a fit records of the set it was made from (`fitted_on`, `mapped_on`)."""
-        return {"features": self.name, "stage": self.stage, "content_key": self.content_key,
-                "dataset_fingerprint": self.dataset_fingerprint, "num_shards": len(self.markers),
-                "num_patches": self.num_patches}
+        return {
+            "features": self.name,
+            "stage": self.stage,
+            "content_key": self.content_key,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "num_shards": len(self.markers),
+            "num_patches": self.num_patches,
+        }
 
 
 def refuse_repeated_content(sets: list[FeatureSet], role: str = "fit.features") -> None:
@@ -94,22 +106,34 @@ def refuse_repeated_content(sets: list[FeatureSet], role: str = "fit.features") 
     for i, fs in enumerate(sets):
         for other in sets[:i]:
             if fs.features_dir.resolve() == other.features_dir.resolve():
-                raise FeatureSetError(f"{role} names the same features twice: {other.features_dir} and {fs.features_dir} are "
-                                      f"one folder: {fix}")
+                raise FeatureSetError(
+                    f"{role} names the same features twice: {other.features_dir} and {fs.features_dir} are "
+                    f"one folder: {fix}"
+                )
             if fs.content_key == other.content_key:
-                raise FeatureSetError(f"{role} names the same features twice: {other.features_dir} and {fs.features_dir} "
-                                      f"have the same content (content key {fs.content_key}): {fix}")
+                raise FeatureSetError(
+                    f"{role} names the same features twice: {other.features_dir} and {fs.features_dir} "
+                    f"have the same content (content key {fs.content_key}): {fix}"
+                )
             shared = sorted(set(fs.patch_files()) & set(other.patch_files()))
             if shared:
-                raise FeatureSetError(f"{role} names the same features twice: {other.patch_files()[shared[0]]} and "
-                                      f"{fs.patch_files()[shared[0]]} have the same content ({len(shared)} such files "
-                                      f"in {other.features_dir} and {fs.features_dir}): {fix}")
+                raise FeatureSetError(
+                    f"{role} names the same features twice: {other.patch_files()[shared[0]]} and "
+                    f"{fs.patch_files()[shared[0]]} have the same content ({len(shared)} such files "
+                    f"in {other.features_dir} and {fs.features_dir}): {fix}"
+                )
 
 
 def own_feature_set(features_dir: Path, markers: dict[str, dict], dataset_fingerprint: str) -> FeatureSet:
     """This run's extract stage (checked complete by the caller: `plans.require_complete`)."""
-    return FeatureSet("this run", Path(features_dir), "extract", markers, dataset_fingerprint,
-                      "run `python submit.py extract` with this config")
+    return FeatureSet(
+        "this run",
+        Path(features_dir),
+        "extract",
+        markers,
+        dataset_fingerprint,
+        "run `python submit.py extract` with this config",
+    )
 
 
 def open_feature_set(path: str, model: dict, role: str) -> FeatureSet:
@@ -119,28 +143,36 @@ def open_feature_set(path: str, model: dict, role: str) -> FeatureSet:
     features_dir = given / "features" if (given / "features" / PLAN_FILE).is_file() else given
     plan = recorded_plan(features_dir)
     if plan is None:
-        raise FeatureSetError(f"{role}={path!r}: no extracted features there ({features_dir / PLAN_FILE} is missing). Name a "
-                              "run's output_dir or its features/ folder, written by `python submit.py extract` or by "
-                              "`python submit.py apply --set apply.write_features=true`")
+        raise FeatureSetError(
+            f"{role}={path!r}: no extracted features there ({features_dir / PLAN_FILE} is missing). Name a "
+            "run's output_dir or its features/ folder, written by `python submit.py extract` or by "
+            "`python submit.py apply --set apply.write_features=true`"
+        )
     stage = plan.get("stage")
     if stage not in ("extract", "apply") or features_dir.name != "features":
         what = "cluster histograms" if stage == "apply" else f"{stage} results"
-        raise FeatureSetError(f"{role}={path!r}: {features_dir} holds {what}, not patch features. Name a run's output_dir "
-                              "or its features/ folder (kept under that name: its markers name the files from the folder "
-                              "above it); an apply writes features only with `--set apply.write_features=true`")
+        raise FeatureSetError(
+            f"{role}={path!r}: {features_dir} holds {what}, not patch features. Name a run's output_dir "
+            "or its features/ folder (kept under that name: its markers name the files from the folder "
+            "above it); an apply writes features only with `--set apply.write_features=true`"
+        )
     rerun = f"run the `python submit.py {stage}` that wrote {features_dir} again, with its config"
     settings = plan.get("settings", {})
     if settings.get("model") != model:
         diff = differences(settings.get("model") or {}, model)
-        raise FeatureSetError(f"{role}={path!r}: its features were made by another model than this run's: "
-                              f"{'; '.join(diff[:8])}. Extract them with this run's model and inference settings (or "
-                              "fit with the config that made them)")
+        raise FeatureSetError(
+            f"{role}={path!r}: its features were made by another model than this run's: "
+            f"{'; '.join(diff[:8])}. Extract them with this run's model and inference settings (or "
+            "fit with the config that made them)"
+        )
     markers_dir = features_dir if stage == "extract" else Layout(features_dir.parent).histograms
     complete = read_json(markers_dir / STAGE_COMPLETE)
     if complete is None or complete.get("plan_key") != plan.get("plan_key"):
-        raise FeatureSetError(f"{role}={path!r}: the {stage} stage that writes {features_dir} has not recorded that it "
-                              f"finished ({markers_dir / STAGE_COMPLETE} is {'missing' if complete is None else 'of another plan'}): "
-                              f"{rerun}; it resumes and records it")
+        raise FeatureSetError(
+            f"{role}={path!r}: the {stage} stage that writes {features_dir} has not recorded that it "
+            f"finished ({markers_dir / STAGE_COMPLETE} is {'missing' if complete is None else 'of another plan'}): "
+            f"{rerun}; it resumes and records it"
+        )
     done = read_done(markers_dir)
     if problem := shards_problem(features_dir.parent, done, complete["shards"], plan["plan_key"]):
         raise FeatureSetError(f"{role}={path!r}: {stage} in {features_dir}: {problem}: {rerun}")

@@ -39,7 +39,9 @@ class Layout:
 
 def settings_key(*parts) -> str:
     """A short hash of shard plans and config sections, stable across runs and machines."""
+
     def plain(p):
         return p.model_dump(mode="json") if isinstance(p, BaseModel) else p
+
     blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

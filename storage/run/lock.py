@@ -26,8 +26,12 @@ class OutputLocked(UserError):
 class OutputLock:
     def __init__(self, output_dir: Path, command: str):
         self.path = Path(output_dir) / LOCK_FILE
-        self.owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
         self.fd: int | None = None
 
     def __enter__(self) -> "OutputLock":
@@ -38,8 +42,10 @@ class OutputLock:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace")
             os.close(fd)
-            raise OutputLocked(f"{self.path.parent} is in use by {_describe(holder)}: wait for that job to end, "
-                               "or use another output_dir") from None
+            raise OutputLocked(
+                f"{self.path.parent} is in use by {_describe(holder)}: wait for that job to end, "
+                "or use another output_dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(self.owner).encode(), 0)
         self.fd = fd

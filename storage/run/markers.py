@@ -15,12 +15,13 @@ import io
 import json
 import logging
 from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from core.errors import UserError
 from storage.run.atomic import write_json_atomic
-
 
 DONE_DIR = "_done"
 
@@ -28,8 +29,10 @@ STAGE_COMPLETE = "_complete.json"  # a stage folder's record that every shard it
 
 log = logging.getLogger(__name__)
 
+
 class OutputChanged(UserError):
     """A file a completion marker lists is missing, or differs from what the shard wrote."""
+
 
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file, read in 4 MiB blocks (checkpoints are hundreds of MB)."""
@@ -39,14 +42,17 @@ def file_sha256(path: Path) -> str:
             digest.update(block)
     return digest.hexdigest()
 
+
 def file_record(path: Path) -> dict:
     """What a marker records of one written file."""
     st = Path(path).stat()
     return {"bytes": st.st_size, "sha256": file_sha256(path), "mtime_ns": st.st_mtime_ns}
 
+
 def output_records(root: Path, paths: list[Path]) -> dict[str, dict]:
     """{path relative to `root` (the output dir): file_record} of files a shard wrote."""
     return {str(Path(p).relative_to(root)): file_record(p) for p in paths}
+
 
 def marker_problems(root: Path, marker: dict, plan_key: str) -> list[str]:
     """Why a marker does not stand for this plan's finished work: written under another plan, or
@@ -71,6 +77,7 @@ def marker_problems(root: Path, marker: dict, plan_key: str) -> list[str]:
             problems.append(f"{path} has other content than when written (its checksum differs)")
     return problems
 
+
 def read_verified(root: Path, marker: dict, rel: str, fix: str) -> bytes:
     """A file a marker lists, whole, after checking its size and checksum; else OutputChanged
     naming the file and `fix` (which stage to run)."""
@@ -82,31 +89,43 @@ def read_verified(root: Path, marker: dict, rel: str, fix: str) -> bytes:
     except FileNotFoundError:
         raise OutputChanged(f"{path} is missing since its shard was written; {fix}") from None
     if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise OutputChanged(f"{path} changed since its shard was written ({len(data)} bytes, {record['bytes']} then; "
-                            f"the checksum differs); {fix}")
+        raise OutputChanged(
+            f"{path} changed since its shard was written ({len(data)} bytes, {record['bytes']} then; "
+            f"the checksum differs); {fix}"
+        )
     return data
 
+
 def read_verified_parquet(root: Path, marker: dict, path: Path, fix: str, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(pa.BufferReader(read_verified(root, marker, str(Path(path).relative_to(root)), fix)), columns=columns)
+    return pq.read_table(
+        pa.BufferReader(read_verified(root, marker, str(Path(path).relative_to(root)), fix)), columns=columns
+    )
+
 
 def read_verified_npz(root: Path, marker: dict, path: Path, fix: str) -> dict[str, np.ndarray]:
     data = read_verified(root, marker, str(Path(path).relative_to(root)), fix)
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
 
+
 def content_key(markers: dict[str, dict]) -> str:
     """A stage's results as a short hash of their content: every file its markers list (path relative to
     the output dir, size, SHA-256), never when it was written (`mtime_ns`, `images_written_at`), so
     byte-identical results written again, or copied, have the same key. What a later stage was made from."""
-    files = {shard: {rel: [record["bytes"], record["sha256"]] for rel, record in (marker.get("outputs") or {}).items()}
-             for shard, marker in markers.items()}
+    files = {
+        shard: {rel: [record["bytes"], record["sha256"]] for rel, record in (marker.get("outputs") or {}).items()}
+        for shard, marker in markers.items()
+    }
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
 
 def marker_path(stage_dir: Path, shard: str) -> Path:
     return stage_dir / DONE_DIR / f"{shard}.json"
 
+
 def mark_done(stage_dir: Path, shard: str, summary: dict) -> None:
     write_json_atomic(summary, marker_path(stage_dir, shard))
+
 
 def read_json(path: Path):
     """A small JSON record, or None where it is missing or damaged (it is written whole, so it was damaged since)."""
@@ -114,6 +133,7 @@ def read_json(path: Path):
         return json.loads(Path(path).read_text())
     except (FileNotFoundError, ValueError):
         return None
+
 
 def read_done(stage_dir: Path) -> dict[str, dict]:
     """shard name -> its completion summary. A marker that does not parse (it is written whole, so

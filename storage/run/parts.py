@@ -29,7 +29,9 @@ def part_path(stage_dir: Path, shard: str, image_id: str) -> Path:
     return safe_path(Path(stage_dir) / PARTS_DIR, shard, f"{image_id}.npz")
 
 
-def write_part(stage_dir: Path, shard: str, image_id: str, arrays: dict[str, np.ndarray], meta: dict, plan_key: str) -> None:
+def write_part(
+    stage_dir: Path, shard: str, image_id: str, arrays: dict[str, np.ndarray], meta: dict, plan_key: str
+) -> None:
     """One image's arrays (+ a JSON-able `meta`) -> its part, via a temporary file renamed into
     place. The part carries the stage's plan key: a worker of an earlier run that outlived its
     driver can still write, but its parts are never taken for this plan's."""
@@ -47,7 +49,9 @@ def read_part(stage_dir: Path, shard: str, image_id: str) -> tuple[dict[str, np.
         return arrays, json.loads(str(data["_meta"])), str(data["_plan"])
 
 
-def read_shard_parts(stage_dir: Path, shard_row: dict, written: list[str], plan_key: str) -> tuple[list[str], list[tuple[dict, dict]], list[float]]:
+def read_shard_parts(
+    stage_dir: Path, shard_row: dict, written: list[str], plan_key: str
+) -> tuple[list[str], list[tuple[dict, dict]], list[float]]:
     """The written images of a shard in shard order, their parts, and when each part was written."""
     keep = set(written)
     order = [r.image_id for r in shard_records(shard_row) if r.image_id in keep]
@@ -56,20 +60,40 @@ def read_shard_parts(stage_dir: Path, shard_row: dict, written: list[str], plan_
     for image_id, path in zip(order, paths):
         arrays, meta, part_plan = read_part(stage_dir, shard_row["shard"], image_id)
         if part_plan != plan_key:
-            raise RuntimeError(f"{path} was written under plan {part_plan}, not {plan_key} (a worker of another run); "
-                               "run the stage again: it redoes that image")
+            raise RuntimeError(
+                f"{path} was written under plan {part_plan}, not {plan_key} (a worker of another run); "
+                "run the stage again: it redoes that image"
+            )
         parts.append((arrays, meta))
     return order, parts, [p.stat().st_mtime for p in paths]
 
 
-def complete_shard(stage_dir: Path, shard: str, order: list[str], written_at: list[float], failed: list[dict],
-                   outputs: list[Path], plan_key: str, **summary) -> None:
+def complete_shard(
+    stage_dir: Path,
+    shard: str,
+    order: list[str],
+    written_at: list[float],
+    failed: list[dict],
+    outputs: list[Path],
+    plan_key: str,
+    **summary,
+) -> None:
     """The marker (after the shard's outputs are in place, each listed with its size and
     checksum), then the parts go."""
     stage_dir = Path(stage_dir)
-    mark_done(stage_dir, shard, {"plan_key": plan_key, "num_images": len(order), "image_ids": order, "failed": failed,
-                                 "images_written_at": written_at, "outputs": output_records(stage_dir.parent, outputs),
-                                 **summary})
+    mark_done(
+        stage_dir,
+        shard,
+        {
+            "plan_key": plan_key,
+            "num_images": len(order),
+            "image_ids": order,
+            "failed": failed,
+            "images_written_at": written_at,
+            "outputs": output_records(stage_dir.parent, outputs),
+            **summary,
+        },
+    )
     clear_parts(stage_dir, shard)
 
 
@@ -87,8 +111,12 @@ def staged_ids(stage_dir: Path, shard: str, plan_key: str) -> set[str]:
                 json.loads(str(data["_meta"]))
                 part_plan = str(data["_plan"])
             if part_plan != plan_key:
-                log.warning("%s was written under another plan (%s, now %s); deleting it, its image runs again",
-                            path, part_plan, plan_key)
+                log.warning(
+                    "%s was written under another plan (%s, now %s); deleting it, its image runs again",
+                    path,
+                    part_plan,
+                    plan_key,
+                )
                 path.unlink()
                 continue
             ids.add(path.stem)

@@ -25,7 +25,9 @@ def _resolved(location: Path | str, key: str) -> Path:
     try:
         return Path(location).resolve()
     except (OSError, RuntimeError) as err:  # a symlink loop (RuntimeError up to Python 3.12)
-        raise PlacementError(f"{key}={location} cannot be resolved ({err}): name a folder without a symlink loop") from None
+        raise PlacementError(
+            f"{key}={location} cannot be resolved ({err}): name a folder without a symlink loop"
+        ) from None
 
 
 def _within(path: Path, folder: Path) -> bool:
@@ -45,8 +47,9 @@ def _within(path: Path, folder: Path) -> bool:
     return False
 
 
-def refuse_output_in_input(output: Path | str, output_key: str, inputs: dict[str, Path | str | None],
-                           fix: str | None = None) -> None:
+def refuse_output_in_input(
+    output: Path | str, output_key: str, inputs: dict[str, Path | str | None], fix: str | None = None
+) -> None:
     """Refuse `output` (a folder or file the command writes, named by its config key or option) where
     it is, or lies inside, one of `inputs` (config key -> a folder the command reads; None: unset),
     or holds one of them. `fix`: what to do instead, where the default (move the output) is not all."""
@@ -63,10 +66,12 @@ def refuse_output_in_input(output: Path | str, output_key: str, inputs: dict[str
         root = _resolved(location, key)
         if _within(out, root):
             where = "is" if out == root else "lies inside"
-            raise PlacementError(f"{spelt(output_key, output, out)} {where} {spelt(key, location, root)}: what is "
-                                 "written there would be read as input. "
-                                 + (fix or f"Put {output_key} outside {root}"))
+            raise PlacementError(
+                f"{spelt(output_key, output, out)} {where} {spelt(key, location, root)}: what is "
+                "written there would be read as input. " + (fix or f"Put {output_key} outside {root}")
+            )
         if _within(root, out):
-            raise PlacementError(f"{spelt(output_key, output, out)} holds {spelt(key, location, root)}: what is "
-                                 "written there could land among its files. "
-                                 + (fix or f"Put {output_key} beside {root}, not above it"))
+            raise PlacementError(
+                f"{spelt(output_key, output, out)} holds {spelt(key, location, root)}: what is "
+                "written there could land among its files. " + (fix or f"Put {output_key} beside {root}, not above it")
+            )

@@ -23,17 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from configs.geometry import feature_scales, image_limit_settings, paper_baseline_scales
-from configs.specs import model_spec
 from configs.schema import RunConfig
+from configs.specs import model_spec
 from core.errors import UserError
 from core.models.checkpoints import require_file
-from storage.run.layout import settings_key
 from storage.datasets import ImageRecord
-from storage.run.parts import PARTS_DIR
-from storage.run.markers import DONE_DIR, STAGE_COMPLETE, file_sha256, marker_problems, read_done
 from storage.features import PATCH_FORMAT
-from storage.run.shards import dataset_fingerprint
 from storage.run.atomic import write_json_atomic
+from storage.run.layout import settings_key
+from storage.run.markers import DONE_DIR, STAGE_COMPLETE, file_sha256, marker_problems, read_done
+from storage.run.parts import PARTS_DIR
+from storage.run.shards import dataset_fingerprint
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "_plan.json"
@@ -76,19 +76,30 @@ def model_identity(cfg: RunConfig, recorded: dict | None = None) -> dict:
     # which images pass inference.max_windows_per_image is a stage's plan (`image_limit_settings`), not the features
     inference = cfg.inference.model_dump(mode="json", exclude={"batch_size", "max_windows_per_image"})
     inference["scales"] = feature_scales(cfg)  # under protocol=paper the other scales are the baseline's rows only
-    return {"vit": cfg.model.vit.model_dump(mode="json"), "feature_kind": cfg.model.feature_kind,
-            "init_seed": cfg.model.init_seed if random_weights else None,
-            "weights_sha256": {key: _weights_sha256(path, key, known) for key, path in loaded.items()},
-            "inference": inference,
-            "protocol": cfg.protocol}  # the window merge, patch labels and precision (core.presets)
+    return {
+        "vit": cfg.model.vit.model_dump(mode="json"),
+        "feature_kind": cfg.model.feature_kind,
+        "init_seed": cfg.model.init_seed if random_weights else None,
+        "weights_sha256": {key: _weights_sha256(path, key, known) for key, path in loaded.items()},
+        "inference": inference,
+        "protocol": cfg.protocol,
+    }  # the window merge, patch labels and precision (core.presets)
 
 
 def extract_plan(cfg: RunConfig, records: list[ImageRecord], model: dict) -> Plan:
     """`model`: what decides the features a fit uses; `stored`: what extract keeps beside them."""
     stored = {"compare_backbone": cfg.model.compare_backbone, "paper_baseline_scales": paper_baseline_scales(cfg)}
-    return Plan("extract", {"format": PATCH_FORMAT, "dataset": dataset_fingerprint(records, cfg.dataset.root),
-                            "images_per_shard": cfg.dataset.images_per_shard, "image_limits": image_limit_settings(cfg),
-                            "model": model, "stored": stored})
+    return Plan(
+        "extract",
+        {
+            "format": PATCH_FORMAT,
+            "dataset": dataset_fingerprint(records, cfg.dataset.root),
+            "images_per_shard": cfg.dataset.images_per_shard,
+            "image_limits": image_limit_settings(cfg),
+            "model": model,
+            "stored": stored,
+        },
+    )
 
 
 # How Lloyd's assignment step runs, not what it computes: every assigner gives the same assignment
@@ -107,8 +118,10 @@ def fit_plan(cfg: RunConfig, extract: Plan, recorded: dict | None = None) -> Pla
     # their path is spelt: the same set named another way, or moved, is the same plan.
     fit["features"] = [{**s, "path": None if s["path"] is None else OTHER_SET} for s in fit["features"]]
     fit["mapping_from"] = None if fit["mapping_from"] is None else OTHER_SET
-    return Plan("fit", {"format": FIT_FORMAT, "extract": extract.key, "seed": cfg.seed, "fit": fit,
-                        "cluster_probe_sha256": probe})
+    return Plan(
+        "fit",
+        {"format": FIT_FORMAT, "extract": extract.key, "seed": cfg.seed, "fit": fit, "cluster_probe_sha256": probe},
+    )
 
 
 def label_plan(cfg: RunConfig, fit: Plan) -> Plan:
@@ -116,8 +129,16 @@ def label_plan(cfg: RunConfig, fit: Plan) -> Plan:
     label = cfg.label.model_dump(mode="json", exclude={"read", "workers", "score", "human_mapping"})
     # what is labelled and scored: the evaluators and the sensitivity (report's other keys are the report's)
     scoring = {"evaluators": list(cfg.evaluators), "sensitivity": cfg.report.sensitivity}
-    return Plan("label", {"fit": fit.key, "label": label, "scoring": scoring,
-                          "refine": cfg.refine.model_dump(mode="json"), "panoptic": cfg.panoptic.model_dump(mode="json")})
+    return Plan(
+        "label",
+        {
+            "fit": fit.key,
+            "label": label,
+            "scoring": scoring,
+            "refine": cfg.refine.model_dump(mode="json"),
+            "panoptic": cfg.panoptic.model_dump(mode="json"),
+        },
+    )
 
 
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -149,16 +170,23 @@ def plan_conflict(stage_dir: Path, plan: Plan) -> str | None:
         return None
     diff = differences(old["settings"], plan.settings) if "settings" in old else []
     diff = diff or ["made by an older version of this tool"]
-    hint = ("; 'dataset' is a fingerprint of the image list, files, sizes and modification times"
-            if any(d.startswith(("dataset", "model.weights")) for d in diff) else "")
-    return (f"{stage_dir} holds {old.get('stage', plan.stage)} results made with other settings: {'; '.join(diff[:8])}"
-            f"{' ...' if len(diff) > 8 else ''}{hint}")
+    hint = (
+        "; 'dataset' is a fingerprint of the image list, files, sizes and modification times"
+        if any(d.startswith(("dataset", "model.weights")) for d in diff)
+        else ""
+    )
+    return (
+        f"{stage_dir} holds {old.get('stage', plan.stage)} results made with other settings: {'; '.join(diff[:8])}"
+        f"{' ...' if len(diff) > 8 else ''}{hint}"
+    )
 
 
 def refuse_conflicts(conflicts: list[str]) -> None:
     if conflicts:
-        raise StageIncomplete("; ".join(conflicts) + ". Use a new output_dir, or delete those folders to recompute them "
-                              "with these settings (nothing was changed)")
+        raise StageIncomplete(
+            "; ".join(conflicts) + ". Use a new output_dir, or delete those folders to recompute them "
+            "with these settings (nothing was changed)"
+        )
 
 
 def check_plan(stage_dir: Path, plan: Plan, inputs: str | None = None) -> None:
@@ -168,15 +196,22 @@ def check_plan(stage_dir: Path, plan: Plan, inputs: str | None = None) -> None:
     refuse_conflicts([c] if (c := plan_conflict(stage_dir, plan)) else [])
     old = recorded_plan(stage_dir)
     if old is not None and old.get("inputs") != inputs:
-        log.warning("%s: the %s results there were made from inputs that have changed since (%s, now %s); recomputing them",
-                    stage_dir, plan.stage, old.get("inputs"), inputs)
+        log.warning(
+            "%s: the %s results there were made from inputs that have changed since (%s, now %s); recomputing them",
+            stage_dir,
+            plan.stage,
+            old.get("inputs"),
+            inputs,
+        )
         for folder in (DONE_DIR, PARTS_DIR):
             shutil.rmtree(stage_dir / folder, ignore_errors=True)
         (stage_dir / STAGE_COMPLETE).unlink(missing_ok=True)
         old = None
     if old is None:
-        write_json_atomic({"stage": plan.stage, "plan_key": plan.key, "inputs": inputs, "settings": plan.settings},
-                          stage_dir / PLAN_FILE)
+        write_json_atomic(
+            {"stage": plan.stage, "plan_key": plan.key, "inputs": inputs, "settings": plan.settings},
+            stage_dir / PLAN_FILE,
+        )
 
 
 def shards_problem(root: Path, done: dict[str, dict], shards: list[str], plan_key: str) -> str | None:
@@ -184,8 +219,10 @@ def shards_problem(root: Path, done: dict[str, dict], shards: list[str], plan_ke
     shards not done, or a marker of another plan or whose files changed; None when all can."""
     missing = [s for s in shards if s not in done]
     if missing:
-        return (f"{len(missing)} of {len(shards)} shards are not done ({', '.join(missing[:3])}"
-                f"{' ...' if len(missing) > 3 else ''})")
+        return (
+            f"{len(missing)} of {len(shards)} shards are not done ({', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''})"
+        )
     for shard in shards:
         if problems := marker_problems(root, done[shard], plan_key):
             return f"shard {shard}: {'; '.join(problems[:3])} since it was done"
@@ -199,10 +236,14 @@ def require_complete(stage_dir: Path, plan: Plan, shards: list[str], needed_by: 
     fix = f"run `python submit.py {plan.stage}` with this config (or `run`), then {needed_by} again"
     old = recorded_plan(stage_dir)
     if old is None:
-        raise StageIncomplete(f"{needed_by} needs the {plan.stage} stage's results in {stage_dir}, and there are none: {fix}")
+        raise StageIncomplete(
+            f"{needed_by} needs the {plan.stage} stage's results in {stage_dir}, and there are none: {fix}"
+        )
     refuse_conflicts([c] if (c := plan_conflict(stage_dir, plan)) else [])
     done = read_done(stage_dir)
     if problem := shards_problem(stage_dir.parent, done, shards, plan.key):
-        raise StageIncomplete(f"{needed_by} needs the whole {plan.stage} stage, but {problem}: {fix}"
-                              f"{' (it redoes that shard)' if problem.startswith('shard ') else ''}")
+        raise StageIncomplete(
+            f"{needed_by} needs the whole {plan.stage} stage, but {problem}: {fix}"
+            f"{' (it redoes that shard)' if problem.startswith('shard ') else ''}"
+        )
     return {s: done[s] for s in shards}
