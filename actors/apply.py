@@ -15,7 +15,7 @@ import ray
 
 from actors.extract import extra_view_arrays, feature_arrays, stitched_grids, write_feature_shards
 from actors.model_setup import device_for
-from actors.rows import run_on_image
+from actors.rows import run_on_image, step
 from configs.geometry import (
     extracted_scales,
     label_scales,
@@ -46,14 +46,18 @@ def histogram_schema(k: int) -> pa.Schema:
     )
 
 
+@step(resources="label.workers")
 class PseudoLabelImages:
-    """Actor; `fit` is an ObjectRef to {"name", "centroids", "mapping"} (put once by the driver)."""
+    """Actor; `fit` is an ObjectRef to {"name", "centroids", "mapping"} (put once by the driver), taken
+    by `setup`; a call labels one image with it and writes its pseudo-labels and cluster histogram."""
 
     def __init__(self, cfg: RunConfig, fit, stage_dir: str, labels_dir: str, plan_key: str):
-        self.cfg = cfg
-        fit = ray.get(fit) if isinstance(fit, ray.ObjectRef) else fit
-        self.fit = LabelFit(fit["name"], fit["centroids"], fit["mapping"])
+        self.cfg, self.fit_ref = cfg, fit
         self.stage_dir, self.labels_dir, self.plan_key = Path(stage_dir), Path(labels_dir), plan_key
+
+    def setup(self) -> None:
+        fit = ray.get(self.fit_ref) if isinstance(self.fit_ref, ray.ObjectRef) else self.fit_ref
+        self.fit = LabelFit(fit["name"], fit["centroids"], fit["mapping"])
         self.labeller = ImageLabeller(
             [self.fit],
             ["plain"],

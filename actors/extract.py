@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.rows import failure_message, run_on_image
+from actors.rows import failure_message, run_on_image, step
 from configs.geometry import (
     extra_paper_layouts,
     extracted_scales,
@@ -37,6 +37,7 @@ from storage.run.parts import complete_shard, read_shard_parts, write_part
 from storage.run.shards import shard_records
 
 
+@step(resources="extract.read")
 def image_windows(shard_row: dict, cfg: RunConfig, extra_views: bool = True, stage: str = "extract"):
     """One shard row -> one row per image to do: uint8 windows of every extracted scale, then (with
     extra_views: extract, or apply writing features) the paper's baseline windows or CAUSE's crop.
@@ -140,6 +141,7 @@ def extra_view_arrays(cfg, row: dict, train_ids: np.ndarray | None) -> dict[str,
     return arrays
 
 
+@step(resources="extract.write")
 def write_features(row: dict, cfg: RunConfig, stage_dir: str, plan_key: str) -> dict:
     """Stitch one image's windows onto each scale's grid, add patch labels, write its part."""
     return run_on_image("extract", row, lambda: _write_features(row, cfg, Path(stage_dir), plan_key))

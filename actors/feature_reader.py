@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actors.rows import step
 from configs.geometry import label_scales, stores_windows
 from configs.schema import RunConfig
 from core.presets import protocol_steps
@@ -14,6 +15,7 @@ from storage.run.markers import marker_path, read_verified_parquet
 from storage.run.shards import shard_records
 
 
+@step(resources="label.read")
 def image_features(shard_row: dict, cfg: RunConfig, features_dir: str):
     """One shard row -> one row per image to do, with its features at every label scale (each file
     checked against extract's marker: a changed one stops the stage, naming it)."""

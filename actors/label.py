@@ -16,7 +16,7 @@ import numpy as np
 import ray
 
 from actors.model_setup import device_for
-from actors.rows import run_on_image
+from actors.rows import run_on_image, step
 from configs.geometry import image_limits, label_short_sides, unpack_windows
 from configs.schema import RunConfig
 from configs.specs import label_request, label_variants, panoptic_rules
@@ -29,17 +29,19 @@ from storage.cityscapes_outputs import prediction_paths, write_image_predictions
 from storage.images import read_rgb, read_train_ids, safe_path, write_png_atomic
 
 
+@step(resources="label.workers")
 class LabelImages:
-    """Actor: `__init__` takes the fits from the object store once; a call labels one image, writes
+    """Actor: `setup` takes the fits from the object store once; a call labels one image, writes
     its pseudo-labels and passes its label maps on to the score step (`labels`)."""
 
     def __init__(self, cfg: RunConfig, fits, labels_dir: str, overlay_ids: list[str]):
-        self.cfg = cfg
-        fits = (
-            ray.get(fits) if isinstance(fits, ray.ObjectRef) else fits
-        )  # refs in constructor args arrive undereferenced
-        self.fits, self.variants = label_fits(fits), label_variants(self.cfg)
+        self.cfg, self.fits_ref = cfg, fits
         self.labels_dir, self.overlay_ids = Path(labels_dir), set(overlay_ids)
+
+    def setup(self) -> None:
+        # refs in constructor args arrive undereferenced
+        fits = ray.get(self.fits_ref) if isinstance(self.fits_ref, ray.ObjectRef) else self.fits_ref
+        self.fits, self.variants = label_fits(fits), label_variants(self.cfg)
         self.request = label_request(self.cfg)
         self.labeller = ImageLabeller(
             self.fits,

@@ -14,6 +14,27 @@ log = logging.getLogger(__name__)
 STATUS = ("shard", "image_id", "path", "error", "setup_error")
 
 
+def step(resources: str):
+    """Declares, beside a step, the config section that sizes it on the cluster: a `TaskConfig`
+    (`num_cpus`, `concurrency`) for a task, a `WorkersConfig` (`num_actors`, `cpus_per_actor`,
+    `gpus_per_actor`) for an actor pool. An actor step's class builds what is expensive in
+    `setup()`, once per actor, and handles one row or batch per call."""
+
+    def declare(fn):
+        fn.resources = resources
+        return fn
+
+    return declare
+
+
+def resources_of(cfg, step_fn):
+    """The config section a step declared (`step`), read off the run's config."""
+    section = cfg
+    for key in step_fn.resources.split("."):
+        section = getattr(section, key)
+    return section
+
+
 def status(row: dict, error: str | None = None) -> dict:
     """The row's status columns; `error` replaces its error."""
     out = {k: row[k] for k in STATUS}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actors.rows import run_on_image
+from actors.rows import run_on_image, step
 from core.clustering.sampling import image_fold
 from core.evaluation import EvaluationSpec, build_evaluators
 from core.evaluation.base import ImageToScore, Segmenter, add_images
@@ -22,6 +22,7 @@ from storage.run.atomic import write_json_atomic, write_npz_atomic
 from storage.run.parts import complete_shard, read_shard_parts, write_part
 
 
+@step(resources="label.score")
 def score_image(row: dict, spec: EvaluationSpec, stage_dir: str, plan_key: str, labels_dir: str, split: str) -> dict:
     status = run_on_image("label", row, lambda: _score(row, spec, Path(stage_dir), plan_key))
     if status["error"] and not row["error"]:  # labelled, then its ground truth failed: its pseudo-labels go too

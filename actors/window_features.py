@@ -6,18 +6,24 @@ from dataclasses import replace
 import numpy as np
 
 from actors.model_setup import build_window_model
+from actors.rows import step
 from configs.geometry import HEAD_FEATURE_DIM
 from configs.schema import RunConfig
 from core.inference.dense import WindowModel
 from core.presets import protocol_steps
 
 
+@step(resources="extract.model")
 class WindowFeatures:
-    """Model actor: `__init__` builds the model once; a call runs the windows of a batch of images."""
+    """Model actor: `setup` builds the model once; a call runs the windows of a batch of images."""
 
     def __init__(self, cfg: RunConfig, backbone: bool = False, extra_views: bool = True):
         """backbone: also return the base scale's backbone tokens (model.compare_backbone), as
         `backbone_window_features`; extra_views: the rows carry CAUSE's crops (`image_windows`)."""
+        self.cfg, self.backbone, self.extra_views = cfg, backbone, extra_views
+
+    def setup(self) -> None:
+        cfg, backbone, extra_views = self.cfg, self.backbone, self.extra_views
         self.model = build_window_model(
             cfg, cfg.extract.model, with_backbone=backbone
         )  # (N, S, S, 3) uint8 -> (N, D, S/p, S/p)

@@ -71,9 +71,8 @@ def stand_in_actor(latency: float, log_dir: Path):
     """A WindowFeatures whose model is the stand-in (the new design's model actor)."""
 
     class StandInWindowFeatures(WindowFeatures):
-        def __init__(self, config: dict):
-            cfg = parse_config(config)
-            self.model = SleepModel(latency, cfg.inference.flip, log_dir)
+        def setup(self) -> None:
+            self.model = SleepModel(latency, self.cfg.inference.flip, log_dir)
             self.description = f"stand-in device, {latency * 1e3:g} ms per window"
             self.crop_models, self.head_dim = (
                 None,
@@ -87,9 +86,10 @@ def old_design_actor(latency: float, log_dir: Path):
     """One actor per device doing every step of a shard's images in turn (the old design)."""
 
     class OldDesignExtractor:
-        def __init__(self, config: dict, stage_dir: str, plan_key: str):
-            self.config, self.stage_dir, self.plan_key = config, stage_dir, plan_key
-            self.model = stand_in_actor(latency, log_dir)(config)
+        def __init__(self, cfg, stage_dir: str, plan_key: str):
+            self.config, self.stage_dir, self.plan_key = cfg, stage_dir, plan_key
+            self.model = stand_in_actor(latency, log_dir)(cfg)
+            self.model.setup()
 
         def __call__(self, batch: dict) -> dict:
             for shard, records in zip(batch["shard"], batch["records"]):
@@ -132,7 +132,9 @@ PROBE_PLAN = "bench-cpu-probe"  # the plan key of the timing probe's parts (no s
 def cpu_seconds_per_image(cfg_dict: dict, records, work: Path, images_per_shard: int) -> float:
     """CPU seconds of the new design's CPU steps per image (decode + windows, stitch + labels +
     part, the shards' finish), timed in this process one image at a time, after one warm-up pass."""
-    stand_in = stand_in_actor(0.0, work)(cfg_dict)
+    cfg = parse_config(cfg_dict)
+    stand_in = stand_in_actor(0.0, work)(cfg)
+    stand_in.setup()
     stage = work / "cpu_probe"
     seconds = 0.0
     for attempt in range(2):  # the first pass warms caches and lazy imports; the second is timed
@@ -143,16 +145,16 @@ def cpu_seconds_per_image(cfg_dict: dict, records, work: Path, images_per_shard:
             for record in shard_records(shard_row):
                 one = {"shard": shard_row["shard"], "records": json.dumps([record.to_dict()])}
                 start = time.process_time()
-                (row,) = list(image_windows(one, cfg_dict))
+                (row,) = list(image_windows(one, cfg))
                 seconds += time.process_time() - start
                 out = stand_in({k: np.array([v]) for k, v in row.items()})
                 start = time.process_time()
                 written.append(
-                    write_features({k: v[0] for k, v in out.items()}, cfg_dict, str(stage), PROBE_PLAN)["image_id"]
+                    write_features({k: v[0] for k, v in out.items()}, cfg, str(stage), PROBE_PLAN)["image_id"]
                 )
                 seconds += time.process_time() - start
             start = time.process_time()
-            finish_features(str(stage), shard_row, written, [], PROBE_PLAN, cfg_dict)
+            finish_features(str(stage), shard_row, written, [], PROBE_PLAN, cfg)
             seconds += time.process_time() - start
     shutil.rmtree(stage)
     return seconds / len(records)
@@ -194,7 +196,7 @@ def run_design(design: str, latency: float, cfg_dict: dict, records, work: Path)
         ds = ray.data.from_items(shards, override_num_blocks=len(shards)).map_batches(
             old_design_actor(latency, logs),
             batch_size=1,
-            fn_constructor_kwargs={"config": cfg_dict, "stage_dir": str(out / "features"), "plan_key": plan.key},
+            fn_constructor_kwargs={"cfg": cfg, "stage_dir": str(out / "features"), "plan_key": plan.key},
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=1,
         )

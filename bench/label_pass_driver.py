@@ -91,6 +91,7 @@ def label_seconds(cfg, images: int) -> float:
         from core.labelling.image import label_fits
 
         actor, spec = LabelImages(config, fits, str(tmp / "labels"), []), evaluation_spec(cfg, label_fits(fits))
+        actor.setup()
 
         def one(row):
             labelled = actor(row)

@@ -23,7 +23,7 @@ from core.mapping.human import load_human_mapping
 from ray_jobs.extract import windows_to_features
 from ray_jobs.report import merge_panoptic_annotations
 from ray_jobs.session import check_schedulable
-from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, write_failed_items
+from ray_jobs.streaming import finisher, guarded, run_image_stream, step_args, write_failed_items
 from storage.datasets import list_dataset
 from storage.features import PATCH_FORMAT
 from storage.run.atomic import write_json_atomic
@@ -118,7 +118,7 @@ def run_apply(cfg: RunConfig, fit_dir: Path, human_mapping: Path | None = None) 
             windows = windows_to_features(ds, cfg, extra_views=cfg.apply.write_features, stage="apply")
             return windows.map(
                 guarded(PseudoLabelImages, per_row=True),
-                **actor_args(cfg.label.workers),
+                **step_args(cfg, PseudoLabelImages),
                 fn_constructor_kwargs={
                     "cfg": cfg,
                     "fit": fit_ref,

@@ -6,7 +6,7 @@ from ray.data import Dataset
 from actors.extract import finish_features, image_windows, write_features
 from actors.window_features import WindowFeatures
 from configs.schema import RunConfig
-from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, task_args
+from ray_jobs.streaming import finisher, guarded, run_image_stream, step_args
 from storage.datasets import ImageRecord
 from storage.run.layout import Layout
 from storage.run.plans import Plan
@@ -25,18 +25,19 @@ def windows_to_features(
     the benchmark swaps in a stand-in `model_actor`); backbone: also the backbone's (model.compare_backbone);
     extra_views: also the protocol's other windows (the paper baseline's, CAUSE's crop), which apply skips;
     stage: the stage whose images these are, in what a failure logs."""
-    pool = cfg.extract.model
     ds = ds.flat_map(
-        image_windows, fn_kwargs={"cfg": cfg, "extra_views": extra_views, "stage": stage}, **task_args(cfg.extract.read)
+        image_windows,
+        fn_kwargs={"cfg": cfg, "extra_views": extra_views, "stage": stage},
+        **step_args(cfg, image_windows),
     )
     flags = ({"backbone": True} if backbone else {}) | ({} if extra_views else {"extra_views": False})
     # Rows are images: the model actor gets the windows of batch_images images per call.
     return ds.map_batches(
         guarded(model_actor, per_row=False),
-        batch_size=pool.batch_images,
+        batch_size=cfg.extract.model.batch_images,
         batch_format="numpy",
         fn_constructor_kwargs={"cfg": cfg, **flags},
-        **actor_args(pool),
+        **step_args(cfg, model_actor),
     )
 
 
@@ -49,7 +50,7 @@ def run_extract(cfg: RunConfig, records: list[ImageRecord], plan: Plan, model_ac
         return ds.map(
             write_features,
             fn_kwargs={"cfg": cfg, "stage_dir": str(layout.features), "plan_key": plan.key},
-            **task_args(cfg.extract.write),
+            **step_args(cfg, write_features),
         )
 
     return run_image_stream(

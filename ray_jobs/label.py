@@ -15,7 +15,7 @@ from configs.schema import RunConfig
 from configs.specs import evaluation_spec
 from core.clustering.fit_artifact import FitArtifact
 from core.labelling.image import label_fits
-from ray_jobs.streaming import actor_args, finisher, guarded, run_image_stream, task_args
+from ray_jobs.streaming import finisher, guarded, run_image_stream, step_args
 from storage.datasets import ImageRecord
 from storage.run.fits import fit_pixel_stride
 from storage.run.layout import Layout, settings_key
@@ -58,11 +58,13 @@ def run_label(
 
     def build(ds: Dataset) -> Dataset:
         ds = ds.flat_map(
-            image_features, fn_kwargs={"cfg": cfg, "features_dir": str(layout.features)}, **task_args(cfg.label.read)
+            image_features,
+            fn_kwargs={"cfg": cfg, "features_dir": str(layout.features)},
+            **step_args(cfg, image_features),
         )
         ds = ds.map(
             guarded(LabelImages, per_row=True),
-            **actor_args(cfg.label.workers),
+            **step_args(cfg, LabelImages),
             fn_constructor_kwargs={
                 "cfg": cfg,
                 "fits": fits_ref,
@@ -79,7 +81,7 @@ def run_label(
                 "labels_dir": str(layout.labels),
                 "split": cfg.dataset.split,
             },
-            **task_args(cfg.label.score),
+            **step_args(cfg, score_image),
         )
 
     return run_image_stream(

@@ -37,7 +37,7 @@ import ray
 from ray.data import Dataset
 from tqdm import tqdm
 
-from actors.rows import STATUS
+from actors.rows import STATUS, resources_of
 from core.errors import UserError
 from core.models import CheckpointError
 from storage.run.atomic import write_json_atomic
@@ -68,6 +68,8 @@ def guarded(actor_cls, per_row: bool):
             self.actor, self.error = None, None
             try:
                 self.actor = actor_cls(**kwargs)
+                if hasattr(self.actor, "setup"):  # the step's expensive one-time work (a model, the fits)
+                    self.actor.setup()
             except Exception as err:  # noqa: BLE001 - reported to the driver below
                 self.error = json.dumps(
                     {
@@ -86,6 +88,7 @@ def guarded(actor_cls, per_row: bool):
             return out
 
     Guarded.__name__ = Guarded.__qualname__ = actor_cls.__name__  # Ray names the actors after it
+    Guarded.resources = actor_cls.resources
     return Guarded
 
 
@@ -213,6 +216,12 @@ def stage_summary(name: str, done: dict[str, dict], output_dir: Path) -> str:
     num_done, num_failed = sum(m["num_images"] for m in done.values()), sum(len(m["failed"]) for m in done.values())
     manifest = Path(output_dir) / "failed_items.json"
     return f"{name}: {num_done} images done, {num_failed} failed (failed-items manifest: {manifest})"
+
+
+def step_args(cfg, step_fn) -> dict:
+    """Ray Data arguments of a step, from the config section it declared (`actors.rows.step`)."""
+    resources = resources_of(cfg, step_fn)
+    return actor_args(resources) if hasattr(resources, "num_actors") else task_args(resources)
 
 
 def task_args(tasks) -> dict:

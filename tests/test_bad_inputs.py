@@ -169,7 +169,9 @@ def test_nan_features_drop_the_images_and_fit_says_why(demo_root, tmp_path):
     try:  # the extract steps by hand, as the stream runs them
         rows = list(image_windows(shard, config))
         batch = {k: np.array([r[k] for r in rows]) for k in rows[0]}  # a Ray Data numpy batch of the rows
-        out = WindowFeatures(config)(batch)
+        model = WindowFeatures(config)
+        model.setup()
+        out = model(batch)
         statuses = [
             write_features({k: v[i] for k, v in out.items()}, config, stage_dir, "test-plan") for i in range(len(rows))
         ]

@@ -36,7 +36,9 @@ def _extract_by_hand(cfg, shard):
     """The extract steps in one process, as the stream runs them."""
     config, stage_dir = cfg, str(cfg.output_dir / "features")
     rows = list(image_windows(shard, config))
-    out = WindowFeatures(config)({k: np.array([r[k] for r in rows]) for k in rows[0]})
+    model = WindowFeatures(config)
+    model.setup()
+    out = model({k: np.array([r[k] for r in rows]) for k in rows[0]})
     return [write_features({k: v[i] for k, v in out.items()}, config, stage_dir, "test-plan") for i in range(len(rows))]
 
 

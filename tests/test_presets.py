@@ -286,6 +286,7 @@ def test_the_cause_crop_runs_apart_and_comes_back_in_place():
         }
     )
     actor = WindowFeatures(cfg)
+    actor.setup()
     plain, flipped = actor.crop_models
     assert (plain.spec.precision, plain.spec.flip, flipped.spec.precision, flipped.spec.flip) == (
         "fp16",

@@ -130,6 +130,7 @@ def _label_actor(cfg, tmp_path):
             }
         )
     actor = LabelImages(cfg=cfg, fits=fits, labels_dir=str(tmp_path / "out" / "labels"), overlay_ids=[])
+    actor.setup()
     return actor, fits
 
 
