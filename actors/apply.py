@@ -24,10 +24,11 @@ from configs.geometry import (
     stores_windows,
     unpack_windows,
 )
-from configs.schema import RefineConfig, RunConfig
+from configs.schema import RunConfig
 from configs.specs import panoptic_rules
 from core.evaluation.base import Segmenter
 from core.labelling.image import ImageLabeller, LabelFit
+from core.labelling.variants import RefineSettings
 from core.presets import protocol_steps
 from storage.cityscapes_outputs import label_pngs, prediction_paths, write_image_predictions
 from storage.run.atomic import write_json_atomic, write_parquet_atomic
@@ -61,7 +62,7 @@ class PseudoLabelImages:
         self.labeller = ImageLabeller(
             [self.fit],
             ["plain"],
-            RefineConfig(),
+            RefineSettings(),
             device=device_for(self.cfg.label.workers),
             labelling=protocol_steps(self.cfg.protocol).label_resolution,
         )

@@ -19,7 +19,7 @@ from actors.model_setup import device_for
 from actors.rows import run_on_image, step
 from configs.geometry import image_limits, label_short_sides, unpack_windows
 from configs.schema import RunConfig
-from configs.specs import label_request, label_variants, panoptic_rules
+from configs.specs import label_request, label_variants, panoptic_rules, refine_settings
 from core.classes import colorize_train_ids
 from core.evaluation.base import Segmenter
 from core.inference.windows import cause_view, resized_size
@@ -46,7 +46,7 @@ class LabelImages:
         self.labeller = ImageLabeller(
             self.fits,
             self.variants,
-            self.cfg.refine,
+            refine_settings(self.cfg),
             device=device_for(self.cfg.label.workers),
             labelling=protocol_steps(self.cfg.protocol).label_resolution,
             request=self.request,

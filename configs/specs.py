@@ -6,7 +6,7 @@ from configs.schema import RunConfig
 from core.evaluation import EvaluationSpec
 from core.evaluation.base import PanopticRules
 from core.labelling.image import LabelFit, LabelRequest, baseline_labellings
-from core.labelling.variants import enabled_variants
+from core.labelling.variants import REFINEMENTS, RefineSettings, enabled_variants
 from core.models import ModelSpec, ViTSpec
 
 
@@ -26,7 +26,13 @@ def model_spec(cfg: RunConfig) -> ModelSpec:
 
 def label_variants(cfg: RunConfig) -> list[str]:
     """The main fit's variants: 'plain' first, then the refinements the config switches on."""
-    return enabled_variants(cfg.refine, len(label_scales(cfg)) > 1)
+    switched_on = {name for name in REFINEMENTS if getattr(cfg.refine, name)}
+    return enabled_variants(switched_on, len(label_scales(cfg)) > 1)
+
+
+def refine_settings(cfg: RunConfig) -> RefineSettings:
+    r = cfg.refine
+    return RefineSettings(tau=r.tau, iterations=r.iterations, superpixel_step=r.superpixel_step)
 
 
 def label_request(cfg: RunConfig) -> LabelRequest:

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from configs.schema import ConfigError, RefineConfig
+from configs.schema import ConfigError
 from core.evaluation.base import FOLD_SUFFIX, ImageToScore, LabelMap, PanopticRules, Segmenter, add_images, add_totals
 from core.evaluation.metrics import confusion_matrix
 from core.evaluation.official import OfficialEvaluator
 from core.evaluation.panoptic import _compact, connected_components, gt_panoptic, panoptic_from_train_ids, pq_stats
 from core.evaluation.paper import PaperEvaluator
 from core.labelling.image import ImageLabeller, ImageLabels, LabelFit, LabelRequest
+from core.labelling.variants import RefineSettings
 from ray_jobs.pipeline import Pipeline
 from storage.images import GroundTruth
 from tests.tiny_runs import copy_run, report_metrics, tiny_config
@@ -135,7 +136,7 @@ def test_without_sensitivity_the_labeller_makes_no_other_labelling():
         def _resized_maps(self, *args, **kwargs):
             raise AssertionError("the resized labelling was made though nothing asked for it")
 
-    labels = NoResized(fits, ["plain"], RefineConfig(), request=LabelRequest(baseline=True)).label(
+    labels = NoResized(fits, ["plain"], RefineSettings(), request=LabelRequest(baseline=True)).label(
         [(grid, (112, 224))], 14, (128, 256)
     )
     assert set(labels.targets) == {"variant/plain", "variant/baseline_k4"} and set(labels.clusters) == {
@@ -143,7 +144,7 @@ def test_without_sensitivity_the_labeller_makes_no_other_labelling():
         "baseline_k4",
     }
     both = ImageLabeller(
-        fits, ["plain"], RefineConfig(), request=LabelRequest(baseline=True, both_labellings=True)
+        fits, ["plain"], RefineSettings(), request=LabelRequest(baseline=True, both_labellings=True)
     ).label([(grid, (112, 224))], 14, (128, 256))
     assert {"fit/k9/full", "fit/k9/resized", "fit/baseline_k4/resized"} < set(both.targets)
     assert both.targets["fit/k9/full"] is both.variant("plain")

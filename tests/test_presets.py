@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.cluster import MiniBatchKMeans
 
 from actors.extract import patch_labels
-from configs.schema import ConfigError, RefineConfig, parse_config
+from configs.schema import ConfigError, parse_config
 from core.clustering.kmeans import assign_euclidean, fit_paper_minibatch
 from core.evaluation.cause import crop_clusters, crop_counts, hungarian_scores
 from core.inference.dense import WindowModel
@@ -24,6 +24,7 @@ from core.inference.windows import (
     stitch_windows,
 )
 from core.labelling.image import ImageLabeller, LabelFit, LabelRequest
+from core.labelling.variants import RefineSettings
 from core.refine.crf import dense_crf
 from core.refine.paper_heuristics import denoise_by_prototypes, diffuse_by_neighbours
 
@@ -119,7 +120,7 @@ def test_paper_pixel_labels_come_from_the_windows_pixel_map_at_the_resized_size(
     labeller = ImageLabeller(
         [fit, LabelFit("baseline_k9", centroids, mapping)],
         ["plain"],
-        RefineConfig(),
+        RefineSettings(),
         labelling="resized",
         request=LabelRequest(baseline=True, both_labellings=True),
     )
@@ -204,7 +205,7 @@ def test_paper_crf_is_softmax_of_five_times_the_class_logits_at_the_resized_size
     image = rng.integers(0, 255, size=(128, 256, 3), dtype=np.uint8)
     fit = LabelFit("k6", centroids, mapping)
     labeller = ImageLabeller(
-        [fit, fit], ["plain", "crf"], RefineConfig(), labelling="resized", request=LabelRequest(baseline=True)
+        [fit, fit], ["plain", "crf"], RefineSettings(), labelling="resized", request=LabelRequest(baseline=True)
     )
     ((grid, resized),) = stitch_windows(feats, [layout], SPEC.crop, SPEC.stride, PATCH, merge="pixels")
     labels = labeller.label(
@@ -240,12 +241,12 @@ def test_the_baselines_full_size_crf_row_is_the_crf_variant_of_the_baseline_fit(
     labeller = ImageLabeller(
         [LabelFit("k9", main, rng.integers(0, 19, 9)), baseline],
         ["plain"],
-        RefineConfig(crf=True),
+        RefineSettings(),
         request=LabelRequest(baseline=True, baseline_labellings=("full+crf",)),
     )
     labels = labeller.label(grids, PATCH, (128, 256), image)
     extra = labels.targets["baseline/full+crf"].train_ids
-    alone = ImageLabeller([baseline], ["plain", "crf"], RefineConfig(crf=True))
+    alone = ImageLabeller([baseline], ["plain", "crf"], RefineSettings())
     np.testing.assert_array_equal(extra, alone.label(grids, PATCH, (128, 256), image).variant("crf").train_ids)
     assert (extra != labels.variant("baseline_k4").train_ids).any()  # the CRF changed pixels
 

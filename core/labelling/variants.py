@@ -30,6 +30,15 @@ PAPER_CRF_SCALE = 5.0  # generate_overclustered_semantics.py: the CRF's unary is
 SINGLE_SCALE = "single_scale"  # scored beside a multi-scale seed, to measure what the scales add
 
 
+@dataclass(frozen=True)
+class RefineSettings:
+    """The refinements' parameters (config section `refine`: `configs.specs.refine_settings`)."""
+
+    tau: float = 0.05  # EM's softmax temperature
+    iterations: int = 3  # EM rounds
+    superpixel_step: int = 16  # the superpixel grid, in pixels
+
+
 @dataclass
 class ImageEvidence:
     image: np.ndarray  # (H, W, 3) uint8
@@ -41,14 +50,14 @@ class ImageEvidence:
     prototypes: np.ndarray | None = None  # (C, D) the main fit's class prototypes over the split (prototype denoising)
 
 
-def enabled_variants(refine, multi_scale: bool) -> list[str]:
+def enabled_variants(switched_on: set[str], multi_scale: bool) -> list[str]:
     """'plain' first, the base scale alone when the paper averages scales, then the refinements
-    switched on in the config section `refine`."""
-    return ["plain", *([SINGLE_SCALE] if multi_scale else []), *(name for name in REFINEMENTS if getattr(refine, name))]
+    switched on (`REFINEMENTS` order)."""
+    return ["plain", *([SINGLE_SCALE] if multi_scale else []), *(name for name in REFINEMENTS if name in switched_on)]
 
 
 def run_variant(
-    name: str, ev: ImageEvidence, centroids: np.ndarray, mapping: np.ndarray, refine
+    name: str, ev: ImageEvidence, centroids: np.ndarray, mapping: np.ndarray, refine: RefineSettings
 ) -> tuple[np.ndarray, np.ndarray | None]:
     h, w = ev.plain_labels.shape
     if name == "plain":
