@@ -3,7 +3,7 @@ scikit-learn MiniBatchKMeans (the paper's choice) on the same features, k = 300,
 
 For each --rows: generate a synthetic mixture (bench/synthetic.py), fit both, and evaluate both
 fits' spherical inertia (sum of 1 - cosine to the nearest centroid) the same way on the *full* set
-(core.clustering.lloyd_partial, block-wise). Prints the time and inertia ratios of this one run and
+(core.clustering.lloyd.lloyd_partial, block-wise). Prints the time and inertia ratios of this one run and
 writes bench/results/bench_fit.json. Sizes whose float32 array would exceed --max-gib are skipped
 and reported as such.
 

@@ -1,7 +1,7 @@
 """Protocol presets: which variant of each step before and after the model a run uses.
 
 The same weights give different numbers under the official Cityscapes pipeline, the paper's
-scripts and CAUSE's test code (DESIGN.md, "Evaluation protocols"). A preset names the variant of
+scripts and CAUSE's test code (docs/protocols.md). A preset names the variant of
 every step that differs; each variant is one small function or an option of one, chosen here:
 
   step              official (default)                   paper (qbit-glitch/.../mbps_pytorch)
@@ -62,7 +62,7 @@ PROTOCOLS = ("official", "paper", "cause")
 @dataclass(frozen=True)
 class ProtocolSteps:
     merge: str  # "cells" | "pixels" (core.inference.windows.stitch_windows)
-    patch_labels: str  # "majority" | "nearest" (core.evaluation.metrics.patch_labels)
+    patch_labels: str  # "majority" | "nearest" (core.evaluation.metrics.patch_majority_labels, patch_nearest_labels)
     precision: str | None  # None: the config's inference.precision
     kmeans: str  # "config" (fit.engine and its sample) | "paper" (core.clustering.kmeans.fit_paper_minibatch)
     label_resolution: str  # "full" | "resized" (core.labelling.image.LABELLINGS)

@@ -2,7 +2,7 @@
 every k of a sweep in the same pass.
 
 Every iteration is one pass: one Ray task per Parquet row group streams its rows (the feature
-column only, `batch_rows` rows at a time) through `core.clustering.lloyd_partials` against the
+column only, `batch_rows` rows at a time) through `core.clustering.lloyd.lloyd_partials` against the
 current centroids of *every* fit still iterating (sent once per iteration through the object
 store with `ray.put`), so a row is read and decoded once for the whole sweep. The per-row-group
 partials (sums (k, D) float64, counts (k,), inertia, per fit) are tree-reduced by Ray tasks,
@@ -10,7 +10,7 @@ partials (sums (k, D) float64, counts (k,), inertia, per fit) are tree-reduced b
 partial per fit, never the features or the per-group partials, so its memory does not grow with the
 number of rows or row groups. The tree is fixed by the row-group order, so the float sums (and the
 result) do not depend on scheduling. Warm-start it from sampled fits (`fit_kmeans`); the stopping
-rule and the history records are `core.clustering.run_lloyd_many`'s.
+rule and the history records are `core.clustering.lloyd.run_lloyd_many`'s.
 
 Parallelism is one task per row group: `write_parquet_atomic` writes a shard of up to 1Mi rows as
 one row group, and the extract stage's shards (16-25 images of 23 x 46 patches) are ~17-26k rows.
@@ -123,7 +123,7 @@ def distributed_lloyd(
     `run_lloyd_many`): a fit stops after max_iter passes or when its inertia changes by less than
     tol (relative), and later passes leave it out. `batch_rows` bounds a task's memory (batch_rows
     x k cosines); `num_cpus` / `num_gpus` is what each row-group task reserves; `assign` is the
-    assignment step's engine (`core.clustering.TopTwo`: numpy, torch or faiss), on the GPU where
+    assignment step's engine (`core.clustering.lloyd.TopTwo`: numpy, torch or faiss), on the GPU where
     num_gpus > 0. Needs a running Ray
     (`ray_jobs.session.init_ray`). Each result equals single-process `core.clustering.lloyd` of
     that fit on the same rows up to float64 summation order. `row_weights` (one per shard file):

@@ -22,7 +22,7 @@ sink that writes one file per block under generated names cannot give; a sink wr
 before its checkpoint is written is repeated on retry (ray-project/ray #55008), duplicating rows;
 every checkpointed id is loaded into memory on restore (#65891); and on this project's 2-CPU
 machine a re-run with an actor-pool map over fully checkpointed input hung, its checkpoint filter
-being one more actor pool competing for the CPUs (see DESIGN.md). Shard markers plus per-image
+being one more actor pool competing for the CPUs. Shard markers plus per-image
 parts give exactly-once shard files, image-level resume and no id set in memory.
 """
 
@@ -132,7 +132,7 @@ def run_image_stream(
 ) -> dict[str, dict]:
     """Stream the images of the unfinished shards through `build(ds)` and finish each shard.
 
-    `shards`: [{"shard", "records"}] (`storage.shards.plan_shards`). `build` turns a dataset of
+    `shards`: [{"shard", "records"}] (`storage.run.shards.plan_shards`). `build` turns a dataset of
     shard rows (the images still to do) into the dataset of status rows. `finish(shard_row,
     written_ids, failed)` starts the shard's finish and returns its ObjectRef (`finisher`).
     `inputs`: the content key of what the stage reads (`storage.run.plans.check_plan`).

@@ -1,5 +1,5 @@
 """The paper's CAUSE-baseline labelling (single- and multi-scale, with and without CRF) against a
-reference written here, loop by loop, from DESIGN.md's facts about
+reference written here, loop by loop, from the facts in docs/protocols.md about
 generate_semantic_pseudolabels_cause.py: stretched sizes, window positions, per-window
 log_softmax(3 * cos) upsampled and averaged, scales resized to the 1.0 size and averaged."""
 
@@ -92,7 +92,7 @@ def image():
 
 
 def test_the_papers_sizes_and_windows():
-    """1024x2048 at the paper's 322 px windows: DESIGN.md's 322x476, 322x644, 476x966."""
+    """1024x2048 at the paper's 322 px windows: docs/protocols.md's 322x476, 322x644, 476x966."""
     sizes = {s: paper_scale_layout(1024, 2048, s, 322, 14) for s in (0.75, 1.0, 1.5)}
     assert {s: lay.resized for s, lay in sizes.items()} == {0.75: (322, 476), 1.0: (322, 644), 1.5: (476, 966)}
     assert sizes[1.0].origins == ((0, 0), (0, 161), (0, 322))

@@ -65,7 +65,7 @@ def test_paper_merge_is_the_pooled_pixel_map_of_the_windows():
 
 
 def test_paper_merge_of_one_window_is_the_one_eighth_blur():
-    """DESIGN.md: pooling a 14x bilinear upsampling is a [1/8, 3/4, 1/8] blur per axis (edges: [7/8, 1/8])."""
+    """docs/protocols.md: pooling a 14x bilinear upsampling is a [1/8, 3/4, 1/8] blur per axis (edges: [7/8, 1/8])."""
     spec = WindowSpec(short_side=112, crop=112, stride=112)
     _, (layout,) = cut_windows(np.zeros((112, 112, 3), np.uint8), spec, PATCH, [112])
     feat = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)

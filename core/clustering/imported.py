@@ -1,5 +1,5 @@
 """Centres and a cluster -> class mapping made by another tool, read from an .npz and checked before
-they become a fit of a run (`submit.py import-fit`, `ray_jobs.fit.import_fit`).
+they become a fit of a run (`submit.py import-fit`, `storage.run.fits.import_fit`).
 
 The file the paper writes: `mbps_pytorch/generate_overclustered_semantics.py` (GitHub
 qbit-glitch/unsupervised_panoptic_segmentation, commit 2214ac5), `fit_kmeans` then

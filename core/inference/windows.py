@@ -2,7 +2,7 @@
 
 This tool's own scheme (not CAUSE's test code, which resizes NEAREST and scores one 322 centre
 crop, nor exactly the paper's, which upsamples each window to pixels before pooling; see
-DESIGN.md, "Evaluation protocols"): the short side is resized (322 for Cityscapes, giving
+docs/protocols.md): the short side is resized (322 for Cityscapes, giving
 322x644), square windows (322) slide with a stride (161, 50 % overlap) over the reflect-padded
 image, and each window is also run flipped. Window features are averaged where windows overlap. Because the
 stride need not be a multiple of the patch size (161 = 11.5 x 14), averaging happens on a grid
