@@ -144,8 +144,8 @@ def graph_partial(features: np.ndarray, codebook: Codebook, block_rows: int = 16
         fixed = np.rint(xn.astype(np.float64) * SUM_SCALE).astype(np.int64)
         weights = np.rint(WEIGHT_SCALE * np.exp(-margin / codebook.tau)).astype(np.int64)
         ids = np.minimum(best, second) * k1 + np.maximum(best, second)
-        block = GraphPartial(np.bincount(best, minlength=k1).astype(np.int64), onehot @ fixed, *_sum_by_id(ids, weights))
-        total = add_graph_partials(total, block)
+        counts = np.bincount(best, minlength=k1).astype(np.int64)
+        total = add_graph_partials(total, GraphPartial(counts, onehot @ fixed, *_sum_by_id(ids, weights)))
     return total
 
 
@@ -163,7 +163,8 @@ def add_graph_partials(a: GraphPartial, b: GraphPartial) -> GraphPartial:
     """The reduce step: two partials of disjoint row sets -> the partial of their union."""
     if a.sums.shape != b.sums.shape:
         raise ValueError(f"graph partials of different codebooks ({a.sums.shape} and {b.sums.shape})")
-    ids, weights = _sum_by_id(np.concatenate([a.edge_ids, b.edge_ids]), np.concatenate([a.edge_weights, b.edge_weights]))
+    ids, weights = _sum_by_id(np.concatenate([a.edge_ids, b.edge_ids]),
+                              np.concatenate([a.edge_weights, b.edge_weights]))
     return GraphPartial(a.counts + b.counts, a.sums + b.sums, ids, weights)
 
 

@@ -8,7 +8,8 @@ from core.codebook_merge import (CodebookMergeSettings, GraphPartial, add_graph_
 DIM = 16
 
 
-def rare_mixture(seed: int = 0, big_rows: int = 2000, rare_rows: int = 160) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rare_mixture(seed: int = 0, big_rows: int = 2000,
+                 rare_rows: int = 160) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Four large modes stretched along a private direction each (k-means would rather split them)
     and one rare mode at cosine 0.5 to the first: (unit rows, mode of each row, (5, DIM) mode means)."""
     rng = np.random.default_rng(seed)
