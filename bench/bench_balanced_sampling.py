@@ -23,7 +23,7 @@ Methods (k = 300 or 100; "the sample" = today's k x 256 uniform rows, as in `fit
   reference's 4-level config does at level 1; k-means on 25 rows per centroid), 10k/3 (10 steps, 2),
   k (10 steps, 2)]. Every k-means in the hierarchy is `fit_kmeans` with 20 iterations (the
   reference: 50).
-- inverse density: a k-means codebook of 10k entries (25 sampled rows per entry, 10 iterations).
+- inverse density: a k-means codebook of 10k entries (25 sampled rows per entry, 8 iterations).
   Every row is weighted by (rows in its cell)^-beta. Then k x 256 rows are drawn by weight without
   replacement (Efraimidis-Spirakis keys), and `fit_kmeans` runs on them. beta = 1 balances the cells
   (one level of the reference's sampling); beta = 0.5 is a soft balance.

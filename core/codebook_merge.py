@@ -43,7 +43,7 @@ from core.clustering import _TIE_MARGIN, check_features, fit_kmeans, l2_normaliz
 # rows, so |entry| <= 2**24 per row: int64 holds 2**39 rows. The weights are <= 2**20 per row.
 SUM_SCALE = 1 << 24
 WEIGHT_SCALE = 1 << 20
-TAU_ROWS = 65536  # rows at the head of the sample whose median margin sets tau
+TAU_ROWS = 16384  # rows at the head of the sample whose median margin sets tau (one block of the graph pass)
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class CodebookMergeSettings:
     per entry that its k-means is fitted on. codebook_iterations: its Lloyd iterations."""
     codebook_ratio: int = 10
     codebook_rows: int = 25
-    codebook_iterations: int = 10
+    codebook_iterations: int = 8
 
     def check(self) -> None:
         for name, low in (("codebook_ratio", 2), ("codebook_rows", 1), ("codebook_iterations", 1)):
@@ -78,7 +78,9 @@ class GraphPartial:
 
 def fit_codebook(sample: np.ndarray, k: int, seed: int, settings: CodebookMergeSettings) -> Codebook:
     """The codebook of k1 = codebook_ratio x k entries, fitted on at most codebook_rows x k1 rows of the
-    (n, D) sample (raw or unit rows). The rows are seeded by k-means++ on k1 rows, i.e. random rows."""
+    (n, D) sample (raw or unit rows); its k-means++ runs on k1 rows, so it starts from k1 random rows.
+    tau comes from the sample's first TAU_ROWS rows, which should be a uniform draw (the fit stage's
+    sample is: `sample_patches` returns it in priority order)."""
     settings.check()
     if k < 2:
         raise ValueError(f"k={k}: k-means needs at least 2 clusters")
@@ -125,9 +127,11 @@ def empty_graph(codebook: Codebook) -> GraphPartial:
                         np.zeros(0, np.int64))
 
 
-def graph_partial(features: np.ndarray, codebook: Codebook, block_rows: int = 16384) -> GraphPartial:
+def graph_partial(features: np.ndarray, codebook: Codebook, block_rows: int = 8192) -> GraphPartial:
     """The map step over (n, D) raw features (any block of rows, in any order): counts, fixed-point
-    sums and boundary weights against the codebook. Memory is bounded by block_rows x (k1 + D)."""
+    sums and boundary weights against the codebook. Memory is bounded by block_rows x (k1 + D) numbers
+    (98 MB of cosines at k1 = 3000) plus the partial: (k1, D) int64 sums and one edge per entry pair
+    that some row has as its best two."""
     c = codebook.centroids
     if features.ndim != 2 or features.shape[1] != c.shape[1]:
         raise ValueError(f"features of shape {features.shape} do not match the codebook's {c.shape}")
@@ -243,7 +247,7 @@ def merged_centroids(graph: GraphPartial, k: int) -> np.ndarray:
 
 
 def fit_codebook_merge(x: np.ndarray, k: int, seed: int, settings: CodebookMergeSettings = CodebookMergeSettings(),
-                       block_rows: int = 16384) -> np.ndarray:
+                       block_rows: int = 8192) -> np.ndarray:
     """(n, D) raw or unit features -> (k, D) float32 unit centroids, in one process: the codebook on a
     seeded sample of x, the graph pass over every row of x, the merge. Same input and seed, same bytes."""
     codebook = fit_codebook(x, k, seed, settings)
