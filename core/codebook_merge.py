@@ -4,7 +4,7 @@ density bridges (issue 29; `bench/bench_balanced_sampling.py` measures it agains
 Why not k-means on a rebalanced sample: k-means spends its clusters where its objective gains most.
 It splits a large, spread-out mode in two before it separates a small mode from the large one next
 to it. In `bench_rare_classes` (rare classes at cosine 0.5 to a host class), k-means also does this
-on a sample that holds exactly the same number of rows of every generating component: ~51 % mIoU at
+on a sample that holds exactly the same number of rows of every generating component: 50 % mIoU at
 k = 300, against 81 % for the generating means. So the fit's objective must change, not only its rows.
 
 The method, in four steps (all rows are L2-normalised, as everywhere in `core.clustering`):
@@ -43,7 +43,8 @@ from core.clustering import _TIE_MARGIN, check_features, fit_kmeans, l2_normaliz
 # rows, so |entry| <= 2**24 per row: int64 holds 2**39 rows. The weights are <= 2**20 per row.
 SUM_SCALE = 1 << 24
 WEIGHT_SCALE = 1 << 20
-TAU_ROWS = 16384  # rows at the head of the sample whose median margin sets tau (one block of the graph pass)
+TAU_ROWS = 16384  # rows at the head of the sample whose median margin sets tau
+BLOCK_ROWS = 8192  # rows per block of the graph pass: 8192 x k1 float32 cosines (98 MB at k1 = 3000)
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,10 @@ def fit_codebook(sample: np.ndarray, k: int, seed: int, settings: CodebookMergeS
                          f"at least as many sample rows, and there are {len(sample)}; lower codebook_ratio or k")
     centroids = fit_kmeans(sample, entries, seed, engine="faiss", n_iter=settings.codebook_iterations,
                            max_points_per_centroid=settings.codebook_rows, init_points_per_centroid=1)
-    _, _, margin = _best_two(l2_normalize(sample[:TAU_ROWS]), np.ascontiguousarray(centroids.T),
-                             centroids.astype(np.float64))
-    return Codebook(centroids, max(float(np.median(margin)), 1e-12))
+    columns, c64 = np.ascontiguousarray(centroids.T), centroids.astype(np.float64)
+    margins = [_best_two(l2_normalize(sample[start:start + BLOCK_ROWS]), columns, c64)[2]
+               for start in range(0, min(len(sample), TAU_ROWS), BLOCK_ROWS)]
+    return Codebook(centroids, max(float(np.median(np.concatenate(margins))), 1e-12))
 
 
 def _best_two(xn: np.ndarray, columns: np.ndarray, c64: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -127,11 +129,10 @@ def empty_graph(codebook: Codebook) -> GraphPartial:
                         np.zeros(0, np.int64))
 
 
-def graph_partial(features: np.ndarray, codebook: Codebook, block_rows: int = 8192) -> GraphPartial:
+def graph_partial(features: np.ndarray, codebook: Codebook, block_rows: int = BLOCK_ROWS) -> GraphPartial:
     """The map step over (n, D) raw features (any block of rows, in any order): counts, fixed-point
     sums and boundary weights against the codebook. Memory is bounded by block_rows x (k1 + D) numbers
-    (98 MB of cosines at k1 = 3000) plus the partial: (k1, D) int64 sums and one edge per entry pair
-    that some row has as its best two."""
+    plus the partial: (k1, D) int64 sums and one edge per entry pair that some row has as its best two."""
     c = codebook.centroids
     if features.ndim != 2 or features.shape[1] != c.shape[1]:
         raise ValueError(f"features of shape {features.shape} do not match the codebook's {c.shape}")
@@ -247,7 +248,7 @@ def merged_centroids(graph: GraphPartial, k: int) -> np.ndarray:
 
 
 def fit_codebook_merge(x: np.ndarray, k: int, seed: int, settings: CodebookMergeSettings = CodebookMergeSettings(),
-                       block_rows: int = 8192) -> np.ndarray:
+                       block_rows: int = BLOCK_ROWS) -> np.ndarray:
     """(n, D) raw or unit features -> (k, D) float32 unit centroids, in one process: the codebook on a
     seeded sample of x, the graph pass over every row of x, the merge. Same input and seed, same bytes."""
     codebook = fit_codebook(x, k, seed, settings)
