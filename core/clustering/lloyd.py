@@ -13,7 +13,7 @@ from core.clustering.kmeans import check_dims, l2_normalize
 # Rows whose best and second-best float32 cosines are closer than this are re-scored in float64, so
 # the assignment does not depend on how a BLAS kernel rounds a given block shape or thread count
 # (float32 error of a 90- or 768-d dot product of unit vectors is far below 1e-4).
-_TIE_MARGIN = 1e-4
+TIE_MARGIN = 1e-4
 
 ASSIGNERS = ("numpy", "torch", "faiss")  # how Lloyd's assignment step finds each row's two best cosines
 
@@ -70,7 +70,7 @@ def _best_cosine(xn: np.ndarray, top_two: TopTwo, c64: np.ndarray) -> tuple[np.n
         return np.zeros(len(xn), np.int64), (xn.astype(np.float64) @ c64.T)[:, 0]
     best, top, second = top_two(xn)
     top = top.astype(np.float64)
-    near = top - second < _TIE_MARGIN
+    near = top - second < TIE_MARGIN
     if near.any():
         exact = xn[near].astype(np.float64) @ c64.T
         best[near] = exact.argmax(axis=1)
