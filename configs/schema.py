@@ -186,6 +186,15 @@ class FeatureSourceConfig(Strict):
 
 class FitConfig(Strict):
     k: int = Field(default=300, ge=2)
+    # How each k of the sweep is fitted (the baseline is always k-means or CAUSE's probe):
+    # "kmeans": spherical k-means (fit.engine) on the bounded sample; "codebook_merge": a codebook of
+    # codebook_ratio x k k-means entries merged into k clusters along its density bridges, which gives
+    # rare classes clusters of their own where k-means spends them on mass (core/clustering/codebook_merge.py;
+    # bench/README.md measures both). It adds one pass of Ray tasks over every patch for the whole sweep.
+    method: Literal["kmeans", "codebook_merge"] = "kmeans"
+    codebook_ratio: int = Field(default=10, ge=2)  # codebook entries per cluster
+    codebook_rows: int = Field(default=25, ge=1)  # sample rows per entry the codebook is fitted on
+    codebook_iterations: int = Field(default=8, ge=1)  # the codebook's k-means iterations
     k_sweep: list[int] = [19, 50, 100, 200, 300]
     baseline: Literal["kmeans_hungarian", "cluster_probe"] = "kmeans_hungarian"
     engine: Literal["faiss", "sklearn"] = "faiss"
@@ -224,6 +233,11 @@ class FitConfig(Strict):
         paths = [source.path for source in self.features]
         if len(set(paths)) < len(paths):
             raise ValueError(f"fit.features names a feature set twice ({paths}): list each once, with its weight")
+        if self.method == "codebook_merge" and self.lloyd_iterations:
+            raise ValueError(
+                "fit.lloyd_iterations moves each centroid to the mean of its nearest rows, which undoes the "
+                "merged clusters of fit.method=codebook_merge: set fit.lloyd_iterations=0 with it"
+            )
         if self.mapping_from is not None and self.heldout_folds != 1:
             raise ValueError(
                 f"fit.mapping_from={self.mapping_from!r} maps on another image set than this run's, so this "
@@ -423,6 +437,11 @@ class RunConfig(Strict):
             raise ValueError(
                 "protocol=paper fits and maps on the labelled patches of this run's images, as the paper's scripts "
                 "do: leave fit.features and fit.mapping_from unset, or use protocol=official"
+            )
+        if self.fit.method == "codebook_merge" and self.protocol == "paper":
+            raise ValueError(
+                "protocol=paper fits the paper's MiniBatchKMeans; fit.method=codebook_merge is this tool's "
+                "fit: set fit.method=kmeans with protocol=paper, or use protocol=official"
             )
         if self.protocol == "paper" and self.fit.lloyd_iterations:
             raise ValueError(

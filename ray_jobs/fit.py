@@ -20,6 +20,15 @@ from configs.geometry import HEAD_FEATURE_DIM
 from configs.schema import RunConfig
 from configs.specs import model_spec
 from core.classes import CLASS_NAMES, IGNORE, NUM_CLASSES
+from core.clustering.codebook_merge import (
+    Codebook,
+    CodebookMergeSettings,
+    GraphPartial,
+    add_graph_partials,
+    fit_codebook,
+    graph_partial,
+    merged_centroids,
+)
 from core.clustering.fit_artifact import FitArtifact
 from core.clustering.kmeans import (
     PAPER_MINIBATCH,
@@ -51,6 +60,7 @@ from storage.run.feature_sets import (
 from storage.run.fits import (
     BACKBONE_COMPARISON,
     FitError,
+    baseline_name,
     extracted_model,
     fit_inputs,
     fit_names,
@@ -184,11 +194,28 @@ def labelled_patches(shards: FeatureShards, max_rows: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def fit_engine(cfg: RunConfig) -> str:
-    """How the k-means fits were made, as the fit meta and the report say it."""
+def fitted_by(cfg: RunConfig, name: str) -> str:
+    """A fit's method in a word or two, for the report's k sweep: the sweep by fit.method, the baseline
+    by k-means (or CAUSE's probe)."""
+    if name == baseline_name(cfg):
+        return "CAUSE's probe" if cfg.fit.baseline == "cluster_probe" else "k-means"
+    if protocol_steps(cfg.protocol).kmeans == "paper":
+        return "the paper's MiniBatchKMeans"
+    return "codebook merge" if cfg.fit.method == "codebook_merge" else "k-means"
+
+
+def fit_engine(cfg: RunConfig, name: str | None = None) -> str:
+    """How a fit was made, as its meta.json says it (`name` None: the k-means of the baseline and the
+    backbone comparison)."""
     if protocol_steps(cfg.protocol).kmeans == "paper":
         return "sklearn MiniBatchKMeans, the paper's settings " + ", ".join(
             f"{k}={v}" for k, v in PAPER_MINIBATCH.items()
+        )
+    if fitted_by(cfg, name or baseline_name(cfg)) == "codebook merge":
+        f = cfg.fit
+        return (
+            f"codebook merge ({f.engine} k-means codebook of {f.codebook_ratio} x k entries on {f.codebook_rows} "
+            f"rows each, {f.codebook_iterations} iterations)"
         )
     return cfg.fit.engine
 
@@ -393,24 +420,68 @@ def fit_every_k(cfg: RunConfig, sources: Sources) -> Fitted:
             "markers and failed_items.json) or the extract stage has not run"
         )
     names = fit_names(cfg)
-    fitted = Fitted({}, {}, {}, {}, sample.shape, sampled_rows)
+    fitted, codebooks = Fitted({}, {}, {}, {}, sample.shape, sampled_rows), {}
     try:
         check_features(sample, f"patch features in {fitted_on}")
         log.info("fit: %d sampled patch features of dimension %d", *sample.shape)
         for name in names:
-            start = time.perf_counter()
-            fitted.centroids[name], raw = (
-                baseline_centroids(cfg, sample) if name == names[-1] else fit_centroids(cfg, sample, int(name[1:]))
-            )
-            if raw is not None:
-                fitted.raw_centres[name] = raw
-            fitted.seconds[name] = time.perf_counter() - start
-            log.info("fit: %s in %.1f s", name, fitted.seconds[name])
+            fit_one(cfg, name, sample, fitted, codebooks)
+        if codebooks:
+            merge_codebooks(sources, fitted, codebooks)
+            fitted.centroids = {name: fitted.centroids[name] for name in names}  # the main fit first, as counted
         if cfg.fit.lloyd_iterations:
             refine_by_lloyd(cfg, sources, fitted, names[:-1])
     except ValueError as err:
         raise FitError(str(err)) from None
     return fitted
+
+
+def fit_one(cfg: RunConfig, name: str, sample: np.ndarray, fitted: Fitted, codebooks: dict[str, Codebook]) -> None:
+    """One fit on the sample: the baseline, a k-means of the sweep, or (fit.method=codebook_merge) a
+    sweep fit's codebook, merged into its centroids after the graph pass over every patch."""
+    start = time.perf_counter()
+    if name != baseline_name(cfg) and cfg.fit.method == "codebook_merge":
+        codebooks[name] = fit_codebook(sample, int(name[1:]), cfg.seed, codebook_settings(cfg))
+    else:
+        fitted.centroids[name], raw = (
+            baseline_centroids(cfg, sample) if name == baseline_name(cfg) else fit_centroids(cfg, sample, int(name[1:]))
+        )
+        if raw is not None:
+            fitted.raw_centres[name] = raw
+    fitted.seconds[name] = time.perf_counter() - start
+    log.info("fit: %s in %.1f s", name, fitted.seconds[name])
+
+
+def codebook_settings(cfg: RunConfig) -> CodebookMergeSettings:
+    f = cfg.fit
+    return CodebookMergeSettings(f.codebook_ratio, f.codebook_rows, f.codebook_iterations)
+
+
+def merge_codebooks(sources: Sources, fitted: Fitted, codebooks: dict[str, Codebook]) -> None:
+    """fit.method=codebook_merge: one pass of Ray tasks over every patch of every set builds each
+    codebook's boundary graph (exact integer partials, tree-added: the same bytes for any sharding),
+    then each is merged into its k clusters on the driver; the pass's time is shared by the fits."""
+    start, total = time.perf_counter(), None
+    for fs, _ in sources:
+        graphs = map_reduce_shards(
+            fs.shards(), ["feature"], _shard_graphs, _add_graphs, (codebooks,), desc="fit: codebook graphs"
+        )
+        total = graphs if total is None else _add_graphs(total, graphs)
+    share = (time.perf_counter() - start) / len(codebooks)
+    for name, codebook in codebooks.items():
+        start = time.perf_counter()
+        fitted.centroids[name] = merged_centroids(total[name], int(name[1:]))
+        fitted.seconds[name] += share + time.perf_counter() - start
+        log.info("fit: %s merged from %d codebook entries", name, len(codebook.centroids))
+
+
+def _shard_graphs(table, _index: int, codebooks: dict[str, Codebook]) -> dict[str, GraphPartial]:
+    features = features_from_table(table)
+    return {name: graph_partial(features, codebook) for name, codebook in codebooks.items()}
+
+
+def _add_graphs(a: dict[str, GraphPartial], b: dict[str, GraphPartial]) -> dict[str, GraphPartial]:
+    return {name: add_graph_partials(a[name], b[name]) for name in a}
 
 
 def refine_by_lloyd(cfg: RunConfig, sources: Sources, fitted: Fitted, names: list[str]) -> None:
@@ -462,51 +533,58 @@ def fit_records(
 ) -> tuple[dict[str, FitArtifact], dict]:
     """Every fit as its artifact (centroids, mapping, the arrays the report and label stage use, what
     it was made from) and its fit-summary entry (patch-level scores)."""
-    names, counted = fit_names(cfg), mapped.counted
-    baseline = names[-1]
     common = fit_provenance(cfg, plan, extract, inputs, fitted, mapped, dataset_fingerprint)
     fits, summary = {}, {}
-    for name in names:
-        mapping = mapped.mappings[name]
-        label_free = (
-            None if name == baseline else label_free_mapping(counted["co_assignment"][name], mapped.mappings[baseline])
-        )
-        arrays = {"mapping_counts": counted["mapping_counts"][name]} | (
-            {} if label_free is None else {"label_free_mapping": label_free}
-        )
-        if name == names[0]:
-            arrays["class_prototypes"] = main_class_prototypes(mapping, counted["main_sums"], counted["main_sizes"])
-        seconds = round(fitted.seconds[name], 3)
-        fits[name] = FitArtifact(
-            centroids=fitted.centroids[name],
-            mapping=mapping,
-            extra_arrays=arrays,
-            mapping_kind="hungarian" if name == baseline else "majority",
-            meta={
-                "name": name,
-                "k": len(mapping),
-                **common,
-                "fit_seconds": seconds,
-                "lloyd_history": fitted.history.get(name, []),
-            },
-        )
-        summary[name] = {
-            "k": len(mapping),
-            "mapping_kind": fits[name].mapping_kind,
-            "patch_level": protocol_scores(
-                counted["counts"][name],
-                counted["mapping_counts"][name],
-                mapping,
-                label_free,
-                CLASS_NAMES,
-                protocol_steps(cfg.protocol).patch_miou,
-            ),
-            "clusters_without_labelled_patches": int((mapped.counts[name].sum(axis=1) == 0).sum()),
-            "fit_seconds": seconds,
-            "fitted_on": common["fitted_on"],
-            "mapped_on": common["mapped_on"],
-        }
+    for name in fit_names(cfg):
+        fits[name] = fit_artifact(cfg, name, fitted, mapped, common)
+        summary[name] = summary_entry(cfg, name, fits[name], mapped, common)
     return fits, summary
+
+
+def summary_entry(cfg: RunConfig, name: str, fit: FitArtifact, mapped: Mapped, common: dict) -> dict:
+    """A fit's entry in fit_summary.json: its method, its patch-level scores by mapping protocol, its time."""
+    counted = mapped.counted
+    patch_level = protocol_scores(
+        counted["counts"][name],
+        counted["mapping_counts"][name],
+        fit.mapping,
+        fit.extra_arrays.get("label_free_mapping"),
+        CLASS_NAMES,
+        protocol_steps(cfg.protocol).patch_miou,
+    )
+    return {
+        "k": fit.k,
+        "mapping_kind": fit.mapping_kind,
+        "fitted_by": fitted_by(cfg, name),
+        "patch_level": patch_level,
+        "clusters_without_labelled_patches": int((mapped.counts[name].sum(axis=1) == 0).sum()),
+        "fit_seconds": fit.meta["fit_seconds"],
+        "fitted_on": common["fitted_on"],
+        "mapped_on": common["mapped_on"],
+    }
+
+
+def fit_artifact(cfg: RunConfig, name: str, fitted: Fitted, mapped: Mapped, common: dict) -> FitArtifact:
+    """One fit's artifact: its centroids and mapping, the held-out folds' counts, the label-free
+    mapping (through the baseline), the main fit's class prototypes, and its meta.json."""
+    names, counted = fit_names(cfg), mapped.counted
+    baseline = names[-1]
+    arrays = {"mapping_counts": counted["mapping_counts"][name]}
+    if name != baseline:
+        arrays["label_free_mapping"] = label_free_mapping(counted["co_assignment"][name], mapped.mappings[baseline])
+    if name == names[0]:
+        arrays["class_prototypes"] = main_class_prototypes(
+            mapped.mappings[name], counted["main_sums"], counted["main_sizes"]
+        )
+    meta = {"name": name, "k": len(mapped.mappings[name]), **common, "engine": fit_engine(cfg, name)}
+    meta |= {"fit_seconds": round(fitted.seconds[name], 3), "lloyd_history": fitted.history.get(name, [])}
+    return FitArtifact(
+        centroids=fitted.centroids[name],
+        mapping=mapped.mappings[name],
+        extra_arrays=arrays,
+        mapping_kind="hungarian" if name == baseline else "majority",
+        meta=meta,
+    )
 
 
 def fit_provenance(

@@ -1,6 +1,11 @@
+import json
+import shutil
+
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
+from configs.schema import ConfigError
 from core.clustering.codebook_merge import (
     CodebookMergeSettings,
     GraphPartial,
@@ -12,7 +17,14 @@ from core.clustering.codebook_merge import (
     merge_groups,
     merged_centroids,
 )
+from core.clustering.fit_artifact import FitArtifact
 from core.clustering.kmeans import assign_clusters, fit_kmeans, l2_normalize
+from ray_jobs.fit import codebook_settings, gather_sample
+from ray_jobs.pipeline import Pipeline
+from storage.features import features_from_table
+from storage.run.feature_sets import FeatureShards
+from storage.run.markers import read_done
+from tests.tiny_runs import copy_run, tiny_config
 
 DIM = 16
 
@@ -120,3 +132,42 @@ def test_too_small_a_sample_or_graph_is_refused():
         merged_centroids(graph_partial(x[:3], codebook), 5)
     with pytest.raises(ValueError, match="do not match the codebook"):
         graph_partial(x[:, :8], codebook)
+
+
+def test_the_fit_stage_merges_over_every_shard_as_one_process_does(tiny_run, tmp_path):
+    """fit.method=codebook_merge on a run's features: each sweep fit's codebook is fitted on the fit's
+    bounded sample, its graph built by Ray tasks over the shards: the same bytes as one process over
+    every row; the baseline stays k-means; the fit records and the report say how each fit was made."""
+    cfg = copy_run(tiny_run, tmp_path, fit={"method": "codebook_merge"})
+    for stage in ("fits", "scores", "labels"):  # other fit settings: the fit stage is redone, not mixed
+        shutil.rmtree(cfg.output_dir / stage)
+    Pipeline(cfg).run(("fit", "label", "report"))
+    markers = read_done(cfg.output_dir / "features")
+    sample = gather_sample(FeatureShards(cfg.output_dir / "features", markers), cfg)
+    rows = np.concatenate(
+        [features_from_table(pq.read_table(cfg.output_dir / "features" / f"{shard}.parquet")) for shard in markers]
+    )
+    for name, k in (("k16", 16), ("k8", 8)):
+        fit = FitArtifact.load(cfg.output_dir / "fits" / name)
+        expected = merged_centroids(graph_partial(rows, fit_codebook(sample, k, cfg.seed, codebook_settings(cfg))), k)
+        np.testing.assert_array_equal(fit.centroids, expected)
+        assert fit.meta["engine"].startswith("codebook merge")
+    baseline = FitArtifact.load(cfg.output_dir / "fits" / "baseline_k19")
+    assert not baseline.meta["engine"].startswith("codebook merge")
+    report = json.loads((cfg.output_dir / "report.json").read_text())
+    assert [f["fitted_by"] for f in report["fits"].values()] == ["codebook merge", "codebook merge", "k-means"]
+    assert "| k16 | codebook merge | majority | 16 |" in (cfg.output_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"fit": {"method": "codebook_merge", "lloyd_iterations": 2}}, "set fit.lloyd_iterations=0 with it"),
+        ({"fit": {"method": "codebook_merge"}, "protocol": "paper"}, "set fit.method=kmeans with protocol=paper"),
+        ({"fit": {"codebook_ratio": 1}}, "fit.codebook_ratio"),
+        ({"fit": {"method": "balanced"}}, "fit.method"),
+    ],
+)
+def test_bad_fit_method_settings_are_refused_naming_the_key(tmp_path, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(tmp_path / "data", tmp_path / "out", **settings)

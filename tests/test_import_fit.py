@@ -163,7 +163,7 @@ def test_the_papers_centroids_label_and_score_as_the_fit_they_came_from(ray_clus
     rows = [line for line in text.splitlines() if cell in line]
     assert len(rows) == 1 + 1 + 1, rows  # k sweep, per-class IoU, recovered
     assert sum(line.startswith(("| seed_k16", "| **seed_k16", "- seed_k16")) for line in text.splitlines()) == len(rows)
-    assert f"| {cell} | imported | 16 | not measured |" in text
+    assert f"| {cell} | imported | imported | 16 | not measured |" in text
     assert f"- **Imported fit seed_k16:** `{npz}` (sha256 `{sha}`)" in text
     assert "Imported fits are left out: they came with their own mapping" in text
 

@@ -98,7 +98,7 @@ def test_the_frames_run_fits_itself_and_maps_on_the_labelled_run(frames, demo_ro
     ) in text
     assert f"Not measured: none of the {NUM_FRAMES} images labelled here has ground truth" in text
     assert "patch-level numbers are that set's own patches" in text and "a cross-set score" not in text
-    assert "| fit | mapping | k | patch mIoU | dead centroids |" in text
+    assert "| fit | fitted by | mapping | k | patch mIoU | dead centroids |" in text
     for unmeasured in (
         "images scored",
         "Baseline misses",

@@ -207,16 +207,17 @@ def _sweep_section(report: dict, names: list[str], scored: bool) -> list[str]:
             "s-th pixel in each direction (`label.sweep_pixel_stride`: the sweep's extra fits, whose labels are "
             "not written).",
             "",
-            "| fit | mapping | k | patch mIoU | pixel mIoU | pixel acc | classes with IoU ≥ 5 % | dead centroids "
-            "| cluster purity | pixels scored |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| fit | fitted by | mapping | k | patch mIoU | pixel mIoU | pixel acc | classes with IoU ≥ 5 % "
+            "| dead centroids | cluster purity | pixels scored |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     else:
-        lines += ["| fit | mapping | k | patch mIoU | dead centroids |", "|---|---|---|---|---|"]
+        lines += ["| fit | fitted by | mapping | k | patch mIoU | dead centroids |", "|---|---|---|---|---|---|"]
     for name in names:
         f = fits[name]
         patch = "not measured" if f["patch_level"] is None else _pct(f["patch_level"]["same_set"]["miou"])
-        cells = [_fit_cell(name, f), f["mapping_kind"], str(f["k"]), patch]
+        # fit.method (k-means or codebook merge); fits made before it was recorded were k-means ones
+        cells = [_fit_cell(name, f), f.get("fitted_by", "k-means"), f["mapping_kind"], str(f["k"]), patch]
         dead = f"{f['dead_centroids']}/{f['k']}"
         if scored:
             pixel = f["pixel_level"]["same_set"]

@@ -137,6 +137,7 @@ def require_fits(
         summary[name] = {
             "k": record["k"],
             "mapping_kind": IMPORTED,
+            "fitted_by": "imported",
             "patch_level": None,
             "imported_from": record["imported_from"],
         }
