@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from core.classes import (
     CLASS_NAMES,
@@ -79,7 +80,11 @@ def paper_ground_truth(gt_train_ids: np.ndarray, gt_instance_ids: np.ndarray) ->
 def paper_confusion(gt: PaperGroundTruth, pred_train_ids: np.ndarray) -> np.ndarray:
     """(19, 19) int64 pixel counts, rows ground truth, columns prediction (the script's transpose,
     our `core.evaluation.metrics` orientation), at PAPER_EVAL_HW; pixels with either side >= 19 are dropped."""
-    g, p = gt.train_ids, resize_nearest(pred_train_ids, PAPER_EVAL_HW).ravel().astype(np.int64)
+    return _confusion_at_eval_size(gt, resize_nearest(pred_train_ids, PAPER_EVAL_HW))
+
+
+def _confusion_at_eval_size(gt: PaperGroundTruth, pred: np.ndarray) -> np.ndarray:
+    g, p = gt.train_ids, pred.ravel().astype(np.int64)
     keep = (g < NUM_CLASSES) & (p < NUM_CLASSES)
     return np.bincount(g[keep] * NUM_CLASSES + p[keep], minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
 
@@ -120,18 +125,22 @@ def _paint(pan: np.ndarray, ids: np.ndarray) -> None:
 
 
 def _pred_segments(pred: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """Segment-id map (0 = none) and the class of segments 1..n of the prediction."""
+    """Segment-id map (0 = none) and the class of segments 1..n of the prediction. Each thing class's
+    components are found within its bounding box: raster order there is raster order in the image,
+    so the segments are numbered as the script numbers them."""
     present = _class_pixels(pred)
     pan, cats = _stuff_segments(pred, present)
-    for c in THING_TRAIN_IDS:
-        if present[c] < THING_MIN_AREA:  # no component of it can be kept
-            continue
-        comps, n = connected_components(pred == c, 4)  # scipy's default 4-connectivity, as in the script
+    things = [c for c in THING_TRAIN_IDS if present[c] >= THING_MIN_AREA]  # others: no component can be kept
+    boxes = ndimage.find_objects(pred, max_label=NUM_CLASSES) if things else []  # class c's box at index c - 1
+    for c in things:
+        box = boxes[c - 1]
+        mask = pred[box] == c
+        comps, n = connected_components(mask, 4)  # scipy's default 4-connectivity, as in the script
         kept = np.flatnonzero(np.bincount(comps.ravel(), minlength=n + 1)[1:] >= THING_MIN_AREA) + 1
         ids = np.zeros(n + 1, np.int32)  # component -> its segment id, in the script's order
         ids[kept] = len(cats) + 1 + np.arange(len(kept))
         cats += [c] * len(kept)
-        _paint(pan, ids[comps])
+        _paint(pan[box], ids[comps])
     return pan, cats
 
 
@@ -155,8 +164,12 @@ def _gt_segments(gt_sem: np.ndarray, gt_inst: np.ndarray) -> tuple[np.ndarray, l
 
 def paper_pq_stats(gt: PaperGroundTruth, pred_train_ids: np.ndarray) -> np.ndarray:
     """(19, 4) float64 per-class (tp, fp, fn, iou_sum) of one image at PAPER_EVAL_HW; sums over images."""
+    return _pq_stats_at_eval_size(gt, resize_nearest(pred_train_ids, PAPER_EVAL_HW))
+
+
+def _pq_stats_at_eval_size(gt: PaperGroundTruth, pred: np.ndarray) -> np.ndarray:
     gp, gc = gt.segments, gt.classes
-    pp, pc = _pred_segments(resize_nearest(pred_train_ids, PAPER_EVAL_HW))
+    pp, pc = _pred_segments(pred)
     ng, npr = len(gc) + 1, len(pc) + 1
     inter = np.bincount(gp.ravel().astype(np.int64) * npr + pp.ravel(), minlength=ng * npr).reshape(ng, npr)
     union = inter.sum(1, keepdims=True) + inter.sum(0, keepdims=True) - inter
@@ -244,8 +257,8 @@ class PaperEvaluator(Evaluator):
             return np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64), np.zeros((NUM_CLASSES, 4), np.float64)
         if "paper_truth" not in image.cache:  # resized and segmented once for every labelling of the image
             image.cache["paper_truth"] = paper_ground_truth(image.truth.train_ids, image.truth.instance_ids)
-        truth = image.cache["paper_truth"]
-        return paper_confusion(truth, train_ids), paper_pq_stats(truth, train_ids)
+        truth, pred = image.cache["paper_truth"], resize_nearest(train_ids, PAPER_EVAL_HW)  # resized once for both
+        return _confusion_at_eval_size(truth, pred), _pq_stats_at_eval_size(truth, pred)
 
     def evaluate(self, totals: dict[str, np.ndarray]) -> dict:
         out = {}
