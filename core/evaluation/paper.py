@@ -44,7 +44,7 @@ from core.classes import (
     THING_TRAIN_IDS,
 )
 from core.evaluation.base import Evaluator, ImageToScore
-from core.evaluation.panoptic import connected_components
+from core.evaluation.panoptic import connected_components, lookup
 
 PAPER_EVAL_HW = (512, 1024)
 STUFF_MIN_AREA = 64
@@ -66,7 +66,7 @@ class PaperGroundTruth:
     """One image's ground truth as the script scores it, made once for all the predictions scored
     against it (`paper_ground_truth`): trainIds at PAPER_EVAL_HW and its panoptic segments."""
 
-    train_ids: np.ndarray  # (512 * 1024,) int64
+    train_ids: np.ndarray  # (512 * 1024,) uint8
     segments: np.ndarray  # (512, 1024) int32 segment ids, 0 = none
     classes: np.ndarray  # (n,) int64 class of segments 1..n
 
@@ -74,7 +74,7 @@ class PaperGroundTruth:
 def paper_ground_truth(gt_train_ids: np.ndarray, gt_instance_ids: np.ndarray) -> PaperGroundTruth:
     sem = resize_nearest(gt_train_ids, PAPER_EVAL_HW)
     segments, classes = _gt_segments(sem, resize_nearest(gt_instance_ids, PAPER_EVAL_HW))
-    return PaperGroundTruth(sem.ravel().astype(np.int64), segments, np.array(classes, np.int64))
+    return PaperGroundTruth(sem.ravel(), segments, np.array(classes, np.int64))
 
 
 def paper_confusion(gt: PaperGroundTruth, pred_train_ids: np.ndarray) -> np.ndarray:
@@ -84,9 +84,10 @@ def paper_confusion(gt: PaperGroundTruth, pred_train_ids: np.ndarray) -> np.ndar
 
 
 def _confusion_at_eval_size(gt: PaperGroundTruth, pred: np.ndarray) -> np.ndarray:
-    g, p = gt.train_ids, pred.ravel().astype(np.int64)
-    keep = (g < NUM_CLASSES) & (p < NUM_CLASSES)
-    return np.bincount(g[keep] * NUM_CLASSES + p[keep], minlength=NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+    """One count over the 256 x 256 (gt, pred) pairs of uint8 maps, the 19 x 19 of them kept."""
+    pairs = np.bincount(gt.train_ids.astype(np.uint16) << 8 | pred.astype(np.uint8).ravel(), minlength=1 << 16)
+    pairs = pairs.reshape(256, 256)
+    return pairs[:NUM_CLASSES, :NUM_CLASSES].copy()
 
 
 def paper_semantic_scores(conf: np.ndarray) -> dict:
@@ -115,7 +116,7 @@ def _stuff_segments(semantic: np.ndarray, counts: np.ndarray) -> tuple[np.ndarra
     cats = [c for c in STUFF_TRAIN_IDS if counts[c] >= STUFF_MIN_AREA]
     ids = np.zeros(len(counts), np.int32)  # class -> its segment id
     ids[cats] = np.arange(1, len(cats) + 1)
-    return ids[semantic], cats
+    return lookup(semantic, ids), cats
 
 
 def _paint(pan: np.ndarray, ids: np.ndarray) -> None:
