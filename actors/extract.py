@@ -27,8 +27,8 @@ from configs.geometry import (
 from configs.schema import RunConfig
 from core.classes import IGNORE, NUM_CLASSES
 from core.evaluation.metrics import patch_majority_labels, patch_nearest_labels
+from core.inference.paper_windows import paper_scale_windows
 from core.inference.windows import ScaleLayout, cause_view, cut_windows, stitch_windows
-from core.labelling.paper_baseline import paper_scale_windows
 from core.presets import protocol_steps
 from storage.features import backbone_path, cause_path, feature_path, patch_schema, patch_table, window_path
 from storage.images import InputError, read_rgb, read_train_ids

@@ -15,7 +15,7 @@ from actors.rows import run_on_image, step
 from core.clustering.sampling import image_fold
 from core.evaluation import EvaluationSpec, build_evaluators
 from core.evaluation.base import ImageToScore, Segmenter, add_images
-from core.labelling.image import ImageLabels
+from core.labelling.maps import ImageLabels
 from storage.cityscapes_outputs import label_pngs, remove_image_predictions
 from storage.images import read_ground_truth
 from storage.run.atomic import write_json_atomic, write_npz_atomic

@@ -8,6 +8,7 @@ import numpy as np
 
 from configs.schema import ConfigError, RunConfig
 from core.errors import UserError
+from core.inference.paper_windows import paper_scale_layout
 from core.inference.windows import (
     ScaleLayout,
     StoredWindows,
@@ -18,7 +19,6 @@ from core.inference.windows import (
     window_count,
     window_layout,
 )
-from core.labelling.paper_baseline import paper_scale_layout
 from core.presets import protocol_steps
 from storage.images import ImageLimits
 

@@ -9,12 +9,13 @@ import pytest
 from scipy import ndimage
 
 from configs.schema import ConfigError
-from core.evaluation.base import FOLD_SUFFIX, ImageToScore, LabelMap, PanopticRules, Segmenter, add_images, add_totals
+from core.evaluation.base import FOLD_SUFFIX, ImageToScore, PanopticRules, Segmenter, add_images, add_totals
 from core.evaluation.metrics import confusion_matrix
 from core.evaluation.official import OfficialEvaluator
 from core.evaluation.panoptic import _compact, connected_components, gt_panoptic, panoptic_from_train_ids, pq_stats
 from core.evaluation.paper import PaperEvaluator
-from core.labelling.image import ImageLabeller, ImageLabels, LabelFit, LabelRequest
+from core.labelling.image import ImageLabeller, LabelFit, LabelRequest
+from core.labelling.maps import ImageLabels, LabelMap
 from core.labelling.variants import RefineSettings
 from ray_jobs.pipeline import Pipeline
 from storage.images import GroundTruth

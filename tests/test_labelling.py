@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from core.labelling.assign import PixelAssigner, bilinear_weights, clusters_to_train_ids, subsample
+from core.labelling.assign import PixelAssigner, bilinear_weights, clusters_to_train_ids
+from core.labelling.maps import subsample
 from core.mapping.majority import cluster_class_counts
 
 

@@ -10,14 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from configs.schema import parse_config
-from core.labelling.paper_baseline import (
-    is_one_window,
-    merged_log_probs,
-    paper_baseline_labels,
-    paper_common_size,
-    paper_scale_layout,
-    paper_scale_windows,
-)
+from core.inference.paper_windows import is_one_window, paper_common_size, paper_scale_layout, paper_scale_windows
+from core.labelling.paper_baseline import merged_log_probs, paper_baseline_labels
 from core.refine.crf import dense_crf
 
 CROP, PATCH, DIM = 112, 14, 5

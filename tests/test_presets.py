@@ -13,7 +13,7 @@ from sklearn.cluster import MiniBatchKMeans
 from actors.extract import patch_labels
 from configs.schema import ConfigError, parse_config
 from core.clustering.kmeans import assign_euclidean, fit_paper_minibatch
-from core.evaluation.cause import crop_clusters, crop_counts, hungarian_scores
+from core.evaluation.cause import crop_counts, hungarian_scores
 from core.inference.dense import WindowModel
 from core.inference.windows import (
     StoredWindows,
@@ -23,6 +23,7 @@ from core.inference.windows import (
     layout_axis_weights,
     stitch_windows,
 )
+from core.labelling.cause_crop import crop_clusters
 from core.labelling.image import ImageLabeller, LabelFit, LabelRequest
 from core.labelling.variants import RefineSettings
 from core.refine.crf import dense_crf

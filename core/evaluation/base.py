@@ -22,18 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.evaluation.panoptic import Panoptic, panoptic_from_train_ids
+from core.labelling.maps import LabelMap
 
 FOLD_SUFFIX = "@fold"
-
-
-@dataclass(frozen=True)
-class LabelMap:
-    """One labelling of one image, to be scored: trainIds (255 = none), at every pixel or, with
-    `stride` s, at every s-th pixel in each direction (`core.labelling.assign.subsample` of the image)."""
-
-    train_ids: np.ndarray  # (H, W) uint8, or its stride subsample
-    instances: np.ndarray | None = None  # (H, W) int instance ids of thing pixels, where a variant makes them
-    stride: int = 1
 
 
 @dataclass(frozen=True)

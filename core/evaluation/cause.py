@@ -15,15 +15,11 @@ classes whose IoU is defined, accuracy = matched pixels / all counted pixels.
 """
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from core.classes import IGNORE, LABEL_ID_TO_CLASS_27, NUM_CLASSES_27
 from core.evaluation.base import Evaluator, ImageToScore
-from core.inference.dense import IMAGENET_MEAN, IMAGENET_STD
 from core.inference.windows import cause_view
-from core.refine.crf import dense_crf
 
 CLASS_NAMES_27 = [
     "road",
@@ -54,40 +50,6 @@ CLASS_NAMES_27 = [
     "motorcycle",
     "bicycle",
 ]
-COSINE_SCALE = 3.0  # CAUSE's cluster logits: log_softmax(3 * cosine)
-
-
-def crop_cosines(grid: np.ndarray, centroids: np.ndarray, crop: int) -> torch.Tensor:
-    """(D, g, g) patch features of the crop + (k, D) unit centroids -> (k, crop, crop) cosines."""
-    pixels = F.interpolate(
-        torch.from_numpy(np.asarray(grid, np.float32))[None], size=(crop, crop), mode="bilinear", align_corners=False
-    )[0]
-    pixels = F.normalize(pixels, dim=0)
-    return torch.einsum("kd,dyx->kyx", torch.from_numpy(np.array(centroids, np.float32)), pixels)
-
-
-def rebuilt_image(crop_rgb: np.ndarray) -> np.ndarray:
-    """The uint8 image CAUSE's CRF sees: ToTensor, Normalize, then invTrans and `mul(255).byte()`."""
-    x = torch.from_numpy(crop_rgb).permute(2, 0, 1).float().div(255)
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    x = (x - mean) / std
-    x = (x - 0.0) / torch.tensor([1 / s for s in IMAGENET_STD]).view(3, 1, 1)
-    x = (x - torch.tensor([-m for m in IMAGENET_MEAN]).view(3, 1, 1)) / 1.0
-    return x.mul(255).byte().permute(1, 2, 0).numpy()
-
-
-def crop_clusters(
-    grid: np.ndarray, crf_grid: np.ndarray, centroids: np.ndarray, crop_rgb: np.ndarray
-) -> dict[str, np.ndarray]:
-    """One crop's cluster maps, (crop, crop) each: "crop" without CAUSE's CRF, from `grid`
-    (test_without_crf's unflipped pass), and "crop+crf" with it, from `crf_grid` (test's
-    flip-averaged pass). Both grids (D, g, g); `crop_rgb` (crop, crop, 3) uint8."""
-    crop = crop_rgb.shape[0]
-    logits = torch.log_softmax(COSINE_SCALE * crop_cosines(crf_grid, centroids, crop), dim=0).numpy()
-    return {
-        "crop": crop_cosines(grid, centroids, crop).argmax(dim=0).numpy(),
-        "crop+crf": dense_crf(rebuilt_image(crop_rgb), logits, alpha=1.0).argmax(axis=0),
-    }
 
 
 def crop_counts(clusters: np.ndarray, crop_label_ids: np.ndarray, k: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from core.classes import CLASS_NAMES, NUM_CLASSES
 from core.evaluation.base import FOLD_SUFFIX, Evaluator, ImageToScore
 from core.evaluation.metrics import confusion_matrix, semantic_scores
 from core.evaluation.panoptic import pq_scores, pq_stats, segment_index
-from core.labelling.assign import subsample
+from core.labelling.maps import subsample
 from core.mapping.majority import cluster_class_counts
 
 

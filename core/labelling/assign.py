@@ -18,25 +18,15 @@ import numpy as np
 import torch
 
 from core.classes import IGNORE
+from core.labelling.maps import first_sample
 from core.mapping.majority import predict_classes
 
 BLOCK_ELEMENTS = 1 << 25  # cosine scores held at once per block (128 MiB of float32)
 
 
-def _first_sample(length: int, stride: int) -> int:
-    return min(stride // 2, length - 1)  # a stride beyond the image still keeps one pixel
-
-
 def sample_positions(length: int, stride: int = 1) -> torch.Tensor:
     """Pixel indices a stride-s subsample keeps along one axis: s//2, s//2 + s, ..."""
-    return torch.arange(_first_sample(length, stride), length, stride)
-
-
-def subsample(array: np.ndarray, stride: int) -> np.ndarray:
-    """The pixels of an (H, W, ...) map that `PixelAssigner` labels at this stride."""
-    if stride == 1:
-        return array
-    return array[_first_sample(array.shape[0], stride) :: stride, _first_sample(array.shape[1], stride) :: stride]
+    return torch.arange(first_sample(length, stride), length, stride)
 
 
 def taps_at(positions: torch.Tensor, grid_len: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

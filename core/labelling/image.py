@@ -8,21 +8,19 @@ baseline's labels made in more ways and its clusters on CAUSE's centre crop. Wha
 `core.evaluation`, a separate step: nothing here knows a metric.
 """
 
-import io
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from core.classes import NUM_CLASSES
-from core.evaluation.base import LabelMap
-from core.evaluation.cause import crop_clusters
-from core.evaluation.panoptic import Panoptic
 from core.evaluation.paper import resize_nearest
+from core.inference.paper_windows import is_one_window, paper_common_size
 from core.inference.windows import StoredWindows
-from core.labelling.assign import PixelAssigner, clusters_to_train_ids, subsample, window_cluster_maps
-from core.labelling.paper_baseline import is_one_window, merged_log_probs, paper_baseline_labels, paper_common_size
+from core.labelling.assign import PixelAssigner, clusters_to_train_ids, window_cluster_maps
+from core.labelling.cause_crop import crop_clusters
+from core.labelling.maps import ImageLabels, LabelMap, subsample
+from core.labelling.paper_baseline import merged_log_probs, paper_baseline_labels
 from core.labelling.variants import ImageEvidence, run_variant
 
 # How pixel labels are made: at the image's full size (bilinear features, official), or at the
@@ -64,62 +62,6 @@ class LabelRequest:
     both_labellings: bool = False  # every fit labelled both ways, "fit/<fit>/<labelling>" (protocol sensitivity)
     baseline_labellings: tuple[str, ...] = ()  # "baseline/<name>" (`baseline_labellings`)
     cause_crop: bool = False  # the baseline's clusters on CAUSE's crop, "crop" and "crop+crf"
-
-
-@dataclass
-class ImageLabels:
-    clusters: dict[str, np.ndarray]  # per fit: the protocol's labelling, (H, W) or its stride subsample
-    targets: dict[str, LabelMap]  # the named label maps to score (module docstring); one object per distinct map
-    seconds: dict[str, float]  # per variant: the main fit's assignment plus the variant's own work
-    crops: dict[str, np.ndarray] = field(default_factory=dict)  # CAUSE's crop: "crop", "crop+crf" (crop, crop)
-    segments: dict[str, Panoptic] = field(default_factory=dict)  # targets already segmented (for the PNGs), by name
-
-    def variant(self, name: str) -> LabelMap:
-        return self.targets[f"variant/{name}"]
-
-    def to_bytes(self) -> bytes:
-        """One image's labels as an npz, to travel from the label step to the score step (no pickle):
-        a map shared by several targets is stored once and shared again when read (`from_bytes`)."""
-        arrays, first = {}, {}
-        meta = {"targets": {}, "seconds": self.seconds, "crops": list(self.crops), "segments": list(self.segments)}
-        for name, labels in self.targets.items():
-            key = first.setdefault(id(labels), name)
-            meta["targets"][name] = {"same_as": key, "stride": labels.stride, "instances": labels.instances is not None}
-            if key == name:
-                arrays[f"target/{name}"] = labels.train_ids
-                if labels.instances is not None:
-                    arrays[f"instances/{name}"] = labels.instances
-        arrays |= {f"clusters/{n}": m for n, m in self.clusters.items()} | {
-            f"crops/{n}": m for n, m in self.crops.items()
-        }
-        for name, pan in self.segments.items():
-            arrays |= {
-                f"segments/{name}/{f}": getattr(pan, f) for f in ("ids", "segment_ids", "category", "iscrowd", "area")
-            }
-        buffer = io.BytesIO()
-        np.savez(buffer, _meta=np.array(json.dumps(meta)), **arrays)
-        return buffer.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "ImageLabels":
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-        meta = json.loads(str(arrays.pop("_meta")))
-        targets = {}
-        for name, t in meta["targets"].items():
-            targets[name] = (
-                targets[t["same_as"]]
-                if t["same_as"] != name
-                else LabelMap(arrays[f"target/{name}"], arrays.get(f"instances/{name}"), t["stride"])
-            )
-        clusters = {k.removeprefix("clusters/"): v for k, v in arrays.items() if k.startswith("clusters/")}
-        segments = {
-            name: Panoptic(
-                *(arrays[f"segments/{name}/{f}"] for f in ("ids", "segment_ids", "category", "iscrowd", "area"))
-            )
-            for name in meta["segments"]
-        }
-        return cls(clusters, targets, meta["seconds"], {n: arrays[f"crops/{n}"] for n in meta["crops"]}, segments)
 
 
 class ImageLabeller:
