@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from core.classes import EVAL_CLASSES, train_ids_to_label_ids
-from core.evaluation.panoptic import Panoptic, gt_panoptic, instance_ids_map
+from core.panoptic import Panoptic, gt_panoptic, instance_ids_map
 from storage.images import InputError, safe_path, write_png_atomic
 from storage.run.atomic import write_json_atomic
 from storage.run.shards import shard_records
@@ -134,7 +134,7 @@ def write_label_ids_png(train_ids: np.ndarray, path: Path) -> None:
 
 
 def write_instance_ids_png(panoptic: Panoptic, train_ids: np.ndarray, path: Path) -> None:
-    """uint16 Cityscapes-format instanceIds PNG (see `core.evaluation.panoptic.instance_ids_map`)."""
+    """uint16 Cityscapes-format instanceIds PNG (see `core.panoptic.instance_ids_map`)."""
     write_png_atomic(instance_ids_map(panoptic, train_ids), path)
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from core.classes import LABEL_ID_TO_TRAIN_ID, MAX_LABEL_ID
 from core.errors import UserError
 from core.evaluation.base import GroundTruth
-from core.evaluation.panoptic import gt_panoptic
+from core.panoptic import gt_panoptic
 from storage import uris
 
 

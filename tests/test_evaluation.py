@@ -12,11 +12,13 @@ from configs.schema import ConfigError
 from core.evaluation.base import FOLD_SUFFIX, ImageToScore, PanopticRules, Segmenter, add_images, add_totals
 from core.evaluation.metrics import confusion_matrix
 from core.evaluation.official import OfficialEvaluator
-from core.evaluation.panoptic import _compact, connected_components, gt_panoptic, panoptic_from_train_ids, pq_stats
 from core.evaluation.paper import PaperEvaluator
+from core.evaluation.pq import pq_stats
+from core.image_ops import connected_components
 from core.labelling.image import ImageLabeller, LabelFit, LabelRequest
 from core.labelling.maps import ImageLabels, LabelMap
 from core.labelling.variants import RefineSettings
+from core.panoptic import _compact, gt_panoptic, panoptic_from_train_ids
 from ray_jobs.pipeline import Pipeline
 from storage.images import GroundTruth
 from tests.tiny_runs import copy_run, report_metrics, tiny_config

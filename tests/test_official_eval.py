@@ -22,7 +22,8 @@ from PIL import Image
 
 from core.classes import CLASS_NAMES, TRAIN_ID_TO_LABEL_ID, label_ids_to_train_ids
 from core.evaluation.metrics import confusion_matrix, iou_per_class, mean_iou
-from core.evaluation.panoptic import gt_panoptic, panoptic_from_train_ids, pq_scores, pq_stats
+from core.evaluation.pq import pq_scores, pq_stats
+from core.panoptic import gt_panoptic, panoptic_from_train_ids
 from storage.cityscapes_outputs import (
     convert_gt_panoptic,
     panoptic_json_path,

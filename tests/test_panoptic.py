@@ -4,17 +4,8 @@ import numpy as np
 import pytest
 
 from core.classes import CLASS_NAMES
-from core.evaluation.panoptic import (
-    FN,
-    FP,
-    IOU_SUM,
-    TP,
-    gt_panoptic,
-    instance_ids_map,
-    panoptic_from_train_ids,
-    pq_scores,
-    pq_stats,
-)
+from core.evaluation.pq import FN, FP, IOU_SUM, TP, pq_scores, pq_stats
+from core.panoptic import gt_panoptic, instance_ids_map, panoptic_from_train_ids
 
 ROAD, SKY, PERSON, CAR = 0, 10, 11, 13  # trainIds
 L_ROAD, L_SKY, L_PERSON, L_CAR = 7, 23, 24, 26  # labelIds

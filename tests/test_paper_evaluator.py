@@ -12,8 +12,8 @@ from core.evaluation.paper import (
     paper_pq_scores,
     paper_pq_stats,
     paper_semantic_scores,
-    resize_nearest,
 )
+from core.image_ops import resize_nearest
 
 V = 255
 ROAD, SIDEWALK, BUILDING, PERSON, RIDER, CAR = 0, 1, 2, 11, 12, 13  # trainIds

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from core.classes import IGNORE
-from core.evaluation.panoptic import panoptic_from_train_ids
 from core.labelling.assign import PixelAssigner, bilinear_weights
+from core.panoptic import panoptic_from_train_ids
 from core.refine.em import em_refine, em_step, refine_semantic, soft_kmeans_objective
 from core.refine.superpixels import _superpixel_em, _superpixel_input, refine_labels_by_superpixels, superpixels
 from core.refine.things import split_things

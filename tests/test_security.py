@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs.schema import parse_config
-from core.evaluation.panoptic import panoptic_from_train_ids
+from core.panoptic import panoptic_from_train_ids
 from ray_jobs import session
 from storage.cityscapes_outputs import write_image_predictions
 from storage.datasets import ImageRecord, list_cityscapes

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.evaluation.panoptic import Panoptic, panoptic_from_train_ids
 from core.labelling.maps import LabelMap
+from core.panoptic import Panoptic, panoptic_from_train_ids
 
 FOLD_SUFFIX = "@fold"
 
@@ -66,7 +66,7 @@ class GroundTruth:
     label_ids: np.ndarray  # (H, W) uint8 Cityscapes labelIds
     train_ids: np.ndarray  # (H, W) uint8 trainIds, 255 = void
     instance_ids: np.ndarray  # (H, W) Cityscapes instanceIds
-    panoptic: Panoptic  # the official ground-truth segments (`core.evaluation.panoptic.gt_panoptic`)
+    panoptic: Panoptic  # the official ground-truth segments (`core.panoptic.gt_panoptic`)
 
 
 @dataclass

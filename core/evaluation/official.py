@@ -4,7 +4,7 @@ Per fit: the (cluster, class) pixel counts of its labels on the image's valid pi
 fold: every mapping protocol's mIoU (same-set, held-out, label-free, few-shot, human) is computed
 from them in the report (`core.mapping.protocols`). Per target: the confusion matrix (`core.evaluation.metrics`:
 void pixels skipped, a pixel predicted 255 is a miss) and, at every pixel, the panoptic match
-statistics (`core.evaluation.panoptic`: IoU > 0.5, void and crowd rules). tests/test_official_eval.py checks
+statistics (`core.evaluation.pq`: IoU > 0.5, void and crowd rules). tests/test_official_eval.py checks
 both against cityscapesscripts itself.
 """
 
@@ -15,9 +15,10 @@ import numpy as np
 from core.classes import CLASS_NAMES, NUM_CLASSES
 from core.evaluation.base import FOLD_SUFFIX, Evaluator, ImageToScore
 from core.evaluation.metrics import confusion_matrix, semantic_scores
-from core.evaluation.panoptic import pq_scores, pq_stats, segment_index
+from core.evaluation.pq import pq_scores, pq_stats
 from core.labelling.maps import subsample
 from core.mapping.majority import cluster_class_counts
+from core.panoptic import segment_index
 
 
 class OfficialEvaluator(Evaluator):

@@ -17,7 +17,7 @@ one segment per stuff class of the semantic map (>= 64 px) and one per instanceI
 thing class (>= 10 px), instances painted over stuff. Segments of a class match at IoU > 0.5.
 
 Differences from the official Cityscapes evaluation (`cityscapesscripts`, i.e. `core.evaluation.metrics`,
-`core.evaluation.panoptic`):
+`core.evaluation.pq`):
   - evaluated at 512 x 1024, not at the full 1024 x 2048;
   - unassigned predictions (255) on labelled pixels are not counted (officially a false negative);
   - no void or crowd handling in PQ: crowd regions (instanceId < 1000) are no ground-truth
@@ -33,7 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from core.classes import (
@@ -44,21 +43,12 @@ from core.classes import (
     THING_TRAIN_IDS,
 )
 from core.evaluation.base import Evaluator, ImageToScore
-from core.evaluation.panoptic import connected_components, lookup
+from core.image_ops import connected_components, lookup, resize_nearest
 
 PAPER_EVAL_HW = (512, 1024)
 STUFF_MIN_AREA = 64
 THING_MIN_AREA = 10
 _IS_THING = np.isin(np.arange(NUM_CLASSES), THING_TRAIN_IDS)
-
-
-def resize_nearest(array: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """(h, w) -> hw with PIL NEAREST, as the script does; same dtype (uint8 or anything fitting int32)."""
-    if array.shape == tuple(hw):
-        return array.copy()
-    # PIL has no int64 mode; instanceIds fit in int32, which PIL resizes as mode "I".
-    src = array if array.dtype == np.uint8 else array.astype(np.int32)
-    return np.asarray(Image.fromarray(src).resize((hw[1], hw[0]), Image.NEAREST)).astype(array.dtype)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.classes import NUM_CLASSES
-from core.evaluation.paper import resize_nearest
+from core.image_ops import resize_nearest
 from core.inference.paper_windows import is_one_window, paper_common_size
 from core.inference.windows import StoredWindows
 from core.labelling.assign import PixelAssigner, clusters_to_train_ids, window_cluster_maps

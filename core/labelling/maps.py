@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.evaluation.panoptic import Panoptic
+from core.panoptic import Panoptic
 
 
 def first_sample(length: int, stride: int) -> int:

@@ -29,7 +29,7 @@ the cosine under autocast too: at most ties differ).
 import numpy as np
 import torch
 
-from core.evaluation.paper import resize_nearest
+from core.image_ops import resize_nearest
 from core.inference.paper_windows import is_one_window
 from core.inference.windows import ScaleLayout, bilinear_upsample_weights, layout_axis_weights, resize_rgb
 from core.refine.crf import dense_crf

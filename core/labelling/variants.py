@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from core.classes import IGNORE, NUM_CLASSES
-from core.evaluation.paper import resize_nearest
+from core.image_ops import resize_nearest
 from core.inference.windows import resize_rgb
 from core.labelling.assign import PixelAssigner, clusters_to_train_ids
 from core.refine.crf import dense_crf

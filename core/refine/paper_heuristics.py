@@ -17,7 +17,7 @@ its pixel labels shrunk NEAREST, which can differ at region boundaries).
 import numpy as np
 
 from core.classes import IGNORE
-from core.evaluation.paper import resize_nearest
+from core.image_ops import resize_nearest
 
 PROTOTYPE_THRESHOLD = 0.3
 KNN_NEIGHBOURS, KNN_ALPHA, KNN_ITERATIONS = 10, 0.5, 15

@@ -52,7 +52,7 @@ def split_things(
     features (D, gh, gw) patch features (or per-pixel: gh, gw = H, W); train_ids (H, W) semantic
     map (full resolution or the patch grid), thing_ids the classes to split. Returns (H, W) int32
     instance ids 1..M, consecutive over the image; 0 = stuff, ignore, or a dropped region. It is
-    the `instances` argument of core.evaluation.panoptic.panoptic_from_train_ids (which then builds the
+    the `instances` argument of core.panoptic.panoptic_from_train_ids (which then builds the
     labelId*1000+n ids); T-independent parts (regions, areas, connectivity 4/8, default 8) match
     that function's connected-component baseline.
 

@@ -1,4 +1,4 @@
-"""Panoptic segmentation from semantic maps, and panoptic quality (PQ) that streams over images.
+"""Panoptic segments: a label map's stuff regions and thing instances, and the ground truth's.
 
 A segmentation is a `Panoptic`: an (H, W) map of segment ids (0 = void, no segment) and a table
 of its segments. Segment ids follow the Cityscapes convention, so the same ids serve the
@@ -6,41 +6,29 @@ instanceIds PNG, the panoptic PNG and the COCO JSON:
   - stuff class: id = labelId (one segment per class, all its pixels);
   - thing instance: id = labelId * 1000 + n, n = 0, 1, ... per class;
   - ground-truth crowd region of a thing class (instanceId < 1000): id = labelId, iscrowd.
-
-`pq_stats` scores one image as a (C, 4) float64 array of per-class [tp, fp, fn, iou_sum]; arrays
-of many images add up (`np.sum` / `+`), and `pq_scores` turns the sum into PQ / SQ / RQ. The
-rules are those of `cityscapesscripts/evaluation/evalPanopticSemanticLabeling.py` (COCO
-panopticapi `pq_compute`):
-  - a predicted and a ground-truth segment of the same class match when IoU > 0.5, where the
-    union leaves out the predicted segment's pixels on void (the intersection with crowd stays);
-  - crowd ground truth is never matched and never a false negative;
-  - an unmatched prediction is a false positive unless more than half of its pixels lie on void
-    or on a crowd region of its own class.
-Scores are fractions in [0, 1], like `core.evaluation.metrics.semantic_scores`.
+The labelling writes these segments; the evaluators score them (`core.evaluation.pq`).
 """
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 from scipy import ndimage
 
 from core.classes import (
-    CLASS_NAMES,
     IGNORE,
     NUM_CLASSES,
     THING_TRAIN_IDS,
     TRAIN_ID_TO_LABEL_ID,
 )
+from core.image_ops import connected_components, lookup
 
 VOID = 0  # segment id of pixels that belong to no segment
 MAX_INSTANCES_PER_CLASS = 1000  # ids labelId*1000 + n need n < 1000
 LOOKUP_LIMIT = 1 << 20  # segment ids below this are indexed through a table (4-8 MB at most)
-PQ_STAT_FIELDS = ("tp", "fp", "fn", "iou_sum")  # columns of a pq_stats array
-TP, FP, FN, IOU_SUM = range(4)
 
 _IS_THING = np.zeros(256, dtype=bool)
 _IS_THING[THING_TRAIN_IDS] = True
+
 # trainId (uint8) -> itself for the 19 classes, IGNORE for anything else
 _SEMANTIC_OF = np.full(256, IGNORE, dtype=np.uint8)
 _SEMANTIC_OF[:NUM_CLASSES] = np.arange(NUM_CLASSES)
@@ -158,25 +146,6 @@ def gt_panoptic(instance_ids: np.ndarray, label_ids: np.ndarray | None = None) -
     return _from_id_map(ids, categories)
 
 
-def lookup(values: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """table[values] for an (H, W) uint8 map and a 256-entry table: OpenCV's LUT, 2-3x numpy's gather."""
-    if values.ndim != 2 or values.size == 0:
-        return table[values]
-    return cv2.LUT(np.ascontiguousarray(values), table).reshape(values.shape)
-
-
-def connected_components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
-    """(labels (H, W) int32, count) of a boolean mask's components, numbered 1.. in raster order of
-    each component's first pixel: what `scipy.ndimage.label` gives (with a 3 x 3 structure for 8).
-
-    OpenCV's SAUF scan (Wu et al.) is the one of its algorithms that numbers in raster order; its
-    block-based ones (BBDT, Spaghetti) number by 2 x 2 blocks and would renumber instances. 1.6x
-    faster than scipy per call here (bench/README.md); tests/test_panoptic.py checks it against scipy.
-    """
-    n, labels = cv2.connectedComponentsWithAlgorithm(mask.view(np.uint8), connectivity, cv2.CV_32S, cv2.CCL_SAUF)
-    return labels, n - 1
-
-
 def panoptic_from_train_ids(
     train_ids: np.ndarray,
     instances: np.ndarray | None = None,
@@ -282,114 +251,3 @@ def instance_ids_map(panoptic: Panoptic, train_ids: np.ndarray) -> np.ndarray:
     label[:NUM_CLASSES] = TRAIN_ID_TO_LABEL_ID
     out = np.where(panoptic.ids >= 1000, panoptic.ids, label[train_ids.astype(np.int64)])
     return out.astype(np.uint16)
-
-
-def _pairs(gt_idx: np.ndarray, pred_idx: np.ndarray, n_gt: int, n_pred: int):
-    """Sparse intersections: (gt index, pred index, pixel count), indices n_gt / n_pred = void."""
-    cols = n_pred + 1
-    code = gt_idx.ravel() * cols + pred_idx.ravel()
-    size = (n_gt + 1) * cols
-    if size <= 2 * code.size + 1_000_000:  # dense counting is cheap enough
-        counts = np.bincount(code, minlength=size)
-        nz = np.flatnonzero(counts)
-        return nz // cols, nz % cols, counts[nz]
-    codes, counts = np.unique(code, return_counts=True)
-    return codes // cols, codes % cols, counts
-
-
-def pq_stats(
-    gt: Panoptic, pred: Panoptic, num_classes: int = NUM_CLASSES, gt_index: np.ndarray | None = None
-) -> np.ndarray:
-    """(C, 4) float64 per-class [tp, fp, fn, iou_sum] of one image; sums over images add up.
-    `gt_index`: `segment_index(gt)`, where the caller scores several predictions against one gt."""
-    if gt.ids.shape != pred.ids.shape:
-        raise ValueError(f"ground truth shape {gt.ids.shape} and prediction shape {pred.ids.shape} differ")
-    stats = np.zeros((num_classes, 4), dtype=np.float64)
-    ng, npd = len(gt.segment_ids), len(pred.segment_ids)
-    gt_index = segment_index(gt) if gt_index is None else gt_index
-    gi, pi, inter = _pairs(gt_index, segment_index(pred), ng, npd)
-
-    void_inter = np.zeros(npd, dtype=np.int64)  # each prediction's pixels on void ground truth
-    on_void = (gi == ng) & (pi < npd)
-    void_inter[pi[on_void]] = inter[on_void]
-
-    # Matches: same class, non-crowd ground truth, IoU > 0.5 (unique by the > 0.5 rule).
-    both = (gi < ng) & (pi < npd)
-    gi_b, pi_b, in_b = gi[both], pi[both], inter[both]
-    same_class = gt.category[gi_b] == pred.category[pi_b]
-    cand = same_class & ~gt.iscrowd[gi_b]
-    gi_c, pi_c, in_c = gi_b[cand], pi_b[cand], in_b[cand]
-    union = pred.area[pi_c] + gt.area[gi_c] - in_c - void_inter[pi_c]
-    iou = in_c / union
-    match = iou > 0.5
-    cat_m = gt.category[gi_c[match]]
-    stats[:, TP] = np.bincount(cat_m, minlength=num_classes)
-    stats[:, IOU_SUM] = np.bincount(cat_m, weights=iou[match], minlength=num_classes)
-    gt_matched = np.zeros(ng, dtype=bool)
-    gt_matched[gi_c[match]] = True
-    pred_matched = np.zeros(npd, dtype=bool)
-    pred_matched[pi_c[match]] = True
-
-    # False negatives: unmatched non-crowd ground truth.
-    fn = ~gt_matched & ~gt.iscrowd
-    stats[:, FN] = np.bincount(gt.category[fn], minlength=num_classes)
-
-    # False positives: unmatched predictions not mostly (> 0.5) on void or same-class crowd.
-    crowd_inter = np.zeros(npd, dtype=np.int64)
-    on_crowd = same_class & gt.iscrowd[gi_b]
-    np.add.at(crowd_inter, pi_b[on_crowd], in_b[on_crowd])
-    ignored = (void_inter + crowd_inter) / np.maximum(pred.area, 1) > 0.5
-    fp = ~pred_matched & ~ignored
-    stats[:, FP] = np.bincount(pred.category[fp], minlength=num_classes)
-    return stats
-
-
-def pq_scores(stats: np.ndarray, class_names: list[str] | None = None, thing_ids: list[int] | None = None) -> dict:
-    """PQ / SQ / RQ from summed `pq_stats`; fractions in [0, 1] (like `semantic_scores`).
-
-    Per class: PQ = iou_sum / (tp + fp/2 + fn/2), SQ = iou_sum / tp (0 when tp = 0),
-    RQ = tp / (tp + fp/2 + fn/2). A class with tp + fp + fn = 0 is left out of the averages
-    (as the official evaluator does) and reported as None (the official script reports 0.0).
-    "all" / "stuff" / "things" average the classes' values; `n` counts the classes averaged,
-    and an average over no class is None.
-    """
-    class_names = CLASS_NAMES if class_names is None else class_names
-    thing_ids = THING_TRAIN_IDS if thing_ids is None else thing_ids
-    if stats.ndim != 2 or stats.shape != (len(class_names), 4):
-        raise ValueError(f"stats must be ({len(class_names)}, 4), got shape {stats.shape}")
-    tp, fp, fn, iou = (stats[:, i] for i in range(4))
-    den = tp + 0.5 * fp + 0.5 * fn
-    present = (tp + fp + fn) > 0
-    safe_den = np.where(present, den, 1.0)
-    pq = np.where(present, iou / safe_den, np.nan)
-    sq = np.where(present, iou / np.where(tp > 0, tp, 1.0), np.nan)  # iou_sum = 0 when tp = 0
-    rq = np.where(present, tp / safe_den, np.nan)
-    is_thing = np.zeros(len(class_names), dtype=bool)
-    is_thing[list(thing_ids)] = True
-
-    def average(sel: np.ndarray) -> dict:
-        sel = sel & present
-        n = int(sel.sum())
-        if n == 0:
-            return {"pq": None, "sq": None, "rq": None, "n": 0}
-        return {"pq": float(pq[sel].mean()), "sq": float(sq[sel].mean()), "rq": float(rq[sel].mean()), "n": n}
-
-    def value(x: float) -> float | None:
-        return None if np.isnan(x) else float(x)
-
-    return {
-        "all": average(np.ones(len(class_names), dtype=bool)),
-        "stuff": average(~is_thing),
-        "things": average(is_thing),
-        "per_class": {
-            name: {
-                "pq": value(pq[i]),
-                "sq": value(sq[i]),
-                "rq": value(rq[i]),
-                "tp": int(tp[i]),
-                "fp": int(fp[i]),
-                "fn": int(fn[i]),
-            }
-            for i, name in enumerate(class_names)
-        },
-    }
