@@ -12,8 +12,16 @@ def lookup(values: np.ndarray, table: np.ndarray) -> np.ndarray:
     return cv2.LUT(np.ascontiguousarray(values), table).reshape(values.shape)
 
 
+def histogram(values: np.ndarray) -> np.ndarray:
+    """(256,) int64 count of each value of a uint8 map: OpenCV's calcHist, about 3x numpy's bincount
+    at 1024 x 2048. Its float32 bins count exactly up to 2**24, so larger maps use bincount."""
+    if values.size >= 1 << 24 or values.ndim != 2:
+        return np.bincount(values.ravel(), minlength=256)
+    return cv2.calcHist([np.ascontiguousarray(values)], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+
+
 def connected_components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
-    """(labels (H, W) int32, count) of a boolean mask's components, numbered 1.. in raster order of
+    """(labels (H, W) int32, count) of a mask's components (bool, or uint8 nonzero), numbered 1.. in raster order of
     each component's first pixel: what `scipy.ndimage.label` gives (with a 3 x 3 structure for 8).
 
     OpenCV's SAUF scan (Wu et al.) is the one of its algorithms that numbers in raster order; its

@@ -11,6 +11,7 @@ The labelling writes these segments; the evaluators score them (`core.evaluation
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -20,7 +21,7 @@ from core.classes import (
     THING_TRAIN_IDS,
     TRAIN_ID_TO_LABEL_ID,
 )
-from core.image_ops import connected_components, lookup
+from core.image_ops import connected_components, histogram, lookup
 
 VOID = 0  # segment id of pixels that belong to no segment
 MAX_INSTANCES_PER_CLASS = 1000  # ids labelId*1000 + n need n < 1000
@@ -177,7 +178,7 @@ def panoptic_from_train_ids(
     )  # (H, W) uint8
 
     # Stuff: one segment per class.
-    class_area = np.bincount(sem.ravel(), minlength=256)[:NUM_CLASSES]
+    class_area = histogram(sem)[:NUM_CLASSES]
     stuff_label = np.zeros(256, dtype=np.int32)
     for t in range(NUM_CLASSES):
         if not _IS_THING[t] and class_area[t] >= max(stuff_min_area, 1):
@@ -189,20 +190,18 @@ def panoptic_from_train_ids(
     things = [t for t in THING_TRAIN_IDS if class_area[t]]
     if things and instances is None:
         # each thing class's components within its bounding box: raster order there is raster order here
-        boxes = ndimage.find_objects(
-            sem, max_label=NUM_CLASSES
-        )  # class t's box at index t - 1 (0 = road, a stuff class)
         for t in things:
-            box = boxes[t - 1]
-            mask = sem[box] == t
-            labels, n = connected_components(mask, connectivity)
+            class_mask = cv2.compare(sem, t, cv2.CMP_EQ)  # (H, W) uint8, 255 on class t
+            x, y, w, h = cv2.boundingRect(class_mask)  # the box of its nonzero pixels
+            box = (slice(y, y + h), slice(x, x + w))
+            labels, n = connected_components(class_mask[box], connectivity)
             comp_area = np.bincount(labels.ravel(), minlength=n + 1)
             members = np.flatnonzero(comp_area[1:] >= max(min_area, 1)) + 1
             if members.size > MAX_INSTANCES_PER_CLASS:
                 members = np.sort(members[np.argsort(-comp_area[members], kind="stable")[:MAX_INSTANCES_PER_CLASS]])
             seg_id = np.zeros(n + 1, np.int32)  # component -> segment id, 0 = void
             seg_id[members] = int(TRAIN_ID_TO_LABEL_ID[t]) * 1000 + np.arange(members.size, dtype=np.int32)
-            ids[box] = np.where(mask, seg_id[labels], ids[box])
+            ids[box] += seg_id[labels]  # thing pixels are 0 in ids, and labels are 0 off the class
             segment_ids.append(seg_id[members].astype(np.int64))
             category.append(np.full(members.size, t, np.int64))
             area.append(comp_area[members])

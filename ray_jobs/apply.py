@@ -23,7 +23,7 @@ from core.mapping.human import load_human_mapping
 from ray_jobs.extract import windows_to_features
 from ray_jobs.report import merge_panoptic_annotations
 from ray_jobs.session import check_schedulable
-from ray_jobs.streaming import finisher, guarded, run_image_stream, step_args, write_failed_items
+from ray_jobs.streaming import Finisher, guarded, run_image_stream, step_args, write_failed_items
 from storage.datasets import list_dataset
 from storage.features import PATCH_FORMAT
 from storage.run.atomic import write_json_atomic
@@ -138,7 +138,7 @@ def run_apply(cfg: RunConfig, fit_dir: Path, human_mapping: Path | None = None) 
             plan,
             shards,
             build,
-            finisher(
+            Finisher(
                 finish_apply,
                 layout.histograms,
                 plan.key,

@@ -6,7 +6,7 @@ from ray.data import Dataset
 from actors.extract import finish_features, image_windows, write_features
 from actors.window_features import WindowFeatures
 from configs.schema import RunConfig
-from ray_jobs.streaming import finisher, guarded, run_image_stream, step_args
+from ray_jobs.streaming import Finisher, guarded, run_image_stream, step_args
 from storage.datasets import ImageRecord
 from storage.run.layout import Layout
 from storage.run.plans import Plan
@@ -54,5 +54,5 @@ def run_extract(cfg: RunConfig, records: list[ImageRecord], plan: Plan, model_ac
         )
 
     return run_image_stream(
-        "extract", layout.features, plan, shards, build, finisher(finish_features, layout.features, plan.key, cfg=cfg)
+        "extract", layout.features, plan, shards, build, Finisher(finish_features, layout.features, plan.key, cfg=cfg)
     )

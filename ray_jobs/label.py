@@ -15,7 +15,7 @@ from configs.schema import RunConfig
 from configs.specs import evaluation_spec
 from core.clustering.fit_artifact import FitArtifact
 from core.labelling.image import label_fits
-from ray_jobs.streaming import finisher, guarded, run_image_stream, step_args
+from ray_jobs.streaming import Finisher, guarded, run_image_stream, step_args
 from storage.datasets import ImageRecord
 from storage.run.fits import fit_pixel_stride
 from storage.run.layout import Layout, settings_key
@@ -90,7 +90,7 @@ def run_label(
         plan,
         shards,
         build,
-        finisher(
+        Finisher(
             finish_scores,
             layout.scores,
             plan.key,

@@ -27,9 +27,11 @@ def ray_init_kwargs(cfg: RunConfig) -> dict:
     if address:
         return {"address": address, "log_to_driver": True}
     repo_root = str(Path(__file__).resolve().parent.parent)
+    num_cpus = cfg.ray.local_num_cpus or os.cpu_count() or 1
     return {
         "address": "local",
         "num_cpus": cfg.ray.local_num_cpus,
+        "_system_config": {"num_workers_soft_limit": 4 * num_cpus},
         "dashboard_host": "127.0.0.1",
         "include_dashboard": False,
         "runtime_env": {"env_vars": {"PYTHONPATH": repo_root}},

@@ -231,6 +231,7 @@ def test_local_cluster_binds_the_dashboard_to_loopback_and_starts_its_own(monkey
     assert kwargs["dashboard_host"] == "127.0.0.1"
     assert kwargs["include_dashboard"] is False
     assert kwargs["address"] == "local"  # never joins a cluster recorded by some other `ray start`
+    assert kwargs["_system_config"] == {"num_workers_soft_limit": 8}  # 4 idle workers kept per CPU
 
     calls = []
     monkeypatch.setattr(session.ray, "is_initialized", lambda: False)
@@ -243,7 +244,7 @@ def test_under_ray_job_submit_the_driver_joins_the_cluster(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6380")
     kwargs = session.ray_init_kwargs(parse_config({"ray": {"local_num_cpus": 2}}))
     assert kwargs["address"] == "127.0.0.1:6380"
-    assert not {"num_cpus", "dashboard_host", "include_dashboard", "runtime_env"} & set(kwargs)
+    assert not {"num_cpus", "dashboard_host", "include_dashboard", "runtime_env", "_system_config"} & set(kwargs)
     monkeypatch.delenv("RAY_ADDRESS")
     assert session.ray_init_kwargs(parse_config({"ray": {"address": "10.0.0.5:6379"}}))["address"] == "10.0.0.5:6379"
 
