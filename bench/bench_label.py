@@ -23,6 +23,15 @@ thread, in two settings:
   everything  every refinement but the CRF, the protocol sensitivity, the sweep's fits at every
               pixel (every fit's PQ)
 
+Part 3, the image operations the panoptic segmentation takes from OpenCV, each against the numpy /
+scipy call it replaced, on the same scenes' ground-truth trainIds, outputs checked equal:
+  connected components  cv2 SAUF (`core.image_ops.connected_components`) vs scipy.ndimage.label,
+                        8-connected, every thing class present, within the class's box
+  class histogram       cv2.calcHist vs np.bincount of the (H, W) uint8 map
+  class boxes           cv2.boundingRect per thing class present vs scipy.ndimage.find_objects
+  lookup table          cv2.LUT vs numpy indexing of a 256-entry table
+  panoptic segments     `core.panoptic.panoptic_from_train_ids` as a whole (no reference: the sum)
+
     nice python -m bench.bench_label [--k 300] [--smooth 1.0] [--device cuda] [--old-rev d316538]
 """
 
@@ -35,12 +44,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from core.classes import THING_TRAIN_IDS, label_ids_to_train_ids
+from core.image_ops import connected_components, histogram, lookup
 from core.labelling.assign import PixelAssigner, bilinear_taps
+from core.panoptic import panoptic_from_train_ids
+from storage.images import read_label_ids
 from storage.synth import generate_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +183,58 @@ def label_pass(checkout: Path, data: Path, work: Path, images: int) -> dict:
     return json.loads(result.removeprefix("RESULT "))
 
 
+def _equal(a, b) -> bool:
+    """Nested lists of arrays (or of boxes: tuples of slices) equal item by item."""
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b if isinstance(a, tuple) or a is None else np.array_equal(a, b)
+
+
+def image_ops(data: Path, repeat: int = 3) -> dict:
+    """Part 3 (see the module docstring): seconds per 1024x2048 map, best of `repeat`."""
+    maps = []
+    for path in sorted(data.rglob("*_gtFine_labelIds.png")):
+        maps.append(label_ids_to_train_ids(read_label_ids(path, (1024, 2048))).astype(np.uint8))
+    boxes = [ndimage.find_objects(m, max_label=max(THING_TRAIN_IDS) + 1) for m in maps]  # class t at t - 1
+    masks = [[m[b[t - 1]] == t for t in THING_TRAIN_IDS if b[t - 1] is not None] for m, b in zip(maps, boxes)]
+    eight = np.ones((3, 3), bool)
+    table = np.arange(256, dtype=np.uint8)[::-1].copy()
+
+    def per_map(fn) -> tuple[float, list]:
+        seconds, out = timed(lambda: [fn(i) for i in range(len(maps))], repeat)
+        return seconds / len(maps), out
+
+    def scipy_boxes(m):
+        found = ndimage.find_objects(m, max_label=max(THING_TRAIN_IDS) + 1)  # class t's box at t - 1
+        return [found[t - 1] for t in THING_TRAIN_IDS]
+
+    def cv_boxes(m):
+        rects = [cv2.boundingRect(cv2.compare(m, t, cv2.CMP_EQ)) for t in THING_TRAIN_IDS]
+        return [(slice(y, y + h), slice(x, x + w)) if w else None for x, y, w, h in rects]
+
+    pairs = {
+        "connected_components": (
+            lambda i: [connected_components(k, 8)[0] for k in masks[i]],
+            lambda i: [ndimage.label(k, structure=eight)[0] for k in masks[i]],
+        ),
+        "class_histogram": (lambda i: histogram(maps[i]), lambda i: np.bincount(maps[i].ravel(), minlength=256)),
+        "class_boxes": (
+            lambda i: cv_boxes(maps[i]),
+            lambda i: scipy_boxes(maps[i]),
+        ),
+        "lookup_table": (lambda i: lookup(maps[i], table), lambda i: table[maps[i]]),
+    }
+    result = {"maps": len(maps)}
+    for name, (ours, reference) in pairs.items():
+        t_ours, out_ours = per_map(ours)
+        t_ref, out_ref = per_map(reference)
+        equal = _equal(out_ours, out_ref)
+        result[name] = {"opencv_s": t_ours, "numpy_scipy_s": t_ref, "speedup": t_ref / t_ours, "equal": equal}
+    t_pan, _ = per_map(lambda i: panoptic_from_train_ids(maps[i], min_area=10, stuff_min_area=64))
+    result["panoptic_from_train_ids_s"] = t_pan
+    return result
+
+
 def old_checkout(rev: str, where: Path) -> Path:
     subprocess.run(
         ["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(where), rev], check=True, capture_output=True
@@ -203,6 +269,7 @@ def main() -> None:
             finally:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "old")], check=False)
         result["part2_label_pass_cpu_seconds_per_image"] = passes
+        result["part3_image_ops_seconds_per_map"] = image_ops(tmp / "data")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -6,15 +6,17 @@ from PIL import Image
 
 
 def lookup(values: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """table[values] for an (H, W) uint8 map and a 256-entry table: OpenCV's LUT, 2-3x numpy's gather."""
+    """table[values] for an (H, W) uint8 map and a 256-entry table: OpenCV's LUT, several times numpy's
+    gather (`bench/bench_label.py` part 3)."""
     if values.ndim != 2 or values.size == 0:
         return table[values]
     return cv2.LUT(np.ascontiguousarray(values), table).reshape(values.shape)
 
 
 def histogram(values: np.ndarray) -> np.ndarray:
-    """(256,) int64 count of each value of a uint8 map: OpenCV's calcHist, about 3x numpy's bincount
-    at 1024 x 2048. Its float32 bins count exactly up to 2**24, so larger maps use bincount."""
+    """(256,) int64 count of each value of a uint8 map: OpenCV's calcHist, several times numpy's
+    bincount (`bench/bench_label.py` part 3). Its float32 bins count exactly up to 2**24, so larger
+    maps use bincount."""
     if values.size >= 1 << 24 or values.ndim != 2:
         return np.bincount(values.ravel(), minlength=256)
     return cv2.calcHist([np.ascontiguousarray(values)], [0], None, [256], [0, 256]).ravel().astype(np.int64)
@@ -25,8 +27,8 @@ def connected_components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarra
     each component's first pixel: what `scipy.ndimage.label` gives (with a 3 x 3 structure for 8).
 
     OpenCV's SAUF scan (Wu et al.) is the one of its algorithms that numbers in raster order; its
-    block-based ones (BBDT, Spaghetti) number by 2 x 2 blocks and would renumber instances. 1.6x
-    faster than scipy per call here (bench/README.md); tests/test_panoptic.py checks it against scipy.
+    block-based ones (BBDT, Spaghetti) number by 2 x 2 blocks and would renumber instances. About 3x
+    scipy's per call (`bench/bench_label.py` part 3); tests/test_panoptic.py checks it against scipy.
     """
     n, labels = cv2.connectedComponentsWithAlgorithm(mask.view(np.uint8), connectivity, cv2.CV_32S, cv2.CCL_SAUF)
     return labels, n - 1
