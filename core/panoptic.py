@@ -187,50 +187,13 @@ def panoptic_from_train_ids(
     stuff = [t for t in range(NUM_CLASSES) if stuff_label[t]]
     segment_ids = [TRAIN_ID_TO_LABEL_ID[stuff].astype(np.int64)]
     category, area = [np.array(stuff, np.int64)], [class_area[stuff]]
-    things = [t for t in THING_TRAIN_IDS if class_area[t]]
-    if things and instances is None:
-        # each thing class's components within its bounding box: raster order there is raster order here
-        for t in things:
-            class_mask = cv2.compare(sem, t, cv2.CMP_EQ)  # (H, W) uint8, 255 on class t
-            x, y, w, h = cv2.boundingRect(class_mask)  # the box of its nonzero pixels
-            box = (slice(y, y + h), slice(x, x + w))
-            labels, n = connected_components(class_mask[box], connectivity)
-            comp_area = np.bincount(labels.ravel(), minlength=n + 1)
-            members = np.flatnonzero(comp_area[1:] >= max(min_area, 1)) + 1
-            if members.size > MAX_INSTANCES_PER_CLASS:
-                members = np.sort(members[np.argsort(-comp_area[members], kind="stable")[:MAX_INSTANCES_PER_CLASS]])
-            seg_id = np.zeros(n + 1, np.int32)  # component -> segment id, 0 = void
-            seg_id[members] = int(TRAIN_ID_TO_LABEL_ID[t]) * 1000 + np.arange(members.size, dtype=np.int32)
-            ids[box] += seg_id[labels]  # thing pixels are 0 in ids, and labels are 0 off the class
-            segment_ids.append(seg_id[members].astype(np.int64))
-            category.append(np.full(members.size, t, np.int64))
-            area.append(comp_area[members])
-    elif things:
-        inst = instances.astype(np.int64)
-        if inst.min() < 0:
-            raise ValueError("instance ids must be >= 0 (0 = no instance)")
-        thing_mask = _IS_THING[sem]
-        raw = np.where(thing_mask & (inst > 0), (sem.astype(np.int64) + 1) * (int(inst.max()) + 1) + inst, 0)
-        keys, first_pixel, key, key_area = np.unique(raw, return_index=True, return_inverse=True, return_counts=True)
-        key = key.reshape(raw.shape) if keys[0] == 0 else key.reshape(raw.shape) + 1  # key 0 = no instance
-        if keys[0] != 0:
-            key_area, first_pixel = np.r_[0, key_area], np.r_[0, first_pixel]
-        seg_class = sem.ravel()[first_pixel].astype(np.int64)  # one class per key by construction
-        valid = np.arange(len(key_area)) > 0
-        valid &= key_area >= max(min_area, 1)
-        n_id = np.full(len(key_area), -1, dtype=np.int64)
-        for t in THING_TRAIN_IDS:
-            members = np.flatnonzero(valid & (seg_class == t))
-            if members.size > MAX_INSTANCES_PER_CLASS:
-                members = np.sort(members[np.argsort(-key_area[members], kind="stable")[:MAX_INSTANCES_PER_CLASS]])
-            n_id[members] = np.arange(members.size)
-        kept = np.flatnonzero(n_id >= 0)  # in key order: by class, then n
-        seg_id = np.zeros(len(key_area), dtype=np.int64)
-        seg_id[kept] = TRAIN_ID_TO_LABEL_ID[seg_class[kept]].astype(np.int64) * 1000 + n_id[kept]
-        ids = np.where(thing_mask, seg_id[key], ids).astype(np.int32)
-        segment_ids.append(seg_id[kept])
-        category.append(seg_class[kept])
-        area.append(key_area[kept])
+    if any(class_area[t] for t in THING_TRAIN_IDS):
+        if instances is None:
+            ids, things = _component_instances(sem, ids, class_area, min_area, connectivity)
+        else:
+            ids, things = _external_instances(sem, ids, instances, min_area)
+        for found, parts in zip(things, (segment_ids, category, area)):
+            parts.append(found)
     segment_ids = np.concatenate(segment_ids)
     return Panoptic(
         ids.astype(np.int32, copy=False),
@@ -239,6 +202,60 @@ def panoptic_from_train_ids(
         np.zeros(len(segment_ids), bool),
         np.concatenate(area).astype(np.int64),
     )
+
+
+def _largest_kept(members: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """At most MAX_INSTANCES_PER_CLASS of `members` (ascending indices into `sizes`): the largest, ties
+    to the first, still ascending."""
+    if members.size <= MAX_INSTANCES_PER_CLASS:
+        return members
+    return np.sort(members[np.argsort(-sizes[members], kind="stable")[:MAX_INSTANCES_PER_CLASS]])
+
+
+def _component_instances(sem, ids, class_area, min_area, connectivity):
+    """Thing instances as the connected components of each class, written into `ids` (0 on thing
+    pixels) -> (ids, (segment_ids, category, area))."""
+    segment_ids, category, area = [], [], []
+    for t in [t for t in THING_TRAIN_IDS if class_area[t]]:
+        # the class's components within its bounding box: raster order there is raster order here
+        class_mask = cv2.compare(sem, t, cv2.CMP_EQ)  # (H, W) uint8, 255 on class t
+        x, y, w, h = cv2.boundingRect(class_mask)  # the box of its nonzero pixels
+        box = (slice(y, y + h), slice(x, x + w))
+        labels, n = connected_components(class_mask[box], connectivity)
+        comp_area = np.bincount(labels.ravel(), minlength=n + 1)
+        members = _largest_kept(np.flatnonzero(comp_area[1:] >= max(min_area, 1)) + 1, comp_area)
+        seg_id = np.zeros(n + 1, np.int32)  # component -> segment id, 0 = void
+        seg_id[members] = int(TRAIN_ID_TO_LABEL_ID[t]) * 1000 + np.arange(members.size, dtype=np.int32)
+        ids[box] += seg_id[labels]  # thing pixels are 0 in ids, and labels are 0 off the class
+        segment_ids.append(seg_id[members].astype(np.int64))
+        category.append(np.full(members.size, t, np.int64))
+        area.append(comp_area[members])
+    return ids, tuple(np.concatenate(x) for x in (segment_ids, category, area))
+
+
+def _external_instances(sem, ids, instances, min_area):
+    """Thing instances as the distinct (instance, class) pairs of an external instance map
+    -> (ids, (segment_ids, category, area))."""
+    inst = instances.astype(np.int64)
+    if inst.min() < 0:
+        raise ValueError("instance ids must be >= 0 (0 = no instance)")
+    thing_mask = _IS_THING[sem]
+    raw = np.where(thing_mask & (inst > 0), (sem.astype(np.int64) + 1) * (int(inst.max()) + 1) + inst, 0)
+    keys, first_pixel, key, key_area = np.unique(raw, return_index=True, return_inverse=True, return_counts=True)
+    key = key.reshape(raw.shape) if keys[0] == 0 else key.reshape(raw.shape) + 1  # key 0 = no instance
+    if keys[0] != 0:
+        key_area, first_pixel = np.r_[0, key_area], np.r_[0, first_pixel]
+    seg_class = sem.ravel()[first_pixel].astype(np.int64)  # one class per key by construction
+    valid = (np.arange(len(key_area)) > 0) & (key_area >= max(min_area, 1))
+    n_id = np.full(len(key_area), -1, dtype=np.int64)
+    for t in THING_TRAIN_IDS:
+        members = _largest_kept(np.flatnonzero(valid & (seg_class == t)), key_area)
+        n_id[members] = np.arange(members.size)
+    kept = np.flatnonzero(n_id >= 0)  # in key order: by class, then n
+    seg_id = np.zeros(len(key_area), dtype=np.int64)
+    seg_id[kept] = TRAIN_ID_TO_LABEL_ID[seg_class[kept]].astype(np.int64) * 1000 + n_id[kept]
+    ids = np.where(thing_mask, seg_id[key], ids).astype(np.int32)
+    return ids, (seg_id[kept], seg_class[kept], key_area[kept])
 
 
 def instance_ids_map(panoptic: Panoptic, train_ids: np.ndarray) -> np.ndarray:

@@ -152,70 +152,18 @@ def run_report(
         e.name: e.evaluate(totals)
         for e in build_evaluators(evaluation_spec(cfg, label_fits(broadcast_fits(cfg, fit_artifacts))))
     }
-    labelled_ids = {i for marker in label_done.values() for i in marker["image_ids"]}
     failed = write_failed_items(cfg.output_dir, extract_done, label_done)
-    # an image that failed in extract usually fails again in label: count each image once
-    failed_ids = sorted({f["image_id"] for f in failed})
-
-    fits = {}
-    for name in names:
-        art = fit_artifacts[name]
-        counts = totals.get(
-            f"official/clusters/{name}{FOLD_SUFFIX}",  # none where no image was labelled
-            np.zeros((cfg.fit.heldout_folds, art.k, len(CLASS_NAMES)), np.int64),
+    fits = {
+        name: fit_scores(
+            cfg, name, fit_artifacts[name], totals, fit_summary[name], human if name == main else None, name != baseline
         )
-        purity = cluster_purity(counts.sum(axis=0))
-        if "mapping_counts" in art.extra_arrays:
-            pixel_level = protocol_scores(
-                counts,
-                art.extra_arrays["mapping_counts"],
-                art.mapping,
-                art.extra_arrays.get("label_free_mapping"),
-                CLASS_NAMES,
-            )
-        else:  # an imported fit: the mapping it came with, and no labelled patches to make another from
-            pixel_level = {
-                "same_set": semantic_scores(confusion_from_cluster_counts(counts.sum(axis=0), art.mapping), CLASS_NAMES)
-            }
-        fits[name] = {
-            **fit_summary[name],
-            "pixel_level": pixel_level,
-            # which pixels its pixel-level numbers count (label.sweep_pixel_stride for the sweep's extra fits)
-            "pixel_stride": fit_pixel_stride(cfg, name),
-            "dead_centroids": dead_centroid_summary(totals.get(f"label/wins/{name}", np.zeros(art.k, np.int64)))[
-                "dead"
-            ],
-            "weighted_purity": None if np.isnan(purity["weighted_purity"]) else float(purity["weighted_purity"]),
-        }
-        if name == main and human is not None:
-            fits[name]["pixel_level"]["human"] = semantic_scores(
-                confusion_from_cluster_counts(counts.sum(axis=0), human), CLASS_NAMES
-            )
-        if name != baseline and "mapping_counts" in art.extra_arrays:
-            fits[name]["pixel_level"]["few_shot"] = few_shot_scores(
-                counts,
-                art.extra_arrays["mapping_counts"],
-                cfg.report.few_shot,
-                cfg.report.few_shot_draws,
-                cfg.seed,
-                CLASS_NAMES,
-            )
+        for name in names
+    }
     baseline_missed = missed_classes(fits[baseline]["pixel_level"]["same_set"]["per_class_iou"])
-    for name in names:
-        per_class = fits[name]["pixel_level"]["same_set"]["per_class_iou"]
-        fits[name]["recovered"] = [c for c in baseline_missed if c not in missed_classes(per_class)]
-
-    variants = {}
-    for name in [*label_variants(cfg), baseline] if num_images else []:
-        official = results["official"][f"variant/{name}"]
-        variants[name] = {
-            "semantic": official["semantic"],
-            "panoptic": official["panoptic"],
-            "seconds_per_image": float(totals[f"label/seconds/{name}"]) / max(1, num_images),
-        }
-        if "paper" in cfg.evaluators:
-            paper = results["paper"][f"variant/{name}"]
-            variants[name]["paper_evaluator"] = {"semantic": paper["semantic"], "panoptic": paper["panoptic"]}
+    for fit in fits.values():
+        per_class = fit["pixel_level"]["same_set"]["per_class_iou"]
+        fit["recovered"] = [c for c in baseline_missed if c not in missed_classes(per_class)]
+    variants = variant_scores(cfg, results, totals, [*label_variants(cfg), baseline] if num_images else [], num_images)
     main_conf = totals.get("official/confusion/variant/plain")
     absorption = (
         {
@@ -225,41 +173,30 @@ def run_report(
         if variants
         else {}
     )
-    sensitivity = (
-        protocol_sensitivity(cfg, results, names, {n: fits[n]["pixel_stride"] for n in names})
-        if cfg.report.sensitivity and num_images
-        else None
-    )
     # what was measured against ground truth: the pixels of a class under the main fit's labels
     scored_pixels = int(totals[f"official/clusters/{main}{FOLD_SUFFIX}"].sum()) if num_images else 0
-    figures = _figures(cfg, layout, fits, names, variants, main_conf, scored=scored_pixels > 0)
     panoptic_json = merge_panoptic_annotations(layout.scores, label_done, layout.labels, cfg.dataset.split, LABEL_FIX)
     report = {
         "run_name": cfg.run_name,
         "model": meta["model"],
         "feature_kind": cfg.model.feature_kind,
-        "dataset": {
-            "kind": cfg.dataset.kind,
-            "root": str(cfg.dataset.root),
-            "split": cfg.dataset.split,
-            "num_images": num_images,
-            "num_failed": len(failed_ids),
-            "fingerprint": meta["fingerprint"],
-            "scored_pixels": scored_pixels,
-            "num_with_ground_truth": len(labelled_ids & meta["ground_truth_ids"]),
-        },
+        "dataset": dataset_summary(cfg, meta, label_done, num_images, failed, scored_pixels),
         "protocol": cfg.protocol,
         "evaluators": list(cfg.evaluators),
         "timing": timing,
         "fits": fits,
         "baseline_missed": baseline_missed,
         "variants": variants,
-        "protocol_sensitivity": sensitivity,
+        "protocol_sensitivity": (
+            protocol_sensitivity(cfg, results, names, {n: fits[n]["pixel_stride"] for n in names})
+            if cfg.report.sensitivity and num_images
+            else None
+        ),
         "cause_protocol": cause_rows(results) if not cfg.report.sensitivity else None,
         "backbone_comparison": fit_summary.get(BACKBONE_COMPARISON),
         "written_variant": cfg.refine.write_variant,
         "absorption": absorption,
-        "figures": figures,
+        "figures": _figures(cfg, layout, fits, names, variants, main_conf, scored=scored_pixels > 0),
         "outputs": {
             "labels": str(layout.labels.relative_to(cfg.output_dir)) if cfg.label.write_label_pngs else None,
             "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir)),
@@ -270,6 +207,90 @@ def run_report(
     write_json_atomic(report, cfg.output_dir / "report.json")
     write_text_atomic(render_markdown(report), cfg.output_dir / "report.md")
     return report
+
+
+def fit_scores(
+    cfg: RunConfig,
+    name: str,
+    art: FitArtifact,
+    totals: dict,
+    summary: dict,
+    human: np.ndarray | None,
+    few_shot: bool,
+) -> dict:
+    """One fit's entry of the report: its fit summary and its pixel-level scores under every mapping
+    protocol (`human`: a person's mapping of it; `few_shot`: also the few-shot protocol)."""
+    counts = totals.get(
+        f"official/clusters/{name}{FOLD_SUFFIX}",  # none where no image was labelled
+        np.zeros((cfg.fit.heldout_folds, art.k, len(CLASS_NAMES)), np.int64),
+    )
+    purity = cluster_purity(counts.sum(axis=0))
+    if "mapping_counts" in art.extra_arrays:
+        pixel_level = protocol_scores(
+            counts,
+            art.extra_arrays["mapping_counts"],
+            art.mapping,
+            art.extra_arrays.get("label_free_mapping"),
+            CLASS_NAMES,
+        )
+    else:  # an imported fit: the mapping it came with, and no labelled patches to make another from
+        pixel_level = {
+            "same_set": semantic_scores(confusion_from_cluster_counts(counts.sum(axis=0), art.mapping), CLASS_NAMES)
+        }
+    if human is not None:
+        pixel_level["human"] = semantic_scores(confusion_from_cluster_counts(counts.sum(axis=0), human), CLASS_NAMES)
+    if few_shot and "mapping_counts" in art.extra_arrays:
+        pixel_level["few_shot"] = few_shot_scores(
+            counts,
+            art.extra_arrays["mapping_counts"],
+            cfg.report.few_shot,
+            cfg.report.few_shot_draws,
+            cfg.seed,
+            CLASS_NAMES,
+        )
+    wins = totals.get(f"label/wins/{name}", np.zeros(art.k, np.int64))
+    return {
+        **summary,
+        "pixel_level": pixel_level,
+        # which pixels its pixel-level numbers count (label.sweep_pixel_stride for the sweep's extra fits)
+        "pixel_stride": fit_pixel_stride(cfg, name),
+        "dead_centroids": dead_centroid_summary(wins)["dead"],
+        "weighted_purity": None if np.isnan(purity["weighted_purity"]) else float(purity["weighted_purity"]),
+    }
+
+
+def variant_scores(cfg: RunConfig, results: dict, totals: dict, names: list[str], num_images: int) -> dict:
+    """Each refinement variant's (and the baseline's) official scores, the paper evaluator's where it
+    ran, and its labelling cost per image."""
+    variants = {}
+    for name in names:
+        official = results["official"][f"variant/{name}"]
+        variants[name] = {
+            "semantic": official["semantic"],
+            "panoptic": official["panoptic"],
+            "seconds_per_image": float(totals[f"label/seconds/{name}"]) / max(1, num_images),
+        }
+        if "paper" in cfg.evaluators:
+            paper = results["paper"][f"variant/{name}"]
+            variants[name]["paper_evaluator"] = {"semantic": paper["semantic"], "panoptic": paper["panoptic"]}
+    return variants
+
+
+def dataset_summary(
+    cfg: RunConfig, meta: dict, label_done: dict, num_images: int, failed: list[dict], scored_pixels: int
+) -> dict:
+    labelled_ids = {i for marker in label_done.values() for i in marker["image_ids"]}
+    return {
+        "kind": cfg.dataset.kind,
+        "root": str(cfg.dataset.root),
+        "split": cfg.dataset.split,
+        "num_images": num_images,
+        # an image that failed in extract usually fails again in label: count each image once
+        "num_failed": len({f["image_id"] for f in failed}),
+        "fingerprint": meta["fingerprint"],
+        "scored_pixels": scored_pixels,
+        "num_with_ground_truth": len(labelled_ids & meta["ground_truth_ids"]),
+    }
 
 
 def _figures(
