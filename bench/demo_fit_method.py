@@ -38,7 +38,8 @@ def fit_row(fit: dict, fit_dir: Path) -> dict:
     shows here."""
     pixel = fit["pixel_level"]
     sizes = (
-        np.sort(np.load(fit_dir / "mapping_counts.npy").sum(axis=(0, 2)))[::-1] / fit["mapped_on"]["labelled_patches"]
+        np.sort(np.load(fit_dir / "mapping_counts.npy", allow_pickle=False).sum(axis=(0, 2)))[::-1]
+        / fit["mapped_on"]["labelled_patches"]
     )
     return {
         "k": fit["k"],
