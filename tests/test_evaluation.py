@@ -221,3 +221,21 @@ def test_sensitivity_on_changes_no_other_number(tiny_run, tmp_path):
     assert list(main) == ["full/official", "full/paper", "resized/official", "resized/paper"]
     assert main["full/official"]["miou"] == after["variants"]["plain"]["semantic"]["miou"]
     assert {k.split("/")[0] for k in _scores(cfg)} == {"image_ids", "official", "paper", "label"}
+
+
+def test_every_evaluator_the_schema_accepts_is_built_and_titled():
+    """A name added to `report.evaluators` must also be built by `build_evaluators` and titled in the
+    report, or a run would score without it or fail in its report after the whole job."""
+    from typing import get_args
+
+    from configs.schema import PROTOCOL_EVALUATORS, ReportConfig
+    from core.evaluation import EvaluationSpec, build_evaluators
+    from core.reporting.markdown import EVALUATOR_TITLES
+
+    (names_type,) = [a for a in get_args(ReportConfig.model_fields["evaluators"].annotation) if a is not type(None)]
+    accepted = set(get_args(get_args(names_type)[0]))
+    assert accepted == set(EVALUATOR_TITLES)
+    assert {n for names in PROTOCOL_EVALUATORS.values() for n in names} <= accepted
+    fits = (("k300", 300, 1), ("baseline_k19", 19, 1))
+    spec = EvaluationSpec(tuple(sorted(accepted)), False, fits, 5, 0, PanopticRules(), (322, 322))
+    assert {e.name for e in build_evaluators(spec)} == accepted
