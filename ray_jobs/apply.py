@@ -15,7 +15,7 @@ import ray
 from ray.data import Dataset
 
 from actors.apply import PseudoLabelImages, finish_apply
-from configs.geometry import image_limit_settings, refuse_limits_no_image_meets
+from configs.geometry import refuse_limits_no_image_meets
 from configs.schema import RunConfig, recorded_dataset_root
 from core.clustering.fit_artifact import FitArtifact
 from core.errors import UserError
@@ -25,13 +25,20 @@ from ray_jobs.report import merge_panoptic_annotations
 from ray_jobs.session import check_schedulable
 from ray_jobs.streaming import Finisher, guarded, run_image_stream, step_args, write_failed_items
 from storage.datasets import list_dataset
-from storage.features import PATCH_FORMAT
 from storage.run.atomic import write_json_atomic
 from storage.run.layout import Layout
 from storage.run.lock import OutputLock, command_line
 from storage.run.placement import refuse_output_in_input
-from storage.run.plans import Plan, check_plan, differences, model_identity, plan_conflict, refuse_conflicts
-from storage.run.shards import dataset_fingerprint, plan_shards
+from storage.run.plans import (
+    Plan,
+    apply_plan,
+    check_plan,
+    differences,
+    model_identity,
+    plan_conflict,
+    refuse_conflicts,
+)
+from storage.run.shards import plan_shards
 
 log = logging.getLogger(__name__)
 
@@ -90,86 +97,82 @@ def run_apply(cfg: RunConfig, fit_dir: Path, human_mapping: Path | None = None) 
     with OutputLock(cfg.output_dir, command_line()):
         layout = Layout(cfg.output_dir)
         records = list_dataset(cfg.dataset.kind, cfg.dataset.root, cfg.dataset.split, cfg.dataset.max_images)
-        shards = plan_shards(records, cfg.dataset.images_per_shard)
-        plan = Plan(
-            "apply",
-            {
-                "format": PATCH_FORMAT,
-                "dataset": dataset_fingerprint(records, cfg.dataset.root),
-                "images_per_shard": cfg.dataset.images_per_shard,
-                "image_limits": image_limit_settings(cfg),
-                "model": model,
-                "fit": {"plan_key": fit.meta.get("plan_key"), "content": fit.content_key()},
-                "panoptic": cfg.panoptic.model_dump(mode="json"),
-                "apply": cfg.apply.model_dump(mode="json", exclude={"model_actors", "label_actors"}),
-            },
-        )
+        plan = apply_plan(cfg, records, model, {"plan_key": fit.meta.get("plan_key"), "content": fit.content_key()})
         # apply writes features/ and labels/ too: an output_dir holding another job's results is refused
         refuse_conflicts(
             [c for d in (layout.histograms, layout.features, layout.scores) if (c := plan_conflict(d, plan))]
         )
         if cfg.apply.write_features:
             check_plan(layout.features, plan)
-        fit_ref = ray.put(
-            {"name": fit.meta.get("name", Path(fit_dir).name), "centroids": fit.centroids, "mapping": fit.mapping}
-        )
-
-        def build(ds: Dataset) -> Dataset:
-            windows = windows_to_features(ds, cfg, extra_views=cfg.apply.write_features, stage="apply")
-            return windows.map(
-                guarded(PseudoLabelImages, per_row=True),
-                **step_args(cfg, PseudoLabelImages),
-                fn_constructor_kwargs={
-                    "cfg": cfg,
-                    "fit": fit_ref,
-                    "plan_key": plan.key,
-                    "stage_dir": str(layout.histograms),
-                    "labels_dir": str(layout.labels),
-                },
-            )
-
-        check_schedulable(
-            {"extract.read": cfg.extract.read, "extract.model": cfg.extract.model, "label.workers": cfg.label.workers},
-            cfg.ray,
-        )
-        done = run_image_stream(
-            "apply",
-            layout.histograms,
-            plan,
-            shards,
-            build,
-            Finisher(
-                finish_apply,
-                layout.histograms,
-                plan.key,
-                cfg=cfg,
-                k=fit.k,
-                features_dir=str(layout.features),
-                labels_dir=str(layout.labels),
-            ),
-        )
-        failed = write_failed_items(cfg.output_dir, done)
-        panoptic_json = merge_panoptic_annotations(
-            layout.histograms,
-            done,
-            layout.labels,
-            cfg.dataset.split,
-            "run the same apply command again: it redoes that shard",
-        )
-        summary = {
-            "fit": str(fit_dir),
-            "fit_meta": fit.meta,
-            "mapping_kind": fit.mapping_kind,
-            "k": fit.k,
-            "human_mapping": None if human_mapping is None else str(human_mapping),
-            "source": cfg.dataset.root,
-            "num_images": sum(d["num_images"] for d in done.values()),
-            "num_failed": len(failed),
-            "histograms": str(layout.histograms.relative_to(cfg.output_dir)),
-            "labels": str(layout.labels.relative_to(cfg.output_dir)),
-            "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir)),
-        }
-        write_json_atomic(summary, cfg.output_dir / "apply_summary.json")
-        log.info("apply: %d images labelled, %d failed -> %s", summary["num_images"], len(failed), cfg.output_dir)
+        done = _label_images(cfg, layout, plan, plan_shards(records, cfg.dataset.images_per_shard), fit, fit_dir)
+        summary = _write_summary(cfg, layout, done, fit, fit_dir, human_mapping)
+        num_images, num_failed = summary["num_images"], summary["num_failed"]
+        log.info("apply: %d images labelled, %d failed -> %s", num_images, num_failed, cfg.output_dir)
         print(json.dumps({k: summary[k] for k in ("num_images", "num_failed", "labels", "histograms")}))
         return summary
+
+
+def _label_images(cfg: RunConfig, layout: Layout, plan: Plan, shards: list[dict], fit: FitArtifact, fit_dir: Path):
+    """The streaming pass: read -> the model -> assign and write on the label pool -> each shard's
+    finish. Returns every shard's marker."""
+    fit_ref = ray.put(
+        {"name": fit.meta.get("name", Path(fit_dir).name), "centroids": fit.centroids, "mapping": fit.mapping}
+    )
+
+    def build(ds: Dataset) -> Dataset:
+        windows = windows_to_features(ds, cfg, extra_views=cfg.apply.write_features, stage="apply")
+        return windows.map(
+            guarded(PseudoLabelImages, per_row=True),
+            **step_args(cfg, PseudoLabelImages),
+            fn_constructor_kwargs={
+                "cfg": cfg,
+                "fit": fit_ref,
+                "plan_key": plan.key,
+                "stage_dir": str(layout.histograms),
+                "labels_dir": str(layout.labels),
+            },
+        )
+
+    check_schedulable(
+        {"extract.read": cfg.extract.read, "extract.model": cfg.extract.model, "label.workers": cfg.label.workers},
+        cfg.ray,
+    )
+    finish = Finisher(
+        finish_apply,
+        layout.histograms,
+        plan.key,
+        cfg=cfg,
+        k=fit.k,
+        features_dir=str(layout.features),
+        labels_dir=str(layout.labels),
+    )
+    return run_image_stream("apply", layout.histograms, plan, shards, build, finish)
+
+
+def _write_summary(
+    cfg: RunConfig, layout: Layout, done: dict, fit: FitArtifact, fit_dir: Path, human_mapping: Path | None
+) -> dict:
+    """failed_items.json, the merged COCO panoptic JSON and apply_summary.json."""
+    failed = write_failed_items(cfg.output_dir, done)
+    panoptic_json = merge_panoptic_annotations(
+        layout.histograms,
+        done,
+        layout.labels,
+        cfg.dataset.split,
+        "run the same apply command again: it redoes that shard",
+    )
+    summary = {
+        "fit": str(fit_dir),
+        "fit_meta": fit.meta,
+        "mapping_kind": fit.mapping_kind,
+        "k": fit.k,
+        "human_mapping": None if human_mapping is None else str(human_mapping),
+        "source": cfg.dataset.root,
+        "num_images": sum(d["num_images"] for d in done.values()),
+        "num_failed": len(failed),
+        "histograms": str(layout.histograms.relative_to(cfg.output_dir)),
+        "labels": str(layout.labels.relative_to(cfg.output_dir)),
+        "panoptic_json": None if panoptic_json is None else str(panoptic_json.relative_to(cfg.output_dir)),
+    }
+    write_json_atomic(summary, cfg.output_dir / "apply_summary.json")
+    return summary

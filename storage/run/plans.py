@@ -141,6 +141,23 @@ def label_plan(cfg: RunConfig, fit: Plan) -> Plan:
     )
 
 
+def apply_plan(cfg: RunConfig, records: list[ImageRecord], model: dict, fit: dict) -> Plan:
+    """`fit`: the applied fit's identity (its fit plan's key and its content key)."""
+    return Plan(
+        "apply",
+        {
+            "format": PATCH_FORMAT,
+            "dataset": dataset_fingerprint(records, cfg.dataset.root),
+            "images_per_shard": cfg.dataset.images_per_shard,
+            "image_limits": image_limit_settings(cfg),
+            "model": model,
+            "fit": fit,
+            "panoptic": cfg.panoptic.model_dump(mode="json"),
+            "apply": cfg.apply.model_dump(mode="json", exclude={"model_actors", "label_actors"}),
+        },
+    )
+
+
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """'key.sub: old -> new' for every leaf that differs."""
     out = []
