@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from configs.schema import load_config
+from storage.run.placement import refuse_a_moved_runs_config
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
@@ -108,9 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # a path that cannot be read or written: the user's to fix, not a bug
         print(f"error: {err.strerror or err}{f': {err.filename}' if err.filename else ''}", file=sys.stderr)
     except KeyboardInterrupt:  # Ctrl-C: what was kept and how to go on, not a traceback
+        _disconnect_quietly()
         print(f"interrupted: {interrupted_note(args)}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports it
     return 2
+
+
+def _disconnect_quietly() -> None:
+    """Leave Ray before the local cluster's workers are ended: a SIGINT to the driver alone (`kill
+    -INT`, `timeout`) otherwise streams each dying worker's abort trace after the one line."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    try:
+        ray.shutdown()
+    except KeyboardInterrupt:  # a second Ctrl-C: leave the rest to the interpreter's exit
+        pass
 
 
 def interrupted_note(args) -> str:
@@ -185,6 +199,8 @@ def synth(args) -> int:
 
 def run_stages(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.command != "apply":  # apply labels another dataset into its own output_dir
+        refuse_a_moved_runs_config(args.config, cfg.output_dir, args.overrides)
     # Ray and torch are imported only once the config is known to be good.
     from ray_jobs.apply import run_apply
     from ray_jobs.pipeline import STAGES, Pipeline
@@ -224,7 +240,9 @@ def import_fit(args) -> int:
             if origin["rescaled_to_unit"]
             else ""
         )
-        + f". Next: python submit.py label --config {run_dir / 'config.yaml'} (or run), then report"
+        # output_dir named: a run copied or moved elsewhere still records where it was made
+        + f". Next: python submit.py label --config {run_dir / 'config.yaml'} --set output_dir={run_dir} "
+        "(or run), then report"
     )
     return 0
 
@@ -270,4 +288,6 @@ COMMANDS = {"atlas": atlas, "compare": compare, "import-fit": import_fit, "synth
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    _disconnect_quietly()  # here rather than at exit: a Ctrl-C while Ray shuts down is then no traceback
+    sys.exit(code)

@@ -235,6 +235,13 @@ class FitConfig(Strict):
         paths = [source.path for source in self.features]
         if len(set(paths)) < len(paths):
             raise ValueError(f"fit.features names a feature set twice ({paths}): list each once, with its weight")
+        largest = max([self.k, *self.k_sweep])
+        if self.method == "codebook_merge" and self.codebook_ratio * largest > self.max_samples:
+            raise ValueError(
+                f"fit.codebook_ratio={self.codebook_ratio}: the codebook of the largest fit (k={largest}) would "
+                f"have {self.codebook_ratio * largest} entries, more than the fit's sample of at most "
+                f"fit.max_samples={self.max_samples} rows: lower fit.codebook_ratio or raise fit.max_samples"
+            )
         if self.method == "codebook_merge" and self.lloyd_iterations:
             raise ValueError(
                 "fit.lloyd_iterations moves each centroid to the mean of its nearest rows, which undoes the "
@@ -293,7 +300,7 @@ class RefineConfig(Strict):
     em_semantic: bool = False
     em_things: bool = False
     superpixels: bool = False
-    # the paper's feature-space heuristics, which it reports as harmful (core/seed_postprocess.py)
+    # the paper's feature-space heuristics, which it reports as harmful (core/refine/paper_heuristics.py)
     prototype_denoising: bool = False
     knn_diffusion: bool = False
     tau: float = Field(default=0.05, gt=0)

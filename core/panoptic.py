@@ -239,6 +239,8 @@ def _external_instances(sem, ids, instances, min_area):
     inst = instances.astype(np.int64)
     if inst.min() < 0:
         raise ValueError("instance ids must be >= 0 (0 = no instance)")
+    if inst.size and inst.max() >= 1 << 40:  # (class + 1) x (max + 1) would overflow int64: ranks keep the order
+        inst = np.unique(inst, return_inverse=True)[1].reshape(inst.shape) + (inst.min() > 0)
     thing_mask = _IS_THING[sem]
     raw = np.where(thing_mask & (inst > 0), (sem.astype(np.int64) + 1) * (int(inst.max()) + 1) + inst, 0)
     keys, first_pixel, key, key_area = np.unique(raw, return_index=True, return_inverse=True, return_counts=True)

@@ -101,6 +101,7 @@ class Pipeline:
         self.plans["label"] = label_plan(cfg, self.plans["fit"])
 
     def run(self, stages: tuple[str, ...] = STAGES) -> None:
+        self._refuse_missing_inputs(stages[0])
         with OutputLock(self.cfg.output_dir, command_line()):
             refuse_conflicts(
                 [c for stage, d in self.stage_dirs.items() if (c := plan_conflict(d, self.plans[stage]))]
@@ -115,6 +116,17 @@ class Pipeline:
             )
             for stage in stages:
                 self._timed(stage, getattr(self, f"stage_{stage}"))
+
+    def _refuse_missing_inputs(self, first: str) -> None:
+        """A stage run alone without the results it reads is refused before anything starts or is
+        written (no Ray, no lock file, no config.yaml); the stage checks its inputs again under the
+        lock. The fit stage is left to itself: it may read other runs' features only."""
+        needed_by = f"the {first} stage"
+        if first in ("label", "report", "atlas"):
+            features = self._features(needed_by)
+            self._fits(features, needed_by)
+            if first == "report":
+                self._scores(features, needed_by)
 
     def stage_extract(self) -> None:
         done = run_extract(self.cfg, self.records, self.plans["extract"])
@@ -134,12 +146,7 @@ class Pipeline:
     def stage_report(self) -> None:
         features = self._features("the report stage")
         fits, fit_summary = self._fits(features, "the report stage")
-        scores = require_complete(
-            self.layout.scores,
-            self.plans["label"],
-            [s["shard"] for s in label_shards(self.cfg, self.records, features)],
-            "the report stage",
-        )
+        scores = self._scores(features, "the report stage")
         human = self._human_mapping(fits)
         if (recorded_plan(self.layout.scores) or {}).get("inputs") != label_inputs(features, fits, human):
             raise StageIncomplete(
@@ -204,6 +211,10 @@ class Pipeline:
     def _features(self, needed_by: str) -> dict[str, dict]:
         return require_complete(self.layout.features, self.plans["extract"], self.shard_names, needed_by)
 
+    def _scores(self, features: dict[str, dict], needed_by: str) -> dict[str, dict]:
+        shards = [s["shard"] for s in label_shards(self.cfg, self.records, features)]
+        return require_complete(self.layout.scores, self.plans["label"], shards, needed_by)
+
     def _fits(self, features: dict[str, dict], needed_by: str, with_imported: bool = True) -> tuple[dict, dict]:
         inputs = recorded_fit_inputs(self.cfg, own_feature_set(self.layout.features, features, self.fingerprint))
         return require_fits(self.cfg, self.plans["fit"], inputs, needed_by, with_imported)
@@ -229,11 +240,13 @@ class Pipeline:
 
     def _written_markers(self, stage: str) -> dict[Path, tuple[int, int]]:
         """The files a stage (re)writes when, and only when, it does work -> (inode, mtime): its
-        shard markers, the fit stage's one marker, the atlas page."""
+        shard markers, the fit stage's one marker, the report (written anew each time: it holds the
+        timings of the stages before it), the atlas page."""
         paths = {
             "extract": sorted((self.layout.features / DONE_DIR).glob("shard-*.json")),
             "label": sorted((self.layout.scores / DONE_DIR).glob("shard-*.json")),
             "fit": [self.layout.fits / FITS_MARKER],
+            "report": [self.layout.root / "report.json"],
             "atlas": [self.layout.root / "atlas" / "index.html"],
         }[stage]
         return {p: (st.st_ino, st.st_mtime_ns) for p in paths if (st := _stat(p)) is not None}
@@ -241,9 +254,6 @@ class Pipeline:
     def _timed(self, stage: str, fn: Callable[[], str | None]) -> None:
         """Run a stage and record in timing.json what it did (the report's wall-time line): the
         seconds, whether it wrote anything (a resumed run skips done work), and how many shards."""
-        if stage == "report":  # the report is written by the stage itself, before it could be timed
-            fn()
-            return
         before = self._written_markers(stage)
         start = time.perf_counter()
         skipped = fn()

@@ -182,7 +182,7 @@ def run_report(
         "feature_kind": cfg.model.feature_kind,
         "dataset": dataset_summary(cfg, meta, label_done, num_images, failed, scored_pixels),
         "protocol": cfg.protocol,
-        "evaluators": list(cfg.evaluators),
+        "evaluators": list(results),  # those that ran: the paper's too where the sensitivity asked for it
         "timing": timing,
         "fits": fits,
         "baseline_missed": baseline_missed,
@@ -192,7 +192,7 @@ def run_report(
             if cfg.report.sensitivity and num_images
             else None
         ),
-        "cause_protocol": cause_rows(results) if not cfg.report.sensitivity else None,
+        "cause_protocol": (cause_rows(results) or None) if not cfg.report.sensitivity else None,
         "backbone_comparison": fit_summary.get(BACKBONE_COMPARISON),
         "written_variant": cfg.refine.write_variant,
         "absorption": absorption,

@@ -125,7 +125,7 @@ def test_bad_settings_are_refused_by_name(field, value):
 
 def test_too_small_a_sample_or_graph_is_refused():
     x, _, _ = rare_mixture(big_rows=20, rare_rows=5)
-    with pytest.raises(ValueError, match="codebook_ratio=10: a codebook of 850 entries"):
+    with pytest.raises(ValueError, match="fit.codebook_ratio=10: a codebook of 850 entries"):
         fit_codebook(x, 85, seed=0, settings=CodebookMergeSettings())
     codebook = fit_codebook(x, 5, seed=0, settings=CodebookMergeSettings())
     with pytest.raises(ValueError, match="fewer than k=5"):
@@ -165,9 +165,26 @@ def test_the_fit_stage_merges_over_every_shard_as_one_process_does(tiny_run, tmp
         ({"fit": {"method": "codebook_merge", "lloyd_iterations": 2}}, "set fit.lloyd_iterations=0 with it"),
         ({"fit": {"method": "codebook_merge"}, "protocol": "paper"}, "set fit.method=kmeans with protocol=paper"),
         ({"fit": {"codebook_ratio": 1}}, "fit.codebook_ratio"),
+        (  # known from the config: the codebook cannot have more entries than the sample has rows
+            {"fit": {"method": "codebook_merge", "codebook_ratio": 10**22}},
+            "fit.codebook_ratio=10000000000000000000000: the codebook of the largest fit .*fit.max_samples",
+        ),
         ({"fit": {"method": "balanced"}}, "fit.method"),
     ],
 )
 def test_bad_fit_method_settings_are_refused_naming_the_key(tmp_path, settings, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(tmp_path / "data", tmp_path / "out", **settings)
+
+
+def test_a_kmeans_fit_is_not_redone_for_the_codebook_merges_settings(tmp_path):
+    from storage.run.plans import Plan, fit_plan
+
+    extract = Plan("extract", {"model": "m"})
+    data, out = tmp_path / "data", tmp_path / "out"
+
+    def key(**fit):
+        return fit_plan(tiny_config(data, out, fit=fit), extract).key
+
+    assert key(codebook_ratio=3) == key(codebook_ratio=4)  # k-means reads neither
+    assert key(method="codebook_merge", codebook_ratio=3) != key(method="codebook_merge", codebook_ratio=4)

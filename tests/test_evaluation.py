@@ -191,6 +191,19 @@ def test_evaluator_settings_are_checked(tmp_path):
     assert tiny_config(data, out, protocol="paper").evaluators == ("official", "paper")
 
 
+def test_a_label_stage_refused_for_its_scoring_names_the_report_keys(tmp_path):
+    from storage.run.plans import Plan, differences, label_plan
+
+    fit = Plan("fit", {"k": 16})
+    data, out = tmp_path / "data", tmp_path / "out"
+    before = label_plan(tiny_config(data, out), fit).settings
+    after = label_plan(tiny_config(data, out, protocol="paper", report={"sensitivity": True}), fit).settings
+    assert differences(before, after) == [
+        'report.evaluators: ["official"] -> ["official", "paper"]',
+        "report.sensitivity: false -> true",
+    ]
+
+
 def _scores(cfg) -> dict[str, np.ndarray]:
     names = {}
     for path in sorted((cfg.output_dir / "scores").glob("shard-*.npz")):
@@ -213,6 +226,7 @@ def test_sensitivity_on_changes_no_other_number(tiny_run, tmp_path):
     for stage in ("scores", "labels"):  # other label settings: the stage is refused, never mixed, so it starts afresh
         shutil.rmtree(cfg.output_dir / stage)
     Pipeline(cfg).run(("label", "report"))
+    assert json.loads((cfg.output_dir / "report.json").read_text())["evaluators"] == ["official", "paper"]
     before, after = (report_metrics(c.output_dir) for c in (tiny_run, cfg))
     assert before.pop("protocol_sensitivity") is None
     sensitivity = after.pop("protocol_sensitivity")

@@ -125,7 +125,9 @@ def test_the_papers_centroids_label_and_score_as_the_fit_they_came_from(ray_clus
     sha = hashlib.sha256(npz.read_bytes()).hexdigest()
     code, printed, err = import_cli(capsys, npz, "--run", out, "--name", "seed_k16")
     assert code == 0, err
-    assert f"seed_k16: imported {npz} (sha256 {sha}), k = 16, 32-d" in printed and "python submit.py label" in printed
+    assert f"seed_k16: imported {npz} (sha256 {sha}), k = 16, 32-d" in printed
+    # the next command names this run's folder: a copied run's config.yaml records where it was made
+    assert f"python submit.py label --config {out / 'config.yaml'} --set output_dir={out}" in printed
     fit = FitArtifact.load(out / "fits" / "seed_k16")
     assert fit.mapping_kind == "imported" and fit.meta["imported_from"]["sha256"] == sha
     assert fit.meta["model_identity"] == k16.meta["model_identity"]  # apply takes it for this model
@@ -139,6 +141,8 @@ def test_the_papers_centroids_label_and_score_as_the_fit_they_came_from(ray_clus
         ("seed_k16", "exists already (imported from"),
         ("../escape", "letters, digits"),
         ("k16", "other than the names the fit stage gives"),
+        ("K16", "other than the names the fit stage gives"),  # one folder with k16 where case is ignored
+        ("Seed_K16", "differs from it only in case"),
         ("fit_summary.json", "exists already (not a fit)"),
     ):
         code, _, err = import_cli(capsys, other, "--run", out, "--name", name)

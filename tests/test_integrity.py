@@ -98,6 +98,16 @@ def test_1_report_after_a_killed_label_refuses(tiny_run, tmp_path, capsys):
     )
 
 
+def test_1_a_stage_alone_on_an_empty_folder_starts_and_writes_nothing(demo_root, tmp_path, capsys):
+    """Refused before Ray starts (this test is not marked `ray`: a cluster started here fails it) and
+    before the lock file or config.yaml are written: the folder is not even made."""
+    cfg = tiny_config(demo_root, tmp_path / "out")
+    for stage, upstream in (("label", "extract"), ("report", "extract")):
+        code, err = cli(cfg, capsys, stage)
+        assert_user_error(code, err, f"the {stage} stage needs the {upstream} stage's results", "there are none")
+    assert not cfg.output_dir.exists()
+
+
 # 2. Markers record what their shard wrote; readers verify it.
 
 

@@ -59,6 +59,17 @@ def test_external_instances_split_by_class_and_zero_is_void():
     assert p.ids.tolist() == [[24000, 24000, 26000, 0, L_ROAD]]
 
 
+def test_external_instance_ids_of_any_size_keep_their_classes_and_order():
+    """Ids near 2**63 are numbered as small ones are (their key would overflow int64: found by a red team)."""
+    classes = np.array([[11, 11, 0, 15, 15, 11]], np.uint8)  # person, road, bus, person
+    small = panoptic_from_train_ids(classes, np.array([[5, 5, 9, 5, 5, 7]]))
+    for big in (2**62 - 1, 2**63 - 1):
+        huge = panoptic_from_train_ids(classes, np.array([[big - 2, big - 2, big, big - 2, big - 2, big - 1]]))
+        for field in ("ids", "segment_ids", "category", "area"):
+            assert np.array_equal(getattr(huge, field), getattr(small, field)), field
+    assert small.ids.tolist() == [[24000, 24000, 7, 28000, 28000, 24001]]
+
+
 def test_at_most_1000_instances_per_class():
     t = np.full((64, 64), ROAD, np.uint8)
     t[::2, ::2] = CAR  # 1024 isolated pixels

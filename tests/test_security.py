@@ -315,3 +315,22 @@ def test_a_symlink_loop_as_output_dir_is_refused_with_its_name(tmp_path):
     (tmp_path / "b").symlink_to(tmp_path / "a")
     with pytest.raises(ConfigError, match=r"output_dir=.*/a/out cannot be resolved .*symlink loop"):
         parse_config({"output_dir": str(tmp_path / "a" / "out"), "dataset": {"root": str(tmp_path / "data")}}, "test")
+
+
+def test_a_copied_runs_config_does_not_send_the_work_to_the_original(tmp_path, capsys):
+    """A run's config.yaml names the folder it was made in: read from a copy, the stages would write to
+    the original. Refused, naming the fix, unless output_dir is given on the command line."""
+    import submit
+    from storage.run.placement import PlacementError, refuse_a_moved_runs_config
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    for run in (original, copy):
+        (run / "features").mkdir(parents=True)
+        (run / "config.yaml").write_text(f"output_dir: {original}\n")
+    refuse_a_moved_runs_config(original / "config.yaml", original, [])  # the run's own record: its own folder
+    refuse_a_moved_runs_config(copy / "config.yaml", copy, [f"output_dir={copy}"])
+    with pytest.raises(PlacementError, match=f"lies in {copy} .*add --set output_dir={copy}"):
+        refuse_a_moved_runs_config(copy / "config.yaml", original, [])
+    assert submit.main(["label", "--config", str(copy / "config.yaml")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {copy / 'config.yaml'} is the record of the run made in")
+    assert sorted(p.name for p in original.iterdir()) == ["config.yaml", "features"]  # nothing written there

@@ -92,8 +92,8 @@ def fit_codebook(sample: np.ndarray, k: int, seed: int, settings: CodebookMergeS
     entries = settings.codebook_ratio * k
     if entries > len(sample):
         raise ValueError(
-            f"codebook_ratio={settings.codebook_ratio}: a codebook of {entries} entries (k={k}) needs "
-            f"at least as many sample rows, and there are {len(sample)}; lower codebook_ratio or k"
+            f"fit.codebook_ratio={settings.codebook_ratio}: a codebook of {entries} entries (k={k}) needs "
+            f"at least as many sample rows, and there are {len(sample)}; lower fit.codebook_ratio or k"
         )
     centroids = fit_kmeans(
         sample,

@@ -4,7 +4,7 @@ from core.classes import NUM_CLASSES
 from core.evaluation.metrics import miou_rule_text
 
 PROTOCOL_TITLES = {
-    "same_set": "same-set majority (seed)",
+    "same_set": "same-set majority (the paper's)",
     "held_out": "held-out majority (CV)",
     "label_free": "label-free (via baseline)",
     "human": "human (atlas mapping.json)",

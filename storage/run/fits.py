@@ -150,7 +150,9 @@ IMPORTED_FITS = "_imported.json"  # in fits/: per imported fit, its source and i
 
 FIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
-OWN_NAMES = re.compile(r"k\d+|baseline_.*|backbone_.*")  # the fit stage's names for its fits, with any settings
+# the fit stage's names for its fits, with any settings, in any case (folders of names that differ only
+# in case are one folder on macOS and Windows)
+OWN_NAMES = re.compile(r"k\d+|baseline_.*|backbone_.*", re.IGNORECASE)
 
 
 def imported_fits(fits_dir: Path) -> dict[str, dict]:
@@ -235,6 +237,11 @@ def import_fit(
         raise FitError(
             f"--name {name!r}: {fits_dir / name} exists already "
             f"({'a fit of this run' if name in fits else 'not a fit'}): choose another --name"
+        )
+    elif clash := [p.name for p in fits_dir.iterdir() if p.name.lower() == name.lower()]:
+        raise FitError(
+            f"--name {name!r}: {fits_dir / clash[0]} differs from it only in case, and the two would be one "
+            "folder on a case-insensitive file system (macOS, Windows): choose another --name"
         )
     artifact = FitArtifact(
         centroids=centres.centroids,

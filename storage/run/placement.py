@@ -75,3 +75,18 @@ def refuse_output_in_input(
                 f"{spelt(output_key, output, out)} holds {spelt(key, location, root)}: what is "
                 "written there could land among its files. " + (fix or f"Put {output_key} beside {root}, not above it")
             )
+
+
+def refuse_a_moved_runs_config(config: Path, output_dir: Path, overrides: list[str]) -> None:
+    """A run's `config.yaml` records the `output_dir` the run was made in. Read from a copy or a move
+    of that run, it would send the stage's work to the original folder, not to the one the user
+    named: refused unless `output_dir` is set on the command line."""
+    folder = _resolved(Path(config).parent, "--config")
+    is_run_record = Path(config).name == "config.yaml" and (folder / "features").is_dir()
+    if not is_run_record or any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides):
+        return
+    if _resolved(output_dir, "output_dir") != folder:
+        raise PlacementError(
+            f"{config} is the record of the run made in {output_dir}, but it lies in {folder} (a copied or "
+            f"moved run): add --set output_dir={folder} to work on {folder}"
+        )

@@ -105,6 +105,8 @@ def extract_plan(cfg: RunConfig, records: list[ImageRecord], model: dict) -> Pla
 # How Lloyd's assignment step runs, not what it computes: every assigner gives the same assignment
 # (near ties re-scored in float64) and so the same fits.
 FIT_RESOURCES = {"lloyd_assign", "lloyd_gpus_per_task"}
+# The codebook merge's settings, which a k-means fit does not read: changing them redoes nothing.
+CODEBOOK_SETTINGS = {"codebook_ratio", "codebook_rows", "codebook_iterations"}
 OTHER_SET = "(another run's features)"
 
 
@@ -113,7 +115,8 @@ def fit_plan(cfg: RunConfig, extract: Plan, recorded: dict | None = None) -> Pla
     if cfg.fit.baseline == "cluster_probe":
         known = {"cluster_probe_checkpoint": recorded["cluster_probe_sha256"]} if recorded else None
         probe = _weights_sha256(model_spec(cfg).cluster_probe_checkpoint, "cluster_probe_checkpoint", known)
-    fit = cfg.fit.model_dump(mode="json", exclude=FIT_RESOURCES)
+    unused = CODEBOOK_SETTINGS if cfg.fit.method == "kmeans" else set()
+    fit = cfg.fit.model_dump(mode="json", exclude=FIT_RESOURCES | unused)
     # Another run's sets enter by their content (the fit's inputs: `fit.fit_inputs`), not by how
     # their path is spelt: the same set named another way, or moved, is the same plan.
     fit["features"] = [{**s, "path": None if s["path"] is None else OTHER_SET} for s in fit["features"]]
@@ -127,14 +130,15 @@ def fit_plan(cfg: RunConfig, extract: Plan, recorded: dict | None = None) -> Pla
 def label_plan(cfg: RunConfig, fit: Plan) -> Plan:
     # a human mapping is an input, as the fits are (`label.label_inputs`): a new one relabels
     label = cfg.label.model_dump(mode="json", exclude={"read", "workers", "score", "human_mapping"})
-    # what is labelled and scored: the evaluators and the sensitivity (report's other keys are the report's)
-    scoring = {"evaluators": list(cfg.evaluators), "sensitivity": cfg.report.sensitivity}
+    # what is labelled and scored: the evaluators and the sensitivity (report's other keys are the report's),
+    # under the section's own name, so that a refusal names the keys to set
+    report = {"evaluators": list(cfg.evaluators), "sensitivity": cfg.report.sensitivity}
     return Plan(
         "label",
         {
             "fit": fit.key,
             "label": label,
-            "scoring": scoring,
+            "report": report,
             "refine": cfg.refine.model_dump(mode="json"),
             "panoptic": cfg.panoptic.model_dump(mode="json"),
         },
