@@ -18,6 +18,7 @@ Steps (`bench/gpu_check.sh` runs this; `--cpu-smoke` runs the same steps tiny, o
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -94,23 +95,18 @@ def model_alone(cfg, images: list[np.ndarray], cuda: bool) -> dict:
     """The model on the windows of `images`, without Ray (its throughput ceiling), and its FLOPs."""
     import torch
 
-    from actors.model_setup import model_spec
     from bench.bench_extract import flops_per_window
+    from configs.geometry import window_spec
+    from configs.specs import model_spec
     from core.inference.dense import DenseFeatureExtractor
-    from core.inference.windows import WindowSpec, patch_grid, window_starts
+    from core.inference.windows import patch_grid, window_starts
     from core.models import build_feature_model
 
     device = torch.device("cuda" if cuda else "cpu")
     model = build_feature_model(model_spec(cfg)).to(device)
     i = cfg.inference
-    spec = WindowSpec(
-        short_side=i.short_side,
-        crop=i.crop,
-        stride=i.stride,
-        flip=i.flip,
-        batch_size=i.batch_size,
-        precision=i.precision if cuda else "fp32",
-    )
+    spec = window_spec(cfg)  # the windows the extract stage cuts; fp32 on the CPU, which has no fast bf16
+    spec = dataclasses.replace(spec, precision=spec.precision if cuda else "fp32")
     dense = DenseFeatureExtractor(model, spec, device)
     dense(images[:1])
     if cuda:

@@ -137,8 +137,8 @@ def test_apply_labels_every_object_store_image_and_records_the_bad_one(s3_frames
 def test_apply_writes_the_features_when_asked_and_they_equal_extract(s3_frames, fit_dir, tmp_path):
     """apply.write_features: one streaming pass labels the images and keeps their patch features, in
     the extract schema (labels 255: unlabelled), the same features extract would write."""
-    from actors.model_setup import model_spec
     from configs.geometry import image_limits, window_spec
+    from configs.specs import model_spec
     from core.inference.dense import DenseFeatureExtractor
     from core.models import build_feature_model
     from storage.features import image_grids

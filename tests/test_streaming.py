@@ -83,8 +83,8 @@ def test_a_failed_finish_keeps_the_parts_and_the_rerun_uses_them(ray_cluster, de
 def test_streamed_features_equal_the_one_process_extractor(ray_cluster, demo_root, tmp_path):
     """What the stream wrote (decode and windows in one task, the model in an actor, stitching in a
     third) is what DenseFeatureExtractor computes in one process, up to float16 storage."""
-    from actors.model_setup import model_spec
     from configs.geometry import image_limits, window_spec
+    from configs.specs import model_spec
     from core.inference.dense import DenseFeatureExtractor
     from storage.datasets import list_cityscapes
     from storage.features import image_grids
