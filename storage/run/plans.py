@@ -89,17 +89,19 @@ def model_identity(cfg: RunConfig, recorded: dict | None = None) -> dict:
 def extract_plan(cfg: RunConfig, records: list[ImageRecord], model: dict) -> Plan:
     """`model`: what decides the features a fit uses; `stored`: what extract keeps beside them."""
     stored = {"compare_backbone": cfg.model.compare_backbone, "paper_baseline_scales": paper_baseline_scales(cfg)}
-    return Plan(
-        "extract",
-        {
-            "format": PATCH_FORMAT,
-            "dataset": dataset_fingerprint(records, cfg.dataset.root),
-            "images_per_shard": cfg.dataset.images_per_shard,
-            "image_limits": image_limit_settings(cfg),
-            "model": model,
-            "stored": stored,
-        },
-    )
+    return Plan("extract", {**_patch_features(cfg, records, model), "stored": stored})
+
+
+def _patch_features(cfg: RunConfig, records: list[ImageRecord], model: dict) -> dict:
+    """What decides the patch features of a stage that reads the images (extract, apply): the
+    images, their sharding and limits, and the model."""
+    return {
+        "format": PATCH_FORMAT,
+        "dataset": dataset_fingerprint(records, cfg.dataset.root),
+        "images_per_shard": cfg.dataset.images_per_shard,
+        "image_limits": image_limit_settings(cfg),
+        "model": model,
+    }
 
 
 # How Lloyd's assignment step runs, not what it computes: every assigner gives the same assignment
@@ -150,11 +152,7 @@ def apply_plan(cfg: RunConfig, records: list[ImageRecord], model: dict, fit: dic
     return Plan(
         "apply",
         {
-            "format": PATCH_FORMAT,
-            "dataset": dataset_fingerprint(records, cfg.dataset.root),
-            "images_per_shard": cfg.dataset.images_per_shard,
-            "image_limits": image_limit_settings(cfg),
-            "model": model,
+            **_patch_features(cfg, records, model),
             "fit": fit,
             "panoptic": cfg.panoptic.model_dump(mode="json"),
             "apply": cfg.apply.model_dump(mode="json", exclude={"model_actors", "label_actors"}),
