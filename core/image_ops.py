@@ -14,10 +14,10 @@ def lookup(values: np.ndarray, table: np.ndarray) -> np.ndarray:
 
 
 def histogram(values: np.ndarray) -> np.ndarray:
-    """(256,) int64 count of each value of a uint8 map: OpenCV's calcHist, several times numpy's
-    bincount (`bench/bench_label.py` part 3). Its float32 bins count exactly up to 2**24, so larger
-    maps use bincount."""
-    if values.size >= 1 << 24 or values.ndim != 2:
+    """(at least 256,) int64 count of each value of a map of non-negative integers: for an (H, W)
+    uint8 map OpenCV's calcHist, several times numpy's bincount (`bench/bench_label.py` part 3). Its
+    float32 bins count exactly up to 2**24, so larger maps, and other types, use bincount."""
+    if values.dtype != np.uint8 or values.size >= 1 << 24 or values.ndim != 2:
         return np.bincount(values.ravel(), minlength=256)
     return cv2.calcHist([np.ascontiguousarray(values)], [0], None, [256], [0, 256]).ravel().astype(np.int64)
 

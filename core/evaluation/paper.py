@@ -43,7 +43,7 @@ from core.classes import (
     THING_TRAIN_IDS,
 )
 from core.evaluation.base import Evaluator, ImageToScore
-from core.image_ops import connected_components, lookup, resize_nearest
+from core.image_ops import connected_components, histogram, lookup, resize_nearest
 
 PAPER_EVAL_HW = (512, 1024)
 STUFF_MIN_AREA = 64
@@ -96,12 +96,8 @@ def paper_semantic_scores(conf: np.ndarray) -> dict:
     }
 
 
-def _class_pixels(semantic: np.ndarray) -> np.ndarray:
-    return np.bincount(semantic.ravel(), minlength=256)
-
-
 def _stuff_segments(semantic: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    """One segment per stuff class of at least STUFF_MIN_AREA px (`counts`: `_class_pixels`):
+    """One segment per stuff class of at least STUFF_MIN_AREA px (`counts`: `core.image_ops.histogram`):
     segment-id map (0 = none) and classes."""
     cats = [c for c in STUFF_TRAIN_IDS if counts[c] >= STUFF_MIN_AREA]
     ids = np.zeros(len(counts), np.int32)  # class -> its segment id
@@ -119,7 +115,7 @@ def _pred_segments(pred: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """Segment-id map (0 = none) and the class of segments 1..n of the prediction. Each thing class's
     components are found within its bounding box: raster order there is raster order in the image,
     so the segments are numbered as the script numbers them."""
-    present = _class_pixels(pred)
+    present = histogram(pred)
     pan, cats = _stuff_segments(pred, present)
     things = [c for c in THING_TRAIN_IDS if present[c] >= THING_MIN_AREA]  # others: no component can be kept
     boxes = ndimage.find_objects(pred, max_label=NUM_CLASSES) if things else []  # class c's box at index c - 1
@@ -136,7 +132,7 @@ def _pred_segments(pred: np.ndarray) -> tuple[np.ndarray, list[int]]:
 
 
 def _gt_segments(gt_sem: np.ndarray, gt_inst: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    pan, cats = _stuff_segments(gt_sem, _class_pixels(gt_sem))
+    pan, cats = _stuff_segments(gt_sem, histogram(gt_sem))
     uids = np.unique(gt_inst)
     inverse = np.searchsorted(uids, gt_inst)  # each pixel's index in uids (faster than unique's own inverse)
     counts = np.bincount(inverse.ravel(), minlength=len(uids))
